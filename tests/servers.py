@@ -1,0 +1,41 @@
+"""Real servers on loopback for the tests: any ASGI app under uvicorn in a background thread."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+
+import uvicorn
+from starlette.types import ASGIApp
+
+from relay.embedded_redis import free_port
+
+
+class ThreadedServer(uvicorn.Server):
+    # Signal handlers can only be installed from the main thread, and the test owns that.
+    def install_signal_handlers(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serve(app: ASGIApp, *, port: int | None = None) -> Iterator[str]:
+    """Serve `app` on 127.0.0.1 and yield its base URL until the block ends."""
+    port = port or free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", loop="asyncio"
+    )
+    server = ThreadedServer(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn:{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"test server on port {port} did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
