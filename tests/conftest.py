@@ -17,9 +17,9 @@ def redis_server_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def redis_url(redis_server_url: str) -> Iterator[str]:
+def redis_url(redis_server_url: str) -> str:
     """The session's Redis, emptied before each test so tests never see each other's keys."""
     client = redis.Redis.from_url(redis_server_url)
     client.flushall()
     client.close()
-    yield redis_server_url
+    return redis_server_url

@@ -11,12 +11,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from relay.embedded_redis import free_port
-
-
-class ThreadedServer(uvicorn.Server):
-    # Signal handlers can only be installed from the main thread, and the test owns that.
-    def install_signal_handlers(self) -> None:
-        pass
+from relay.serving import EmbeddedServer
 
 
 @contextlib.contextmanager
@@ -26,7 +21,7 @@ def serve(app: ASGIApp, *, port: int | None = None) -> Iterator[str]:
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", loop="asyncio"
     )
-    server = ThreadedServer(config)
+    server = EmbeddedServer(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn:{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

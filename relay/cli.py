@@ -1,0 +1,91 @@
+"""The `relay` command: api, worker, dev and sandbox."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from relay.errors import ConfigError
+from relay.logs import configure_logging
+from relay.settings import load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    api = commands.add_parser("api", help="the HTTP API on uvicorn")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    commands.add_parser("worker", help="the arq worker: polling and delivery")
+    dev = commands.add_parser("dev", help="API, worker, Redis and a sandbox upstream in one go")
+    dev.add_argument("--port", type=int, default=8000)
+    sandbox = commands.add_parser("sandbox", help="the sandbox upstream alone")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8100)
+    return parser
+
+
+def _run_api(host: str, port: int) -> None:
+    import uvicorn
+
+    from relay.api import create_app
+
+    settings = load_settings().require("api")
+    configure_logging(settings.log_format)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=round(settings.shutdown_timeout),
+    )
+
+
+def _run_worker() -> None:
+    from relay.worker import serve_worker
+
+    settings = load_settings().require("worker")
+    configure_logging(settings.log_format)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_worker(settings, stop, http_port=settings.worker_http_port)
+
+    asyncio.run(main())
+
+
+def _run_sandbox(host: str, port: int) -> None:
+    import uvicorn
+
+    from relay.sandbox import create_sandbox_app
+
+    uvicorn.run(create_sandbox_app(), host=host, port=port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "api":
+            _run_api(args.host, args.port)
+        elif args.command == "worker":
+            _run_worker()
+        elif args.command == "dev":
+            from relay.dev import run_dev
+
+            run_dev(args.port)
+        else:
+            _run_sandbox(args.host, args.port)
+    except ConfigError as exc:
+        print(f"relay: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

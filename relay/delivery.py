@@ -1,0 +1,136 @@
+"""Signed callbacks: one attempt per arq job, the next attempt enqueued on failure.
+
+Each attempt is its own arq job with a fixed id (`deliver:{request_id}:{attempt}`) deferred by
+the retry schedule, rather than one job retried with arq's Retry: arq drops a job about a day
+after it was due, and the schedule spans three days. The job hash records which attempt is
+awaited, so a re-run of an old attempt (after a worker crash) does nothing once a later one is
+scheduled or the delivery is settled.
+
+Outcomes, after Standard Webhooks: any 2xx is success; 410 means the receiver is gone for good;
+everything else (3xx, which is never followed, 4xx, 429, 5xx, timeouts, refused connections) is
+retried on the schedule, waiting at least as long as a Retry-After asks.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import httpx
+
+from relay.signing import Signer
+from relay.store import JobStore
+from relay.upstream import USER_AGENT, parse_retry_after
+
+log = logging.getLogger("relay.delivery")
+
+# The longest Retry-After honoured: past this the schedule's own timing is kept.
+MAX_RETRY_AFTER = 86400.0
+
+EnqueueAttempt = Callable[[str, int, float], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: Literal["delivered", "gone", "retry"]
+    detail: str
+    retry_after: float | None = None
+
+
+def classify(response: httpx.Response) -> Outcome:
+    status = response.status_code
+    if 200 <= status < 300:
+        return Outcome("delivered", f"HTTP {status}")
+    if status == 410:
+        return Outcome("gone", "HTTP 410: the receiver is gone")
+    if 300 <= status < 400:
+        return Outcome("retry", f"HTTP {status}: redirects are not followed")
+    retry_after = parse_retry_after(response.headers) if status == 429 or status >= 500 else None
+    return Outcome("retry", f"HTTP {status}", retry_after)
+
+
+def next_delay(schedule: tuple[float, ...], attempt: int, retry_after: float | None) -> float:
+    """Wait before `attempt` (0-based): the schedule's step with ±10 % jitter, or Retry-After."""
+    delay = schedule[attempt] * random.uniform(0.9, 1.1)  # noqa: S311 - jitter, not security
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, MAX_RETRY_AFTER))
+    return delay
+
+
+class Deliverer:
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        signer: Signer,
+        client: httpx.AsyncClient,
+        schedule: tuple[float, ...],
+        enqueue_attempt: EnqueueAttempt,
+    ) -> None:
+        self.store = store
+        self.signer = signer
+        self.client = client
+        self.schedule = schedule
+        self.enqueue_attempt = enqueue_attempt
+
+    async def attempt(self, request_id: str, attempt: int) -> str:
+        """Make delivery attempt number `attempt` (0-based); returns what happened, for arq."""
+        job = await self.store.get(request_id)
+        if job is None or job.delivery != "pending" or job.attempt != attempt:
+            return "stale"
+        if not (job.callback_url and job.event and job.event_id):
+            return "stale"
+        outcome = await self._post(job.callback_url, job.event_id, job.event)
+        log_extra = {"request_id": request_id, "attempt": attempt, "result": outcome.detail}
+        if outcome.kind != "retry":
+            await self.store.update_delivery(
+                request_id,
+                attempt=attempt,
+                next_attempt=attempt,
+                state=outcome.kind,
+                result=outcome.detail,
+            )
+            log.info("callback %s", outcome.kind, extra=log_extra)
+            return outcome.kind
+        following = attempt + 1
+        if following >= len(self.schedule):
+            await self.store.update_delivery(
+                request_id,
+                attempt=attempt,
+                next_attempt=attempt,
+                state="failed",
+                result=outcome.detail,
+            )
+            log.error("callback given up after %d attempts", following, extra=log_extra)
+            return "failed"
+        delay = next_delay(self.schedule, following, outcome.retry_after)
+        # Enqueue first, then record: a crash in between re-runs this attempt (a duplicate
+        # delivery with the same webhook-id, which at-least-once allows) and never loses one.
+        await self.enqueue_attempt(request_id, following, delay)
+        await self.store.update_delivery(
+            request_id,
+            attempt=attempt,
+            next_attempt=following,
+            state="pending",
+            result=outcome.detail,
+        )
+        log.warning("callback failed, retrying in %.0f s", delay, extra=log_extra)
+        return "retry"
+
+    async def _post(self, url: str, event_id: str, event: bytes) -> Outcome:
+        headers = {
+            "content-type": "application/json",
+            "user-agent": USER_AGENT,
+            **self.signer.headers(event_id, event),
+        }
+        try:
+            # Streamed and closed unread: a receiver's reply body is of no use and may be huge.
+            async with self.client.stream("POST", url, content=event, headers=headers) as response:
+                return classify(response)
+        except httpx.TimeoutException:
+            return Outcome("retry", "timed out")
+        except httpx.HTTPError as exc:
+            return Outcome("retry", f"could not connect: {type(exc).__name__}")

@@ -1,0 +1,60 @@
+"""What callers may send, validated before anything reaches Chamelaion or Redis.
+
+Unknown fields are refused (422), not silently dropped: a typo such as `callbak_url` would
+otherwise lose the caller's callback without a word. Only the fields Chamelaion documents are
+forwarded; `callback_url` is the relay's own.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints
+
+MAX_URL_LENGTH = 2048
+MAX_REFERENCE_ID_LENGTH = 256
+MAX_ID_LENGTH = 256
+
+
+def _http_url(value: str) -> str:
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or not rest or rest.startswith("/"):
+        raise ValueError("must be an http:// or https:// URL")
+    if any(ch.isspace() or ord(ch) < 32 for ch in value):
+        raise ValueError("must not contain whitespace or control characters")
+    return value
+
+
+HttpUrlText = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_URL_LENGTH), AfterValidator(_http_url)
+]
+ReferenceId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_REFERENCE_ID_LENGTH)]
+
+
+class MediaInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["video", "audio"]
+    url: HttpUrlText
+
+
+def _one_of_each(inputs: list[MediaInput]) -> list[MediaInput]:
+    kinds = sorted(item.type for item in inputs)
+    if kinds != ["audio", "video"]:
+        raise ValueError("must hold exactly one video input and one audio input")
+    return inputs
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    inputs: Annotated[
+        list[MediaInput], Field(min_length=2, max_length=2), AfterValidator(_one_of_each)
+    ]
+    disable_active_speaker_detection: StrictBool | None = None
+    reference_id: ReferenceId | None = None
+    callback_url: HttpUrlText | None = None
+
+    def upstream_body(self) -> dict[str, Any]:
+        """Exactly the fields Chamelaion documents, as the caller set them."""
+        return self.model_dump(exclude_none=True, exclude={"callback_url"})

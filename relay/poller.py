@@ -1,0 +1,197 @@
+"""One poll of one job: ask Chamelaion, then either reschedule the job or end it.
+
+The interval adapts per job: it starts at the minimum, grows by half after every poll that saw
+no change (and after upstream trouble), and drops back to the minimum when the status moves.
+Anything Chamelaion sends that is not a clean final status keeps the job alive: unknown
+statuses, odd fields or timestamps (never parsed), bad JSON and 5xx only lengthen the interval.
+Only a 404 that lasts longer than the grace period gives a job up, as `lipsync.failed`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+
+from relay.errors import UpstreamError
+from relay.events import build_event, event_type, webhook_id
+from relay.schedule import PollSchedule
+from relay.settings import Settings
+from relay.store import Job, JobStore
+from relay.upstream import Upstream, parse_retry_after
+
+log = logging.getLogger("relay.poller")
+
+# A LipsyncRequest is a few hundred bytes; refusing huge bodies keeps Redis memory per job bounded.
+MAX_BODY_BYTES = 64 * 1024
+BACKOFF = 1.5
+DEFAULT_PAUSE_ON_429 = 5.0
+
+EnqueueDelivery = Callable[[str], Awaitable[None]]
+
+
+class Poller:
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        schedule: PollSchedule,
+        upstream: Upstream,
+        settings: Settings,
+        enqueue_delivery: EnqueueDelivery,
+    ) -> None:
+        self.store = store
+        self.schedule = schedule
+        self.upstream = upstream
+        self.settings = settings
+        self.enqueue_delivery = enqueue_delivery
+
+    def _jittered(self, interval: float) -> float:
+        # Spread polls of jobs submitted together so they do not stay in lock-step.
+        return interval * random.uniform(0.9, 1.1)  # noqa: S311 - not security-sensitive
+
+    def _longer(self, interval: float) -> float:
+        low, high = self.settings.poll_min_interval, self.settings.poll_max_interval
+        return min(high, max(low, interval * BACKOFF))
+
+    async def poll(self, request_id: str) -> None:
+        job = await self.store.get(request_id)
+        if job is None:
+            # Expired or removed: nothing left to poll for.
+            await self.store.unschedule(request_id)
+            return
+        if job.ended:
+            # A worker ended it but died before handing the delivery over: finish that part.
+            await self._hand_over(job)
+            return
+        try:
+            response = await self.upstream.request(
+                "GET", f"v1/lipsync/requests/{quote(request_id, safe='')}"
+            )
+        except UpstreamError as exc:
+            log.warning("poll failed", extra={"request_id": request_id, "reason": exc.message})
+            await self._retry_later(job)
+            return
+
+        status = response.status_code
+        if status == 200:
+            await self._observed(job, response.content)
+        elif status == 404:
+            await self._not_found(job)
+        elif status == 429:
+            pause = parse_retry_after(response.headers) or DEFAULT_PAUSE_ON_429
+            log.warning("upstream rate limit: pausing all polls", extra={"seconds": pause})
+            await self.schedule.pause_upstream(pause)
+            await self.store.record_poll(
+                request_id, next_in=pause, interval=job.interval, status=None
+            )
+        else:
+            if status in (401, 403):
+                log.error("Chamelaion rejected CHAMELAION_API_KEY while polling; check the key")
+            else:
+                log.warning("poll got an error", extra={"request_id": request_id, "status": status})
+            await self._retry_later(job)
+
+    async def _retry_later(self, job: Job) -> None:
+        interval = self._longer(job.interval)
+        await self.store.record_poll(
+            job.request_id,
+            next_in=self._jittered(interval),
+            interval=interval,
+            not_found_since=job.not_found_since,
+        )
+
+    async def _observed(self, job: Job, raw: bytes) -> None:
+        data: Any = None
+        if len(raw) <= MAX_BODY_BYTES:
+            try:
+                data = decode_object_bytes(raw)
+            except ValueError:
+                data = None
+        if data is None or not isinstance(data.get("status"), str):
+            log.warning("poll got an unusable body", extra={"request_id": job.request_id})
+            await self._retry_later(job)
+            return
+        new_status: str = data["status"]
+        type_ = event_type(new_status)
+        if type_ is not None:
+            await self._end(job, new_status, data)
+            return
+        changed = new_status != job.status
+        interval = self.settings.poll_min_interval if changed else self._longer(job.interval)
+        await self.store.record_poll(
+            job.request_id,
+            next_in=self._jittered(interval),
+            interval=interval,
+            status=new_status,
+            body=raw,
+        )
+
+    async def _not_found(self, job: Job) -> None:
+        now = time.time()
+        since = job.not_found_since or now
+        if now - since < self.settings.not_found_grace:
+            interval = self._longer(job.interval)
+            await self.store.record_poll(
+                job.request_id,
+                next_in=self._jittered(interval),
+                interval=interval,
+                not_found_since=since,
+            )
+            return
+        last: dict[str, Any] = {}
+        if job.body:
+            try:
+                last = decode_object_bytes(job.body)
+            except ValueError:
+                last = {}
+        data = {
+            **last,
+            "id": last.get("id", job.request_id),
+            "status": "failed",
+            "error_message": (
+                f"Chamelaion no longer knows this request: it answered 404 for "
+                f"{int(now - since)} s, so the relay gave it up"
+            ),
+        }
+        await self._end(job, "failed", data)
+
+    async def _end(self, job: Job, status: str, data: dict[str, Any]) -> None:
+        type_ = event_type(status)
+        assert type_ is not None
+        body = orjson.dumps(data)
+        await self.store.end(
+            job,
+            status=status,
+            body=body,
+            event_id=webhook_id(job.request_id, type_),
+            event=build_event(type_, data),
+            retention=self.settings.job_retention,
+        )
+        log.info("job ended", extra={"request_id": job.request_id, "status": status})
+        await self._hand_over(job)
+
+    async def _hand_over(self, job: Job) -> None:
+        # Enqueue before unscheduling: a crash in between leaves the job claimable, and the
+        # enqueue is idempotent (fixed arq job id), so the retry cannot duplicate the delivery.
+        if job.callback_url:
+            await self.enqueue_delivery(job.request_id)
+        await self.store.unschedule(job.request_id)
+
+
+def decode_object_bytes(raw: bytes) -> dict[str, Any]:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError("not JSON") from exc
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+

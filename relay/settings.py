@@ -1,0 +1,153 @@
+"""Typed settings, read once from the environment and checked at start-up.
+
+Every field is bound to the exact environment variable operators set (the Chamelaion ones use
+the names the official SDK reads). A missing or bad value becomes a ConfigError that names the
+variable, so a misconfigured pod says what to fix instead of crashing later.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from relay.errors import ConfigError
+
+# The Standard Webhooks example schedule: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h,
+# 20 h, 24 h. Each number is the wait before that attempt.
+DEFAULT_RETRY_SCHEDULE = (
+    0.0,
+    5.0,
+    300.0,
+    1800.0,
+    7200.0,
+    18000.0,
+    36000.0,
+    50400.0,
+    72000.0,
+    86400.0,
+)
+
+Role = Literal["api", "worker"]
+
+
+def _split(value: object) -> object:
+    if isinstance(value, str):
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", frozen=True)
+
+    chamelaion_base_url: str = Field(
+        "https://api.chamelaion.com/api", validation_alias="CHAMELAION_BASE_URL"
+    )
+    chamelaion_api_key: SecretStr | None = Field(None, validation_alias="CHAMELAION_API_KEY")
+    redis_url: str = Field("redis://localhost:6379/0", validation_alias="RELAY_REDIS_URL")
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        (), validation_alias="RELAY_API_KEYS"
+    )
+    webhook_secrets: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        (), validation_alias="RELAY_WEBHOOK_SECRETS"
+    )
+    poll_min_interval: float = Field(2.0, gt=0, validation_alias="RELAY_POLL_MIN_INTERVAL")
+    poll_max_interval: float = Field(60.0, gt=0, validation_alias="RELAY_POLL_MAX_INTERVAL")
+    # How long a worker holds a claimed poll before another may take it over (crash recovery).
+    poll_lease: float = Field(30.0, gt=0, le=50, validation_alias="RELAY_POLL_LEASE")
+    # A request the upstream answers 404 for this long is given up as failed.
+    not_found_grace: float = Field(600.0, ge=0, validation_alias="RELAY_NOT_FOUND_GRACE")
+    delivery_retry_schedule: Annotated[tuple[float, ...], NoDecode] = Field(
+        DEFAULT_RETRY_SCHEDULE, validation_alias="RELAY_DELIVERY_RETRY_SCHEDULE"
+    )
+    delivery_timeout: float = Field(15.0, gt=0, le=60, validation_alias="RELAY_DELIVERY_TIMEOUT")
+    upstream_rate_limit: float = Field(10.0, gt=0, validation_alias="RELAY_UPSTREAM_RATE_LIMIT")
+    upstream_timeout: float = Field(30.0, gt=0, validation_alias="RELAY_UPSTREAM_TIMEOUT")
+    worker_concurrency: int = Field(
+        100, ge=1, le=10_000, validation_alias="RELAY_WORKER_CONCURRENCY"
+    )
+    job_retention: float = Field(7 * 86400.0, gt=0, validation_alias="RELAY_JOB_RETENTION")
+    callback_allowed_networks: str = Field("", validation_alias="RELAY_CALLBACK_ALLOWED_NETWORKS")
+    callback_denied_networks: str = Field("", validation_alias="RELAY_CALLBACK_DENIED_NETWORKS")
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, validation_alias="RELAY_MAX_BODY_BYTES")
+    max_upload_bytes: int = Field(5 * 1024**3, ge=1024, validation_alias="RELAY_MAX_UPLOAD_BYTES")
+    log_format: Literal["json", "text"] = Field("json", validation_alias="RELAY_LOG_FORMAT")
+    shutdown_timeout: float = Field(20.0, ge=0, validation_alias="RELAY_SHUTDOWN_TIMEOUT")
+    worker_http_port: int = Field(9100, ge=0, le=65535, validation_alias="RELAY_WORKER_HTTP_PORT")
+
+    @field_validator("api_keys", "webhook_secrets", "delivery_retry_schedule", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return _split(value)
+
+    @field_validator("chamelaion_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL")
+        return value.rstrip("/")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("webhook_secrets")
+    @classmethod
+    def _whsec(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for position, secret in enumerate(value, start=1):
+            raw = secret.get_secret_value()
+            if not raw.startswith("whsec_"):
+                raise ValueError(f"secret #{position} must start with whsec_")
+            try:
+                decoded = base64.b64decode(raw.removeprefix("whsec_"), validate=True)
+            except binascii.Error:
+                raise ValueError(f"secret #{position} is not base64 after whsec_") from None
+            if len(decoded) < 24:
+                raise ValueError(f"secret #{position} must hold at least 24 random bytes")
+        return value
+
+    @field_validator("delivery_retry_schedule")
+    @classmethod
+    def _schedule(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value:
+            raise ValueError("needs at least one attempt")
+        if any(delay < 0 for delay in value):
+            raise ValueError("delays must not be negative")
+        return value
+
+    @field_validator("poll_max_interval")
+    @classmethod
+    def _interval_bounds(cls, value: float, info: ValidationInfo) -> float:
+        minimum = info.data.get("poll_min_interval")
+        if minimum is not None and value < minimum:
+            raise ValueError("must be >= RELAY_POLL_MIN_INTERVAL")
+        return value
+
+    def require(self, role: Role) -> Settings:
+        """Check what a role cannot start without; returns self so calls chain."""
+        needed: dict[str, bool] = {"CHAMELAION_API_KEY": self.chamelaion_api_key is not None}
+        if role == "api":
+            needed["RELAY_API_KEYS"] = bool(self.api_keys)
+        else:
+            needed["RELAY_WEBHOOK_SECRETS"] = bool(self.webhook_secrets)
+        for variable, present in needed.items():
+            if not present:
+                raise ConfigError(variable, "is required and not set")
+        return self
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment (plus explicit overrides by variable name) into Settings."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        variable = str(error["loc"][0])
+        # The message never includes the input value: it may be a secret.
+        raise ConfigError(variable, f"is invalid: {error['msg']}") from None

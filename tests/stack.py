@@ -1,0 +1,183 @@
+"""A whole relay on loopback for end-to-end tests.
+
+Real parts only: the sandbox upstream and the relay API under uvicorn in threads, `relay worker`
+as real subprocesses (so they can be SIGKILLed), a real redis-server, and a receiver that
+records every callback and answers with scripted statuses.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from chamelaion import Chamelaion
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from relay.api import create_app
+from relay.embedded_redis import free_port
+from relay.sandbox import SandboxConfig, create_sandbox_app
+from relay.settings import load_settings
+from tests.servers import serve
+
+SANDBOX_KEY = "sandbox-key"
+RELAY_KEY = "relay-test-key"
+
+
+def new_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+@dataclass
+class Callback:
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+
+@dataclass
+class Receiver:
+    """Records callbacks; answers each with the next scripted status (then `default`)."""
+
+    script: list[int] = field(default_factory=list)
+    default: int = 200
+    delay: float = 0.0
+    extra_headers: dict[str, str] = field(default_factory=dict)
+    received: list[Callback] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def app(self) -> Starlette:
+        async def hook(request: Request) -> Response:
+            import asyncio
+
+            body = await request.body()
+            with self.lock:
+                self.received.append(Callback(dict(request.headers), body, time.monotonic()))
+                status = self.script.pop(0) if self.script else self.default
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            return Response(status_code=status, headers=self.extra_headers)
+
+        return Starlette(routes=[Route("/hook", hook, methods=["POST"])])
+
+    def wait_for(self, count: int, timeout: float = 20.0) -> list[Callback]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.received) >= count:
+                    return list(self.received)
+            time.sleep(0.02)
+        raise AssertionError(f"expected {count} callbacks, got {len(self.received)}")
+
+
+@dataclass
+class Stack:
+    api_url: str
+    sandbox_url: str
+    receiver: Receiver
+    callback_url: str
+    env: dict[str, str]
+    webhook_secrets: list[str]
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def sdk(self) -> Chamelaion:
+        return Chamelaion(api_key=RELAY_KEY, base_url=self.api_url + "/api", max_retries=0)
+
+    def upstream(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Talk to the sandbox directly, as the relay would (control paths need no key)."""
+        return httpx.request(
+            method, self.sandbox_url + path, headers={"x-api-key": SANDBOX_KEY}, **kwargs
+        )
+
+    def start_worker(self, **env: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relay.cli", "worker"],
+            env={**self.env, "RELAY_WORKER_HTTP_PORT": str(free_port()), **env},
+        )
+        self.workers.append(proc)
+        return proc
+
+
+def relay_env(redis_url: str, sandbox_url: str, webhook_secrets: list[str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "CHAMELAION_"))}
+    return {
+        **env,
+        "CHAMELAION_BASE_URL": sandbox_url + "/api",
+        "CHAMELAION_API_KEY": SANDBOX_KEY,
+        "RELAY_REDIS_URL": redis_url,
+        "RELAY_API_KEYS": RELAY_KEY,
+        "RELAY_WEBHOOK_SECRETS": ",".join(webhook_secrets),
+        "RELAY_POLL_MIN_INTERVAL": "0.2",
+        "RELAY_POLL_MAX_INTERVAL": "1",
+        "RELAY_DELIVERY_RETRY_SCHEDULE": "0,0.3,0.3,0.3",
+        "RELAY_DELIVERY_TIMEOUT": "2",
+        "RELAY_UPSTREAM_RATE_LIMIT": "100",
+        "RELAY_CALLBACK_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "RELAY_LOG_FORMAT": "json",
+        "RELAY_SHUTDOWN_TIMEOUT": "5",
+    }
+
+
+@contextlib.contextmanager
+def relay_stack(
+    redis_url: str,
+    *,
+    receiver: Receiver | None = None,
+    sandbox: SandboxConfig | None = None,
+    workers: int = 1,
+    env: dict[str, str] | None = None,
+) -> Iterator[Stack]:
+    receiver = receiver or Receiver()
+    sandbox = sandbox or SandboxConfig(
+        api_keys=(SANDBOX_KEY,), queued_seconds=0.3, processing_seconds=0.5
+    )
+    secrets_ = [new_secret(), new_secret()]
+    with serve(create_sandbox_app(sandbox)) as sandbox_url, serve(receiver.app()) as receiver_url:
+        full_env = {**relay_env(redis_url, sandbox_url, secrets_), **(env or {})}
+        settings = load_settings(
+            **{k: v for k, v in full_env.items() if k.startswith(("RELAY_", "CHAMELAION_"))}
+        )
+        with serve(create_app(settings)) as api_url:
+            stack = Stack(api_url, sandbox_url, receiver, receiver_url + "/hook", full_env, secrets_)
+            for _ in range(workers):
+                stack.start_worker()
+            try:
+                yield stack
+            finally:
+                for proc in stack.workers:
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGTERM)
+                for proc in stack.workers:
+                    try:
+                        proc.wait(timeout=15)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+
+
+def eventually(check: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05) -> Any:
+    """Retry `check` until it returns a truthy value; fail with its last error or value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except AssertionError as exc:
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s: {last!r}")

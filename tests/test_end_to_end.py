@@ -1,0 +1,157 @@
+"""The product promise, end to end: the official SDK submits through the relay, the sandbox runs
+the job, and a receiver verifies the signed callback with `standardwebhooks`."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import orjson
+import redis
+from standardwebhooks import Webhook
+
+from relay import redis_keys
+from tests.stack import Callback, Receiver, Stack, eventually, relay_stack
+
+VIDEO = "https://cdn.example.com/episodes/42.mp4"
+AUDIO = "https://cdn.example.com/dubs/42-japanese.wav"
+
+
+def submit(stack: Stack, *, video: str = VIDEO, reference_id: str | None = None) -> str:
+    extra: dict[str, object] = {"callback_url": stack.callback_url}
+    kwargs: dict[str, object] = {"reference_id": reference_id} if reference_id else {}
+    result = stack.sdk().lipsync.generate(
+        inputs=[{"type": "video", "url": video}, {"type": "audio", "url": AUDIO}],
+        extra_body=extra,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    assert result.status == "success"
+    return result.request_id
+
+
+def verified(stack: Stack, callback: Callback) -> dict[str, object]:
+    """Verify with every configured secret, as receivers do during a rotation."""
+    payloads = [Webhook(secret).verify(callback.body, callback.headers) for secret in stack.webhook_secrets]
+    assert all(payload == payloads[0] for payload in payloads)
+    assert callback.headers["content-type"] == "application/json"
+    assert len(callback.headers["webhook-signature"].split(" ")) == len(stack.webhook_secrets)
+    payload: dict[str, object] = payloads[0]
+    return payload
+
+
+def test_completed_job_calls_back_with_the_upstream_final_state(redis_url: str) -> None:
+    with relay_stack(redis_url) as stack:
+        request_id = submit(stack, reference_id="dub-episode-42")
+        [callback] = stack.receiver.wait_for(1)
+        payload = verified(stack, callback)
+
+        final = stack.upstream("GET", f"/api/v1/lipsync/requests/{request_id}").json()
+        assert payload["type"] == "lipsync.completed"
+        assert payload["data"] == final
+        assert final["status"] == "completed" and final["reference_id"] == "dub-episode-42"
+        assert isinstance(payload["timestamp"], str) and payload["timestamp"].endswith("Z")
+        # The relay only forwarded what Chamelaion documents.
+        sent = stack.upstream("GET", f"/_sandbox/requests/{request_id}/body").json()
+        assert "callback_url" not in sent
+
+        # Internal pollers now read the relay's own state, by id and by reference_id.
+        sdk = stack.sdk()
+        by_id = sdk.lipsync.requests.with_raw_response.retrieve(request_id)
+        by_ref = sdk.lipsync.requests.with_raw_response.retrieve("dub-episode-42")
+        assert by_id.http_response.json() == by_ref.http_response.json() == final
+        assert by_id.parse().status == "completed"
+        before = stack.upstream("GET", "/_sandbox/stats").json()["calls"]
+        sdk.lipsync.requests.retrieve(request_id)
+        after = stack.upstream("GET", "/_sandbox/stats").json()["calls"]
+        assert before == after, "a tracked job's status must not be fetched from upstream"
+
+        time.sleep(0.5)
+        assert len(stack.receiver.received) == 1, "a delivered callback is not sent again"
+
+
+def test_failed_job_calls_back_with_lipsync_failed(redis_url: str) -> None:
+    with relay_stack(redis_url) as stack:
+        request_id = submit(stack, video="https://cdn.example.com/fail.mp4")
+        [callback] = stack.receiver.wait_for(1)
+        payload = verified(stack, callback)
+        assert payload["type"] == "lipsync.failed"
+        data = payload["data"]
+        assert isinstance(data, dict)
+        assert data["id"] == request_id and data["status"] == "failed"
+        assert data["error_message"] == "video URL is not accessible"
+
+
+def test_receiver_failing_twice_gets_the_same_event_until_it_succeeds(redis_url: str) -> None:
+    receiver = Receiver(script=[500, 503])
+    with relay_stack(redis_url, receiver=receiver) as stack:
+        request_id = submit(stack)
+        callbacks = receiver.wait_for(3)
+        time.sleep(1.0)
+        assert len(receiver.received) == 3, "delivery stops after the first success"
+        ids = {callback.headers["webhook-id"] for callback in callbacks}
+        assert len(ids) == 1
+        bodies = [verified(stack, callback) for callback in callbacks]
+        assert bodies[0] == bodies[1] == bodies[2]
+        assert callbacks[1].at - callbacks[0].at >= 0.25, "retries wait for the schedule"
+        job = redis.Redis.from_url(redis_url).hgetall(redis_keys.job(request_id))
+        assert job[b"delivery"] == b"delivered"
+        assert job[b"attempts_made"] == b"3"
+
+
+def test_receiver_answering_410_is_never_called_again(redis_url: str) -> None:
+    receiver = Receiver(default=410)
+    with relay_stack(redis_url, receiver=receiver) as stack:
+        request_id = submit(stack)
+        receiver.wait_for(1)
+        time.sleep(1.5)
+        assert len(receiver.received) == 1
+        job = redis.Redis.from_url(redis_url).hgetall(redis_keys.job(request_id))
+        assert job[b"delivery"] == b"gone"
+
+
+def test_redirects_are_failures_and_never_followed(redis_url: str) -> None:
+    receiver = Receiver(script=[302], extra_headers={"location": "/elsewhere"})
+    with relay_stack(redis_url, receiver=receiver) as stack:
+        request_id = submit(stack)
+        callbacks = receiver.wait_for(2)
+        key = redis_keys.job(request_id)
+        eventually(lambda: redis.Redis.from_url(redis_url).hget(key, "delivery") == b"delivered")
+        assert callbacks[0].headers["webhook-id"] == callbacks[1].headers["webhook-id"]
+        assert redis.Redis.from_url(redis_url).hget(key, "attempts_made") == b"2"
+
+
+def test_retry_schedule_runs_out_and_the_delivery_is_marked_failed(redis_url: str) -> None:
+    receiver = Receiver(default=500)
+    with relay_stack(redis_url, receiver=receiver) as stack:
+        request_id = submit(stack)
+        receiver.wait_for(4)
+        key = redis_keys.job(request_id)
+        eventually(lambda: redis.Redis.from_url(redis_url).hget(key, "delivery") == b"failed")
+        time.sleep(0.8)
+        assert len(receiver.received) == 4, "exactly one attempt per schedule entry"
+
+
+def test_a_sigkilled_worker_loses_nothing(redis_url: str) -> None:
+    """Kill a worker in the middle of polls and of a delivery; a second one finishes all."""
+    receiver = Receiver(delay=5.0)  # the first delivery hangs past the kill
+    env = {"RELAY_POLL_LEASE": "3", "RELAY_DELIVERY_TIMEOUT": "1"}
+    with relay_stack(redis_url, receiver=receiver, env=env) as stack:
+        request_ids = [submit(stack) for _ in range(5)]
+        victim = stack.workers[0]
+        receiver.wait_for(1, timeout=20)  # a delivery is in flight now
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        receiver.delay = 0.0
+        stack.start_worker(**env)
+
+        def everyone_delivered() -> bool:
+            client = redis.Redis.from_url(redis_url)
+            states = [client.hget(redis_keys.job(rid), "delivery") for rid in request_ids]
+            return all(state == b"delivered" for state in states)
+
+        eventually(everyone_delivered, timeout=45)
+        delivered_ids = {
+            orjson.loads(callback.body)["data"]["id"] for callback in receiver.received
+        }
+        assert delivered_ids == set(request_ids)
+        assert redis.Redis.from_url(redis_url).zcard(redis_keys.POLLS) == 0
