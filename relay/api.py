@@ -45,7 +45,7 @@ class AppState:
     upstream: Upstream
 
 
-def _state(request: Request) -> AppState:
+def app_state(request: Request) -> AppState:
     state: AppState = request.state.relay
     return state
 
@@ -79,7 +79,7 @@ def validation_error(exc: ValidationError) -> ApiError:
 
 
 async def generate(request: Request) -> Response:
-    state = _state(request)
+    state = app_state(request)
     raw = await read_body(request, state.settings.max_body_bytes)
     try:
         parsed = orjson.loads(raw)
@@ -91,7 +91,7 @@ async def generate(request: Request) -> Response:
         job = GenerateRequest.model_validate(parsed)
     except ValidationError as exc:
         raise validation_error(exc) from None
-    await _ensure_store(state)
+    await ensure_store(state)
     response = check(
         await state.upstream.request("POST", "v1/lipsync/generate", json=job.upstream_body())
     )
@@ -99,11 +99,11 @@ async def generate(request: Request) -> Response:
     request_id = answer.get("request_id")
     if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_ID_LENGTH:
         raise ApiError(502, "Chamelaion accepted the job but sent no usable request_id")
-    await _track(state, request_id, job.callback_url, job.reference_id)
+    await track_job(state, request_id, job.callback_url, job.reference_id)
     return json_bytes(response.content)
 
 
-async def _ensure_store(state: AppState) -> None:
+async def ensure_store(state: AppState) -> None:
     # Refuse before Chamelaion creates a job the relay could not then record.
     try:
         await state.redis.ping()
@@ -111,7 +111,7 @@ async def _ensure_store(state: AppState) -> None:
         raise ApiError(503, "the relay's job store is unavailable; try again") from None
 
 
-async def _track(
+async def track_job(
     state: AppState, request_id: str, callback_url: str | None, reference_id: str | None
 ) -> None:
     try:
@@ -127,7 +127,7 @@ async def _track(
 
 
 async def get_request(request: Request) -> Response:
-    state = _state(request)
+    state = app_state(request)
     id_or_reference: str = request.path_params["id"]
     if len(id_or_reference) > MAX_ID_LENGTH:
         raise ApiError(400, f"id is longer than {MAX_ID_LENGTH} characters")
@@ -148,7 +148,7 @@ async def get_request(request: Request) -> Response:
 
 
 async def list_requests(request: Request) -> Response:
-    state = _state(request)
+    state = app_state(request)
     params: dict[str, str] = {}
     for name, (low, high) in LIST_PARAMS.items():
         value = request.query_params.get(name)
@@ -173,7 +173,7 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     try:
-        await _state(request).redis.ping()
+        await app_state(request).redis.ping()
     except RedisError:
         return JSONResponse({"status": "unavailable", "error": "redis unreachable"}, 503)
     return JSONResponse({"status": "ok"})
