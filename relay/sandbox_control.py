@@ -1,0 +1,142 @@
+"""The sandbox's test-control endpoints under /_sandbox (no auth; not part of Chamelaion).
+
+They let a test make the upstream misbehave on cue (errors, slowness, lost or odd jobs) and
+then look at what the relay actually sent: the JSON bodies, the uploaded bytes' sizes and
+hashes, and how often and when each endpoint was called.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from relay.errors import ApiError
+from relay.sandbox_state import Fault, Job, SandboxState
+
+FAULT_GROUPS = ("poll", "generate", "all")
+_FAULT_FIELDS = frozenset(
+    {"status", "count", "retry_after", "paths", "delay", "when", "error"},
+)
+_STATUS_FIELDS = frozenset({"status", "extra", "drop"})
+
+
+async def _json_object(request: Request, allowed: Collection[str]) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+    except ValueError as exc:
+        raise ApiError(400, "request body must be a JSON object") from exc
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise ApiError(400, f"unknown fields: {', '.join(unknown)}")
+    return body
+
+
+def _number(body: dict[str, Any], name: str, default: float | None) -> float | None:
+    value = body.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ApiError(400, f"{name} must be a number >= 0")
+    return float(value)
+
+
+def parse_fault(body: dict[str, Any], route_keys: Collection[str]) -> Fault:
+    status, count = body.get("status"), body.get("count", 1)
+    if status is not None and not (isinstance(status, int) and 400 <= status <= 599):
+        raise ApiError(400, "status must be an HTTP error status (400-599) or null")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ApiError(400, "count must be an integer >= 1")
+    paths = body.get("paths", "all")
+    if paths not in FAULT_GROUPS and paths not in route_keys:
+        raise ApiError(400, f"paths must be one of {FAULT_GROUPS} or a route key")
+    when = body.get("when", "before")
+    if when not in ("before", "after"):
+        raise ApiError(400, 'when must be "before" or "after"')
+    error = body.get("error")
+    if error is not None and not isinstance(error, str):
+        raise ApiError(400, "error must be a string")
+    delay = _number(body, "delay", 0.0) or 0.0
+    if status is None and not delay:
+        raise ApiError(400, "a fault needs a status, a delay, or both")
+    return Fault(
+        status=status,
+        remaining=count,
+        paths=paths,
+        retry_after=_number(body, "retry_after", None),
+        delay=delay,
+        after_handling=when == "after",
+        error=error,
+    )
+
+
+class SandboxControl:
+    def __init__(self, state: SandboxState, route_keys: Collection[str]) -> None:
+        self._state = state
+        self._route_keys = route_keys
+
+    def _job(self, request: Request) -> Job:
+        job = self._state.find(request.path_params["id"])
+        if job is None:
+            raise ApiError(404, "lipsync request not found")
+        return job
+
+    async def add_fault(self, request: Request) -> Response:
+        fault = parse_fault(await _json_object(request, _FAULT_FIELDS), self._route_keys)
+        self._state.faults.append(fault)
+        return JSONResponse({"status": "ok", "pending_faults": len(self._state.faults)})
+
+    async def clear_faults(self, request: Request) -> Response:
+        self._state.faults.clear()
+        return JSONResponse({"status": "ok"})
+
+    async def forget(self, request: Request) -> Response:
+        del self._state.jobs[self._job(request).id]
+        return JSONResponse({"status": "ok"})
+
+    async def set_status(self, request: Request) -> Response:
+        job = self._job(request)
+        body = await _json_object(request, _STATUS_FIELDS)
+        status, extra, drop = body.get("status"), body.get("extra", {}), body.get("drop", [])
+        if status is not None and not isinstance(status, str):
+            raise ApiError(400, "status must be a string")
+        if not isinstance(extra, dict):
+            raise ApiError(400, "extra must be an object")
+        if not isinstance(drop, list) or not all(isinstance(name, str) for name in drop):
+            raise ApiError(400, "drop must be a list of field names")
+        if status is not None:
+            job.pinned_status = status
+        job.overrides.update(extra)
+        job.dropped.difference_update(extra)  # a field set again is no longer dropped
+        job.dropped.update(drop)
+        return JSONResponse(self._state.render(job))
+
+    async def uploads(self, request: Request) -> Response:
+        job = self._job(request)
+        if job.uploads is None:
+            raise ApiError(404, "this request was not created by generate-with-media")
+        return JSONResponse(job.uploads)
+
+    async def body(self, request: Request) -> Response:
+        job = self._job(request)
+        if job.json_body is None:
+            raise ApiError(404, "this request was not created by generate")
+        return Response(job.json_body, media_type="application/json")
+
+    async def stats(self, request: Request) -> Response:
+        return JSONResponse(
+            {
+                "calls": dict(self._state.calls),
+                "timestamps": {key: list(times) for key, times in self._state.timestamps.items()},
+            }
+        )
+
+    async def reset(self, request: Request) -> Response:
+        self._state.reset()
+        return JSONResponse({"status": "ok"})
