@@ -18,15 +18,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import httpx
+import redis
 from chamelaion import Chamelaion
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from relay import redis_keys
 from relay.api import create_app
 from relay.embedded_redis import free_port
 from relay.sandbox import SandboxConfig, create_sandbox_app
@@ -151,7 +153,9 @@ def relay_stack(
             **{k: v for k, v in full_env.items() if k.startswith(("RELAY_", "CHAMELAION_"))}
         )
         with serve(create_app(settings)) as api_url:
-            stack = Stack(api_url, sandbox_url, receiver, receiver_url + "/hook", full_env, secrets_)
+            stack = Stack(
+                api_url, sandbox_url, receiver, receiver_url + "/hook", full_env, secrets_
+            )
             for _ in range(workers):
                 stack.start_worker()
             try:
@@ -181,3 +185,16 @@ def eventually(check: Callable[[], Any], timeout: float = 15.0, interval: float 
             last = exc
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s: {last!r}")
+
+
+def job_fields(redis_url: str, request_id: str) -> dict[bytes, bytes]:
+    """The stored hash of a tracked job (empty when untracked)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return cast(dict[bytes, bytes], client.hgetall(redis_keys.job(request_id)))
+    finally:
+        client.close()
+
+
+def job_field(redis_url: str, request_id: str, name: str) -> bytes | None:
+    return job_fields(redis_url, request_id).get(name.encode())

@@ -11,7 +11,7 @@ import redis
 from standardwebhooks import Webhook
 
 from relay import redis_keys
-from tests.stack import Callback, Receiver, Stack, eventually, relay_stack
+from tests.stack import Callback, Receiver, Stack, eventually, job_field, job_fields, relay_stack
 
 VIDEO = "https://cdn.example.com/episodes/42.mp4"
 AUDIO = "https://cdn.example.com/dubs/42-japanese.wav"
@@ -31,7 +31,9 @@ def submit(stack: Stack, *, video: str = VIDEO, reference_id: str | None = None)
 
 def verified(stack: Stack, callback: Callback) -> dict[str, object]:
     """Verify with every configured secret, as receivers do during a rotation."""
-    payloads = [Webhook(secret).verify(callback.body, callback.headers) for secret in stack.webhook_secrets]
+    payloads = [
+        Webhook(secret).verify(callback.body, callback.headers) for secret in stack.webhook_secrets
+    ]
     assert all(payload == payloads[0] for payload in payloads)
     assert callback.headers["content-type"] == "application/json"
     assert len(callback.headers["webhook-signature"].split(" ")) == len(stack.webhook_secrets)
@@ -93,7 +95,7 @@ def test_receiver_failing_twice_gets_the_same_event_until_it_succeeds(redis_url:
         bodies = [verified(stack, callback) for callback in callbacks]
         assert bodies[0] == bodies[1] == bodies[2]
         assert callbacks[1].at - callbacks[0].at >= 0.25, "retries wait for the schedule"
-        job = redis.Redis.from_url(redis_url).hgetall(redis_keys.job(request_id))
+        job = job_fields(redis_url, request_id)
         assert job[b"delivery"] == b"delivered"
         assert job[b"attempts_made"] == b"3"
 
@@ -105,8 +107,7 @@ def test_receiver_answering_410_is_never_called_again(redis_url: str) -> None:
         receiver.wait_for(1)
         time.sleep(1.5)
         assert len(receiver.received) == 1
-        job = redis.Redis.from_url(redis_url).hgetall(redis_keys.job(request_id))
-        assert job[b"delivery"] == b"gone"
+        assert job_field(redis_url, request_id, "delivery") == b"gone"
 
 
 def test_redirects_are_failures_and_never_followed(redis_url: str) -> None:
@@ -114,10 +115,9 @@ def test_redirects_are_failures_and_never_followed(redis_url: str) -> None:
     with relay_stack(redis_url, receiver=receiver) as stack:
         request_id = submit(stack)
         callbacks = receiver.wait_for(2)
-        key = redis_keys.job(request_id)
-        eventually(lambda: redis.Redis.from_url(redis_url).hget(key, "delivery") == b"delivered")
+        eventually(lambda: job_field(redis_url, request_id, "delivery") == b"delivered")
         assert callbacks[0].headers["webhook-id"] == callbacks[1].headers["webhook-id"]
-        assert redis.Redis.from_url(redis_url).hget(key, "attempts_made") == b"2"
+        assert job_field(redis_url, request_id, "attempts_made") == b"2"
 
 
 def test_retry_schedule_runs_out_and_the_delivery_is_marked_failed(redis_url: str) -> None:
@@ -125,8 +125,7 @@ def test_retry_schedule_runs_out_and_the_delivery_is_marked_failed(redis_url: st
     with relay_stack(redis_url, receiver=receiver) as stack:
         request_id = submit(stack)
         receiver.wait_for(4)
-        key = redis_keys.job(request_id)
-        eventually(lambda: redis.Redis.from_url(redis_url).hget(key, "delivery") == b"failed")
+        eventually(lambda: job_field(redis_url, request_id, "delivery") == b"failed")
         time.sleep(0.8)
         assert len(receiver.received) == 4, "exactly one attempt per schedule entry"
 
@@ -145,8 +144,7 @@ def test_a_sigkilled_worker_loses_nothing(redis_url: str) -> None:
         stack.start_worker(**env)
 
         def everyone_delivered() -> bool:
-            client = redis.Redis.from_url(redis_url)
-            states = [client.hget(redis_keys.job(rid), "delivery") for rid in request_ids]
+            states = [job_field(redis_url, rid, "delivery") for rid in request_ids]
             return all(state == b"delivered" for state in states)
 
         eventually(everyone_delivered, timeout=45)

@@ -1,0 +1,272 @@
+"""The HTTP API against the sandbox over real HTTP: auth, validation, error mapping, proxying."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import chamelaion
+import httpx
+import pytest
+import redis
+
+from relay.api import create_app
+from relay.embedded_redis import free_port
+from relay.sandbox import SandboxConfig, create_sandbox_app
+from relay.settings import load_settings
+from tests.servers import serve
+from tests.stack import RELAY_KEY, SANDBOX_KEY, job_fields, new_secret
+
+GOOD = {
+    "inputs": [
+        {"type": "video", "url": "https://cdn.example.com/v.mp4"},
+        {"type": "audio", "url": "https://cdn.example.com/a.wav"},
+    ]
+}
+
+
+@dataclass
+class Api:
+    url: str
+    sandbox_url: str
+    redis_url: str
+
+    def post(
+        self, body: object = None, *, content: bytes | None = None, **headers: str
+    ) -> httpx.Response:
+        return httpx.post(
+            self.url + "/api/v1/lipsync/generate",
+            json=body if content is None else None,
+            content=content,
+            headers={"x-api-key": RELAY_KEY, **headers},
+        )
+
+    def upstream_calls(self, route: str) -> int:
+        calls: dict[str, int] = httpx.get(self.sandbox_url + "/_sandbox/stats").json()["calls"]
+        return calls.get(route, 0)
+
+    def tracked(self) -> list[bytes]:
+        return list(redis.Redis.from_url(self.redis_url).scan_iter("relay:job:*"))
+
+
+@contextlib.contextmanager
+def running_api(redis_url: str, **overrides: str) -> Iterator[Api]:
+    with serve(create_sandbox_app(SandboxConfig(api_keys=(SANDBOX_KEY,)))) as sandbox_url:
+        settings = load_settings(
+            CHAMELAION_BASE_URL=sandbox_url + "/api",
+            CHAMELAION_API_KEY=SANDBOX_KEY,
+            RELAY_REDIS_URL=redis_url,
+            RELAY_API_KEYS=f"other-key,{RELAY_KEY}",
+            RELAY_WEBHOOK_SECRETS=new_secret(),
+            **overrides,
+        )
+        with serve(create_app(settings)) as url:
+            yield Api(url, sandbox_url, redis_url)
+
+
+@pytest.fixture
+def api(redis_url: str) -> Iterator[Api]:
+    with running_api(redis_url, RELAY_MAX_BODY_BYTES="4096") as running:
+        yield running
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({}, "missing authorization header"),
+        ({"x-api-key": "nope"}, "unauthorized"),
+        ({"authorization": "Basic abc"}, "invalid authorization format"),
+        ({"authorization": "Bearer"}, "missing token"),
+        ({"authorization": "Bearer nope"}, "invalid token"),
+    ],
+)
+def test_refused_keys_get_chamelaions_401_bodies(
+    api: Api, headers: dict[str, str], message: str
+) -> None:
+    response = httpx.post(api.url + "/api/v1/lipsync/generate", json=GOOD, headers=headers)
+    assert response.status_code == 401
+    assert response.json() == {"error": message}
+    assert api.upstream_calls("POST /v1/lipsync/generate") == 0
+
+
+def test_both_key_styles_are_accepted(api: Api) -> None:
+    assert api.post(GOOD).status_code == 200
+    response = httpx.post(
+        api.url + "/api/v1/lipsync/generate",
+        json=GOOD,
+        headers={"authorization": f"Bearer {RELAY_KEY}"},
+    )
+    assert response.status_code == 200
+    assert response.json()["status"] == "success"
+
+
+def test_sdk_with_a_wrong_key_gets_an_authentication_error(api: Api) -> None:
+    client = chamelaion.Chamelaion(api_key="wrong", base_url=api.url + "/api", max_retries=0)
+    with pytest.raises(chamelaion.AuthenticationError):
+        client.lipsync.generate(inputs=GOOD["inputs"])  # type: ignore[arg-type]
+
+
+BAD_BODIES: list[tuple[str, object, int, str]] = [
+    ("not an object", [1, 2], 400, "JSON object"),
+    ("no inputs", {}, 422, "inputs"),
+    ("two videos", {"inputs": [GOOD["inputs"][0], GOOD["inputs"][0]]}, 422, "inputs"),
+    ("one input", {"inputs": [GOOD["inputs"][0]]}, 422, "inputs"),
+    (
+        "image input",
+        {"inputs": [{"type": "image", "url": "https://x/y"}, GOOD["inputs"][1]]},
+        422,
+        "inputs.0.type",
+    ),
+    (
+        "ftp url",
+        {"inputs": [{"type": "video", "url": "ftp://x/y"}, GOOD["inputs"][1]]},
+        422,
+        "inputs.0.url",
+    ),
+    ("bad callback", {**GOOD, "callback_url": "javascript:alert(1)"}, 422, "callback_url"),
+    (
+        "long callback",
+        {**GOOD, "callback_url": "https://x.example/" + "a" * 2050},
+        422,
+        "callback_url",
+    ),
+    ("unknown field", {**GOOD, "callbak_url": "https://x.example/"}, 422, "callbak_url"),
+    (
+        "string bool",
+        {**GOOD, "disable_active_speaker_detection": "yes"},
+        422,
+        "disable_active_speaker_detection",
+    ),
+    ("long reference", {**GOOD, "reference_id": "r" * 300}, 422, "reference_id"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "body", "status", "field"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES]
+)
+def test_bad_bodies_are_refused_before_upstream_and_redis(
+    api: Api, case: str, body: object, status: int, field: str
+) -> None:
+    response = api.post(body)
+    assert response.status_code == status, response.text
+    assert field in response.json()["error"]
+    assert api.upstream_calls("POST /v1/lipsync/generate") == 0
+    assert api.tracked() == []
+
+
+def test_malformed_json_and_oversized_bodies(api: Api) -> None:
+    response = api.post(content=b"{not json", **{"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json() == {"error": "request body is not valid JSON"}
+    response = api.post(content=b" " * 5000)
+    assert response.status_code == 413
+    assert api.upstream_calls("POST /v1/lipsync/generate") == 0
+
+
+def test_accepted_job_is_tracked_and_only_documented_fields_go_upstream(api: Api) -> None:
+    body = {
+        **GOOD,
+        "reference_id": "ref-1",
+        "callback_url": "https://hooks.example/x",
+        "disable_active_speaker_detection": True,
+    }
+    response = api.post(body)
+    assert response.status_code == 200
+    request_id = response.json()["request_id"]
+    sent = httpx.get(f"{api.sandbox_url}/_sandbox/requests/{request_id}/body").json()
+    assert sent == {k: v for k, v in body.items() if k != "callback_url"}
+    job = job_fields(api.redis_url, request_id)
+    assert job[b"callback_url"] == b"https://hooks.example/x"
+    assert job[b"reference_id"] == b"ref-1"
+
+
+def test_upstream_rejecting_the_relays_key_is_reported_as_the_relays_problem(
+    redis_url: str,
+) -> None:
+    with running_api(redis_url) as running:
+        settings = load_settings(
+            CHAMELAION_BASE_URL=running.sandbox_url + "/api",
+            CHAMELAION_API_KEY="revoked",
+            RELAY_REDIS_URL=redis_url,
+            RELAY_API_KEYS=RELAY_KEY,
+        )
+        with serve(create_app(settings)) as url:
+            response = httpx.post(
+                url + "/api/v1/lipsync/generate", json=GOOD, headers={"x-api-key": RELAY_KEY}
+            )
+    assert response.status_code == 502
+    assert "CHAMELAION_API_KEY" in response.json()["error"]
+    assert "revoked" not in response.text
+    assert running.tracked() == []
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "retry_after"),
+    [({"status": 429, "retry_after": 7}, 429, "7"), ({"status": 500}, 502, None)],
+)
+def test_upstream_errors_map_to_clear_relay_errors(
+    api: Api, fault: dict[str, object], status: int, retry_after: str | None
+) -> None:
+    httpx.post(
+        api.sandbox_url + "/_sandbox/faults", json={**fault, "count": 1, "paths": "generate"}
+    )
+    response = api.post(GOOD)
+    assert response.status_code == status
+    assert response.headers.get("retry-after") == retry_after
+    assert "error" in response.json()
+    assert api.tracked() == []
+
+
+def test_untracked_requests_and_lists_are_proxied(api: Api) -> None:
+    headers = {"x-api-key": RELAY_KEY}
+    missing = httpx.get(api.url + "/api/v1/lipsync/requests/unknown-id", headers=headers)
+    assert missing.status_code == 404
+    assert missing.json() == {"error": "lipsync request not found"}
+    httpx.post(
+        api.sandbox_url + "/api/v1/lipsync/generate",
+        json={**GOOD, "reference_id": "direct"},
+        headers={"x-api-key": SANDBOX_KEY},
+    )
+    listed = httpx.get(
+        api.url + "/api/v1/lipsync/requests",
+        params={"limit": 5, "reference_id": "direct"},
+        headers=headers,
+    )
+    assert listed.status_code == 200
+    assert listed.json()["pagination"] == {"limit": 5, "offset": 0, "total": 1}
+    by_ref = httpx.get(api.url + "/api/v1/lipsync/requests/direct", headers=headers)
+    assert by_ref.status_code == 200 and by_ref.json()["reference_id"] == "direct"
+
+
+@pytest.mark.parametrize(
+    "params", [{"limit": "0"}, {"limit": "-1"}, {"offset": "x"}, {"limit": "99999999"}]
+)
+def test_bad_list_parameters_are_refused(api: Api, params: dict[str, str]) -> None:
+    response = httpx.get(
+        api.url + "/api/v1/lipsync/requests", params=params, headers={"x-api-key": RELAY_KEY}
+    )
+    assert response.status_code == 400
+    assert api.upstream_calls("GET /v1/lipsync/requests") == 0
+
+
+def test_overlong_ids_are_refused(api: Api) -> None:
+    response = httpx.get(
+        api.url + "/api/v1/lipsync/requests/" + "x" * 300, headers={"x-api-key": RELAY_KEY}
+    )
+    assert response.status_code == 400
+
+
+def test_health_and_readiness(api: Api) -> None:
+    assert httpx.get(api.url + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(api.url + "/readyz").status_code == 200
+    assert httpx.get(api.url + "/nowhere").json() == {"error": "Not Found"}
+
+
+def test_without_redis_the_api_is_unready_and_creates_nothing_upstream(redis_url: str) -> None:
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    with running_api(dead_redis) as running:
+        assert httpx.get(running.url + "/readyz").status_code == 503
+        response = running.post(GOOD)
+        assert response.status_code == 503
+        assert running.upstream_calls("POST /v1/lipsync/generate") == 0

@@ -1,0 +1,137 @@
+"""Polling against an upstream that misbehaves: odd data, lost requests, 429s, a shared budget."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import httpx
+import orjson
+import redis
+from standardwebhooks import Webhook
+
+from relay import redis_keys
+from relay.sandbox import SandboxConfig
+from tests.stack import RELAY_KEY, SANDBOX_KEY, Receiver, Stack, eventually, job_field, relay_stack
+from tests.test_end_to_end import submit
+
+POLL_ROUTE = "GET /v1/lipsync/requests/{id}"
+SLOW = SandboxConfig(api_keys=(SANDBOX_KEY,), queued_seconds=60, processing_seconds=60)
+
+
+def relay_view(stack: Stack, request_id: str) -> dict[str, object]:
+    response = httpx.get(
+        f"{stack.api_url}/api/v1/lipsync/requests/{request_id}", headers={"x-api-key": RELAY_KEY}
+    )
+    assert response.status_code == 200
+    body: dict[str, object] = response.json()
+    return body
+
+
+def pin(stack: Stack, request_id: str, **body: object) -> None:
+    response = stack.upstream("POST", f"/_sandbox/requests/{request_id}/status", json=body)
+    assert response.status_code == 200, response.text
+
+
+def test_unknown_status_and_odd_fields_never_break_a_poll(redis_url: str) -> None:
+    with relay_stack(redis_url, sandbox=SLOW) as stack:
+        request_id = submit(stack)
+        pin(
+            stack,
+            request_id,
+            status="reviewing",
+            extra={"created_at": "yesterday-ish", "eta": None},
+        )
+        eventually(lambda: relay_view(stack, request_id).get("status") == "reviewing")
+        assert relay_view(stack, request_id)["created_at"] == "yesterday-ish"
+        assert stack.receiver.received == []
+
+        pin(
+            stack,
+            request_id,
+            status="completed",
+            extra={"finished_at": "not a time"},
+            drop=["output_url", "started_at"],
+        )
+        [callback] = stack.receiver.wait_for(1)
+        payload = Webhook(stack.webhook_secrets[0]).verify(callback.body, callback.headers)
+        assert payload["type"] == "lipsync.completed"
+        assert payload["data"]["finished_at"] == "not a time"
+        assert "output_url" not in payload["data"]
+
+
+def test_a_request_upstream_forgets_ends_as_failed_after_the_grace_period(redis_url: str) -> None:
+    with relay_stack(redis_url, sandbox=SLOW, env={"RELAY_NOT_FOUND_GRACE": "1"}) as stack:
+        request_id = submit(stack)
+        eventually(lambda: relay_view(stack, request_id).get("status") == "queued")
+        assert stack.upstream("POST", f"/_sandbox/requests/{request_id}/forget").status_code == 200
+        [callback] = stack.receiver.wait_for(1)
+        payload = orjson.loads(callback.body)
+        assert payload["type"] == "lipsync.failed"
+        assert payload["data"]["id"] == request_id
+        assert "404" in payload["data"]["error_message"]
+        assert relay_view(stack, request_id)["status"] == "failed"
+
+
+def test_transient_upstream_errors_only_delay_the_job(redis_url: str) -> None:
+    with relay_stack(redis_url) as stack:
+        stack.upstream(
+            "POST", "/_sandbox/faults", json={"status": 500, "count": 3, "paths": "poll"}
+        )
+        submit(stack)
+        [callback] = stack.receiver.wait_for(1)
+        assert orjson.loads(callback.body)["type"] == "lipsync.completed"
+
+
+def test_a_429_pauses_every_worker_for_its_retry_after(redis_url: str) -> None:
+    with relay_stack(redis_url, sandbox=SLOW, workers=2) as stack:
+        for _ in range(4):
+            submit(stack)
+        time.sleep(1.0)  # polls are flowing
+        stack.upstream(
+            "POST",
+            "/_sandbox/faults",
+            json={"status": 429, "count": 1, "retry_after": 2, "paths": "poll"},
+        )
+        time.sleep(3.5)
+        stamps: list[float] = stack.upstream("GET", "/_sandbox/stats").json()["timestamps"][
+            POLL_ROUTE
+        ]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(stamps)]
+        assert max(gaps) >= 1.9, "after a 429 with Retry-After: 2 nobody polls for 2 s"
+
+
+def test_all_workers_together_stay_inside_the_upstream_rate(redis_url: str) -> None:
+    rate = 5.0
+    env = {
+        "RELAY_UPSTREAM_RATE_LIMIT": str(rate),
+        "RELAY_POLL_MIN_INTERVAL": "0.1",
+        "RELAY_POLL_MAX_INTERVAL": "0.1",
+    }
+    with relay_stack(redis_url, sandbox=SLOW, workers=2, env=env) as stack:
+        for _ in range(10):
+            submit(stack)
+        time.sleep(4.0)
+        stamps = stack.upstream("GET", "/_sandbox/stats").json()["timestamps"][POLL_ROUTE]
+    # 10 jobs due every 0.1 s want 100 polls/s; the budget allows 5/s (burst 1) for everyone.
+    busiest = max(sum(1 for t in stamps if start <= t < start + 1.0) for start in stamps)
+    assert busiest <= rate + 1, f"{busiest} polls in one second"
+    assert len(stamps) >= rate * 3 - 2, "the budget is used, not starved"
+
+
+def test_jobs_without_callback_are_tracked_and_served(redis_url: str) -> None:
+    with relay_stack(redis_url, receiver=Receiver()) as stack:
+        result = stack.sdk().lipsync.generate(
+            inputs=[
+                {"type": "video", "url": "https://x.example/v.mp4"},
+                {"type": "audio", "url": "https://x.example/a.wav"},
+            ]
+        )
+        request_id = result.request_id
+        eventually(lambda: job_field(redis_url, request_id, "delivery") == b"none")
+        ttl = redis.Redis.from_url(redis_url).ttl(redis_keys.job(request_id))
+        assert isinstance(ttl, int) and ttl > 0, "ended jobs expire after the retention period"
+        calls = stack.upstream("GET", "/_sandbox/stats").json()["calls"]
+        assert relay_view(stack, request_id)["status"] == "completed"
+        assert stack.upstream("GET", "/_sandbox/stats").json()["calls"] == calls
+        assert stack.receiver.received == []
