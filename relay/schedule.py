@@ -39,7 +39,9 @@ local period = tonumber(ARGV[3])
 local burst = tonumber(ARGV[4])
 local tat = tonumber(redis.call('GET', KEYS[2]) or '0')
 if tat < now then tat = now end
-local allowed = math.floor((now + burst * period - tat) / period + 1e-9)
+-- Differences first: at ~1.8e9 s a double resolves ~0.2 us, so (now + x - tat) loses x's
+-- precision; the epsilon (a thousandth of a request) absorbs what remains.
+local allowed = math.floor((now - tat) / period + burst + 1e-3)
 if allowed < 1 then return {0, tostring(tat + period - burst * period - now)} end
 local n = math.min(allowed, #ids)
 tat = tat + n * period

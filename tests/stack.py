@@ -181,7 +181,7 @@ def eventually(check: Callable[[], Any], timeout: float = 15.0, interval: float 
             last = check()
             if last:
                 return last
-        except AssertionError as exc:
+        except (AssertionError, httpx.TransportError) as exc:
             last = exc
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s: {last!r}")

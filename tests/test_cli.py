@@ -1,0 +1,149 @@
+"""The `relay` command as operators and developers run it: config errors, and `relay dev`."""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from chamelaion import Chamelaion
+
+from relay.embedded_redis import free_port
+from tests.stack import eventually, new_secret
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "CHAMELAION_"))}
+    return {**env, **extra}
+
+
+def run_relay(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "env", "variable"),
+    [
+        ("api", {"RELAY_API_KEYS": "k"}, "CHAMELAION_API_KEY"),
+        ("api", {"CHAMELAION_API_KEY": "x"}, "RELAY_API_KEYS"),
+        ("worker", {"CHAMELAION_API_KEY": "x"}, "RELAY_WEBHOOK_SECRETS"),
+        (
+            "api",
+            {"CHAMELAION_API_KEY": "x", "RELAY_API_KEYS": "k", "RELAY_POLL_MIN_INTERVAL": "soon"},
+            "RELAY_POLL_MIN_INTERVAL",
+        ),
+        (
+            "api",
+            {"CHAMELAION_API_KEY": "x", "RELAY_API_KEYS": "k", "RELAY_REDIS_URL": "http://redis"},
+            "RELAY_REDIS_URL",
+        ),
+        (
+            "worker",
+            {"CHAMELAION_API_KEY": "x", "RELAY_WEBHOOK_SECRETS": "whsec_!!not-base64-secret!!"},
+            "RELAY_WEBHOOK_SECRETS",
+        ),
+    ],
+)
+def test_bad_configuration_stops_start_up_naming_the_variable(
+    command: str, env: dict[str, str], variable: str
+) -> None:
+    result = run_relay(command, env=clean_env(**env))
+    assert result.returncode == 2
+    assert f"configuration error: {variable}" in result.stderr
+    for value in env.values():
+        if len(value) > 2:
+            assert value not in result.stderr, "configuration errors never echo values"
+
+
+def test_relay_dev_runs_everything_and_its_inbox_verifies_callbacks() -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay.cli", "dev", "--port", str(port)],
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        banner = read_until(proc, "Ctrl-C", timeout=20)
+        key = re.search(r"key: (\S+)\)", banner)
+        inbox = re.search(r"inbox\s+(\S+)", banner)
+        assert key and inbox, banner
+        client = Chamelaion(
+            api_key=key.group(1), base_url=f"http://127.0.0.1:{port}/api", max_retries=0
+        )
+        job = client.lipsync.generate(
+            inputs=[
+                {"type": "video", "url": "https://cdn.example.com/a.mp4"},
+                {"type": "audio", "url": "https://cdn.example.com/a.wav"},
+            ],
+            extra_body={"callback_url": inbox.group(1)},
+        )
+
+        def delivered() -> list[dict[str, object]]:
+            received: list[dict[str, object]] = httpx.get(inbox.group(1)).json()["received"]
+            return received
+
+        [entry] = eventually(delivered, timeout=30)
+        assert entry["verified"] is True
+        payload = entry["payload"]
+        assert isinstance(payload, dict)
+        assert payload["type"] == "lipsync.completed"
+        assert payload["data"]["id"] == job.request_id
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=30)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert code == 0
+
+
+def read_until(proc: subprocess.Popen[bytes], marker: str, timeout: float) -> str:
+    # Raw reads: a buffered reader would hide lines it already pulled from the pipe.
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    selector = selectors.DefaultSelector()
+    selector.register(fd, selectors.EVENT_READ)
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while marker.encode() not in seen:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise AssertionError(f"relay dev did not print {marker!r}; got {seen!r}")
+        if selector.select(timeout=0.1):
+            seen += os.read(fd, 65536)
+    return seen.decode()
+
+
+def test_worker_stops_cleanly_on_sigterm(redis_url: str) -> None:
+    http_port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay.cli", "worker"],
+        env=clean_env(
+            CHAMELAION_API_KEY="x",
+            RELAY_REDIS_URL=redis_url,
+            RELAY_WEBHOOK_SECRETS=new_secret(),
+            RELAY_WORKER_HTTP_PORT=str(http_port),
+        ),
+    )
+    try:
+        eventually(
+            lambda: httpx.get(f"http://127.0.0.1:{http_port}/healthz").json()["status"] == "ok",
+            timeout=20,
+        )
+    except Exception:
+        proc.kill()
+        raise
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
