@@ -28,8 +28,10 @@ from starlette.routing import Route
 from relay.auth import ApiKeyMiddleware, KeyRing
 from relay.errors import ApiError
 from relay.models import MAX_ID_LENGTH, GenerateRequest
+from relay.netpolicy import NetworkPolicy, parse_callback_url, resolve_and_check
 from relay.settings import Settings
 from relay.store import JobStore
+from relay.uploads import generate_with_media
 from relay.upstream import Upstream, check, decode_object
 
 log = logging.getLogger("relay.api")
@@ -43,6 +45,7 @@ class AppState:
     redis: Redis
     store: JobStore
     upstream: Upstream
+    policy: NetworkPolicy
 
 
 def app_state(request: Request) -> AppState:
@@ -91,6 +94,7 @@ async def generate(request: Request) -> Response:
         job = GenerateRequest.model_validate(parsed)
     except ValidationError as exc:
         raise validation_error(exc) from None
+    await check_callback_url(state, job.callback_url)
     await ensure_store(state)
     response = check(
         await state.upstream.request("POST", "v1/lipsync/generate", json=job.upstream_body())
@@ -101,6 +105,16 @@ async def generate(request: Request) -> Response:
         raise ApiError(502, "Chamelaion accepted the job but sent no usable request_id")
     await track_job(state, request_id, job.callback_url, job.reference_id)
     return json_bytes(response.content)
+
+
+async def check_callback_url(state: AppState, callback_url: str | None) -> None:
+    """Refuse (422) a callback URL whose host is, or resolves into, a refused network.
+
+    This is early feedback for the caller; delivery checks again at connect time, since DNS
+    answers can change in between.
+    """
+    if callback_url is not None:
+        await resolve_and_check(parse_callback_url(callback_url), state.policy)
 
 
 async def ensure_store(state: AppState) -> None:
@@ -209,13 +223,18 @@ def create_app(settings: Settings) -> Starlette:
             settings.chamelaion_base_url, api_key, timeout=settings.upstream_timeout
         )
         try:
-            yield {"relay": AppState(settings, redis, JobStore(redis), upstream)}
+            yield {
+                "relay": AppState(
+                    settings, redis, JobStore(redis), upstream, settings.callback_policy()
+                )
+            }
         finally:
             await upstream.aclose()
             await redis.aclose()
 
     routes = [
         Route("/api/v1/lipsync/generate", generate, methods=["POST"]),
+        Route("/api/v1/lipsync/generate-with-media", generate_with_media, methods=["POST"]),
         Route("/api/v1/lipsync/requests/{id}", get_request, methods=["GET"]),
         Route("/api/v1/lipsync/requests", list_requests, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),

@@ -21,6 +21,7 @@ from typing import Literal
 
 import httpx
 
+from relay.pinned_transport import DestinationRefused
 from relay.signing import Signer
 from relay.store import JobStore
 from relay.upstream import USER_AGENT, parse_retry_after
@@ -130,7 +131,10 @@ class Deliverer:
             # Streamed and closed unread: a receiver's reply body is of no use and may be huge.
             async with self.client.stream("POST", url, content=event, headers=headers) as response:
                 return classify(response)
+        except DestinationRefused as exc:
+            return Outcome("retry", f"refused by the callback network policy: {exc.reason}")
         except httpx.TimeoutException:
-            return Outcome("retry", "timed out")
+            # httpx-aiohttp also reports refused connections and DNS failures as timeouts.
+            return Outcome("retry", "timed out or unreachable")
         except httpx.HTTPError as exc:
             return Outcome("retry", f"could not connect: {type(exc).__name__}")

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
+from relay.netpolicy import CallbackUrlRejected, parse_callback_url
+
 MAX_URL_LENGTH = 2048
 MAX_REFERENCE_ID_LENGTH = 256
 MAX_ID_LENGTH = 256
@@ -25,9 +27,18 @@ def _http_url(value: str) -> str:
     return value
 
 
+def _callback_url(value: str) -> str:
+    try:
+        return parse_callback_url(value).url
+    except CallbackUrlRejected as exc:
+        raise ValueError(exc.reason) from None
+
+
 HttpUrlText = Annotated[
     str, StringConstraints(min_length=1, max_length=MAX_URL_LENGTH), AfterValidator(_http_url)
 ]
+# Syntax only; where the URL points is checked against the network policy by the API.
+CallbackUrl = Annotated[str, AfterValidator(_callback_url)]
 ReferenceId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_REFERENCE_ID_LENGTH)]
 
 
@@ -53,7 +64,7 @@ class GenerateRequest(BaseModel):
     ]
     disable_active_speaker_detection: StrictBool | None = None
     reference_id: ReferenceId | None = None
-    callback_url: HttpUrlText | None = None
+    callback_url: CallbackUrl | None = None
 
     def upstream_body(self) -> dict[str, Any]:
         """Exactly the fields Chamelaion documents, as the caller set them."""

@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from relay.errors import ConfigError
+from relay.netpolicy import NetworkPolicy, parse_networks
 
 # The Standard Webhooks example schedule: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h,
 # 20 h, 24 h. Each number is the wait before that attempt.
@@ -82,6 +83,17 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split(value)
+
+    @field_validator("callback_allowed_networks", "callback_denied_networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        parse_networks(value)  # raises ValueError naming the bad entry
+        return value
+
+    def callback_policy(self) -> NetworkPolicy:
+        return NetworkPolicy.from_strings(
+            self.callback_allowed_networks, self.callback_denied_networks
+        )
 
     @field_validator("chamelaion_base_url")
     @classmethod

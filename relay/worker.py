@@ -23,11 +23,11 @@ import httpx
 from arq import Retry
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.worker import Worker, func
-from httpx_aiohttp import AiohttpTransport
 from redis.exceptions import RedisError
 
 from relay import redis_keys
 from relay.delivery import Deliverer
+from relay.pinned_transport import make_callback_client
 from relay.poller import Poller
 from relay.schedule import PollSchedule
 from relay.serving import embedded_server
@@ -137,15 +137,6 @@ class WorkerState:
     dispatcher: Dispatcher
 
 
-def callback_client(settings: Settings) -> httpx.AsyncClient:
-    """The client deliveries are sent with: short timeout, redirects never followed."""
-    return httpx.AsyncClient(
-        transport=AiohttpTransport(),
-        timeout=httpx.Timeout(settings.delivery_timeout),
-        follow_redirects=False,
-    )
-
-
 async def build_state(settings: Settings) -> WorkerState:
     assert settings.chamelaion_api_key is not None
     redis = await create_pool(
@@ -171,7 +162,7 @@ async def build_state(settings: Settings) -> WorkerState:
     async def enqueue_first(request_id: str) -> None:
         await enqueue_attempt(request_id, 0, 0.0)
 
-    client = callback_client(settings)
+    client = make_callback_client(settings.callback_policy(), settings.delivery_timeout)
     deliverer = Deliverer(
         store=store,
         signer=Signer(settings.webhook_secrets),

@@ -59,7 +59,7 @@ def running_api(redis_url: str, **overrides: str) -> Iterator[Api]:
             RELAY_REDIS_URL=redis_url,
             RELAY_API_KEYS=f"other-key,{RELAY_KEY}",
             RELAY_WEBHOOK_SECRETS=new_secret(),
-            **overrides,
+            **{"RELAY_CALLBACK_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128", **overrides},
         )
         with serve(create_app(settings)) as url:
             yield Api(url, sandbox_url, redis_url)
@@ -168,7 +168,7 @@ def test_accepted_job_is_tracked_and_only_documented_fields_go_upstream(api: Api
     body = {
         **GOOD,
         "reference_id": "ref-1",
-        "callback_url": "https://hooks.example/x",
+        "callback_url": "http://localhost:9/x",
         "disable_active_speaker_detection": True,
     }
     response = api.post(body)
@@ -177,7 +177,7 @@ def test_accepted_job_is_tracked_and_only_documented_fields_go_upstream(api: Api
     sent = httpx.get(f"{api.sandbox_url}/_sandbox/requests/{request_id}/body").json()
     assert sent == {k: v for k, v in body.items() if k != "callback_url"}
     job = job_fields(api.redis_url, request_id)
-    assert job[b"callback_url"] == b"https://hooks.example/x"
+    assert job[b"callback_url"] == b"http://localhost:9/x"
     assert job[b"reference_id"] == b"ref-1"
 
 
@@ -270,3 +270,36 @@ def test_without_redis_the_api_is_unready_and_creates_nothing_upstream(redis_url
         response = running.post(GOOD)
         assert response.status_code == 503
         assert running.upstream_calls("POST /v1/lipsync/generate") == 0
+
+
+REFUSED_CALLBACKS = [
+    "http://127.0.0.1/hook",
+    "http://0x7f000001/hook",
+    "http://2130706433/hook",
+    "http://127.1/hook",
+    "http://[::ffff:127.0.0.1]/hook",
+    "http://169.254.169.254/latest/meta-data",
+    "http://metadata.google.internal/",
+    "http://localhost/hook",
+    "http://user:secret@10.0.0.7/hook",
+]
+
+
+@pytest.mark.parametrize("callback_url", REFUSED_CALLBACKS)
+def test_default_policy_refuses_internal_targets_before_upstream(
+    redis_url: str, callback_url: str
+) -> None:
+    with running_api(redis_url, RELAY_CALLBACK_ALLOWED_NETWORKS="") as running:
+        response = running.post({**GOOD, "callback_url": callback_url})
+        assert response.status_code == 422, response.text
+        assert "callback_url" in response.json()["error"]
+        assert "secret" not in response.text
+        assert running.upstream_calls("POST /v1/lipsync/generate") == 0
+        assert running.tracked() == []
+
+
+def test_default_policy_admits_private_receivers(redis_url: str) -> None:
+    with running_api(redis_url, RELAY_CALLBACK_ALLOWED_NETWORKS="") as running:
+        response = running.post({**GOOD, "callback_url": "http://10.1.2.3:8080/hook"})
+        assert response.status_code == 200, response.text
+        assert len(running.tracked()) == 1
