@@ -27,6 +27,7 @@ from starlette.routing import Route
 
 from relay.auth import ApiKeyMiddleware, KeyRing
 from relay.errors import ApiError
+from relay.metrics import JOBS_SUBMITTED, metrics_response
 from relay.models import MAX_ID_LENGTH, GenerateRequest
 from relay.netpolicy import NetworkPolicy, parse_callback_url, resolve_and_check
 from relay.settings import Settings
@@ -129,7 +130,7 @@ async def track_job(
     state: AppState, request_id: str, callback_url: str | None, reference_id: str | None
 ) -> None:
     try:
-        await state.store.create(
+        created = await state.store.create(
             request_id,
             callback_url=callback_url,
             reference_id=reference_id,
@@ -138,6 +139,9 @@ async def track_job(
     except RedisError:
         log.error("Chamelaion accepted %s but it could not be recorded", request_id)
         raise ApiError(503, "the relay's job store is unavailable; try again") from None
+    if created:
+        JOBS_SUBMITTED.inc()
+        log.info("job submitted", extra={"request_id": request_id})
 
 
 async def get_request(request: Request) -> Response:
@@ -193,6 +197,10 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+async def metrics(request: Request) -> Response:
+    return await metrics_response(app_state(request).redis)
+
+
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     content: dict[str, Any] = {"error": exc.message}
@@ -239,6 +247,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/v1/lipsync/requests", list_requests, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
     ]
     return Starlette(
         routes=routes,

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import httpx
 
+from relay.metrics import DELIVERIES, DELIVERY_LATENCY
 from relay.pinned_transport import DestinationRefused
 from relay.signing import Signer
 from relay.store import JobStore
@@ -86,6 +88,9 @@ class Deliverer:
             return "stale"
         outcome = await self._post(job.callback_url, job.event_id, job.event)
         log_extra = {"request_id": request_id, "attempt": attempt, "result": outcome.detail}
+        DELIVERIES.labels(outcome.kind).inc()
+        if outcome.kind == "delivered" and job.ended_at is not None:
+            DELIVERY_LATENCY.observe(max(0.0, time.time() - job.ended_at))
         if outcome.kind != "retry":
             await self.store.update_delivery(
                 request_id,
@@ -105,6 +110,7 @@ class Deliverer:
                 state="failed",
                 result=outcome.detail,
             )
+            DELIVERIES.labels("failed").inc()
             log.error("callback given up after %d attempts", following, extra=log_extra)
             return "failed"
         delay = next_delay(self.schedule, following, outcome.retry_after)

@@ -63,7 +63,9 @@ async def _dev(port: int) -> None:
     with contextlib.ExitStack() as stack:
         own_redis = "RELAY_REDIS_URL" not in os.environ
         if own_redis:
-            overrides["RELAY_REDIS_URL"] = stack.enter_context(embedded_redis())
+            overrides["RELAY_REDIS_URL"] = stack.enter_context(
+                embedded_redis(avoid=(port, sandbox_port, inbox_port))
+            )
         sandboxed = "CHAMELAION_API_KEY" not in os.environ
         if sandboxed:
             from relay.sandbox import SandboxConfig, create_sandbox_app
@@ -96,8 +98,11 @@ async def _dev(port: int) -> None:
             loop.add_signal_handler(sig, stop.set)
         tasks = [asyncio.create_task(server.serve()) for server in servers]
         worker = asyncio.create_task(serve_worker(settings, stop, http_port=None))
+        failed = False
         while not all(server.started for server in servers):
             if any(task.done() for task in tasks):
+                # uvicorn has logged why (typically a port in use); stop the rest cleanly.
+                failed = True
                 stop.set()
                 break
             await asyncio.sleep(0.05)
@@ -108,3 +113,8 @@ async def _dev(port: int) -> None:
         for server in servers:
             server.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
+        if failed:
+            raise SystemExit(
+                f"relay dev: could not listen on ports {port}-{inbox_port} (see above); "
+                "try another --port"
+            )

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from relay.errors import ConfigError
@@ -41,18 +41,21 @@ def find_redis_server() -> str:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def free_port(avoid: Collection[int] = ()) -> int:
+    """A port free on loopback right now, not one of `avoid` (ports about to be taken)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
 @contextlib.contextmanager
-def embedded_redis(port: int | None = None) -> Iterator[str]:
+def embedded_redis(avoid: Collection[int] = ()) -> Iterator[str]:
     """Run a throwaway redis-server on loopback and yield its URL; stop it on exit."""
     binary = find_redis_server()
-    port = port or free_port()
+    port = free_port(avoid)
     with tempfile.TemporaryDirectory(prefix="relay-redis-") as workdir:
         proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
             [

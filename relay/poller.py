@@ -20,6 +20,7 @@ import orjson
 
 from relay.errors import UpstreamError
 from relay.events import build_event, event_type, webhook_id
+from relay.metrics import POLLS
 from relay.schedule import PollSchedule
 from relay.settings import Settings
 from relay.store import Job, JobStore
@@ -31,6 +32,8 @@ log = logging.getLogger("relay.poller")
 MAX_BODY_BYTES = 64 * 1024
 BACKOFF = 1.5
 DEFAULT_PAUSE_ON_429 = 5.0
+
+POLL_RESULTS = {200: "answered", 404: "not_found", 429: "rate_limited"}
 
 EnqueueDelivery = Callable[[str], Awaitable[None]]
 
@@ -74,11 +77,13 @@ class Poller:
                 "GET", f"v1/lipsync/requests/{quote(request_id, safe='')}"
             )
         except UpstreamError as exc:
+            POLLS.labels("unreachable").inc()
             log.warning("poll failed", extra={"request_id": request_id, "reason": exc.message})
             await self._retry_later(job)
             return
 
         status = response.status_code
+        POLLS.labels(POLL_RESULTS.get(status, "error")).inc()
         if status == 200:
             await self._observed(job, response.content)
         elif status == 404:
@@ -192,6 +197,3 @@ def decode_object_bytes(raw: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError("not a JSON object")
     return value
-
-
-

@@ -94,6 +94,7 @@ class Job:
     attempt: int
     attempts_made: int
     last_result: str | None
+    ended_at: float | None
 
     @property
     def ended(self) -> bool:
@@ -127,6 +128,7 @@ def _decode(request_id: str, raw: dict[bytes, bytes]) -> Job:
         attempt=int(raw.get(b"attempt") or 0),
         attempts_made=int(raw.get(b"attempts_made") or 0),
         last_result=_text(raw, "last_result"),
+        ended_at=_number(raw, "ended"),
     )
 
 

@@ -15,8 +15,10 @@ from typing import Any
 import httpx
 import orjson
 from httpx_aiohttp import AiohttpTransport
+from prometheus_client import Counter
 
 from relay.errors import UpstreamError
+from relay.metrics import UPSTREAM_CALLS
 
 USER_AGENT = "chamelaion-relay/0.1"
 
@@ -47,13 +49,23 @@ def error_message(response: httpx.Response) -> str | None:
     return None
 
 
+def endpoint_name(path: str) -> str:
+    """A low-cardinality label for an upstream path (request ids are not labels)."""
+    path = path.strip("/").removeprefix("v1/")
+    if path.startswith("lipsync/requests/"):
+        return "lipsync/requests/{id}"
+    return path
+
+
 @contextlib.contextmanager
-def _map_transport_errors() -> Iterator[None]:
+def _map_transport_errors(failures: Counter) -> Iterator[None]:
     try:
         yield
     except httpx.TimeoutException as exc:
+        failures.inc()
         raise UpstreamError(504, "Chamelaion did not answer in time", upstream_status=None) from exc
     except httpx.HTTPError as exc:
+        failures.inc()
         raise UpstreamError(502, "could not reach Chamelaion", upstream_status=None) from exc
 
 
@@ -135,8 +147,9 @@ class Upstream:
         timeout: httpx.Timeout | None = None,
     ) -> httpx.Response:
         """Send one request; transport failures become UpstreamError, answers are returned as-is."""
-        with _map_transport_errors():
-            return await self.client.request(
+        counter = UPSTREAM_CALLS.labels(endpoint_name(path), "unreachable")
+        with _map_transport_errors(counter):
+            response = await self.client.request(
                 method,
                 path.lstrip("/"),
                 content=orjson.dumps(json) if json is not None else content,
@@ -146,6 +159,8 @@ class Upstream:
                 else headers,
                 timeout=timeout or self.client.timeout,
             )
+        UPSTREAM_CALLS.labels(endpoint_name(path), str(response.status_code)).inc()
+        return response
 
     async def aclose(self) -> None:
         await self.client.aclose()

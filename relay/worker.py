@@ -216,7 +216,9 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
 
     http = None
     if http_port is not None:
-        http = embedded_server(create_worker_http_app(healthy), host="0.0.0.0", port=http_port)  # noqa: S104 - probes come from the kubelet
+        app = create_worker_http_app(healthy, state.redis)
+        # All interfaces: the kubelet's probes and Prometheus reach the pod from outside.
+        http = embedded_server(app, host="0.0.0.0", port=http_port)  # noqa: S104
         http_task = asyncio.create_task(http.serve(), name="worker-http")
     log.info("worker started", extra={"concurrency": settings.worker_concurrency})
     try:

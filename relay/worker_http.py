@@ -1,19 +1,30 @@
-"""The worker's own small HTTP port: a liveness check that fails when the worker is stuck."""
+"""The worker's own small HTTP port: liveness that fails when the worker is stuck, and metrics."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from relay.metrics import metrics_response
 
-def create_worker_http_app(healthy: Callable[[], bool]) -> Starlette:
+
+def create_worker_http_app(healthy: Callable[[], bool], redis: Redis) -> Starlette:
     async def healthz(request: Request) -> Response:
         if healthy():
             return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "stuck", "error": "the poll loop has stopped"}, 503)
+        return JSONResponse({"status": "stuck", "error": "the worker has stopped working"}, 503)
 
-    return Starlette(routes=[Route("/healthz", healthz, methods=["GET"])])
+    async def metrics(request: Request) -> Response:
+        return await metrics_response(redis)
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ]
+    )

@@ -94,6 +94,7 @@ class Stack:
     env: dict[str, str]
     webhook_secrets: list[str]
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    worker_urls: list[str] = field(default_factory=list)
 
     def sdk(self) -> Chamelaion:
         return Chamelaion(api_key=RELAY_KEY, base_url=self.api_url + "/api", max_retries=0)
@@ -105,11 +106,13 @@ class Stack:
         )
 
     def start_worker(self, **env: str) -> subprocess.Popen[bytes]:
+        port = free_port()
         proc = subprocess.Popen(
             [sys.executable, "-m", "relay.cli", "worker"],
-            env={**self.env, "RELAY_WORKER_HTTP_PORT": str(free_port()), **env},
+            env={**self.env, "RELAY_WORKER_HTTP_PORT": str(port), **env},
         )
         self.workers.append(proc)
+        self.worker_urls.append(f"http://127.0.0.1:{port}")
         return proc
 
 

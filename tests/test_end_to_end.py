@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import time
 
+import httpx
 import orjson
 import redis
 from standardwebhooks import Webhook
@@ -153,3 +154,35 @@ def test_a_sigkilled_worker_loses_nothing(redis_url: str) -> None:
         }
         assert delivered_ids == set(request_ids)
         assert redis.Redis.from_url(redis_url).zcard(redis_keys.POLLS) == 0
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if (
+            line.startswith(name + " ")
+            or (line.startswith(name + "{")
+            and line.split(" ")[0] == name)
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not exposed")
+
+
+def test_metrics_show_submissions_outstanding_work_and_deliveries(redis_url: str) -> None:
+    with relay_stack(redis_url) as stack:
+        submit(stack)
+        stack.receiver.wait_for(1)
+        api = httpx.get(stack.api_url + "/metrics").text
+        assert metric(api, "relay_jobs_submitted_total") >= 1
+        assert metric(api, "relay_outstanding_jobs") == 0
+        assert metric(api, "relay_due_work") == 0
+        assert 'relay_upstream_calls_total{endpoint="lipsync/generate",status="200"}' in api
+
+        def delivered() -> bool:
+            worker = httpx.get(stack.worker_urls[0] + "/metrics").text
+            return 'relay_deliveries_total{outcome="delivered"} 1.0' in worker
+
+        eventually(delivered)
+        worker = httpx.get(stack.worker_urls[0] + "/metrics").text
+        assert 'relay_upstream_calls_total{endpoint="lipsync/requests/{id}",status="200"}' in worker
+        assert "relay_delivery_latency_seconds_count 1.0" in worker
+        assert httpx.get(stack.worker_urls[0] + "/healthz").json() == {"status": "ok"}
