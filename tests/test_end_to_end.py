@@ -158,12 +158,9 @@ def test_a_sigkilled_worker_loses_nothing(redis_url: str) -> None:
 
 def metric(text: str, name: str) -> float:
     for line in text.splitlines():
-        if (
-            line.startswith(name + " ")
-            or (line.startswith(name + "{")
-            and line.split(" ")[0] == name)
-        ):
-            return float(line.rsplit(" ", 1)[1])
+        sample, _, value = line.partition(" ")
+        if sample == name:
+            return float(value)
     raise AssertionError(f"{name} not exposed")
 
 
