@@ -31,10 +31,11 @@ def _run_api(host: str, port: int) -> None:
     import uvicorn
 
     from relay.api import create_app
+    from relay.serving import ProcessServer
 
     settings = load_settings().require("api")
     configure_logging(settings.log_format)
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=host,
         port=port,
@@ -42,6 +43,7 @@ def _run_api(host: str, port: int) -> None:
         log_config=None,
         timeout_graceful_shutdown=round(settings.shutdown_timeout),
     )
+    ProcessServer(config).run()
 
 
 def _run_worker() -> None:

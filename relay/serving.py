@@ -18,6 +18,20 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
 
+class ProcessServer(uvicorn.Server):
+    """The server of a process of its own (`relay api`): SIGTERM drains it and exits 0.
+
+    uvicorn re-raises the signal it caught once it has shut down, so the process would die of
+    it (exit 143), which Kubernetes and supervisors read as a crash after a clean drain.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
+
+
 def embedded_server(
     app: object, *, host: str, port: int, log_level: str = "warning"
 ) -> EmbeddedServer:

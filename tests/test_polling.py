@@ -111,12 +111,19 @@ def test_all_workers_together_stay_inside_the_upstream_rate(redis_url: str) -> N
     with relay_stack(redis_url, sandbox=SLOW, workers=2, env=env) as stack:
         for _ in range(10):
             submit(stack)
-        time.sleep(4.0)
-        stamps = stack.upstream("GET", "/_sandbox/stats").json()["timestamps"][POLL_ROUTE]
+
+        def poll_times() -> list[float]:
+            stats = stack.upstream("GET", "/_sandbox/stats").json()
+            times: list[float] = stats["timestamps"].get(POLL_ROUTE, [])
+            return times
+
+        first = eventually(poll_times)[0]  # both workers are up and polling
+        time.sleep(3.5)
+        stamps = [t for t in poll_times() if t < first + 3.0]
     # 10 jobs due every 0.1 s want 100 polls/s; the budget allows 5/s (burst 1) for everyone.
     busiest = max(sum(1 for t in stamps if start <= t < start + 1.0) for start in stamps)
     assert busiest <= rate + 1, f"{busiest} polls in one second"
-    assert len(stamps) >= rate * 3 - 2, "the budget is used, not starved"
+    assert len(stamps) >= rate * 3 - 1, "the budget is used, not starved"
 
 
 def test_jobs_without_callback_are_tracked_and_served(redis_url: str) -> None:
