@@ -14,10 +14,12 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import httpx
@@ -95,6 +97,7 @@ class Stack:
     webhook_secrets: list[str]
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     worker_urls: list[str] = field(default_factory=list)
+    worker_logs: list[Path] = field(default_factory=list)
 
     def sdk(self) -> Chamelaion:
         return Chamelaion(api_key=RELAY_KEY, base_url=self.api_url + "/api", max_retries=0)
@@ -107,10 +110,14 @@ class Stack:
 
     def start_worker(self, **env: str) -> subprocess.Popen[bytes]:
         port = free_port()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "relay.cli", "worker"],
-            env={**self.env, "RELAY_WORKER_HTTP_PORT": str(port), **env},
-        )
+        log_path = Path(tempfile.mkstemp(prefix="relay-worker-", suffix=".log")[1])
+        self.worker_logs.append(log_path)
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "relay.cli", "worker"],
+                env={**self.env, "RELAY_WORKER_HTTP_PORT": str(port), **env},
+                stderr=log_file,
+            )
         self.workers.append(proc)
         self.worker_urls.append(f"http://127.0.0.1:{port}")
         return proc
