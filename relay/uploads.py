@@ -1,0 +1,210 @@
+"""POST /api/v1/lipsync/generate-with-media: the caller's upload, streamed through to Chamelaion.
+
+Files of several GB are normal here, so nothing is held: each chunk read from the caller is
+parsed (`MediaForm`), and what Chamelaion should get is written upstream before the next chunk
+is read. The caller is read no faster than Chamelaion accepts, so memory stays flat whatever the
+file size. Once Chamelaion answers, the job is tracked like any other (poll, signed callback).
+
+What can be known before Chamelaion is contacted is checked first: the content type, a declared
+size over RELAY_MAX_UPLOAD_BYTES, and every part before the first file (the official SDK sends
+its fields, `callback_url` included, before the files). A problem found later, mid-stream,
+aborts the upstream request before its closing delimiter, so Chamelaion never gets a complete
+body and creates no job; the caller gets the relay's 4xx. So does a caller that disconnects.
+
+Timeouts are per stall, not per request: a multi-GB upload may take an hour, but no transfer
+may go `upstream_timeout` seconds without a byte moving (from the caller or into Chamelaion),
+and Chamelaion gets as long again to answer once the last byte is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Literal, TypeVar
+
+import httpx
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+from relay.errors import ApiError, UpstreamError
+from relay.models import MAX_ID_LENGTH
+from relay.multipart_form import MediaForm, boundary_of, content_type
+from relay.upstream import Upstream, check, decode_object
+
+log = logging.getLogger("relay.uploads")
+
+UPSTREAM_PATH = "v1/lipsync/generate-with-media"
+PUSH_INTERVAL = 0.05  # seconds between moves of the stall deadline
+
+Waiting = Literal["caller", "upstream", "answer"]
+T = TypeVar("T")
+
+
+class Upload:
+    """One caller's body on its way upstream, with a watchdog that ends a stalled transfer."""
+
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes],
+        form: MediaForm,
+        *,
+        declared: int | None,
+        limit: int,
+        stall: float,
+        check_callback: Callable[[str], Awaitable[None]],
+    ) -> None:
+        self.form = form
+        self.problem: ApiError | None = None
+        self._chunks = chunks
+        self._declared = declared
+        self._limit = limit
+        self._stall = stall
+        self._check_callback = check_callback
+        self._callback_checked = False
+        self._received = 0
+        self._exhausted = False
+        self._complete = False
+        self._ready: list[bytes] = []
+        self._watchdog: asyncio.Timeout | None = None
+        self._pushed = 0.0
+        self._waiting: Waiting = "caller"
+
+    async def send(self, upstream: Upstream) -> httpx.Response:
+        """Forward the body and return Chamelaion's answer; ApiError for whatever went wrong."""
+        try:
+            async with asyncio.timeout(None) as self._watchdog:
+                try:
+                    response = await self._forward(upstream)
+                finally:
+                    self._watchdog = None
+        except TimeoutError:
+            raise self.problem or self._stalled() from None
+        except ApiError as exc:
+            # A problem raised inside the body reaches here as the transport's error: prefer it.
+            raise self.problem or exc from None
+        if response.is_success and not self._complete:
+            raise UpstreamError(
+                502, "Chamelaion accepted an upload it had not fully received", upstream_status=None
+            )
+        return response
+
+    async def _forward(self, upstream: Upstream) -> httpx.Response:
+        # Read up to the first file's bytes, so a bad start of the form never reaches upstream.
+        while not self.form.streaming_file and await self._pull():
+            pass
+        headers = {"content-type": content_type(self.form.boundary)}
+        if self._declared is not None:
+            # Sized, not chunked: the bytes pass through unchanged, so the size is known, and
+            # the transport then writes each chunk as it is instead of copying it into a frame.
+            headers["content-length"] = str(self.form.promise(self._declared))
+        return await upstream.request(
+            "POST",
+            UPSTREAM_PATH,
+            content=self._body(),
+            headers=headers,
+            # Per operation, not per request: `read` bounds the wait for the answer (the
+            # transport starts it once the body is sent); the watchdog bounds the writes.
+            timeout=httpx.Timeout(self._stall, connect=min(self._stall, 10.0)),
+        )
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        more = True
+        while True:
+            if self._ready:
+                ready, self._ready = self._ready, []
+                self._progress("upstream")
+                yield ready[0] if len(ready) == 1 else b"".join(ready)
+            if not more:
+                break
+            more = await self._pull()
+        self._complete = True
+        self._progress("answer")
+
+    async def _pull(self) -> bool:
+        """Feed the caller's next chunk to the form; False once the body has ended."""
+        if self._exhausted:
+            return False
+        self._progress("caller")
+        try:
+            chunk = await anext(self._chunks)
+        except StopAsyncIteration:
+            self._exhausted = True
+            self._ready.append(self._checked(self.form.finish))
+            return False
+        except ClientDisconnect:
+            log.info("caller disconnected mid-upload after %d bytes", self._received)
+            self.problem = ApiError(400, "the caller disconnected before the upload was complete")
+            raise self.problem from None
+        self._received += len(chunk)
+        if self._received > self._limit:
+            self.problem = ApiError(413, f"request body is larger than {self._limit} bytes")
+            raise self.problem
+        self._ready += self._checked(lambda: self.form.feed(chunk))
+        if self.form.callback_url is not None and not self._callback_checked:
+            self._callback_checked = True
+            try:
+                await self._check_callback(self.form.callback_url)
+            except ApiError as exc:
+                self.problem = exc
+                raise
+        return True
+
+    def _checked(self, step: Callable[[], T]) -> T:
+        try:
+            return step()
+        except ApiError as exc:
+            self.problem = exc
+            raise
+
+    def _progress(self, waiting: Waiting) -> None:
+        self._waiting = waiting
+        if self._watchdog is None:
+            return
+        # Re-arming the timer for every chunk (thousands a second) costs more CPU than parsing;
+        # every PUSH_INTERVAL is free, and a deadline that much early does no harm.
+        now = time.monotonic()
+        if self._waiting == "answer" or now - self._pushed >= PUSH_INTERVAL:
+            self._watchdog.reschedule(asyncio.get_running_loop().time() + self._stall)
+            self._pushed = now
+
+    def _stalled(self) -> ApiError:
+        seconds = f"{self._stall:g} s"
+        if self._waiting == "caller":
+            log.info("upload abandoned: nothing from the caller for %s", seconds)
+            return ApiError(408, f"upload stalled: nothing arrived for {seconds}")
+        if self._waiting == "upstream":
+            return UpstreamError(
+                504, f"Chamelaion stopped accepting the upload for {seconds}", upstream_status=None
+            )
+        return UpstreamError(504, "Chamelaion did not answer in time", upstream_status=None)
+
+
+async def generate_with_media(request: Request) -> Response:
+    # Imported here because relay.api imports this module for its route.
+    from relay.api import app_state, check_callback_url, ensure_store, json_bytes, track_job
+
+    state = app_state(request)
+    limit = state.settings.max_upload_bytes
+    form = MediaForm(boundary_of(request.headers.get("content-type", "")))
+    length = request.headers.get("content-length")
+    declared = int(length) if length is not None and length.isdigit() else None
+    if declared is not None and declared > limit:
+        raise ApiError(413, f"request body is larger than {limit} bytes")
+    await ensure_store(state)
+    upload = Upload(
+        request.stream(),
+        form,
+        declared=declared,
+        limit=limit,
+        stall=state.settings.upstream_timeout,
+        check_callback=lambda url: check_callback_url(state, url),
+    )
+    response = check(await upload.send(state.upstream))
+    answer = decode_object(response)
+    request_id = answer.get("request_id")
+    if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_ID_LENGTH:
+        raise ApiError(502, "Chamelaion accepted the job but sent no usable request_id")
+    await track_job(state, request_id, form.callback_url, form.reference_id)
+    return json_bytes(response.content)
