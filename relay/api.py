@@ -30,6 +30,9 @@ from relay.errors import ApiError
 from relay.metrics import JOBS_SUBMITTED, metrics_response
 from relay.models import MAX_ID_LENGTH, GenerateRequest
 from relay.netpolicy import NetworkPolicy, parse_callback_url, resolve_and_check
+from relay.openapi import openapi_document
+from relay.redis_conn import close as close_redis
+from relay.redis_conn import connect
 from relay.settings import Settings
 from relay.store import JobStore
 from relay.uploads import generate_with_media
@@ -201,6 +204,10 @@ async def metrics(request: Request) -> Response:
     return await metrics_response(app_state(request).redis)
 
 
+async def openapi(request: Request) -> Response:
+    return JSONResponse(openapi_document())
+
+
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     content: dict[str, Any] = {"error": exc.message}
@@ -226,7 +233,7 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        redis = Redis.from_url(settings.redis_url)
+        redis = connect(settings.redis_url)
         upstream = Upstream(
             settings.chamelaion_base_url, api_key, timeout=settings.upstream_timeout
         )
@@ -238,7 +245,7 @@ def create_app(settings: Settings) -> Starlette:
             }
         finally:
             await upstream.aclose()
-            await redis.aclose()
+            await close_redis(redis)
 
     routes = [
         Route("/api/v1/lipsync/generate", generate, methods=["POST"]),
@@ -248,6 +255,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
     return Starlette(
         routes=routes,

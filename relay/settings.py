@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from relay.errors import ConfigError
 from relay.netpolicy import NetworkPolicy, parse_networks
+from relay.redis_conn import check_redis_url
 
 # The Standard Webhooks example schedule: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h,
 # 20 h, 24 h. Each number is the wait before that attempt.
@@ -105,8 +106,7 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        check_redis_url(value)
         return value
 
     @field_validator("webhook_secrets")
@@ -131,6 +131,17 @@ class Settings(BaseSettings):
             raise ValueError("needs at least one attempt")
         if any(delay < 0 for delay in value):
             raise ValueError("delays must not be negative")
+        return value
+
+    @field_validator("job_retention")
+    @classmethod
+    def _outlives_deliveries(cls, value: float, info: ValidationInfo) -> float:
+        # An ended job's hash holds its callback: it must outlive the last delivery attempt.
+        schedule = info.data.get("delivery_retry_schedule")
+        if schedule is not None and value < sum(schedule) * 1.1 + 3600:
+            raise ValueError(
+                "must exceed the whole RELAY_DELIVERY_RETRY_SCHEDULE (plus jitter) by an hour"
+            )
         return value
 
     @field_validator("poll_max_interval")

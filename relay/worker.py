@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 from arq import Retry
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis
 from arq.worker import Worker, func
 from redis.exceptions import RedisError
 
@@ -29,6 +29,7 @@ from relay import redis_keys
 from relay.delivery import Deliverer
 from relay.pinned_transport import make_callback_client
 from relay.poller import Poller
+from relay.redis_conn import arq_pool
 from relay.schedule import PollSchedule
 from relay.serving import embedded_server
 from relay.settings import Settings
@@ -55,9 +56,13 @@ async def deliver(ctx: dict[str, Any], request_id: str, attempt: int) -> str:
     try:
         return await state.deliverer.attempt(request_id, attempt)
     except RedisError as exc:
-        # Without this the job would end as failed and the delivery would wait forever.
+        # Without this arq would record the job as failed and the delivery would wait forever.
         log.warning("delivery hit a Redis error, retrying the attempt", exc_info=exc)
         raise Retry(defer=5) from exc
+    except Exception as exc:
+        # A bug must not strand the delivery either; arq's max_tries bounds the retries.
+        log.exception("delivery attempt failed unexpectedly, retrying it")
+        raise Retry(defer=30) from exc
 
 
 @dataclass
@@ -139,9 +144,7 @@ class WorkerState:
 
 async def build_state(settings: Settings) -> WorkerState:
     assert settings.chamelaion_api_key is not None
-    redis = await create_pool(
-        RedisSettings.from_dsn(settings.redis_url), default_queue_name=redis_keys.ARQ_QUEUE
-    )
+    redis = await arq_pool(settings.redis_url)
     store = JobStore(redis)
     schedule = PollSchedule(redis, rate=settings.upstream_rate_limit, lease=settings.poll_lease)
     upstream = Upstream(

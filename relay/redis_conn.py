@@ -1,0 +1,97 @@
+"""Connecting to Redis from RELAY_REDIS_URL: standalone, TLS, unix socket or Sentinel.
+
+Sentinel is written `redis+sentinel://[:password@]host:port[,host:port...]/master-name[/db]`:
+the sentinels to ask, the name of the monitored master, and the database. The password is the
+master's. Redis Cluster is not supported: arq needs its queue's keys on one node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from redis.asyncio import Redis
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+
+from relay import redis_keys
+
+SENTINEL_SCHEME = "redis+sentinel"
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    db: int
+    password: str | None
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """Raise ValueError (without echoing the URL, which may hold a password) when malformed."""
+    parts = urlsplit(url)
+    if parts.scheme != SENTINEL_SCHEME:
+        raise ValueError(f"must start with {SENTINEL_SCHEME}://")
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    sentinels: list[tuple[str, int]] = []
+    for entry in hosts.split(","):
+        host, _, port = entry.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError("each sentinel must be host:port")
+        sentinels.append((host.strip("[]"), int(port)))
+    path = [segment for segment in parts.path.split("/") if segment]
+    if not 1 <= len(path) <= 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ValueError("the path must be /master-name or /master-name/db")
+    password = unquote(credentials.partition(":")[2]) if credentials else None
+    return SentinelTarget(
+        tuple(sentinels), path[0], int(path[1]) if len(path) == 2 else 0, password or None
+    )
+
+
+def check_redis_url(url: str) -> None:
+    if url.startswith(SENTINEL_SCHEME + "://"):
+        parse_sentinel_url(url)
+    elif not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"must be a redis://, rediss://, unix:// or {SENTINEL_SCHEME}:// URL")
+
+
+def connect(url: str) -> Redis:
+    """A client for the API process (connections are made lazily)."""
+    if url.startswith(SENTINEL_SCHEME + "://"):
+        target = parse_sentinel_url(url)
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            list(target.sentinels), password=target.password, db=target.db
+        )
+        master: Redis = sentinel.master_for(target.master)
+        return master
+    client: Redis = Redis.from_url(url)
+    return client
+
+
+async def close(client: Redis) -> None:
+    """Close a client from `connect`, including a Sentinel pool and its sentinel clients
+    (redis-py leaves both open when the pool was handed to the client)."""
+    await client.aclose()
+    pool = client.connection_pool
+    if isinstance(pool, SentinelConnectionPool):
+        await pool.disconnect()
+        for sentinel in pool.sentinel_manager.sentinels:
+            await sentinel.aclose()
+
+
+def arq_settings(url: str) -> RedisSettings:
+    if url.startswith(SENTINEL_SCHEME + "://"):
+        target = parse_sentinel_url(url)
+        return RedisSettings(
+            host=list(target.sentinels),
+            sentinel=True,
+            sentinel_master=target.master,
+            database=target.db,
+            password=target.password,
+        )
+    return RedisSettings.from_dsn(url)
+
+
+async def arq_pool(url: str) -> ArqRedis:
+    """The worker's one Redis pool, shared by arq and the relay's own scripts."""
+    return await create_pool(arq_settings(url), default_queue_name=redis_keys.ARQ_QUEUE)

@@ -1,0 +1,80 @@
+"""Redis behind Sentinel: the URL form, and a whole job run through a real sentinel."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+
+from relay.embedded_redis import find_redis_server, free_port
+from relay.errors import ConfigError
+from relay.redis_conn import SentinelTarget, parse_sentinel_url
+from relay.settings import load_settings
+from tests.stack import relay_stack
+from tests.test_end_to_end import submit, verified
+
+
+def test_sentinel_urls_parse() -> None:
+    assert parse_sentinel_url("redis+sentinel://:p%40ss@s1:26379,[::1]:26380/mymaster/2") == (
+        SentinelTarget((("s1", 26379), ("::1", 26380)), "mymaster", 2, "p@ss")
+    )
+    assert parse_sentinel_url("redis+sentinel://s1:26379/main").db == 0
+
+
+@pytest.mark.parametrize(
+    "url", ["redis+sentinel://s1/main", "redis+sentinel://s1:26379/", "redis+sentinel://s1:1/m/x"]
+)
+def test_bad_sentinel_urls_are_refused_without_echoing_them(url: str) -> None:
+    with pytest.raises(ConfigError, match="RELAY_REDIS_URL") as error:
+        load_settings(RELAY_REDIS_URL=url)
+    assert url not in str(error.value)
+
+
+@contextlib.contextmanager
+def sentinel_for(redis_url: str, tmp_path: Path) -> Iterator[str]:
+    master = urlsplit(redis_url)
+    port = free_port()
+    config = tmp_path / "sentinel.conf"
+    config.write_text(
+        f"port {port}\nbind 127.0.0.1\nsentinel monitor relaymaster 127.0.0.1 {master.port} 1\n"
+    )
+    proc = subprocess.Popen(
+        [find_redis_server(), str(config), "--sentinel"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = redis.Redis(port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if client.execute_command(  # type: ignore[no-untyped-call]
+                    "SENTINEL", "get-master-addr-by-name", "relaymaster"
+                ):
+                    break
+            except redis.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("sentinel did not come up")
+            time.sleep(0.05)
+        client.close()
+        yield f"redis+sentinel://127.0.0.1:{port}/relaymaster/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_a_job_runs_end_to_end_through_sentinel(redis_url: str, tmp_path: Path) -> None:
+    with sentinel_for(redis_url, tmp_path) as sentinel_url, relay_stack(sentinel_url) as stack:
+        request_id = submit(stack)
+        [callback] = stack.receiver.wait_for(1)
+        payload = verified(stack, callback)
+        assert payload["type"] == "lipsync.completed"
+    # The job lives on the master the sentinel pointed to.
+    assert redis.Redis.from_url(redis_url).exists(f"relay:job:{request_id}") == 1
