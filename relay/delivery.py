@@ -25,13 +25,16 @@ import httpx
 from relay.metrics import DELIVERIES, DELIVERY_LATENCY
 from relay.pinned_transport import DestinationRefused
 from relay.signing import Signer
-from relay.store import JobStore
+from relay.store import DeliveryState, JobStore
 from relay.upstream import USER_AGENT, parse_retry_after
 
 log = logging.getLogger("relay.delivery")
 
 # The longest Retry-After honoured: past this the schedule's own timing is kept.
 MAX_RETRY_AFTER = 86400.0
+
+# Given up after every attempt is an operator's problem; a receiver that is gone is its own.
+SETTLED_LOG_LEVEL = {"delivered": logging.INFO, "gone": logging.WARNING, "failed": logging.ERROR}
 
 EnqueueAttempt = Callable[[str, int, float], Awaitable[None]]
 
@@ -91,28 +94,29 @@ class Deliverer:
         DELIVERIES.labels(outcome.kind).inc()
         if outcome.kind == "delivered" and job.ended_at is not None:
             DELIVERY_LATENCY.observe(max(0.0, time.time() - job.ended_at))
-        if outcome.kind != "retry":
-            await self.store.update_delivery(
-                request_id,
-                attempt=attempt,
-                next_attempt=attempt,
-                state=outcome.kind,
-                result=outcome.detail,
-            )
-            log.info("callback %s", outcome.kind, extra=log_extra)
-            return outcome.kind
         following = attempt + 1
-        if following >= len(self.schedule):
+        settled: DeliveryState | None = None
+        if outcome.kind != "retry":
+            settled = outcome.kind
+        elif following >= len(self.schedule):
+            settled = "failed"
+            DELIVERIES.labels("failed").inc()
+        if settled is not None:
             await self.store.update_delivery(
                 request_id,
                 attempt=attempt,
                 next_attempt=attempt,
-                state="failed",
+                state=settled,
                 result=outcome.detail,
             )
-            DELIVERIES.labels("failed").inc()
-            log.error("callback given up after %d attempts", following, extra=log_extra)
-            return "failed"
+            log.log(
+                SETTLED_LOG_LEVEL[settled],
+                "callback %s after %d attempts",
+                settled,
+                following,
+                extra=log_extra,
+            )
+            return settled
         delay = next_delay(self.schedule, following, outcome.retry_after)
         # Enqueue first, then record: a crash in between re-runs this attempt (a duplicate
         # delivery with the same webhook-id, which at-least-once allows) and never loses one.

@@ -93,7 +93,10 @@ class Poller:
             log.warning("upstream rate limit: pausing all polls", extra={"seconds": pause})
             await self.schedule.pause_upstream(pause)
             await self.store.record_poll(
-                request_id, next_in=pause, interval=job.interval, status=None
+                request_id,
+                next_in=pause,
+                interval=job.interval,
+                not_found_since=job.not_found_since,
             )
         else:
             if status in (401, 403):

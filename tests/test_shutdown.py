@@ -60,7 +60,8 @@ def test_api_sigterm_finishes_in_flight_requests_and_exits_0(redis_url: str) -> 
 
 def test_worker_sigterm_loses_and_duplicates_nothing(redis_url: str) -> None:
     receiver = Receiver(delay=1.0)  # deliveries are in flight when the signal comes
-    env = {"RELAY_SHUTDOWN_TIMEOUT": "5"}
+    # A generous delivery timeout: a slow answer must not look like a failure under CI load.
+    env = {"RELAY_SHUTDOWN_TIMEOUT": "8", "RELAY_DELIVERY_TIMEOUT": "10"}
     with relay_stack(redis_url, receiver=receiver, env=env) as stack:
         request_ids = [submit(stack) for _ in range(6)]
         receiver.wait_for(1)
