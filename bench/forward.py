@@ -33,13 +33,21 @@ BODY = {
 
 
 def start(args: list[str], env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "relay.cli", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay.cli", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
-            httpx.get(f"http://127.0.0.1:{port}/healthz" if args[0] == "api"
-                      else f"http://127.0.0.1:{port}/api/health", timeout=0.5)
+            httpx.get(
+                f"http://127.0.0.1:{port}/healthz"
+                if args[0] == "api"
+                else f"http://127.0.0.1:{port}/api/health",
+                timeout=0.5,
+            )
             return proc
         except httpx.TransportError:
             time.sleep(0.1)
@@ -47,8 +55,14 @@ def start(args: list[str], env: dict[str, str], port: int) -> subprocess.Popen[b
     raise RuntimeError(f"relay {args[0]} did not start")
 
 
-async def drive(client: httpx.AsyncClient, method: str, url: str, concurrency: int,
-                seconds: float, body: object = None) -> tuple[float, int]:
+async def drive(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    concurrency: int,
+    seconds: float,
+    body: object = None,
+) -> tuple[float, int]:
     done = errors = 0
     deadline = time.monotonic() + seconds
 
@@ -68,27 +82,40 @@ async def drive(client: httpx.AsyncClient, method: str, url: str, concurrency: i
 
 async def bench(api: str, seconds: float) -> None:
     headers = {"x-api-key": "bench-key"}
-    async with httpx.AsyncClient(transport=AiohttpTransport(), headers=headers, timeout=30) as client:
+    async with httpx.AsyncClient(
+        transport=AiohttpTransport(), headers=headers, timeout=30
+    ) as client:
         first = await client.post(api + "/api/v1/lipsync/generate", json=BODY)
         request_id = first.json()["request_id"]
         await asyncio.sleep(0.1)
         for concurrency in (4, 32):
-            rate, errors = await drive(client, "POST", api + "/api/v1/lipsync/generate",
-                                       concurrency, seconds, BODY)
-            print(f"POST generate (forward + track) at {concurrency:>2} concurrent: "
-                  f"{rate:,.0f} req/s, {errors} errors")
-            rate, errors = await drive(client, "GET", f"{api}/api/v1/lipsync/requests/{request_id}",
-                                       concurrency, seconds)
-            print(f"GET tracked status              at {concurrency:>2} concurrent: "
-                  f"{rate:,.0f} req/s, {errors} errors")
+            rate, errors = await drive(
+                client, "POST", api + "/api/v1/lipsync/generate", concurrency, seconds, BODY
+            )
+            print(
+                f"POST generate (forward + track) at {concurrency:>2} concurrent: "
+                f"{rate:,.0f} req/s, {errors} errors"
+            )
+            rate, errors = await drive(
+                client, "GET", f"{api}/api/v1/lipsync/requests/{request_id}", concurrency, seconds
+            )
+            print(
+                f"GET tracked status              at {concurrency:>2} concurrent: "
+                f"{rate:,.0f} req/s, {errors} errors"
+            )
 
 
 def main(seconds: float) -> None:
     sandbox_port, api_port = free_port(), free_port()
     with embedded_redis(avoid=(sandbox_port, api_port)) as redis_url:
-        env = {**os.environ, "CHAMELAION_BASE_URL": f"http://127.0.0.1:{sandbox_port}/api",
-               "CHAMELAION_API_KEY": "sandbox-key", "RELAY_REDIS_URL": redis_url,
-               "RELAY_API_KEYS": "bench-key", "RELAY_LOG_FORMAT": "json"}
+        env = {
+            **os.environ,
+            "CHAMELAION_BASE_URL": f"http://127.0.0.1:{sandbox_port}/api",
+            "CHAMELAION_API_KEY": "sandbox-key",
+            "RELAY_REDIS_URL": redis_url,
+            "RELAY_API_KEYS": "bench-key",
+            "RELAY_LOG_FORMAT": "json",
+        }
         procs = [start(["sandbox", "--port", str(sandbox_port)], env, sandbox_port)]
         procs.append(start(["api", "--port", str(api_port)], env, api_port))
         try:
