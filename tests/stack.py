@@ -95,6 +95,7 @@ class Stack:
     callback_url: str
     env: dict[str, str]
     webhook_secrets: list[str]
+    log_dir: Path
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     worker_urls: list[str] = field(default_factory=list)
     worker_logs: list[Path] = field(default_factory=list)
@@ -110,7 +111,7 @@ class Stack:
 
     def start_worker(self, **env: str) -> subprocess.Popen[bytes]:
         port = free_port()
-        log_path = Path(tempfile.mkstemp(prefix="relay-worker-", suffix=".log")[1])
+        log_path = self.log_dir / f"worker-{len(self.workers)}.log"
         self.worker_logs.append(log_path)
         with log_path.open("wb") as log_file:
             proc = subprocess.Popen(
@@ -151,7 +152,9 @@ def relay_stack(
     sandbox: SandboxConfig | None = None,
     workers: int = 1,
     env: dict[str, str] | None = None,
+    log_dir: Path | None = None,
 ) -> Iterator[Stack]:
+    """The whole relay; worker logs go to `log_dir` (kept) or a directory removed afterwards."""
     receiver = receiver or Receiver()
     sandbox = sandbox or SandboxConfig(
         api_keys=(SANDBOX_KEY,), queued_seconds=0.3, processing_seconds=0.5
@@ -162,9 +165,18 @@ def relay_stack(
         settings = load_settings(
             **{k: v for k, v in full_env.items() if k.startswith(("RELAY_", "CHAMELAION_"))}
         )
-        with serve(create_app(settings)) as api_url:
+        with (
+            serve(create_app(settings)) as api_url,
+            tempfile.TemporaryDirectory(prefix="relay-logs-") as own_logs,
+        ):
             stack = Stack(
-                api_url, sandbox_url, receiver, receiver_url + "/hook", full_env, secrets_
+                api_url,
+                sandbox_url,
+                receiver,
+                receiver_url + "/hook",
+                full_env,
+                secrets_,
+                log_dir or Path(own_logs),
             )
             for _ in range(workers):
                 stack.start_worker()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,11 +15,11 @@ from tests.test_end_to_end import AUDIO, VIDEO
 
 
 def test_no_configured_secret_appears_in_logs_errors_or_callbacks(
-    redis_url: str, caplog: pytest.LogCaptureFixture
+    redis_url: str, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     caplog.set_level(logging.DEBUG)
     receiver = Receiver(script=[500])  # one retry, so failure paths log too
-    with relay_stack(redis_url, receiver=receiver) as stack:
+    with relay_stack(redis_url, receiver=receiver, log_dir=tmp_path) as stack:
         token_url = stack.callback_url + "?token=receiver-private-token"
         answers = [
             httpx.post(
