@@ -64,7 +64,7 @@ def json_bytes(body: bytes, status_code: int = 200) -> Response:
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed `limit`."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body is larger than {limit} bytes")
     chunks: list[bytes] = []
     size = 0
@@ -175,7 +175,7 @@ async def list_requests(request: Request) -> Response:
         value = request.query_params.get(name)
         if value is None:
             continue
-        if not value.isdigit() or not low <= int(value) <= high:
+        if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
             raise ApiError(400, f"{name} must be an integer from {low} to {high}")
         params[name] = str(int(value))
     reference_id = request.query_params.get("reference_id")

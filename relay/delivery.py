@@ -13,6 +13,7 @@ retried on the schedule, waiting at least as long as a Retry-After asks.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import httpx
+from arq import Retry
 
 from relay.metrics import DELIVERIES, DELIVERY_LATENCY
 from relay.pinned_transport import DestinationRefused
@@ -30,6 +32,8 @@ from relay.upstream import USER_AGENT, parse_retry_after
 
 log = logging.getLogger("relay.delivery")
 
+# How long an ended job outlives the attempt scheduled furthest out, at the least.
+KEEP_AFTER_LAST_ATTEMPT = 86400.0
 # The longest Retry-After honoured: past this the schedule's own timing is kept.
 MAX_RETRY_AFTER = 86400.0
 
@@ -75,7 +79,9 @@ class Deliverer:
         client: httpx.AsyncClient,
         schedule: tuple[float, ...],
         enqueue_attempt: EnqueueAttempt,
+        timeout: float,
     ) -> None:
+        self.timeout = timeout
         self.store = store
         self.signer = signer
         self.client = client
@@ -85,6 +91,10 @@ class Deliverer:
     async def attempt(self, request_id: str, attempt: int) -> str:
         """Make delivery attempt number `attempt` (0-based); returns what happened, for arq."""
         job = await self.store.get(request_id)
+        if job is not None and job.delivery == "pending" and job.attempt == attempt - 1:
+            # The previous attempt enqueued this one but has not recorded its outcome yet (it
+            # crashed or is retrying a Redis error): wait for it, or this attempt is lost.
+            raise Retry(defer=5)
         if job is None or job.delivery != "pending" or job.attempt != attempt:
             return "stale"
         if not (job.callback_url and job.event and job.event_id):
@@ -127,6 +137,7 @@ class Deliverer:
             next_attempt=following,
             state="pending",
             result=outcome.detail,
+            keep_for=delay + KEEP_AFTER_LAST_ATTEMPT,
         )
         log.warning("callback failed, retrying in %.0f s", delay, extra=log_extra)
         return "retry"
@@ -138,9 +149,16 @@ class Deliverer:
             **self.signer.headers(event_id, event),
         }
         try:
-            # Streamed and closed unread: a receiver's reply body is of no use and may be huge.
-            async with self.client.stream("POST", url, content=event, headers=headers) as response:
+            # One deadline for the whole attempt: the transport's timeouts are per operation,
+            # and arq cancels (and records as failed) a job that outlives its own timeout.
+            async with (
+                asyncio.timeout(self.timeout),
+                self.client.stream("POST", url, content=event, headers=headers) as response,
+            ):
+                # Closed unread: a receiver's reply body is of no use and may be huge.
                 return classify(response)
+        except TimeoutError:
+            return Outcome("retry", "timed out")
         except DestinationRefused as exc:
             return Outcome("retry", f"refused by the callback network policy: {exc.reason}")
         except httpx.TimeoutException:

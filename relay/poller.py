@@ -72,6 +72,11 @@ class Poller:
             # A worker ended it but died before handing the delivery over: finish that part.
             await self._hand_over(job)
             return
+        age = time.time() - job.created
+        if age > self.settings.max_job_age:
+            # Bounded life: a job stuck upstream must not be polled (and kept) forever.
+            await self._give_up(job, f"Chamelaion did not finish this request within {int(age)} s")
+            return
         try:
             response = await self.upstream.request(
                 "GET", f"v1/lipsync/requests/{quote(request_id, safe='')}"
@@ -152,6 +157,13 @@ class Poller:
                 not_found_since=since,
             )
             return
+        await self._give_up(
+            job,
+            f"Chamelaion no longer knows this request: it answered 404 for {int(now - since)} s",
+        )
+
+    async def _give_up(self, job: Job, reason: str) -> None:
+        """End the job as failed on the relay's own account, from its last known state."""
         last: dict[str, Any] = {}
         if job.body:
             try:
@@ -162,10 +174,7 @@ class Poller:
             **last,
             "id": last.get("id", job.request_id),
             "status": "failed",
-            "error_message": (
-                f"Chamelaion no longer knows this request: it answered 404 for "
-                f"{int(now - since)} s, so the relay gave it up"
-            ),
+            "error_message": f"{reason}, so the relay gave it up",
         }
         await self._end(job, "failed", data)
 

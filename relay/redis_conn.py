@@ -89,7 +89,12 @@ def arq_settings(url: str) -> RedisSettings:
             database=target.db,
             password=target.password,
         )
-    return RedisSettings.from_dsn(url)
+    settings = RedisSettings.from_dsn(url)
+    # arq leaves percent-escapes in credentials, redis-py (the API's client) decodes them.
+    parts = urlsplit(url)
+    settings.username = unquote(parts.username) if parts.username else None
+    settings.password = unquote(parts.password) if parts.password else None
+    return settings
 
 
 async def arq_pool(url: str) -> ArqRedis:

@@ -43,7 +43,9 @@ def _split(value: object) -> object:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        case_sensitive=True, extra="ignore", frozen=True, allow_inf_nan=False
+    )
 
     chamelaion_base_url: str = Field(
         "https://api.chamelaion.com/api", validation_alias="CHAMELAION_BASE_URL"
@@ -71,6 +73,8 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(
         100, ge=1, le=10_000, validation_alias="RELAY_WORKER_CONCURRENCY"
     )
+    # A job still unfinished upstream after this long is given up as failed.
+    max_job_age: float = Field(7 * 86400.0, gt=0, validation_alias="RELAY_MAX_JOB_AGE")
     job_retention: float = Field(7 * 86400.0, gt=0, validation_alias="RELAY_JOB_RETENTION")
     callback_allowed_networks: str = Field("", validation_alias="RELAY_CALLBACK_ALLOWED_NETWORKS")
     callback_denied_networks: str = Field("", validation_alias="RELAY_CALLBACK_DENIED_NETWORKS")

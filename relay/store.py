@@ -66,12 +66,14 @@ return 1
 """
 )
 
-# KEYS: job  ARGV: attempt expected, next attempt, new delivery state, last result
+# KEYS: job  ARGV: attempt expected, next attempt, new delivery state, last result,
+# seconds the job must live at least (a next attempt deferred by Retry-After must find it)
 _UPDATE_DELIVERY = """
 if redis.call('HGET', KEYS[1], 'delivery') ~= 'pending' then return 0 end
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'attempt', ARGV[2], 'delivery', ARGV[3], 'last_result', ARGV[4])
 redis.call('HINCRBY', KEYS[1], 'attempts_made', 1)
+if redis.call('TTL', KEYS[1]) < tonumber(ARGV[5]) then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
 return 1
 """
 
@@ -226,10 +228,21 @@ class JobStore:
         await self.redis.zrem(redis_keys.POLLS, request_id)
 
     async def update_delivery(
-        self, request_id: str, *, attempt: int, next_attempt: int, state: DeliveryState, result: str
+        self,
+        request_id: str,
+        *,
+        attempt: int,
+        next_attempt: int,
+        state: DeliveryState,
+        result: str,
+        keep_for: float = 0,
     ) -> bool:
-        """Record an attempt's outcome, only if the job is still waiting on that attempt."""
+        """Record an attempt's outcome, only if the job is still waiting on that attempt.
+
+        `keep_for`: the job hash lives at least this many seconds more (never shortened).
+        """
         updated = await self._update_delivery(
-            keys=[redis_keys.job(request_id)], args=[attempt, next_attempt, state, result]
+            keys=[redis_keys.job(request_id)],
+            args=[attempt, next_attempt, state, result, int(keep_for)],
         )
         return bool(updated)

@@ -189,7 +189,7 @@ async def generate_with_media(request: Request) -> Response:
     limit = state.settings.max_upload_bytes
     form = MediaForm(boundary_of(request.headers.get("content-type", "")))
     length = request.headers.get("content-length")
-    declared = int(length) if length is not None and length.isdigit() else None
+    declared = int(length) if length is not None and length.isascii() and length.isdigit() else None
     if declared is not None and declared > limit:
         raise ApiError(413, f"request body is larger than {limit} bytes")
     await ensure_store(state)

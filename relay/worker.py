@@ -42,6 +42,8 @@ log = logging.getLogger("relay.worker")
 
 # The dispatcher never sleeps longer than this, so new jobs and a stop are noticed quickly.
 MAX_IDLE = 0.5
+# The part of a claim's lease a poll may take; the rest is margin for writing its result.
+LEASE_SHARE = 0.8
 # A heartbeat older than this means the dispatcher loop is stuck: the health check fails.
 STALE_AFTER = 30.0
 
@@ -92,6 +94,8 @@ class Dispatcher:
                 await self._sleep(1.0)
                 continue
             for request_id in claim.ids:
+                if request_id in self.in_flight:
+                    continue  # still being polled here; its own result will reschedule it
                 task = asyncio.create_task(self._poll(request_id), name=f"poll:{request_id}")
                 self.in_flight[request_id] = task
             if not claim.ids:
@@ -99,7 +103,11 @@ class Dispatcher:
 
     async def _poll(self, request_id: str) -> None:
         try:
-            await self.poller.poll(request_id)
+            # A poll must end within its lease, or another worker polls the job as well.
+            async with asyncio.timeout(self.schedule.lease * LEASE_SHARE):
+                await self.poller.poll(request_id)
+        except TimeoutError:
+            log.warning("poll of %s outlasted its lease share and was abandoned", request_id)
         except RedisError as exc:
             # The claim's lease makes it due again; nothing else to undo.
             log.warning("poll of %s hit a Redis error: %s", request_id, type(exc).__name__)
@@ -172,6 +180,7 @@ async def build_state(settings: Settings) -> WorkerState:
         client=client,
         schedule=settings.delivery_retry_schedule,
         enqueue_attempt=enqueue_attempt,
+        timeout=settings.delivery_timeout,
     )
     poller = Poller(
         store=store,
@@ -207,6 +216,25 @@ def arq_worker(state: WorkerState) -> Worker:
     )
 
 
+async def _drain(worker: Worker, dispatcher: Dispatcher, timeout: float) -> None:
+    """Wait, within one deadline, until no delivery or poll is running.
+
+    The set is read again and again: arq may be half-way through starting a batch of jobs
+    when picking is switched off, and those start after any one snapshot would be taken.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (left := deadline - loop.time()) > 0:
+        running = [
+            task
+            for task in (*worker.tasks.values(), *dispatcher.in_flight.values())
+            if not task.done()
+        ]
+        if not running:
+            return
+        await asyncio.wait(running, timeout=min(left, 0.2))
+
+
 async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: int | None) -> None:
     """Run polls and deliveries until `stop` is set, then drain and close."""
     state = await build_state(settings)
@@ -229,11 +257,16 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
     finally:
         state.dispatcher.stop()
         worker.allow_pick_jobs = False
-        await dispatch_task
-        # One deadline for both kinds of in-flight work.
-        in_flight = [*worker.tasks.values(), *state.dispatcher.in_flight.values()]
-        if in_flight:
-            await asyncio.wait(in_flight, timeout=settings.shutdown_timeout)
+        try:
+            await dispatch_task
+        except Exception:
+            # Still drain and close below: a dead dispatcher must not strand deliveries.
+            log.exception("the poll dispatcher had stopped with an error")
+        log.info(
+            "draining",
+            extra={"deliveries": len(worker.tasks), "polls": len(state.dispatcher.in_flight)},
+        )
+        await _drain(worker, state.dispatcher, settings.shutdown_timeout)
         await state.dispatcher.drain(timeout=0)
         arq_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

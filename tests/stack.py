@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import os
 import secrets
 import signal
@@ -99,6 +100,7 @@ class Stack:
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     worker_urls: list[str] = field(default_factory=list)
     worker_logs: list[Path] = field(default_factory=list)
+    stopped: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def sdk(self) -> Chamelaion:
         return Chamelaion(api_key=RELAY_KEY, base_url=self.api_url + "/api", max_retries=0)
@@ -108,6 +110,12 @@ class Stack:
         return httpx.request(
             method, self.sandbox_url + path, headers={"x-api-key": SANDBOX_KEY}, **kwargs
         )
+
+    def stop_worker(self, proc: subprocess.Popen[bytes], sig: signal.Signals) -> int:
+        """Signal a worker and wait for it; returns its exit code."""
+        self.stopped.append(proc)
+        proc.send_signal(sig)
+        return proc.wait(timeout=30)
 
     def start_worker(self, **env: str) -> subprocess.Popen[bytes]:
         port = free_port()
@@ -182,16 +190,27 @@ def relay_stack(
                 stack.start_worker()
             try:
                 yield stack
+                # Workers the test did not stop must still be up, and must stop cleanly.
+                running = [p for p in stack.workers if p not in stack.stopped]
+                died = [p.returncode for p in running if p.poll() is not None]
+                assert not died, f"a worker died during the test (exit codes {died})"
+                for proc in running:
+                    # One started late may still be importing: SIGTERM then is no clean stop.
+                    eventually(
+                        functools.partial(is_up, stack.worker_urls[stack.workers.index(proc)])
+                    )
+                    proc.send_signal(signal.SIGTERM)
+                codes = [proc.wait(timeout=30) for proc in running]
+                assert codes == [0] * len(running), f"workers stopped with {codes}"
             finally:
                 for proc in stack.workers:
                     if proc.poll() is None:
-                        proc.send_signal(signal.SIGTERM)
-                for proc in stack.workers:
-                    try:
-                        proc.wait(timeout=15)
-                    except subprocess.TimeoutExpired:
                         proc.kill()
                         proc.wait()
+
+
+def is_up(base_url: str) -> bool:
+    return httpx.get(base_url + "/healthz").status_code == 200
 
 
 def eventually(check: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05) -> Any:

@@ -240,7 +240,8 @@ def test_untracked_requests_and_lists_are_proxied(api: Api) -> None:
 
 
 @pytest.mark.parametrize(
-    "params", [{"limit": "0"}, {"limit": "-1"}, {"offset": "x"}, {"limit": "99999999"}]
+    "params",
+    [{"limit": "0"}, {"limit": "-1"}, {"offset": "x"}, {"limit": "99999999"}, {"limit": "²"}],
 )
 def test_bad_list_parameters_are_refused(api: Api, params: dict[str, str]) -> None:
     response = httpx.get(

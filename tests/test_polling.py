@@ -142,3 +142,13 @@ def test_jobs_without_callback_are_tracked_and_served(redis_url: str) -> None:
         assert relay_view(stack, request_id)["status"] == "completed"
         assert stack.upstream("GET", "/_sandbox/stats").json()["calls"] == calls
         assert stack.receiver.received == []
+
+
+def test_a_job_unfinished_past_the_maximum_age_ends_as_failed(redis_url: str) -> None:
+    with relay_stack(redis_url, sandbox=SLOW, env={"RELAY_MAX_JOB_AGE": "1"}) as stack:
+        request_id = submit(stack)
+        [callback] = stack.receiver.wait_for(1)
+        payload = orjson.loads(callback.body)
+        assert payload["type"] == "lipsync.failed"
+        assert payload["data"]["id"] == request_id
+        assert "did not finish" in payload["data"]["error_message"]

@@ -66,8 +66,7 @@ def test_worker_sigterm_loses_and_duplicates_nothing(redis_url: str) -> None:
         request_ids = [submit(stack) for _ in range(6)]
         receiver.wait_for(1)
         first = stack.workers[0]
-        first.send_signal(signal.SIGTERM)
-        assert first.wait(timeout=20) == 0
+        assert stack.stop_worker(first, signal.SIGTERM) == 0
         stack.start_worker()
 
         def all_delivered() -> bool:

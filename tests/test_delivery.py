@@ -1,0 +1,124 @@
+"""Delivery attempts against awkward receivers and awkward timing, with the worker's real parts."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from arq import Retry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from relay import redis_keys
+from relay.settings import load_settings
+from relay.worker import WorkerState, build_state
+from tests.servers import serve
+from tests.stack import SANDBOX_KEY, new_secret
+
+
+@contextlib.asynccontextmanager
+async def worker_state(redis_url: str, **env: str) -> AsyncIterator[WorkerState]:
+    settings = load_settings(
+        CHAMELAION_API_KEY=SANDBOX_KEY,
+        CHAMELAION_BASE_URL="http://127.0.0.1:9/api",
+        RELAY_REDIS_URL=redis_url,
+        RELAY_WEBHOOK_SECRETS=new_secret(),
+        RELAY_CALLBACK_ALLOWED_NETWORKS="127.0.0.0/8",
+        **env,
+    )
+    state = await build_state(settings)
+    try:
+        yield state
+    finally:
+        await state.upstream.aclose()
+        await state.callback_client.aclose()
+        await state.redis.aclose()
+
+
+async def ended_job(state: WorkerState, request_id: str, callback_url: str) -> None:
+    await state.store.create(
+        request_id, callback_url=callback_url, reference_id=None, first_poll_in=60
+    )
+    job = await state.store.get(request_id)
+    assert job is not None
+    await state.store.end(
+        job, status="completed", body=b"{}", event_id="msg_x", event=b"{}", retention=3600
+    )
+
+
+def answering(status: int, headers: dict[str, str]) -> Starlette:
+    async def hook(request: Request) -> Response:
+        return Response(status_code=status, headers=headers)
+
+    return Starlette(routes=[Route("/hook", hook, methods=["POST"])])
+
+
+async def test_an_attempt_waits_for_its_predecessor_to_record_its_outcome(redis_url: str) -> None:
+    # Attempt 1 can be due before attempt 0 has recorded that it failed (a crash or a Redis
+    # error between enqueueing 1 and recording): 1 must wait, not drop itself as stale.
+    async with worker_state(redis_url) as state:
+        await ended_job(state, "r1", "http://127.0.0.1:9/hook")
+        with pytest.raises(Retry):
+            await state.deliverer.attempt("r1", 1)
+        assert await state.deliverer.attempt("r1", 3) == "stale"
+
+
+async def test_retry_after_beyond_retention_keeps_the_job_for_the_next_attempt(
+    redis_url: str,
+) -> None:
+    app = answering(503, {"retry-after": "500000"})
+    with serve(app) as url:
+        async with worker_state(redis_url) as state:
+            await ended_job(state, "r2", url + "/hook")
+            assert await state.deliverer.attempt("r2", 0) == "retry"
+            # Retry-After is honoured up to a day; the job (retention 3600 s here) now
+            # outlives that attempt by another day.
+            queued = await state.redis.zrange(redis_keys.ARQ_QUEUE, 0, -1, withscores=True)
+            [(job_id, due_ms)] = queued
+            assert job_id == b"deliver:r2:1"
+            delay = due_ms / 1000 - time.time()
+            assert 86400 - 5 <= delay <= 86400
+            assert await state.redis.ttl(redis_keys.job("r2")) >= delay + 86400 - 5
+
+
+@contextlib.contextmanager
+def trickling_server() -> Iterator[str]:
+    """Accepts, then sends a response one byte every 0.3 s: each read is quick, the whole slow."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve_one() -> None:
+        listener.settimeout(5)
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with conn:
+                for byte in b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n":
+                    if stop.wait(0.3):
+                        return
+                    conn.sendall(bytes([byte]))
+
+    thread = threading.Thread(target=serve_one, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/hook"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+async def test_a_receiver_that_trickles_its_answer_times_out_as_a_retry(redis_url: str) -> None:
+    with trickling_server() as url:
+        async with worker_state(redis_url, RELAY_DELIVERY_TIMEOUT="1") as state:
+            await ended_job(state, "r3", url)
+            started = time.monotonic()
+            assert await state.deliverer.attempt("r3", 0) == "retry"
+            assert time.monotonic() - started < 3
+            job = await state.store.get("r3")
+            assert job is not None and job.attempt == 1 and job.last_result == "timed out"
