@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+import httpx
 import orjson
 from pydantic import ValidationError
 from redis.asyncio import Redis
@@ -100,14 +101,22 @@ async def generate(request: Request) -> Response:
         raise validation_error(exc) from None
     await check_callback_url(state, job.callback_url)
     await ensure_store(state)
-    response = check(
-        await state.upstream.request("POST", "v1/lipsync/generate", json=job.upstream_body())
-    )
-    answer = decode_object(response)
+    response = await state.upstream.request("POST", "v1/lipsync/generate", json=job.upstream_body())
+    return await accept_job(state, response, job.callback_url, job.reference_id)
+
+
+async def accept_job(
+    state: AppState,
+    response: httpx.Response,
+    callback_url: str | None,
+    reference_id: str | None,
+) -> Response:
+    """Chamelaion's answer to a submission: its error mapped, or the job tracked and passed on."""
+    answer = decode_object(check(response))
     request_id = answer.get("request_id")
     if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_ID_LENGTH:
         raise ApiError(502, "Chamelaion accepted the job but sent no usable request_id")
-    await track_job(state, request_id, job.callback_url, job.reference_id)
+    await track_job(state, request_id, callback_url, reference_id)
     return json_bytes(response.content)
 
 

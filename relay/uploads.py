@@ -29,9 +29,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from relay.errors import ApiError, UpstreamError
-from relay.models import MAX_ID_LENGTH
 from relay.multipart_form import MediaForm, boundary_of, content_type
-from relay.upstream import Upstream, check, decode_object
+from relay.upstream import Upstream
 
 log = logging.getLogger("relay.uploads")
 
@@ -183,7 +182,7 @@ class Upload:
 
 async def generate_with_media(request: Request) -> Response:
     # Imported here because relay.api imports this module for its route.
-    from relay.api import app_state, check_callback_url, ensure_store, json_bytes, track_job
+    from relay.api import accept_job, app_state, check_callback_url, ensure_store
 
     state = app_state(request)
     limit = state.settings.max_upload_bytes
@@ -201,10 +200,5 @@ async def generate_with_media(request: Request) -> Response:
         stall=state.settings.upstream_timeout,
         check_callback=lambda url: check_callback_url(state, url),
     )
-    response = check(await upload.send(state.upstream))
-    answer = decode_object(response)
-    request_id = answer.get("request_id")
-    if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_ID_LENGTH:
-        raise ApiError(502, "Chamelaion accepted the job but sent no usable request_id")
-    await track_job(state, request_id, form.callback_url, form.reference_id)
-    return json_bytes(response.content)
+    response = await upload.send(state.upstream)
+    return await accept_job(state, response, form.callback_url, form.reference_id)
