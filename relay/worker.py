@@ -57,6 +57,8 @@ async def deliver(ctx: dict[str, Any], request_id: str, attempt: int) -> str:
     state: WorkerState = ctx["relay"]
     try:
         return await state.deliverer.attempt(request_id, attempt)
+    except Retry:
+        raise
     except RedisError as exc:
         # Without this arq would record the job as failed and the delivery would wait forever.
         log.warning("delivery hit a Redis error, retrying the attempt", exc_info=exc)
