@@ -101,7 +101,6 @@ class Deliverer:
             return "stale"
         outcome = await self._post(job.callback_url, job.event_id, job.event)
         log_extra = {"request_id": request_id, "attempt": attempt, "result": outcome.detail}
-        DELIVERIES.labels(outcome.kind).inc()
         if outcome.kind == "delivered" and job.ended_at is not None:
             DELIVERY_LATENCY.observe(max(0.0, time.time() - job.ended_at))
         following = attempt + 1
@@ -110,7 +109,8 @@ class Deliverer:
             settled = outcome.kind
         elif following >= len(self.schedule):
             settled = "failed"
-            DELIVERIES.labels("failed").inc()
+        # One sample per attempt: the last failing one counts as failed, not also as retry.
+        DELIVERIES.labels(settled or "retry").inc()
         if settled is not None:
             await self.store.update_delivery(
                 request_id,

@@ -24,7 +24,7 @@ from relay.metrics import POLLS
 from relay.schedule import PollSchedule
 from relay.settings import Settings
 from relay.store import Job, JobStore
-from relay.upstream import Upstream, parse_retry_after
+from relay.upstream import Upstream, json_object, parse_retry_after
 
 log = logging.getLogger("relay.poller")
 
@@ -110,22 +110,18 @@ class Poller:
                 log.warning("poll got an error", extra={"request_id": request_id, "status": status})
             await self._retry_later(job)
 
-    async def _retry_later(self, job: Job) -> None:
+    async def _retry_later(self, job: Job, *, not_found_since: float | None = None) -> None:
+        """Poll again after a longer interval; `not_found_since` defaults to the job's own."""
         interval = self._longer(job.interval)
         await self.store.record_poll(
             job.request_id,
             next_in=self._jittered(interval),
             interval=interval,
-            not_found_since=job.not_found_since,
+            not_found_since=not_found_since or job.not_found_since,
         )
 
     async def _observed(self, job: Job, raw: bytes) -> None:
-        data: Any = None
-        if len(raw) <= MAX_BODY_BYTES:
-            try:
-                data = decode_object_bytes(raw)
-            except ValueError:
-                data = None
+        data = json_object(raw) if len(raw) <= MAX_BODY_BYTES else None
         if data is None or not isinstance(data.get("status"), str):
             log.warning("poll got an unusable body", extra={"request_id": job.request_id})
             await self._retry_later(job)
@@ -149,13 +145,7 @@ class Poller:
         now = time.time()
         since = job.not_found_since or now
         if now - since < self.settings.not_found_grace:
-            interval = self._longer(job.interval)
-            await self.store.record_poll(
-                job.request_id,
-                next_in=self._jittered(interval),
-                interval=interval,
-                not_found_since=since,
-            )
+            await self._retry_later(job, not_found_since=since)
             return
         await self._give_up(
             job,
@@ -164,12 +154,7 @@ class Poller:
 
     async def _give_up(self, job: Job, reason: str) -> None:
         """End the job as failed on the relay's own account, from its last known state."""
-        last: dict[str, Any] = {}
-        if job.body:
-            try:
-                last = decode_object_bytes(job.body)
-            except ValueError:
-                last = {}
+        last = (json_object(job.body) if job.body else None) or {}
         data = {
             **last,
             "id": last.get("id", job.request_id),
@@ -199,13 +184,3 @@ class Poller:
         if job.callback_url:
             await self.enqueue_delivery(job.request_id)
         await self.store.unschedule(job.request_id)
-
-
-def decode_object_bytes(raw: bytes) -> dict[str, Any]:
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError("not JSON") from exc
-    if not isinstance(value, dict):
-        raise ValueError("not a JSON object")
-    return value

@@ -38,13 +38,19 @@ def parse_retry_after(headers: httpx.Headers) -> float | None:
     return None
 
 
-def error_message(response: httpx.Response) -> str | None:
-    """Chamelaion's `{"error": "..."}` text, if the body has that shape."""
+def json_object(raw: bytes) -> dict[str, Any] | None:
+    """`raw` parsed, when it is a JSON object; None for anything else."""
     try:
-        body = orjson.loads(response.content)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None
-    if isinstance(body, dict) and isinstance(body.get("error"), str):
+    return value if isinstance(value, dict) else None
+
+
+def error_message(response: httpx.Response) -> str | None:
+    """Chamelaion's `{"error": "..."}` text, if the body has that shape."""
+    body = json_object(response.content)
+    if body is not None and isinstance(body.get("error"), str):
         return str(body["error"])[:500]
     return None
 
@@ -107,11 +113,8 @@ def check(response: httpx.Response) -> httpx.Response:
 
 def decode_object(response: httpx.Response) -> dict[str, Any]:
     """The JSON object of a 2xx answer, or UpstreamError when Chamelaion sent something else."""
-    try:
-        body = orjson.loads(response.content)
-    except orjson.JSONDecodeError:
-        body = None
-    if not isinstance(body, dict):
+    body = json_object(response.content)
+    if body is None:
         raise UpstreamError(
             502, "Chamelaion sent a response that is not a JSON object", upstream_status=None
         )
