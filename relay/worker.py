@@ -26,7 +26,7 @@ from arq.worker import Worker, func
 from redis.exceptions import RedisError
 
 from relay import redis_keys
-from relay.delivery import Deliverer
+from relay.delivery import Deliverer, next_delay
 from relay.pinned_transport import make_callback_client
 from relay.poller import Poller
 from relay.redis_conn import arq_pool
@@ -173,7 +173,8 @@ async def build_state(settings: Settings) -> WorkerState:
         )
 
     async def enqueue_first(request_id: str) -> None:
-        await enqueue_attempt(request_id, 0, 0.0)
+        # The schedule's first entry is the wait before the first attempt (0 by default).
+        await enqueue_attempt(request_id, 0, next_delay(settings.delivery_retry_schedule, 0, None))
 
     client = make_callback_client(settings.callback_policy(), settings.delivery_timeout)
     deliverer = Deliverer(
