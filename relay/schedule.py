@@ -80,8 +80,6 @@ return #ARGV
 """
 )
 
-_DUE = _NOW + "return redis.call('ZCOUNT', KEYS[1], '-inf', now)"
-
 
 @dataclass(frozen=True)
 class Claim:
@@ -101,7 +99,6 @@ class PollSchedule:
         self._claim = redis.register_script(_CLAIM)
         self._pause = redis.register_script(_PAUSE)
         self._hand_back = redis.register_script(_HAND_BACK)
-        self._due = redis.register_script(_DUE)
 
     async def claim(self, limit: int) -> Claim:
         reply = await self._claim(
@@ -118,9 +115,3 @@ class PollSchedule:
     async def hand_back(self, request_ids: list[str]) -> None:
         if request_ids:
             await self._hand_back(keys=[redis_keys.POLLS], args=request_ids)
-
-    async def outstanding(self) -> int:
-        return int(await self.redis.zcard(redis_keys.POLLS))
-
-    async def due(self) -> int:
-        return int(await self._due(keys=[redis_keys.POLLS]))

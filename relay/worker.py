@@ -125,10 +125,8 @@ class Dispatcher:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def drain(self, timeout: float) -> None:
-        """Wait for in-flight polls up to `timeout`, then cancel and hand back the rest."""
-        if self.in_flight and timeout > 0:
-            await asyncio.wait(list(self.in_flight.values()), timeout=timeout)
+    async def hand_back_unfinished(self) -> None:
+        """Cancel the polls still running and make them due now for another worker."""
         left = list(self.in_flight)
         for task in list(self.in_flight.values()):
             task.cancel()
@@ -270,7 +268,7 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
             extra={"deliveries": len(worker.tasks), "polls": len(state.dispatcher.in_flight)},
         )
         await _drain(worker, state.dispatcher, settings.shutdown_timeout)
-        await state.dispatcher.drain(timeout=0)
+        await state.dispatcher.hand_back_unfinished()
         arq_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await arq_task

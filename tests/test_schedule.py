@@ -7,6 +7,7 @@ import time
 
 from redis.asyncio import Redis
 
+from relay import redis_keys
 from relay.schedule import PollSchedule
 from relay.store import JobStore
 
@@ -73,5 +74,5 @@ async def test_a_pause_stops_every_claim_until_it_ends(redis_url: str) -> None:
     assert paused.ids == [] and paused.wait is not None and paused.wait > 0.3
     await asyncio.sleep(paused.wait)
     assert len((await schedule.claim(10)).ids) == 2
-    assert await schedule.outstanding() == 2
+    assert await redis.zcard(redis_keys.POLLS) == 2
     await redis.aclose()
