@@ -12,6 +12,7 @@ from functools import cache
 from typing import Any
 
 from relay.models import MAX_ID_LENGTH, MAX_REFERENCE_ID_LENGTH, GenerateRequest
+from relay.netpolicy import MAX_URL_LENGTH
 
 _REF = "#/components/schemas/{model}"
 
@@ -54,7 +55,11 @@ _MEDIA_FORM: dict[str, Any] = {
         "audio": {"type": "string", "format": "binary"},
         "disable_active_speaker_detection": {"type": "string", "enum": ["true", "false"]},
         "reference_id": {"type": "string", "minLength": 1, "maxLength": MAX_REFERENCE_ID_LENGTH},
-        "callback_url": {"type": "string", "maxLength": 2048, "description": "http(s) URL"},
+        "callback_url": {
+            "type": "string",
+            "maxLength": MAX_URL_LENGTH,
+            "description": "http(s) URL",
+        },
     },
     "additionalProperties": False,
 }
