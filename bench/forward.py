@@ -21,7 +21,7 @@ import time
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
-from relay.embedded_redis import embedded_redis, free_port
+from relay.devtools.embedded_redis import embedded_redis, free_port
 
 BODY = {
     "inputs": [

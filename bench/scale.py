@@ -19,9 +19,9 @@ import uuid
 import orjson
 from redis.asyncio import Redis
 
-from relay.embedded_redis import embedded_redis
-from relay.schedule import PollSchedule
-from relay.store import JobStore
+from relay.devtools.embedded_redis import embedded_redis
+from relay.jobs.schedule import PollSchedule
+from relay.jobs.store import JobStore
 
 BODY = orjson.dumps(
     {

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import httpx
 
-from relay.embedded_redis import embedded_redis, free_port
+from relay.devtools.embedded_redis import embedded_redis, free_port
 
 SANDBOX_KEY = "sandbox-key"
 RELAY_KEY = "bench-relay-key"

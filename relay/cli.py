@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import signal
 import sys
 
@@ -30,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run_api(host: str, port: int) -> None:
     import uvicorn
 
-    from relay.api import create_app
+    from relay.api.app import create_app
     from relay.serving import ProcessServer
 
     settings = load_settings().require("api")
@@ -47,7 +48,7 @@ def _run_api(host: str, port: int) -> None:
 
 
 def _run_worker() -> None:
-    from relay.worker import serve_worker
+    from relay.worker.process import serve_worker
 
     settings = load_settings().require("worker")
     configure_logging(settings.log_format)
@@ -70,15 +71,27 @@ def _run_sandbox(host: str, port: int) -> None:
     uvicorn.run(create_sandbox_app(), host=host, port=port)
 
 
+def _has_devtools() -> bool:
+    # The wheel (and so the image) leaves the sandbox and devtools out; a checkout has them.
+    return all(importlib.util.find_spec(name) for name in ("relay.sandbox", "relay.devtools"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("dev", "sandbox") and not _has_devtools():
+        print(
+            f"relay: `relay {args.command}` is development tooling, not installed here; "
+            "run it from a checkout (uv run relay " + args.command + ")",
+            file=sys.stderr,
+        )
+        return 2
     try:
         if args.command == "api":
             _run_api(args.host, args.port)
         elif args.command == "worker":
             _run_worker()
         elif args.command == "dev":
-            from relay.dev import run_dev
+            from relay.devtools.dev import run_dev
 
             run_dev(args.port)
         else:

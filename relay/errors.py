@@ -1,9 +1,13 @@
 """The relay's exceptions, drawn once here.
 
 RelayError
-├── ConfigError        a setting is missing or bad; start-up stops and names the variable
-└── ApiError           an HTTP error the API answers with `{"error": ...}` (status, message)
-    └── UpstreamError  Chamelaion answered with an error or could not be reached
+├── ConfigError             a setting is missing or bad; start-up stops and names the variable
+├── ApiError                an HTTP error the API answers with `{"error": ...}` (status, message)
+│   ├── UpstreamError       Chamelaion answered with an error or could not be reached
+│   └── CallbackUrlRejected a callback URL fails its syntax or network-policy check (422)
+└── DestinationRefused      at delivery, the network policy refused every address of the
+                            callback's host; no connection was made (also an httpx.ConnectError,
+                            so the callback transport can raise it where httpx expects one)
 
 Third-party errors (httpx, redis) are mapped to these at the boundary that meets them, chained
 with `from exc`, so nothing above that boundary needs to know which library failed.
@@ -12,6 +16,8 @@ with `from exc`, so nothing above that boundary needs to know which library fail
 from __future__ import annotations
 
 from typing import Any
+
+import httpx
 
 
 class RelayError(Exception):
@@ -44,17 +50,23 @@ class ApiError(RelayError):
 
 
 class UpstreamError(ApiError):
-    """Chamelaion failed or refused; `upstream_status` is what it said (None: unreachable)."""
+    """Chamelaion failed or refused; the status and message are what the relay's caller gets."""
 
-    def __init__(
-        self,
-        status_code: int,
-        message: str,
-        *,
-        upstream_status: int | None,
-        retry_after: float | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(status_code, message, headers=headers)
-        self.upstream_status = upstream_status
-        self.retry_after = retry_after
+
+class CallbackUrlRejected(ApiError):
+    """The callback URL fails a syntax or network-policy check (HTTP 422).
+
+    `reason` never contains the URL's path, query or credentials; it may name the host.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(422, f"callback_url refused: {reason}")
+        self.reason = reason
+
+
+class DestinationRefused(httpx.ConnectError, RelayError):
+    """The network policy refused the callback's destination; no connection was made."""
+
+    def __init__(self, reason: str, *, request: httpx.Request | None = None) -> None:
+        super().__init__(f"callback destination refused: {reason}", request=request)
+        self.reason = reason

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.responses import Response
 
-from relay import redis_keys
+from relay import keys, lua
 
 JOBS_SUBMITTED = Counter(
     "relay_jobs_submitted", "Jobs accepted by Chamelaion and tracked by the relay"
@@ -32,22 +32,12 @@ DUE_WORK = Gauge("relay_due_work", "Polls due now plus deliveries due now (not p
 POLL_LAG = Gauge("relay_poll_lag_seconds", "How overdue the most overdue poll is")
 QUEUE_DEPTH = Gauge("relay_delivery_queue_depth", "Delivery attempts queued, due or deferred")
 
-_SHARED_STATE = """
-local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-local lag = 0
-if #head > 0 and tonumber(head[2]) < now then lag = now - tonumber(head[2]) end
-return {redis.call('ZCARD', KEYS[1]), redis.call('ZCOUNT', KEYS[1], '-inf', now),
-        tostring(lag), redis.call('ZCARD', KEYS[2]),
-        redis.call('ZCOUNT', KEYS[2], '-inf', math.floor(now * 1000))}
-"""
-
 
 async def refresh_shared_gauges(redis: Redis) -> None:
     """Read the shared gauges from Redis in one round trip."""
-    outstanding, due_polls, lag, queued, due_deliveries = await redis.eval(  # type: ignore[misc]
-        _SHARED_STATE, 2, redis_keys.POLLS, redis_keys.ARQ_QUEUE
-    )
+    script = lua.register(redis, "relay", "shared_state")
+    reply = await script(keys=[keys.POLLS, keys.ARQ_QUEUE])
+    outstanding, due_polls, lag, queued, due_deliveries = reply
     OUTSTANDING.set(int(outstanding))
     DUE_WORK.set(int(due_polls) + int(due_deliveries))
     POLL_LAG.set(float(lag))

@@ -14,7 +14,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
-from relay import redis_keys
+from relay import keys
 
 SENTINEL_SCHEME = "redis+sentinel"
 
@@ -99,4 +99,4 @@ def arq_settings(url: str) -> RedisSettings:
 
 async def arq_pool(url: str) -> ArqRedis:
     """The worker's one Redis pool, shared by arq and the relay's own scripts."""
-    return await create_pool(arq_settings(url), default_queue_name=redis_keys.ARQ_QUEUE)
+    return await create_pool(arq_settings(url), default_queue_name=keys.ARQ_QUEUE)

@@ -14,8 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from relay.delivery.netpolicy import NetworkPolicy, parse_networks
 from relay.errors import ConfigError
-from relay.netpolicy import NetworkPolicy, parse_networks
 from relay.redis_conn import check_redis_url
 
 # The Standard Webhooks example schedule: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h,

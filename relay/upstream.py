@@ -19,6 +19,7 @@ from prometheus_client import Counter
 
 from relay.errors import UpstreamError
 from relay.metrics import UPSTREAM_CALLS
+from relay.settings import Settings
 
 USER_AGENT = "chamelaion-relay/0.1"
 
@@ -69,10 +70,10 @@ def _map_transport_errors(failures: Counter) -> Iterator[None]:
         yield
     except httpx.TimeoutException as exc:
         failures.inc()
-        raise UpstreamError(504, "Chamelaion did not answer in time", upstream_status=None) from exc
+        raise UpstreamError(504, "Chamelaion did not answer in time") from exc
     except httpx.HTTPError as exc:
         failures.inc()
-        raise UpstreamError(502, "could not reach Chamelaion", upstream_status=None) from exc
+        raise UpstreamError(502, "could not reach Chamelaion") from exc
 
 
 def check(response: httpx.Response) -> httpx.Response:
@@ -88,15 +89,12 @@ def check(response: httpx.Response) -> httpx.Response:
             502,
             "Chamelaion rejected the relay's own credentials; the relay operator must check "
             "CHAMELAION_API_KEY",
-            upstream_status=status,
         )
     if status == 429:
         headers = {"retry-after": str(max(1, round(retry_after)))} if retry_after else {}
         raise UpstreamError(
             429,
             "rate limit exceeded (Chamelaion)",
-            upstream_status=status,
-            retry_after=retry_after,
             headers=headers,
         )
     if 400 <= status < 500:
@@ -104,20 +102,15 @@ def check(response: httpx.Response) -> httpx.Response:
         raise UpstreamError(
             status if status in (400, 404, 409, 413, 415, 422) else 400,
             message or f"Chamelaion refused the request ({status})",
-            upstream_status=status,
         )
-    raise UpstreamError(
-        502, f"Chamelaion failed: {message or f'HTTP {status}'}", upstream_status=status
-    )
+    raise UpstreamError(502, f"Chamelaion failed: {message or f'HTTP {status}'}")
 
 
 def decode_object(response: httpx.Response) -> dict[str, Any]:
     """The JSON object of a 2xx answer, or UpstreamError when Chamelaion sent something else."""
     body = json_object(response.content)
     if body is None:
-        raise UpstreamError(
-            502, "Chamelaion sent a response that is not a JSON object", upstream_status=None
-        )
+        raise UpstreamError(502, "Chamelaion sent a response that is not a JSON object")
     return body
 
 
@@ -136,6 +129,16 @@ class Upstream:
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             transport=transport or AiohttpTransport(limits=httpx.Limits(max_connections=200)),
             follow_redirects=False,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Upstream:
+        """The relay's client for Chamelaion, as every process builds it."""
+        assert settings.chamelaion_api_key is not None  # Settings.require checked it
+        return cls(
+            settings.chamelaion_base_url,
+            settings.chamelaion_api_key.get_secret_value(),
+            timeout=settings.upstream_timeout,
         )
 
     async def request(

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from relay.embedded_redis import embedded_redis
+from relay.devtools.embedded_redis import embedded_redis
 
 
 @pytest.fixture(scope="session")

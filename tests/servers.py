@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import uvicorn
 from starlette.types import ASGIApp
 
-from relay.embedded_redis import free_port
+from relay.devtools.embedded_redis import free_port
 from relay.serving import EmbeddedServer
 
 

@@ -31,9 +31,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from relay import redis_keys
-from relay.api import create_app
-from relay.embedded_redis import free_port
+from relay import keys
+from relay.api.app import create_app
+from relay.devtools.embedded_redis import free_port
 from relay.sandbox import SandboxConfig, create_sandbox_app
 from relay.settings import load_settings
 from tests.servers import serve
@@ -232,7 +232,7 @@ def job_fields(redis_url: str, request_id: str) -> dict[bytes, bytes]:
     """The stored hash of a tracked job (empty when untracked)."""
     client = redis.Redis.from_url(redis_url)
     try:
-        return cast(dict[bytes, bytes], client.hgetall(redis_keys.job(request_id)))
+        return cast(dict[bytes, bytes], client.hgetall(keys.job(request_id)))
     finally:
         client.close()
 

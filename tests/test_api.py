@@ -11,8 +11,8 @@ import httpx
 import pytest
 import redis
 
-from relay.api import create_app
-from relay.embedded_redis import free_port
+from relay.api.app import create_app
+from relay.devtools.embedded_redis import free_port
 from relay.sandbox import SandboxConfig, create_sandbox_app
 from relay.settings import load_settings
 from tests.servers import serve

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from chamelaion import Chamelaion
 
-from relay.embedded_redis import free_port
+from relay.devtools.embedded_redis import free_port
 from tests.stack import eventually, new_secret
 
 

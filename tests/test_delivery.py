@@ -15,9 +15,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from relay import redis_keys
+from relay import keys
 from relay.settings import load_settings
-from relay.worker import WorkerState, build_state, deliver
+from relay.worker.process import WorkerState, build_state
+from relay.worker.tasks import deliver
 from tests.servers import serve
 from tests.stack import SANDBOX_KEY, new_secret
 
@@ -81,12 +82,12 @@ async def test_retry_after_beyond_retention_keeps_the_job_for_the_next_attempt(
             assert await state.deliverer.attempt("r2", 0) == "retry"
             # Retry-After is honoured up to a day; the job (retention 3600 s here) now
             # outlives that attempt by another day.
-            queued = await state.redis.zrange(redis_keys.ARQ_QUEUE, 0, -1, withscores=True)
+            queued = await state.redis.zrange(keys.ARQ_QUEUE, 0, -1, withscores=True)
             [(job_id, due_ms)] = queued
             assert job_id == b"deliver:r2:1"
             delay = due_ms / 1000 - time.time()
             assert 86400 - 5 <= delay <= 86400
-            assert await state.redis.ttl(redis_keys.job("r2")) >= delay + 86400 - 5
+            assert await state.redis.ttl(keys.job("r2")) >= delay + 86400 - 5
 
 
 @contextlib.contextmanager

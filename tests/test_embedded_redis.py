@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import redis
 
-from relay.embedded_redis import embedded_redis
+from relay.devtools.embedded_redis import embedded_redis
 
 
 def test_embedded_redis_serves_and_stops() -> None:

@@ -11,7 +11,7 @@ import orjson
 import redis
 from standardwebhooks import Webhook
 
-from relay import redis_keys
+from relay import keys
 from tests.stack import Callback, Receiver, Stack, eventually, job_field, job_fields, relay_stack
 
 VIDEO = "https://cdn.example.com/episodes/42.mp4"
@@ -152,7 +152,7 @@ def test_a_sigkilled_worker_loses_nothing(redis_url: str) -> None:
             orjson.loads(callback.body)["data"]["id"] for callback in receiver.received
         }
         assert delivered_ids == set(request_ids)
-        assert redis.Redis.from_url(redis_url).zcard(redis_keys.POLLS) == 0
+        assert redis.Redis.from_url(redis_url).zcard(keys.POLLS) == 0
 
 
 def metric(text: str, name: str) -> float:

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from relay.embedded_redis import free_port
+from relay.devtools.embedded_redis import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -396,6 +396,17 @@ def test_venv_is_self_contained(image: Image) -> None:
             [str(python), "-c", f"import {tool}"], env=image.env, capture_output=True, check=False
         )
         assert missing.returncode != 0, f"{tool} is installed in the image"
+    # Development tooling stays in the checkout: the sandbox and `relay dev` are not shipped,
+    # and asking for them says so instead of failing with a traceback.
+    assert not (package / "sandbox").exists()
+    assert not (package / "devtools").exists()
+    assert (package / "jobs" / "claim.lua").is_file(), "the Redis scripts must ship"
+    dev = subprocess.run(
+        [str(image.venv / "bin" / "relay"), "dev"],
+        env=image.env, cwd=image.root, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert dev.returncode == 2
+    assert "development tooling" in dev.stderr
 
 
 def test_api_starts_answers_and_stops_cleanly(image: Image, redis_url: str, start: Any) -> None:

@@ -12,11 +12,9 @@ from aiohttp.helpers import is_ip_address
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from relay.errors import ApiError
-from relay.netpolicy import (
+from relay.delivery.netpolicy import (
     DEFAULT_DENIED_NETWORKS,
     METADATA_NETWORKS,
-    CallbackUrlRejected,
     IPAddress,
     IPNetwork,
     NetworkPolicy,
@@ -25,6 +23,7 @@ from relay.netpolicy import (
     parse_networks,
     resolve_and_check,
 )
+from relay.errors import ApiError, CallbackUrlRejected
 
 DEFAULT = NetworkPolicy()
 ALLOW_LOOPBACK = NetworkPolicy.from_strings("127.0.0.0/8", "")

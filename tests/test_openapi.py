@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 from starlette.routing import Route
 
-from relay.api import create_app
-from relay.openapi import openapi_document
+from relay.api.app import create_app
+from relay.api.openapi import openapi_document
 from relay.settings import load_settings
 from tests.stack import RELAY_KEY
 from tests.test_api import running_api

@@ -19,8 +19,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from relay.netpolicy import NetworkPolicy
-from relay.pinned_transport import DestinationRefused, make_callback_client
+from relay.delivery.netpolicy import NetworkPolicy
+from relay.delivery.transport import make_callback_client
+from relay.errors import DestinationRefused
 from tests.servers import serve
 
 ALLOW_LOOPBACK = NetworkPolicy.from_strings("127.0.0.0/8", "")

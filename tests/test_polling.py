@@ -10,7 +10,7 @@ import orjson
 import redis
 from standardwebhooks import Webhook
 
-from relay import redis_keys
+from relay import keys
 from relay.sandbox import SandboxConfig
 from tests.stack import RELAY_KEY, SANDBOX_KEY, Receiver, Stack, eventually, job_field, relay_stack
 from tests.test_end_to_end import submit
@@ -136,7 +136,7 @@ def test_jobs_without_callback_are_tracked_and_served(redis_url: str) -> None:
         )
         request_id = result.request_id
         eventually(lambda: job_field(redis_url, request_id, "delivery") == b"none")
-        ttl = redis.Redis.from_url(redis_url).ttl(redis_keys.job(request_id))
+        ttl = redis.Redis.from_url(redis_url).ttl(keys.job(request_id))
         assert isinstance(ttl, int) and ttl > 0, "ended jobs expire after the retention period"
         calls = stack.upstream("GET", "/_sandbox/stats").json()["calls"]
         assert relay_view(stack, request_id)["status"] == "completed"

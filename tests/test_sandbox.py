@@ -25,7 +25,7 @@ from chamelaion.types.lipsync.lipsync_request import LipsyncRequest
 from chamelaion.types.lipsync_generate_params import Input
 
 from relay.sandbox import SandboxConfig, create_sandbox_app
-from relay.sandbox_multipart import MultipartError, MultipartParser, PartData, PartEnd, PartStart
+from relay.sandbox.multipart import MultipartError, MultipartParser, PartData, PartEnd, PartStart
 from tests.servers import serve
 
 KEY = "sandbox-key"

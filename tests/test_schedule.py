@@ -7,9 +7,9 @@ import time
 
 from redis.asyncio import Redis
 
-from relay import redis_keys
-from relay.schedule import PollSchedule
-from relay.store import JobStore
+from relay import keys
+from relay.jobs.schedule import PollSchedule
+from relay.jobs.store import JobStore
 
 
 async def due_jobs(redis: Redis, count: int) -> list[str]:
@@ -74,5 +74,5 @@ async def test_a_pause_stops_every_claim_until_it_ends(redis_url: str) -> None:
     assert paused.ids == [] and paused.wait is not None and paused.wait > 0.3
     await asyncio.sleep(paused.wait)
     assert len((await schedule.claim(10)).ids) == 2
-    assert await redis.zcard(redis_keys.POLLS) == 2
+    assert await redis.zcard(keys.POLLS) == 2
     await redis.aclose()

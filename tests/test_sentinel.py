@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from relay.embedded_redis import find_redis_server, free_port
+from relay.devtools.embedded_redis import find_redis_server, free_port
 from relay.errors import ConfigError
 from relay.redis_conn import SentinelTarget, parse_sentinel_url
 from relay.settings import load_settings

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import orjson
 
-from relay.embedded_redis import free_port
+from relay.devtools.embedded_redis import free_port
 from tests.stack import RELAY_KEY, Receiver, eventually, job_field, relay_stack
 from tests.test_end_to_end import submit
 

@@ -22,9 +22,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from standardwebhooks import Webhook
 
-from relay import redis_keys
+from relay import keys
+from relay.api.multipart import MediaForm
 from relay.errors import ApiError
-from relay.multipart_form import MediaForm
 from tests.stack import RELAY_KEY, Stack, eventually, relay_stack
 
 UPLOAD = "/api/v1/lipsync/generate-with-media"
@@ -94,7 +94,7 @@ def upstream_jobs(stack: Stack) -> int:
 def relay_jobs(redis_url: str) -> list[bytes]:
     client = redis.Redis.from_url(redis_url)
     try:
-        return list(client.scan_iter(redis_keys.job("*")))
+        return list(client.scan_iter(keys.job("*")))
     finally:
         client.close()
 
@@ -148,7 +148,7 @@ def test_the_official_sdk_uploads_real_files_and_gets_a_signed_callback(
             "disable_active_speaker_detection": "true",
             "reference_id": "episode-7-ja",
         }
-        assert relay_jobs(redis_url) == [redis_keys.job(request_id).encode()]
+        assert relay_jobs(redis_url) == [keys.job(request_id).encode()]
 
         [delivered] = stack.receiver.wait_for(1)
         payloads = [
@@ -195,7 +195,7 @@ def test_a_large_streamed_upload_reaches_the_upstream_byte_for_byte(
     assert received["audio"]["bytes"] == len(audio_data)
     assert received["audio"]["sha256"] == hashlib.sha256(audio_data).hexdigest()
     assert received["fields"] == {"reference_id": "big-one"}
-    assert relay_jobs(redis_url) == [redis_keys.job(request_id).encode()]
+    assert relay_jobs(redis_url) == [keys.job(request_id).encode()]
 
 
 HOOK = "http://127.0.0.1:9/hook"
@@ -341,7 +341,7 @@ def read_response(sock: socket.socket) -> bytes:
 def test_a_caller_disconnecting_mid_upload_aborts_the_upstream_request(
     stack: Stack, redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="relay.uploads")
+    caplog.set_level(logging.INFO, logger="relay.api.uploads")
     body = form(callback(stack.callback_url), video(8 * MiB), audio(MiB))
     sock = raw_upload(stack, body, 4 * MiB)
     eventually(lambda: upstream_calls(stack) == 1)  # the upload is on its way upstream
@@ -400,7 +400,7 @@ def test_callback_url_after_the_files_is_kept_by_the_relay_only(
     assert received["fields"] == {"reference_id": "curl-style"}
     client = redis.Redis.from_url(redis_url)
     try:
-        tracked = client.hget(redis_keys.job(request_id), "callback_url")
+        tracked = client.hget(keys.job(request_id), "callback_url")
     finally:
         client.close()
     assert isinstance(tracked, bytes)

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from relay import worker
-from relay.embedded_redis import find_redis_server, free_port
+from relay.devtools.embedded_redis import find_redis_server, free_port
 from relay.settings import load_settings
+from relay.worker import dispatcher, process
 from tests.stack import SANDBOX_KEY, new_secret
 
 
@@ -39,7 +39,7 @@ async def status(url: str) -> int:
 
 
 async def test_liveness_fails_while_redis_hangs_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(worker, "STALE_AFTER", 1.0)
+    monkeypatch.setattr(dispatcher, "STALE_AFTER", 1.0)
     port = free_port()
     with own_redis() as (redis_url, redis_proc):
         await asyncio.sleep(0.3)
@@ -50,7 +50,7 @@ async def test_liveness_fails_while_redis_hangs_the_worker(monkeypatch: pytest.M
             RELAY_SHUTDOWN_TIMEOUT="0",
         )
         stop = asyncio.Event()
-        running = asyncio.create_task(worker.serve_worker(settings, stop, http_port=port))
+        running = asyncio.create_task(process.serve_worker(settings, stop, http_port=port))
         url = f"http://127.0.0.1:{port}/healthz"
         for _ in range(100):
             with contextlib.suppress(httpx.TransportError):

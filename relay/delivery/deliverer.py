@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,13 +23,14 @@ from typing import Literal
 import httpx
 from arq import Retry
 
+from relay.delivery.signing import Signer
+from relay.errors import DestinationRefused
+from relay.jitter import jittered
+from relay.jobs.store import DeliveryState, JobStore
 from relay.metrics import DELIVERIES, DELIVERY_LATENCY
-from relay.pinned_transport import DestinationRefused
-from relay.signing import Signer
-from relay.store import DeliveryState, JobStore
 from relay.upstream import USER_AGENT, parse_retry_after
 
-log = logging.getLogger("relay.delivery")
+log = logging.getLogger(__name__)
 
 # How long an ended job outlives the attempt scheduled furthest out, at the least.
 KEEP_AFTER_LAST_ATTEMPT = 86400.0
@@ -64,7 +64,7 @@ def classify(response: httpx.Response) -> Outcome:
 
 def next_delay(schedule: tuple[float, ...], attempt: int, retry_after: float | None) -> float:
     """Wait before `attempt` (0-based): the schedule's step with ±10 % jitter, or Retry-After."""
-    delay = schedule[attempt] * random.uniform(0.9, 1.1)  # noqa: S311 - jitter, not security
+    delay = jittered(schedule[attempt])
     if retry_after is not None:
         delay = max(delay, min(retry_after, MAX_RETRY_AFTER))
     return delay
@@ -99,10 +99,13 @@ class Deliverer:
             return "stale"
         if not (job.callback_url and job.event and job.event_id):
             return "stale"
+        started = time.monotonic()
         outcome = await self._post(job.callback_url, job.event_id, job.event)
         log_extra = {"request_id": request_id, "attempt": attempt, "result": outcome.detail}
         if outcome.kind == "delivered" and job.ended_at is not None:
-            DELIVERY_LATENCY.observe(max(0.0, time.time() - job.ended_at))
+            # On the Redis clock, like `ended_at`: the record's read time plus the attempt.
+            delivered_at = job.read_at + (time.monotonic() - started)
+            DELIVERY_LATENCY.observe(max(0.0, delivered_at - job.ended_at))
         following = attempt + 1
         settled: DeliveryState | None = None
         if outcome.kind != "retry":

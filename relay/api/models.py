@@ -11,7 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
-from relay.netpolicy import MAX_URL_LENGTH, CallbackUrlRejected, parse_callback_url
+from relay.delivery.netpolicy import MAX_URL_LENGTH, parse_callback_url
+from relay.errors import CallbackUrlRejected
 
 MAX_REFERENCE_ID_LENGTH = 256
 MAX_ID_LENGTH = 256

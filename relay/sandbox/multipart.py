@@ -52,7 +52,7 @@ class _State(Enum):
     DONE = auto()
 
 
-# The relay has a parser of its own (relay.multipart_form) and this one repeats some of it on
+# The relay has a parser of its own (relay.api.multipart) and this one repeats some of it on
 # purpose: the sandbox stands in for Chamelaion in the relay's tests, and a shared parser would
 # share its bugs, letting a relay that garbles a form pass against a sandbox that garbles alike.
 def parse_header_value(value: str) -> tuple[str, dict[str, str]]:

@@ -28,11 +28,14 @@ import httpx
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from relay.api.body import declared_length, too_large
+from relay.api.multipart import MediaForm, boundary_of, content_type
+from relay.api.state import app_state
+from relay.api.submit import accept_job, check_callback_url, ensure_store
 from relay.errors import ApiError, UpstreamError
-from relay.multipart_form import MediaForm, boundary_of, content_type
 from relay.upstream import Upstream
 
-log = logging.getLogger("relay.uploads")
+log = logging.getLogger(__name__)
 
 UPSTREAM_PATH = "v1/lipsync/generate-with-media"
 PUSH_INTERVAL = 0.05  # seconds between moves of the stall deadline
@@ -84,9 +87,7 @@ class Upload:
             # A problem raised inside the body reaches here as the transport's error: prefer it.
             raise self.problem or exc from None
         if response.is_success and not self._complete:
-            raise UpstreamError(
-                502, "Chamelaion accepted an upload it had not fully received", upstream_status=None
-            )
+            raise UpstreamError(502, "Chamelaion accepted an upload it had not fully received")
         return response
 
     async def _forward(self, upstream: Upstream) -> httpx.Response:
@@ -138,7 +139,7 @@ class Upload:
             raise self.problem from None
         self._received += len(chunk)
         if self._received > self._limit:
-            self.problem = ApiError(413, f"request body is larger than {self._limit} bytes")
+            self.problem = too_large(self._limit)
             raise self.problem
         self._ready += self._checked(lambda: self.form.feed(chunk))
         if self.form.callback_url is not None and not self._callback_checked:
@@ -174,23 +175,15 @@ class Upload:
             log.info("upload abandoned: nothing from the caller for %s", seconds)
             return ApiError(408, f"upload stalled: nothing arrived for {seconds}")
         if self._waiting == "upstream":
-            return UpstreamError(
-                504, f"Chamelaion stopped accepting the upload for {seconds}", upstream_status=None
-            )
-        return UpstreamError(504, "Chamelaion did not answer in time", upstream_status=None)
+            return UpstreamError(504, f"Chamelaion stopped accepting the upload for {seconds}")
+        return UpstreamError(504, "Chamelaion did not answer in time")
 
 
 async def generate_with_media(request: Request) -> Response:
-    # Imported here because relay.api imports this module for its route.
-    from relay.api import accept_job, app_state, check_callback_url, ensure_store
-
     state = app_state(request)
     limit = state.settings.max_upload_bytes
     form = MediaForm(boundary_of(request.headers.get("content-type", "")))
-    length = request.headers.get("content-length")
-    declared = int(length) if length is not None and length.isascii() and length.isdigit() else None
-    if declared is not None and declared > limit:
-        raise ApiError(413, f"request body is larger than {limit} bytes")
+    declared = declared_length(request, limit)
     await ensure_store(state)
     upload = Upload(
         request.stream(),

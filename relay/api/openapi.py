@@ -11,8 +11,8 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from relay.models import MAX_ID_LENGTH, MAX_REFERENCE_ID_LENGTH, GenerateRequest
-from relay.netpolicy import MAX_URL_LENGTH
+from relay.api.models import MAX_ID_LENGTH, MAX_REFERENCE_ID_LENGTH, GenerateRequest
+from relay.delivery.netpolicy import MAX_URL_LENGTH
 
 _REF = "#/components/schemas/{model}"
 

@@ -21,8 +21,8 @@ from enum import Enum, auto
 
 from pydantic import TypeAdapter, ValidationError
 
+from relay.api.models import HttpUrlText, ReferenceId
 from relay.errors import ApiError
-from relay.models import HttpUrlText, ReferenceId
 
 FILE_PARTS = ("video", "audio")
 CALLBACK_FIELD = "callback_url"

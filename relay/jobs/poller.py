@@ -10,8 +10,6 @@ Only a 404 that lasts longer than the grace period gives a job up, as `lipsync.f
 from __future__ import annotations
 
 import logging
-import random
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
@@ -19,14 +17,15 @@ from urllib.parse import quote
 import orjson
 
 from relay.errors import UpstreamError
-from relay.events import build_event, event_type, webhook_id
+from relay.jitter import jittered
+from relay.jobs.events import build_event, event_type, webhook_id
+from relay.jobs.schedule import PollSchedule
+from relay.jobs.store import Job, JobStore
 from relay.metrics import POLLS
-from relay.schedule import PollSchedule
 from relay.settings import Settings
-from relay.store import Job, JobStore
 from relay.upstream import Upstream, json_object, parse_retry_after
 
-log = logging.getLogger("relay.poller")
+log = logging.getLogger(__name__)
 
 # A LipsyncRequest is a few hundred bytes; refusing huge bodies keeps Redis memory per job bounded.
 MAX_BODY_BYTES = 64 * 1024
@@ -54,10 +53,6 @@ class Poller:
         self.settings = settings
         self.enqueue_delivery = enqueue_delivery
 
-    def _jittered(self, interval: float) -> float:
-        # Spread polls of jobs submitted together so they do not stay in lock-step.
-        return interval * random.uniform(0.9, 1.1)  # noqa: S311 - not security-sensitive
-
     def _longer(self, interval: float) -> float:
         low, high = self.settings.poll_min_interval, self.settings.poll_max_interval
         return min(high, max(low, interval * BACKOFF))
@@ -66,13 +61,13 @@ class Poller:
         job = await self.store.get(request_id)
         if job is None:
             # Expired or removed: nothing left to poll for.
-            await self.store.unschedule(request_id)
+            await self.schedule.unschedule(request_id)
             return
         if job.ended:
             # A worker ended it but died before handing the delivery over: finish that part.
             await self._hand_over(job)
             return
-        age = time.time() - job.created
+        age = job.read_at - job.created
         if age > self.settings.max_job_age:
             # Bounded life: a job stuck upstream must not be polled (and kept) forever.
             await self._give_up(job, f"Chamelaion did not finish this request within {int(age)} s")
@@ -115,7 +110,7 @@ class Poller:
         interval = self._longer(job.interval)
         await self.store.record_poll(
             job.request_id,
-            next_in=self._jittered(interval),
+            next_in=jittered(interval),
             interval=interval,
             not_found_since=not_found_since or job.not_found_since,
         )
@@ -135,14 +130,14 @@ class Poller:
         interval = self.settings.poll_min_interval if changed else self._longer(job.interval)
         await self.store.record_poll(
             job.request_id,
-            next_in=self._jittered(interval),
+            next_in=jittered(interval),
             interval=interval,
             status=new_status,
             body=raw,
         )
 
     async def _not_found(self, job: Job) -> None:
-        now = time.time()
+        now = job.read_at
         since = job.not_found_since or now
         if now - since < self.settings.not_found_grace:
             await self._retry_later(job, not_found_since=since)
@@ -183,4 +178,4 @@ class Poller:
         # enqueue is idempotent (fixed arq job id), so the retry cannot duplicate the delivery.
         if job.callback_url:
             await self.enqueue_delivery(job.request_id)
-        await self.store.unschedule(job.request_id)
+        await self.schedule.unschedule(job.request_id)

@@ -14,8 +14,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from relay.errors import ApiError
-from relay.sandbox_state import Fault, Job, SandboxState
+from relay.sandbox.errors import SandboxError
+from relay.sandbox.state import Fault, SandboxState, UpstreamJob
 
 FAULT_GROUPS = ("poll", "generate", "all")
 _FAULT_FIELDS = frozenset(
@@ -29,12 +29,12 @@ async def _json_object(request: Request, allowed: Collection[str]) -> dict[str, 
     try:
         body = json.loads(raw) if raw.strip() else {}
     except ValueError as exc:
-        raise ApiError(400, "request body must be a JSON object") from exc
+        raise SandboxError(400, "request body must be a JSON object") from exc
     if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object")
+        raise SandboxError(400, "request body must be a JSON object")
     unknown = sorted(set(body) - set(allowed))
     if unknown:
-        raise ApiError(400, f"unknown fields: {', '.join(unknown)}")
+        raise SandboxError(400, f"unknown fields: {', '.join(unknown)}")
     return body
 
 
@@ -43,28 +43,28 @@ def _number(body: dict[str, Any], name: str, default: float | None) -> float | N
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ApiError(400, f"{name} must be a number >= 0")
+        raise SandboxError(400, f"{name} must be a number >= 0")
     return float(value)
 
 
 def parse_fault(body: dict[str, Any], route_keys: Collection[str]) -> Fault:
     status, count = body.get("status"), body.get("count", 1)
     if status is not None and not (isinstance(status, int) and 400 <= status <= 599):
-        raise ApiError(400, "status must be an HTTP error status (400-599) or null")
+        raise SandboxError(400, "status must be an HTTP error status (400-599) or null")
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ApiError(400, "count must be an integer >= 1")
+        raise SandboxError(400, "count must be an integer >= 1")
     paths = body.get("paths", "all")
     if paths not in FAULT_GROUPS and paths not in route_keys:
-        raise ApiError(400, f"paths must be one of {FAULT_GROUPS} or a route key")
+        raise SandboxError(400, f"paths must be one of {FAULT_GROUPS} or a route key")
     when = body.get("when", "before")
     if when not in ("before", "after"):
-        raise ApiError(400, 'when must be "before" or "after"')
+        raise SandboxError(400, 'when must be "before" or "after"')
     error = body.get("error")
     if error is not None and not isinstance(error, str):
-        raise ApiError(400, "error must be a string")
+        raise SandboxError(400, "error must be a string")
     delay = _number(body, "delay", 0.0) or 0.0
     if status is None and not delay:
-        raise ApiError(400, "a fault needs a status, a delay, or both")
+        raise SandboxError(400, "a fault needs a status, a delay, or both")
     return Fault(
         status=status,
         remaining=count,
@@ -81,10 +81,10 @@ class SandboxControl:
         self._state = state
         self._route_keys = route_keys
 
-    def _job(self, request: Request) -> Job:
+    def _job(self, request: Request) -> UpstreamJob:
         job = self._state.find(request.path_params["id"])
         if job is None:
-            raise ApiError(404, "lipsync request not found")
+            raise SandboxError(404, "lipsync request not found")
         return job
 
     async def add_fault(self, request: Request) -> Response:
@@ -105,11 +105,11 @@ class SandboxControl:
         body = await _json_object(request, _STATUS_FIELDS)
         status, extra, drop = body.get("status"), body.get("extra", {}), body.get("drop", [])
         if status is not None and not isinstance(status, str):
-            raise ApiError(400, "status must be a string")
+            raise SandboxError(400, "status must be a string")
         if not isinstance(extra, dict):
-            raise ApiError(400, "extra must be an object")
+            raise SandboxError(400, "extra must be an object")
         if not isinstance(drop, list) or not all(isinstance(name, str) for name in drop):
-            raise ApiError(400, "drop must be a list of field names")
+            raise SandboxError(400, "drop must be a list of field names")
         if status is not None:
             job.pinned_status = status
         job.overrides.update(extra)
@@ -120,13 +120,13 @@ class SandboxControl:
     async def uploads(self, request: Request) -> Response:
         job = self._job(request)
         if job.uploads is None:
-            raise ApiError(404, "this request was not created by generate-with-media")
+            raise SandboxError(404, "this request was not created by generate-with-media")
         return JSONResponse(job.uploads)
 
     async def body(self, request: Request) -> Response:
         job = self._job(request)
         if job.json_body is None:
-            raise ApiError(404, "this request was not created by generate")
+            raise SandboxError(404, "this request was not created by generate")
         return Response(job.json_body, media_type="application/json")
 
     async def stats(self, request: Request) -> Response:

@@ -24,7 +24,7 @@ that trusts the pod's network position. The checks, in the order a URL meets the
    refuses the URL, because a name that mixes good and bad answers is how rebinding starts.
 
 The delivery side repeats these checks at connect time and connects only to the addresses it
-checked (`relay.pinned_transport`).
+checked (`relay.delivery.transport`).
 """
 
 from __future__ import annotations
@@ -47,13 +47,11 @@ from typing import TypeAlias
 
 import idna
 
-from relay.errors import ApiError
+from relay.errors import CallbackUrlRejected
 
 IPAddress: TypeAlias = IPv4Address | IPv6Address
 IPNetwork: TypeAlias = IPv4Network | IPv6Network
 
-ALLOWED_NETWORKS_ENV = "RELAY_CALLBACK_ALLOWED_NETWORKS"
-DENIED_NETWORKS_ENV = "RELAY_CALLBACK_DENIED_NETWORKS"
 MAX_URL_LENGTH = 2048
 DEFAULT_RESOLVE_TIMEOUT = 5.0
 
@@ -158,17 +156,6 @@ _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(.*)", re.DOTALL)
 _PORT = re.compile(r"[0-9]{1,5}")
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-class CallbackUrlRejected(ApiError):
-    """The callback URL fails a syntax or network-policy check (HTTP 422).
-
-    `reason` never contains the URL's path, query or credentials; it may name the host.
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(422, f"callback_url refused: {reason}")
-        self.reason = reason
 
 
 @dataclass(frozen=True)

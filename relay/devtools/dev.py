@@ -15,13 +15,13 @@ import secrets
 import signal
 from typing import Any
 
-from relay.api import create_app
-from relay.embedded_redis import embedded_redis
-from relay.inbox import create_inbox_app
+from relay.api.app import create_app
+from relay.devtools.embedded_redis import embedded_redis
+from relay.devtools.inbox import create_inbox_app
 from relay.logs import configure_logging
 from relay.serving import EmbeddedServer, embedded_server
 from relay.settings import Settings, load_settings
-from relay.worker import serve_worker
+from relay.worker.process import serve_worker
 
 DEV_API_KEY = "dev-key"
 SANDBOX_KEY = "sandbox-key"

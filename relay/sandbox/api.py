@@ -16,8 +16,8 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from relay.errors import ApiError
-from relay.sandbox_multipart import (
+from relay.sandbox.errors import SandboxError
+from relay.sandbox.multipart import (
     MultipartError,
     MultipartParser,
     PartData,
@@ -25,7 +25,7 @@ from relay.sandbox_multipart import (
     PartStart,
     boundary_from,
 )
-from relay.sandbox_state import SandboxState
+from relay.sandbox.state import SandboxState
 
 _GENERATE_FIELDS = frozenset({"inputs", "disable_active_speaker_detection", "reference_id"})
 _FILE_PARTS = ("video", "audio")
@@ -38,8 +38,8 @@ _BOOLS = frozenset(
 _DEFAULT_LIMIT = 20
 
 
-def _bad(message: str) -> ApiError:
-    return ApiError(400, message)
+def _bad(message: str) -> SandboxError:
+    return SandboxError(400, message)
 
 
 def _fails(*markers: str | None) -> bool:
@@ -235,7 +235,7 @@ class SandboxApi:
     async def get_request(self, request: Request) -> Response:
         job = self._state.find(request.path_params["id"])
         if job is None:
-            raise ApiError(404, "lipsync request not found")
+            raise SandboxError(404, "lipsync request not found")
         return JSONResponse(self._state.render(job))
 
     async def list_requests(self, request: Request) -> Response:

@@ -26,10 +26,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from relay.errors import ApiError
-from relay.sandbox_api import SandboxApi, drain
-from relay.sandbox_control import SandboxControl
-from relay.sandbox_state import Fault, SandboxConfig, SandboxState, retry_after_header
+from relay.sandbox.api import SandboxApi, drain
+from relay.sandbox.control import SandboxControl
+from relay.sandbox.errors import SandboxError
+from relay.sandbox.state import Fault, SandboxConfig, SandboxState, retry_after_header
 
 __all__ = ["SandboxConfig", "create_sandbox_app"]
 
@@ -116,16 +116,16 @@ def _gated(spec: _Spec, state: SandboxState) -> Endpoint:
         if fault is None or fault.status is None:
             return await spec.handler(request)
         # An "after" fault: the work is done (a job may exist) but the answer is lost.
-        with contextlib.suppress(ApiError):
+        with contextlib.suppress(SandboxError):
             await spec.handler(request)
         return _fault_response(fault, fault.status)
 
     return endpoint
 
 
-async def _api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
-    return _error(exc.status_code, exc.message, exc.headers)
+async def _sandbox_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, SandboxError)
+    return _error(exc.status_code, exc.message)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -163,7 +163,7 @@ def create_sandbox_app(config: SandboxConfig = SandboxConfig()) -> Starlette:  #
     return Starlette(
         routes=[Mount("/api", routes=api_routes), Mount("/_sandbox", routes=control_routes)],
         exception_handlers={
-            ApiError: _api_error,
+            SandboxError: _sandbox_error,
             HTTPException: _http_error,
             Exception: _internal_error,
         },

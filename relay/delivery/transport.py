@@ -29,18 +29,11 @@ import httpx
 from aiohttp.abc import AbstractResolver, ResolveResult
 from httpx_aiohttp import AiohttpTransport
 
-from relay.netpolicy import CallbackUrlRejected, NetworkPolicy, parse_callback_url
+from relay.delivery.netpolicy import NetworkPolicy, parse_callback_url
+from relay.errors import CallbackUrlRejected, DestinationRefused
 
 MAX_CONNECTIONS = 100
 KEEPALIVE_EXPIRY = 5.0  # httpx's default
-
-
-class DestinationRefused(httpx.ConnectError):
-    """The network policy refused the callback's destination; no connection was made."""
-
-    def __init__(self, reason: str, *, request: httpx.Request | None = None) -> None:
-        super().__init__(f"callback destination refused: {reason}", request=request)
-        self.reason = reason
 
 
 class _AddressRefused(OSError):

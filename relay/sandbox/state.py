@@ -39,7 +39,7 @@ class SandboxConfig:
 
 
 @dataclass
-class Job:
+class UpstreamJob:
     id: str
     created_at: datetime
     created_monotonic: float
@@ -105,7 +105,7 @@ class SandboxState:
         self.reset()
 
     def reset(self) -> None:
-        self.jobs: dict[str, Job] = {}  # insertion order is creation order
+        self.jobs: dict[str, UpstreamJob] = {}  # insertion order is creation order
         self.faults: list[Fault] = []
         self.calls: Counter[str] = Counter()
         self.timestamps: dict[str, deque[float]] = {}
@@ -139,8 +139,8 @@ class SandboxState:
         fails: bool,
         json_body: bytes | None = None,
         uploads: dict[str, Any] | None = None,
-    ) -> Job:
-        job = Job(
+    ) -> UpstreamJob:
+        job = UpstreamJob(
             id=str(uuid.uuid4()),
             created_at=datetime.now(UTC),
             created_monotonic=self._clock(),
@@ -152,7 +152,7 @@ class SandboxState:
         self.jobs[job.id] = job
         return job
 
-    def find(self, id_or_reference: str) -> Job | None:
+    def find(self, id_or_reference: str) -> UpstreamJob | None:
         """By request id, else the newest job with that reference_id, like Chamelaion."""
         if id_or_reference in self.jobs:
             return self.jobs[id_or_reference]
@@ -161,14 +161,14 @@ class SandboxState:
                 return job
         return None
 
-    def newest_first(self, reference_id: str | None) -> list[Job]:
+    def newest_first(self, reference_id: str | None) -> list[UpstreamJob]:
         return [
             job
             for job in reversed(self.jobs.values())
             if reference_id is None or job.reference_id == reference_id
         ]
 
-    def render(self, job: Job) -> dict[str, Any]:
+    def render(self, job: UpstreamJob) -> dict[str, Any]:
         """The LipsyncRequest object as Chamelaion sends it: absent fields are left out."""
         queued, processing = self.config.queued_seconds, self.config.processing_seconds
         status = job.pinned_status or self._natural_status(job)
@@ -188,7 +188,7 @@ class SandboxState:
             body.pop(name, None)
         return body
 
-    def _natural_status(self, job: Job) -> str:
+    def _natural_status(self, job: UpstreamJob) -> str:
         age = self._clock() - job.created_monotonic
         if age < self.config.queued_seconds:
             return "queued"

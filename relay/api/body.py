@@ -1,0 +1,33 @@
+"""Reading a caller's body within a size limit (413 as soon as it is known to be too big)."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+from relay.errors import ApiError
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, f"request body is larger than {limit} bytes")
+
+
+def declared_length(request: Request, limit: int) -> int | None:
+    """The Content-Length the caller declared (None if absent or odd); 413 when over `limit`."""
+    value = request.headers.get("content-length")
+    declared = int(value) if value is not None and value.isascii() and value.isdigit() else None
+    if declared is not None and declared > limit:
+        raise too_large(limit)
+    return declared
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit`."""
+    declared_length(request, limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,37 @@
+"""How the API answers: JSON bytes passed through as they are, and `{"error": ...}` for errors."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from relay.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+
+def json_bytes(body: bytes) -> Response:
+    """A 200 with JSON the relay already holds as bytes (no re-encoding)."""
+    return Response(body, media_type="application/json")
+
+
+async def api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    content: dict[str, Any] = {"error": exc.message}
+    if exc.details:
+        content["details"] = exc.details
+    return JSONResponse(content, exc.status_code, headers=exc.headers)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
+
+
+async def unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"error": "internal error"}, 500)

@@ -1,0 +1,61 @@
+"""Reading requests: a tracked job from the relay's own state, anything else from Chamelaion."""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import quote
+
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from relay.api.models import MAX_ID_LENGTH, MAX_REFERENCE_ID_LENGTH
+from relay.api.responses import json_bytes
+from relay.api.state import app_state
+from relay.errors import ApiError
+from relay.upstream import check, decode_object
+
+log = logging.getLogger(__name__)
+
+LIST_PARAMS = {"limit": (1, 1000), "offset": (0, 10**9)}
+
+
+async def get_request(request: Request) -> Response:
+    state = app_state(request)
+    id_or_reference: str = request.path_params["id"]
+    if len(id_or_reference) > MAX_ID_LENGTH:
+        raise ApiError(400, f"id is longer than {MAX_ID_LENGTH} characters")
+    try:
+        job = await state.store.find(id_or_reference)
+    except RedisError:
+        log.warning("job store unavailable: answering from Chamelaion")
+        job = None
+    if job is not None and job.body is not None:
+        return json_bytes(job.body)
+    response = check(
+        await state.upstream.request(
+            "GET", f"v1/lipsync/requests/{quote(id_or_reference, safe='')}"
+        )
+    )
+    decode_object(response)
+    return json_bytes(response.content)
+
+
+async def list_requests(request: Request) -> Response:
+    state = app_state(request)
+    params: dict[str, str] = {}
+    for name, (low, high) in LIST_PARAMS.items():
+        value = request.query_params.get(name)
+        if value is None:
+            continue
+        if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
+            raise ApiError(400, f"{name} must be an integer from {low} to {high}")
+        params[name] = str(int(value))
+    reference_id = request.query_params.get("reference_id")
+    if reference_id is not None:
+        if not 1 <= len(reference_id) <= MAX_REFERENCE_ID_LENGTH:
+            raise ApiError(400, f"reference_id must be 1 to {MAX_REFERENCE_ID_LENGTH} characters")
+        params["reference_id"] = reference_id
+    response = check(await state.upstream.request("GET", "v1/lipsync/requests", params=params))
+    decode_object(response)
+    return json_bytes(response.content)

@@ -1,0 +1,16 @@
+-- Start tracking a job: its hash, its place in the poll queue and its reference_id index,
+-- together or not at all. Returns 0 when the id is already tracked (nothing changes then).
+local job_key = KEYS[1]
+local polls_key = KEYS[2]
+local ref_key = KEYS[3]        -- the job key again when there is no reference_id
+local request_id = ARGV[1]
+local callback_url = ARGV[2]
+local reference_id = ARGV[3]   -- '' when none
+local first_poll_in = tonumber(ARGV[4])
+
+if redis.call('EXISTS', job_key) == 1 then return 0 end
+redis.call('HSET', job_key, 'created', now, 'interval', first_poll_in,
+           'callback_url', callback_url, 'reference_id', reference_id)
+redis.call('ZADD', polls_key, now + first_poll_in, request_id)
+if reference_id ~= '' then redis.call('SET', ref_key, request_id) end
+return 1

@@ -1,0 +1,18 @@
+-- Store a poll result that did not end the job, and when to poll it next. Dropped (returns 0)
+-- once the job has ended or left the queue: a slow worker never overwrites newer state.
+local job_key = KEYS[1]
+local polls_key = KEYS[2]
+local request_id = ARGV[1]
+local next_in = tonumber(ARGV[2])
+local interval = ARGV[3]
+local status = ARGV[4]            -- '' = unchanged
+local body = ARGV[5]
+local not_found_since = ARGV[6]   -- '' = found
+
+if redis.call('HEXISTS', job_key, 'event') == 1 then return 0 end
+if not redis.call('ZSCORE', polls_key, request_id) then return 0 end
+redis.call('HSET', job_key, 'interval', interval, 'not_found_since', not_found_since,
+           'polled', now)
+if status ~= '' then redis.call('HSET', job_key, 'status', status, 'body', body) end
+redis.call('ZADD', polls_key, 'XX', now + next_in, request_id)
+return 1

@@ -1,0 +1,61 @@
+"""Which polls are due, and who may make them: the poll schedule and the shared upstream budget.
+
+All outstanding jobs sit in one sorted set scored by when they are next due, so finding due work
+is a range read of the head (O(log N + k)), never a scan. A claim and the rate budget are one
+atomic script: it takes at most as many due ids as the budget allows right now, and pushes each
+claimed id a lease into the future. A worker that finishes sets the real next time; a worker that
+dies does nothing, and its claims fall due again when the lease runs out.
+
+The budget is a GCRA (generic cell rate algorithm) over one Redis key, shared by every worker:
+requests are spaced 1/rate apart on average with a burst of at most `burst`. An upstream 429
+sets a pause that every worker honours before claiming anything.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from relay import keys, lua
+
+
+@dataclass(frozen=True)
+class Claim:
+    ids: list[str]
+    # How long until claiming could give more: the budget's next slot, the end of a pause or the
+    # next due poll. None: nothing is tracked at all.
+    wait: float | None
+
+
+class PollSchedule:
+    def __init__(self, redis: Redis, *, rate: float, lease: float) -> None:
+        self.redis = redis
+        self.period = 1.0 / rate
+        # A burst of a tenth of a second's worth keeps spacing even yet lets one claim take several.
+        self.burst = max(1, math.floor(rate / 10))
+        self.lease = lease
+        self._claim = lua.register(redis, __package__, "claim")
+        self._pause = lua.register(redis, __package__, "pause")
+        self._hand_back = lua.register(redis, __package__, "hand_back")
+
+    async def claim(self, limit: int) -> Claim:
+        reply = await self._claim(
+            keys=[keys.POLLS, keys.UPSTREAM_TAT, keys.UPSTREAM_PAUSED],
+            args=[limit, self.lease, self.period, self.burst],
+        )
+        count, wait = int(reply[0]), float(reply[1])
+        ids = [raw.decode() for raw in reply[2 : 2 + count]]
+        return Claim(ids=ids, wait=None if wait < 0 else max(wait, 0.0))
+
+    async def pause_upstream(self, seconds: float) -> None:
+        await self._pause(keys=[keys.UPSTREAM_PAUSED], args=[seconds])
+
+    async def hand_back(self, request_ids: list[str]) -> None:
+        if request_ids:
+            await self._hand_back(keys=[keys.POLLS], args=request_ids)
+
+    async def unschedule(self, request_id: str) -> None:
+        """Take a job out of the poll queue (it ended, or its record is gone)."""
+        await self.redis.zrem(keys.POLLS, request_id)

@@ -1,0 +1,98 @@
+"""The poll dispatcher: claims due polls from the schedule and runs them, within a concurrency cap.
+
+Polls do not go through arq's queue: parking 100k deferred jobs there would make every queue
+read and every queue-length metric about future work. The dispatcher instead claims due ids
+from the schedule (relay.jobs.schedule) within the shared rate budget and polls them here, at
+most RELAY_WORKER_CONCURRENCY at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from redis.exceptions import RedisError
+
+from relay.jobs.poller import Poller
+from relay.jobs.schedule import PollSchedule
+
+log = logging.getLogger(__name__)
+
+# The dispatcher never sleeps longer than this, so new jobs and a stop are noticed quickly.
+MAX_IDLE = 0.5
+# The part of a claim's lease a poll may take; the rest is margin for writing its result.
+LEASE_SHARE = 0.8
+# A heartbeat older than this means the dispatcher loop is stuck: the health check fails.
+STALE_AFTER = 30.0
+
+
+@dataclass
+class Dispatcher:
+    schedule: PollSchedule
+    poller: Poller
+    concurrency: int
+    heartbeat: float = field(default_factory=time.monotonic)
+    in_flight: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            self.heartbeat = time.monotonic()
+            free = self.concurrency - len(self.in_flight)
+            if free <= 0:
+                await asyncio.wait(
+                    list(self.in_flight.values()),
+                    timeout=MAX_IDLE,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                continue
+            try:
+                claim = await self.schedule.claim(free)
+            except RedisError as exc:
+                log.warning("could not claim polls: %s", type(exc).__name__)
+                await self._sleep(1.0)
+                continue
+            for request_id in claim.ids:
+                if request_id in self.in_flight:
+                    continue  # still being polled here; its own result will reschedule it
+                task = asyncio.create_task(self._poll(request_id), name=f"poll:{request_id}")
+                self.in_flight[request_id] = task
+            if not claim.ids:
+                await self._sleep(min(claim.wait if claim.wait is not None else MAX_IDLE, MAX_IDLE))
+
+    async def _poll(self, request_id: str) -> None:
+        try:
+            # A poll must end within its lease, or another worker polls the job as well.
+            async with asyncio.timeout(self.schedule.lease * LEASE_SHARE):
+                await self.poller.poll(request_id)
+        except TimeoutError:
+            log.warning("poll of %s outlasted its lease share and was abandoned", request_id)
+        except RedisError as exc:
+            # The claim's lease makes it due again; nothing else to undo.
+            log.warning("poll of %s hit a Redis error: %s", request_id, type(exc).__name__)
+        except Exception:
+            log.exception("poll of %s failed unexpectedly", request_id)
+        finally:
+            self.in_flight.pop(request_id, None)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def hand_back_unfinished(self) -> None:
+        """Cancel the polls still running and make them due now for another worker."""
+        left = list(self.in_flight)
+        for task in list(self.in_flight.values()):
+            task.cancel()
+        if left:
+            await self.schedule.hand_back(left)
+            log.info("handed back %d unfinished polls", len(left))
+
+    def healthy(self) -> bool:
+        return time.monotonic() - self.heartbeat < STALE_AFTER
