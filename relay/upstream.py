@@ -9,6 +9,7 @@ both on aiohttp; see bench/). Network failures are mapped here, at the boundary,
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -64,15 +65,26 @@ def endpoint_name(path: str) -> str:
     return path
 
 
+def timed_out(exc: httpx.HTTPError) -> bool:
+    """Whether a transport error is a real timeout.
+
+    httpx-aiohttp maps every aiohttp.ClientConnectionError (refused, reset, hung up) to
+    httpx.ConnectTimeout; the aiohttp error it chains says what really happened.
+    """
+    if not isinstance(exc, httpx.TimeoutException):
+        return False
+    cause = exc.__cause__
+    return cause is None or isinstance(cause, TimeoutError)
+
+
 @contextlib.contextmanager
 def _map_transport_errors(failures: Counter) -> Iterator[None]:
     try:
         yield
-    except httpx.TimeoutException as exc:
-        failures.inc()
-        raise UpstreamError(504, "Chamelaion did not answer in time") from exc
     except httpx.HTTPError as exc:
         failures.inc()
+        if timed_out(exc):
+            raise UpstreamError(504, "Chamelaion did not answer in time") from exc
         raise UpstreamError(502, "could not reach Chamelaion") from exc
 
 
@@ -91,7 +103,8 @@ def check(response: httpx.Response) -> httpx.Response:
             "CHAMELAION_API_KEY",
         )
     if status == 429:
-        headers = {"retry-after": str(max(1, round(retry_after)))} if retry_after else {}
+        # Rounded up: telling the caller to come back sooner than Chamelaion asked only earns a 429.
+        headers = {"retry-after": str(max(1, math.ceil(retry_after)))} if retry_after else {}
         raise UpstreamError(
             429,
             "rate limit exceeded (Chamelaion)",

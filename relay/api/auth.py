@@ -50,6 +50,13 @@ class KeyRing:
         return None if self.accepts(token) else "invalid token"
 
 
+def route_path(scope: Scope) -> str:
+    """The path Starlette routes on: under a root path (a proxy's prefix), without it."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 class ApiKeyMiddleware:
     """Pure ASGI, so request bodies (uploads) stream through untouched."""
 
@@ -58,7 +65,7 @@ class ApiKeyMiddleware:
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX):
+        if scope["type"] != "http" or not route_path(scope).startswith(PROTECTED_PREFIX):
             await self.app(scope, receive, send)
             return
         refusal = self.keys.refusal(dict(scope["headers"]))

@@ -9,6 +9,8 @@ local status = ARGV[4]            -- '' = unchanged
 local body = ARGV[5]
 local not_found_since = ARGV[6]   -- '' = found
 
+-- A job whose hash is gone (expired, evicted) is not written back half-made.
+if redis.call('EXISTS', job_key) == 0 then return 0 end
 if redis.call('HEXISTS', job_key, 'event') == 1 then return 0 end
 if not redis.call('ZSCORE', polls_key, request_id) then return 0 end
 redis.call('HSET', job_key, 'interval', interval, 'not_found_since', not_found_since,

@@ -105,7 +105,7 @@ class JobStore:
         ref_key = keys.ref(reference_id) if reference_id else keys.job(request_id)
         created = await self._create(
             keys=[keys.job(request_id), keys.POLLS, ref_key],
-            args=[request_id, callback_url or "", reference_id or "", first_poll_in, first_poll_in],
+            args=[request_id, callback_url or "", reference_id or "", first_poll_in],
         )
         return bool(created)
 
