@@ -83,20 +83,34 @@ def test_transient_upstream_errors_only_delay_the_job(redis_url: str) -> None:
         assert orjson.loads(callback.body)["type"] == "lipsync.completed"
 
 
+def poll_times(stack: Stack) -> list[float]:
+    """When the sandbox saw each poll, on this process's monotonic clock (the sandbox's own)."""
+    stats = stack.upstream("GET", "/_sandbox/stats").json()
+    times: list[float] = stats["timestamps"].get(POLL_ROUTE, [])
+    return times
+
+
 def test_a_429_pauses_every_worker_for_its_retry_after(redis_url: str) -> None:
     with relay_stack(redis_url, sandbox=SLOW, workers=2) as stack:
         for _ in range(4):
             submit(stack)
-        time.sleep(1.0)  # polls are flowing
+        eventually(lambda: len(poll_times(stack)) >= 4)  # polls are flowing
         stack.upstream(
             "POST",
             "/_sandbox/faults",
             json={"status": 429, "count": 1, "retry_after": 2, "paths": "poll"},
         )
-        time.sleep(3.5)
-        stamps: list[float] = stack.upstream("GET", "/_sandbox/stats").json()["timestamps"][
-            POLL_ROUTE
-        ]
+        # The 429 was answered before a worker paused everyone; once the pause is seen, wait
+        # for a poll 2 s later still, so the whole pause window lies between recorded polls.
+        client = redis.Redis.from_url(redis_url)
+        try:
+            eventually(lambda: client.exists(keys.UPSTREAM_PAUSED))
+        finally:
+            client.close()
+        paused_seen = time.monotonic()
+        stamps: list[float] = eventually(
+            lambda: (times := poll_times(stack)) and times[-1] > paused_seen + 2.0 and times
+        )
         gaps = [later - earlier for earlier, later in itertools.pairwise(stamps)]
         assert max(gaps) >= 1.9, "after a 429 with Retry-After: 2 nobody polls for 2 s"
 
@@ -112,14 +126,12 @@ def test_all_workers_together_stay_inside_the_upstream_rate(redis_url: str) -> N
         for _ in range(10):
             submit(stack)
 
-        def poll_times() -> list[float]:
-            stats = stack.upstream("GET", "/_sandbox/stats").json()
-            times: list[float] = stats["timestamps"].get(POLL_ROUTE, [])
-            return times
-
-        first = eventually(poll_times)[0]  # both workers are up and polling
-        time.sleep(3.5)
-        stamps = [t for t in poll_times() if t < first + 3.0]
+        first = eventually(lambda: poll_times(stack))[0]  # both workers are up and polling
+        # Polls are recorded in order: one at or past first + 3 s closes the measured window.
+        window_closed = eventually(
+            lambda: (times := poll_times(stack)) and times[-1] >= first + 3.0 and times
+        )
+        stamps = [t for t in window_closed if t < first + 3.0]
     # 10 jobs due every 0.1 s want 100 polls/s; the budget allows 5/s (burst 1) for everyone.
     busiest = max(sum(1 for t in stamps if start <= t < start + 1.0) for start in stamps)
     assert busiest <= rate + 1, f"{busiest} polls in one second"
