@@ -7,6 +7,10 @@ relay:polls                 zset   request id -> when it is next due (Redis cloc
                                    that dies simply lets its claims fall due again
 relay:upstream:tat          string theoretical arrival time of the shared upstream budget (GCRA)
 relay:upstream:paused       string Redis-clock time until which nobody polls (after a 429)
+relay:idem:{caller}:{route}:{key}
+                            hash   one Idempotency-Key's claim and first answer (caller: a
+                                   digest of the caller's API key; route: the submit path)
+relay:webhook-key:{key id}  string when the relay first published that ed25519 public key
 relay:arq:queue             zset   arq's queue: deliveries only
 relay:arq:health            string arq's health check record
 arq:job:{job id}            string a queued arq job (arq's own prefix, not configurable)
@@ -48,3 +52,11 @@ def ref(reference_id: str) -> str:
 
 def delivery_job_id(request_id: str, attempt: int) -> str:
     return f"deliver:{request_id}:{attempt}"
+
+
+def idempotency(caller: str, route: str, key: str) -> str:
+    return f"{PREFIX}idem:{caller}:{route}:{key}"
+
+
+def webhook_key(key_id: str) -> str:
+    return f"{PREFIX}webhook-key:{key_id}"

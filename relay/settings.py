@@ -7,14 +7,13 @@ variable, so a misconfigured pod says what to fix instead of crashing later.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from relay.delivery.netpolicy import NetworkPolicy, parse_networks
+from relay.delivery.signing import check_secret
 from relay.errors import ConfigError
 from relay.redis_conn import check_redis_url
 
@@ -82,6 +81,8 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(5 * 1024**3, ge=1024, validation_alias="RELAY_MAX_UPLOAD_BYTES")
     log_format: Literal["json", "text"] = Field("json", validation_alias="RELAY_LOG_FORMAT")
     shutdown_timeout: float = Field(20.0, ge=0, validation_alias="RELAY_SHUTDOWN_TIMEOUT")
+    # How long an Idempotency-Key and its first answer are kept.
+    idempotency_ttl: float = Field(86400.0, ge=60, validation_alias="RELAY_IDEMPOTENCY_TTL")
     worker_http_port: int = Field(9100, ge=0, le=65535, validation_alias="RELAY_WORKER_HTTP_PORT")
 
     @field_validator("api_keys", "webhook_secrets", "delivery_retry_schedule", mode="before")
@@ -115,17 +116,11 @@ class Settings(BaseSettings):
 
     @field_validator("webhook_secrets")
     @classmethod
-    def _whsec(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+    def _webhook_secrets(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
         for position, secret in enumerate(value, start=1):
-            raw = secret.get_secret_value()
-            if not raw.startswith("whsec_"):
-                raise ValueError(f"secret #{position} must start with whsec_")
-            try:
-                decoded = base64.b64decode(raw.removeprefix("whsec_"), validate=True)
-            except binascii.Error:
-                raise ValueError(f"secret #{position} is not base64 after whsec_") from None
-            if len(decoded) < 24:
-                raise ValueError(f"secret #{position} must hold at least 24 random bytes")
+            problem = check_secret(secret.get_secret_value())
+            if problem is not None:
+                raise ValueError(f"secret #{position} {problem}")
         return value
 
     @field_validator("delivery_retry_schedule")

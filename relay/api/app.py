@@ -19,13 +19,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from relay.api import test_events, watches, webhook_keys
 from relay.api.auth import ApiKeyMiddleware, KeyRing
+from relay.api.idempotency import idempotent
 from relay.api.openapi import openapi_document
 from relay.api.responses import api_error, http_error, unexpected_error
 from relay.api.state import AppState, app_state
 from relay.api.status import get_request, list_requests
 from relay.api.submit import generate
 from relay.api.uploads import generate_with_media
+from relay.delivery.signing import Signer
+from relay.delivery.transport import make_callback_client
 from relay.errors import ApiError
 from relay.jobs.store import JobStore
 from relay.metrics import metrics_response
@@ -62,21 +66,33 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         redis = connect(settings.redis_url)
         upstream = Upstream.from_settings(settings)
+        policy = settings.callback_policy()
+        signer = Signer(settings.webhook_secrets) if settings.webhook_secrets else None
+        callback_client = make_callback_client(policy, settings.delivery_timeout)
         try:
             yield {
                 "relay": AppState(
-                    settings, redis, JobStore(redis), upstream, settings.callback_policy()
+                    settings, redis, JobStore(redis), upstream, policy, signer, callback_client
                 )
             }
         finally:
+            await callback_client.aclose()
             await upstream.aclose()
             await close_redis(redis)
 
     routes = [
-        Route("/api/v1/lipsync/generate", generate, methods=["POST"]),
-        Route("/api/v1/lipsync/generate-with-media", generate_with_media, methods=["POST"]),
+        Route("/api/v1/lipsync/generate", idempotent(generate, buffered=True), methods=["POST"]),
+        Route(
+            "/api/v1/lipsync/generate-with-media",
+            idempotent(generate_with_media, buffered=False),
+            methods=["POST"],
+        ),
         Route("/api/v1/lipsync/requests/{id}", get_request, methods=["GET"]),
         Route("/api/v1/lipsync/requests", list_requests, methods=["GET"]),
+        # Relay-only routes: their own namespace, never one of Chamelaion's paths.
+        Route(webhook_keys.PATH, webhook_keys.webhook_keys, methods=["GET"]),
+        Route(test_events.PATH, test_events.send_test_event, methods=["POST"]),
+        Route(watches.PATH, watches.watch, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
@@ -85,7 +101,13 @@ def create_app(settings: Settings) -> Starlette:
     return Starlette(
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(ApiKeyMiddleware, keys=KeyRing(settings.api_keys))],
+        middleware=[
+            Middleware(
+                ApiKeyMiddleware,
+                keys=KeyRing(settings.api_keys),
+                public=(webhook_keys.PATH,),
+            )
+        ],
         exception_handlers={
             ApiError: api_error,
             HTTPException: http_error,

@@ -60,12 +60,15 @@ def route_path(scope: Scope) -> str:
 class ApiKeyMiddleware:
     """Pure ASGI, so request bodies (uploads) stream through untouched."""
 
-    def __init__(self, app: ASGIApp, keys: KeyRing) -> None:
+    def __init__(self, app: ASGIApp, keys: KeyRing, public: tuple[str, ...] = ()) -> None:
         self.app = app
         self.keys = keys
+        # Exact paths under /api/ that need no key (published public keys).
+        self.public = frozenset(public)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not route_path(scope).startswith(PROTECTED_PREFIX):
+        path = route_path(scope) if scope["type"] == "http" else ""
+        if not path.startswith(PROTECTED_PREFIX) or path in self.public:
             await self.app(scope, receive, send)
             return
         refusal = self.keys.refusal(dict(scope["headers"]))

@@ -11,7 +11,10 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from relay.api.idempotency import MAX_KEY_LENGTH
 from relay.api.models import MAX_ID_LENGTH, MAX_REFERENCE_ID_LENGTH, GenerateRequest
+from relay.api.test_events import TestEventRequest
+from relay.api.watches import WatchRequest
 from relay.delivery.netpolicy import MAX_URL_LENGTH
 
 _REF = "#/components/schemas/{model}"
@@ -76,6 +79,51 @@ def openapi_document() -> dict[str, Any]:
     components.update(
         {
             "GenerateRequest": generate_schema,
+            "TestEventRequest": TestEventRequest.model_json_schema(ref_template=_REF),
+            "WatchRequest": WatchRequest.model_json_schema(ref_template=_REF),
+            "TestEventResult": {
+                "type": "object",
+                "required": ["webhook_id", "delivered", "status", "error", "duration_ms"],
+                "properties": {
+                    "webhook_id": {"type": "string"},
+                    "delivered": {"type": "boolean"},
+                    "status": {"type": ["integer", "null"]},
+                    "error": {
+                        "type": ["string", "null"],
+                        "enum": ["timeout", "refused", "tls", "policy", "error", None],
+                    },
+                    "duration_ms": {"type": "number"},
+                    "response_excerpt": {"type": "string"},
+                },
+            },
+            "Watch": {
+                "type": "object",
+                "required": ["request_id", "watching", "created"],
+                "properties": {
+                    "request_id": {"type": "string"},
+                    "watching": {"const": True},
+                    "created": {"type": "boolean"},
+                },
+            },
+            "WebhookKeys": {
+                "type": "object",
+                "required": ["keys"],
+                "properties": {
+                    "keys": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["key_id", "algorithm", "public_key", "created"],
+                            "properties": {
+                                "key_id": {"type": "string"},
+                                "algorithm": {"const": "ed25519"},
+                                "public_key": {"type": "string", "pattern": "^whpk_"},
+                                "created": {"type": ["string", "null"]},
+                            },
+                        },
+                    }
+                },
+            },
             "LipsyncGenerate": {
                 "type": "object",
                 "required": ["status", "request_id"],
@@ -149,6 +197,22 @@ def openapi_document() -> dict[str, Any]:
         },
     ]
     secured: list[dict[str, list[str]]] = [{"apiKey": []}, {"bearer": []}]
+    idempotency_key = {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "Replays the first answer for the same key and body (24 h, per caller)",
+        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH},
+    }
+    idempotency_errors = {
+        "409": _error("A request with this Idempotency-Key is still in progress"),
+        "422": _error("Invalid field, or Idempotency-Key reused with another body"),
+    }
+    relay_body = {
+        "413": _error("Body over the configured limit"),
+        "422": _error("Invalid field (named in the message and details)"),
+        "400": _error("Malformed body"),
+    }
     return {
         "openapi": "3.1.0",
         "info": {"title": "chamelaion-relay", "version": "0.1.0"},
@@ -163,8 +227,9 @@ def openapi_document() -> dict[str, Any]:
             "/api/v1/lipsync/generate": {
                 "post": _operation(
                     "Start a lip-sync job from URLs, with an optional callback",
-                    submitted,
+                    {**submitted, **idempotency_errors},
                     security=secured,
+                    parameters=[idempotency_key],
                     requestBody={"required": True, "content": _json("GenerateRequest")},
                 )
             },
@@ -173,10 +238,12 @@ def openapi_document() -> dict[str, Any]:
                     "Start a lip-sync job from uploaded files, streamed through to Chamelaion",
                     {
                         **submitted,
+                        **idempotency_errors,
                         "400": _error("Missing, extra or malformed parts"),
                         "415": _error("Not multipart/form-data"),
                     },
                     security=secured,
+                    parameters=[idempotency_key],
                     requestBody={
                         "required": True,
                         "content": {"multipart/form-data": {"schema": _MEDIA_FORM}},
@@ -208,6 +275,45 @@ def openapi_document() -> dict[str, Any]:
                     },
                     security=secured,
                     parameters=list_params,
+                )
+            },
+            "/api/relay/v1/webhook-keys": {
+                "get": _operation(
+                    "The ed25519 public keys that verify v1a signatures (no key needed)",
+                    {"200": {"description": "The keys", "content": _json("WebhookKeys")}},
+                )
+            },
+            "/api/relay/v1/test-events": {
+                "post": _operation(
+                    "Send a signed relay.test event to a URL now, and say what it answered",
+                    {
+                        "200": {
+                            "description": "What happened",
+                            "content": _json("TestEventResult"),
+                        },
+                        **relay_body,
+                        "503": _error("This API process has no signing secrets"),
+                        **_ERRORS_ANY,
+                    },
+                    security=secured,
+                    requestBody={"required": True, "content": _json("TestEventRequest")},
+                )
+            },
+            "/api/relay/v1/watches": {
+                "post": _operation(
+                    "Call back for a job submitted to Chamelaion directly",
+                    {
+                        "200": {"description": "Already watched", "content": _json("Watch")},
+                        "201": {"description": "Now watched", "content": _json("Watch")},
+                        "404": _error("Chamelaion does not know this request"),
+                        "409": _error("Already tracked with a different callback_url"),
+                        "503": _error("The relay's job store is unavailable"),
+                        **relay_body,
+                        **_UPSTREAM_ERRORS,
+                        **_ERRORS_ANY,
+                    },
+                    security=secured,
+                    requestBody={"required": True, "content": _json("WatchRequest")},
                 )
             },
             "/healthz": {

@@ -19,12 +19,16 @@ def json_bytes(body: bytes) -> Response:
     return Response(body, media_type="application/json")
 
 
-async def api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
+def error_content(exc: ApiError) -> dict[str, Any]:
     content: dict[str, Any] = {"error": exc.message}
     if exc.details:
         content["details"] = exc.details
-    return JSONResponse(content, exc.status_code, headers=exc.headers)
+    return content
+
+
+async def api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return JSONResponse(error_content(exc), exc.status_code, headers=exc.headers)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

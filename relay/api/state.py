@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import httpx
 from redis.asyncio import Redis
 from starlette.requests import Request
 
 from relay.delivery.netpolicy import NetworkPolicy
+from relay.delivery.signing import Signer
 from relay.jobs.store import JobStore
 from relay.settings import Settings
 from relay.upstream import Upstream
@@ -20,6 +22,9 @@ class AppState:
     store: JobStore
     upstream: Upstream
     policy: NetworkPolicy
+    # Test events and the published keys need these; None when the API has no secrets.
+    signer: Signer | None
+    callback_client: httpx.AsyncClient
 
 
 def app_state(request: Request) -> AppState:

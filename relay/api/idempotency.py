@@ -1,0 +1,159 @@
+"""`Idempotency-Key` on the submit routes: the same key and body answer once, whatever retries.
+
+Scoped per caller (the key is stored under a digest of the caller's API key, so one caller can
+neither read nor block another's) and kept RELAY_IDEMPOTENCY_TTL (24 h). The same key with the
+same body replays the first answer without a second upstream job; with another body it is 422;
+a retry while the first is still in flight is 409. Answers that say "try again" (429, 5xx) are
+not kept: the key is released so the retry runs. A request that dies in flight holds its key
+for the upstream timeout plus a minute, then the key is free again.
+
+JSON submits are fingerprinted by their body's SHA-256. Uploads are streamed and never held,
+so their fingerprint is what is known up front, the declared length (a retry picks a new
+multipart boundary, so the bytes differ anyway): an upload is replayed by key only once the
+first has completed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Awaitable, Callable
+
+import orjson
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Message
+
+from relay import keys, lua
+from relay.api.body import read_body
+from relay.api.responses import error_content
+from relay.api.state import AppState, app_state
+from relay.errors import ApiError
+
+HEADER = "idempotency-key"
+MAX_KEY_LENGTH = 255
+# Answers worth replaying: the job was accepted, or the request itself is wrong.
+KEEP = range(200, 500)
+RETRYABLE = (408, 409, 429)
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def caller_of(request: Request) -> str:
+    """A digest of the caller's API key (as authenticated by the middleware), never the key."""
+    presented = request.headers.get("x-api-key")
+    if presented is None:
+        presented = request.headers.get("authorization", "").partition(" ")[2].strip()
+    return hashlib.sha256(presented.encode()).hexdigest()[:32]
+
+
+def _valid_key(value: str) -> str:
+    if not 1 <= len(value) <= MAX_KEY_LENGTH or not value.isascii() or not value.isprintable():
+        raise ApiError(
+            400, f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable ASCII characters"
+        )
+    return value
+
+
+def _replaying(raw: bytes) -> Callable[[], Awaitable[Message]]:
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    return receive
+
+
+def idempotent(endpoint: Endpoint, *, buffered: bool) -> Endpoint:
+    """`endpoint` guarded by Idempotency-Key; `buffered`: the body is small enough to hash."""
+
+    async def guarded(request: Request) -> Response:
+        header = request.headers.get(HEADER)
+        if header is None:
+            return await endpoint(request)
+        state = app_state(request)
+        if buffered:
+            raw = await read_body(request, state.settings.max_body_bytes)
+            fingerprint = hashlib.sha256(raw).hexdigest()
+            request = Request(request.scope, _replaying(raw))
+        else:
+            # A retry of an upload picks a new multipart boundary: only the length can tell.
+            fingerprint = "length:" + request.headers.get("content-length", "chunked")
+        redis_key = keys.idempotency(caller_of(request), request.url.path, _valid_key(header))
+        held = await _claim(state, redis_key, fingerprint)
+        if held is not None:
+            return held
+        try:
+            response = await endpoint(request)
+        except ApiError as exc:
+            if exc.status_code in KEEP and exc.status_code not in RETRYABLE:
+                await _keep(
+                    state,
+                    redis_key,
+                    exc.status_code,
+                    "application/json",
+                    orjson.dumps(error_content(exc)),
+                )
+            else:
+                await _release(state, redis_key)
+            raise
+        except BaseException:
+            await _release(state, redis_key)
+            raise
+        if response.status_code in KEEP and response.status_code not in RETRYABLE:
+            await _keep(
+                state,
+                redis_key,
+                response.status_code,
+                response.media_type or "application/json",
+                bytes(response.body),
+            )
+        else:
+            await _release(state, redis_key)
+        return response
+
+    return guarded
+
+
+async def _claim(state: AppState, redis_key: str, fingerprint: str) -> Response | None:
+    in_flight_ttl = int(state.settings.upstream_timeout) + 60
+    script = lua.register(state.redis, __package__, "idempotency")
+    try:
+        reply = await script(keys=[redis_key], args=[fingerprint, in_flight_ttl])
+    except RedisError:
+        raise ApiError(503, "the relay's job store is unavailable; try again") from None
+    outcome = reply[0].decode()
+    if outcome == "new":
+        return None
+    if outcome == "conflict":
+        raise ApiError(422, "Idempotency-Key was already used with a different request")
+    if outcome == "in_flight":
+        raise ApiError(
+            409,
+            "a request with this Idempotency-Key is still in progress; retry later",
+            headers={"retry-after": "1"},
+        )
+    status, content_type, body = int(reply[1]), reply[2].decode(), bytes(reply[3])
+    return Response(body, status, media_type=content_type, headers={"idempotent-replayed": "true"})
+
+
+async def _keep(
+    state: AppState, redis_key: str, status: int, content_type: str, body: bytes
+) -> None:
+    answer = {"state": "done", "status": status, "content_type": content_type, "body": body}
+    # On a Redis error the answer still goes out; a retry then waits out the in-flight hold.
+    with contextlib.suppress(RedisError):
+        async with state.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(redis_key, mapping=answer)
+            pipe.expire(redis_key, int(state.settings.idempotency_ttl))
+            await pipe.execute()
+
+
+async def _release(state: AppState, redis_key: str) -> None:
+    with contextlib.suppress(RedisError):
+        await state.redis.delete(redis_key)

@@ -1,0 +1,46 @@
+"""GET /api/relay/v1/webhook-keys: the ed25519 public keys receivers verify `v1a` with.
+
+Unauthenticated on purpose: a public key is no secret, and receivers fetch it without holding
+one of the relay's API keys. Each key is listed with a stable id (derived from the key) and the
+time the relay first published it (kept in Redis, so every API process reports the same one).
+During a rotation both keys are listed and both sign.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from relay import keys
+from relay.api.state import app_state
+
+PATH = "/api/relay/v1/webhook-keys"
+
+
+async def webhook_keys(request: Request) -> Response:
+    state = app_state(request)
+    published = state.signer.public_keys() if state.signer is not None else []
+    entries = []
+    for key in published:
+        created: str | None = None
+        try:
+            seconds, _ = await state.redis.time()
+            redis_key = keys.webhook_key(key.key_id)
+            await state.redis.set(redis_key, seconds, nx=True)
+            first = await state.redis.get(redis_key)
+            if first is not None:
+                created = datetime.fromtimestamp(int(first), UTC).isoformat().replace("+00:00", "Z")
+        except RedisError:
+            created = None  # the key is still worth publishing
+        entries.append(
+            {
+                "key_id": key.key_id,
+                "algorithm": "ed25519",
+                "public_key": key.value,
+                "created": created,
+            }
+        )
+    return JSONResponse({"keys": entries}, headers={"cache-control": "public, max-age=300"})
