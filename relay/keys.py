@@ -11,6 +11,8 @@ relay:idem:{caller}:{route}:{key}
                             hash   one Idempotency-Key's claim and first answer (caller: a
                                    digest of the caller's API key; route: the submit path)
 relay:webhook-key:{key id}  string when the relay first published that ed25519 public key
+relay:stats:{outcome}:{minute}
+                            string callbacks delivered / failed in that minute (kept 2 h)
 relay:arq:queue             zset   arq's queue: deliveries only
 relay:arq:health            string arq's health check record
 arq:job:{job id}            string a queued arq job (arq's own prefix, not configurable)
@@ -35,6 +37,7 @@ POLLS = PREFIX + "polls"
 UPSTREAM_TAT = PREFIX + "upstream:tat"
 UPSTREAM_PAUSED = PREFIX + "upstream:paused"
 ARQ_QUEUE = PREFIX + "arq:queue"
+STATS_PREFIX = PREFIX + "stats:"
 ARQ_HEALTH = PREFIX + "arq:health"
 ARQ_JOB_PREFIX = job_key_prefix
 ARQ_IN_PROGRESS_PREFIX = in_progress_key_prefix
@@ -60,3 +63,7 @@ def idempotency(caller: str, route: str, key: str) -> str:
 
 def webhook_key(key_id: str) -> str:
     return f"{PREFIX}webhook-key:{key_id}"
+
+
+def stats(outcome: str, minute: int) -> str:
+    return f"{STATS_PREFIX}{outcome}:{minute}"

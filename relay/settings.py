@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(5 * 1024**3, ge=1024, validation_alias="RELAY_MAX_UPLOAD_BYTES")
     log_format: Literal["json", "text"] = Field("json", validation_alias="RELAY_LOG_FORMAT")
     shutdown_timeout: float = Field(20.0, ge=0, validation_alias="RELAY_SHUTDOWN_TIMEOUT")
+    # Signs console sessions; derived from RELAY_API_KEYS when unset (see relay.console.session).
+    console_secret: SecretStr | None = Field(None, validation_alias="RELAY_CONSOLE_SECRET")
     # How long an Idempotency-Key and its first answer are kept.
     idempotency_ttl: float = Field(86400.0, ge=60, validation_alias="RELAY_IDEMPOTENCY_TTL")
     worker_http_port: int = Field(9100, ge=0, le=65535, validation_alias="RELAY_WORKER_HTTP_PORT")

@@ -28,6 +28,7 @@ from relay.api.state import AppState, app_state
 from relay.api.status import get_request, list_requests
 from relay.api.submit import generate
 from relay.api.uploads import generate_with_media
+from relay.console.views import create_console
 from relay.delivery.signing import Signer
 from relay.delivery.transport import make_callback_client
 from relay.errors import ApiError
@@ -93,6 +94,7 @@ def create_app(settings: Settings) -> Starlette:
         Route(webhook_keys.PATH, webhook_keys.webhook_keys, methods=["GET"]),
         Route(test_events.PATH, test_events.send_test_event, methods=["POST"]),
         Route(watches.PATH, watches.watch, methods=["POST"]),
+        create_console(settings),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

@@ -23,6 +23,7 @@ from typing import Literal
 import httpx
 from arq import Retry
 
+from relay.delivery import stats
 from relay.delivery.signing import Signer
 from relay.errors import DestinationRefused
 from relay.jitter import jittered
@@ -114,6 +115,7 @@ class Deliverer:
             settled = "failed"
         # One sample per attempt: the last failing one counts as failed, not also as retry.
         DELIVERIES.labels(settled or "retry").inc()
+        await stats.count(self.store.redis, "delivered" if settled == "delivered" else "failed")
         if settled is not None:
             await self.store.update_delivery(
                 request_id,

@@ -1,0 +1,126 @@
+"""What the console reads from Redis: the backlog's shape and pages of jobs.
+
+Everything here is read-only and bounded: the outstanding jobs' statuses are counted from a
+sample of the poll queue's head, and job lists walk the keyspace with SCAN a page at a time
+(the cursor is the page token), so no console page can stall Redis however many jobs it holds.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from relay import keys, lua
+
+STATUS_SAMPLE = 2000
+PAGE_SIZE = 25
+SCAN_BUDGET = 5000  # keys looked at per page at most, matching or not
+DELIVERY_STATES = ("pending", "delivered", "gone", "failed", "none")
+
+
+@dataclass(frozen=True)
+class Overview:
+    outstanding: int
+    due: int
+    poll_lag: float
+    queued_deliveries: int
+    statuses: dict[str, int]
+    sampled: int
+    paused_for: float  # seconds all polling is still paused after a 429 (0: not paused)
+    budget_rate: float
+
+
+@dataclass(frozen=True)
+class JobRow:
+    request_id: str
+    reference_id: str | None
+    status: str | None
+    delivery: str | None
+    created: float | None
+    ended: float | None
+
+
+@dataclass(frozen=True)
+class JobPage:
+    rows: list[JobRow]
+    cursor: int  # 0: the walk is complete
+
+
+async def overview(redis: Redis, budget_rate: float) -> Overview:
+    shared = lua.register(redis, "relay", "shared_state")
+    outstanding, due_polls, lag, queued, due_deliveries = await shared(
+        keys=[keys.POLLS, keys.ARQ_QUEUE]
+    )
+    head = await redis.zrange(keys.POLLS, 0, STATUS_SAMPLE - 1)
+    async with redis.pipeline(transaction=False) as pipe:
+        for raw in head:
+            pipe.hget(keys.job(raw.decode()), "status")
+        pipe.get(keys.UPSTREAM_PAUSED)
+        pipe.time()
+        *statuses, paused, (seconds, micros) = await pipe.execute()
+    now = seconds + micros / 1e6
+    counted = Counter((status or b"submitted").decode() for status in statuses)
+    return Overview(
+        outstanding=int(outstanding),
+        due=int(due_polls) + int(due_deliveries),
+        poll_lag=float(lag),
+        queued_deliveries=int(queued),
+        statuses=dict(counted.most_common()),
+        sampled=len(head),
+        paused_for=max(0.0, float(paused) - now) if paused else 0.0,
+        budget_rate=budget_rate,
+    )
+
+
+def _row(request_id: str, values: list[bytes | None]) -> JobRow:
+    reference, status, delivery, created, ended = (
+        value.decode() if value else None for value in values
+    )
+    return JobRow(
+        request_id,
+        reference,
+        status,
+        delivery,
+        float(created) if created else None,
+        float(ended) if ended else None,
+    )
+
+
+FIELDS = ["reference_id", "status", "delivery", "created", "ended"]
+
+
+async def job_rows(redis: Redis, request_ids: list[str]) -> list[JobRow]:
+    async with redis.pipeline(transaction=False) as pipe:
+        for request_id in request_ids:
+            pipe.hmget(keys.job(request_id), FIELDS)
+        found = await pipe.execute()
+    return [
+        _row(request_id, values)
+        for request_id, values in zip(request_ids, found, strict=True)
+        if any(values)
+    ]
+
+
+async def list_jobs(
+    redis: Redis, *, cursor: int, status: str | None, delivery: str | None
+) -> JobPage:
+    """One page of jobs matching the filters, walking the keyspace from `cursor`."""
+    rows: list[JobRow] = []
+    looked_at = 0
+    pattern = keys.job("*")
+    while True:
+        cursor, names = await redis.scan(cursor, match=pattern, count=500)
+        looked_at += len(names)
+        ids = [name.decode().removeprefix(keys.job("")) for name in names]
+        for row in await job_rows(redis, ids):
+            if status and (row.status or "submitted") != status:
+                continue
+            if delivery and (row.delivery or "none") != delivery:
+                continue
+            rows.append(row)
+        if cursor == 0 or len(rows) >= PAGE_SIZE or looked_at >= SCAN_BUDGET:
+            break
+    rows.sort(key=lambda row: row.created or 0, reverse=True)
+    return JobPage(rows, cursor)

@@ -1,0 +1,244 @@
+"""The console's pages: server-rendered HTML, a little JavaScript only for local times and the
+chart's refresh."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import orjson
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from relay.api.state import AppState, app_state
+from relay.console import queries
+from relay.console.chart import chart_svg
+from relay.console.session import Session, Sessions, clear, csrf_ok
+from relay.delivery import stats
+from relay.settings import Settings
+
+HERE = Path(__file__).parent
+FORM_LIMIT = 4096
+
+templates = Jinja2Templates(directory=HERE / "templates")
+
+
+def _iso(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+templates.env.filters["iso"] = _iso
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """A small urlencoded form (the console's own); nothing else is accepted."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip()
+    if kind not in ("", "application/x-www-form-urlencoded"):
+        raise HTTPException(415, "The console takes only its own forms.")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > FORM_LIMIT:
+            raise HTTPException(413, "form too large")
+    return {name: values[0] for name, values in parse_qs(body.decode("latin-1")).items()}
+
+
+class Console:
+    def __init__(self, settings: Settings) -> None:
+        self.sessions = Sessions(settings)
+        self.settings = settings
+
+    def _session(self, request: Request) -> Session:
+        session = self.sessions.read(request)
+        if session is None:
+            raise _SignIn()
+        return session
+
+    def _page(
+        self, request: Request, template: str, session: Session | None, **context: Any
+    ) -> Response:
+        return templates.TemplateResponse(
+            request,
+            template,
+            {
+                "csrf": session.csrf if session else None,
+                "signed_in": session is not None,
+                **context,
+            },
+            headers={"cache-control": "no-store"},
+        )
+
+    def _login_page(self, request: Request, *, error: str | None, status: int) -> Response:
+        token = secrets.token_urlsafe(32)
+        page = self._page(request, "login.html", None, error=error, token=token)
+        page.status_code = status
+        self.sessions.set_login_token(page, request, token)
+        return page
+
+    async def login_form(self, request: Request) -> Response:
+        if self.sessions.read(request) is not None:
+            return RedirectResponse(request.url_for("overview"), 303)
+        return self._login_page(request, error=None, status=200)
+
+    async def login(self, request: Request) -> Response:
+        form = await _form(request)
+        if not self.sessions.login_token_ok(request, form.get("token", "")):
+            return self._login_page(
+                request, error="The sign-in form expired; try again.", status=403
+            )
+        session = self.sessions.sign_in(form.get("key", ""))
+        if session is None:
+            return self._login_page(
+                request, error="That key is not one of RELAY_API_KEYS.", status=401
+            )
+        response = RedirectResponse(request.url_for("overview"), 303)
+        self.sessions.set(response, request, session)
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        session = self._session(request)
+        form = await _form(request)
+        if not csrf_ok(session, form.get("csrf", "")):
+            raise HTTPException(403, "missing or wrong CSRF token")
+        response = RedirectResponse(request.url_for("login"), 303)
+        clear(response)
+        return response
+
+    async def overview(self, request: Request) -> Response:
+        session = self._session(request)
+        state = app_state(request)
+        data = await queries.overview(state.redis, self.settings.upstream_rate_limit)
+        chart = await stats.last_hour(state.redis)
+        return self._page(
+            request,
+            "overview.html",
+            session,
+            overview=data,
+            chart=chart_svg(chart),
+            totals={name: sum(values) for name, values in chart.items()},
+        )
+
+    async def chart(self, request: Request) -> Response:
+        self._session(request)
+        chart = await stats.last_hour(app_state(request).redis)
+        return Response(
+            chart_svg(chart), media_type="image/svg+xml", headers={"cache-control": "no-store"}
+        )
+
+    async def jobs(self, request: Request) -> Response:
+        session = self._session(request)
+        state = app_state(request)
+        query = request.query_params.get("q", "").strip()
+        status = request.query_params.get("status") or None
+        delivery = request.query_params.get("delivery") or None
+        if delivery is not None and delivery not in queries.DELIVERY_STATES:
+            raise HTTPException(400, "unknown delivery state")
+        cursor_text = request.query_params.get("cursor", "0")
+        if not (cursor_text.isascii() and cursor_text.isdigit()):
+            raise HTTPException(400, "bad page cursor")
+        if query:
+            job = await state.store.find(query[:256])
+            rows = await queries.job_rows(state.redis, [job.request_id]) if job else []
+            page = queries.JobPage(rows, 0)
+        else:
+            page = await queries.list_jobs(
+                state.redis, cursor=int(cursor_text), status=status, delivery=delivery
+            )
+        return self._page(
+            request,
+            "jobs.html",
+            session,
+            page=page,
+            q=query,
+            status=status or "",
+            delivery=delivery or "",
+            delivery_states=queries.DELIVERY_STATES,
+            title="Jobs",
+        )
+
+    async def failed(self, request: Request) -> Response:
+        session = self._session(request)
+        page = await queries.list_jobs(
+            app_state(request).redis, cursor=0, status=None, delivery="failed"
+        )
+        return self._page(
+            request,
+            "jobs.html",
+            session,
+            page=page,
+            q="",
+            status="",
+            delivery="failed",
+            delivery_states=queries.DELIVERY_STATES,
+            title="Failed deliveries",
+        )
+
+    async def job(self, request: Request) -> Response:
+        session = self._session(request)
+        state: AppState = app_state(request)
+        job = await state.store.get(request.path_params["id"][:256])
+        if job is None:
+            raise HTTPException(404, "No tracked job has this id. It may have expired.")
+        body = orjson.loads(job.body) if job.body else None
+        pretty = orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() if body else None
+        return self._page(request, "job.html", session, job=job, body=pretty)
+
+
+class _SignIn(Exception):
+    """Raised by a page that needs a session: answered with a redirect to the sign-in form."""
+
+
+def create_console(settings: Settings) -> Mount:
+    console = Console(settings)
+
+    async def to_sign_in(request: Request, exc: Exception) -> Response:
+        return RedirectResponse(request.url_for("login"), 303)
+
+    async def error_page(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        session = console.sessions.read(request)
+        page = console._page(request, "error.html", session, message=exc.detail)
+        page.status_code = exc.status_code
+        return page
+
+    async def store_down(request: Request, exc: Exception) -> Response:
+        session = console.sessions.read(request)
+        page = console._page(
+            request,
+            "error.html",
+            session,
+            message="Redis is unreachable; the relay's state cannot be read.",
+        )
+        page.status_code = 503
+        return page
+
+    app = Starlette(
+        routes=[
+            Route("/", console.overview, name="overview"),
+            Route("/chart.svg", console.chart, name="chart"),
+            Route("/login", console.login_form, methods=["GET"], name="login"),
+            Route("/login", console.login, methods=["POST"]),
+            Route("/logout", console.logout, methods=["POST"], name="logout"),
+            Route("/jobs", console.jobs, name="jobs"),
+            Route("/jobs/{id}", console.job, name="job"),
+            Route("/deliveries/failed", console.failed, name="failed"),
+            Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+        ],
+        exception_handlers={
+            _SignIn: to_sign_in,
+            HTTPException: error_page,
+            RedisError: store_down,
+        },
+    )
+    return Mount("/console", app=app)

@@ -1,0 +1,31 @@
+"""Callbacks sent and failed per minute, shared by every worker, for the console's chart.
+
+One counter per outcome and minute (Redis clock), kept two hours: small, bounded, and read in
+one MGET. Prometheus has the same counts per process; this is the whole relay's, without one.
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from relay import keys, lua
+
+KEEP_SECONDS = 7200
+# What the chart draws: settled deliveries, and attempts that failed (retry or given up).
+OUTCOMES = ("delivered", "failed")
+
+
+async def count(redis: Redis, outcome: str) -> None:
+    script = lua.register(redis, __package__, "count_outcome")
+    await script(keys=[], args=[keys.STATS_PREFIX, outcome, KEEP_SECONDS])
+
+
+async def last_hour(redis: Redis) -> dict[str, list[int]]:
+    """Per outcome, 60 counts: the minute an hour ago first, the current minute last."""
+    seconds, _ = await redis.time()
+    minute = int(seconds) // 60
+    minutes = range(minute - 59, minute + 1)
+    names = [keys.stats(outcome, m) for outcome in OUTCOMES for m in minutes]
+    values = await redis.mget(names)
+    counts = [int(value) if value else 0 for value in values]
+    return {outcome: counts[i * 60 : (i + 1) * 60] for i, outcome in enumerate(OUTCOMES)}

@@ -1,0 +1,107 @@
+"""The console in a real browser: Debian's Chromium driven by Playwright (.ci/run installs it).
+
+Each page's screenshot is saved under the test's tmp dir (pytest prints where on failure).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from tests.stack import RELAY_KEY, Stack, relay_stack
+from tests.test_end_to_end import submit
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)"
+)
+# Background networking off: this machine's network is closed, and the browser must not wait on it.
+FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield launched
+        launched.close()
+
+
+def sign_in(page: Page, stack: Stack, key: str = RELAY_KEY) -> None:
+    page.goto(stack.api_url + "/console/")
+    expect(page).to_have_url(stack.api_url + "/console/login")
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+
+
+def test_sign_in_find_a_job_and_open_it(redis_url: str, browser: Browser, tmp_path: Path) -> None:
+    with relay_stack(redis_url) as stack:
+        request_id = submit(stack, reference_id="episode-42-ja")
+        stack.receiver.wait_for(1)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        sign_in(page, stack)
+        expect(page.get_by_role("heading", name="Overview", level=1)).to_be_visible()
+        expect(page.locator("#callbacks + p")).to_contain_text("1 delivered, 0 failed")
+        page.screenshot(path=tmp_path / "overview.png", full_page=True)
+
+        page.get_by_role("link", name="Jobs", exact=True).click()
+        page.get_by_label("Request id or reference_id").fill("episode-42-ja")
+        page.get_by_role("button", name="Find").click()
+        page.get_by_role("link", name=request_id).click()
+        expect(page.get_by_role("heading", level=1)).to_contain_text(request_id)
+        expect(page.locator("pre.json")).to_contain_text('"status": "completed"')
+        # Local time shown, UTC on hover.
+        submitted = page.locator("time").first
+        assert (submitted.get_attribute("title") or "").endswith("(UTC)")
+        page.screenshot(path=tmp_path / "job.png", full_page=True)
+
+        # A phone-sized screen still reads.
+        phone = browser.new_page(viewport={"width": 390, "height": 844})
+        phone.context.add_cookies(page.context.cookies())
+        phone.goto(stack.api_url + f"/console/jobs/{request_id}")
+        expect(phone.get_by_role("heading", level=1)).to_be_visible()
+        phone.screenshot(path=tmp_path / "job-phone.png", full_page=True)
+
+        page.get_by_role("button", name="Sign out").click()
+        expect(page).to_have_url(stack.api_url + "/console/login")
+        page.goto(stack.api_url + "/console/")
+        expect(page).to_have_url(stack.api_url + "/console/login")
+
+
+def test_a_wrong_key_is_refused_in_the_browser(
+    redis_url: str, browser: Browser, tmp_path: Path
+) -> None:
+    with relay_stack(redis_url, workers=0) as stack:
+        page = browser.new_page()
+        sign_in(page, stack, key="not-a-relay-key")
+        expect(page.get_by_role("alert")).to_contain_text("not one of RELAY_API_KEYS")
+        page.screenshot(path=tmp_path / "refused.png")
+        page.goto(stack.api_url + "/console/")
+        expect(page).to_have_url(stack.api_url + "/console/login")
+
+
+def test_a_forged_post_from_the_page_is_refused(redis_url: str, browser: Browser) -> None:
+    with relay_stack(redis_url, workers=0) as stack:
+        page = browser.new_page()
+        sign_in(page, stack)
+        status = page.evaluate(
+            """async () => (await fetch('/console/logout', {method: 'POST',
+                 headers: {'content-type': 'application/x-www-form-urlencoded'},
+                 body: 'csrf=forged'})).status"""
+        )
+        assert status == 403
+        page.goto(stack.api_url + "/console/")
+        expect(page.get_by_role("heading", name="Overview", level=1)).to_be_visible()
