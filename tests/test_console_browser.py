@@ -70,7 +70,7 @@ def test_sign_in_find_a_job_and_open_it(redis_url: str, browser: Browser, tmp_pa
 
         # A phone-sized screen still reads.
         phone = browser.new_page(viewport={"width": 390, "height": 844})
-        phone.context.add_cookies(page.context.cookies())
+        sign_in(phone, stack)
         phone.goto(stack.api_url + f"/console/jobs/{request_id}")
         expect(phone.get_by_role("heading", level=1)).to_be_visible()
         phone.screenshot(path=tmp_path / "job-phone.png", full_page=True)
