@@ -653,3 +653,25 @@ def test_checkov_exemptions_are_justified_and_documented(checkov_report: dict[st
     # Images pinned by digest need no exemption: the production render has none for them.
     production = {s["check_id"] for s in skipped if s["file_path"].endswith("production.yaml")}
     assert production.isdisjoint({"CKV_K8S_43", "CKV_K8S_15", "CKV2_K8S_6"})
+
+
+def test_console_ingress_is_off_by_default_and_publishes_only_the_console(
+    chart: helm.Chart,
+) -> None:
+    assert of_kind(render(chart), "Ingress") == []
+    values = {
+        "console": {
+            "ingress": {
+                "enabled": True,
+                "className": "nginx",
+                "host": "relay-console.example.com",
+                "tls": [{"secretName": "console-tls", "hosts": ["relay-console.example.com"]}],
+            }
+        }
+    }
+    (ingress,) = of_kind(render(chart, values), "Ingress")
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "relay-console.example.com"
+    assert [p["path"] for p in rule["http"]["paths"]] == ["/console"]
+    assert rule["http"]["paths"][0]["backend"]["service"]["name"] == FULLNAME
+    assert ingress["spec"]["tls"][0]["secretName"] == "console-tls"
