@@ -7,6 +7,9 @@ relay:polls                 zset   request id -> when it is next due (Redis cloc
                                    that dies simply lets its claims fall due again
 relay:upstream:tat          string theoretical arrival time of the shared upstream budget (GCRA)
 relay:upstream:paused       string Redis-clock time until which nobody polls (after a 429)
+relay:destination:{dest}   hash   a callback destination's breaker: consecutive failures
+                                   (dest = scheme://host:port; expires a day after the last)
+relay:destinations:backed_off zset destination -> Redis-clock time it is backed off until
 relay:arq:queue             zset   arq's queue: deliveries only
 relay:arq:health            string arq's health check record
 arq:job:{job id}            string a queued arq job (arq's own prefix, not configurable)
@@ -14,7 +17,9 @@ arq:in-progress:{job id}    string an arq job being run (expires after its timeo
 arq:result:{job id}         string an arq job's result, kept `keep_result` seconds
 arq:retry:{job id}          string an arq job's try count
 
-arq job ids: `deliver:{request_id}:{attempt}`, one per delivery attempt.
+arq job ids: `deliver:{request_id}:{attempt}`, one per delivery attempt (for a first attempt
+made in-process: its guard, in case the worker dies); `deliver:{request_id}:{attempt}:{ms}` for
+an attempt postponed to a backed-off destination's retry time.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ PREFIX = "relay:"
 POLLS = PREFIX + "polls"
 UPSTREAM_TAT = PREFIX + "upstream:tat"
 UPSTREAM_PAUSED = PREFIX + "upstream:paused"
+BACKED_OFF = PREFIX + "destinations:backed_off"
 ARQ_QUEUE = PREFIX + "arq:queue"
 ARQ_HEALTH = PREFIX + "arq:health"
 ARQ_JOB_PREFIX = job_key_prefix
@@ -46,5 +52,13 @@ def ref(reference_id: str) -> str:
     return f"{PREFIX}ref:{reference_id}"
 
 
+def destination(dest: str) -> str:
+    return f"{PREFIX}destination:{dest}"
+
+
 def delivery_job_id(request_id: str, attempt: int) -> str:
     return f"deliver:{request_id}:{attempt}"
+
+
+def postponed_job_id(request_id: str, attempt: int, until_ms: int) -> str:
+    return f"deliver:{request_id}:{attempt}:{until_ms}"
