@@ -13,6 +13,9 @@ relay:idem:{caller}:{route}:{key}
 relay:webhook-key:{key id}  string when the relay first published that ed25519 public key
 relay:stats:{outcome}:{minute}
                             string callbacks delivered / failed in that minute (kept 2 h)
+relay:destination:{dest}   hash   a callback destination's breaker: consecutive failures
+                                   (dest = scheme://host:port; expires a day after the last)
+relay:destinations:backed_off zset destination -> Redis-clock time it is backed off until
 relay:arq:queue             zset   arq's queue: deliveries only
 relay:arq:health            string arq's health check record
 arq:job:{job id}            string a queued arq job (arq's own prefix, not configurable)
@@ -20,7 +23,9 @@ arq:in-progress:{job id}    string an arq job being run (expires after its timeo
 arq:result:{job id}         string an arq job's result, kept `keep_result` seconds
 arq:retry:{job id}          string an arq job's try count
 
-arq job ids: `deliver:{request_id}:{attempt}`, one per delivery attempt.
+arq job ids: `deliver:{request_id}:{attempt}`, one per delivery attempt (for a first attempt
+made in-process: its guard, in case the worker dies); `deliver:{request_id}:{attempt}:{ms}` for
+an attempt postponed to a backed-off destination's retry time.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ PREFIX = "relay:"
 POLLS = PREFIX + "polls"
 UPSTREAM_TAT = PREFIX + "upstream:tat"
 UPSTREAM_PAUSED = PREFIX + "upstream:paused"
+BACKED_OFF = PREFIX + "destinations:backed_off"
 ARQ_QUEUE = PREFIX + "arq:queue"
 STATS_PREFIX = PREFIX + "stats:"
 ARQ_HEALTH = PREFIX + "arq:health"
@@ -53,6 +59,10 @@ def ref(reference_id: str) -> str:
     return f"{PREFIX}ref:{reference_id}"
 
 
+def destination(dest: str) -> str:
+    return f"{PREFIX}destination:{dest}"
+
+
 def delivery_job_id(request_id: str, attempt: int) -> str:
     return f"deliver:{request_id}:{attempt}"
 
@@ -67,3 +77,7 @@ def webhook_key(key_id: str) -> str:
 
 def stats(outcome: str, minute: int) -> str:
     return f"{STATS_PREFIX}{outcome}:{minute}"
+
+
+def postponed_job_id(request_id: str, attempt: int, until_ms: int) -> str:
+    return f"deliver:{request_id}:{attempt}:{until_ms}"

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from relay.delivery.netpolicy import NetworkPolicy, parse_networks
 from relay.delivery.signing import check_secret
 from relay.errors import ConfigError
+from relay.jobs.store import Breaker
 from relay.redis_conn import check_redis_url
 
 # The Standard Webhooks example schedule: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h,
@@ -31,6 +32,9 @@ DEFAULT_RETRY_SCHEDULE = (
     72000.0,
     86400.0,
 )
+
+# The first back-off of a destination that keeps failing, doubled with each further failure.
+BREAKER_BASE = 5.0
 
 Role = Literal["api", "worker"]
 
@@ -72,6 +76,19 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(
         100, ge=1, le=10_000, validation_alias="RELAY_WORKER_CONCURRENCY"
     )
+    # Callback attempts in flight per worker, in all and per destination (scheme, host, port).
+    delivery_concurrency: int = Field(
+        1000, ge=1, le=100_000, validation_alias="RELAY_DELIVERY_CONCURRENCY"
+    )
+    destination_concurrency: int = Field(
+        20, ge=1, le=10_000, validation_alias="RELAY_DESTINATION_CONCURRENCY"
+    )
+    # A destination that failed to answer this many times in a row is backed off as a whole,
+    # for 5 s doubling with each further failure, up to the maximum.
+    destination_failures: int = Field(5, ge=1, validation_alias="RELAY_DESTINATION_FAILURES")
+    destination_max_backoff: float = Field(
+        300.0, ge=5, le=86400, validation_alias="RELAY_DESTINATION_MAX_BACKOFF"
+    )
     # A job still unfinished upstream after this long is given up as failed.
     max_job_age: float = Field(7 * 86400.0, gt=0, validation_alias="RELAY_MAX_JOB_AGE")
     job_retention: float = Field(7 * 86400.0, gt=0, validation_alias="RELAY_JOB_RETENTION")
@@ -97,6 +114,13 @@ class Settings(BaseSettings):
     def _networks(cls, value: str) -> str:
         parse_networks(value)  # raises ValueError naming the bad entry
         return value
+
+    def breaker(self) -> Breaker:
+        return Breaker(
+            threshold=self.destination_failures,
+            base=BREAKER_BASE,
+            max_backoff=self.destination_max_backoff,
+        )
 
     def callback_policy(self) -> NetworkPolicy:
         return NetworkPolicy.from_strings(

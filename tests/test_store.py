@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
 
 from relay import keys
-from relay.jobs.store import Job, JobStore
+from relay.jobs.store import Breaker, Job, JobStore
 
 HOOK = "https://receiver.example/hook"
 RETENTION = 600
@@ -323,6 +323,18 @@ async def test_end_expires_the_reference_only_while_it_points_at_the_job(
 # update_delivery
 
 
+async def update(store: JobStore, request_id: str, **fields: Any) -> bool:
+    """update_delivery for a receiver that answered (its breaker stays closed)."""
+    result = await store.update_delivery(
+        request_id,
+        destination="http://receiver.example:80",
+        answered=True,
+        breaker=Breaker(threshold=5, base=1, max_backoff=60),
+        **fields,
+    )
+    return result.recorded
+
+
 async def test_update_delivery_applies_only_to_the_awaited_attempt(
     redis: Redis, store: JobStore
 ) -> None:
@@ -334,35 +346,31 @@ async def test_update_delivery_applies_only_to_the_awaited_attempt(
         return as_stored(job)
 
     start = await snapshot()
-    assert not await store.update_delivery(
-        "r1", attempt=1, next_attempt=2, state="delivered", result="early"
+    assert not await update(
+        store, "r1", attempt=1, next_attempt=2, state="delivered", result="early"
     )
     assert await snapshot() == start
 
-    assert await store.update_delivery(
-        "r1", attempt=0, next_attempt=1, state="pending", result="HTTP 500"
-    )
+    assert await update(store, "r1", attempt=0, next_attempt=1, state="pending", result="HTTP 500")
     retrying = await snapshot()
     assert retrying.attempt == 1 and retrying.attempts_made == 1
     assert retrying.delivery == "pending" and retrying.last_result == "HTTP 500"
 
     # A re-run of the old attempt (after a crash) changes nothing.
-    assert not await store.update_delivery(
-        "r1", attempt=0, next_attempt=1, state="delivered", result="stale"
+    assert not await update(
+        store, "r1", attempt=0, next_attempt=1, state="delivered", result="stale"
     )
     assert await snapshot() == retrying
 
-    assert await store.update_delivery(
-        "r1", attempt=1, next_attempt=2, state="delivered", result="HTTP 200"
+    assert await update(
+        store, "r1", attempt=1, next_attempt=2, state="delivered", result="HTTP 200"
     )
     done = await snapshot()
     assert done.attempt == 2 and done.attempts_made == 2
     assert done.delivery == "delivered" and done.last_result == "HTTP 200"
 
     # Only a pending delivery is updated, even for the attempt number it holds.
-    assert not await store.update_delivery(
-        "r1", attempt=2, next_attempt=3, state="pending", result="late"
-    )
+    assert not await update(store, "r1", attempt=2, next_attempt=3, state="pending", result="late")
     assert await snapshot() == done
 
 
@@ -371,13 +379,13 @@ async def test_update_delivery_needs_a_pending_delivery(redis: Redis, store: Job
     no_callback = await ended(store, await tracked(store, "quiet", callback_url=None))
     for job in (running, no_callback):
         fields = await stored(redis, job.request_id)
-        assert not await store.update_delivery(
-            job.request_id, attempt=0, next_attempt=1, state="delivered", result="HTTP 200"
+        assert not await update(
+            store, job.request_id, attempt=0, next_attempt=1, state="delivered", result="HTTP 200"
         )
         assert await stored(redis, job.request_id) == fields
 
-    assert not await store.update_delivery(
-        "unknown", attempt=0, next_attempt=1, state="delivered", result="HTTP 200"
+    assert not await update(
+        store, "unknown", attempt=0, next_attempt=1, state="delivered", result="HTTP 200"
     )
     assert await redis.exists(keys.job("unknown")) == 0
 
@@ -387,17 +395,15 @@ async def test_update_delivery_keeps_the_job_at_least_keep_for_and_never_shorten
 ) -> None:
     await ended(store, await tracked(store, "r1"))
 
-    assert await store.update_delivery(
-        "r1", attempt=0, next_attempt=1, state="pending", result="HTTP 503", keep_for=10
+    assert await update(
+        store, "r1", attempt=0, next_attempt=1, state="pending", result="HTTP 503", keep_for=10
     )
     assert RETENTION - 5 < await redis.ttl(keys.job("r1")) <= RETENTION
 
-    assert await store.update_delivery(
-        "r1", attempt=1, next_attempt=2, state="pending", result="HTTP 503", keep_for=5_000
+    assert await update(
+        store, "r1", attempt=1, next_attempt=2, state="pending", result="HTTP 503", keep_for=5_000
     )
     assert 4_995 < await redis.ttl(keys.job("r1")) <= 5_000
 
-    assert await store.update_delivery(
-        "r1", attempt=2, next_attempt=3, state="gone", result="HTTP 410"
-    )
+    assert await update(store, "r1", attempt=2, next_attempt=3, state="gone", result="HTTP 410")
     assert 4_995 < await redis.ttl(keys.job("r1")) <= 5_000

@@ -9,6 +9,12 @@ scheduled or the delivery is settled.
 Outcomes, after Standard Webhooks: any 2xx is success; 410 means the receiver is gone for good;
 everything else (3xx, which is never followed, 4xx, 429, 5xx, timeouts, refused connections) is
 retried on the schedule, waiting at least as long as a Retry-After asks.
+
+Every attempt holds one of its destination's slots while it runs (relay.delivery.destinations),
+and reads the job only once it holds one, so two runs of one attempt in one worker never both
+send. An attempt for a destination that is backed off (its receiver kept failing to answer) is
+not made and not counted: it is postponed, as a new arq job, to when the destination may be
+tried again, so no event is lost however long the receiver is down.
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ import httpx
 from arq import Retry
 
 from relay.delivery import stats
+from relay.delivery.destinations import Destinations, destination_of
 from relay.delivery.signing import Signer
 from relay.errors import DestinationRefused
 from relay.jitter import jittered
-from relay.jobs.store import DeliveryState, JobStore
+from relay.jobs.store import Breaker, DeliveryState, JobStore
 from relay.metrics import DELIVERIES, DELIVERY_LATENCY
 from relay.upstream import USER_AGENT, parse_retry_after
 
@@ -41,7 +48,10 @@ MAX_RETRY_AFTER = 86400.0
 # Given up after every attempt is an operator's problem; a receiver that is gone is its own.
 SETTLED_LOG_LEVEL = {"delivered": logging.INFO, "gone": logging.WARNING, "failed": logging.ERROR}
 
-EnqueueAttempt = Callable[[str, int, float], Awaitable[None]]
+# (request_id, attempt, delay, destination): enqueue that attempt as an arq job.
+EnqueueAttempt = Callable[[str, int, float, str], Awaitable[None]]
+# (request_id, attempt, delay, destination): enqueue a postponed run of that attempt.
+Postpone = Callable[[str, int, float, str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -49,18 +59,22 @@ class Outcome:
     kind: Literal["delivered", "gone", "retry"]
     detail: str
     retry_after: float | None = None
+    # The receiver answered for itself (not a timeout, a refused connection, a 5xx or a 429):
+    # its destination is up, whatever it thought of this one event.
+    answered: bool = False
 
 
 def classify(response: httpx.Response) -> Outcome:
     status = response.status_code
     if 200 <= status < 300:
-        return Outcome("delivered", f"HTTP {status}")
+        return Outcome("delivered", f"HTTP {status}", answered=True)
     if status == 410:
-        return Outcome("gone", "HTTP 410: the receiver is gone")
+        return Outcome("gone", "HTTP 410: the receiver is gone", answered=True)
     if 300 <= status < 400:
-        return Outcome("retry", f"HTTP {status}: redirects are not followed")
-    retry_after = parse_retry_after(response.headers) if status == 429 or status >= 500 else None
-    return Outcome("retry", f"HTTP {status}", retry_after)
+        return Outcome("retry", f"HTTP {status}: redirects are not followed", answered=True)
+    if status == 429 or status >= 500:
+        return Outcome("retry", f"HTTP {status}", parse_retry_after(response.headers))
+    return Outcome("retry", f"HTTP {status}", answered=True)
 
 
 def next_delay(schedule: tuple[float, ...], attempt: int, retry_after: float | None) -> float:
@@ -80,6 +94,9 @@ class Deliverer:
         client: httpx.AsyncClient,
         schedule: tuple[float, ...],
         enqueue_attempt: EnqueueAttempt,
+        postpone: Postpone,
+        destinations: Destinations,
+        breaker: Breaker,
         timeout: float,
     ) -> None:
         self.timeout = timeout
@@ -88,9 +105,38 @@ class Deliverer:
         self.client = client
         self.schedule = schedule
         self.enqueue_attempt = enqueue_attempt
+        self.postpone = postpone
+        self.destinations = destinations
+        self.breaker = breaker
 
-    async def attempt(self, request_id: str, attempt: int) -> str:
-        """Make delivery attempt number `attempt` (0-based); returns what happened, for arq."""
+    async def attempt(
+        self,
+        request_id: str,
+        attempt: int,
+        destination: str | None = None,
+        *,
+        wait: float | None = None,
+    ) -> str:
+        """Make delivery attempt number `attempt` (0-based); returns what happened, for arq.
+
+        `destination`: the callback URL's, when the caller knows it (read from the job if not).
+        `wait`: how long to queue for a slot at most (DestinationBusy after); None: no limit.
+        """
+        if destination is None:
+            job = await self.store.get(request_id)
+            if job is None or not job.callback_url:
+                return "stale"
+            destination = destination_of(job.callback_url)
+        backed_off_for = self.destinations.backed_off_for(destination)
+        if backed_off_for > 0:
+            # Not made, not counted: the event waits for the destination, however long.
+            await self.postpone(request_id, attempt, jittered(backed_off_for), destination)
+            DELIVERIES.labels("postponed").inc()
+            return "postponed"
+        async with self.destinations.slot(destination, wait=wait):
+            return await self._attempt(request_id, attempt, destination)
+
+    async def _attempt(self, request_id: str, attempt: int, destination: str) -> str:
         job = await self.store.get(request_id)
         if job is not None and job.delivery == "pending" and job.attempt == attempt - 1:
             # The previous attempt enqueued this one but has not recorded its outcome yet (it
@@ -117,13 +163,7 @@ class Deliverer:
         DELIVERIES.labels(settled or "retry").inc()
         await stats.count(self.store.redis, "delivered" if settled == "delivered" else "failed")
         if settled is not None:
-            await self.store.update_delivery(
-                request_id,
-                attempt=attempt,
-                next_attempt=attempt,
-                state=settled,
-                result=outcome.detail,
-            )
+            await self._record(request_id, attempt, attempt, settled, outcome, destination)
             log.log(
                 SETTLED_LOG_LEVEL[settled],
                 "callback %s after %d attempts",
@@ -135,17 +175,42 @@ class Deliverer:
         delay = next_delay(self.schedule, following, outcome.retry_after)
         # Enqueue first, then record: a crash in between re-runs this attempt (a duplicate
         # delivery with the same webhook-id, which at-least-once allows) and never loses one.
-        await self.enqueue_attempt(request_id, following, delay)
-        await self.store.update_delivery(
+        await self.enqueue_attempt(request_id, following, delay, destination)
+        await self._record(
             request_id,
-            attempt=attempt,
-            next_attempt=following,
-            state="pending",
-            result=outcome.detail,
+            attempt,
+            following,
+            "pending",
+            outcome,
+            destination,
             keep_for=delay + KEEP_AFTER_LAST_ATTEMPT,
         )
         log.warning("callback failed, retrying in %.0f s", delay, extra=log_extra)
         return "retry"
+
+    async def _record(
+        self,
+        request_id: str,
+        attempt: int,
+        next_attempt: int,
+        state: DeliveryState,
+        outcome: Outcome,
+        destination: str,
+        *,
+        keep_for: float = 0,
+    ) -> None:
+        update = await self.store.update_delivery(
+            request_id,
+            attempt=attempt,
+            next_attempt=next_attempt,
+            state=state,
+            result=outcome.detail,
+            destination=destination,
+            answered=outcome.answered,
+            breaker=self.breaker,
+            keep_for=keep_for,
+        )
+        self.destinations.record(destination, update.backed_off_for)
 
     async def _post(self, url: str, event_id: str, event: bytes) -> Outcome:
         headers = {

@@ -120,6 +120,7 @@ def make_callback_client(
     *,
     ssl_context: ssl.SSLContext | None = None,
     resolver: AbstractResolver | None = None,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> httpx.AsyncClient:
     """The one client that POSTs callbacks: policy-checked, pinned, never redirected.
 
@@ -133,7 +134,7 @@ def make_callback_client(
         connector = aiohttp.TCPConnector(
             resolver=PolicyResolver(policy, resolver),
             ssl=context,
-            limit=MAX_CONNECTIONS,
+            limit=max_connections,
             keepalive_timeout=KEEPALIVE_EXPIRY,
         )
         # No cookie jar: receivers must not see each other's cookies, nor earlier ones.

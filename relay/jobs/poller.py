@@ -34,7 +34,8 @@ DEFAULT_PAUSE_ON_429 = 5.0
 
 POLL_RESULTS = {200: "answered", 404: "not_found", 429: "rate_limited"}
 
-EnqueueDelivery = Callable[[str], Awaitable[None]]
+# (request_id, callback_url): start delivering an ended job's callback.
+EnqueueDelivery = Callable[[str, str], Awaitable[None]]
 
 
 class Poller:
@@ -177,5 +178,5 @@ class Poller:
         # Enqueue before unscheduling: a crash in between leaves the job claimable, and the
         # enqueue is idempotent (fixed arq job id), so the retry cannot duplicate the delivery.
         if job.callback_url:
-            await self.enqueue_delivery(job.request_id)
+            await self.enqueue_delivery(job.request_id, job.callback_url)
         await self.schedule.unschedule(job.request_id)

@@ -26,6 +26,22 @@ DeliveryState = Literal["pending", "delivered", "gone", "failed", "none"]
 
 
 @dataclass(frozen=True)
+class Breaker:
+    """When a destination is backed off: after `threshold` failures in a row, for `base`
+    seconds, doubling with each further failure up to `max_backoff`."""
+
+    threshold: int
+    base: float
+    max_backoff: float
+
+
+@dataclass(frozen=True)
+class DeliveryUpdate:
+    recorded: bool
+    backed_off_for: float  # seconds the destination is backed off for; 0 when it is not
+
+
+@dataclass(frozen=True)
 class Job:
     """One tracked job as stored; `body` is the latest LipsyncRequest JSON from Chamelaion."""
 
@@ -184,14 +200,36 @@ class JobStore:
         next_attempt: int,
         state: DeliveryState,
         result: str,
+        destination: str,
+        answered: bool,
+        breaker: Breaker,
         keep_for: float = 0,
-    ) -> bool:
-        """Record an attempt's outcome, only if the job is still waiting on that attempt.
+    ) -> DeliveryUpdate:
+        """Record an attempt's outcome, only if the job is still waiting on that attempt, and
+        tell the destination's breaker whether the receiver `answered`.
 
         `keep_for`: the job hash lives at least this many seconds more (never shortened).
         """
-        updated = await self._update_delivery(
-            keys=[keys.job(request_id)],
-            args=[attempt, next_attempt, state, result, int(keep_for)],
+        recorded, backed_off_for = await self._update_delivery(
+            keys=[
+                keys.job(request_id),
+                keys.destination(destination),
+                keys.BACKED_OFF,
+                keys.ARQ_QUEUE,
+                keys.ARQ_JOB_PREFIX + keys.delivery_job_id(request_id, attempt),
+            ],
+            args=[
+                attempt,
+                next_attempt,
+                state,
+                result,
+                int(keep_for),
+                destination,
+                "1" if answered else "0",
+                breaker.threshold,
+                breaker.base,
+                breaker.max_backoff,
+                keys.delivery_job_id(request_id, attempt),
+            ],
         )
-        return bool(updated)
+        return DeliveryUpdate(bool(recorded), float(backed_off_for))

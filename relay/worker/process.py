@@ -1,8 +1,9 @@
 """The worker process: wires the poll dispatcher and arq's delivery jobs onto one event loop.
 
 Stopping (SIGTERM): stop claiming and stop picking deliveries, let in-flight polls and deliveries
-finish for up to RELAY_SHUTDOWN_TIMEOUT, then hand unfinished polls back (due now) and let arq
-cancel the rest; a cancelled delivery runs again elsewhere once arq's in-progress key expires.
+finish for up to RELAY_SHUTDOWN_TIMEOUT, then hand unfinished polls and first deliveries back (due
+now) and let arq cancel the rest; a cancelled delivery runs again elsewhere once arq's
+in-progress key expires.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from arq.worker import Worker, func
 
 from relay import keys
 from relay.delivery.deliverer import Deliverer
+from relay.delivery.destinations import Destinations
 from relay.delivery.signing import Signer
 from relay.delivery.transport import make_callback_client
 from relay.jobs.poller import Poller
@@ -29,7 +31,7 @@ from relay.settings import Settings
 from relay.upstream import Upstream
 from relay.worker.dispatcher import Dispatcher
 from relay.worker.health import create_worker_http_app
-from relay.worker.tasks import DeliveryQueue, deliver
+from relay.worker.tasks import ARQ_SLOT_WAIT, DeliveryQueue, FirstAttempts, deliver
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class WorkerState:
     upstream: Upstream
     callback_client: httpx.AsyncClient
     deliverer: Deliverer
+    first_attempts: FirstAttempts
     dispatcher: Dispatcher
 
 
@@ -52,26 +55,39 @@ async def build_state(settings: Settings) -> WorkerState:
     schedule = PollSchedule(redis, rate=settings.upstream_rate_limit, lease=settings.poll_lease)
     upstream = Upstream.from_settings(settings)
     queue = DeliveryQueue(redis, settings.delivery_retry_schedule)
-    client = make_callback_client(settings.callback_policy(), settings.delivery_timeout)
+    client = make_callback_client(
+        settings.callback_policy(),
+        settings.delivery_timeout,
+        max_connections=settings.delivery_concurrency,
+    )
     deliverer = Deliverer(
         store=store,
         signer=Signer(settings.webhook_secrets),
         client=client,
         schedule=settings.delivery_retry_schedule,
         enqueue_attempt=queue.enqueue_attempt,
+        postpone=queue.postpone,
+        destinations=Destinations(
+            per_destination=settings.destination_concurrency,
+            total=settings.delivery_concurrency,
+        ),
+        breaker=settings.breaker(),
         timeout=settings.delivery_timeout,
     )
+    first_attempts = FirstAttempts(queue, deliverer, settings.delivery_timeout)
     poller = Poller(
         store=store,
         schedule=schedule,
         upstream=upstream,
         settings=settings,
-        enqueue_delivery=queue.enqueue_first,
+        enqueue_delivery=first_attempts.hand_over,
     )
     dispatcher = Dispatcher(
         schedule=schedule, poller=poller, concurrency=settings.worker_concurrency
     )
-    return WorkerState(settings, redis, store, schedule, upstream, client, deliverer, dispatcher)
+    return WorkerState(
+        settings, redis, store, schedule, upstream, client, deliverer, first_attempts, dispatcher
+    )
 
 
 def arq_worker(state: WorkerState) -> Worker:
@@ -79,8 +95,14 @@ def arq_worker(state: WorkerState) -> Worker:
     return Worker(
         functions=[
             # A crashed attempt runs again after its in-progress key expires (timeout + 10 s),
-            # which the delivery timeout keeps well inside a minute.
-            func(deliver, name="deliver", timeout=settings.delivery_timeout + 5, max_tries=50),
+            # which the delivery timeout keeps well inside a minute. Tries are counted by arq
+            # also when an attempt steps aside for a busy destination (a few seconds each).
+            func(
+                deliver,
+                name="deliver",
+                timeout=settings.delivery_timeout + ARQ_SLOT_WAIT + 5,
+                max_tries=1000,
+            ),
         ],
         queue_name=keys.ARQ_QUEUE,
         redis_pool=state.redis,
@@ -95,7 +117,7 @@ def arq_worker(state: WorkerState) -> Worker:
     )
 
 
-async def _drain(worker: Worker, dispatcher: Dispatcher, timeout: float) -> None:
+async def _drain(worker: Worker, state: WorkerState, timeout: float) -> None:
     """Wait, within one deadline, until no delivery or poll is running.
 
     The set is read again and again: arq may be half-way through starting a batch of jobs
@@ -106,7 +128,11 @@ async def _drain(worker: Worker, dispatcher: Dispatcher, timeout: float) -> None
     while (left := deadline - loop.time()) > 0:
         running = [
             task
-            for task in (*worker.tasks.values(), *dispatcher.in_flight.values())
+            for task in (
+                *worker.tasks.values(),
+                *state.dispatcher.in_flight.values(),
+                *state.first_attempts.in_flight.values(),
+            )
             if not task.done()
         ]
         if not running:
@@ -143,10 +169,14 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
             log.exception("the poll dispatcher had stopped with an error")
         log.info(
             "draining",
-            extra={"deliveries": len(worker.tasks), "polls": len(state.dispatcher.in_flight)},
+            extra={
+                "deliveries": len(worker.tasks) + len(state.first_attempts.in_flight),
+                "polls": len(state.dispatcher.in_flight),
+            },
         )
-        await _drain(worker, state.dispatcher, settings.shutdown_timeout)
+        await _drain(worker, state, settings.shutdown_timeout)
         await state.dispatcher.hand_back_unfinished()
+        await state.first_attempts.hand_back()
         arq_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await arq_task

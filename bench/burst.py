@@ -1,0 +1,365 @@
+"""Callback bursts: many jobs end at one instant; how fast do their callbacks go out?
+
+Run: uv run python bench/burst.py [--jobs 2000] [--hanging 100] [--hang 10] [--memory 20000]
+
+Real parts: a real redis-server and `relay worker` as a subprocess. Outside the relay, in two
+processes of their own: a stand-in upstream (aiohttp) that answers `processing` for every job
+until told to finish them all at once, and the receivers (aiohttp): fast ones that answer 204
+at once on four ports, and hanging ones on another port that answer only after `--hang`
+seconds. Jobs are written straight into the relay's store (the submit path is bench/forward.py's
+business), all due for polling at once, with the upstream budget raised out of the way.
+
+Printed per scenario (with the hanging receivers, then without): how long after the finish the
+last fast receiver got its callback (drain), fast callbacks per second over that time, and p50
+and p99 of (callback received - finish) for the fast receivers; then the same measured from when
+the relay saw each job end (its `ended` time), which leaves polling out. `--memory N` adds a run
+of N callbacks (default 20,000) and prints the worker's RSS before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from relay import keys
+from relay.devtools.embedded_redis import embedded_redis, free_port
+from relay.jobs.store import JobStore
+
+FAST_PORTS = 4
+POLL_INTERVAL = "1"
+
+
+# --- the stand-in upstream and the receivers, each in a process of its own ------------------
+
+
+def run_upstream(port: int) -> None:
+    finished_at: list[float] = []
+    polls = [0]
+
+    async def get_request(request: web.Request) -> web.Response:
+        polls[0] += 1
+        request_id = request.match_info["id"]
+        status = "completed" if finished_at else "processing"
+        body = {"id": request_id, "status": status, "created_at": "2026-01-01T00:00:00Z"}
+        if finished_at:
+            body["output_url"] = f"https://cdn.example.com/{request_id}.mp4"
+        return web.json_response(body)
+
+    async def finish(request: web.Request) -> web.Response:
+        finished_at.append(time.time())
+        return web.json_response({"at": finished_at[0]})
+
+    async def reset(request: web.Request) -> web.Response:
+        finished_at.clear()
+        return web.json_response({})
+
+    async def count(request: web.Request) -> web.Response:
+        return web.json_response({"polls": polls[0]})
+
+    app = web.Application()
+    app.router.add_get("/polls", count)
+    app.router.add_get("/api/v1/lipsync/requests/{id}", get_request)
+    app.router.add_post("/finish", finish)
+    app.router.add_post("/reset", reset)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+def run_receivers(control_port: int, fast_ports: list[int], hang_port: int, hang: float) -> None:
+    received: dict[str, float] = {}
+    concurrent = {"now": 0, "max": 0}
+
+    async def fast(request: web.Request) -> web.Response:
+        await request.read()
+        received[request.headers["webhook-id"]] = time.time()
+        return web.Response(status=204)
+
+    async def slow(request: web.Request) -> web.Response:
+        await request.read()
+        concurrent["now"] += 1
+        concurrent["max"] = max(concurrent["max"], concurrent["now"])
+        try:
+            await asyncio.sleep(hang)
+        finally:
+            concurrent["now"] -= 1
+        received[request.headers["webhook-id"]] = time.time()
+        return web.Response(status=204)
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response({"received": received, "hang_max_in_flight": concurrent["max"]})
+
+    async def reset(request: web.Request) -> web.Response:
+        received.clear()
+        concurrent["max"] = 0
+        return web.json_response({})
+
+    async def main() -> None:
+        runners = []
+        for port, handler in [(p, fast) for p in fast_ports] + [(hang_port, slow)]:
+            app = web.Application()
+            app.router.add_post("/hook/{n}", handler)
+            runners.append((web.AppRunner(app, access_log=None), port))
+        control = web.Application()
+        control.router.add_get("/stats", stats)
+        control.router.add_post("/reset", reset)
+        runners.append((web.AppRunner(control, access_log=None), control_port))
+        for runner, port in runners:
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+# --- the bench ----------------------------------------------------------------------------
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def wait_http(url: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=0.5)
+            return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+@contextmanager
+def worker(env: dict[str, str], http_port: int) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay.cli", "worker"],
+        env={**env, "RELAY_WORKER_HTTP_PORT": str(http_port)},
+        stdout=subprocess.DEVNULL,
+        stderr=open(os.environ.get("BURST_WORKER_LOG", os.devnull), "ab"),  # noqa: SIM115
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{http_port}/healthz")
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class Bench:
+    def __init__(
+        self, redis_url: str, upstream: str, receivers: str, fast_ports: list[int], hang_port: int
+    ) -> None:
+        self.redis_url = redis_url
+        self.upstream = upstream
+        self.receivers = receivers
+        self.fast_ports = fast_ports
+        self.hang_port = hang_port
+        self.profile = ""
+
+    async def create_jobs(self, fast: int, hanging: int) -> dict[str, str]:
+        """Track `fast + hanging` jobs, due now; returns request id -> 'fast' | 'hang'."""
+        client = aioredis.Redis.from_url(self.redis_url)
+        await client.flushall()
+        store = JobStore(client)
+        kinds: dict[str, str] = {}
+        sem = asyncio.Semaphore(64)
+
+        async def one(n: int, kind: str) -> None:
+            port = self.hang_port if kind == "hang" else self.fast_ports[n % FAST_PORTS]
+            request_id = f"{kind}-{n:06d}"
+            kinds[request_id] = kind
+            async with sem:
+                await store.create(
+                    request_id,
+                    callback_url=f"http://127.0.0.1:{port}/hook/{n}",
+                    reference_id=None,
+                    first_poll_in=0.01,
+                )
+
+        await asyncio.gather(
+            *(one(n, "fast") for n in range(fast)), *(one(n, "hang") for n in range(hanging))
+        )
+        await client.aclose()
+        return kinds
+
+    async def ended_times(self, ids: list[str]) -> dict[str, float]:
+        client = aioredis.Redis.from_url(self.redis_url)
+        async with client.pipeline(transaction=False) as pipe:
+            for request_id in ids:
+                pipe.hget(keys.job(request_id), "ended")
+            values = await pipe.execute()
+        await client.aclose()
+        return {rid: float(v) for rid, v in zip(ids, values, strict=True) if v}
+
+    async def polled_all(self, ids: list[str]) -> bool:
+        client = aioredis.Redis.from_url(self.redis_url)
+        async with client.pipeline(transaction=False) as pipe:
+            for request_id in ids:
+                pipe.hexists(keys.job(request_id), "polled")
+            values = await pipe.execute()
+        await client.aclose()
+        return all(values)
+
+    def scenario(self, env: dict[str, str], fast: int, hanging: int, hang: float) -> None:
+        httpx.post(self.receivers + "/reset")
+        httpx.post(self.upstream + "/reset")
+        kinds = asyncio.run(self.create_jobs(fast, hanging))
+        ids = list(kinds)
+        from relay.jobs.events import webhook_id
+
+        event_ids = {webhook_id(rid, "lipsync.completed"): rid for rid in ids}
+        with worker(env, free_port()) as proc:
+            deadline = time.monotonic() + 60
+            while not asyncio.run(self.polled_all(ids)):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the worker did not poll every job within 60 s")
+                time.sleep(0.2)
+            polls_before = httpx.get(self.upstream + "/polls").json()["polls"]
+            time.sleep(2.0)  # a few rounds of polling: the steady state before the burst
+            poll_rate = (httpx.get(self.upstream + "/polls").json()["polls"] - polls_before) / 2
+            rss_before = rss_kib(proc.pid)
+            profiler = None
+            if self.profile:
+                profiler = subprocess.Popen(
+                    [
+                        "py-spy",
+                        "record",
+                        "-p",
+                        str(proc.pid),
+                        "-d",
+                        "10",
+                        "-r",
+                        "200",
+                        "-f",
+                        "raw",
+                        "-o",
+                        self.profile,
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                time.sleep(1)
+            finish = httpx.post(self.upstream + "/finish").json()["at"]
+            deadline = time.monotonic() + 120
+            while True:
+                stats = httpx.get(self.receivers + "/stats", timeout=30).json()
+                got = stats["received"]
+                if len(got) >= len(ids) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            rss_after = rss_kib(proc.pid)
+            if profiler is not None:
+                profiler.wait()
+        ended = asyncio.run(self.ended_times(ids))
+        fast_times = {
+            event_ids[eid]: t for eid, t in got.items() if kinds[event_ids[eid]] == "fast"
+        }
+        hang_done = sum(1 for eid in got if kinds[event_ids[eid]] == "hang")
+        label = f"{fast} fast + {hanging} hanging ({hang:g} s)" if hanging else f"{fast} fast"
+        print(f"\n== {label}: one worker ==")
+        print(f"fast callbacks received: {len(fast_times)}/{fast}; hanging: {hang_done}/{hanging}")
+        print(f"polls before the finish: {poll_rate:,.0f}/s (the worker's poll throughput)")
+        if not fast_times:
+            return
+        since_finish = [t - finish for t in fast_times.values()]
+        drain = max(since_finish)
+        print(
+            f"from the finish:   drain {drain:.2f} s, {len(fast_times) / drain:,.0f} callbacks/s, "
+            f"p50 {pct(since_finish, 0.5):.2f} s, p99 {pct(since_finish, 0.99):.2f} s"
+        )
+        first_end = min(ended.values())
+        since_end = [fast_times[r] - ended[r] for r in fast_times if r in ended]
+        last_end = max(ended[r] for r in fast_times if r in ended)
+        span = max(fast_times.values()) - first_end
+        print(
+            f"from each end seen: p50 {pct(since_end, 0.5):.3f} s, p99 {pct(since_end, 0.99):.3f} s"
+            f", max {max(since_end):.3f} s; ends seen over {last_end - first_end:.2f} s, "
+            f"first end to last fast callback {span:.2f} s ({len(fast_times) / span:,.0f}/s)"
+        )
+        if hanging:
+            print(f"hanging receivers in flight at once (max): {stats['hang_max_in_flight']}")
+        print(f"worker RSS: {rss_before / 1024:.1f} MiB before, {rss_after / 1024:.1f} MiB after")
+        print(f"median end-to-callback: {statistics.median(since_end) * 1000:.0f} ms")
+
+
+def main(args: argparse.Namespace) -> None:
+    upstream_port, control_port, hang_port = free_port(), free_port(), free_port()
+    fast_ports = [free_port(avoid=(upstream_port, control_port, hang_port)) for _ in range(4)]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=run_upstream, args=(upstream_port,), daemon=True),
+        ctx.Process(
+            target=run_receivers,
+            args=(control_port, fast_ports, hang_port, args.hang),
+            daemon=True,
+        ),
+    ]
+    for proc in procs:
+        proc.start()
+    upstream = f"http://127.0.0.1:{upstream_port}"
+    receivers = f"http://127.0.0.1:{control_port}"
+    wait_http(receivers + "/stats")
+    wait_http(upstream + "/api/v1/lipsync/requests/x")
+    try:
+        with embedded_redis(avoid=(upstream_port, control_port, hang_port, *fast_ports)) as url:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+            env.update(
+                {
+                    "CHAMELAION_BASE_URL": upstream + "/api",
+                    "CHAMELAION_API_KEY": "bench-key",
+                    "RELAY_REDIS_URL": url,
+                    "RELAY_WEBHOOK_SECRETS": "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                    "RELAY_UPSTREAM_RATE_LIMIT": "1000000",
+                    "RELAY_POLL_MIN_INTERVAL": POLL_INTERVAL,
+                    "RELAY_POLL_MAX_INTERVAL": POLL_INTERVAL,
+                    "RELAY_CALLBACK_ALLOWED_NETWORKS": "127.0.0.0/8",
+                    "RELAY_DELIVERY_TIMEOUT": str(args.hang + 5),
+                    "RELAY_LOG_FORMAT": "json",
+                    **dict(item.split("=", 1) for item in args.env),
+                }
+            )
+            bench = Bench(url, upstream, receivers, fast_ports, hang_port)
+            bench.profile = args.profile
+            fast = args.jobs - args.hanging
+            bench.scenario(env, fast, args.hanging, args.hang)
+            bench.scenario(env, fast, 0, args.hang)
+            if args.memory:
+                bench.scenario(env, args.memory, 0, args.hang)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.join()
+    print(json.dumps({"note": "2-core machine shared with other work: figures are noisy"}))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=2000)
+    parser.add_argument("--hanging", type=int, default=100)
+    parser.add_argument("--hang", type=float, default=10.0)
+    parser.add_argument("--memory", type=int, default=0, help="callbacks in a memory run")
+    parser.add_argument("--profile", default="", help="py-spy the worker (raw stacks) to here")
+    parser.add_argument("--env", action="append", default=[], help="extra VAR=value for workers")
+    main(parser.parse_args())
