@@ -16,6 +16,10 @@ relay:stats:{outcome}:{minute}
 relay:destination:{dest}   hash   a callback destination's breaker: consecutive failures
                                    (dest = scheme://host:port; expires a day after the last)
 relay:destinations:backed_off zset destination -> Redis-clock time it is backed off until
+relay:attempts:{delivery id} list   a delivery's attempt log (JSON entries, newest last)
+relay:deliveries:{state}    zset   delivery id -> when it entered that state (pending, failing,
+                                   delivered, gone, failed); a delivery id is the request id for
+                                   the final event, {request_id}#processing for the other
 relay:arq:queue             zset   arq's queue: deliveries only
 relay:arq:health            string arq's health check record
 arq:job:{job id}            string a queued arq job (arq's own prefix, not configurable)
@@ -44,6 +48,7 @@ UPSTREAM_PAUSED = PREFIX + "upstream:paused"
 BACKED_OFF = PREFIX + "destinations:backed_off"
 ARQ_QUEUE = PREFIX + "arq:queue"
 STATS_PREFIX = PREFIX + "stats:"
+DELIVERIES_PREFIX = PREFIX + "deliveries:"
 ARQ_HEALTH = PREFIX + "arq:health"
 ARQ_JOB_PREFIX = job_key_prefix
 ARQ_IN_PROGRESS_PREFIX = in_progress_key_prefix
@@ -81,3 +86,11 @@ def stats(outcome: str, minute: int) -> str:
 
 def postponed_job_id(request_id: str, attempt: int, until_ms: int) -> str:
     return f"deliver:{request_id}:{attempt}:{until_ms}"
+
+
+def attempts(delivery_id: str) -> str:
+    return f"{PREFIX}attempts:{delivery_id}"
+
+
+def deliveries(state: str) -> str:
+    return f"{DELIVERIES_PREFIX}{state}"

@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -19,7 +20,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from relay.api import test_events, watches, webhook_keys
+from relay import keys
+from relay.api import deliveries, test_events, watches, webhook_keys
 from relay.api.auth import ApiKeyMiddleware, KeyRing
 from relay.api.idempotency import idempotent
 from relay.api.openapi import openapi_document
@@ -29,6 +31,8 @@ from relay.api.status import get_request, list_requests
 from relay.api.submit import generate
 from relay.api.uploads import generate_with_media
 from relay.console.views import create_console
+from relay.delivery.attempt_log import AttemptLog
+from relay.delivery.control import Redeliverer
 from relay.delivery.signing import Signer
 from relay.delivery.transport import make_callback_client
 from relay.errors import ApiError
@@ -70,10 +74,22 @@ def create_app(settings: Settings) -> Starlette:
         policy = settings.callback_policy()
         signer = Signer(settings.webhook_secrets) if settings.webhook_secrets else None
         callback_client = make_callback_client(policy, settings.delivery_timeout)
+        store = JobStore(redis)
+        attempt_log = AttemptLog(redis, retention=settings.job_retention)
+        # arq's client on the same connections: the API queues redeliveries.
+        arq = ArqRedis(redis.connection_pool, default_queue_name=keys.ARQ_QUEUE)
         try:
             yield {
                 "relay": AppState(
-                    settings, redis, JobStore(redis), upstream, policy, signer, callback_client
+                    settings,
+                    redis,
+                    store,
+                    upstream,
+                    policy,
+                    signer,
+                    callback_client,
+                    attempt_log,
+                    Redeliverer(arq, store, attempt_log),
                 )
             }
         finally:
@@ -94,6 +110,10 @@ def create_app(settings: Settings) -> Starlette:
         Route(webhook_keys.PATH, webhook_keys.webhook_keys, methods=["GET"]),
         Route(test_events.PATH, test_events.send_test_event, methods=["POST"]),
         Route(watches.PATH, watches.watch, methods=["POST"]),
+        Route(f"{deliveries.PREFIX}/jobs/{{id}}/deliveries", deliveries.job_deliveries),
+        Route(f"{deliveries.PREFIX}/jobs/{{id}}/redeliver", deliveries.redeliver, methods=["POST"]),
+        Route(f"{deliveries.PREFIX}/deliveries", deliveries.list_deliveries),
+        Route(f"{deliveries.PREFIX}/deliveries/recover", deliveries.recover, methods=["POST"]),
         create_console(settings),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),

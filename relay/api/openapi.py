@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from relay.api.deliveries import MAX_PAGE, RecoverRequest
 from relay.api.idempotency import MAX_KEY_LENGTH
 from relay.api.models import MAX_ID_LENGTH, MAX_REFERENCE_ID_LENGTH, GenerateRequest
 from relay.api.test_events import TestEventRequest
@@ -94,6 +95,56 @@ def openapi_document() -> dict[str, Any]:
                     },
                     "duration_ms": {"type": "number"},
                     "response_excerpt": {"type": "string"},
+                },
+            },
+            "RecoverRequest": RecoverRequest.model_json_schema(ref_template=_REF),
+            "Recovered": {
+                "type": "object",
+                "required": ["requeued", "more", "since"],
+                "properties": {
+                    "requeued": {"type": "integer"},
+                    "more": {"type": "boolean"},
+                    "since": {"type": "string"},
+                },
+            },
+            "Redelivered": {
+                "type": "object",
+                "required": ["request_id", "webhook_id", "attempt", "requeued"],
+                "properties": {
+                    "request_id": {"type": "string"},
+                    "webhook_id": {"type": ["string", "null"]},
+                    "attempt": {"type": "integer"},
+                    "requeued": {"const": True},
+                },
+            },
+            "JobDeliveries": {
+                "type": "object",
+                "required": ["request_id", "deliveries"],
+                "properties": {
+                    "request_id": {"type": "string"},
+                    "callback": {"type": "boolean"},
+                    "status": {"type": ["string", "null"]},
+                    "deliveries": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "delivery_id": {"type": "string"},
+                                "event": {"type": ["string", "null"]},
+                                "webhook_id": {"type": ["string", "null"]},
+                                "state": {"type": ["string", "null"]},
+                                "attempts": {"type": "array", "items": {"type": "object"}},
+                            },
+                        },
+                    },
+                },
+            },
+            "DeliveryPage": {
+                "type": "object",
+                "required": ["data", "next_cursor"],
+                "properties": {
+                    "data": {"type": "array", "items": {"type": "object"}},
+                    "next_cursor": {"type": ["string", "null"]},
                 },
             },
             "Watch": {
@@ -314,6 +365,73 @@ def openapi_document() -> dict[str, Any]:
                     },
                     security=secured,
                     requestBody={"required": True, "content": _json("WatchRequest")},
+                )
+            },
+            "/api/relay/v1/jobs/{id}/deliveries": {
+                "get": _operation(
+                    "A job's deliveries, each with its attempt log",
+                    {
+                        "200": {"description": "The deliveries", "content": _json("JobDeliveries")},
+                        "400": _error("Bad id"),
+                        "404": _error("No tracked job has this id or reference_id"),
+                        **_ERRORS_ANY,
+                    },
+                    security=secured,
+                    parameters=[lipsync_id],
+                )
+            },
+            "/api/relay/v1/jobs/{id}/redeliver": {
+                "post": _operation(
+                    "Send the job's final event again now (same webhook-id, fresh schedule)",
+                    {
+                        "202": {"description": "Requeued", "content": _json("Redelivered")},
+                        "400": _error("Bad id"),
+                        "404": _error("No tracked job has this id or reference_id"),
+                        "409": _error("The job has not ended, or has no callback_url"),
+                        **_ERRORS_ANY,
+                    },
+                    security=secured,
+                    parameters=[lipsync_id],
+                )
+            },
+            "/api/relay/v1/deliveries": {
+                "get": _operation(
+                    "Deliveries in a state, newest first",
+                    {
+                        "200": {"description": "A page", "content": _json("DeliveryPage")},
+                        "400": _error("Bad state, time, cursor or limit"),
+                        **_ERRORS_ANY,
+                    },
+                    security=secured,
+                    parameters=[
+                        {
+                            "name": "state",
+                            "in": "query",
+                            "schema": {
+                                "type": "string",
+                                "enum": ["pending", "failing", "delivered", "gone", "failed"],
+                            },
+                        },
+                        {"name": "since", "in": "query", "schema": {"type": "string"}},
+                        {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+                        },
+                    ],
+                )
+            },
+            "/api/relay/v1/deliveries/recover": {
+                "post": _operation(
+                    "Redeliver every delivery that failed since a time (capped)",
+                    {
+                        "200": {"description": "What was requeued", "content": _json("Recovered")},
+                        **relay_body,
+                        **_ERRORS_ANY,
+                    },
+                    security=secured,
+                    requestBody={"required": True, "content": _json("RecoverRequest")},
                 )
             },
             "/healthz": {

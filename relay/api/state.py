@@ -8,6 +8,8 @@ import httpx
 from redis.asyncio import Redis
 from starlette.requests import Request
 
+from relay.delivery.attempt_log import AttemptLog
+from relay.delivery.control import Redeliverer
 from relay.delivery.netpolicy import NetworkPolicy
 from relay.delivery.signing import Signer
 from relay.jobs.store import JobStore
@@ -25,6 +27,8 @@ class AppState:
     # Test events and the published keys need these; None when the API has no secrets.
     signer: Signer | None
     callback_client: httpx.AsyncClient
+    attempt_log: AttemptLog
+    redeliverer: Redeliverer
 
 
 def app_state(request: Request) -> AppState:

@@ -30,11 +30,14 @@ import httpx
 from arq import Retry
 
 from relay.delivery import stats
+from relay.delivery.attempt_log import EXCERPT_CHARS, AttemptLog
 from relay.delivery.destinations import Destinations, destination_of
+from relay.delivery.failure import FailureClass, failure_class
 from relay.delivery.signing import Signer
 from relay.errors import DestinationRefused
 from relay.jitter import jittered
-from relay.jobs.store import Breaker, DeliveryState, JobStore
+from relay.jobs.events import event_type_of
+from relay.jobs.store import Breaker, DeliveryState, Job, JobStore
 from relay.metrics import DELIVERIES, DELIVERY_LATENCY
 from relay.upstream import USER_AGENT, parse_retry_after
 
@@ -49,6 +52,8 @@ MAX_RETRY_AFTER = 86400.0
 SETTLED_LOG_LEVEL = {"delivered": logging.INFO, "gone": logging.WARNING, "failed": logging.ERROR}
 
 # (request_id, attempt, delay, destination): enqueue that attempt as an arq job.
+_DETAIL = {"timeout": "timed out", "refused": "could not connect (refused)"}
+
 EnqueueAttempt = Callable[[str, int, float, str], Awaitable[None]]
 # (request_id, attempt, delay, destination): enqueue a postponed run of that attempt.
 Postpone = Callable[[str, int, float, str], Awaitable[None]]
@@ -62,19 +67,47 @@ class Outcome:
     # The receiver answered for itself (not a timeout, a refused connection, a 5xx or a 429):
     # its destination is up, whatever it thought of this one event.
     answered: bool = False
+    # For the attempt log: the receiver's status, or the kind of failure, and its answer's start.
+    status: int | None = None
+    error: FailureClass | None = None
+    excerpt: str = ""
 
 
-def classify(response: httpx.Response) -> Outcome:
+def classify(response: httpx.Response, excerpt: str = "") -> Outcome:
     status = response.status_code
     if 200 <= status < 300:
-        return Outcome("delivered", f"HTTP {status}", answered=True)
+        return Outcome("delivered", f"HTTP {status}", answered=True, status=status, excerpt=excerpt)
     if status == 410:
-        return Outcome("gone", "HTTP 410: the receiver is gone", answered=True)
+        return Outcome(
+            "gone", "HTTP 410: the receiver is gone", answered=True, status=status, excerpt=excerpt
+        )
     if 300 <= status < 400:
-        return Outcome("retry", f"HTTP {status}: redirects are not followed", answered=True)
+        return Outcome(
+            "retry",
+            f"HTTP {status}: redirects are not followed",
+            answered=True,
+            status=status,
+            excerpt=excerpt,
+        )
     if status == 429 or status >= 500:
-        return Outcome("retry", f"HTTP {status}", parse_retry_after(response.headers))
-    return Outcome("retry", f"HTTP {status}", answered=True)
+        return Outcome(
+            "retry",
+            f"HTTP {status}",
+            parse_retry_after(response.headers),
+            status=status,
+            excerpt=excerpt,
+        )
+    return Outcome("retry", f"HTTP {status}", answered=True, status=status, excerpt=excerpt)
+
+
+async def read_excerpt(response: httpx.Response) -> str:
+    """The start of a receiver's answer, for the attempt log; the rest is never read."""
+    taken = b""
+    async for chunk in response.aiter_raw():
+        taken += chunk
+        if len(taken) >= EXCERPT_CHARS:
+            break
+    return taken[:EXCERPT_CHARS].decode("utf-8", "replace")
 
 
 def next_delay(schedule: tuple[float, ...], attempt: int, retry_after: float | None) -> float:
@@ -97,8 +130,10 @@ class Deliverer:
         postpone: Postpone,
         destinations: Destinations,
         breaker: Breaker,
+        attempt_log: AttemptLog,
         timeout: float,
     ) -> None:
+        self.attempt_log = attempt_log
         self.timeout = timeout
         self.store = store
         self.signer = signer
@@ -148,22 +183,25 @@ class Deliverer:
             return "stale"
         started = time.monotonic()
         outcome = await self._post(job.callback_url, job.event_id, job.event)
+        duration = time.monotonic() - started
         log_extra = {"request_id": request_id, "attempt": attempt, "result": outcome.detail}
         if outcome.kind == "delivered" and job.ended_at is not None:
             # On the Redis clock, like `ended_at`: the record's read time plus the attempt.
-            delivered_at = job.read_at + (time.monotonic() - started)
-            DELIVERY_LATENCY.observe(max(0.0, delivered_at - job.ended_at))
+            DELIVERY_LATENCY.observe(max(0.0, job.read_at + duration - job.ended_at))
         following = attempt + 1
+        # A redelivery starts the schedule again from its own attempt number.
+        step = following - job.schedule_base
         settled: DeliveryState | None = None
         if outcome.kind != "retry":
             settled = outcome.kind
-        elif following >= len(self.schedule):
+        elif step >= len(self.schedule):
             settled = "failed"
         # One sample per attempt: the last failing one counts as failed, not also as retry.
         DELIVERIES.labels(settled or "retry").inc()
         await stats.count(self.store.redis, "delivered" if settled == "delivered" else "failed")
         if settled is not None:
             await self._record(request_id, attempt, attempt, settled, outcome, destination)
+            await self._log(job, attempt, outcome, duration, settled, next_in=None)
             log.log(
                 SETTLED_LOG_LEVEL[settled],
                 "callback %s after %d attempts",
@@ -172,7 +210,7 @@ class Deliverer:
                 extra=log_extra,
             )
             return settled
-        delay = next_delay(self.schedule, following, outcome.retry_after)
+        delay = next_delay(self.schedule, step, outcome.retry_after)
         # Enqueue first, then record: a crash in between re-runs this attempt (a duplicate
         # delivery with the same webhook-id, which at-least-once allows) and never loses one.
         await self.enqueue_attempt(request_id, following, delay, destination)
@@ -185,8 +223,32 @@ class Deliverer:
             destination,
             keep_for=delay + KEEP_AFTER_LAST_ATTEMPT,
         )
+        await self._log(job, attempt, outcome, duration, "failing", next_in=delay)
         log.warning("callback failed, retrying in %.0f s", delay, extra=log_extra)
         return "retry"
+
+    async def _log(
+        self,
+        job: Job,
+        attempt: int,
+        outcome: Outcome,
+        duration: float,
+        state: str,
+        *,
+        next_in: float | None,
+    ) -> None:
+        await self.attempt_log.record(
+            job.request_id,
+            event=event_type_of(job.event),
+            attempt=attempt,
+            duration_ms=round(duration * 1000, 1),
+            status=outcome.status,
+            error=outcome.error,
+            detail=outcome.detail,
+            excerpt=outcome.excerpt,
+            next_at=None if next_in is None else round(job.read_at + duration + next_in, 3),
+            state=state,
+        )
 
     async def _record(
         self,
@@ -225,14 +287,14 @@ class Deliverer:
                 asyncio.timeout(self.timeout),
                 self.client.stream("POST", url, content=event, headers=headers) as response,
             ):
-                # Closed unread: a receiver's reply body is of no use and may be huge.
-                return classify(response)
-        except TimeoutError:
-            return Outcome("retry", "timed out")
+                # Only the start is read, for the attempt log: a reply may be huge.
+                return classify(response, await read_excerpt(response))
+        except TimeoutError as exc:
+            return Outcome("retry", "timed out", error=failure_class(exc))
         except DestinationRefused as exc:
-            return Outcome("retry", f"refused by the callback network policy: {exc.reason}")
-        except httpx.TimeoutException:
-            # httpx-aiohttp also reports refused connections and DNS failures as timeouts.
-            return Outcome("retry", "timed out or unreachable")
+            return Outcome(
+                "retry", f"refused by the callback network policy: {exc.reason}", error="policy"
+            )
         except httpx.HTTPError as exc:
-            return Outcome("retry", f"could not connect: {type(exc).__name__}")
+            kind = failure_class(exc)
+            return Outcome("retry", _DETAIL.get(kind, f"could not connect ({kind})"), error=kind)

@@ -33,3 +33,11 @@ def iso_now() -> str:
 
 def build_event(type_: str, data: dict[str, Any]) -> bytes:
     return orjson.dumps({"type": type_, "timestamp": iso_now(), "data": data})
+
+
+def event_type_of(event: bytes | None) -> str | None:
+    """The `type` of a stored callback body (None when there is none)."""
+    if not event:
+        return None
+    value = orjson.loads(event).get("type")
+    return value if isinstance(value, str) else None

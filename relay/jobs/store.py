@@ -60,6 +60,8 @@ class Job:
     attempts_made: int
     last_result: str | None
     ended_at: float | None
+    # The attempt a redelivery restarted the retry schedule at (0: never redelivered).
+    schedule_base: int
     # The Redis clock when this record was read: what the job's age and grace periods are
     # measured against, never the reader's own clock.
     read_at: float
@@ -97,6 +99,7 @@ def _decode(request_id: str, raw: dict[bytes, bytes], read_at: float) -> Job:
         attempts_made=int(raw.get(b"attempts_made") or 0),
         last_result=_text(raw, "last_result"),
         ended_at=_number(raw, "ended"),
+        schedule_base=int(raw.get(b"schedule_base") or 0),
         read_at=read_at,
     )
 

@@ -18,6 +18,7 @@ from arq.connections import ArqRedis
 from arq.worker import Worker, func
 
 from relay import keys
+from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.deliverer import Deliverer
 from relay.delivery.destinations import Destinations
 from relay.delivery.signing import Signer
@@ -72,6 +73,7 @@ async def build_state(settings: Settings) -> WorkerState:
             total=settings.delivery_concurrency,
         ),
         breaker=settings.breaker(),
+        attempt_log=AttemptLog(redis, retention=settings.job_retention),
         timeout=settings.delivery_timeout,
     )
     first_attempts = FirstAttempts(queue, deliverer, settings.delivery_timeout)

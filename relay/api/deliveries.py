@@ -1,0 +1,209 @@
+"""Seeing and steering deliveries: a job's attempt log, deliveries by state, redeliver, recover.
+
+GET  /api/relay/v1/jobs/{id}/deliveries   every event of a job with its attempts
+GET  /api/relay/v1/deliveries             deliveries in a state, newest first, paginated
+POST /api/relay/v1/jobs/{id}/redeliver    the job's final event again now (same webhook-id)
+POST /api/relay/v1/deliveries/recover     every delivery that failed since a time, capped
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from relay.api.body import read_body
+from relay.api.models import MAX_ID_LENGTH
+from relay.api.state import AppState, app_state
+from relay.api.submit import validation_error
+from relay.delivery.attempt_log import STATES
+from relay.errors import ApiError
+from relay.jobs.events import event_type_of
+from relay.jobs.store import Job
+
+PREFIX = "/api/relay/v1"
+MAX_PAGE = 200
+MAX_RECOVER = 1000
+# A job's event deliveries: the final event's id is the request id itself.
+PROCESSING_SUFFIX = "#processing"
+
+State = Literal["pending", "failing", "delivered", "gone", "failed"]
+
+
+def iso(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return (
+        datetime.fromtimestamp(seconds, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+# Times the relay can show back: from the epoch to the end of year 9999.
+LATEST = 253402300799.0
+
+
+def parse_time(value: str | float, name: str) -> float:
+    """An ISO 8601 time (with a zone, or UTC) or seconds since the epoch."""
+    problem = f"{name} must be an ISO 8601 time or seconds since the epoch (1970 to 9999)"
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = float(text)
+        except ValueError:
+            try:
+                parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            except ValueError:
+                raise ApiError(400, problem) from None
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=UTC)
+            value = parsed.timestamp()
+    if not 0 <= value <= LATEST:  # also refuses NaN
+        raise ApiError(400, problem)
+    return float(value)
+
+
+def request_id_param(request: Request) -> str:
+    request_id: str = request.path_params["id"]
+    if not 1 <= len(request_id) <= MAX_ID_LENGTH or request_id in (".", ".."):
+        raise ApiError(400, f"id must be 1 to {MAX_ID_LENGTH} characters, not a dot segment")
+    if PROCESSING_SUFFIX in request_id:
+        raise ApiError(400, "id must be a request id")
+    return request_id
+
+
+async def _delivery(state: AppState, delivery_id: str, job: Job) -> dict[str, Any]:
+    attempts = await state.attempt_log.entries(delivery_id)
+    for entry in attempts:
+        entry["at"] = iso(entry.get("at"))
+        if entry.get("next_at") is not None:
+            entry["next_at"] = iso(entry["next_at"])
+    return {
+        "delivery_id": delivery_id,
+        "event": event_type_of(job.event),
+        "webhook_id": job.event_id,
+        "state": job.delivery,
+        "attempts_made": job.attempts_made,
+        "last_result": job.last_result,
+        "attempts": attempts,
+    }
+
+
+async def job_deliveries(request: Request) -> Response:
+    state = app_state(request)
+    request_id = request_id_param(request)
+    job = await state.store.find(request_id)
+    if job is None:
+        raise ApiError(404, "no tracked job has this id or reference_id")
+    deliveries = []
+    processing = await state.store.get(job.request_id + PROCESSING_SUFFIX)
+    if processing is not None and processing.event is not None:
+        deliveries.append(await _delivery(state, processing.request_id, processing))
+    if job.event is not None:
+        deliveries.append(await _delivery(state, job.request_id, job))
+    return JSONResponse(
+        {
+            "request_id": job.request_id,
+            "callback": job.callback_url is not None,
+            "status": job.status,
+            "deliveries": deliveries,
+        }
+    )
+
+
+def _query_int(request: Request, name: str, default: int, high: int) -> int:
+    value = request.query_params.get(name)
+    if value is None:
+        return default
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= high:
+        raise ApiError(400, f"{name} must be an integer from 1 to {high}")
+    return int(value)
+
+
+async def list_deliveries(request: Request) -> Response:
+    state = app_state(request)
+    wanted = request.query_params.get("state", "failing")
+    if wanted not in STATES:
+        raise ApiError(400, f"state must be one of {', '.join(STATES)}")
+    limit = _query_int(request, "limit", 50, MAX_PAGE)
+    since = parse_time(request.query_params.get("since", "0"), "since")
+    cursor = request.query_params.get("cursor")
+    until = parse_time(cursor, "cursor") if cursor else float("inf")
+    found = await state.attempt_log.page(wanted, since=since, until=until, limit=limit + 1)
+    page = found[:limit]
+    data = []
+    for delivery_id, entered in page:
+        request_id, _, kind = delivery_id.partition("#")
+        data.append(
+            {
+                "delivery_id": delivery_id,
+                "request_id": request_id,
+                "event": "lipsync.processing" if kind == "processing" else "final",
+                "state": wanted,
+                "since": iso(entered),
+            }
+        )
+    next_cursor = repr(page[-1][1]) if len(found) > limit else None
+    return JSONResponse({"data": data, "next_cursor": next_cursor})
+
+
+async def redeliver(request: Request) -> Response:
+    state = app_state(request)
+    request_id = request_id_param(request)
+    job = await state.store.find(request_id)
+    if job is None:
+        raise ApiError(404, "no tracked job has this id or reference_id")
+    done = await state.redeliverer.redeliver(job.request_id, note="redelivery requested")
+    if done.refused == "not_ended":
+        raise ApiError(409, "the job has not ended yet: its callback goes out when it does")
+    if done.refused == "no_callback":
+        raise ApiError(409, "the job has no callback_url")
+    if done.refused is not None:
+        raise ApiError(404, "no tracked job has this id or reference_id")
+    return JSONResponse(
+        {
+            "request_id": job.request_id,
+            "webhook_id": job.event_id,
+            "attempt": done.attempt,
+            "requeued": True,
+        },
+        status_code=202,
+    )
+
+
+class RecoverRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    since: str | float | int
+    states: Annotated[list[Literal["failing", "failed", "gone"]], Field(min_length=1)] = [
+        "failing",
+        "failed",
+    ]
+    limit: Annotated[int, Field(ge=1, le=MAX_RECOVER)] = 100
+
+    @field_validator("since")
+    @classmethod
+    def _time(cls, value: str | float | int) -> str | float | int:
+        try:
+            parse_time(value, "since")
+        except ApiError as exc:
+            raise ValueError(exc.message) from None
+        return value
+
+
+async def recover(request: Request) -> Response:
+    state = app_state(request)
+    raw = await read_body(request, state.settings.max_body_bytes)
+    try:
+        wanted = RecoverRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    since = parse_time(wanted.since, "since")
+    requeued, more = await state.redeliverer.recover(
+        states=tuple(dict.fromkeys(wanted.states)), since=since, limit=wanted.limit
+    )
+    return JSONResponse({"requeued": requeued, "more": more, "since": iso(since)})

@@ -1,0 +1,62 @@
+"""Every delivery attempt, kept as long as its job, and every delivery filed by its state.
+
+An entry says when (Redis clock), which event and attempt, how long it took, the receiver's
+HTTP status or the kind of failure (relay.delivery.failure), the start of its answer, when the
+next try is due, and the state the delivery is in after it. Redelivery requests and deliveries
+requeued by the stranded-delivery sweep are entries too (`note`).
+
+The state index (`relay:deliveries:{state}`, one sorted set per state scored by when the
+delivery got there) answers "what is failing since the outage" without a scan. States:
+pending (waiting for its first attempt or a redelivery), failing (pending after a failed
+attempt), delivered, gone (410), failed (given up after the whole schedule).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from relay import keys, lua
+
+MAX_ENTRIES = 100
+EXCERPT_CHARS = 512
+STATES = ("pending", "failing", "delivered", "gone", "failed")
+
+
+class AttemptLog:
+    def __init__(self, redis: Redis, *, retention: float) -> None:
+        self.redis = redis
+        self.retention = retention
+        self._log = lua.register(redis, __package__, "log_attempt")
+
+    async def record(self, delivery_id: str, **entry: Any) -> None:
+        await self._log(
+            keys=[keys.job(delivery_id), keys.attempts(delivery_id)],
+            args=[
+                keys.DELIVERIES_PREFIX,
+                delivery_id,
+                orjson.dumps(entry),
+                MAX_ENTRIES,
+                int(self.retention),
+            ],
+        )
+
+    async def entries(self, delivery_id: str) -> list[dict[str, Any]]:
+        raw = await self.redis.lrange(keys.attempts(delivery_id), 0, -1)  # type: ignore[misc]
+        return [orjson.loads(item) for item in raw]
+
+    async def page(
+        self, state: str, *, since: float, until: float, limit: int
+    ) -> list[tuple[str, float]]:
+        """Deliveries in `state`, newest first, that got there in (since, until]."""
+        found = await self.redis.zrevrangebyscore(
+            keys.deliveries(state),
+            f"({until}" if until != float("inf") else "+inf",
+            f"({since}",
+            start=0,
+            num=limit,
+            withscores=True,
+        )
+        return [(member.decode(), float(score)) for member, score in found]

@@ -1,0 +1,79 @@
+"""Redelivering: one job's event again now, or every failed delivery since a time.
+
+A redelivery keeps the event's `webhook-id` (receivers deduplicate on it), starts the retry
+schedule afresh at a new attempt number (so no arq job id is reused) and is written in the
+attempt log. Bulk recovery is capped per call and says how many it requeued and whether more
+are left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from arq.connections import ArqRedis
+
+from relay import keys, lua
+from relay.delivery.attempt_log import AttemptLog
+from relay.delivery.destinations import destination_of
+from relay.jobs.store import JobStore
+
+KEEP_AFTER_REDELIVERY = 4 * 86400.0
+REFUSALS = {-1: "unknown", -2: "not_ended", -3: "no_callback"}
+
+
+@dataclass(frozen=True)
+class Redelivered:
+    delivery_id: str
+    attempt: int | None  # None: refused, see `refused`
+    refused: str | None = None
+
+
+class Redeliverer:
+    def __init__(self, arq: ArqRedis, store: JobStore, attempt_log: AttemptLog) -> None:
+        self.arq = arq
+        self.store = store
+        self.attempt_log = attempt_log
+        self._redeliver = lua.register(arq, __package__, "redeliver")
+
+    async def redeliver(self, delivery_id: str, *, note: str) -> Redelivered:
+        attempt = int(
+            await self._redeliver(keys=[keys.job(delivery_id)], args=[int(KEEP_AFTER_REDELIVERY)])
+        )
+        if attempt < 0:
+            return Redelivered(delivery_id, None, REFUSALS[attempt])
+        job = await self.store.get(delivery_id)
+        destination = destination_of(job.callback_url) if job and job.callback_url else None
+        # Logged before it is queued: the attempt's own entry then always comes after this one.
+        await self.attempt_log.record(delivery_id, attempt=attempt, note=note, state="pending")
+        # If this enqueue is lost (a crash right here), the stranded-delivery sweep queues it.
+        await self.arq.enqueue_job(
+            "deliver",
+            delivery_id,
+            attempt,
+            destination,
+            _job_id=keys.delivery_job_id(delivery_id, attempt),
+        )
+        return Redelivered(delivery_id, attempt)
+
+    async def recover(
+        self, *, states: tuple[str, ...], since: float, limit: int
+    ) -> tuple[int, bool]:
+        """Redeliver up to `limit` deliveries that entered `states` after `since`, oldest
+        first; returns how many were requeued and whether more are left."""
+        candidates: list[tuple[float, str]] = []
+        for state in states:
+            found = await self.arq.zrangebyscore(
+                keys.deliveries(state),
+                f"({since}",
+                "+inf",
+                start=0,
+                num=limit + 1,
+                withscores=True,
+            )
+            candidates += [(float(score), member.decode()) for member, score in found]
+        candidates.sort()
+        requeued = 0
+        for _, delivery_id in candidates[:limit]:
+            done = await self.redeliver(delivery_id, note="recovered in bulk")
+            requeued += done.attempt is not None
+        return requeued, len(candidates) > limit
