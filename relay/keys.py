@@ -20,6 +20,7 @@ relay:attempts:{delivery id} list   a delivery's attempt log (JSON entries, newe
 relay:deliveries:{state}    zset   delivery id -> when it entered that state (pending, failing,
                                    delivered, gone, failed); a delivery id is the request id for
                                    the final event, {request_id}#processing for the other
+relay:stranded:lease       string which worker runs the stranded-delivery sweep this interval
 relay:arq:queue             zset   arq's queue: deliveries only
 relay:arq:health            string arq's health check record
 arq:job:{job id}            string a queued arq job (arq's own prefix, not configurable)
@@ -49,6 +50,7 @@ BACKED_OFF = PREFIX + "destinations:backed_off"
 ARQ_QUEUE = PREFIX + "arq:queue"
 STATS_PREFIX = PREFIX + "stats:"
 DELIVERIES_PREFIX = PREFIX + "deliveries:"
+STRANDED_LEASE = PREFIX + "stranded:lease"
 ARQ_HEALTH = PREFIX + "arq:health"
 ARQ_JOB_PREFIX = job_key_prefix
 ARQ_IN_PROGRESS_PREFIX = in_progress_key_prefix

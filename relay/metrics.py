@@ -22,6 +22,10 @@ JOBS_SUBMITTED = Counter(
 UPSTREAM_CALLS = Counter("relay_upstream_calls", "Requests to Chamelaion", ["endpoint", "status"])
 POLLS = Counter("relay_polls", "Polls made, by what they found", ["result"])
 DELIVERIES = Counter("relay_deliveries", "Callback delivery attempts, by outcome", ["outcome"])
+STRANDED_SWEEPS = Counter("relay_stranded_sweeps", "Stranded-delivery sweeps run by this worker")
+STRANDED_REQUEUED = Counter(
+    "relay_stranded_requeued", "Pending deliveries whose lost attempt the sweep queued again"
+)
 DELIVERY_LATENCY = Histogram(
     "relay_delivery_latency_seconds",
     "From the job's end being seen to its callback being accepted",

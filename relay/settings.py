@@ -100,6 +100,12 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(20.0, ge=0, validation_alias="RELAY_SHUTDOWN_TIMEOUT")
     # Signs console sessions; derived from RELAY_API_KEYS when unset (see relay.console.session).
     console_secret: SecretStr | None = Field(None, validation_alias="RELAY_CONSOLE_SECRET")
+    # How often one worker looks for pending deliveries whose queued attempt is gone, and how
+    # long a delivery must have waited before it counts as stranded.
+    stranded_sweep_interval: float = Field(
+        60.0, gt=0, le=3600, validation_alias="RELAY_STRANDED_SWEEP_INTERVAL"
+    )
+    stranded_after: float = Field(120.0, ge=0, validation_alias="RELAY_STRANDED_AFTER")
     # How long an Idempotency-Key and its first answer are kept.
     idempotency_ttl: float = Field(86400.0, ge=60, validation_alias="RELAY_IDEMPOTENCY_TTL")
     worker_http_port: int = Field(9100, ge=0, le=65535, validation_alias="RELAY_WORKER_HTTP_PORT")

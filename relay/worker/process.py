@@ -22,6 +22,7 @@ from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.deliverer import Deliverer
 from relay.delivery.destinations import Destinations
 from relay.delivery.signing import Signer
+from relay.delivery.stranded import StrandedSweep
 from relay.delivery.transport import make_callback_client
 from relay.jobs.poller import Poller
 from relay.jobs.schedule import PollSchedule
@@ -48,6 +49,7 @@ class WorkerState:
     deliverer: Deliverer
     first_attempts: FirstAttempts
     dispatcher: Dispatcher
+    stranded: StrandedSweep
 
 
 async def build_state(settings: Settings) -> WorkerState:
@@ -56,6 +58,7 @@ async def build_state(settings: Settings) -> WorkerState:
     schedule = PollSchedule(redis, rate=settings.upstream_rate_limit, lease=settings.poll_lease)
     upstream = Upstream.from_settings(settings)
     queue = DeliveryQueue(redis, settings.delivery_retry_schedule)
+    attempt_log = AttemptLog(redis, retention=settings.job_retention)
     client = make_callback_client(
         settings.callback_policy(),
         settings.delivery_timeout,
@@ -73,7 +76,7 @@ async def build_state(settings: Settings) -> WorkerState:
             total=settings.delivery_concurrency,
         ),
         breaker=settings.breaker(),
-        attempt_log=AttemptLog(redis, retention=settings.job_retention),
+        attempt_log=attempt_log,
         timeout=settings.delivery_timeout,
     )
     first_attempts = FirstAttempts(queue, deliverer, settings.delivery_timeout)
@@ -87,8 +90,23 @@ async def build_state(settings: Settings) -> WorkerState:
     dispatcher = Dispatcher(
         schedule=schedule, poller=poller, concurrency=settings.worker_concurrency
     )
+    stranded = StrandedSweep(
+        redis,
+        attempt_log,
+        interval=settings.stranded_sweep_interval,
+        grace=settings.stranded_after,
+    )
     return WorkerState(
-        settings, redis, store, schedule, upstream, client, deliverer, first_attempts, dispatcher
+        settings,
+        redis,
+        store,
+        schedule,
+        upstream,
+        client,
+        deliverer,
+        first_attempts,
+        dispatcher,
+        stranded,
     )
 
 
@@ -148,6 +166,8 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
     worker = arq_worker(state)
     arq_task = asyncio.create_task(worker.main(), name="arq")
     dispatch_task = asyncio.create_task(state.dispatcher.run(), name="dispatcher")
+    stranded_stop = asyncio.Event()
+    stranded_task = asyncio.create_task(state.stranded.run(stranded_stop), name="stranded")
 
     def healthy() -> bool:
         return state.dispatcher.healthy() and not arq_task.done()
@@ -163,6 +183,7 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
         await stop.wait()
     finally:
         state.dispatcher.stop()
+        stranded_stop.set()
         worker.allow_pick_jobs = False
         try:
             await dispatch_task
@@ -182,6 +203,7 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
         arq_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await arq_task
+        await stranded_task
         await worker.close()
         await state.upstream.aclose()
         await state.callback_client.aclose()

@@ -1,0 +1,98 @@
+"""The stranded-delivery sweep: a pending delivery whose queued attempt is gone is queued again.
+
+However an attempt's arq job vanished (arq gave up on it, a timeout cancelled it mid-write,
+Redis lost it in a failover), the job hash still says which attempt the delivery waits on and
+the state index says since when. Every RELAY_STRANDED_SWEEP_INTERVAL one worker (a lease key
+decides which) looks at deliveries pending or failing for longer than RELAY_STRANDED_AFTER,
+and queues the awaited attempt again for those with no arq job, queued or running. A delivery
+whose destination is backed off is waiting in a postponed job, by design, and is left alone.
+Each requeue is written in the attempt log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+
+from arq.connections import ArqRedis
+from redis.exceptions import RedisError
+
+from relay import keys, lua
+from relay.delivery.attempt_log import AttemptLog
+from relay.delivery.destinations import destination_of
+from relay.metrics import STRANDED_REQUEUED, STRANDED_SWEEPS
+
+log = logging.getLogger(__name__)
+
+BATCH = 500
+
+
+class StrandedSweep:
+    def __init__(
+        self, redis: ArqRedis, attempt_log: AttemptLog, *, interval: float, grace: float
+    ) -> None:
+        self.redis = redis
+        self.attempt_log = attempt_log
+        self.interval = interval
+        self.grace = grace
+        self._find = lua.register(redis, __package__, "stranded")
+        self._token = secrets.token_hex(8)
+
+    async def sweep_once(self) -> int:
+        """Queue every stranded delivery's awaited attempt again; returns how many."""
+        found = await self._find(
+            keys=[keys.deliveries("pending"), keys.deliveries("failing"), keys.ARQ_QUEUE],
+            args=[
+                keys.job(""),
+                keys.ARQ_JOB_PREFIX,
+                keys.ARQ_IN_PROGRESS_PREFIX,
+                self.grace,
+                BATCH,
+            ],
+        )
+        requeued = 0
+        seconds, micros = await self.redis.time()
+        now = seconds + micros / 1e6
+        for i in range(0, len(found), 3):
+            delivery_id, attempt = found[i].decode(), int(found[i + 1])
+            destination = destination_of(found[i + 2].decode())
+            backed_off_until = await self.redis.zscore(keys.BACKED_OFF, destination)
+            if backed_off_until is not None and backed_off_until > now:
+                continue
+            await self.redis.enqueue_job(
+                "deliver",
+                delivery_id,
+                attempt,
+                destination,
+                _job_id=keys.delivery_job_id(delivery_id, attempt),
+            )
+            await self.attempt_log.record(
+                delivery_id,
+                attempt=attempt,
+                note="requeued by the stranded-delivery sweep: its queued attempt was missing",
+                state="pending",
+            )
+            requeued += 1
+        STRANDED_SWEEPS.inc()
+        STRANDED_REQUEUED.inc(requeued)
+        if requeued:
+            log.warning("requeued %d stranded deliveries", requeued)
+        return requeued
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Sweep every `interval` while this worker holds the sweep's lease, until `stop`."""
+        while not stop.is_set():
+            try:
+                if await self.redis.set(
+                    keys.STRANDED_LEASE, self._token, nx=True, px=int(self.interval * 1000)
+                ):
+                    await self.sweep_once()
+            except RedisError as exc:
+                log.warning("stranded-delivery sweep skipped: %s", type(exc).__name__)
+            except Exception:
+                # A bug here must not stop the worker; the next interval tries again.
+                log.exception("stranded-delivery sweep failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.interval)
