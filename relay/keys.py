@@ -20,6 +20,8 @@ relay:attempts:{delivery id} list   a delivery's attempt log (JSON entries, newe
 relay:deliveries:{state}    zset   delivery id -> when it entered that state (pending, failing,
                                    delivered, gone, failed); a delivery id is the request id for
                                    the final event, {request_id}#processing for the other
+relay:sending:{request_id}  string held while an early event (lipsync.processing) is being sent;
+                                   the final event's attempts wait for it
 relay:stranded:lease       string which worker runs the stranded-delivery sweep this interval
 relay:arq:queue             zset   arq's queue: deliveries only
 relay:arq:health            string arq's health check record
@@ -96,3 +98,7 @@ def attempts(delivery_id: str) -> str:
 
 def deliveries(state: str) -> str:
     return f"{DELIVERIES_PREFIX}{state}"
+
+
+def sending(request_id: str) -> str:
+    return f"{PREFIX}sending:{request_id}"

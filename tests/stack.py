@@ -189,6 +189,10 @@ def relay_stack(
             for _ in range(workers):
                 stack.start_worker()
             try:
+                # Up before the test starts: on a loaded machine a worker may take seconds to
+                # import, and a test of timing (a status window, a lease) must not race that.
+                for url in stack.worker_urls:
+                    eventually(functools.partial(is_up, url), timeout=60)
                 yield stack
                 # Workers the test did not stop must still be up, and must stop cleanly.
                 running = [p for p in stack.workers if p not in stack.stopped]

@@ -49,7 +49,13 @@ async def ended_job(state: WorkerState, request_id: str, callback_url: str) -> N
     job = await state.store.get(request_id)
     assert job is not None
     await state.store.end(
-        job, status="completed", body=b"{}", event_id="msg_x", event=b"{}", retention=3600
+        job,
+        status="completed",
+        body=b"{}",
+        event_id="msg_x",
+        event=b"{}",
+        retention=3600,
+        deliver=True,
     )
 
 

@@ -68,6 +68,7 @@ async def ended(store: JobStore, job: Job, *, retention: float = RETENTION) -> J
         event_id=f"msg_{job.request_id}",
         event=b'{"type":"lipsync.completed"}',
         retention=retention,
+        deliver=job.callback_url is not None,
     )
     again = await store.get(job.request_id)
     assert again is not None and again.ended
@@ -264,6 +265,7 @@ async def test_end_fixes_the_final_state_once(redis: Redis, store: JobStore) -> 
         event_id="msg_first",
         event=b"first event",
         retention=RETENTION,
+        deliver=job.callback_url is not None,
     )
     after = await redis_now(redis)
     first = await store.get("r1")
@@ -281,6 +283,7 @@ async def test_end_fixes_the_final_state_once(redis: Redis, store: JobStore) -> 
         event_id="msg_second",
         event=b"second event",
         retention=50_000,
+        deliver=job.callback_url is not None,
     )
     second = await store.get("r1")
     assert second is not None and as_stored(second) == as_stored(first), "the first end wins"
@@ -300,7 +303,13 @@ async def test_end_of_a_gone_job_writes_nothing(redis: Redis, store: JobStore) -
     job = await tracked(store, "r1", reference_id="order-7")
     await redis.delete(keys.job("r1"))
     await store.end(
-        job, status="completed", body=b"{}", event_id="msg", event=b"{}", retention=RETENTION
+        job,
+        status="completed",
+        body=b"{}",
+        event_id="msg",
+        event=b"{}",
+        retention=RETENTION,
+        deliver=job.callback_url is not None,
     )
     assert await redis.exists(keys.job("r1")) == 0
     assert await redis.ttl(keys.ref("order-7")) == -1

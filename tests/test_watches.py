@@ -32,12 +32,16 @@ def test_a_watched_job_is_called_back_with_its_final_state(redis_url: str, by: s
     with relay_stack(redis_url) as stack:
         request_id = direct_job(stack, reference_id="made-elsewhere")
         name = request_id if by == "request_id" else "made-elsewhere"
-        answer = watch(stack, {by: name, "callback_url": stack.callback_url})
+        answer = watch(
+            stack,
+            {by: name, "callback_url": stack.callback_url, "callback_metadata": {"from": "cli"}},
+        )
         assert answer.status_code == 201
         assert answer.json() == {"request_id": request_id, "watching": True, "created": True}
         [callback] = stack.receiver.wait_for(1)
         payload = verified(stack, callback)
         assert payload["type"] == "lipsync.completed"
+        assert payload["metadata"] == {"from": "cli"}
         final = stack.upstream("GET", f"/api/v1/lipsync/requests/{request_id}").json()
         assert payload["data"] == final
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
 from relay.delivery.netpolicy import MAX_URL_LENGTH, parse_callback_url
@@ -16,6 +17,8 @@ from relay.errors import CallbackUrlRejected
 
 MAX_REFERENCE_ID_LENGTH = 256
 MAX_ID_LENGTH = 256
+MAX_METADATA_BYTES = 4096
+EVENT_TYPES = ("lipsync.processing", "lipsync.completed", "lipsync.failed")
 
 
 def _http_url(value: str) -> str:
@@ -33,6 +36,27 @@ def _callback_url(value: str) -> str:
     except CallbackUrlRejected as exc:
         raise ValueError(exc.reason) from None
 
+
+def _events(value: list[str]) -> list[str]:
+    if len(set(value)) != len(value):
+        raise ValueError("must not name an event twice")
+    return value
+
+
+def _metadata(value: dict[str, Any]) -> dict[str, Any]:
+    if len(orjson.dumps(value)) > MAX_METADATA_BYTES:
+        raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
+    return value
+
+
+# Which events a job's callback gets (default: the final ones), after Replicate's filter.
+CallbackEvents = Annotated[
+    list[Literal["lipsync.processing", "lipsync.completed", "lipsync.failed"]],
+    Field(min_length=1, max_length=3),
+    AfterValidator(_events),
+]
+# Echoed in every callback beside `data`, never sent to Chamelaion.
+CallbackMetadata = Annotated[dict[str, Any], AfterValidator(_metadata)]
 
 HttpUrlText = Annotated[
     str, StringConstraints(min_length=1, max_length=MAX_URL_LENGTH), AfterValidator(_http_url)
@@ -65,7 +89,13 @@ class GenerateRequest(BaseModel):
     disable_active_speaker_detection: StrictBool | None = None
     reference_id: ReferenceId | None = None
     callback_url: CallbackUrl | None = None
+    callback_events: CallbackEvents | None = None
+    callback_metadata: CallbackMetadata | None = None
 
     def upstream_body(self) -> dict[str, Any]:
         """Exactly the fields Chamelaion documents, as the caller set them."""
-        return self.model_dump(exclude_none=True, exclude={"callback_url"})
+        return self.model_dump(exclude_none=True, exclude=RELAY_FIELDS)
+
+
+# The relay's own fields: never forwarded to Chamelaion.
+RELAY_FIELDS = {"callback_url", "callback_events", "callback_metadata"}

@@ -8,6 +8,7 @@ end in `accept_job`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import httpx
 import orjson
@@ -53,7 +54,14 @@ async def generate(request: Request) -> Response:
     await check_callback_url(state, job.callback_url)
     await ensure_store(state)
     response = await state.upstream.request("POST", "v1/lipsync/generate", json=job.upstream_body())
-    return await accept_job(state, response, job.callback_url, job.reference_id)
+    return await accept_job(
+        state,
+        response,
+        job.callback_url,
+        job.reference_id,
+        events=job.callback_events,
+        metadata=orjson.dumps(job.callback_metadata) if job.callback_metadata else None,
+    )
 
 
 async def accept_job(
@@ -61,13 +69,16 @@ async def accept_job(
     response: httpx.Response,
     callback_url: str | None,
     reference_id: str | None,
+    *,
+    events: Sequence[str] | None = None,
+    metadata: bytes | None = None,
 ) -> Response:
     """Chamelaion's answer to a submission: its error mapped, or the job tracked and passed on."""
     answer = decode_object(check(response))
     request_id = answer.get("request_id")
     if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_ID_LENGTH:
         raise ApiError(502, "Chamelaion accepted the job but sent no usable request_id")
-    await track_job(state, request_id, callback_url, reference_id)
+    await track_job(state, request_id, callback_url, reference_id, events=events, metadata=metadata)
     return json_bytes(response.content)
 
 
@@ -90,7 +101,13 @@ async def ensure_store(state: AppState) -> None:
 
 
 async def track_job(
-    state: AppState, request_id: str, callback_url: str | None, reference_id: str | None
+    state: AppState,
+    request_id: str,
+    callback_url: str | None,
+    reference_id: str | None,
+    *,
+    events: Sequence[str] | None = None,
+    metadata: bytes | None = None,
 ) -> None:
     try:
         created = await state.store.create(
@@ -98,6 +115,8 @@ async def track_job(
             callback_url=callback_url,
             reference_id=reference_id,
             first_poll_in=state.settings.poll_min_interval,
+            events=events,
+            metadata=metadata,
         )
     except RedisError:
         log.error("Chamelaion accepted %s but it could not be recorded", request_id)

@@ -2,7 +2,8 @@
 
 The job is named by its request id or its `reference_id`; Chamelaion is asked for it first
 (404 when it does not know it), then the relay tracks it like one of its own: polled, called
-back when it ends (at once, if it already has). Watching is idempotent: the same job with the
+back when it ends (at once, if it already has), with the same `callback_events` filter and
+`callback_metadata` a submission takes. Watching is idempotent: the same job with the
 same callback answers 200 again; with a different callback it is 409 (one callback per job).
 """
 
@@ -12,12 +13,19 @@ import logging
 from typing import Any, Self
 from urllib.parse import quote
 
+import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from relay.api.body import read_body
-from relay.api.models import MAX_ID_LENGTH, CallbackUrl, ReferenceId
+from relay.api.models import (
+    MAX_ID_LENGTH,
+    CallbackEvents,
+    CallbackMetadata,
+    CallbackUrl,
+    ReferenceId,
+)
 from relay.api.state import app_state
 from relay.api.submit import check_callback_url, ensure_store, validation_error
 from relay.errors import ApiError, UpstreamError
@@ -34,6 +42,8 @@ class WatchRequest(BaseModel):
     request_id: ReferenceId | None = None
     reference_id: ReferenceId | None = None
     callback_url: CallbackUrl
+    callback_events: CallbackEvents | None = None
+    callback_metadata: CallbackMetadata | None = None
 
     @model_validator(mode="after")
     def _exactly_one_name(self) -> Self:
@@ -71,6 +81,8 @@ async def watch(request: Request) -> Response:
         callback_url=wanted.callback_url,
         reference_id=reference_id if isinstance(reference_id, str) and reference_id else None,
         first_poll_in=0,
+        events=wanted.callback_events,
+        metadata=orjson.dumps(wanted.callback_metadata) if wanted.callback_metadata else None,
     )
     if not created:
         tracked = await state.store.get(request_id)

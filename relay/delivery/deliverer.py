@@ -52,6 +52,9 @@ MAX_RETRY_AFTER = 86400.0
 SETTLED_LOG_LEVEL = {"delivered": logging.INFO, "gone": logging.WARNING, "failed": logging.ERROR}
 
 # (request_id, attempt, delay, destination): enqueue that attempt as an arq job.
+# How much longer than an attempt's timeout its early event's sending key is held.
+SEND_MARGIN = 5.0
+
 _DETAIL = {"timeout": "timed out", "refused": "could not connect (refused)"}
 
 EnqueueAttempt = Callable[[str, int, float, str], Awaitable[None]]
@@ -182,7 +185,18 @@ class Deliverer:
         if not (job.callback_url and job.event and job.event_id):
             return "stale"
         started = time.monotonic()
-        outcome = await self._post(job.callback_url, job.event_id, job.event)
+        if "#" in request_id:
+            # An early event: sent only while its job runs, never after the final one.
+            if not await self.store.claim_send(request_id, hold=self.timeout + SEND_MARGIN):
+                log.info("early event dropped as stale: the job ended", extra={"id": request_id})
+                return "stale"
+            try:
+                outcome = await self._post(job.callback_url, job.event_id, job.event)
+            finally:
+                await self.store.release_send(request_id)
+        else:
+            await self._after_early_events(request_id)
+            outcome = await self._post(job.callback_url, job.event_id, job.event)
         duration = time.monotonic() - started
         log_extra = {"request_id": request_id, "attempt": attempt, "result": outcome.detail}
         if outcome.kind == "delivered" and job.ended_at is not None:
@@ -226,6 +240,14 @@ class Deliverer:
         await self._log(job, attempt, outcome, duration, "failing", next_in=delay)
         log.warning("callback failed, retrying in %.0f s", delay, extra=log_extra)
         return "retry"
+
+    async def _after_early_events(self, request_id: str) -> None:
+        """Wait while an early event of this job is being sent, so the final one comes after
+        it; bounded by that attempt's own timeout (the key expires if its worker died)."""
+        deadline = time.monotonic() + self.timeout + SEND_MARGIN
+        # Polled: the condition lives in Redis, shared by every worker.
+        while await self.store.sending(request_id) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
 
     async def _log(
         self,

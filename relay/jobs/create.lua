@@ -7,10 +7,14 @@ local request_id = ARGV[1]
 local callback_url = ARGV[2]
 local reference_id = ARGV[3]   -- '' when none
 local first_poll_in = tonumber(ARGV[4])
+local events = ARGV[5]         -- comma-separated event types; '' = the final ones
+local metadata = ARGV[6]       -- JSON object echoed in callbacks; '' = none
 
 if redis.call('EXISTS', job_key) == 1 then return 0 end
 redis.call('HSET', job_key, 'created', now, 'interval', first_poll_in,
            'callback_url', callback_url, 'reference_id', reference_id)
+if events ~= '' then redis.call('HSET', job_key, 'events', events) end
+if metadata ~= '' then redis.call('HSET', job_key, 'metadata', metadata) end
 redis.call('ZADD', polls_key, now + first_poll_in, request_id)
 if reference_id ~= '' then redis.call('SET', ref_key, request_id) end
 return 1

@@ -2,6 +2,7 @@
 -- 2 when it had already ended (the first end wins), 0 when the job is gone.
 local job_key = KEYS[1]
 local ref_key = KEYS[2]           -- the job key again when there is no reference_id
+local pending_key = KEYS[3]       -- the delivery state index's pending set
 local request_id = ARGV[1]
 local status = ARGV[2]
 local body = ARGV[3]
@@ -19,4 +20,7 @@ redis.call('EXPIRE', job_key, retention)
 if has_ref and redis.call('GET', ref_key) == request_id then
   redis.call('EXPIRE', ref_key, retention)
 end
+-- Filed as pending from the start: a first attempt that never gets queued is then found by the
+-- stranded-delivery sweep.
+if delivery == 'pending' then redis.call('ZADD', pending_key, now, request_id) end
 return 1

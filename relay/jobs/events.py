@@ -1,7 +1,8 @@
 """The callback payload for a job that ended, and its stable webhook-id.
 
-Body: `{"type": "lipsync.completed" | "lipsync.failed", "timestamp": ISO 8601, "data": <the
-LipsyncRequest object as Chamelaion returned it>}`. The webhook-id is derived from the request id
+Body: `{"type": "lipsync.processing" | "lipsync.completed" | "lipsync.failed", "timestamp":
+ISO 8601, "data": <the LipsyncRequest object as Chamelaion returned it>, "metadata": <the
+caller's object, when it gave one>}`. The webhook-id is derived from the request id
 and the type, so every worker that ever builds the event for a job builds the same id.
 """
 
@@ -15,6 +16,9 @@ import orjson
 
 # Any status other than these two is still in progress, including ones Chamelaion adds later.
 TERMINAL_STATUSES = {"completed": "lipsync.completed", "failed": "lipsync.failed"}
+PROCESSING = "lipsync.processing"
+# What a callback gets unless the job names its events.
+DEFAULT_EVENTS = ("lipsync.completed", "lipsync.failed")
 
 _NAMESPACE = uuid.UUID("6b0e4c52-4f5e-4b8e-9a57-52c1a6f3e0d1")
 
@@ -31,8 +35,12 @@ def iso_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def build_event(type_: str, data: dict[str, Any]) -> bytes:
-    return orjson.dumps({"type": type_, "timestamp": iso_now(), "data": data})
+def build_event(type_: str, data: dict[str, Any], metadata: bytes | None = None) -> bytes:
+    """The callback body; `metadata` (JSON object bytes, as stored) is echoed beside `data`."""
+    envelope: dict[str, Any] = {"type": type_, "timestamp": iso_now(), "data": data}
+    if metadata:
+        envelope["metadata"] = orjson.Fragment(metadata)
+    return orjson.dumps(envelope)
 
 
 def event_type_of(event: bytes | None) -> str | None:

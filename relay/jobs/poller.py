@@ -18,7 +18,7 @@ import orjson
 
 from relay.errors import UpstreamError
 from relay.jitter import jittered
-from relay.jobs.events import build_event, event_type, webhook_id
+from relay.jobs.events import PROCESSING, build_event, event_type, webhook_id
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import Job, JobStore
 from relay.metrics import POLLS
@@ -66,7 +66,7 @@ class Poller:
             return
         if job.ended:
             # A worker ended it but died before handing the delivery over: finish that part.
-            await self._hand_over(job)
+            await self._hand_over(job, deliver=job.delivery == "pending")
             return
         age = job.read_at - job.created
         if age > self.settings.max_job_age:
@@ -128,6 +128,8 @@ class Poller:
             await self._end(job, new_status, data)
             return
         changed = new_status != job.status
+        if changed and new_status == "processing":
+            await self._emit_processing(job, data)
         interval = self.settings.poll_min_interval if changed else self._longer(job.interval)
         await self.store.record_poll(
             job.request_id,
@@ -159,24 +161,41 @@ class Poller:
         }
         await self._end(job, "failed", data)
 
+    async def _emit_processing(self, job: Job, data: dict[str, Any]) -> None:
+        """The job started processing upstream: send `lipsync.processing` if it is wanted."""
+        if not job.callback_url or PROCESSING not in job.events:
+            return
+        delivery_id = await self.store.emit(
+            job,
+            kind="processing",
+            event_id=webhook_id(job.request_id, PROCESSING),
+            event=build_event(PROCESSING, data, job.metadata),
+            retention=self.settings.job_retention,
+        )
+        # Not created: already emitted (a repeated poll result) or the job has ended meanwhile.
+        if delivery_id is not None:
+            await self.enqueue_delivery(delivery_id, job.callback_url)
+
     async def _end(self, job: Job, status: str, data: dict[str, Any]) -> None:
         type_ = event_type(status)
         assert type_ is not None
         body = orjson.dumps(data)
+        deliver = bool(job.callback_url) and type_ in job.events
         await self.store.end(
             job,
             status=status,
             body=body,
             event_id=webhook_id(job.request_id, type_),
-            event=build_event(type_, data),
+            event=build_event(type_, data, job.metadata),
             retention=self.settings.job_retention,
+            deliver=deliver,
         )
         log.info("job ended", extra={"request_id": job.request_id, "status": status})
-        await self._hand_over(job)
+        await self._hand_over(job, deliver=deliver)
 
-    async def _hand_over(self, job: Job) -> None:
+    async def _hand_over(self, job: Job, *, deliver: bool) -> None:
         # Enqueue before unscheduling: a crash in between leaves the job claimable, and the
         # enqueue is idempotent (fixed arq job id), so the retry cannot duplicate the delivery.
-        if job.callback_url:
+        if deliver and job.callback_url:
             await self.enqueue_delivery(job.request_id, job.callback_url)
         await self.schedule.unschedule(job.request_id)

@@ -15,14 +15,16 @@ the job itself, because a job must never exist without its next poll (or the oth
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from redis.asyncio import Redis
 
 from relay import keys, lua
+from relay.jobs.events import DEFAULT_EVENTS
 
-DeliveryState = Literal["pending", "delivered", "gone", "failed", "none"]
+DeliveryState = Literal["pending", "delivered", "gone", "failed", "none", "stale"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,9 @@ class Job:
     attempts_made: int
     last_result: str | None
     ended_at: float | None
+    # The events the callback gets, and the JSON object echoed beside `data` (None: none).
+    events: tuple[str, ...]
+    metadata: bytes | None
     # The attempt a redelivery restarted the retry schedule at (0: never redelivered).
     schedule_base: int
     # The Redis clock when this record was read: what the job's age and grace periods are
@@ -99,6 +104,8 @@ def _decode(request_id: str, raw: dict[bytes, bytes], read_at: float) -> Job:
         attempts_made=int(raw.get(b"attempts_made") or 0),
         last_result=_text(raw, "last_result"),
         ended_at=_number(raw, "ended"),
+        events=tuple(events.split(",")) if (events := _text(raw, "events")) else DEFAULT_EVENTS,
+        metadata=raw.get(b"metadata") or None,
         schedule_base=int(raw.get(b"schedule_base") or 0),
         read_at=read_at,
     )
@@ -111,6 +118,8 @@ class JobStore:
         self._record_poll = lua.register(redis, __package__, "record_poll")
         self._end = lua.register(redis, __package__, "end")
         self._update_delivery = lua.register(redis, __package__, "update_delivery")
+        self._emit = lua.register(redis, __package__, "emit")
+        self._claim_send = lua.register(redis, __package__, "claim_send")
 
     async def create(
         self,
@@ -119,12 +128,25 @@ class JobStore:
         callback_url: str | None,
         reference_id: str | None,
         first_poll_in: float,
+        events: Sequence[str] | None = None,
+        metadata: bytes | None = None,
     ) -> bool:
-        """Start tracking; False when the id is already tracked (nothing is changed then)."""
+        """Start tracking; False when the id is already tracked (nothing is changed then).
+
+        `events`: which events the callback gets (None: the final ones); `metadata`: a JSON
+        object echoed in every callback.
+        """
         ref_key = keys.ref(reference_id) if reference_id else keys.job(request_id)
         created = await self._create(
             keys=[keys.job(request_id), keys.POLLS, ref_key],
-            args=[request_id, callback_url or "", reference_id or "", first_poll_in],
+            args=[
+                request_id,
+                callback_url or "",
+                reference_id or "",
+                first_poll_in,
+                ",".join(events or ()),
+                metadata or b"",
+            ],
         )
         return bool(created)
 
@@ -176,13 +198,17 @@ class JobStore:
         event_id: str,
         event: bytes,
         retention: float,
+        deliver: bool,
     ) -> None:
-        """Fix the job's final state and callback payload; later calls keep the first one."""
+        """Fix the job's final state and callback payload; later calls keep the first one.
+
+        `deliver`: the callback wants this event (else the delivery state is `none`).
+        """
         has_ref = job.reference_id is not None
         ref_key = keys.ref(job.reference_id) if job.reference_id else keys.job(job.request_id)
-        delivery: DeliveryState = "pending" if job.callback_url else "none"
+        delivery: DeliveryState = "pending" if deliver else "none"
         await self._end(
-            keys=[keys.job(job.request_id), ref_key],
+            keys=[keys.job(job.request_id), ref_key, keys.deliveries("pending")],
             args=[
                 job.request_id,
                 status,
@@ -194,6 +220,36 @@ class JobStore:
                 "1" if has_ref else "0",
             ],
         )
+
+    async def emit(
+        self, job: Job, *, kind: str, event_id: str, event: bytes, retention: float
+    ) -> str | None:
+        """Create the delivery record of an event sent before the job ends; its id, or None
+        when it already exists or the job has ended."""
+        assert job.callback_url is not None
+        delivery_id = f"{job.request_id}#{kind}"
+        created = await self._emit(
+            keys=[keys.job(job.request_id), keys.job(delivery_id), keys.deliveries("pending")],
+            args=[delivery_id, job.callback_url, event_id, event, int(retention)],
+        )
+        return delivery_id if created else None
+
+    async def claim_send(self, delivery_id: str, *, hold: float) -> bool:
+        """May this early event be sent now (the job has not ended)? Holds the job's sending
+        key for `hold` seconds if so; see claim_send.lua."""
+        request_id = delivery_id.partition("#")[0]
+        claimed = await self._claim_send(
+            keys=[keys.job(request_id), keys.job(delivery_id), keys.sending(request_id)],
+            args=[keys.DELIVERIES_PREFIX, delivery_id, int(hold * 1000)],
+        )
+        return bool(claimed)
+
+    async def release_send(self, delivery_id: str) -> None:
+        await self.redis.delete(keys.sending(delivery_id.partition("#")[0]))
+
+    async def sending(self, request_id: str) -> bool:
+        """Is an early event of this job on its way right now?"""
+        return bool(await self.redis.exists(keys.sending(request_id)))
 
     async def update_delivery(
         self,

@@ -1,0 +1,19 @@
+-- Start delivering an event sent before the job ends (lipsync.processing): a delivery record
+-- of its own, `{request_id}#{kind}`, shaped like a job's so the deliverer needs nothing new.
+-- Once, and only while the job is still running. Returns 1 when this call created it.
+local job_key = KEYS[1]
+local delivery_key = KEYS[2]
+local pending_key = KEYS[3]       -- the delivery state index's pending set
+local delivery_id = ARGV[1]
+local callback_url = ARGV[2]
+local event_id = ARGV[3]
+local event = ARGV[4]
+local retention = ARGV[5]
+
+if redis.call('HEXISTS', job_key, 'event') == 1 then return 0 end
+if redis.call('EXISTS', delivery_key) == 1 then return 0 end
+redis.call('HSET', delivery_key, 'created', now, 'ended', now, 'callback_url', callback_url,
+           'event_id', event_id, 'event', event, 'delivery', 'pending', 'attempt', 0)
+redis.call('EXPIRE', delivery_key, retention)
+redis.call('ZADD', pending_key, now, delivery_id)
+return 1
