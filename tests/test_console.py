@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.stack import RELAY_KEY, Stack, relay_stack
+from tests.stack import RELAY_KEY, Receiver, Stack, eventually, relay_stack
 from tests.test_end_to_end import submit
 
 
@@ -146,3 +146,47 @@ def test_bad_requests_get_a_page_that_says_so(redis_url: str, path: str, status:
         answer = client.get(path)
         assert answer.status_code == status
         assert "<h1>Something is not right</h1>" in answer.text
+
+
+def test_redeliver_needs_the_csrf_token_and_a_confirmation(redis_url: str) -> None:
+    with relay_stack(redis_url) as stack:
+        request_id = submit(stack)
+        stack.receiver.wait_for(1)
+        client = stack_client(stack, sign_in(stack))
+        page = client.get(f"/console/jobs/{request_id}")
+        token = csrf_of(page.text)
+        url = f"/console/jobs/{request_id}/redeliver"
+        assert f'action="{stack.api_url}{url}"' in page.text
+        assert client.post(url, data={"confirm": "yes"}).status_code == 403
+        assert client.post(url, data={"csrf": token}).status_code == 400
+        assert len(stack.receiver.received) == 1
+        done = client.post(url, data={"csrf": token, "confirm": "yes"})
+        assert done.status_code == 303 and "redelivered=" in done.headers["location"]
+        stack.receiver.wait_for(2)
+
+
+def test_recover_from_the_failed_deliveries_page(redis_url: str) -> None:
+    receiver = Receiver(script=[500, 500])
+    with relay_stack(
+        redis_url, receiver=receiver, env={"RELAY_DELIVERY_RETRY_SCHEDULE": "0,0.2"}
+    ) as stack:
+        request_id = submit(stack)
+        receiver.wait_for(2)
+        client = stack_client(stack, sign_in(stack))
+        failed = eventually(
+            lambda: request_id in (text := client.get("/console/deliveries/failed").text) and text
+        )
+        token = csrf_of(failed)
+        assert f'action="{stack.api_url}/console/deliveries/recover"' in failed
+        assert (
+            client.post("/console/deliveries/recover", data={"since": "2020-01-01"}).status_code
+            == 403
+        )
+        bad = client.post("/console/deliveries/recover", data={"csrf": token, "since": "soon"})
+        assert bad.status_code == 400
+        done = client.post(
+            "/console/deliveries/recover",
+            data={"csrf": token, "since": "2020-01-01T00:00:00Z", "limit": "10"},
+        )
+        assert done.status_code == 200 and "Requeued 1 deliveries" in done.text
+        receiver.wait_for(3)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.stack import RELAY_KEY, Stack, relay_stack
-from tests.test_end_to_end import submit
+from tests.stack import RELAY_KEY, Stack, eventually, relay_stack
+from tests.test_end_to_end import submit, verified
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(
@@ -66,6 +66,24 @@ def test_sign_in_find_a_job_and_open_it(redis_url: str, browser: Browser, tmp_pa
         # Local time shown, UTC on hover.
         submitted = page.locator("time").first
         assert (submitted.get_attribute("title") or "").endswith("(UTC)")
+
+        # Redeliver: confirmed, queued, made; the receiver gets the same event again.
+        page.get_by_label("Yes, send the final event again").check()
+        page.get_by_role("button", name="Redeliver").click()
+        expect(page.get_by_role("status")).to_contain_text("Redelivery queued")
+        first, second = stack.receiver.wait_for(2)
+        assert verified(stack, second) == verified(stack, first)
+        assert second.headers["webhook-id"] == first.headers["webhook-id"]
+
+        def attempt_rows() -> int:
+            page.reload()
+            return page.locator("table.attempts tbody tr").count()
+
+        eventually(lambda: attempt_rows() == 3)
+        expect(page.locator("table.attempts tbody tr").last).to_contain_text("delivered")
+        expect(page.locator("table.attempts tbody tr").nth(1)).to_contain_text(
+            "redelivery requested"
+        )
         page.screenshot(path=tmp_path / "job.png", full_page=True)
 
         # A phone-sized screen still reads.

@@ -111,9 +111,20 @@ def create_app(settings: Settings) -> Starlette:
         Route(test_events.PATH, test_events.send_test_event, methods=["POST"]),
         Route(watches.PATH, watches.watch, methods=["POST"]),
         Route(f"{deliveries.PREFIX}/jobs/{{id}}/deliveries", deliveries.job_deliveries),
-        Route(f"{deliveries.PREFIX}/jobs/{{id}}/redeliver", deliveries.redeliver, methods=["POST"]),
+        # Named apart from the console routes of the same name (url_for is global).
+        Route(
+            f"{deliveries.PREFIX}/jobs/{{id}}/redeliver",
+            deliveries.redeliver,
+            methods=["POST"],
+            name="api_redeliver",
+        ),
         Route(f"{deliveries.PREFIX}/deliveries", deliveries.list_deliveries),
-        Route(f"{deliveries.PREFIX}/deliveries/recover", deliveries.recover, methods=["POST"]),
+        Route(
+            f"{deliveries.PREFIX}/deliveries/recover",
+            deliveries.recover,
+            methods=["POST"],
+            name="api_recover",
+        ),
         create_console(settings),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),

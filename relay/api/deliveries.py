@@ -93,18 +93,24 @@ async def _delivery(state: AppState, delivery_id: str, job: Job) -> dict[str, An
     }
 
 
-async def job_deliveries(request: Request) -> Response:
-    state = app_state(request)
-    request_id = request_id_param(request)
-    job = await state.store.find(request_id)
-    if job is None:
-        raise ApiError(404, "no tracked job has this id or reference_id")
+async def deliveries_of(state: AppState, job: Job) -> list[dict[str, Any]]:
+    """A job's deliveries in the order they go out (early events first), with their logs."""
     deliveries = []
     processing = await state.store.get(job.request_id + PROCESSING_SUFFIX)
     if processing is not None and processing.event is not None:
         deliveries.append(await _delivery(state, processing.request_id, processing))
     if job.event is not None:
         deliveries.append(await _delivery(state, job.request_id, job))
+    return deliveries
+
+
+async def job_deliveries(request: Request) -> Response:
+    state = app_state(request)
+    request_id = request_id_param(request)
+    job = await state.store.find(request_id)
+    if job is None:
+        raise ApiError(404, "no tracked job has this id or reference_id")
+    deliveries = await deliveries_of(state, job)
     return JSONResponse(
         {
             "request_id": job.request_id,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from relay import keys, lua
+from relay.delivery.attempt_log import STATES
 
 STATUS_SAMPLE = 2000
 PAGE_SIZE = 25
@@ -30,6 +31,8 @@ class Overview:
     sampled: int
     paused_for: float  # seconds all polling is still paused after a 429 (0: not paused)
     budget_rate: float
+    deliveries: dict[str, int]  # deliveries by state (kept as long as their jobs)
+    backed_off: int  # destinations backed off right now
 
 
 @dataclass(frozen=True)
@@ -58,9 +61,14 @@ async def overview(redis: Redis, budget_rate: float) -> Overview:
         for raw in head:
             pipe.hget(keys.job(raw.decode()), "status")
         pipe.get(keys.UPSTREAM_PAUSED)
+        for state in STATES:
+            pipe.zcard(keys.deliveries(state))
         pipe.time()
-        *statuses, paused, (seconds, micros) = await pipe.execute()
+        *statuses, paused = (replies := await pipe.execute())[: len(head) + 1]
+        counts = replies[len(head) + 1 : -1]
+        seconds, micros = replies[-1]
     now = seconds + micros / 1e6
+    backed_off = await redis.zcount(keys.BACKED_OFF, now, "+inf")
     counted = Counter((status or b"submitted").decode() for status in statuses)
     return Overview(
         outstanding=int(outstanding),
@@ -71,6 +79,8 @@ async def overview(redis: Redis, budget_rate: float) -> Overview:
         sampled=len(head),
         paused_for=max(0.0, float(paused) - now) if paused else 0.0,
         budget_rate=budget_rate,
+        deliveries=dict(zip(STATES, (int(count) for count in counts), strict=True)),
+        backed_off=int(backed_off),
     )
 
 

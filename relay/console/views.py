@@ -19,11 +19,13 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from relay.api.deliveries import deliveries_of, parse_time
 from relay.api.state import AppState, app_state
 from relay.console import queries
 from relay.console.chart import chart_svg
 from relay.console.session import Session, Sessions, clear, csrf_ok
 from relay.delivery import stats
+from relay.errors import ApiError
 from relay.settings import Settings
 
 HERE = Path(__file__).parent
@@ -169,20 +171,54 @@ class Console:
 
     async def failed(self, request: Request) -> Response:
         session = self._session(request)
-        page = await queries.list_jobs(
-            app_state(request).redis, cursor=0, status=None, delivery="failed"
-        )
+        return await self._failed_page(request, session, outcome=None)
+
+    async def _failed_page(
+        self, request: Request, session: Session, *, outcome: dict[str, Any] | None
+    ) -> Response:
+        state = app_state(request)
+        rows = []
+        for wanted in ("failed", "failing", "gone"):
+            found = await state.attempt_log.page(
+                wanted, since=0, until=float("inf"), limit=queries.PAGE_SIZE
+            )
+            rows += [
+                {
+                    "delivery_id": delivery_id,
+                    "request_id": delivery_id.partition("#")[0],
+                    "state": wanted,
+                    "since": since,
+                }
+                for delivery_id, since in found
+            ]
+        rows.sort(key=lambda row: row["since"], reverse=True)
+        seconds, _ = await state.redis.time()
         return self._page(
             request,
-            "jobs.html",
+            "failed.html",
             session,
-            page=page,
-            q="",
-            status="",
-            delivery="failed",
-            delivery_states=queries.DELIVERY_STATES,
-            title="Failed deliveries",
+            rows=rows,
+            outcome=outcome,
+            default_since=_iso(float(seconds) - 3600),
         )
+
+    async def recover(self, request: Request) -> Response:
+        session = self._session(request)
+        form = await _form(request)
+        if not csrf_ok(session, form.get("csrf", "")):
+            raise HTTPException(403, "missing or wrong CSRF token")
+        try:
+            since = parse_time(form.get("since", ""), "since")
+        except ApiError as exc:
+            raise HTTPException(400, exc.message) from None
+        limit_text = form.get("limit", "100")
+        if not (limit_text.isascii() and limit_text.isdigit()) or not 1 <= int(limit_text) <= 1000:
+            raise HTTPException(400, "The limit must be a whole number from 1 to 1000.")
+        requeued, more = await app_state(request).redeliverer.recover(
+            states=("failing", "failed"), since=since, limit=int(limit_text)
+        )
+        outcome = {"requeued": requeued, "more": more, "since": _iso(since)}
+        return await self._failed_page(request, session, outcome=outcome)
 
     async def job(self, request: Request) -> Response:
         session = self._session(request)
@@ -192,7 +228,34 @@ class Console:
             raise HTTPException(404, "No tracked job has this id. It may have expired.")
         body = orjson.loads(job.body) if job.body else None
         pretty = orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() if body else None
-        return self._page(request, "job.html", session, job=job, body=pretty)
+        return self._page(
+            request,
+            "job.html",
+            session,
+            job=job,
+            body=pretty,
+            deliveries=await deliveries_of(state, job),
+            redelivered=request.query_params.get("redelivered"),
+        )
+
+    async def redeliver(self, request: Request) -> Response:
+        session = self._session(request)
+        form = await _form(request)
+        if not csrf_ok(session, form.get("csrf", "")):
+            raise HTTPException(403, "missing or wrong CSRF token")
+        if form.get("confirm") != "yes":
+            raise HTTPException(400, "Tick the box to confirm the redelivery.")
+        state = app_state(request)
+        job = await state.store.get(request.path_params["id"][:256])
+        if job is None:
+            raise HTTPException(404, "No tracked job has this id. It may have expired.")
+        done = await state.redeliverer.redeliver(job.request_id, note="redelivery requested")
+        if done.refused is not None:
+            raise HTTPException(409, "This job has no callback to send again yet.")
+        url = request.url_for("job", id=job.request_id).include_query_params(
+            redelivered=done.attempt
+        )
+        return RedirectResponse(url, 303)
 
 
 class _SignIn(Exception):
@@ -232,7 +295,9 @@ def create_console(settings: Settings) -> Mount:
             Route("/logout", console.logout, methods=["POST"], name="logout"),
             Route("/jobs", console.jobs, name="jobs"),
             Route("/jobs/{id}", console.job, name="job"),
+            Route("/jobs/{id}/redeliver", console.redeliver, methods=["POST"], name="redeliver"),
             Route("/deliveries/failed", console.failed, name="failed"),
+            Route("/deliveries/recover", console.recover, methods=["POST"], name="recover"),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ],
         exception_handlers={
