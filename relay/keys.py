@@ -7,6 +7,7 @@ relay:polls                 zset   request id -> when it is next due (Redis cloc
                                    that dies simply lets its claims fall due again
 relay:upstream:tat          string theoretical arrival time of the shared upstream budget (GCRA)
 relay:upstream:paused       string Redis-clock time until which nobody polls (after a 429)
+relay:api:write_check       string written before each round of submissions: Redis takes writes
 relay:destination:{dest}   hash   a callback destination's breaker: consecutive failures
                                    (dest = scheme://host:port; expires a day after the last)
 relay:destinations:backed_off zset destination -> Redis-clock time it is backed off until
@@ -35,6 +36,7 @@ PREFIX = "relay:"
 POLLS = PREFIX + "polls"
 UPSTREAM_TAT = PREFIX + "upstream:tat"
 UPSTREAM_PAUSED = PREFIX + "upstream:paused"
+WRITE_CHECK = PREFIX + "api:write_check"
 BACKED_OFF = PREFIX + "destinations:backed_off"
 ARQ_QUEUE = PREFIX + "arq:queue"
 ARQ_HEALTH = PREFIX + "arq:health"

@@ -24,6 +24,7 @@ from relay.api.openapi import openapi_document
 from relay.api.responses import api_error, http_error, unexpected_error
 from relay.api.state import AppState, app_state
 from relay.api.status import get_request, list_requests
+from relay.api.store_check import WriteCheck
 from relay.api.submit import generate
 from relay.api.uploads import generate_with_media
 from relay.errors import ApiError
@@ -65,7 +66,12 @@ def create_app(settings: Settings) -> Starlette:
         try:
             yield {
                 "relay": AppState(
-                    settings, redis, JobStore(redis), upstream, settings.callback_policy()
+                    settings,
+                    redis,
+                    JobStore(redis),
+                    upstream,
+                    settings.callback_policy(),
+                    WriteCheck(redis),
                 )
             }
         finally:
