@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 
+import httpx
 import orjson
 import redis
 
@@ -93,6 +94,8 @@ def test_a_failing_destination_is_backed_off_and_gets_every_event_once_it_recove
         request_ids = submit_many(stack, stack.callback_url, 10)
         client = redis.Redis.from_url(redis_url)
         eventually(lambda: client.zcard(keys.BACKED_OFF) == 1)
+        worker_metrics = stack.worker_urls[0] + "/metrics"
+        eventually(lambda: "relay_destinations_backed_off 1.0" in httpx.get(worker_metrics).text)
         tries_while_failing = len(receiver.received)
         eventually(lambda: len(receiver.received) > tries_while_failing + 3, timeout=20)
         receiver.default = 204
@@ -118,3 +121,6 @@ def test_a_failing_destination_is_backed_off_and_gets_every_event_once_it_recove
             assert 1 <= made <= 4
         # The destination answered again: its breaker is closed.
         eventually(lambda: client.zcard(keys.BACKED_OFF) == 0)
+        text = httpx.get(worker_metrics).text
+        assert 'relay_deliveries_total{outcome="postponed"}' in text
+        assert "relay_destinations_backed_off 0.0" in text

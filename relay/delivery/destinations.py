@@ -50,6 +50,7 @@ class Destinations:
     per_destination: int
     total: int
     in_flight: int = 0
+    waiting: int = 0
     _known: dict[str, _Destination] = field(default_factory=dict)
     _total: asyncio.Semaphore = field(init=False)
 
@@ -78,12 +79,15 @@ class Destinations:
         entry.users += 1
         try:
             async with contextlib.AsyncExitStack() as stack:
+                self.waiting += 1
                 try:
                     async with asyncio.timeout(wait):
                         await stack.enter_async_context(entry.slots)
                         await stack.enter_async_context(self._total)
                 except TimeoutError:
                     raise DestinationBusy(destination) from None
+                finally:
+                    self.waiting -= 1
                 self.in_flight += 1
                 try:
                     yield
