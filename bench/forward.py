@@ -96,6 +96,13 @@ def start(command: list[str], env: dict[str, str], health: str) -> subprocess.Po
     raise RuntimeError(f"{command} did not start")
 
 
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
@@ -161,6 +168,7 @@ def main(seconds: float, rounds: int, connections: int) -> None:
             generate = "/api/v1/lipsync/generate"
             first = httpx.post(api + generate, json=BODY, headers={"x-api-key": KEY})
             request_id = first.json()["request_id"]
+            api_rss = rss_mib(procs[1].pid)
             relay_rates: list[float] = []
             bare_rates: list[float] = []
             cpu: dict[str, list[float]] = {"relay": [], "bare": []}
@@ -221,6 +229,11 @@ def main(seconds: float, rounds: int, connections: int) -> None:
                 None,
             )
             print(f"GET tracked status at {connections} connections: {status:,.0f} req/s")
+            submitted = sum(relay_rates) * seconds
+            print(
+                f"API RSS: {api_rss:.1f} MiB after one submission, {rss_mib(procs[1].pid):.1f} "
+                f"MiB after ~{submitted:,.0f} more and the status reads"
+            )
         finally:
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)
