@@ -1,25 +1,36 @@
-"""Throughput of the relay API: submissions forwarded to the upstream, and tracked-status reads.
+"""Submit throughput: the relay against a bare forwarder, in one run, to the same upstream.
 
-Run: uv run python bench/forward.py [--seconds 5]
+Run: uv run python bench/forward.py [--seconds 5] [--rounds 2] [--connections 32]
+(needs `wrk`: apt-get install -y wrk)
 
-Starts a real redis-server, the sandbox upstream (`relay sandbox`) and the API (`relay api`) as
-separate processes, then drives the API from this process at 4 and 32 concurrent requests. On a
-2-core machine the load generator, the API and the sandbox share the cores, so the figures are
-a floor, not a ceiling.
+Starts a real redis-server, the sandbox upstream (`relay sandbox`), the API (`relay api`) and a
+bare forwarder as separate processes. The bare forwarder is the floor the relay is held to: a
+Starlette app under the same uvicorn settings, on the same httpx aiohttp transport, that passes
+the body to the same upstream and its answer back, and does nothing else (no validation, no
+callback URL check, no Redis); it is sent the body the relay forwards (without `callback_url`),
+so the upstream does the same work for both. wrk drives each in turn, alternating for
+`--rounds` rounds, at `--connections` concurrent connections; the figures printed are per
+round, then the medians and their ratio, and each server's CPU time per request (steadier than
+requests per second when other work shares the machine). Also: reads of a tracked job's
+status. On a 2-core machine wrk, the server under test and the sandbox share the cores, so
+figures are a floor, not a ceiling.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import json
 import os
+import re
 import signal
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
-from httpx_aiohttp import AiohttpTransport
 
 from relay.devtools.embedded_redis import embedded_redis, free_port
 
@@ -30,96 +41,199 @@ BODY = {
     ],
     "callback_url": "http://10.0.0.1/hook",
 }
+# What the relay forwards of BODY, which the bare forwarder passes on as it is.
+UPSTREAM_BODY = {"inputs": BODY["inputs"]}
+KEY = "bench-key"
 
 
-def start(args: list[str], env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "relay.cli", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+def serve_bare(port: int, upstream: str) -> None:
+    """The bare forwarder: body in, same body to the upstream, its answer out."""
+    from collections.abc import AsyncIterator
+    from contextlib import asynccontextmanager
+
+    import uvicorn
+    from httpx_aiohttp import AiohttpTransport
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    client = httpx.AsyncClient(
+        base_url=upstream,
+        headers={"x-api-key": "sandbox-key"},
+        transport=AiohttpTransport(limits=httpx.Limits(max_connections=200)),
+        timeout=30,
     )
+
+    async def generate(request: Request) -> Response:
+        body = await request.body()
+        answer = await client.post(
+            "v1/lipsync/generate", content=body, headers={"content-type": "application/json"}
+        )
+        return Response(answer.content, answer.status_code, media_type="application/json")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await client.aclose()
+
+    app = Starlette(
+        routes=[Route("/api/v1/lipsync/generate", generate, methods=["POST"])], lifespan=lifespan
+    )
+    uvicorn.run(app, host="127.0.0.1", port=port, access_log=False, log_config=None)
+
+
+def start(command: list[str], env: dict[str, str], health: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
-            httpx.get(
-                f"http://127.0.0.1:{port}/healthz"
-                if args[0] == "api"
-                else f"http://127.0.0.1:{port}/api/health",
-                timeout=0.5,
-            )
+            httpx.get(health, timeout=0.5)
             return proc
         except httpx.TransportError:
             time.sleep(0.1)
     proc.kill()
-    raise RuntimeError(f"relay {args[0]} did not start")
+    raise RuntimeError(f"{command} did not start")
 
 
-async def drive(
-    client: httpx.AsyncClient,
-    method: str,
-    url: str,
-    concurrency: int,
-    seconds: float,
-    body: object = None,
-) -> tuple[float, int]:
-    done = errors = 0
-    deadline = time.monotonic() + seconds
-
-    async def one() -> None:
-        nonlocal done, errors
-        while time.monotonic() < deadline:
-            response = await client.request(method, url, json=body)
-            if response.status_code == 200:
-                done += 1
-            else:
-                errors += 1
-
-    started = time.monotonic()
-    await asyncio.gather(*(one() for _ in range(concurrency)))
-    return done / (time.monotonic() - started), errors
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
-async def bench(api: str, seconds: float) -> None:
-    headers = {"x-api-key": "bench-key"}
-    async with httpx.AsyncClient(
-        transport=AiohttpTransport(), headers=headers, timeout=30
-    ) as client:
-        first = await client.post(api + "/api/v1/lipsync/generate", json=BODY)
-        request_id = first.json()["request_id"]
-        await asyncio.sleep(0.1)
-        for concurrency in (4, 32):
-            rate, errors = await drive(
-                client, "POST", api + "/api/v1/lipsync/generate", concurrency, seconds, BODY
-            )
-            print(
-                f"POST generate (forward + track) at {concurrency:>2} concurrent: "
-                f"{rate:,.0f} req/s, {errors} errors"
-            )
-            rate, errors = await drive(
-                client, "GET", f"{api}/api/v1/lipsync/requests/{request_id}", concurrency, seconds
-            )
-            print(
-                f"GET tracked status              at {concurrency:>2} concurrent: "
-                f"{rate:,.0f} req/s, {errors} errors"
-            )
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def main(seconds: float) -> None:
-    sandbox_port, api_port = free_port(), free_port()
-    with embedded_redis(avoid=(sandbox_port, api_port)) as redis_url:
+def wrk(
+    url: str, method: str, seconds: float, connections: int, script_dir: Path, payload: object
+) -> float:
+    """Requests per second with a 2xx answer (wrk counts others as errors: any is fatal here)."""
+    script = script_dir / f"{method}.lua"
+    body = json.dumps(payload).replace("\\", "\\\\").replace('"', '\\"')
+    script.write_text(
+        f'wrk.method = "{method}"\n'
+        f'wrk.headers["x-api-key"] = "{KEY}"\n'
+        + (
+            f'wrk.headers["content-type"] = "application/json"\nwrk.body = "{body}"\n'
+            if method == "POST"
+            else ""
+        )
+    )
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk saw errors against {url}:\n{out}")
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    assert match, out
+    return float(match.group(1))
+
+
+def main(seconds: float, rounds: int, connections: int) -> None:
+    sandbox_port, api_port, bare_port = free_port(), free_port(), free_port()
+    with (
+        embedded_redis(avoid=(sandbox_port, api_port, bare_port)) as redis_url,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        upstream = f"http://127.0.0.1:{sandbox_port}/api"
         env = {
-            **os.environ,
-            "CHAMELAION_BASE_URL": f"http://127.0.0.1:{sandbox_port}/api",
+            **{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
+            "CHAMELAION_BASE_URL": upstream,
             "CHAMELAION_API_KEY": "sandbox-key",
             "RELAY_REDIS_URL": redis_url,
-            "RELAY_API_KEYS": "bench-key",
+            "RELAY_API_KEYS": KEY,
             "RELAY_LOG_FORMAT": "json",
         }
-        procs = [start(["sandbox", "--port", str(sandbox_port)], env, sandbox_port)]
-        procs.append(start(["api", "--port", str(api_port)], env, api_port))
+        cli = [sys.executable, "-m", "relay.cli"]
+        procs = [start([*cli, "sandbox", "--port", str(sandbox_port)], env, upstream + "/health")]
         try:
-            asyncio.run(bench(f"http://127.0.0.1:{api_port}", seconds))
+            api = f"http://127.0.0.1:{api_port}"
+            bare = f"http://127.0.0.1:{bare_port}"
+            procs.append(start([*cli, "api", "--port", str(api_port)], env, api + "/healthz"))
+            procs.append(
+                start(
+                    [sys.executable, __file__, "--serve-bare", str(bare_port), upstream],
+                    env,
+                    bare + "/",
+                )
+            )
+            generate = "/api/v1/lipsync/generate"
+            first = httpx.post(api + generate, json=BODY, headers={"x-api-key": KEY})
+            request_id = first.json()["request_id"]
+            api_rss = rss_mib(procs[1].pid)
+            relay_rates: list[float] = []
+            bare_rates: list[float] = []
+            cpu: dict[str, list[float]] = {"relay": [], "bare": []}
+            for n in range(1, rounds + 1):
+                for name, url, payload, rates, proc in (
+                    ("relay", api, BODY, relay_rates, procs[1]),
+                    ("bare", bare, UPSTREAM_BODY, bare_rates, procs[2]),
+                ):
+                    used = cpu_seconds(proc.pid)
+                    profiler = None
+                    if os.environ.get("FORWARD_PROFILE") and name == "relay" and n == 1:
+                        profiler = subprocess.Popen(
+                            [
+                                "py-spy",
+                                "record",
+                                "-p",
+                                str(proc.pid),
+                                "-d",
+                                str(round(seconds)),
+                                "-f",
+                                "raw",
+                                "-o",
+                                os.environ["FORWARD_PROFILE"],
+                            ],
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                        )
+                    rates.append(
+                        wrk(url + generate, "POST", seconds, connections, Path(tmp), payload)
+                    )
+                    # CPU per request: steadier than req/s when other work shares the cores.
+                    cpu[name].append((cpu_seconds(proc.pid) - used) / (rates[-1] * seconds))
+                    if profiler is not None:
+                        profiler.wait()
+                print(
+                    f"round {n}: relay {relay_rates[-1]:,.0f} req/s "
+                    f"({cpu['relay'][-1] * 1e6:,.0f} us CPU each), bare forwarder "
+                    f"{bare_rates[-1]:,.0f} req/s ({cpu['bare'][-1] * 1e6:,.0f} us CPU each), "
+                    f"ratio {relay_rates[-1] / bare_rates[-1]:.2f}"
+                )
+            relay_rate, bare_rate = statistics.median(relay_rates), statistics.median(bare_rates)
+            print(
+                f"POST generate at {connections} connections (median of {rounds}): relay "
+                f"{relay_rate:,.0f} req/s, bare forwarder {bare_rate:,.0f} req/s, "
+                f"relay/bare = {relay_rate / bare_rate:.2f} (target >= 0.8)"
+            )
+            relay_cpu, bare_cpu = statistics.median(cpu["relay"]), statistics.median(cpu["bare"])
+            print(
+                f"server CPU per request (median): relay {relay_cpu * 1e6:,.0f} us, bare "
+                f"{bare_cpu * 1e6:,.0f} us, bare/relay = {bare_cpu / relay_cpu:.2f}"
+            )
+            status = wrk(
+                f"{api}/api/v1/lipsync/requests/{request_id}",
+                "GET",
+                seconds,
+                connections,
+                Path(tmp),
+                None,
+            )
+            print(f"GET tracked status at {connections} connections: {status:,.0f} req/s")
+            submitted = sum(relay_rates) * seconds
+            print(
+                f"API RSS: {api_rss:.1f} MiB after one submission, {rss_mib(procs[1].pid):.1f} "
+                f"MiB after ~{submitted:,.0f} more and the status reads"
+            )
         finally:
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)
@@ -127,6 +241,12 @@ def main(seconds: float) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--serve-bare":
+        serve_bare(int(sys.argv[2]), sys.argv[3])
+        sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=5.0)
-    main(parser.parse_args().seconds)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args()
+    main(args.seconds, args.rounds, args.connections)

@@ -13,6 +13,7 @@ relay:idem:{caller}:{route}:{key}
 relay:webhook-key:{key id}  string when the relay first published that ed25519 public key
 relay:stats:{outcome}:{minute}
                             string callbacks delivered / failed in that minute (kept 2 h)
+relay:api:write_check       string written before each round of submissions: Redis takes writes
 relay:destination:{dest}   hash   a callback destination's breaker: consecutive failures
                                    (dest = scheme://host:port; expires a day after the last)
 relay:destinations:backed_off zset destination -> Redis-clock time it is backed off until
@@ -48,6 +49,7 @@ PREFIX = "relay:"
 POLLS = PREFIX + "polls"
 UPSTREAM_TAT = PREFIX + "upstream:tat"
 UPSTREAM_PAUSED = PREFIX + "upstream:paused"
+WRITE_CHECK = PREFIX + "api:write_check"
 BACKED_OFF = PREFIX + "destinations:backed_off"
 ARQ_QUEUE = PREFIX + "arq:queue"
 STATS_PREFIX = PREFIX + "stats:"

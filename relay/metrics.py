@@ -35,17 +35,27 @@ OUTSTANDING = Gauge("relay_outstanding_jobs", "Jobs being polled")
 DUE_WORK = Gauge("relay_due_work", "Polls due now plus deliveries due now (not parked future work)")
 POLL_LAG = Gauge("relay_poll_lag_seconds", "How overdue the most overdue poll is")
 QUEUE_DEPTH = Gauge("relay_delivery_queue_depth", "Delivery attempts queued, due or deferred")
+BACKED_OFF = Gauge(
+    "relay_destinations_backed_off",
+    "Callback destinations backed off now because they kept failing (shared state)",
+)
+# This worker's own: set as functions of its live state when the worker starts.
+DELIVERIES_IN_FLIGHT = Gauge("relay_deliveries_in_flight", "Callback attempts being sent now")
+DELIVERIES_WAITING = Gauge(
+    "relay_deliveries_waiting", "Callback attempts waiting for a slot of their destination"
+)
 
 
 async def refresh_shared_gauges(redis: Redis) -> None:
     """Read the shared gauges from Redis in one round trip."""
     script = lua.register(redis, "relay", "shared_state")
-    reply = await script(keys=[keys.POLLS, keys.ARQ_QUEUE])
-    outstanding, due_polls, lag, queued, due_deliveries = reply
+    reply = await script(keys=[keys.POLLS, keys.ARQ_QUEUE, keys.BACKED_OFF])
+    outstanding, due_polls, lag, queued, due_deliveries, backed_off = reply
     OUTSTANDING.set(int(outstanding))
     DUE_WORK.set(int(due_polls) + int(due_deliveries))
     POLL_LAG.set(float(lag))
     QUEUE_DEPTH.set(int(queued))
+    BACKED_OFF.set(int(backed_off))
 
 
 async def metrics_response(redis: Redis) -> Response:
@@ -54,6 +64,6 @@ async def metrics_response(redis: Redis) -> Response:
         await refresh_shared_gauges(redis)
     except RedisError:
         # Shared gauges go unknown; this process's own counters are still worth serving.
-        for gauge in (OUTSTANDING, DUE_WORK, POLL_LAG, QUEUE_DEPTH):
+        for gauge in (OUTSTANDING, DUE_WORK, POLL_LAG, QUEUE_DEPTH, BACKED_OFF):
             gauge.set(float("nan"))
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     # for 5 s doubling with each further failure, up to the maximum.
     destination_failures: int = Field(5, ge=1, validation_alias="RELAY_DESTINATION_FAILURES")
     destination_max_backoff: float = Field(
-        300.0, ge=5, le=86400, validation_alias="RELAY_DESTINATION_MAX_BACKOFF"
+        300.0, gt=0, le=86400, validation_alias="RELAY_DESTINATION_MAX_BACKOFF"
     )
     # A job still unfinished upstream after this long is given up as failed.
     max_job_age: float = Field(7 * 86400.0, gt=0, validation_alias="RELAY_MAX_JOB_AGE")
@@ -124,7 +124,7 @@ class Settings(BaseSettings):
     def breaker(self) -> Breaker:
         return Breaker(
             threshold=self.destination_failures,
-            base=BREAKER_BASE,
+            base=min(BREAKER_BASE, self.destination_max_backoff),
             max_backoff=self.destination_max_backoff,
         )
 

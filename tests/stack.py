@@ -63,6 +63,9 @@ class Receiver:
     extra_headers: dict[str, str] = field(default_factory=dict)
     received: list[Callback] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    answered: int = 0
 
     def app(self) -> Starlette:
         async def hook(request: Request) -> Response:
@@ -72,8 +75,15 @@ class Receiver:
             with self.lock:
                 self.received.append(Callback(dict(request.headers), body, time.monotonic()))
                 status = self.script.pop(0) if self.script else self.default
-            if self.delay:
-                await asyncio.sleep(self.delay)
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+            finally:
+                with self.lock:
+                    self.in_flight -= 1
+                    self.answered += 1
             return Response(status_code=status, headers=self.extra_headers)
 
         return Starlette(routes=[Route("/hook", hook, methods=["POST"])])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -271,6 +272,24 @@ def test_without_redis_the_api_is_unready_and_creates_nothing_upstream(redis_url
         response = running.post(GOOD)
         assert response.status_code == 503
         assert running.upstream_calls("POST /v1/lipsync/generate") == 0
+
+
+def test_a_redis_that_answers_but_refuses_writes_creates_nothing_upstream(redis_url: str) -> None:
+    # PING would pass here: only a write shows the job could not be recorded.
+    client = redis.Redis.from_url(redis_url)
+    with running_api(redis_url) as running:
+        client.config_set("min-replicas-to-write", 1)
+        try:
+            assert client.ping()
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                statuses = list(pool.map(lambda _: running.post(GOOD).status_code, range(16)))
+            assert statuses == [503] * 16
+            assert running.upstream_calls("POST /v1/lipsync/generate") == 0
+        finally:
+            client.config_set("min-replicas-to-write", 0)
+        assert running.post(GOOD).status_code == 200
+        assert running.upstream_calls("POST /v1/lipsync/generate") == 1
+        assert len(running.tracked()) == 1
 
 
 REFUSED_CALLBACKS = [

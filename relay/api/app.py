@@ -28,6 +28,7 @@ from relay.api.openapi import openapi_document
 from relay.api.responses import api_error, http_error, unexpected_error
 from relay.api.state import AppState, app_state
 from relay.api.status import get_request, list_requests
+from relay.api.store_check import WriteCheck
 from relay.api.submit import generate
 from relay.api.uploads import generate_with_media
 from relay.console.views import create_console
@@ -86,6 +87,7 @@ def create_app(settings: Settings) -> Starlette:
                     store,
                     upstream,
                     policy,
+                    WriteCheck(redis),
                     signer,
                     callback_client,
                     attempt_log,

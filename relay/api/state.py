@@ -8,6 +8,7 @@ import httpx
 from redis.asyncio import Redis
 from starlette.requests import Request
 
+from relay.api.store_check import WriteCheck
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.control import Redeliverer
 from relay.delivery.netpolicy import NetworkPolicy
@@ -24,6 +25,7 @@ class AppState:
     store: JobStore
     upstream: Upstream
     policy: NetworkPolicy
+    write_check: WriteCheck
     # Test events and the published keys need these; None when the API has no secrets.
     signer: Signer | None
     callback_client: httpx.AsyncClient

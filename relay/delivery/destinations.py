@@ -50,6 +50,7 @@ class Destinations:
     per_destination: int
     total: int
     in_flight: int = 0
+    waiting: int = 0
     _known: dict[str, _Destination] = field(default_factory=dict)
     _total: asyncio.Semaphore = field(init=False)
 
@@ -78,12 +79,15 @@ class Destinations:
         entry.users += 1
         try:
             async with contextlib.AsyncExitStack() as stack:
+                self.waiting += 1
                 try:
                     async with asyncio.timeout(wait):
                         await stack.enter_async_context(entry.slots)
                         await stack.enter_async_context(self._total)
                 except TimeoutError:
                     raise DestinationBusy(destination) from None
+                finally:
+                    self.waiting -= 1
                 self.in_flight += 1
                 try:
                     yield
@@ -95,7 +99,12 @@ class Destinations:
     def backed_off_for(self, destination: str) -> float:
         """Seconds this destination is still backed off for, as Redis last said; 0 if not."""
         entry = self._known.get(destination)
-        return max(0.0, entry.backed_off_until - time.monotonic()) if entry else 0.0
+        if entry is None:
+            return 0.0
+        left = entry.backed_off_until - time.monotonic()
+        if left <= 0 and entry.users == 0:
+            self._known.pop(destination, None)  # expired and idle: forget it
+        return max(0.0, left)
 
     def record(self, destination: str, backed_off_for: float) -> None:
         """What Redis said about the destination after an attempt's outcome was written."""

@@ -27,6 +27,7 @@ from relay.delivery.transport import make_callback_client
 from relay.jobs.poller import Poller
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
+from relay.metrics import DELIVERIES_IN_FLIGHT, DELIVERIES_WAITING
 from relay.redis_conn import arq_pool
 from relay.serving import embedded_server
 from relay.settings import Settings
@@ -80,6 +81,9 @@ async def build_state(settings: Settings) -> WorkerState:
         timeout=settings.delivery_timeout,
     )
     first_attempts = FirstAttempts(queue, deliverer, settings.delivery_timeout)
+    destinations = deliverer.destinations
+    DELIVERIES_IN_FLIGHT.set_function(lambda: destinations.in_flight)
+    DELIVERIES_WAITING.set_function(lambda: destinations.waiting)
     poller = Poller(
         store=store,
         schedule=schedule,

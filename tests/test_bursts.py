@@ -1,0 +1,126 @@
+"""Many callbacks at once: slow and failing receivers cost only their own deliveries.
+
+Real parts only: the relay stack (sandbox upstream, API, `relay worker` subprocesses, Redis) and
+receivers on loopback; every callback is verified with `standardwebhooks`.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import orjson
+import redis
+
+from relay import keys
+from tests.servers import serve
+from tests.stack import Receiver, Stack, eventually, job_field, relay_stack
+from tests.test_end_to_end import AUDIO, VIDEO, verified
+
+
+def submit_many(stack: Stack, callback_url: str, count: int) -> list[str]:
+    """Submit `count` jobs at once (8 threads, one SDK client) with this callback URL."""
+    ids: list[str] = []
+    lock = threading.Lock()
+    with stack.sdk() as sdk:
+
+        def some(n: int) -> None:
+            for _ in range(n):
+                result = sdk.lipsync.generate(
+                    inputs=[{"type": "video", "url": VIDEO}, {"type": "audio", "url": AUDIO}],
+                    extra_body={"callback_url": callback_url},
+                )
+                with lock:
+                    ids.append(result.request_id)
+
+        shares = [count // 8 + (1 if i < count % 8 else 0) for i in range(8)]
+        threads = [threading.Thread(target=some, args=(n,)) for n in shares]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert len(ids) == count
+    return ids
+
+
+def delivered_once_each(stack: Stack, receiver: Receiver, request_ids: list[str]) -> None:
+    """Every job's event arrived, verified, under its own webhook-id."""
+    by_job: dict[str, set[str]] = {}
+    for callback in receiver.received:
+        payload = verified(stack, callback)
+        data = payload["data"]
+        assert isinstance(data, dict)
+        by_job.setdefault(data["id"], set()).add(callback.headers["webhook-id"])
+    assert set(by_job) == set(request_ids)
+    assert all(len(ids) == 1 for ids in by_job.values())
+    assert len({next(iter(ids)) for ids in by_job.values()}) == len(request_ids)
+
+
+def test_hanging_receivers_do_not_hold_up_the_others(redis_url: str) -> None:
+    hanging = Receiver(delay=4.0)
+    env = {"RELAY_DELIVERY_TIMEOUT": "8", "RELAY_DESTINATION_CONCURRENCY": "2"}
+    with serve(hanging.app()) as hanging_url, relay_stack(redis_url, env=env) as stack:
+        slow_ids = submit_many(stack, hanging_url + "/hook", 6)
+        fast_ids = submit_many(stack, stack.callback_url, 40)
+        stack.receiver.wait_for(40, timeout=30)
+        # Every fast receiver got its callback while the hanging one had answered at most the
+        # first of its capped deliveries: nothing fast waited behind it.
+        assert hanging.answered <= 2
+        assert hanging.max_in_flight <= 2, "the destination's cap holds"
+        delivered_once_each(stack, stack.receiver, fast_ids)
+        hanging.wait_for(6, timeout=60)
+        eventually(lambda: hanging.answered == 6, timeout=30)
+        assert hanging.max_in_flight == 2
+        delivered_once_each(stack, hanging, slow_ids)
+        eventually(
+            lambda: all(
+                job_field(redis_url, rid, "delivery") == b"delivered" for rid in fast_ids + slow_ids
+            )
+        )
+
+
+def test_a_failing_destination_is_backed_off_and_gets_every_event_once_it_recovers(
+    redis_url: str,
+) -> None:
+    receiver = Receiver(default=503)
+    env = {
+        "RELAY_DESTINATION_FAILURES": "3",
+        "RELAY_DESTINATION_MAX_BACKOFF": "1",
+        # A short schedule that would run out long before the receiver recovers, were the
+        # postponed attempts counted.
+        "RELAY_DELIVERY_RETRY_SCHEDULE": "0,0.2,0.2,0.2",
+    }
+    with relay_stack(redis_url, receiver=receiver, env=env) as stack:
+        request_ids = submit_many(stack, stack.callback_url, 10)
+        client = redis.Redis.from_url(redis_url)
+        eventually(lambda: client.zcard(keys.BACKED_OFF) == 1)
+        worker_metrics = stack.worker_urls[0] + "/metrics"
+        eventually(lambda: "relay_destinations_backed_off 1.0" in httpx.get(worker_metrics).text)
+        tries_while_failing = len(receiver.received)
+        eventually(lambda: len(receiver.received) > tries_while_failing + 3, timeout=20)
+        receiver.default = 204
+        eventually(
+            lambda: all(
+                job_field(redis_url, rid, "delivery") == b"delivered" for rid in request_ids
+            ),
+            timeout=60,
+        )
+        delivered = [c for c in receiver.received if c.at >= 0]
+        ok_ids = {orjson.loads(c.body)["data"]["id"] for c in delivered}
+        assert ok_ids == set(request_ids)
+        for callback in delivered:
+            verified(stack, callback)
+        ids_per_job: dict[str, set[str]] = {}
+        for callback in delivered:
+            job_id = orjson.loads(callback.body)["data"]["id"]
+            ids_per_job.setdefault(job_id, set()).add(callback.headers["webhook-id"])
+        assert all(len(ids) == 1 for ids in ids_per_job.values()), "retries keep the id"
+        # No attempt was made past the schedule: postponed attempts are not counted.
+        for request_id in request_ids:
+            made = int(job_field(redis_url, request_id, "attempts_made") or 0)
+            assert 1 <= made <= 4
+        # The destination answered again: its breaker is closed.
+        eventually(lambda: client.zcard(keys.BACKED_OFF) == 0)
+        text = httpx.get(worker_metrics).text
+        assert 'relay_deliveries_total{outcome="postponed"}' in text
+        assert "relay_destinations_backed_off 0.0" in text
