@@ -9,6 +9,8 @@ on its port, each worker on RELAY_WORKER_HTTP_PORT.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -46,16 +48,37 @@ DELIVERIES_WAITING = Gauge(
 )
 
 
-async def refresh_shared_gauges(redis: Redis) -> None:
-    """Read the shared gauges from Redis in one round trip."""
+@dataclass(frozen=True)
+class SharedState:
+    outstanding: int
+    due: int  # polls and deliveries due now
+    poll_lag: float
+    queued_deliveries: int
+    backed_off: int  # destinations backed off now
+
+
+async def read_shared_state(redis: Redis) -> SharedState:
+    """The relay-wide figures every process reports, in one round trip (the console too)."""
     script = lua.register(redis, "relay", "shared_state")
     reply = await script(keys=[keys.POLLS, keys.ARQ_QUEUE, keys.BACKED_OFF])
     outstanding, due_polls, lag, queued, due_deliveries, backed_off = reply
-    OUTSTANDING.set(int(outstanding))
-    DUE_WORK.set(int(due_polls) + int(due_deliveries))
-    POLL_LAG.set(float(lag))
-    QUEUE_DEPTH.set(int(queued))
-    BACKED_OFF.set(int(backed_off))
+    return SharedState(
+        int(outstanding),
+        int(due_polls) + int(due_deliveries),
+        float(lag),
+        int(queued),
+        int(backed_off),
+    )
+
+
+async def refresh_shared_gauges(redis: Redis) -> None:
+    """Read the shared gauges from Redis in one round trip."""
+    shared = await read_shared_state(redis)
+    OUTSTANDING.set(shared.outstanding)
+    DUE_WORK.set(shared.due)
+    POLL_LAG.set(shared.poll_lag)
+    QUEUE_DEPTH.set(shared.queued_deliveries)
+    BACKED_OFF.set(shared.backed_off)
 
 
 async def metrics_response(redis: Redis) -> Response:

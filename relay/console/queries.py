@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from relay import keys, lua
+from relay import keys
 from relay.delivery.attempt_log import STATES
+from relay.metrics import read_shared_state
 
 STATUS_SAMPLE = 2000
 PAGE_SIZE = 25
@@ -52,10 +53,7 @@ class JobPage:
 
 
 async def overview(redis: Redis, budget_rate: float) -> Overview:
-    shared = lua.register(redis, "relay", "shared_state")
-    outstanding, due_polls, lag, queued, due_deliveries = await shared(
-        keys=[keys.POLLS, keys.ARQ_QUEUE]
-    )
+    shared = await read_shared_state(redis)
     head = await redis.zrange(keys.POLLS, 0, STATUS_SAMPLE - 1)
     async with redis.pipeline(transaction=False) as pipe:
         for raw in head:
@@ -68,19 +66,18 @@ async def overview(redis: Redis, budget_rate: float) -> Overview:
         counts = replies[len(head) + 1 : -1]
         seconds, micros = replies[-1]
     now = seconds + micros / 1e6
-    backed_off = await redis.zcount(keys.BACKED_OFF, now, "+inf")
     counted = Counter((status or b"submitted").decode() for status in statuses)
     return Overview(
-        outstanding=int(outstanding),
-        due=int(due_polls) + int(due_deliveries),
-        poll_lag=float(lag),
-        queued_deliveries=int(queued),
+        outstanding=shared.outstanding,
+        due=shared.due,
+        poll_lag=shared.poll_lag,
+        queued_deliveries=shared.queued_deliveries,
         statuses=dict(counted.most_common()),
         sampled=len(head),
         paused_for=max(0.0, float(paused) - now) if paused else 0.0,
         budget_rate=budget_rate,
         deliveries=dict(zip(STATES, (int(count) for count in counts), strict=True)),
-        backed_off=int(backed_off),
+        backed_off=shared.backed_off,
     )
 
 
