@@ -16,6 +16,15 @@ from tests.stack import RELAY_KEY, SANDBOX_KEY, Receiver, Stack, eventually, job
 from tests.test_end_to_end import submit
 
 POLL_ROUTE = "GET /v1/lipsync/requests/{id}"
+LIST_ROUTE = "GET /v1/lipsync/requests"
+
+
+def read_times(stack: Stack) -> list[float]:
+    """When the relay asked upstream for statuses: per-id polls and list pages alike."""
+    stamps = stack.upstream("GET", "/_sandbox/stats").json()["timestamps"]
+    return sorted(stamps.get(POLL_ROUTE, []) + stamps.get(LIST_ROUTE, []))
+
+
 SLOW = SandboxConfig(api_keys=(SANDBOX_KEY,), queued_seconds=60, processing_seconds=60)
 
 
@@ -87,16 +96,14 @@ def test_a_429_pauses_every_worker_for_its_retry_after(redis_url: str) -> None:
     with relay_stack(redis_url, sandbox=SLOW, workers=2) as stack:
         for _ in range(4):
             submit(stack)
-        time.sleep(1.0)  # polls are flowing
+        eventually(lambda: len(read_times(stack)) >= 2, timeout=60)  # polls are flowing
         stack.upstream(
             "POST",
             "/_sandbox/faults",
             json={"status": 429, "count": 1, "retry_after": 2, "paths": "poll"},
         )
         time.sleep(3.5)
-        stamps: list[float] = stack.upstream("GET", "/_sandbox/stats").json()["timestamps"][
-            POLL_ROUTE
-        ]
+        stamps = read_times(stack)
         gaps = [later - earlier for earlier, later in itertools.pairwise(stamps)]
         assert max(gaps) >= 1.9, "after a 429 with Retry-After: 2 nobody polls for 2 s"
 
@@ -107,20 +114,17 @@ def test_all_workers_together_stay_inside_the_upstream_rate(redis_url: str) -> N
         "RELAY_UPSTREAM_RATE_LIMIT": str(rate),
         "RELAY_POLL_MIN_INTERVAL": "0.1",
         "RELAY_POLL_MAX_INTERVAL": "0.1",
+        "RELAY_SWEEP_INTERVAL": "0",  # per-id polls only: they alone would want far more
     }
     with relay_stack(redis_url, sandbox=SLOW, workers=2, env=env) as stack:
         for _ in range(10):
             submit(stack)
 
-        def poll_times() -> list[float]:
-            stats = stack.upstream("GET", "/_sandbox/stats").json()
-            times: list[float] = stats["timestamps"].get(POLL_ROUTE, [])
-            return times
-
-        first = eventually(poll_times)[0]  # both workers are up and polling
+        first = eventually(lambda: read_times(stack))[0]  # both workers are up and polling
         time.sleep(3.5)
-        stamps = [t for t in poll_times() if t < first + 3.0]
-    # 10 jobs due every 0.1 s want 100 polls/s; the budget allows 5/s (burst 1) for everyone.
+        stamps = [t for t in read_times(stack) if t < first + 3.0]
+    # 10 jobs due every 0.1 s want 100 polls/s; the budget allows 5/s (burst 1) for everyone,
+    # list pages included.
     busiest = max(sum(1 for t in stamps if start <= t < start + 1.0) for start in stamps)
     assert busiest <= rate + 1, f"{busiest} polls in one second"
     assert len(stamps) >= rate * 3 - 1, "the budget is used, not starved"

@@ -63,14 +63,7 @@ class Poller:
             # Expired or removed: nothing left to poll for.
             await self.schedule.unschedule(request_id)
             return
-        if job.ended:
-            # A worker ended it but died before handing the delivery over: finish that part.
-            await self._hand_over(job)
-            return
-        age = job.read_at - job.created
-        if age > self.settings.max_job_age:
-            # Bounded life: a job stuck upstream must not be polled (and kept) forever.
-            await self._give_up(job, f"Chamelaion did not finish this request within {int(age)} s")
+        if await self.settle(job):
             return
         try:
             response = await self.upstream.request(
@@ -85,7 +78,7 @@ class Poller:
         status = response.status_code
         POLLS.labels(POLL_RESULTS.get(status, "error")).inc()
         if status == 200:
-            await self._observed(job, response.content)
+            await self.observe(job, response.content)
         elif status == 404:
             await self._not_found(job)
         elif status == 429:
@@ -105,6 +98,19 @@ class Poller:
                 log.warning("poll got an error", extra={"request_id": request_id, "status": status})
             await self._retry_later(job)
 
+    async def settle(self, job: Job) -> bool:
+        """Finish what needs no upstream answer; True when the job needs no status any more."""
+        if job.ended:
+            # A worker ended it but died before handing the delivery over: finish that part.
+            await self._hand_over(job)
+            return True
+        age = job.read_at - job.created
+        if age > self.settings.max_job_age:
+            # Bounded life: a job stuck upstream must not be polled (and kept) forever.
+            await self._give_up(job, f"Chamelaion did not finish this request within {int(age)} s")
+            return True
+        return False
+
     async def _retry_later(self, job: Job, *, not_found_since: float | None = None) -> None:
         """Poll again after a longer interval; `not_found_since` defaults to the job's own."""
         interval = self._longer(job.interval)
@@ -115,7 +121,12 @@ class Poller:
             not_found_since=not_found_since or job.not_found_since,
         )
 
-    async def _observed(self, job: Job, raw: bytes) -> None:
+    async def observe(self, job: Job, raw: bytes, *, hold: float = 0.0) -> None:
+        """Handle a LipsyncRequest seen for `job`, from its own GET or from a list page.
+
+        `hold`: the least time before the job's next per-id poll (a sweep that saw it will see
+        it again before then).
+        """
         data = json_object(raw) if len(raw) <= MAX_BODY_BYTES else None
         if data is None or not isinstance(data.get("status"), str):
             log.warning("poll got an unusable body", extra={"request_id": job.request_id})
@@ -130,7 +141,7 @@ class Poller:
         interval = self.settings.poll_min_interval if changed else self._longer(job.interval)
         await self.store.record_poll(
             job.request_id,
-            next_in=jittered(interval),
+            next_in=max(jittered(interval), hold),
             interval=interval,
             status=new_status,
             body=raw,

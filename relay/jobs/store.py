@@ -104,7 +104,7 @@ class JobStore:
         """Start tracking; False when the id is already tracked (nothing is changed then)."""
         ref_key = keys.ref(reference_id) if reference_id else keys.job(request_id)
         created = await self._create(
-            keys=[keys.job(request_id), keys.POLLS, ref_key],
+            keys=[keys.job(request_id), keys.POLLS, ref_key, keys.CREATED],
             args=[request_id, callback_url or "", reference_id or "", first_poll_in, first_poll_in],
         )
         return bool(created)
@@ -115,6 +115,19 @@ class JobStore:
             pipe.time()
             raw, (seconds, micros) = await pipe.execute()
         return _decode(request_id, raw, seconds + micros / 1e6) if raw else None
+
+    async def get_many(self, request_ids: list[str]) -> list[Job | None]:
+        """Several jobs in one round trip, in the order asked (None where untracked)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request_id in request_ids:
+                pipe.hgetall(keys.job(request_id))
+            pipe.time()
+            *raws, (seconds, micros) = await pipe.execute()
+        read_at = seconds + micros / 1e6
+        return [
+            _decode(request_id, raw, read_at) if raw else None
+            for request_id, raw in zip(request_ids, raws, strict=True)
+        ]
 
     async def find(self, id_or_reference: str) -> Job | None:
         """A job by request id, else by reference_id (the newest tracked one with it)."""
@@ -163,7 +176,7 @@ class JobStore:
         ref_key = keys.ref(job.reference_id) if job.reference_id else keys.job(job.request_id)
         delivery: DeliveryState = "pending" if job.callback_url else "none"
         await self._end(
-            keys=[keys.job(job.request_id), ref_key],
+            keys=[keys.job(job.request_id), ref_key, keys.CREATED],
             args=[
                 job.request_id,
                 status,

@@ -1,9 +1,9 @@
-"""The worker process: wires the poll dispatcher and arq's delivery jobs onto one event loop.
+"""The worker process: wires the poll dispatcher, the sweeper and arq's deliveries onto one loop.
 
-Stopping (SIGTERM): stop claiming and stop picking deliveries, let in-flight polls and deliveries
-finish for up to RELAY_SHUTDOWN_TIMEOUT, then hand unfinished polls back (due now) and let arq
-cancel the rest; a cancelled delivery runs again elsewhere once arq's in-progress key expires.
-"""
+Stopping (SIGTERM): stop claiming, sweeping and picking deliveries, let in-flight polls and
+deliveries finish for up to RELAY_SHUTDOWN_TIMEOUT, then hand unfinished polls back (due now) and
+let arq cancel the rest; a cancelled delivery runs again elsewhere once arq's in-progress key
+expires."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from relay.delivery.transport import make_callback_client
 from relay.jobs.poller import Poller
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
+from relay.jobs.sweep import Sweeper
 from relay.redis_conn import arq_pool
 from relay.serving import embedded_server
 from relay.settings import Settings
@@ -44,6 +45,7 @@ class WorkerState:
     callback_client: httpx.AsyncClient
     deliverer: Deliverer
     dispatcher: Dispatcher
+    sweeper: Sweeper
 
 
 async def build_state(settings: Settings) -> WorkerState:
@@ -71,7 +73,17 @@ async def build_state(settings: Settings) -> WorkerState:
     dispatcher = Dispatcher(
         schedule=schedule, poller=poller, concurrency=settings.worker_concurrency
     )
-    return WorkerState(settings, redis, store, schedule, upstream, client, deliverer, dispatcher)
+    sweeper = Sweeper(
+        redis=redis,
+        store=store,
+        schedule=schedule,
+        poller=poller,
+        upstream=upstream,
+        settings=settings,
+    )
+    return WorkerState(
+        settings, redis, store, schedule, upstream, client, deliverer, dispatcher, sweeper
+    )
 
 
 def arq_worker(state: WorkerState) -> Worker:
@@ -120,6 +132,11 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
     worker = arq_worker(state)
     arq_task = asyncio.create_task(worker.main(), name="arq")
     dispatch_task = asyncio.create_task(state.dispatcher.run(), name="dispatcher")
+    sweep_task = (
+        asyncio.create_task(state.sweeper.run(), name="sweeper")
+        if settings.sweep_interval > 0
+        else None
+    )
 
     def healthy() -> bool:
         return state.dispatcher.healthy() and not arq_task.done()
@@ -135,6 +152,7 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
         await stop.wait()
     finally:
         state.dispatcher.stop()
+        state.sweeper.stop()
         worker.allow_pick_jobs = False
         try:
             await dispatch_task
@@ -146,6 +164,11 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
             extra={"deliveries": len(worker.tasks), "polls": len(state.dispatcher.in_flight)},
         )
         await _drain(worker, state.dispatcher, settings.shutdown_timeout)
+        if sweep_task is not None:
+            # A sweep stops before its next page and gives the lease up; one stuck in a page
+            # is cancelled, and its lease simply expires.
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(sweep_task, timeout=max(settings.shutdown_timeout, 1.0))
         await state.dispatcher.hand_back_unfinished()
         arq_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
