@@ -166,6 +166,7 @@ class SandboxControl:
             {
                 "calls": dict(self._state.calls),
                 "timestamps": {key: list(times) for key, times in self._state.timestamps.items()},
+                "in_flight": dict(self._state.in_flight),
                 "peak_in_flight": dict(self._state.peak_in_flight),
             }
         )
