@@ -118,15 +118,17 @@ class SandboxControl:
         high = _number({"processing_seconds": spread[1]}, "processing_seconds", 0.0) or 0.0
         if high < low:
             raise SandboxError(400, "processing_seconds: high must be >= low")
-        ids = [
+        jobs = [
             self._state.create_job(
                 reference_id=None,
                 fails=False,
                 durations=(queued, low + random.random() * (high - low)),  # noqa: S311
-            ).id
+            )
             for _ in range(count)
         ]
-        return JSONResponse({"ids": ids})
+        # When each job finishes, on the sandbox's clock (time.monotonic unless a test set one).
+        finishes = [job.created_monotonic + sum(job.durations or (0, 0)) for job in jobs]
+        return JSONResponse({"ids": [job.id for job in jobs], "finishes": finishes})
 
     async def forget(self, request: Request) -> Response:
         del self._state.jobs[self._job(request).id]
