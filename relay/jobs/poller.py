@@ -20,7 +20,7 @@ from relay.errors import UpstreamError
 from relay.jitter import jittered
 from relay.jobs.events import build_event, event_type, webhook_id
 from relay.jobs.schedule import PollSchedule
-from relay.jobs.store import Job, JobStore
+from relay.jobs.store import Job, JobStore, PollRecord
 from relay.metrics import POLLS
 from relay.settings import Settings
 from relay.upstream import Upstream, json_object, parse_retry_after
@@ -98,6 +98,10 @@ class Poller:
                 log.warning("poll got an error", extra={"request_id": request_id, "status": status})
             await self._retry_later(job)
 
+    def needs_settling(self, job: Job) -> bool:
+        """True when the job's fate is decided without any status: `settle` it."""
+        return job.ended or job.read_at - job.created > self.settings.max_job_age
+
     async def settle(self, job: Job) -> bool:
         """Finish what needs no upstream answer; True when the job needs no status any more."""
         if job.ended:
@@ -127,19 +131,37 @@ class Poller:
         `hold`: the least time before the job's next per-id poll (a sweep that saw it will see
         it again before then).
         """
+        record = self.plan(job, raw, hold=hold)
+        if record is not None:
+            await self.store.record_poll(
+                record.request_id,
+                next_in=record.next_in,
+                interval=record.interval,
+                status=record.status,
+                body=record.body,
+            )
+            return
         data = json_object(raw) if len(raw) <= MAX_BODY_BYTES else None
         if data is None or not isinstance(data.get("status"), str):
             log.warning("poll got an unusable body", extra={"request_id": job.request_id})
             await self._retry_later(job)
             return
+        await self._end(job, data["status"], data)
+
+    def plan(self, job: Job, raw: bytes, *, hold: float = 0.0) -> PollRecord | None:
+        """What to store for a status that does not end the job; None for anything else.
+
+        The interval drops to the minimum on a change and grows while nothing changes.
+        """
+        data = json_object(raw) if len(raw) <= MAX_BODY_BYTES else None
+        if data is None or not isinstance(data.get("status"), str):
+            return None
         new_status: str = data["status"]
-        type_ = event_type(new_status)
-        if type_ is not None:
-            await self._end(job, new_status, data)
-            return
+        if event_type(new_status) is not None:
+            return None
         changed = new_status != job.status
         interval = self.settings.poll_min_interval if changed else self._longer(job.interval)
-        await self.store.record_poll(
+        return PollRecord(
             job.request_id,
             next_in=max(jittered(interval), hold),
             interval=interval,

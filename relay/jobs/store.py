@@ -85,6 +85,28 @@ def _decode(request_id: str, raw: dict[bytes, bytes], read_at: float) -> Job:
     )
 
 
+@dataclass(frozen=True)
+class PollRecord:
+    """A non-final poll result to store: what `JobStore.record_poll` takes, as one value."""
+
+    request_id: str
+    next_in: float
+    interval: float
+    status: str | None = None
+    body: bytes = b""
+    not_found_since: float | None = None
+
+    def args(self) -> list[str | bytes | float]:
+        return [
+            self.request_id,
+            self.next_in,
+            self.interval,
+            self.status or "",
+            self.body,
+            "" if self.not_found_since is None else self.not_found_since,
+        ]
+
+
 class JobStore:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
@@ -148,18 +170,22 @@ class JobStore:
         not_found_since: float | None = None,
     ) -> bool:
         """Store a non-final poll result and when to poll next; False if the job ended meanwhile."""
+        record = PollRecord(request_id, next_in, interval, status, body, not_found_since)
         recorded = await self._record_poll(
-            keys=[keys.job(request_id), keys.POLLS],
-            args=[
-                request_id,
-                next_in,
-                interval,
-                status or "",
-                body,
-                "" if not_found_since is None else not_found_since,
-            ],
+            keys=[keys.job(request_id), keys.POLLS], args=record.args()
         )
         return bool(recorded)
+
+    async def record_polls(self, records: list[PollRecord]) -> None:
+        """Many `record_poll`s in one round trip (each still its own atomic script)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for record in records:
+                await self._record_poll(
+                    keys=[keys.job(record.request_id), keys.POLLS],
+                    args=record.args(),
+                    client=pipe,
+                )
+            await pipe.execute()
 
     async def end(
         self,

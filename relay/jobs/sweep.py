@@ -46,7 +46,7 @@ from relay import keys, lua
 from relay.errors import UpstreamError
 from relay.jobs.poller import DEFAULT_PAUSE_ON_429, Poller
 from relay.jobs.schedule import PollSchedule
-from relay.jobs.store import Job, JobStore
+from relay.jobs.store import Job, JobStore, PollRecord
 from relay.metrics import SWEEP_ORDER, SWEEP_PAGES, SWEEP_ROWS, SWEEPS
 from relay.settings import Settings
 from relay.upstream import Upstream, json_object, parse_retry_after
@@ -384,14 +384,29 @@ class Sweeper:
         jobs = await self.store.get_many(list(by_id))
         run.matched += len(by_id)
         SWEEP_ROWS.inc(len(by_id))
-        await asyncio.gather(
-            *(self._observe(run, job, by_id[job.request_id]) for job in jobs if job is not None)
-        )
+        # Rows that only move a job along are stored in one round trip; rows that end a job
+        # (or a job to settle) take the poller's whole path, one by one.
+        records: list[PollRecord] = []
+        slow: list[tuple[Job, bytes]] = []
+        for job in jobs:
+            if job is None:
+                continue
+            raw = orjson.dumps(by_id[job.request_id])
+            record = None
+            if not self.poller.needs_settling(job):
+                record = self.poller.plan(job, raw, hold=run.hold)
+            if record is None:
+                slow.append((job, raw))
+            else:
+                records.append(record)
+        if records:
+            await self.store.record_polls(records)
+        await asyncio.gather(*(self._observe(run, job, raw) for job, raw in slow))
 
-    async def _observe(self, run: Run, job: Job, row: dict[str, Any]) -> None:
+    async def _observe(self, run: Run, job: Job, raw: bytes) -> None:
         if await self.poller.settle(job):
             return
-        await self.poller.observe(job, orjson.dumps(row), hold=run.hold)
+        await self.poller.observe(job, raw, hold=run.hold)
 
 
 def _rows(
