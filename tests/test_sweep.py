@@ -21,6 +21,7 @@ import redis
 from standardwebhooks import Webhook
 
 from relay import keys
+from relay.jobs.sweep import created_time, direction
 from relay.sandbox import SandboxConfig
 from tests.stack import SANDBOX_KEY, Stack, eventually, is_up, job_field, relay_stack
 from tests.test_end_to_end import submit
@@ -118,7 +119,9 @@ def test_sweeps_call_back_from_list_pages_in_either_order(redis_url: str, order:
             assert payloads[request_id]["data"] == final  # the row as Chamelaion returned it
         assert calls(stack, POLL_ROUTE) < 30, "sweeps, not per-id polls, found the jobs"
         # 3,000 history rows are 150 pages: the sweeps read only the window of the list.
-        assert calls(stack, LIST_ROUTE) < 120
+        pages = metric(stack, 0, "relay_sweep_pages_total")
+        sweeps = metric(stack, 0, "relay_sweeps_total", outcome="complete")
+        assert 0 < pages / sweeps < 10
         assert tracked_jobs(redis_url) == 30, "rows the relay does not track are never stored"
         assert metric(stack, 0, "relay_sweep_order_total", order=order) >= 1
 
@@ -255,3 +258,13 @@ def test_a_job_too_old_for_the_window_is_polled_by_id(redis_url: str) -> None:
         pin(stack, request_id, status="completed")
         payload = verified_callbacks(stack, 1)[request_id]
         assert orjson.loads(orjson.dumps(payload))["type"] == "lipsync.completed"
+
+
+def test_the_list_order_is_read_from_created_at() -> None:
+    times = [created_time(f"2026-04-07T10:00:0{s}Z") for s in (1, 2, 2, 5)]
+    assert direction(times) == "oldest_first"
+    assert direction(times[::-1]) == "newest_first"
+    assert direction([times[0], None, times[0]]) is None, "one second says nothing of order"
+    assert direction([times[1], times[0], times[3]]) == "unusable"
+    assert created_time("yesterday-ish") is None and created_time(None) is None
+    assert created_time("2026-04-07T10:00:00") is None, "a time without a zone is no time"

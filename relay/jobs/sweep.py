@@ -129,6 +129,14 @@ class Run:
     pages: int = 0
     page_size: int = 0  # the largest page seen
     matched: int = 0
+    # The last page's rows being handled while the next page is fetched.
+    handling: asyncio.Task[None] | None = None
+
+    async def handled(self) -> None:
+        """Wait for the rows handed over so far."""
+        if self.handling is not None:
+            task, self.handling = self.handling, None
+            await task
 
 
 class Sweeper:
@@ -232,12 +240,18 @@ class Sweeper:
         page_size = int(state.get("page_size") or GUESSED_PAGE)
         duration = float(state.get("duration") or 0)
         # The next sweep should take about as long as the last, or as long as the pages this
-        # many jobs need at the budget's pace; a job seen now is held past two of them.
-        expected = max(duration, (int(outstanding) / page_size + 2) * self.schedule.period)
+        # many jobs need at half the budget's pace (per-id polls take the rest while sweeps have
+        # not seen every job); a job seen now is held past two of them. Held too briefly, jobs
+        # fall back to per-id polls, which slow the sweep further.
+        pages = int(outstanding) / page_size + 2
+        expected = max(duration, 2 * pages * self.schedule.period)
         hold = 2 * max(expected, self.settings.sweep_interval) + self.settings.poll_min_interval
         run = Run(token=token, start=float(oldest) - CLOCK_MARGIN, hold=hold)
         try:
-            order = await self._read(run, state.get("order"), state.get("cursor"))
+            try:
+                order = await self._read(run, state.get("order"), state.get("cursor"))
+            finally:
+                await run.handled()  # every row read is handled, whatever ended the sweep
         except SweepEnded as ended:
             if ended.outcome == "unusable_order":
                 SWEEP_ORDER.labels("unusable").inc()
@@ -256,9 +270,11 @@ class Sweeper:
     async def _read(self, run: Run, known: str | None, cursor: str | None) -> str | None:
         if known == OLDEST_FIRST and cursor is not None:
             page = await self._page(run, int(cursor))
-            if page.offset > 0 and page.first is not None and page.first >= run.start:
-                # The window now starts before the remembered place: find it again.
-                page = await self._locate(run, 0, page.offset)
+            moved = page.size == 0 or (page.first is not None and page.first >= run.start)
+            if page.offset > 0 and moved:
+                # The window now starts before the remembered place (or the list shrank under
+                # it): find it again.
+                page = await self._locate(run, 0, min(page.offset, page.total))
             return await self._forward(run, page, OLDEST_FIRST)
         page = await self._page(run, 0)
         # None: one page of rows from a single second, whose order cannot be told yet.
@@ -352,7 +368,8 @@ class Sweeper:
         SWEEP_PAGES.inc()
         run.pages += 1
         run.page_size = max(run.page_size, len(rows))
-        await self._handle(run, rows)
+        await run.handled()
+        run.handling = asyncio.create_task(self._handle(run, rows))
         return Page(
             offset=offset,
             times=[created_time(row.get("created_at")) for row in rows],
