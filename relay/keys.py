@@ -5,6 +5,12 @@ relay:ref:{reference_id}    string request id of the newest tracked job with tha
 relay:polls                 zset   request id -> when it is next due (Redis clock, seconds);
                                    a claimed id is pushed a lease into the future, so a worker
                                    that dies simply lets its claims fall due again
+relay:created               zset   request id -> when it was tracked (Redis clock), for outstanding
+                                   jobs only: where a sweep's window of the list starts
+relay:sweep:lease           string token of the worker running the one sweep (expires: a dead
+                                   sweeper's lease runs out within RELAY_POLL_LEASE)
+relay:sweep:state           hash   what sweeps learned: list order, where the window began
+                                   (oldest-first lists), last duration and page size, failures
 relay:upstream:tat          string theoretical arrival time of the shared upstream budget (GCRA)
 relay:upstream:paused       string Redis-clock time until which nobody polls (after a 429)
 relay:idem:{caller}:{route}:{key}
@@ -47,6 +53,9 @@ from arq.constants import (
 
 PREFIX = "relay:"
 POLLS = PREFIX + "polls"
+CREATED = PREFIX + "created"
+SWEEP_LEASE = PREFIX + "sweep:lease"
+SWEEP_STATE = PREFIX + "sweep:state"
 UPSTREAM_TAT = PREFIX + "upstream:tat"
 UPSTREAM_PAUSED = PREFIX + "upstream:paused"
 WRITE_CHECK = PREFIX + "api:write_check"

@@ -23,6 +23,16 @@ JOBS_SUBMITTED = Counter(
 )
 UPSTREAM_CALLS = Counter("relay_upstream_calls", "Requests to Chamelaion", ["endpoint", "status"])
 POLLS = Counter("relay_polls", "Polls made, by what they found", ["result"])
+SWEEPS = Counter(
+    "relay_sweeps",
+    "Sweeps of the list of requests, by outcome (all but complete leave jobs to per-id polls)",
+    ["outcome"],
+)
+SWEEP_PAGES = Counter("relay_sweep_pages", "List pages read by sweeps")
+SWEEP_ROWS = Counter("relay_sweep_rows_matched", "List rows that were outstanding tracked jobs")
+SWEEP_ORDER = Counter(
+    "relay_sweep_order", "Sweeps by the list order they found (or `unusable`)", ["order"]
+)
 DELIVERIES = Counter("relay_deliveries", "Callback delivery attempts, by outcome", ["outcome"])
 STRANDED_SWEEPS = Counter("relay_stranded_sweeps", "Stranded-delivery sweeps run by this worker")
 STRANDED_REQUEUED = Counter(

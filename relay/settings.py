@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     )
     delivery_timeout: float = Field(15.0, gt=0, le=60, validation_alias="RELAY_DELIVERY_TIMEOUT")
     upstream_rate_limit: float = Field(10.0, gt=0, validation_alias="RELAY_UPSTREAM_RATE_LIMIT")
+    # Sweeps: how often the list of requests is read for statuses (0: never, per-id polls only),
+    # how many rows a page is asked for (Chamelaion may answer with fewer), and how far back the
+    # list is read: outstanding jobs older than this are polled by id only.
+    sweep_interval: float = Field(1.0, ge=0, le=3600, validation_alias="RELAY_SWEEP_INTERVAL")
+    sweep_page_size: int = Field(1000, ge=1, le=10_000, validation_alias="RELAY_SWEEP_PAGE_SIZE")
+    sweep_window: float = Field(3600.0, gt=0, validation_alias="RELAY_SWEEP_WINDOW")
     upstream_timeout: float = Field(30.0, gt=0, validation_alias="RELAY_UPSTREAM_TIMEOUT")
     worker_concurrency: int = Field(
         100, ge=1, le=10_000, validation_alias="RELAY_WORKER_CONCURRENCY"

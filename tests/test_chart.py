@@ -427,7 +427,8 @@ CONTRACT_ENV = {
     "RELAY_CALLBACK_ALLOWED_NETWORKS", "RELAY_CALLBACK_DENIED_NETWORKS", "RELAY_MAX_BODY_BYTES",
     "RELAY_MAX_UPLOAD_BYTES", "RELAY_LOG_FORMAT", "RELAY_SHUTDOWN_TIMEOUT",
     "RELAY_WORKER_HTTP_PORT", "RELAY_DELIVERY_CONCURRENCY", "RELAY_DESTINATION_CONCURRENCY",
-    "RELAY_DESTINATION_FAILURES", "RELAY_DESTINATION_MAX_BACKOFF",
+    "RELAY_DESTINATION_FAILURES", "RELAY_DESTINATION_MAX_BACKOFF", "RELAY_SWEEP_INTERVAL",
+    "RELAY_SWEEP_PAGE_SIZE", "RELAY_SWEEP_WINDOW",
 }  # fmt: skip
 SECRET_ENV = {"CHAMELAION_API_KEY", "RELAY_API_KEYS", "RELAY_WEBHOOK_SECRETS", "RELAY_REDIS_URL"}
 
@@ -441,6 +442,7 @@ def test_configmap_carries_the_non_secret_settings(chart: helm.Chart) -> None:
                 "deliveryRetrySchedule": "5,30,120",
                 "callbackDeniedNetworks": "10.0.0.0/8,fd00::/8",
                 "pollMinInterval": 0.5,
+                "sweepPageSize": 500,
             }
         },
     )
@@ -453,6 +455,8 @@ def test_configmap_carries_the_non_secret_settings(chart: helm.Chart) -> None:
     assert data["RELAY_POLL_MAX_INTERVAL"] == "60"
     assert data["RELAY_DELIVERY_RETRY_SCHEDULE"] == "5,30,120"
     assert data["RELAY_CALLBACK_DENIED_NETWORKS"] == "10.0.0.0/8,fd00::/8"
+    assert data["RELAY_SWEEP_PAGE_SIZE"] == "500"
+    assert "RELAY_SWEEP_INTERVAL" not in data
     # Unset values are left out so that the application's own defaults apply.
     assert "RELAY_MAX_BODY_BYTES" not in data
     assert "RELAY_CALLBACK_ALLOWED_NETWORKS" not in data

@@ -558,7 +558,12 @@ def test_stats_count_and_time_every_call_and_reset_clears_everything(
 
     http.post("/_sandbox/reset")
 
-    assert http.get("/_sandbox/stats").json() == {"calls": {}, "timestamps": {}}
+    assert http.get("/_sandbox/stats").json() == {
+        "calls": {},
+        "timestamps": {},
+        "in_flight": {},
+        "peak_in_flight": {},
+    }
     assert sdk.lipsync.generate(inputs=media()).status == "success"  # the fault went too
     with pytest.raises(NotFoundError):
         sdk.lipsync.requests.retrieve(job)
@@ -576,3 +581,27 @@ def test_config_is_checked() -> None:
         SandboxConfig(api_keys=())
     with pytest.raises(ValueError, match="rate_limit"):
         SandboxConfig(rate_limit_per_second=0)
+
+
+@pytest.mark.parametrize("order", ["newest_first", "oldest_first"])
+def test_list_knobs_order_page_cap_history_and_bulk_jobs(order: str) -> None:
+    config = SandboxConfig(list_order=order, list_max_limit=7, history=50)  # type: ignore[arg-type]
+    with (
+        serve(create_sandbox_app(config)) as url,
+        Chamelaion(api_key="sandbox-key", base_url=url + "/api", max_retries=0) as sdk,
+    ):
+        created = httpx.post(
+            url + "/_sandbox/requests", json={"count": 3, "processing_seconds": [2, 6]}
+        ).json()
+        assert len(created["ids"]) == len(created["finishes"]) == 3
+        page = sdk.lipsync.requests.list(limit=1000)
+        assert page.pagination.limit == 7 and len(page.data) == 7
+        assert page.pagination.total == 53
+        history = [row for row in page.data if row.reference_id]
+        assert all(row.status in ("completed", "failed") for row in history)
+        times = [row.created_at for row in sdk.lipsync.requests.list(limit=7, offset=46).data]
+        newest = {row.id for row in page.data} if order == "newest_first" else set(created["ids"])
+        assert set(created["ids"]) <= newest
+        assert times == sorted(times, reverse=order == "newest_first")
+        fresh = sdk.lipsync.requests.retrieve(created["ids"][0])
+        assert fresh.status in ("queued", "processing")

@@ -3,6 +3,7 @@
 local job_key = KEYS[1]
 local polls_key = KEYS[2]
 local ref_key = KEYS[3]        -- the job key again when there is no reference_id
+local created_key = KEYS[4]
 local request_id = ARGV[1]
 local callback_url = ARGV[2]
 local reference_id = ARGV[3]   -- '' when none
@@ -16,5 +17,6 @@ redis.call('HSET', job_key, 'created', now, 'interval', first_poll_in,
 if events ~= '' then redis.call('HSET', job_key, 'events', events) end
 if metadata ~= '' then redis.call('HSET', job_key, 'metadata', metadata) end
 redis.call('ZADD', polls_key, now + first_poll_in, request_id)
+redis.call('ZADD', created_key, now, request_id)
 if reference_id ~= '' then redis.call('SET', ref_key, request_id) end
 return 1

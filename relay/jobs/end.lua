@@ -2,7 +2,8 @@
 -- 2 when it had already ended (the first end wins), 0 when the job is gone.
 local job_key = KEYS[1]
 local ref_key = KEYS[2]           -- the job key again when there is no reference_id
-local pending_key = KEYS[3]       -- the delivery state index's pending set
+local created_key = KEYS[3]
+local pending_key = KEYS[4]       -- the delivery state index's pending set
 local request_id = ARGV[1]
 local status = ARGV[2]
 local body = ARGV[3]
@@ -17,6 +18,7 @@ if redis.call('HEXISTS', job_key, 'event') == 1 then return 2 end
 redis.call('HSET', job_key, 'status', status, 'body', body, 'event_id', event_id,
            'event', event, 'delivery', delivery, 'attempt', 0, 'ended', now)
 redis.call('EXPIRE', job_key, retention)
+redis.call('ZREM', created_key, request_id)
 if has_ref and redis.call('GET', ref_key) == request_id then
   redis.call('EXPIRE', ref_key, retention)
 end

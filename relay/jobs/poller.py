@@ -20,7 +20,7 @@ from relay.errors import UpstreamError
 from relay.jitter import jittered
 from relay.jobs.events import PROCESSING, build_event, event_type, webhook_id
 from relay.jobs.schedule import PollSchedule
-from relay.jobs.store import Job, JobStore
+from relay.jobs.store import Job, JobStore, PollRecord
 from relay.metrics import POLLS
 from relay.settings import Settings
 from relay.upstream import Upstream, json_object, parse_retry_after
@@ -34,7 +34,6 @@ DEFAULT_PAUSE_ON_429 = 5.0
 
 POLL_RESULTS = {200: "answered", 404: "not_found", 429: "rate_limited"}
 
-# (request_id, callback_url): start delivering an ended job's callback.
 EnqueueDelivery = Callable[[str, str], Awaitable[None]]
 
 
@@ -64,14 +63,7 @@ class Poller:
             # Expired or removed: nothing left to poll for.
             await self.schedule.unschedule(request_id)
             return
-        if job.ended:
-            # A worker ended it but died before handing the delivery over: finish that part.
-            await self._hand_over(job, deliver=job.delivery == "pending")
-            return
-        age = job.read_at - job.created
-        if age > self.settings.max_job_age:
-            # Bounded life: a job stuck upstream must not be polled (and kept) forever.
-            await self._give_up(job, f"Chamelaion did not finish this request within {int(age)} s")
+        if await self.settle(job):
             return
         try:
             response = await self.upstream.request(
@@ -86,7 +78,7 @@ class Poller:
         status = response.status_code
         POLLS.labels(POLL_RESULTS.get(status, "error")).inc()
         if status == 200:
-            await self._observed(job, response.content)
+            await self.observe(job, response.content)
         elif status == 404:
             await self._not_found(job)
         elif status == 429:
@@ -106,6 +98,23 @@ class Poller:
                 log.warning("poll got an error", extra={"request_id": request_id, "status": status})
             await self._retry_later(job)
 
+    def needs_settling(self, job: Job) -> bool:
+        """True when the job's fate is decided without any status: `settle` it."""
+        return job.ended or job.read_at - job.created > self.settings.max_job_age
+
+    async def settle(self, job: Job) -> bool:
+        """Finish what needs no upstream answer; True when the job needs no status any more."""
+        if job.ended:
+            # A worker ended it but died before handing the delivery over: finish that part.
+            await self._hand_over(job, deliver=job.delivery == "pending")
+            return True
+        age = job.read_at - job.created
+        if age > self.settings.max_job_age:
+            # Bounded life: a job stuck upstream must not be polled (and kept) forever.
+            await self._give_up(job, f"Chamelaion did not finish this request within {int(age)} s")
+            return True
+        return False
+
     async def _retry_later(self, job: Job, *, not_found_since: float | None = None) -> None:
         """Poll again after a longer interval; `not_found_since` defaults to the job's own."""
         interval = self._longer(job.interval)
@@ -116,28 +125,77 @@ class Poller:
             not_found_since=not_found_since or job.not_found_since,
         )
 
-    async def _observed(self, job: Job, raw: bytes) -> None:
+    async def observe(self, job: Job, raw: bytes, *, hold: float = 0.0) -> None:
+        """Handle a LipsyncRequest seen for `job`, from its own GET or from a list page.
+
+        `hold`: the least time before the job's next per-id poll (a sweep that saw it will see
+        it again before then).
+        """
         data = json_object(raw) if len(raw) <= MAX_BODY_BYTES else None
         if data is None or not isinstance(data.get("status"), str):
             log.warning("poll got an unusable body", extra={"request_id": job.request_id})
             await self._retry_later(job)
             return
         new_status: str = data["status"]
-        type_ = event_type(new_status)
-        if type_ is not None:
+        if event_type(new_status) is not None:
             await self._end(job, new_status, data)
             return
-        changed = new_status != job.status
-        if changed and new_status == "processing":
+        if self._starts_processing(job, new_status):
             await self._emit_processing(job, data)
-        interval = self.settings.poll_min_interval if changed else self._longer(job.interval)
+        record = self._record(job, raw, new_status, hold)
         await self.store.record_poll(
+            record.request_id,
+            next_in=record.next_in,
+            interval=record.interval,
+            status=record.status,
+            body=record.body,
+        )
+
+    def plan(self, job: Job, raw: bytes, *, hold: float = 0.0) -> PollRecord | None:
+        """What to store for a status that only moves the job along; None when the status
+        needs `observe` (it ends the job, sends an event, or is unusable)."""
+        data = json_object(raw) if len(raw) <= MAX_BODY_BYTES else None
+        if data is None or not isinstance(data.get("status"), str):
+            return None
+        new_status: str = data["status"]
+        if event_type(new_status) is not None or self._starts_processing(job, new_status):
+            return None
+        return self._record(job, raw, new_status, hold)
+
+    def _record(self, job: Job, raw: bytes, new_status: str, hold: float) -> PollRecord:
+        # The interval drops to the minimum on a change and grows while nothing changes.
+        changed = new_status != job.status
+        interval = self.settings.poll_min_interval if changed else self._longer(job.interval)
+        return PollRecord(
             job.request_id,
-            next_in=jittered(interval),
+            next_in=max(jittered(interval), hold),
             interval=interval,
             status=new_status,
             body=raw,
         )
+
+    def _starts_processing(self, job: Job, new_status: str) -> bool:
+        """The job just moved to `processing` and its callback wants to hear of it."""
+        return (
+            new_status == "processing"
+            and new_status != job.status
+            and job.callback_url is not None
+            and PROCESSING in job.events
+        )
+
+    async def _emit_processing(self, job: Job, data: dict[str, Any]) -> None:
+        """Start delivering `lipsync.processing` (once: a repeated sighting creates nothing)."""
+        assert job.callback_url is not None
+        delivery_id = await self.store.emit(
+            job,
+            kind="processing",
+            event_id=webhook_id(job.request_id, PROCESSING),
+            event=build_event(PROCESSING, data, job.metadata),
+            retention=self.settings.job_retention,
+        )
+        # Not created: already emitted, or the job ended meanwhile.
+        if delivery_id is not None:
+            await self.enqueue_delivery(delivery_id, job.callback_url)
 
     async def _not_found(self, job: Job) -> None:
         now = job.read_at
@@ -160,21 +218,6 @@ class Poller:
             "error_message": f"{reason}, so the relay gave it up",
         }
         await self._end(job, "failed", data)
-
-    async def _emit_processing(self, job: Job, data: dict[str, Any]) -> None:
-        """The job started processing upstream: send `lipsync.processing` if it is wanted."""
-        if not job.callback_url or PROCESSING not in job.events:
-            return
-        delivery_id = await self.store.emit(
-            job,
-            kind="processing",
-            event_id=webhook_id(job.request_id, PROCESSING),
-            event=build_event(PROCESSING, data, job.metadata),
-            retention=self.settings.job_retention,
-        )
-        # Not created: already emitted (a repeated poll result) or the job has ended meanwhile.
-        if delivery_id is not None:
-            await self.enqueue_delivery(delivery_id, job.callback_url)
 
     async def _end(self, job: Job, status: str, data: dict[str, Any]) -> None:
         type_ = event_type(status)

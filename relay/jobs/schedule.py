@@ -8,7 +8,8 @@ dies does nothing, and its claims fall due again when the lease runs out.
 
 The budget is a GCRA (generic cell rate algorithm) over one Redis key, shared by every worker:
 requests are spaced 1/rate apart on average with a burst of at most `burst`. An upstream 429
-sets a pause that every worker honours before claiming anything.
+sets a pause that every worker honours before claiming anything. List pages read by sweeps
+(relay.jobs.sweep) spend the same budget through `reserve`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class PollSchedule:
         self._claim = lua.register(redis, __package__, "claim")
         self._pause = lua.register(redis, __package__, "pause")
         self._hand_back = lua.register(redis, __package__, "hand_back")
+        self._reserve = lua.register(redis, __package__, "reserve")
 
     async def claim(self, limit: int) -> Claim:
         reply = await self._claim(
@@ -49,6 +51,18 @@ class PollSchedule:
         ids = [raw.decode() for raw in reply[2 : 2 + count]]
         return Claim(ids=ids, wait=None if wait < 0 else max(wait, 0.0))
 
+    async def reserve(self) -> tuple[bool, float]:
+        """Book the budget's next slot for one call outside the poll queue (a list page).
+
+        Returns (True, seconds to wait before making the call) once booked, or (False, seconds
+        until a 429 pause ends) when nobody may call now. Booking ahead, rather than claiming
+        only a free slot as polls do, gives the caller precedence over per-id polls.
+        """
+        reply = await self._reserve(
+            keys=[keys.UPSTREAM_TAT, keys.UPSTREAM_PAUSED], args=[self.period, self.burst]
+        )
+        return bool(int(reply[0])), max(float(reply[1]), 0.0)
+
     async def pause_upstream(self, seconds: float) -> None:
         await self._pause(keys=[keys.UPSTREAM_PAUSED], args=[seconds])
 
@@ -58,4 +72,7 @@ class PollSchedule:
 
     async def unschedule(self, request_id: str) -> None:
         """Take a job out of the poll queue (it ended, or its record is gone)."""
-        await self.redis.zrem(keys.POLLS, request_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(keys.POLLS, request_id)
+            pipe.zrem(keys.CREATED, request_id)
+            await pipe.execute()

@@ -111,6 +111,28 @@ def _decode(request_id: str, raw: dict[bytes, bytes], read_at: float) -> Job:
     )
 
 
+@dataclass(frozen=True)
+class PollRecord:
+    """A non-final poll result to store: what `JobStore.record_poll` takes, as one value."""
+
+    request_id: str
+    next_in: float
+    interval: float
+    status: str | None = None
+    body: bytes = b""
+    not_found_since: float | None = None
+
+    def args(self) -> list[str | bytes | float]:
+        return [
+            self.request_id,
+            self.next_in,
+            self.interval,
+            self.status or "",
+            self.body,
+            "" if self.not_found_since is None else self.not_found_since,
+        ]
+
+
 class JobStore:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
@@ -138,7 +160,7 @@ class JobStore:
         """
         ref_key = keys.ref(reference_id) if reference_id else keys.job(request_id)
         created = await self._create(
-            keys=[keys.job(request_id), keys.POLLS, ref_key],
+            keys=[keys.job(request_id), keys.POLLS, ref_key, keys.CREATED],
             args=[
                 request_id,
                 callback_url or "",
@@ -156,6 +178,19 @@ class JobStore:
             pipe.time()
             raw, (seconds, micros) = await pipe.execute()
         return _decode(request_id, raw, seconds + micros / 1e6) if raw else None
+
+    async def get_many(self, request_ids: list[str]) -> list[Job | None]:
+        """Several jobs in one round trip, in the order asked (None where untracked)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request_id in request_ids:
+                pipe.hgetall(keys.job(request_id))
+            pipe.time()
+            *raws, (seconds, micros) = await pipe.execute()
+        read_at = seconds + micros / 1e6
+        return [
+            _decode(request_id, raw, read_at) if raw else None
+            for request_id, raw in zip(request_ids, raws, strict=True)
+        ]
 
     async def find(self, id_or_reference: str) -> Job | None:
         """A job by request id, else by reference_id (the newest tracked one with it)."""
@@ -176,18 +211,22 @@ class JobStore:
         not_found_since: float | None = None,
     ) -> bool:
         """Store a non-final poll result and when to poll next; False if the job ended meanwhile."""
+        record = PollRecord(request_id, next_in, interval, status, body, not_found_since)
         recorded = await self._record_poll(
-            keys=[keys.job(request_id), keys.POLLS],
-            args=[
-                request_id,
-                next_in,
-                interval,
-                status or "",
-                body,
-                "" if not_found_since is None else not_found_since,
-            ],
+            keys=[keys.job(request_id), keys.POLLS], args=record.args()
         )
         return bool(recorded)
+
+    async def record_polls(self, records: list[PollRecord]) -> None:
+        """Many `record_poll`s in one round trip (each still its own atomic script)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for record in records:
+                await self._record_poll(
+                    keys=[keys.job(record.request_id), keys.POLLS],
+                    args=record.args(),
+                    client=pipe,
+                )
+            await pipe.execute()
 
     async def end(
         self,
@@ -208,7 +247,7 @@ class JobStore:
         ref_key = keys.ref(job.reference_id) if job.reference_id else keys.job(job.request_id)
         delivery: DeliveryState = "pending" if deliver else "none"
         await self._end(
-            keys=[keys.job(job.request_id), ref_key, keys.deliveries("pending")],
+            keys=[keys.job(job.request_id), ref_key, keys.CREATED, keys.deliveries("pending")],
             args=[
                 job.request_id,
                 status,

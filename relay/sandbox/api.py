@@ -241,7 +241,9 @@ class SandboxApi:
     async def list_requests(self, request: Request) -> Response:
         limit = _query_int(request, "limit", _DEFAULT_LIMIT, 1)
         offset = _query_int(request, "offset", 0, 0)
-        jobs = self._state.newest_first(request.query_params.get("reference_id"))
+        jobs = self._state.listed(request.query_params.get("reference_id"))
+        cap = self._state.config.list_max_limit
+        limit = min(limit, cap) if cap is not None else limit
         page = [self._state.render(job) for job in jobs[offset : offset + limit]]
         return JSONResponse(
             {"data": page, "pagination": {"limit": limit, "offset": offset, "total": len(jobs)}}

@@ -99,6 +99,13 @@ async def _refuse(request: Request, response: Response) -> Response:
 
 def _gated(spec: _Spec, state: SandboxState) -> Endpoint:
     async def endpoint(request: Request) -> Response:
+        state.enter(spec.key)
+        try:
+            return await gated(request)
+        finally:
+            state.leave(spec.key)
+
+    async def gated(request: Request) -> Response:
         state.record_call(spec.key)
         fault = state.take_fault(spec.key, spec.group)
         if fault is not None and fault.delay:
@@ -152,6 +159,7 @@ def create_sandbox_app(config: SandboxConfig = SandboxConfig()) -> Starlette:  #
     control_routes = [
         Route("/faults", control.add_fault, methods=["POST"]),
         Route("/faults", control.clear_faults, methods=["DELETE"]),
+        Route("/requests", control.create_jobs, methods=["POST"]),
         Route("/requests/{id}/forget", control.forget, methods=["POST"]),
         Route("/requests/{id}/status", control.set_status, methods=["POST"]),
         Route("/requests/{id}/uploads", control.uploads, methods=["GET"]),

@@ -8,6 +8,7 @@ hashes, and how often and when each endpoint was called.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Collection
 from typing import Any
 
@@ -22,6 +23,8 @@ _FAULT_FIELDS = frozenset(
     {"status", "count", "retry_after", "paths", "delay", "when", "error"},
 )
 _STATUS_FIELDS = frozenset({"status", "extra", "drop"})
+_CREATE_FIELDS = frozenset({"count", "queued_seconds", "processing_seconds"})
+_MAX_CREATE = 200_000
 
 
 async def _json_object(request: Request, allowed: Collection[str]) -> dict[str, Any]:
@@ -96,6 +99,37 @@ class SandboxControl:
         self._state.faults.clear()
         return JSONResponse({"status": "ok"})
 
+    async def create_jobs(self, request: Request) -> Response:
+        """Create `count` jobs at once (as many generate calls would, minus the rate limit).
+
+        `processing_seconds` is a number or `[low, high]`: each job draws its own from the range.
+        """
+        body = await _json_object(request, _CREATE_FIELDS)
+        count = body.get("count", 1)
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= _MAX_CREATE:
+            raise SandboxError(400, f"count must be an integer from 1 to {_MAX_CREATE}")
+        queued = _number(body, "queued_seconds", self._state.config.queued_seconds) or 0.0
+        spread = body.get("processing_seconds", self._state.config.processing_seconds)
+        if not isinstance(spread, list):
+            spread = [spread, spread]
+        if len(spread) != 2:
+            raise SandboxError(400, "processing_seconds must be a number or [low, high]")
+        low = _number({"processing_seconds": spread[0]}, "processing_seconds", 0.0) or 0.0
+        high = _number({"processing_seconds": spread[1]}, "processing_seconds", 0.0) or 0.0
+        if high < low:
+            raise SandboxError(400, "processing_seconds: high must be >= low")
+        jobs = [
+            self._state.create_job(
+                reference_id=None,
+                fails=False,
+                durations=(queued, low + random.random() * (high - low)),  # noqa: S311
+            )
+            for _ in range(count)
+        ]
+        # When each job finishes, on the sandbox's clock (time.monotonic unless a test set one).
+        finishes = [job.created_monotonic + sum(job.durations or (0, 0)) for job in jobs]
+        return JSONResponse({"ids": [job.id for job in jobs], "finishes": finishes})
+
     async def forget(self, request: Request) -> Response:
         del self._state.jobs[self._job(request).id]
         return JSONResponse({"status": "ok"})
@@ -134,6 +168,8 @@ class SandboxControl:
             {
                 "calls": dict(self._state.calls),
                 "timestamps": {key: list(times) for key, times in self._state.timestamps.items()},
+                "in_flight": dict(self._state.in_flight),
+                "peak_in_flight": dict(self._state.peak_in_flight),
             }
         )
 

@@ -7,19 +7,25 @@ serves it, so it needs no locks. A job's status is worked out from its age each 
 
 from __future__ import annotations
 
+import hashlib
 import math
+import random
 import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 FAILURE_MESSAGE = "video URL is not accessible"
 OUTPUT_URL = "https://storage.chamelaion.example/output/{id}.mp4"
 _KNOWN_STATUSES = ("queued", "processing", "completed", "failed")
 _TIMESTAMPS_KEPT = 10_000  # per route: enough for any rate check, bounded for a long `relay dev`
+# History rows are spread over this span before the sandbox started, oldest first.
+_HISTORY_SPAN = timedelta(days=90)
+
+ListOrder = Literal["newest_first", "oldest_first", "shuffled"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,13 @@ class SandboxConfig:
     queued_seconds: float = 1.0
     processing_seconds: float = 2.0
     rate_limit_per_second: float | None = None
+    # Chamelaion does not document its list order or its largest page: both are knobs here.
+    list_order: ListOrder = "newest_first"
+    list_max_limit: int | None = None
+    # Finished requests the account held before the sandbox started (other systems' jobs).
+    history: int = 0
+    # Each job's processing takes processing_seconds plus up to this much more (fixed per id).
+    processing_spread: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.api_keys or not all(self.api_keys):
@@ -36,6 +49,10 @@ class SandboxConfig:
             raise ValueError("SandboxConfig durations cannot be negative")
         if self.rate_limit_per_second is not None and self.rate_limit_per_second <= 0:
             raise ValueError("SandboxConfig.rate_limit_per_second must be positive or None")
+        if self.list_max_limit is not None and self.list_max_limit < 1:
+            raise ValueError("SandboxConfig.list_max_limit must be at least 1 or None")
+        if self.history < 0 or self.processing_spread < 0:
+            raise ValueError("SandboxConfig.history and processing_spread cannot be negative")
 
 
 @dataclass
@@ -50,6 +67,8 @@ class UpstreamJob:
     pinned_status: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     dropped: set[str] = field(default_factory=set)
+    # (queued, processing) seconds for this job; None: the config's.
+    durations: tuple[float, float] | None = None
 
 
 @dataclass
@@ -109,8 +128,31 @@ class SandboxState:
         self.faults: list[Fault] = []
         self.calls: Counter[str] = Counter()
         self.timestamps: dict[str, deque[float]] = {}
+        self.in_flight: Counter[str] = Counter()
+        self.peak_in_flight: Counter[str] = Counter()
+        self._add_history(self.config.history)
         rate = self.config.rate_limit_per_second
         self._bucket = TokenBucket(rate, self._clock) if rate is not None else None
+
+    def _add_history(self, count: int) -> None:
+        started = datetime.now(UTC)
+        for position in range(count):
+            created = started - _HISTORY_SPAN * (1 - position / count)
+            job = UpstreamJob(
+                id=str(uuid.uuid4()),
+                created_at=created,
+                created_monotonic=self._clock() - (started - created).total_seconds(),
+                reference_id=f"history-{position}",
+                fails=position % 10 == 0,
+            )
+            self.jobs[job.id] = job
+
+    def enter(self, key: str) -> None:
+        self.in_flight[key] += 1
+        self.peak_in_flight[key] = max(self.peak_in_flight[key], self.in_flight[key])
+
+    def leave(self, key: str) -> None:
+        self.in_flight[key] -= 1
 
     def record_call(self, key: str) -> None:
         self.calls[key] += 1
@@ -139,6 +181,7 @@ class SandboxState:
         fails: bool,
         json_body: bytes | None = None,
         uploads: dict[str, Any] | None = None,
+        durations: tuple[float, float] | None = None,
     ) -> UpstreamJob:
         job = UpstreamJob(
             id=str(uuid.uuid4()),
@@ -148,6 +191,7 @@ class SandboxState:
             fails=fails,
             json_body=json_body,
             uploads=uploads,
+            durations=durations,
         )
         self.jobs[job.id] = job
         return job
@@ -161,16 +205,32 @@ class SandboxState:
                 return job
         return None
 
-    def newest_first(self, reference_id: str | None) -> list[UpstreamJob]:
-        return [
-            job
-            for job in reversed(self.jobs.values())
-            if reference_id is None or job.reference_id == reference_id
-        ]
+    def listed(self, reference_id: str | None) -> list[UpstreamJob]:
+        """The jobs in the configured list order (newest first, as Chamelaion's example reads)."""
+        order = self.config.list_order
+        jobs = (
+            list(self.jobs.values())
+            if order == "oldest_first"
+            else list(reversed(self.jobs.values()))
+        )
+        if reference_id is not None:
+            jobs = [job for job in jobs if job.reference_id == reference_id]
+        if order == "shuffled":
+            random.shuffle(jobs)
+        return jobs
+
+    def durations(self, job: UpstreamJob) -> tuple[float, float]:
+        if job.durations is not None:
+            return job.durations
+        queued, processing = self.config.queued_seconds, self.config.processing_seconds
+        if self.config.processing_spread:
+            share = hashlib.sha256(job.id.encode()).digest()[0] / 255
+            processing += share * self.config.processing_spread
+        return queued, processing
 
     def render(self, job: UpstreamJob) -> dict[str, Any]:
         """The LipsyncRequest object as Chamelaion sends it: absent fields are left out."""
-        queued, processing = self.config.queued_seconds, self.config.processing_seconds
+        queued, processing = self.durations(job)
         status = job.pinned_status or self._natural_status(job)
         body: dict[str, Any] = {"id": job.id, "created_at": iso(job.created_at), "status": status}
         if job.reference_id is not None:
@@ -190,8 +250,9 @@ class SandboxState:
 
     def _natural_status(self, job: UpstreamJob) -> str:
         age = self._clock() - job.created_monotonic
-        if age < self.config.queued_seconds:
+        queued, processing = self.durations(job)
+        if age < queued:
             return "queued"
-        if age < self.config.queued_seconds + self.config.processing_seconds:
+        if age < queued + processing:
             return "processing"
         return "failed" if job.fails else "completed"

@@ -1,9 +1,10 @@
-"""The worker process: wires the poll dispatcher and arq's delivery jobs onto one event loop.
+"""The worker process: wires the poll dispatcher, the sweeper, the stranded-delivery sweep and
+arq's deliveries onto one event loop.
 
-Stopping (SIGTERM): stop claiming and stop picking deliveries, let in-flight polls and deliveries
-finish for up to RELAY_SHUTDOWN_TIMEOUT, then hand unfinished polls and first deliveries back (due
-now) and let arq cancel the rest; a cancelled delivery runs again elsewhere once arq's
-in-progress key expires.
+Stopping (SIGTERM): stop claiming, sweeping and picking deliveries, let in-flight polls and
+deliveries finish for up to RELAY_SHUTDOWN_TIMEOUT, then hand unfinished polls and first
+deliveries back (due now) and let arq cancel the rest; a cancelled delivery runs again elsewhere
+once arq's in-progress key expires.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from relay.delivery.transport import make_callback_client
 from relay.jobs.poller import Poller
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
+from relay.jobs.sweep import Sweeper
 from relay.metrics import DELIVERIES_IN_FLIGHT, DELIVERIES_WAITING
 from relay.redis_conn import arq_pool
 from relay.serving import embedded_server
@@ -51,6 +53,7 @@ class WorkerState:
     first_attempts: FirstAttempts
     dispatcher: Dispatcher
     stranded: StrandedSweep
+    sweeper: Sweeper
 
 
 async def build_state(settings: Settings) -> WorkerState:
@@ -100,6 +103,14 @@ async def build_state(settings: Settings) -> WorkerState:
         interval=settings.stranded_sweep_interval,
         grace=settings.stranded_after,
     )
+    sweeper = Sweeper(
+        redis=redis,
+        store=store,
+        schedule=schedule,
+        poller=poller,
+        upstream=upstream,
+        settings=settings,
+    )
     return WorkerState(
         settings,
         redis,
@@ -111,6 +122,7 @@ async def build_state(settings: Settings) -> WorkerState:
         first_attempts,
         dispatcher,
         stranded,
+        sweeper,
     )
 
 
@@ -172,6 +184,11 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
     dispatch_task = asyncio.create_task(state.dispatcher.run(), name="dispatcher")
     stranded_stop = asyncio.Event()
     stranded_task = asyncio.create_task(state.stranded.run(stranded_stop), name="stranded")
+    sweep_task = (
+        asyncio.create_task(state.sweeper.run(), name="sweeper")
+        if settings.sweep_interval > 0
+        else None
+    )
 
     def healthy() -> bool:
         return state.dispatcher.healthy() and not arq_task.done()
@@ -188,6 +205,7 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
     finally:
         state.dispatcher.stop()
         stranded_stop.set()
+        state.sweeper.stop()
         worker.allow_pick_jobs = False
         try:
             await dispatch_task
@@ -202,6 +220,11 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
             },
         )
         await _drain(worker, state, settings.shutdown_timeout)
+        if sweep_task is not None:
+            # A sweep stops before its next page and gives the lease up; one stuck in a page
+            # is cancelled, and its lease simply expires.
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(sweep_task, timeout=max(settings.shutdown_timeout, 1.0))
         await state.dispatcher.hand_back_unfinished()
         await state.first_attempts.hand_back()
         arq_task.cancel()
