@@ -135,6 +135,11 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_http(url: str) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -261,6 +266,7 @@ class Bench:
                     stderr=subprocess.DEVNULL,
                 )
                 time.sleep(1)
+            cpu_before = cpu_seconds(proc.pid)
             finish = httpx.post(self.upstream + "/finish").json()["at"]
             deadline = time.monotonic() + 120
             while True:
@@ -270,6 +276,7 @@ class Bench:
                     break
                 time.sleep(0.2)
             rss_after = rss_kib(proc.pid)
+            cpu_burst = cpu_seconds(proc.pid) - cpu_before
             if profiler is not None:
                 profiler.wait()
         ended = asyncio.run(self.ended_times(ids))
@@ -301,6 +308,11 @@ class Bench:
         if hanging:
             print(f"hanging receivers in flight at once (max): {stats['hang_max_in_flight']}")
         print(f"worker RSS: {rss_before / 1024:.1f} MiB before, {rss_after / 1024:.1f} MiB after")
+        # Steadier than rates when other work shares the cores: what one ended job costs.
+        print(
+            f"worker CPU from the finish to the last callback: {cpu_burst:.1f} s, "
+            f"{cpu_burst / len(ids) * 1000:.2f} ms per job (final poll + callback)"
+        )
         print(f"median end-to-callback: {statistics.median(since_end) * 1000:.0f} ms")
 
 
