@@ -60,7 +60,7 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        redis = connect(settings.redis_url)
+        redis = connect(settings.redis_url, timeout=settings.redis_timeout)
         upstream = Upstream.from_settings(settings)
         try:
             yield {

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import httpx
 from arq.connections import ArqRedis
 from arq.worker import Worker, func
+from redis.exceptions import RedisError
 
 from relay import keys
 from relay.delivery.deliverer import Deliverer
@@ -33,6 +34,8 @@ from relay.worker.tasks import DeliveryQueue, deliver
 
 log = logging.getLogger(__name__)
 
+REDIS_RETRY_DELAY = 1.0
+
 
 @dataclass
 class WorkerState:
@@ -47,7 +50,7 @@ class WorkerState:
 
 
 async def build_state(settings: Settings) -> WorkerState:
-    redis = await arq_pool(settings.redis_url)
+    redis = await arq_pool(settings.redis_url, timeout=settings.redis_timeout)
     store = JobStore(redis)
     schedule = PollSchedule(redis, rate=settings.upstream_rate_limit, lease=settings.poll_lease)
     upstream = Upstream.from_settings(settings)
@@ -79,8 +82,15 @@ def arq_worker(state: WorkerState) -> Worker:
     return Worker(
         functions=[
             # A crashed attempt runs again after its in-progress key expires (timeout + 10 s),
-            # which the delivery timeout keeps well inside a minute.
-            func(deliver, name="deliver", timeout=settings.delivery_timeout + 5, max_tries=50),
+            # which the delivery timeout keeps well inside a minute. The timeout leaves room for
+            # the attempt's Redis calls to fail on their own (RELAY_REDIS_TIMEOUT) and be
+            # retried: arq cancelling one half-way would strand the delivery.
+            func(
+                deliver,
+                name="deliver",
+                timeout=settings.delivery_timeout + 5 + 2 * settings.redis_timeout,
+                max_tries=50,
+            ),
         ],
         queue_name=keys.ARQ_QUEUE,
         redis_pool=state.redis,
@@ -93,6 +103,20 @@ def arq_worker(state: WorkerState) -> Worker:
         health_check_key=keys.ARQ_HEALTH,
         log_results=False,
     )
+
+
+async def run_arq(worker: Worker) -> None:
+    """arq's loop, started again after a Redis error: arq's own loop ends at the first one.
+
+    A job cut off by the error keeps its in-progress key until that expires, then runs again.
+    """
+    while True:
+        try:
+            await worker.main()
+            return
+        except RedisError as exc:
+            log.warning("delivery queue unreachable (%s); retrying in 1 s", type(exc).__name__)
+            await asyncio.sleep(REDIS_RETRY_DELAY)
 
 
 async def _drain(worker: Worker, dispatcher: Dispatcher, timeout: float) -> None:
@@ -118,7 +142,7 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
     """Run polls and deliveries until `stop` is set, then drain and close."""
     state = await build_state(settings)
     worker = arq_worker(state)
-    arq_task = asyncio.create_task(worker.main(), name="arq")
+    arq_task = asyncio.create_task(run_arq(worker), name="arq")
     dispatch_task = asyncio.create_task(state.dispatcher.run(), name="dispatcher")
 
     def healthy() -> bool:
