@@ -52,7 +52,12 @@ class WorkerState:
 async def build_state(settings: Settings) -> WorkerState:
     redis = await arq_pool(settings.redis_url, timeout=settings.redis_timeout)
     store = JobStore(redis)
-    schedule = PollSchedule(redis, rate=settings.upstream_rate_limit, lease=settings.poll_lease)
+    schedule = PollSchedule(
+        redis,
+        rate=settings.upstream_rate_limit,
+        lease=settings.poll_lease,
+        max_pause=settings.max_upstream_pause,
+    )
     upstream = Upstream.from_settings(settings)
     queue = DeliveryQueue(redis, settings.delivery_retry_schedule)
     client = make_callback_client(settings.callback_policy(), settings.delivery_timeout)
