@@ -65,7 +65,15 @@ def create_app(settings: Settings) -> Starlette:
         try:
             yield {
                 "relay": AppState(
-                    settings, redis, JobStore(redis), upstream, settings.callback_policy()
+                    settings,
+                    redis,
+                    JobStore(
+                        redis,
+                        wait_replicas=settings.redis_wait_replicas,
+                        wait_timeout=settings.redis_wait_timeout,
+                    ),
+                    upstream,
+                    settings.callback_policy(),
                 )
             }
         finally:

@@ -15,12 +15,16 @@ the job itself, because a job must never exist without its next poll (or the oth
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
 from redis.asyncio import Redis
 
 from relay import keys, lua
+from relay.errors import NotReplicated
+
+log = logging.getLogger(__name__)
 
 DeliveryState = Literal["pending", "delivered", "gone", "failed", "none"]
 
@@ -86,8 +90,11 @@ def _decode(request_id: str, raw: dict[bytes, bytes], read_at: float) -> Job:
 
 
 class JobStore:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, *, wait_replicas: int = 0, wait_timeout: float = 1.0) -> None:
         self.redis = redis
+        # Replicas that must confirm a new job before `create` returns (Redis WAIT).
+        self.wait_replicas = wait_replicas
+        self.wait_timeout = wait_timeout
         self._create = lua.register(redis, __package__, "create")
         self._record_poll = lua.register(redis, __package__, "record_poll")
         self._end = lua.register(redis, __package__, "end")
@@ -101,12 +108,27 @@ class JobStore:
         reference_id: str | None,
         first_poll_in: float,
     ) -> bool:
-        """Start tracking; False when the id is already tracked (nothing is changed then)."""
+        """Start tracking; False when the id is already tracked (nothing is changed then).
+
+        With `wait_replicas`, returns only once that many replicas hold the job, else raises
+        NotReplicated (the job stays recorded on the primary and is tracked from there).
+        """
         ref_key = keys.ref(reference_id) if reference_id else keys.job(request_id)
         created = await self._create(
             keys=[keys.job(request_id), keys.POLLS, ref_key],
             args=[request_id, callback_url or "", reference_id or "", first_poll_in],
         )
+        if self.wait_replicas:
+            # Also when already tracked: an earlier create may not have reached a replica yet.
+            acknowledged = int(
+                await self.redis.wait(self.wait_replicas, round(self.wait_timeout * 1000))
+            )
+            if acknowledged < self.wait_replicas:
+                log.warning(
+                    "a new job is not confirmed by enough Redis replicas",
+                    extra={"request_id": request_id, "acknowledged": acknowledged},
+                )
+                raise NotReplicated(request_id, acknowledged, self.wait_replicas)
         return bool(created)
 
     async def get(self, request_id: str) -> Job | None:
