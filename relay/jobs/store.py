@@ -67,6 +67,25 @@ def _number(raw: dict[bytes, bytes], field: str) -> float | None:
     return float(value) if value else None
 
 
+# An event whose data is the job's body is stored as its head (`{..., "data":`) and put back
+# together on reading: the body is kept once. A whole JSON event never ends in ':'.
+_DATA_HEAD = b',"data":'
+
+
+def _event_head(event: bytes, body: bytes) -> bytes:
+    """What `end` stores of `event`: its head when it is `head + body + "}"`, else all of it."""
+    if body and event.endswith(_DATA_HEAD + body + b"}"):
+        return event[: -len(body) - 1]
+    return event
+
+
+def _event(raw: dict[bytes, bytes]) -> bytes | None:
+    stored = raw.get(b"event")
+    if stored and stored.endswith(b":"):
+        return stored + raw.get(b"body", b"") + b"}"
+    return stored or None
+
+
 def _decode(request_id: str, raw: dict[bytes, bytes], read_at: float) -> Job:
     delivery = _text(raw, "delivery")
     return Job(
@@ -79,7 +98,7 @@ def _decode(request_id: str, raw: dict[bytes, bytes], read_at: float) -> Job:
         body=raw.get(b"body") or None,
         not_found_since=_number(raw, "not_found_since"),
         event_id=_text(raw, "event_id"),
-        event=raw.get(b"event") or None,
+        event=_event(raw),
         delivery=delivery,  # type: ignore[arg-type]  # only the script writes it, from the Literal
         attempt=int(raw.get(b"attempt") or 0),
         attempts_made=int(raw.get(b"attempts_made") or 0),
@@ -191,7 +210,7 @@ class JobStore:
                 status,
                 body,
                 event_id,
-                event,
+                _event_head(event, body),
                 delivery,
                 int(retention),
                 "1" if has_ref else "0",
