@@ -7,6 +7,8 @@ relay:polls                 zset   request id -> when it is next due (Redis cloc
                                    that dies simply lets its claims fall due again
 relay:upstream:tat          string theoretical arrival time of the shared upstream budget (GCRA)
 relay:upstream:paused       string Redis-clock time until which nobody polls (after a 429)
+relay:epoch                 string the marker every process checks to notice an emptied Redis
+relay:data-lost             string why the relay believes Redis lost its data (until acknowledged)
 relay:arq:queue             zset   arq's queue: deliveries only
 relay:arq:health            string arq's health check record
 arq:job:{job id}            string a queued arq job (arq's own prefix, not configurable)
@@ -30,6 +32,8 @@ PREFIX = "relay:"
 POLLS = PREFIX + "polls"
 UPSTREAM_TAT = PREFIX + "upstream:tat"
 UPSTREAM_PAUSED = PREFIX + "upstream:paused"
+EPOCH = PREFIX + "epoch"
+DATA_LOST = PREFIX + "data-lost"
 ARQ_QUEUE = PREFIX + "arq:queue"
 ARQ_HEALTH = PREFIX + "arq:health"
 ARQ_JOB_PREFIX = job_key_prefix

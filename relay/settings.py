@@ -160,7 +160,7 @@ class Settings(BaseSettings):
     def _wait_inside_timeout(cls, value: float, info: ValidationInfo) -> float:
         # WAIT blocks on the server; the client's own read timeout must outlast it.
         timeout = info.data.get("redis_timeout")
-        if timeout is not None and value >= timeout:
+        if info.data.get("redis_wait_replicas") and timeout is not None and value >= timeout:
             raise ValueError("must be shorter than RELAY_REDIS_TIMEOUT")
         return value
 

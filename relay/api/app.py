@@ -7,6 +7,7 @@ in relay.api.submit, relay.api.uploads and relay.api.status.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -31,6 +32,7 @@ from relay.jobs.store import JobStore
 from relay.metrics import metrics_response
 from relay.redis_conn import close as close_redis
 from relay.redis_conn import connect
+from relay.redis_watch import RedisWatch
 from relay.settings import Settings
 from relay.upstream import Upstream
 
@@ -40,10 +42,13 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    watch = app_state(request).watch
     try:
-        await app_state(request).redis.ping()
+        await watch.check()
     except RedisError:
         return JSONResponse({"status": "unavailable", "error": "redis unreachable"}, 503)
+    if watch.data_lost:
+        return JSONResponse({"status": "data lost", "error": watch.data_lost}, 503)
     return JSONResponse({"status": "ok"})
 
 
@@ -62,6 +67,9 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         redis = connect(settings.redis_url, timeout=settings.redis_timeout)
         upstream = Upstream.from_settings(settings)
+        watch = RedisWatch(redis)
+        stop_watching = asyncio.Event()
+        watching = asyncio.create_task(watch.run(stop_watching), name="redis-watch")
         try:
             yield {
                 "relay": AppState(
@@ -74,9 +82,12 @@ def create_app(settings: Settings) -> Starlette:
                     ),
                     upstream,
                     settings.callback_policy(),
+                    watch,
                 )
             }
         finally:
+            stop_watching.set()
+            await watching
             await upstream.aclose()
             await close_redis(redis)
 

@@ -9,6 +9,7 @@ from starlette.requests import Request
 
 from relay.delivery.netpolicy import NetworkPolicy
 from relay.jobs.store import JobStore
+from relay.redis_watch import RedisWatch
 from relay.settings import Settings
 from relay.upstream import Upstream
 
@@ -20,6 +21,7 @@ class AppState:
     store: JobStore
     upstream: Upstream
     policy: NetworkPolicy
+    watch: RedisWatch
 
 
 def app_state(request: Request) -> AppState:

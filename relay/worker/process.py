@@ -25,6 +25,7 @@ from relay.jobs.poller import Poller
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
 from relay.redis_conn import arq_pool
+from relay.redis_watch import RedisWatch
 from relay.serving import embedded_server
 from relay.settings import Settings
 from relay.upstream import Upstream
@@ -148,6 +149,9 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
     state = await build_state(settings)
     worker = arq_worker(state)
     arq_task = asyncio.create_task(run_arq(worker), name="arq")
+    watch = RedisWatch(state.redis)
+    stop_watching = asyncio.Event()
+    watch_task = asyncio.create_task(watch.run(stop_watching), name="redis-watch")
     dispatch_task = asyncio.create_task(state.dispatcher.run(), name="dispatcher")
 
     def healthy() -> bool:
@@ -155,7 +159,7 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
 
     http = None
     if http_port is not None:
-        app = create_worker_http_app(healthy, state.redis)
+        app = create_worker_http_app(healthy, state.redis, watch)
         # All interfaces: the kubelet's probes and Prometheus reach the pod from outside.
         http = embedded_server(app, host="0.0.0.0", port=http_port)  # noqa: S104
         http_task = asyncio.create_task(http.serve(), name="worker-http")
@@ -179,6 +183,8 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
         arq_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await arq_task
+        stop_watching.set()
+        await watch_task
         await worker.close()
         await state.upstream.aclose()
         await state.callback_client.aclose()
