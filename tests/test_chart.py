@@ -327,6 +327,8 @@ def test_probes(chart: helm.Chart) -> None:
     # The worker's /healthz answers 503 when its heartbeat is stale: liveness restarts a
     # stuck worker.
     assert http_get(worker["livenessProbe"]) == ("/healthz", "http-health")
+    # Readiness fails while Redis is unreachable or lost its data; no restart would help.
+    assert http_get(worker["readinessProbe"]) == ("/readyz", "http-health")
     assert worker["ports"] == [{"name": "http-health", "containerPort": 9100, "protocol": "TCP"}]
     assert env_value(manifests, "RELAY_WORKER_HTTP_PORT") == "9100"
 
@@ -426,7 +428,8 @@ CONTRACT_ENV = {
     "RELAY_DELIVERY_RETRY_SCHEDULE", "RELAY_UPSTREAM_RATE_LIMIT", "RELAY_WORKER_CONCURRENCY",
     "RELAY_CALLBACK_ALLOWED_NETWORKS", "RELAY_CALLBACK_DENIED_NETWORKS", "RELAY_MAX_BODY_BYTES",
     "RELAY_MAX_UPLOAD_BYTES", "RELAY_LOG_FORMAT", "RELAY_SHUTDOWN_TIMEOUT",
-    "RELAY_WORKER_HTTP_PORT",
+    "RELAY_WORKER_HTTP_PORT", "RELAY_REDIS_TIMEOUT", "RELAY_REDIS_WAIT_REPLICAS",
+    "RELAY_REDIS_WAIT_TIMEOUT", "RELAY_MAX_UPSTREAM_PAUSE",
 }  # fmt: skip
 SECRET_ENV = {"CHAMELAION_API_KEY", "RELAY_API_KEYS", "RELAY_WEBHOOK_SECRETS", "RELAY_REDIS_URL"}
 
@@ -440,10 +443,15 @@ def test_configmap_carries_the_non_secret_settings(chart: helm.Chart) -> None:
                 "deliveryRetrySchedule": "5,30,120",
                 "callbackDeniedNetworks": "10.0.0.0/8,fd00::/8",
                 "pollMinInterval": 0.5,
+                "redisWaitReplicas": 1,
+                "redisTimeout": 3,
             }
         },
     )
     data: dict[str, str] = find(manifests, "ConfigMap", FULLNAME)["data"]
+    assert data["RELAY_REDIS_WAIT_REPLICAS"] == "1"
+    assert data["RELAY_REDIS_TIMEOUT"] == "3"
+    assert "RELAY_MAX_UPSTREAM_PAUSE" not in data
     assert data.keys() <= CONTRACT_ENV - SECRET_ENV
     assert data["RELAY_LOG_FORMAT"] == "json"
     # Large integers stay integers (Helm hands numbers to templates as float64).
@@ -511,6 +519,7 @@ def test_standalone_redis(chart: helm.Chart) -> None:
     args = redis["args"]
     assert args[args.index("--appendonly") + 1] == "yes"
     assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert args[args.index("--hash-max-listpack-value") + 1] == "1024"
     assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
     (claim,) = statefulset["spec"]["volumeClaimTemplates"]
     assert claim["spec"]["resources"]["requests"]["storage"] == "8Gi"

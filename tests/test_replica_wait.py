@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from typing import cast
 
@@ -28,6 +29,8 @@ def replica_of(primary_url: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]
     """A second redis-server replicating `primary_url`, once its link is up."""
     primary_port = primary_url.rsplit(":", 1)[1].split("/")[0]
     port = free_port()
+    # A replica writes the primary's snapshot to its directory on a full sync.
+    workdir = tempfile.TemporaryDirectory(prefix="relay-replica-")
     proc = subprocess.Popen(
         [
             find_redis_server(),
@@ -37,6 +40,8 @@ def replica_of(primary_url: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]
             "",
             "--appendonly",
             "no",
+            "--dir",
+            workdir.name,
             "--replicaof",
             "127.0.0.1",
             primary_port,
@@ -51,6 +56,7 @@ def replica_of(primary_url: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]
         os.kill(proc.pid, signal.SIGCONT)
         proc.terminate()
         proc.wait(timeout=10)
+        workdir.cleanup()
 
 
 def replication(url: str) -> dict[str, object]:
