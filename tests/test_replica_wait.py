@@ -21,42 +21,38 @@ from relay.errors import NotReplicated
 from relay.jobs.store import JobStore
 from tests.stack import RELAY_KEY, eventually, relay_stack
 from tests.test_end_to_end import AUDIO, VIDEO
-from tests.test_worker_health import own_redis
+
+
+@contextlib.contextmanager
+def redis_node(*extra: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A redis-server with its own directory (a primary writes a snapshot there for a replica's
+    full sync, a replica the snapshot it received), once it answers."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="relay-redis-") as workdir:
+        proc = subprocess.Popen(
+            [
+                *(find_redis_server(), "--port", str(port), "--dir", workdir),
+                *("--save", "", "--appendonly", "no", *extra),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        url = f"redis://127.0.0.1:{port}/0"
+        try:
+            eventually(lambda: bool(replication(url)))
+            yield url, proc
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.terminate()
+            proc.wait(timeout=10)
 
 
 @contextlib.contextmanager
 def replica_of(primary_url: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A second redis-server replicating `primary_url`, once its link is up."""
     primary_port = primary_url.rsplit(":", 1)[1].split("/")[0]
-    port = free_port()
-    # A replica writes the primary's snapshot to its directory on a full sync.
-    workdir = tempfile.TemporaryDirectory(prefix="relay-replica-")
-    proc = subprocess.Popen(
-        [
-            find_redis_server(),
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir.name,
-            "--replicaof",
-            "127.0.0.1",
-            primary_port,
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
+    with redis_node("--replicaof", "127.0.0.1", primary_port) as (url, proc):
         eventually(lambda: replication(url).get("master_link_status") == "up")
         yield url, proc
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
-        proc.terminate()
-        proc.wait(timeout=10)
-        workdir.cleanup()
 
 
 def replication(url: str) -> dict[str, object]:
@@ -70,7 +66,7 @@ def replication(url: str) -> dict[str, object]:
 
 
 async def test_create_returns_once_a_replica_holds_the_job() -> None:
-    with own_redis() as (primary_url, _), replica_of(primary_url) as (replica_url, replica):
+    with redis_node() as (primary_url, _), replica_of(primary_url) as (replica_url, replica):
         primary = Redis.from_url(primary_url)
         store = JobStore(primary, wait_replicas=1, wait_timeout=2)
         assert await store.create("job-1", callback_url=None, reference_id="r", first_poll_in=5)
@@ -93,7 +89,7 @@ async def test_create_returns_once_a_replica_holds_the_job() -> None:
 
 
 async def test_without_the_option_create_does_not_wait_for_replicas() -> None:
-    with own_redis() as (primary_url, _), replica_of(primary_url) as (_, replica):
+    with redis_node() as (primary_url, _), replica_of(primary_url) as (_, replica):
         primary = Redis.from_url(primary_url)
         os.kill(replica.pid, signal.SIGSTOP)
         assert await JobStore(primary).create(
@@ -104,7 +100,7 @@ async def test_without_the_option_create_does_not_wait_for_replicas() -> None:
 
 
 def test_the_sdk_hears_503_and_does_not_resubmit_when_no_replica_confirms() -> None:
-    with own_redis() as (primary_url, _), replica_of(primary_url) as (_, replica):
+    with redis_node() as (primary_url, _), replica_of(primary_url) as (_, replica):
         env = {"RELAY_REDIS_WAIT_REPLICAS": "1", "RELAY_REDIS_WAIT_TIMEOUT": "0.5"}
         with relay_stack(primary_url, workers=0, env=env) as stack:
             os.kill(replica.pid, signal.SIGSTOP)
