@@ -88,9 +88,9 @@ def arq_worker(state: WorkerState) -> Worker:
     return Worker(
         functions=[
             # A crashed attempt runs again after its in-progress key expires (timeout + 10 s),
-            # which the delivery timeout keeps well inside a minute. The timeout leaves room for
-            # the attempt's Redis calls to fail on their own (RELAY_REDIS_TIMEOUT) and be
-            # retried: arq cancelling one half-way would strand the delivery.
+            # 34 s with the defaults. The timeout leaves room for the attempt's Redis calls to
+            # fail on their own (RELAY_REDIS_TIMEOUT) and be retried: arq cancelling one
+            # half-way would strand the delivery.
             func(
                 deliver,
                 name="deliver",
