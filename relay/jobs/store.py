@@ -133,21 +133,27 @@ class JobStore:
         NotReplicated (the job stays recorded on the primary and is tracked from there).
         """
         ref_key = keys.ref(reference_id) if reference_id else keys.job(request_id)
-        created = await self._create(
-            keys=[keys.job(request_id), keys.POLLS, ref_key],
-            args=[request_id, callback_url or "", reference_id or "", first_poll_in],
-        )
-        if self.wait_replicas:
-            # Also when already tracked: an earlier create may not have reached a replica yet.
-            acknowledged = int(
-                await self.redis.wait(self.wait_replicas, round(self.wait_timeout * 1000))
+        script_keys = [keys.job(request_id), keys.POLLS, ref_key]
+        args: list[str | float] = [
+            request_id,
+            callback_url or "",
+            reference_id or "",
+            first_poll_in,
+        ]
+        if not self.wait_replicas:
+            return bool(await self._create(keys=script_keys, args=args))
+        # WAIT counts only the writes made on its own connection: one pipeline keeps the
+        # script and the WAIT on one.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self._create(keys=script_keys, args=args, client=pipe)
+            pipe.wait(self.wait_replicas, round(self.wait_timeout * 1000))
+            created, acknowledged = await pipe.execute()
+        if int(acknowledged) < self.wait_replicas:
+            log.warning(
+                "a new job is not confirmed by enough Redis replicas",
+                extra={"request_id": request_id, "acknowledged": int(acknowledged)},
             )
-            if acknowledged < self.wait_replicas:
-                log.warning(
-                    "a new job is not confirmed by enough Redis replicas",
-                    extra={"request_id": request_id, "acknowledged": acknowledged},
-                )
-                raise NotReplicated(request_id, acknowledged, self.wait_replicas)
+            raise NotReplicated(request_id, int(acknowledged), self.wait_replicas)
         return bool(created)
 
     async def get(self, request_id: str) -> Job | None:
