@@ -111,16 +111,17 @@ def arq_worker(state: WorkerState) -> Worker:
     )
 
 
-async def run_arq(worker: Worker) -> None:
-    """arq's loop, started again after a Redis error: arq's own loop ends at the first one.
-
-    A job cut off by the error keeps its in-progress key until that expires, then runs again.
-    """
+async def run_arq(worker: Worker, stop: asyncio.Event) -> None:
+    """arq's loop, started again after a Redis error until `stop` is set: arq's own loop ends
+    at the first one. A job cut off by the error keeps its in-progress key until that
+    expires, then runs again."""
     while True:
         try:
             await worker.main()
             return
         except RedisError as exc:
+            if stop.is_set():
+                return  # stopping: a Redis error raised by the cancellation itself
             log.warning("delivery queue unreachable (%s); retrying in 1 s", type(exc).__name__)
             await asyncio.sleep(REDIS_RETRY_DELAY)
 
@@ -148,7 +149,7 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
     """Run polls and deliveries until `stop` is set, then drain and close."""
     state = await build_state(settings)
     worker = arq_worker(state)
-    arq_task = asyncio.create_task(run_arq(worker), name="arq")
+    arq_task = asyncio.create_task(run_arq(worker, stop), name="arq")
     watch = RedisWatch(state.redis)
     stop_watching = asyncio.Event()
     watch_task = asyncio.create_task(watch.run(stop_watching), name="redis-watch")
