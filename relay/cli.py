@@ -20,6 +20,10 @@ def _parser() -> argparse.ArgumentParser:
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
     commands.add_parser("worker", help="the arq worker: polling and delivery")
+    commands.add_parser(
+        "ack-data-loss",
+        help="acknowledge a recorded loss of the relay's Redis data (readiness passes again)",
+    )
     dev = commands.add_parser("dev", help="API, worker, Redis and a sandbox upstream in one go")
     dev.add_argument("--port", type=int, default=8000)
     sandbox = commands.add_parser("sandbox", help="the sandbox upstream alone")
@@ -63,6 +67,24 @@ def _run_worker() -> None:
     asyncio.run(main())
 
 
+def _ack_data_loss() -> int:
+    from relay.redis_conn import close, connect
+    from relay.redis_watch import acknowledge
+
+    settings = load_settings()
+
+    async def main() -> str | None:
+        redis = connect(settings.redis_url, timeout=settings.redis_timeout)
+        try:
+            return await acknowledge(redis)
+        finally:
+            await close(redis)
+
+    record = asyncio.run(main())
+    print(f"acknowledged: {record}" if record else "no data loss was recorded")
+    return 0
+
+
 def _run_sandbox(host: str, port: int) -> None:
     import uvicorn
 
@@ -90,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             _run_api(args.host, args.port)
         elif args.command == "worker":
             _run_worker()
+        elif args.command == "ack-data-loss":
+            return _ack_data_loss()
         elif args.command == "dev":
             from relay.devtools.dev import run_dev
 

@@ -4,7 +4,8 @@ RelayError
 ├── ConfigError             a setting is missing or bad; start-up stops and names the variable
 ├── ApiError                an HTTP error the API answers with `{"error": ...}` (status, message)
 │   ├── UpstreamError       Chamelaion answered with an error or could not be reached
-│   └── CallbackUrlRejected a callback URL fails its syntax or network-policy check (422)
+│   ├── CallbackUrlRejected a callback URL fails its syntax or network-policy check (422)
+│   └── NotReplicated       a new job is recorded, but no Redis replica confirmed it in time
 └── DestinationRefused      at delivery, the network policy refused every address of the
                             callback's host; no connection was made (also an httpx.ConnectError,
                             so the callback transport can raise it where httpx expects one)
@@ -70,3 +71,21 @@ class DestinationRefused(httpx.ConnectError, RelayError):
     def __init__(self, reason: str, *, request: httpx.Request | None = None) -> None:
         super().__init__(f"callback destination refused: {reason}", request=request)
         self.reason = reason
+
+
+class NotReplicated(ApiError):
+    """A new job is recorded on the Redis primary, but too few replicas confirmed it (503).
+
+    Not worth retrying: the job exists upstream and is tracked; a resubmission would create a
+    second one. `x-should-retry: false` tells the official SDK so.
+    """
+
+    def __init__(self, request_id: str, acknowledged: int, wanted: int) -> None:
+        super().__init__(
+            503,
+            f"job {request_id} was created and recorded, but {acknowledged} of {wanted} Redis "
+            "replicas confirmed it in time; it is tracked unless the primary fails now. "
+            "Do not resubmit: look it up with GET /api/v1/lipsync/requests/{id}",
+            headers={"x-should-retry": "false"},
+        )
+        self.request_id = request_id

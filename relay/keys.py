@@ -30,6 +30,8 @@ relay:deliveries:{state}    zset   delivery id -> when it entered that state (pe
 relay:sending:{request_id}  string held while an early event (lipsync.processing) is being sent;
                                    the final event's attempts wait for it
 relay:stranded:lease       string which worker runs the stranded-delivery sweep this interval
+relay:epoch                 string the marker every process checks to notice an emptied Redis
+relay:data-lost             string why the relay believes Redis lost its data (until acknowledged)
 relay:arq:queue             zset   arq's queue: deliveries only
 relay:arq:health            string arq's health check record
 arq:job:{job id}            string a queued arq job (arq's own prefix, not configurable)
@@ -60,6 +62,8 @@ UPSTREAM_TAT = PREFIX + "upstream:tat"
 UPSTREAM_PAUSED = PREFIX + "upstream:paused"
 WRITE_CHECK = PREFIX + "api:write_check"
 BACKED_OFF = PREFIX + "destinations:backed_off"
+EPOCH = PREFIX + "epoch"
+DATA_LOST = PREFIX + "data-lost"
 ARQ_QUEUE = PREFIX + "arq:queue"
 STATS_PREFIX = PREFIX + "stats:"
 DELIVERIES_PREFIX = PREFIX + "deliveries:"

@@ -3,8 +3,9 @@
 Counters and histograms count what this process did (the API: submissions and its upstream
 calls; a worker: polls, upstream calls and deliveries). Gauges about shared state (outstanding
 jobs, due work, poll lag, queue depth) are read from Redis when scraped, by whoever is scraped,
-so they are right whichever process serves them. Each process serves its own /metrics: the API
-on its port, each worker on RELAY_WORKER_HTTP_PORT.
+so they are right whichever process serves them; so are Redis's memory figures, and
+`relay_redis_data_lost`, which relay.redis_watch keeps in step with a shared key. Each process
+serves its own /metrics: the API on its port, each worker on RELAY_WORKER_HTTP_PORT.
 """
 
 from __future__ import annotations
@@ -81,6 +82,18 @@ async def read_shared_state(redis: Redis) -> SharedState:
     )
 
 
+REDIS_MEMORY_USED = Gauge("relay_redis_memory_used_bytes", "Redis used_memory")
+REDIS_MEMORY_MAX = Gauge("relay_redis_memory_max_bytes", "Redis maxmemory (0: no limit)")
+REDIS_MEMORY_HEADROOM = Gauge(
+    "relay_redis_memory_headroom_ratio",
+    "Share of Redis maxmemory still free (1 - used/max); 1 when there is no limit",
+)
+REDIS_DATA_LOST = Gauge(
+    "relay_redis_data_lost", "1 while an unacknowledged loss of the relay's Redis data is recorded"
+)
+MEMORY_GAUGES = (REDIS_MEMORY_USED, REDIS_MEMORY_MAX, REDIS_MEMORY_HEADROOM)
+
+
 async def refresh_shared_gauges(redis: Redis) -> None:
     """Read the shared gauges from Redis in one round trip."""
     shared = await read_shared_state(redis)
@@ -91,12 +104,23 @@ async def refresh_shared_gauges(redis: Redis) -> None:
     BACKED_OFF.set(shared.backed_off)
 
 
+async def read_memory(redis: Redis) -> tuple[int, int]:
+    """Redis used_memory and maxmemory (0: no limit), also setting the memory gauges."""
+    info = await redis.info("memory")
+    used, maximum = int(info["used_memory"]), int(info.get("maxmemory", 0))
+    REDIS_MEMORY_USED.set(used)
+    REDIS_MEMORY_MAX.set(maximum)
+    REDIS_MEMORY_HEADROOM.set(max(0.0, 1 - used / maximum) if maximum else 1.0)
+    return used, maximum
+
+
 async def metrics_response(redis: Redis) -> Response:
     """The Prometheus exposition of this process, with the shared gauges freshly read."""
     try:
         await refresh_shared_gauges(redis)
+        await read_memory(redis)
     except RedisError:
         # Shared gauges go unknown; this process's own counters are still worth serving.
-        for gauge in (OUTSTANDING, DUE_WORK, POLL_LAG, QUEUE_DEPTH, BACKED_OFF):
+        for gauge in (OUTSTANDING, DUE_WORK, POLL_LAG, QUEUE_DEPTH, BACKED_OFF, *MEMORY_GAUGES):
             gauge.set(float("nan"))
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -8,15 +8,18 @@ master's. Redis Cluster is not supported: arq needs its queue's keys on one node
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 from relay import keys
 
 SENTINEL_SCHEME = "redis+sentinel"
+
+R = TypeVar("R", bound=Redis)
 
 
 @dataclass(frozen=True)
@@ -55,17 +58,30 @@ def check_redis_url(url: str) -> None:
         raise ValueError(f"must be a redis://, rediss://, unix:// or {SENTINEL_SCHEME}:// URL")
 
 
-def connect(url: str) -> Redis:
-    """A client for the API process (connections are made lazily)."""
+def _client(redis_class: type[R], url: str, timeout: float) -> R:
+    """A lazily connecting client whose every connect and reply is bounded by `timeout`.
+
+    Without a read timeout a stalled Redis (failover, fsync stall, SIGSTOP) hangs every call
+    until something else cancels it; with one the call raises redis.TimeoutError, a RedisError
+    that callers already handle. The relay sends no blocking commands (arq polls its queue
+    with ZRANGEBYSCORE, and WAIT is kept below this timeout), so no reply may take longer.
+    """
+    bounds: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
     if url.startswith(SENTINEL_SCHEME + "://"):
         target = parse_sentinel_url(url)
+        # redis-py gives the sentinels' own connections the same socket_* bounds.
         sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
-            list(target.sentinels), password=target.password, db=target.db
+            list(target.sentinels), password=target.password, db=target.db, **bounds
         )
-        master: Redis = sentinel.master_for(target.master)
+        master: R = sentinel.master_for(target.master, redis_class=redis_class)
         return master
-    client: Redis = Redis.from_url(url)
+    client: R = redis_class.from_url(url, **bounds)
     return client
+
+
+def connect(url: str, *, timeout: float) -> Redis:
+    """A client for the API process (connections are made lazily)."""
+    return _client(Redis, url, timeout)
 
 
 async def close(client: Redis) -> None:
@@ -79,24 +95,11 @@ async def close(client: Redis) -> None:
             await sentinel.aclose()
 
 
-def arq_settings(url: str) -> RedisSettings:
-    if url.startswith(SENTINEL_SCHEME + "://"):
-        target = parse_sentinel_url(url)
-        return RedisSettings(
-            host=list(target.sentinels),
-            sentinel=True,
-            sentinel_master=target.master,
-            database=target.db,
-            password=target.password,
-        )
-    settings = RedisSettings.from_dsn(url)
-    # arq leaves percent-escapes in credentials, redis-py (the API's client) decodes them.
-    parts = urlsplit(url)
-    settings.username = unquote(parts.username) if parts.username else None
-    settings.password = unquote(parts.password) if parts.password else None
-    return settings
+async def arq_pool(url: str, *, timeout: float) -> ArqRedis:
+    """The worker's one Redis pool, shared by arq and the relay's own scripts.
 
-
-async def arq_pool(url: str) -> ArqRedis:
-    """The worker's one Redis pool, shared by arq and the relay's own scripts."""
-    return await create_pool(arq_settings(url), default_queue_name=keys.ARQ_QUEUE)
+    Built here rather than by arq's create_pool, whose settings have no read timeout.
+    """
+    pool = _client(ArqRedis, url, timeout)
+    pool.default_queue_name = keys.ARQ_QUEUE
+    return pool

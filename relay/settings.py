@@ -115,6 +115,13 @@ class Settings(BaseSettings):
     # How long an Idempotency-Key and its first answer are kept.
     idempotency_ttl: float = Field(86400.0, ge=60, validation_alias="RELAY_IDEMPOTENCY_TTL")
     worker_http_port: int = Field(9100, ge=0, le=65535, validation_alias="RELAY_WORKER_HTTP_PORT")
+    # Every Redis call (connect, then each reply) fails after this long instead of hanging.
+    redis_timeout: float = Field(2.0, gt=0, le=30, validation_alias="RELAY_REDIS_TIMEOUT")
+    # Replicas that must hold a new job before its caller hears success (Redis WAIT); 0: none.
+    redis_wait_replicas: int = Field(0, ge=0, le=10, validation_alias="RELAY_REDIS_WAIT_REPLICAS")
+    redis_wait_timeout: float = Field(1.0, gt=0, le=30, validation_alias="RELAY_REDIS_WAIT_TIMEOUT")
+    # The longest pause of all polling one upstream 429 (its Retry-After) can cause.
+    max_upstream_pause: float = Field(300.0, gt=0, validation_alias="RELAY_MAX_UPSTREAM_PAUSE")
 
     @field_validator("api_keys", "webhook_secrets", "delivery_retry_schedule", mode="before")
     @classmethod
@@ -179,6 +186,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 "must exceed the whole RELAY_DELIVERY_RETRY_SCHEDULE (plus jitter) by an hour"
             )
+        return value
+
+    @field_validator("redis_wait_timeout")
+    @classmethod
+    def _wait_inside_timeout(cls, value: float, info: ValidationInfo) -> float:
+        # WAIT blocks on the server; the client's own read timeout must outlast it.
+        timeout = info.data.get("redis_timeout")
+        if info.data.get("redis_wait_replicas") and timeout is not None and value >= timeout:
+            raise ValueError("must be shorter than RELAY_REDIS_TIMEOUT")
         return value
 
     @field_validator("poll_max_interval")

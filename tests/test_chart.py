@@ -327,6 +327,8 @@ def test_probes(chart: helm.Chart) -> None:
     # The worker's /healthz answers 503 when its heartbeat is stale: liveness restarts a
     # stuck worker.
     assert http_get(worker["livenessProbe"]) == ("/healthz", "http-health")
+    # Readiness fails while Redis is unreachable or lost its data; no restart would help.
+    assert http_get(worker["readinessProbe"]) == ("/readyz", "http-health")
     assert worker["ports"] == [{"name": "http-health", "containerPort": 9100, "protocol": "TCP"}]
     assert env_value(manifests, "RELAY_WORKER_HTTP_PORT") == "9100"
 
@@ -429,6 +431,8 @@ CONTRACT_ENV = {
     "RELAY_WORKER_HTTP_PORT", "RELAY_DELIVERY_CONCURRENCY", "RELAY_DESTINATION_CONCURRENCY",
     "RELAY_DESTINATION_FAILURES", "RELAY_DESTINATION_MAX_BACKOFF", "RELAY_SWEEP_INTERVAL",
     "RELAY_SWEEP_PAGE_SIZE", "RELAY_SWEEP_WINDOW",
+    "RELAY_REDIS_TIMEOUT", "RELAY_REDIS_WAIT_REPLICAS",
+    "RELAY_REDIS_WAIT_TIMEOUT", "RELAY_MAX_UPSTREAM_PAUSE",
 }  # fmt: skip
 SECRET_ENV = {"CHAMELAION_API_KEY", "RELAY_API_KEYS", "RELAY_WEBHOOK_SECRETS", "RELAY_REDIS_URL"}
 
@@ -443,10 +447,15 @@ def test_configmap_carries_the_non_secret_settings(chart: helm.Chart) -> None:
                 "callbackDeniedNetworks": "10.0.0.0/8,fd00::/8",
                 "pollMinInterval": 0.5,
                 "sweepPageSize": 500,
+                "redisWaitReplicas": 1,
+                "redisTimeout": 3,
             }
         },
     )
     data: dict[str, str] = find(manifests, "ConfigMap", FULLNAME)["data"]
+    assert data["RELAY_REDIS_WAIT_REPLICAS"] == "1"
+    assert data["RELAY_REDIS_TIMEOUT"] == "3"
+    assert "RELAY_MAX_UPSTREAM_PAUSE" not in data
     assert data.keys() <= CONTRACT_ENV - SECRET_ENV
     assert data["RELAY_LOG_FORMAT"] == "json"
     # Large integers stay integers (Helm hands numbers to templates as float64).
@@ -516,6 +525,7 @@ def test_standalone_redis(chart: helm.Chart) -> None:
     args = redis["args"]
     assert args[args.index("--appendonly") + 1] == "yes"
     assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert args[args.index("--hash-max-listpack-value") + 1] == "1024"
     assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
     (claim,) = statefulset["spec"]["volumeClaimTemplates"]
     assert claim["spec"]["resources"]["requests"]["storage"] == "8Gi"

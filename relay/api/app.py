@@ -7,6 +7,7 @@ in relay.api.submit, relay.api.uploads and relay.api.status.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -41,6 +42,7 @@ from relay.jobs.store import JobStore
 from relay.metrics import metrics_response
 from relay.redis_conn import close as close_redis
 from relay.redis_conn import connect
+from relay.redis_watch import RedisWatch
 from relay.settings import Settings
 from relay.upstream import Upstream
 
@@ -50,10 +52,13 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    watch = app_state(request).watch
     try:
-        await app_state(request).redis.ping()
+        await watch.check()
     except RedisError:
         return JSONResponse({"status": "unavailable", "error": "redis unreachable"}, 503)
+    if watch.data_lost:
+        return JSONResponse({"status": "data lost", "error": watch.data_lost}, 503)
     return JSONResponse({"status": "ok"})
 
 
@@ -70,31 +75,41 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        redis = connect(settings.redis_url)
+        redis = connect(settings.redis_url, timeout=settings.redis_timeout)
         upstream = Upstream.from_settings(settings)
         policy = settings.callback_policy()
         signer = Signer(settings.webhook_secrets) if settings.webhook_secrets else None
         callback_client = make_callback_client(policy, settings.delivery_timeout)
-        store = JobStore(redis)
+        store = JobStore(
+            redis,
+            wait_replicas=settings.redis_wait_replicas,
+            wait_timeout=settings.redis_wait_timeout,
+        )
         attempt_log = AttemptLog(redis, retention=settings.job_retention)
         # arq's client on the same connections: the API queues redeliveries.
         arq = ArqRedis(redis.connection_pool, default_queue_name=keys.ARQ_QUEUE)
+        watch = RedisWatch(redis)
+        stop_watching = asyncio.Event()
+        watching = asyncio.create_task(watch.run(stop_watching), name="redis-watch")
         try:
             yield {
                 "relay": AppState(
-                    settings,
-                    redis,
-                    store,
-                    upstream,
-                    policy,
-                    WriteCheck(redis),
-                    signer,
-                    callback_client,
-                    attempt_log,
-                    Redeliverer(arq, store, attempt_log),
+                    settings=settings,
+                    redis=redis,
+                    store=store,
+                    upstream=upstream,
+                    policy=policy,
+                    write_check=WriteCheck(redis),
+                    watch=watch,
+                    signer=signer,
+                    callback_client=callback_client,
+                    attempt_log=attempt_log,
+                    redeliverer=Redeliverer(arq, store, attempt_log),
                 )
             }
         finally:
+            stop_watching.set()
+            await watching
             await callback_client.aclose()
             await upstream.aclose()
             await close_redis(redis)

@@ -441,7 +441,7 @@ def openapi_document() -> dict[str, Any]:
             },
             "/readyz": {
                 "get": _operation(
-                    "Redis reachable",
+                    "Redis reachable, and no unacknowledged loss of its data",
                     {
                         "200": {"description": "ready", "content": _json("Status")},
                         "503": {"description": "not ready", "content": _json("Status")},

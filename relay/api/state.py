@@ -14,6 +14,7 @@ from relay.delivery.control import Redeliverer
 from relay.delivery.netpolicy import NetworkPolicy
 from relay.delivery.signing import Signer
 from relay.jobs.store import JobStore
+from relay.redis_watch import RedisWatch
 from relay.settings import Settings
 from relay.upstream import Upstream
 
@@ -26,6 +27,7 @@ class AppState:
     upstream: Upstream
     policy: NetworkPolicy
     write_check: WriteCheck
+    watch: RedisWatch
     # Test events and the published keys need these; None when the API has no secrets.
     signer: Signer | None
     callback_client: httpx.AsyncClient

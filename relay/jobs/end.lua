@@ -1,5 +1,8 @@
 -- Fix a job's final state and callback payload, once: returns 1 when this call ended it,
 -- 2 when it had already ended (the first end wins), 0 when the job is gone.
+-- Ended jobs are kept for days, so the record shrinks to what status reads and delivery need:
+-- the polling fields go, and the event is stored without its data when that is the body
+-- (relay.jobs.store puts it back together).
 local job_key = KEYS[1]
 local ref_key = KEYS[2]           -- the job key again when there is no reference_id
 local created_key = KEYS[3]
@@ -8,7 +11,7 @@ local request_id = ARGV[1]
 local status = ARGV[2]
 local body = ARGV[3]
 local event_id = ARGV[4]
-local event = ARGV[5]
+local event = ARGV[5]             -- the whole event, or its head when it ends in the body
 local delivery = ARGV[6]
 local retention = ARGV[7]
 local has_ref = ARGV[8] == '1'
@@ -17,6 +20,7 @@ if redis.call('EXISTS', job_key) == 0 then return 0 end
 if redis.call('HEXISTS', job_key, 'event') == 1 then return 2 end
 redis.call('HSET', job_key, 'status', status, 'body', body, 'event_id', event_id,
            'event', event, 'delivery', delivery, 'attempt', 0, 'ended', now)
+redis.call('HDEL', job_key, 'created', 'interval', 'not_found_since', 'polled', 'reference_id')
 redis.call('EXPIRE', job_key, retention)
 redis.call('ZREM', created_key, request_id)
 if has_ref and redis.call('GET', ref_key) == request_id then

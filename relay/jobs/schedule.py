@@ -31,12 +31,15 @@ class Claim:
 
 
 class PollSchedule:
-    def __init__(self, redis: Redis, *, rate: float, lease: float) -> None:
+    def __init__(
+        self, redis: Redis, *, rate: float, lease: float, max_pause: float = 300.0
+    ) -> None:
         self.redis = redis
         self.period = 1.0 / rate
         # A burst of a tenth of a second's worth keeps spacing even yet lets one claim take several.
         self.burst = max(1, math.floor(rate / 10))
         self.lease = lease
+        self.max_pause = max_pause
         self._claim = lua.register(redis, __package__, "claim")
         self._pause = lua.register(redis, __package__, "pause")
         self._hand_back = lua.register(redis, __package__, "hand_back")
@@ -64,7 +67,8 @@ class PollSchedule:
         return bool(int(reply[0])), max(float(reply[1]), 0.0)
 
     async def pause_upstream(self, seconds: float) -> None:
-        await self._pause(keys=[keys.UPSTREAM_PAUSED], args=[seconds])
+        # Capped: one Retry-After of days must not stop every poll for days.
+        await self._pause(keys=[keys.UPSTREAM_PAUSED], args=[min(seconds, self.max_pause)])
 
     async def hand_back(self, request_ids: list[str]) -> None:
         if request_ids:

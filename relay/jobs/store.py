@@ -15,6 +15,7 @@ the job itself, because a job must never exist without its next poll (or the oth
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -22,7 +23,10 @@ from typing import Literal
 from redis.asyncio import Redis
 
 from relay import keys, lua
+from relay.errors import NotReplicated
 from relay.jobs.events import DEFAULT_EVENTS
+
+log = logging.getLogger(__name__)
 
 DeliveryState = Literal["pending", "delivered", "gone", "failed", "none", "stale"]
 
@@ -86,6 +90,25 @@ def _number(raw: dict[bytes, bytes], field: str) -> float | None:
     return float(value) if value else None
 
 
+# An event whose data is the job's body is stored as its head (`{..., "data":`) and put back
+# together on reading: the body is kept once. A whole JSON event never ends in ':'.
+_DATA_HEAD = b',"data":'
+
+
+def _event_head(event: bytes, body: bytes) -> bytes:
+    """What `end` stores of `event`: its head when it is `head + body + "}"`, else all of it."""
+    if body and event.endswith(_DATA_HEAD + body + b"}"):
+        return event[: -len(body) - 1]
+    return event
+
+
+def _event(raw: dict[bytes, bytes]) -> bytes | None:
+    stored = raw.get(b"event")
+    if stored and stored.endswith(b":"):
+        return stored + raw.get(b"body", b"") + b"}"
+    return stored or None
+
+
 def _decode(request_id: str, raw: dict[bytes, bytes], read_at: float) -> Job:
     delivery = _text(raw, "delivery")
     return Job(
@@ -98,7 +121,7 @@ def _decode(request_id: str, raw: dict[bytes, bytes], read_at: float) -> Job:
         body=raw.get(b"body") or None,
         not_found_since=_number(raw, "not_found_since"),
         event_id=_text(raw, "event_id"),
-        event=raw.get(b"event") or None,
+        event=_event(raw),
         delivery=delivery,  # type: ignore[arg-type]  # only the script writes it, from the Literal
         attempt=int(raw.get(b"attempt") or 0),
         attempts_made=int(raw.get(b"attempts_made") or 0),
@@ -134,8 +157,11 @@ class PollRecord:
 
 
 class JobStore:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, *, wait_replicas: int = 0, wait_timeout: float = 1.0) -> None:
         self.redis = redis
+        # Replicas that must confirm a new job before `create` returns (Redis WAIT).
+        self.wait_replicas = wait_replicas
+        self.wait_timeout = wait_timeout
         self._create = lua.register(redis, __package__, "create")
         self._record_poll = lua.register(redis, __package__, "record_poll")
         self._end = lua.register(redis, __package__, "end")
@@ -156,20 +182,34 @@ class JobStore:
         """Start tracking; False when the id is already tracked (nothing is changed then).
 
         `events`: which events the callback gets (None: the final ones); `metadata`: a JSON
-        object echoed in every callback.
+        object echoed in every callback. With `wait_replicas`, returns only once that many
+        replicas hold the job, else raises NotReplicated (the job stays recorded on the primary
+        and is tracked from there).
         """
         ref_key = keys.ref(reference_id) if reference_id else keys.job(request_id)
-        created = await self._create(
-            keys=[keys.job(request_id), keys.POLLS, ref_key, keys.CREATED],
-            args=[
-                request_id,
-                callback_url or "",
-                reference_id or "",
-                first_poll_in,
-                ",".join(events or ()),
-                metadata or b"",
-            ],
-        )
+        script_keys = [keys.job(request_id), keys.POLLS, ref_key, keys.CREATED]
+        args: list[str | bytes | float] = [
+            request_id,
+            callback_url or "",
+            reference_id or "",
+            first_poll_in,
+            ",".join(events or ()),
+            metadata or b"",
+        ]
+        if not self.wait_replicas:
+            return bool(await self._create(keys=script_keys, args=args))
+        # WAIT counts only the writes made on its own connection: one pipeline keeps the
+        # script and the WAIT on one.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self._create(keys=script_keys, args=args, client=pipe)
+            pipe.wait(self.wait_replicas, round(self.wait_timeout * 1000))
+            created, acknowledged = await pipe.execute()
+        if int(acknowledged) < self.wait_replicas:
+            log.warning(
+                "a new job is not confirmed by enough Redis replicas",
+                extra={"request_id": request_id, "acknowledged": int(acknowledged)},
+            )
+            raise NotReplicated(request_id, int(acknowledged), self.wait_replicas)
         return bool(created)
 
     async def get(self, request_id: str) -> Job | None:
@@ -253,7 +293,7 @@ class JobStore:
                 status,
                 body,
                 event_id,
-                event,
+                _event_head(event, body),
                 delivery,
                 int(retention),
                 "1" if has_ref else "0",

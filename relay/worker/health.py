@@ -1,23 +1,38 @@
-"""The worker's own small HTTP port: liveness that fails when the worker is stuck, and metrics."""
+"""The worker's own small HTTP port: liveness that fails when the worker is stuck, readiness that
+fails while Redis is unreachable or has lost the relay's data (no restart fixes either), and
+metrics."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from relay.metrics import metrics_response
+from relay.redis_watch import RedisWatch
 
 
-def create_worker_http_app(healthy: Callable[[], bool], redis: Redis) -> Starlette:
+def create_worker_http_app(
+    healthy: Callable[[], bool], redis: Redis, watch: RedisWatch
+) -> Starlette:
     async def healthz(request: Request) -> Response:
         if healthy():
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "stuck", "error": "the worker has stopped working"}, 503)
+
+    async def readyz(request: Request) -> Response:
+        try:
+            await watch.check()
+        except RedisError:
+            return JSONResponse({"status": "unavailable", "error": "redis unreachable"}, 503)
+        if watch.data_lost:
+            return JSONResponse({"status": "data lost", "error": watch.data_lost}, 503)
+        return JSONResponse({"status": "ok"})
 
     async def metrics(request: Request) -> Response:
         return await metrics_response(redis)
@@ -25,6 +40,7 @@ def create_worker_http_app(healthy: Callable[[], bool], redis: Redis) -> Starlet
     return Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
         ]
     )

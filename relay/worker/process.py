@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import httpx
 from arq.connections import ArqRedis
 from arq.worker import Worker, func
+from redis.exceptions import RedisError
 
 from relay import keys
 from relay.delivery.attempt_log import AttemptLog
@@ -31,6 +32,7 @@ from relay.jobs.store import JobStore
 from relay.jobs.sweep import Sweeper
 from relay.metrics import DELIVERIES_IN_FLIGHT, DELIVERIES_WAITING
 from relay.redis_conn import arq_pool
+from relay.redis_watch import RedisWatch
 from relay.serving import embedded_server
 from relay.settings import Settings
 from relay.upstream import Upstream
@@ -39,6 +41,8 @@ from relay.worker.health import create_worker_http_app
 from relay.worker.tasks import ARQ_SLOT_WAIT, DeliveryQueue, FirstAttempts, deliver
 
 log = logging.getLogger(__name__)
+
+REDIS_RETRY_DELAY = 1.0
 
 
 @dataclass
@@ -57,9 +61,14 @@ class WorkerState:
 
 
 async def build_state(settings: Settings) -> WorkerState:
-    redis = await arq_pool(settings.redis_url)
+    redis = await arq_pool(settings.redis_url, timeout=settings.redis_timeout)
     store = JobStore(redis)
-    schedule = PollSchedule(redis, rate=settings.upstream_rate_limit, lease=settings.poll_lease)
+    schedule = PollSchedule(
+        redis,
+        rate=settings.upstream_rate_limit,
+        lease=settings.poll_lease,
+        max_pause=settings.max_upstream_pause,
+    )
     upstream = Upstream.from_settings(settings)
     queue = DeliveryQueue(redis, settings.delivery_retry_schedule)
     attempt_log = AttemptLog(redis, retention=settings.job_retention)
@@ -131,12 +140,14 @@ def arq_worker(state: WorkerState) -> Worker:
     return Worker(
         functions=[
             # A crashed attempt runs again after its in-progress key expires (timeout + 10 s),
-            # which the delivery timeout keeps well inside a minute. Tries are counted by arq
-            # also when an attempt steps aside for a busy destination (a few seconds each).
+            # which the delivery timeout keeps well inside a minute. The timeout leaves room
+            # for the attempt's Redis calls to fail on their own (RELAY_REDIS_TIMEOUT) and be
+            # retried: arq cancelling one half-way would strand the delivery. Tries are counted
+            # by arq also when an attempt steps aside for a busy destination (a few seconds).
             func(
                 deliver,
                 name="deliver",
-                timeout=settings.delivery_timeout + ARQ_SLOT_WAIT + 5,
+                timeout=settings.delivery_timeout + ARQ_SLOT_WAIT + 5 + 2 * settings.redis_timeout,
                 max_tries=1000,
             ),
         ],
@@ -151,6 +162,21 @@ def arq_worker(state: WorkerState) -> Worker:
         health_check_key=keys.ARQ_HEALTH,
         log_results=False,
     )
+
+
+async def run_arq(worker: Worker, stop: asyncio.Event) -> None:
+    """arq's loop, started again after a Redis error until `stop` is set: arq's own loop ends
+    at the first one. A job cut off by the error keeps its in-progress key until that
+    expires, then runs again."""
+    while True:
+        try:
+            await worker.main()
+            return
+        except RedisError as exc:
+            if stop.is_set():
+                return  # stopping: a Redis error raised by the cancellation itself
+            log.warning("delivery queue unreachable (%s); retrying in 1 s", type(exc).__name__)
+            await asyncio.sleep(REDIS_RETRY_DELAY)
 
 
 async def _drain(worker: Worker, state: WorkerState, timeout: float) -> None:
@@ -180,7 +206,10 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
     """Run polls and deliveries until `stop` is set, then drain and close."""
     state = await build_state(settings)
     worker = arq_worker(state)
-    arq_task = asyncio.create_task(worker.main(), name="arq")
+    arq_task = asyncio.create_task(run_arq(worker, stop), name="arq")
+    watch = RedisWatch(state.redis)
+    stop_watching = asyncio.Event()
+    watch_task = asyncio.create_task(watch.run(stop_watching), name="redis-watch")
     dispatch_task = asyncio.create_task(state.dispatcher.run(), name="dispatcher")
     stranded_stop = asyncio.Event()
     stranded_task = asyncio.create_task(state.stranded.run(stranded_stop), name="stranded")
@@ -195,7 +224,7 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
 
     http = None
     if http_port is not None:
-        app = create_worker_http_app(healthy, state.redis)
+        app = create_worker_http_app(healthy, state.redis, watch)
         # All interfaces: the kubelet's probes and Prometheus reach the pod from outside.
         http = embedded_server(app, host="0.0.0.0", port=http_port)  # noqa: S104
         http_task = asyncio.create_task(http.serve(), name="worker-http")
@@ -231,6 +260,8 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
         with contextlib.suppress(asyncio.CancelledError):
             await arq_task
         await stranded_task
+        stop_watching.set()
+        await watch_task
         await worker.close()
         await state.upstream.aclose()
         await state.callback_client.aclose()
