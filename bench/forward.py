@@ -81,7 +81,7 @@ async def drive(
 
 
 async def bench(api: str, seconds: float) -> None:
-    headers = {"x-api-key": "bench-key"}
+    headers = {"x-api-key": "bench-key-0123456789"}
     async with httpx.AsyncClient(
         transport=AiohttpTransport(), headers=headers, timeout=30
     ) as client:
@@ -113,7 +113,7 @@ def main(seconds: float) -> None:
             "CHAMELAION_BASE_URL": f"http://127.0.0.1:{sandbox_port}/api",
             "CHAMELAION_API_KEY": "sandbox-key",
             "RELAY_REDIS_URL": redis_url,
-            "RELAY_API_KEYS": "bench-key",
+            "RELAY_API_KEYS": "bench-key-0123456789",
             "RELAY_LOG_FORMAT": "json",
         }
         procs = [start(["sandbox", "--port", str(sandbox_port)], env, sandbox_port)]
