@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import chamelaion
 import httpx
+import orjson
 import pytest
 import redis
+from starlette.routing import Route
 
 from relay.api.app import create_app
 from relay.delivery.netpolicy import DEFAULT_ALLOWED_PORTS
@@ -352,3 +356,44 @@ def test_default_policy_admits_private_receivers(redis_url: str) -> None:
         response = running.post({**GOOD, "callback_url": "http://10.1.2.3:8080/hook"})
         assert response.status_code == 200, response.text
         assert len(running.tracked()) == 1
+
+
+DOT_SEGMENTS = [
+    ".",
+    "..",
+    "%2e",
+    "%2E%2e",
+    ".%2e",
+    "%2e.",
+    "%252e%252e",
+    "a%2f..",
+    "..%5c",
+    "%ef%bc%8e%ef%bc%8e",  # full-width full stops: ".." once NFKC-normalised
+]
+
+
+@pytest.mark.parametrize("value", DOT_SEGMENTS)
+def test_path_parameters_that_are_or_become_other_paths_never_reach_upstream(
+    api: Api, value: str
+) -> None:
+    # Finding 4: `/requests/..` made the relay GET `/v1/lipsync` upstream with its own key.
+    app = create_app(load_settings(CHAMELAION_API_KEY="x", RELAY_API_KEYS=RELAY_KEY))
+    templates = [
+        route.path for route in app.routes if isinstance(route, Route) and "{" in route.path
+    ]
+    assert templates, "some route takes a path parameter"
+    before = httpx.get(api.sandbox_url + "/_sandbox/stats").json()["calls"]
+    host, port = api.url.removeprefix("http://").split(":")
+    for template in templates:
+        path = re.sub(r"\{[^}]+\}", value, template)
+        # http.client sends the path as written: httpx would resolve the dot segments itself.
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            connection.request("GET", path, headers={"x-api-key": RELAY_KEY})
+            response = connection.getresponse()
+            body = response.read()
+        finally:
+            connection.close()
+        assert 400 <= response.status < 500, (path, response.status, body)
+        assert "error" in orjson.loads(body)
+    assert httpx.get(api.sandbox_url + "/_sandbox/stats").json()["calls"] == before

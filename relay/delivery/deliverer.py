@@ -169,3 +169,8 @@ class Deliverer:
             return Outcome("retry", "timed out or unreachable")
         except httpx.HTTPError as exc:
             return Outcome("retry", f"could not connect: {type(exc).__name__}")
+        except Exception as exc:
+            # Anything else (a URL httpx cannot build, a bug) is this attempt's failure, on the
+            # record like any other: raised, arq would re-run the attempt over and over.
+            log.exception("callback attempt failed unexpectedly")
+            return Outcome("retry", f"unexpected error: {type(exc).__name__}")
