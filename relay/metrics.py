@@ -31,6 +31,7 @@ OUTSTANDING = Gauge("relay_outstanding_jobs", "Jobs being polled")
 DUE_WORK = Gauge("relay_due_work", "Polls due now plus deliveries due now (not parked future work)")
 POLL_LAG = Gauge("relay_poll_lag_seconds", "How overdue the most overdue poll is")
 QUEUE_DEPTH = Gauge("relay_delivery_queue_depth", "Delivery attempts queued, due or deferred")
+UPLOADS_IN_PROGRESS = Gauge("relay_uploads_in_progress", "Uploads this API process is running")
 
 
 async def refresh_shared_gauges(redis: Redis) -> None:

@@ -218,9 +218,9 @@ class Settings(BaseSettings):
     def require(self, role: Role) -> Settings:
         """Check what a role cannot start without; returns self so calls chain."""
         needed: dict[str, bool] = {"CHAMELAION_API_KEY": self.chamelaion_api_key is not None}
-        if role == "api":
+        if role == "api" or self.metrics_auth:
             needed["RELAY_API_KEYS"] = bool(self.api_keys)
-        else:
+        if role == "worker":
             needed["RELAY_WEBHOOK_SECRETS"] = bool(self.webhook_secrets)
         for variable, present in needed.items():
             if not present:

@@ -22,7 +22,15 @@ from relay.sandbox import SandboxConfig, create_sandbox_app
 from relay.serving import api_options
 from relay.settings import load_settings
 from tests.servers import serve
-from tests.stack import RELAY_KEY, SANDBOX_KEY, job_fields, new_secret
+from tests.stack import (
+    RELAY_KEY,
+    SANDBOX_KEY,
+    eventually,
+    is_up,
+    job_fields,
+    new_secret,
+    relay_stack,
+)
 
 GOOD = {
     "inputs": [
@@ -397,3 +405,26 @@ def test_path_parameters_that_are_or_become_other_paths_never_reach_upstream(
         assert 400 <= response.status < 500, (path, response.status, body)
         assert "error" in orjson.loads(body)
     assert httpx.get(api.sandbox_url + "/_sandbox/stats").json()["calls"] == before
+
+
+def test_metrics_are_open_by_default_and_need_a_key_when_asked(redis_url: str) -> None:
+    # Finding 9: /metrics auth is the operator's choice (off: Prometheus scrapes in-cluster).
+    with running_api(redis_url) as running:
+        assert httpx.get(running.url + "/metrics").status_code == 200
+    with running_api(redis_url, RELAY_METRICS_AUTH="true") as running:
+        refused = httpx.get(running.url + "/metrics")
+        assert refused.status_code == 401
+        assert refused.json() == {"error": "missing authorization header"}
+        answered = httpx.get(running.url + "/metrics", headers={"x-api-key": RELAY_KEY})
+        assert answered.status_code == 200
+        assert "relay_uploads_in_progress" in answered.text
+        assert httpx.get(running.url + "/healthz").status_code == 200
+
+
+def test_a_workers_metrics_need_a_key_when_asked(redis_url: str) -> None:
+    with relay_stack(redis_url, workers=0, env={"RELAY_METRICS_AUTH": "true"}) as stack:
+        stack.start_worker()
+        url = stack.worker_urls[0]
+        eventually(lambda: is_up(url))
+        assert httpx.get(url + "/metrics").status_code == 401
+        assert httpx.get(url + "/metrics", headers={"x-api-key": RELAY_KEY}).status_code == 200

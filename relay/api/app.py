@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from relay.api.auth import ApiKeyMiddleware, KeyRing
+from relay.api.limits import UploadSlots
 from relay.api.openapi import openapi_document
 from relay.api.responses import api_error, http_error, unexpected_error
 from relay.api.state import AppState, app_state
@@ -65,7 +66,12 @@ def create_app(settings: Settings) -> Starlette:
         try:
             yield {
                 "relay": AppState(
-                    settings, redis, JobStore(redis), upstream, settings.callback_policy()
+                    settings,
+                    redis,
+                    JobStore(redis),
+                    upstream,
+                    settings.callback_policy(),
+                    UploadSlots(settings.max_uploads, settings.max_uploads_per_key),
                 )
             }
         finally:
@@ -85,7 +91,13 @@ def create_app(settings: Settings) -> Starlette:
     return Starlette(
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(ApiKeyMiddleware, keys=KeyRing(settings.api_keys))],
+        middleware=[
+            Middleware(
+                ApiKeyMiddleware,
+                keys=KeyRing(settings.api_keys),
+                metrics_auth=settings.metrics_auth,
+            )
+        ],
         exception_handlers={
             ApiError: api_error,
             HTTPException: http_error,

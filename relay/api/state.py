@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from starlette.requests import Request
 
+from relay.api.limits import UploadSlots
 from relay.delivery.netpolicy import NetworkPolicy
 from relay.jobs.store import JobStore
 from relay.settings import Settings
@@ -20,6 +21,7 @@ class AppState:
     store: JobStore
     upstream: Upstream
     policy: NetworkPolicy
+    uploads: UploadSlots
 
 
 def app_state(request: Request) -> AppState:
