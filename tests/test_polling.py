@@ -87,7 +87,11 @@ def test_a_429_pauses_every_worker_for_its_retry_after(redis_url: str) -> None:
     with relay_stack(redis_url, sandbox=SLOW, workers=2) as stack:
         for _ in range(4):
             submit(stack)
-        time.sleep(1.0)  # polls are flowing
+        # Polls are flowing (a worker may take seconds to start on a loaded machine).
+        eventually(
+            lambda: POLL_ROUTE in stack.upstream("GET", "/_sandbox/stats").json()["timestamps"],
+            timeout=30,
+        )
         stack.upstream(
             "POST",
             "/_sandbox/faults",
