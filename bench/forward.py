@@ -43,7 +43,7 @@ BODY = {
 }
 # What the relay forwards of BODY, which the bare forwarder passes on as it is.
 UPSTREAM_BODY = {"inputs": BODY["inputs"]}
-KEY = "bench-key"
+KEY = "bench-key-0123456789"
 
 
 def serve_bare(port: int, upstream: str) -> None:

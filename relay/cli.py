@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     api = commands.add_parser("api", help="the HTTP API on uvicorn")
     api.add_argument("--host", default="127.0.0.1")
-    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--port", type=int, default=None, help="default: RELAY_API_PORT (8000)")
     commands.add_parser("worker", help="the arq worker: polling and delivery")
     commands.add_parser(
         "ack-data-loss",
@@ -32,22 +32,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_api(host: str, port: int) -> None:
-    import uvicorn
-
+def _run_api(host: str, port: int | None) -> None:
     from relay.api.app import create_app
-    from relay.serving import ProcessServer
+    from relay.serving import ProcessServer, api_config
 
-    settings = load_settings().require("api")
+    # The port it listens on is one callbacks may never reach.
+    settings = load_settings(**({} if port is None else {"RELAY_API_PORT": port})).require("api")
     configure_logging(settings.log_format)
-    config = uvicorn.Config(
-        create_app(settings),
-        host=host,
-        port=port,
-        access_log=False,
-        log_config=None,
-        timeout_graceful_shutdown=round(settings.shutdown_timeout),
-    )
+    config = api_config(create_app(settings), settings, host=host, log_config=None)
     ProcessServer(config).run()
 
 

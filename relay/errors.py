@@ -50,6 +50,11 @@ class ApiError(RelayError):
         self.headers = headers or {}
 
 
+# For an answer given before the request's body was read to its end: the rest of the body
+# would otherwise keep the connection busy (and a slow sender keeps sending it).
+CLOSE = {"connection": "close"}
+
+
 class UpstreamError(ApiError):
     """Chamelaion failed or refused; the status and message are what the relay's caller gets."""
 

@@ -92,6 +92,7 @@ REDIS_DATA_LOST = Gauge(
     "relay_redis_data_lost", "1 while an unacknowledged loss of the relay's Redis data is recorded"
 )
 MEMORY_GAUGES = (REDIS_MEMORY_USED, REDIS_MEMORY_MAX, REDIS_MEMORY_HEADROOM)
+UPLOADS_IN_PROGRESS = Gauge("relay_uploads_in_progress", "Uploads this API process is running")
 
 
 async def refresh_shared_gauges(redis: Redis) -> None:

@@ -7,12 +7,18 @@ variable, so a misconfigured pod says what to fix instead of crashing later.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from relay.delivery.netpolicy import NetworkPolicy, parse_networks
+from relay.delivery.netpolicy import (
+    DEFAULT_ALLOWED_PORTS,
+    NetworkPolicy,
+    parse_networks,
+    parse_ports,
+)
 from relay.delivery.signing import check_secret
 from relay.errors import ConfigError
 from relay.jobs.store import Breaker
@@ -37,6 +43,9 @@ DEFAULT_RETRY_SCHEDULE = (
 BREAKER_BASE = 5.0
 
 Role = Literal["api", "worker"]
+
+# Caller keys are bearer secrets: long enough that guessing one is out of the question.
+MIN_API_KEY_LENGTH = 16
 
 
 def _split(value: object) -> object:
@@ -100,6 +109,32 @@ class Settings(BaseSettings):
     job_retention: float = Field(7 * 86400.0, gt=0, validation_alias="RELAY_JOB_RETENTION")
     callback_allowed_networks: str = Field("", validation_alias="RELAY_CALLBACK_ALLOWED_NETWORKS")
     callback_denied_networks: str = Field("", validation_alias="RELAY_CALLBACK_DENIED_NETWORKS")
+    callback_allowed_ports: str = Field(
+        DEFAULT_ALLOWED_PORTS, validation_alias="RELAY_CALLBACK_ALLOWED_PORTS"
+    )
+    # The port `relay api` listens on (unless --port says otherwise); never a callback port.
+    api_port: int = Field(8000, ge=1, le=65535, validation_alias="RELAY_API_PORT")
+    # /metrics answers only with a caller key when set (off: Prometheus scrapes in-cluster).
+    metrics_auth: bool = Field(False, validation_alias="RELAY_METRICS_AUTH")
+    # Concurrent uploads per API process, in total and per caller key; 429 beyond.
+    max_uploads: int = Field(32, ge=1, le=10_000, validation_alias="RELAY_MAX_UPLOADS")
+    max_uploads_per_key: int = Field(
+        4, ge=1, le=10_000, validation_alias="RELAY_MAX_UPLOADS_PER_KEY"
+    )
+    # The slowest average a caller may send an upload at, bytes/s (after a first stall window).
+    upload_min_rate: int = Field(16 * 1024, ge=1, validation_alias="RELAY_UPLOAD_MIN_RATE")
+    # uvicorn: time to send a request's headers, idle time between requests, JSON body time,
+    # and connections plus requests in flight per process (503 beyond).
+    http_header_timeout: float = Field(
+        10.0, gt=0, le=300, validation_alias="RELAY_HTTP_HEADER_TIMEOUT"
+    )
+    http_keepalive_timeout: int = Field(
+        5, ge=1, le=300, validation_alias="RELAY_HTTP_KEEPALIVE_TIMEOUT"
+    )
+    http_body_timeout: float = Field(30.0, gt=0, le=600, validation_alias="RELAY_HTTP_BODY_TIMEOUT")
+    http_max_concurrency: int = Field(
+        1000, ge=1, le=100_000, validation_alias="RELAY_HTTP_MAX_CONCURRENCY"
+    )
     max_body_bytes: int = Field(1024 * 1024, ge=1024, validation_alias="RELAY_MAX_BODY_BYTES")
     max_upload_bytes: int = Field(5 * 1024**3, ge=1024, validation_alias="RELAY_MAX_UPLOAD_BYTES")
     log_format: Literal["json", "text"] = Field("json", validation_alias="RELAY_LOG_FORMAT")
@@ -141,9 +176,33 @@ class Settings(BaseSettings):
             max_backoff=self.destination_max_backoff,
         )
 
+    @field_validator("callback_allowed_ports")
+    @classmethod
+    def _ports(cls, value: str) -> str:
+        if not parse_ports(value):  # raises ValueError naming the bad entry
+            raise ValueError("needs at least one port")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _long_keys(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for position, key in enumerate(value, start=1):
+            if len(key.get_secret_value()) < MIN_API_KEY_LENGTH:
+                raise ValueError(
+                    f"key #{position} is shorter than {MIN_API_KEY_LENGTH} characters; "
+                    "use long random keys (e.g. `openssl rand -hex 24`)"
+                )
+        return value
+
     def callback_policy(self) -> NetworkPolicy:
-        return NetworkPolicy.from_strings(
+        policy = NetworkPolicy.from_strings(
             self.callback_allowed_networks, self.callback_denied_networks
+        )
+        return replace(
+            policy,
+            allowed_ports=parse_ports(self.callback_allowed_ports),
+            # The relay's own ports: a callback must not reach its API or a worker's metrics.
+            denied_ports=frozenset(port for port in (self.api_port, self.worker_http_port) if port),
         )
 
     @field_validator("chamelaion_base_url")
@@ -208,9 +267,9 @@ class Settings(BaseSettings):
     def require(self, role: Role) -> Settings:
         """Check what a role cannot start without; returns self so calls chain."""
         needed: dict[str, bool] = {"CHAMELAION_API_KEY": self.chamelaion_api_key is not None}
-        if role == "api":
+        if role == "api" or self.metrics_auth:
             needed["RELAY_API_KEYS"] = bool(self.api_keys)
-        else:
+        if role == "worker":
             needed["RELAY_WEBHOOK_SECRETS"] = bool(self.webhook_secrets)
         for variable, present in needed.items():
             if not present:

@@ -128,21 +128,29 @@ def decode_object(response: httpx.Response) -> dict[str, Any]:
 
 
 class Upstream:
+    """Two connection pools: uploads hold a connection for as long as the caller sends, so they
+    get their own (sized to the upload cap), and no upload can keep a status read or a JSON
+    submission waiting for a connection."""
+
     def __init__(
         self,
         base_url: str,
         api_key: str,
         *,
         timeout: float,
-        transport: httpx.AsyncBaseTransport | None = None,
+        upload_connections: int = 32,
     ) -> None:
-        self.client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/") + "/",
-            headers={"x-api-key": api_key, "user-agent": USER_AGENT},
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            transport=transport or AiohttpTransport(limits=httpx.Limits(max_connections=200)),
-            follow_redirects=False,
-        )
+        def client(connections: int) -> httpx.AsyncClient:
+            return httpx.AsyncClient(
+                base_url=base_url.rstrip("/") + "/",
+                headers={"x-api-key": api_key, "user-agent": USER_AGENT},
+                timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+                transport=AiohttpTransport(limits=httpx.Limits(max_connections=connections)),
+                follow_redirects=False,
+            )
+
+        self.client = client(200)
+        self.upload_client = client(upload_connections)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Upstream:
@@ -152,6 +160,7 @@ class Upstream:
             settings.chamelaion_base_url,
             settings.chamelaion_api_key.get_secret_value(),
             timeout=settings.upstream_timeout,
+            upload_connections=settings.max_uploads,
         )
 
     async def request(
@@ -164,11 +173,14 @@ class Upstream:
         content: Any = None,
         headers: Mapping[str, str] | None = None,
         timeout: httpx.Timeout | None = None,
+        upload: bool = False,
     ) -> httpx.Response:
-        """Send one request; transport failures become UpstreamError, answers are returned as-is."""
+        """Send one request (`upload`: on the uploads' own connections); transport failures
+        become UpstreamError, answers are returned as-is."""
         counter = UPSTREAM_CALLS.labels(endpoint_name(path), "unreachable")
+        client = self.upload_client if upload else self.client
         with _map_transport_errors(counter):
-            response = await self.client.request(
+            response = await client.request(
                 method,
                 path.lstrip("/"),
                 content=orjson.dumps(json) if json is not None else content,
@@ -176,10 +188,11 @@ class Upstream:
                 headers={"content-type": "application/json", **(headers or {})}
                 if json is not None
                 else headers,
-                timeout=timeout or self.client.timeout,
+                timeout=timeout or client.timeout,
             )
         UPSTREAM_CALLS.labels(endpoint_name(path), str(response.status_code)).inc()
         return response
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        await self.upload_client.aclose()

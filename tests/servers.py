@@ -6,6 +6,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -15,11 +16,18 @@ from relay.serving import EmbeddedServer
 
 
 @contextlib.contextmanager
-def serve(app: ASGIApp, *, port: int | None = None) -> Iterator[str]:
-    """Serve `app` on 127.0.0.1 and yield its base URL until the block ends."""
+def serve(app: ASGIApp, *, port: int | None = None, **options: Any) -> Iterator[str]:
+    """Serve `app` on 127.0.0.1 and yield its base URL until the block ends; `options` go to
+    uvicorn.Config (the API's limits: `relay.serving.api_options`)."""
     port = port or free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", loop="asyncio"
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        loop="asyncio",
+        **options,
     )
     server = EmbeddedServer(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn:{port}", daemon=True)

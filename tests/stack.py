@@ -35,11 +35,12 @@ from relay import keys
 from relay.api.app import create_app
 from relay.devtools.embedded_redis import free_port
 from relay.sandbox import SandboxConfig, create_sandbox_app
+from relay.serving import api_options
 from relay.settings import load_settings
 from tests.servers import serve
 
 SANDBOX_KEY = "sandbox-key"
-RELAY_KEY = "relay-test-key"
+RELAY_KEY = "relay-test-key-0123456789"
 
 
 def new_secret() -> str:
@@ -157,6 +158,7 @@ def relay_env(redis_url: str, sandbox_url: str, webhook_secrets: list[str]) -> d
         "RELAY_DELIVERY_TIMEOUT": "2",
         "RELAY_UPSTREAM_RATE_LIMIT": "100",
         "RELAY_CALLBACK_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "RELAY_CALLBACK_ALLOWED_PORTS": "1-65535",
         "RELAY_LOG_FORMAT": "json",
         "RELAY_SHUTDOWN_TIMEOUT": "5",
     }
@@ -184,7 +186,7 @@ def relay_stack(
             **{k: v for k, v in full_env.items() if k.startswith(("RELAY_", "CHAMELAION_"))}
         )
         with (
-            serve(create_app(settings)) as api_url,
+            serve(create_app(settings), **api_options(settings)) as api_url,
             tempfile.TemporaryDirectory(prefix="relay-logs-") as own_logs,
         ):
             stack = Stack(

@@ -4,20 +4,34 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import http.client
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import chamelaion
 import httpx
+import orjson
 import pytest
 import redis
+from starlette.routing import Route
 
 from relay.api.app import create_app
+from relay.delivery.netpolicy import DEFAULT_ALLOWED_PORTS
 from relay.devtools.embedded_redis import free_port
 from relay.sandbox import SandboxConfig, create_sandbox_app
+from relay.serving import api_options
 from relay.settings import load_settings
 from tests.servers import serve
-from tests.stack import RELAY_KEY, SANDBOX_KEY, job_fields, new_secret
+from tests.stack import (
+    RELAY_KEY,
+    SANDBOX_KEY,
+    eventually,
+    is_up,
+    job_fields,
+    new_secret,
+    relay_stack,
+)
 
 GOOD = {
     "inputs": [
@@ -58,11 +72,15 @@ def running_api(redis_url: str, **overrides: str) -> Iterator[Api]:
             CHAMELAION_BASE_URL=sandbox_url + "/api",
             CHAMELAION_API_KEY=SANDBOX_KEY,
             RELAY_REDIS_URL=redis_url,
-            RELAY_API_KEYS=f"other-key,{RELAY_KEY}",
+            RELAY_API_KEYS=f"other-key-0123456789,{RELAY_KEY}",
             RELAY_WEBHOOK_SECRETS=new_secret(),
-            **{"RELAY_CALLBACK_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128", **overrides},
+            **{
+                "RELAY_CALLBACK_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128",
+                "RELAY_CALLBACK_ALLOWED_PORTS": "1-65535",
+                **overrides,
+            },
         )
-        with serve(create_app(settings)) as url:
+        with serve(create_app(settings), **api_options(settings)) as url:
             yield Api(url, sandbox_url, redis_url)
 
 
@@ -192,7 +210,7 @@ def test_upstream_rejecting_the_relays_key_is_reported_as_the_relays_problem(
             RELAY_REDIS_URL=redis_url,
             RELAY_API_KEYS=RELAY_KEY,
         )
-        with serve(create_app(settings)) as url:
+        with serve(create_app(settings), **api_options(settings)) as url:
             response = httpx.post(
                 url + "/api/v1/lipsync/generate", json=GOOD, headers={"x-api-key": RELAY_KEY}
             )
@@ -302,6 +320,14 @@ REFUSED_CALLBACKS = [
     "http://metadata.google.internal/",
     "http://localhost/hook",
     "http://user:secret@10.0.0.7/hook",
+    # Finding 1: Linode/Akamai and Oracle metadata over IPv6, inside the allowed fc00::/7.
+    "http://[fd00:a9fe:a9fe::1]/v1/instance",
+    "http://[fd00:c1::a9fe:a9fe]/opc/v2/instance/",
+    # Finding 2: a kubelet, the worker's own metrics port, the API server's SRV-style name.
+    "http://10.1.2.3:10250/pods",
+    "http://10.1.2.3:9100/metrics",
+    "http://10.1.2.3:8000/api/v1/lipsync/requests",
+    "https://_https._tcp.kubernetes.default.svc.cluster.local/api/v1/namespaces",
 ]
 
 
@@ -309,7 +335,11 @@ REFUSED_CALLBACKS = [
 def test_default_policy_refuses_internal_targets_before_upstream(
     redis_url: str, callback_url: str
 ) -> None:
-    with running_api(redis_url, RELAY_CALLBACK_ALLOWED_NETWORKS="") as running:
+    with running_api(
+        redis_url,
+        RELAY_CALLBACK_ALLOWED_NETWORKS="",
+        RELAY_CALLBACK_ALLOWED_PORTS=DEFAULT_ALLOWED_PORTS,
+    ) as running:
         response = running.post({**GOOD, "callback_url": callback_url})
         assert response.status_code == 422, response.text
         assert "callback_url" in response.json()["error"]
@@ -318,8 +348,102 @@ def test_default_policy_refuses_internal_targets_before_upstream(
         assert running.tracked() == []
 
 
+def test_the_relays_own_ports_stay_refused_when_every_port_is_allowed(redis_url: str) -> None:
+    with running_api(
+        redis_url,
+        RELAY_CALLBACK_ALLOWED_NETWORKS="",
+        RELAY_CALLBACK_ALLOWED_PORTS="1-65535",
+        RELAY_WORKER_HTTP_PORT="9100",
+        RELAY_API_PORT="8000",
+    ) as running:
+        for port in (9100, 8000):
+            response = running.post({**GOOD, "callback_url": f"http://10.1.2.3:{port}/metrics"})
+            assert response.status_code == 422, response.text
+            assert "own ports" in response.json()["error"]
+        assert running.upstream_calls("POST /v1/lipsync/generate") == 0
+
+
+def test_the_charts_denied_networks_refuse_the_api_server(redis_url: str) -> None:
+    # Finding 2: the chart's default denied list (values.yaml callbackPolicy) closes the
+    # cluster's API server address and the node range; the same values, set by hand here.
+    with running_api(
+        redis_url,
+        RELAY_CALLBACK_ALLOWED_NETWORKS="",
+        RELAY_CALLBACK_DENIED_NETWORKS="10.96.0.1/32,10.0.0.0/16",
+        RELAY_CALLBACK_ALLOWED_PORTS=DEFAULT_ALLOWED_PORTS,
+    ) as running:
+        for url in ("https://10.96.0.1:443/api/v1/namespaces", "http://10.0.3.4/pods"):
+            response = running.post({**GOOD, "callback_url": url})
+            assert response.status_code == 422, response.text
+        assert running.upstream_calls("POST /v1/lipsync/generate") == 0
+
+
 def test_default_policy_admits_private_receivers(redis_url: str) -> None:
     with running_api(redis_url, RELAY_CALLBACK_ALLOWED_NETWORKS="") as running:
         response = running.post({**GOOD, "callback_url": "http://10.1.2.3:8080/hook"})
         assert response.status_code == 200, response.text
         assert len(running.tracked()) == 1
+
+
+DOT_SEGMENTS = [
+    ".",
+    "..",
+    "%2e",
+    "%2E%2e",
+    ".%2e",
+    "%2e.",
+    "%252e%252e",
+    "a%2f..",
+    "..%5c",
+    "%ef%bc%8e%ef%bc%8e",  # full-width full stops: ".." once NFKC-normalised
+]
+
+
+@pytest.mark.parametrize("value", DOT_SEGMENTS)
+def test_path_parameters_that_are_or_become_other_paths_never_reach_upstream(
+    api: Api, value: str
+) -> None:
+    # Finding 4: `/requests/..` made the relay GET `/v1/lipsync` upstream with its own key.
+    app = create_app(load_settings(CHAMELAION_API_KEY="x", RELAY_API_KEYS=RELAY_KEY))
+    templates = [
+        route.path for route in app.routes if isinstance(route, Route) and "{" in route.path
+    ]
+    assert templates, "some route takes a path parameter"
+    before = httpx.get(api.sandbox_url + "/_sandbox/stats").json()["calls"]
+    host, port = api.url.removeprefix("http://").split(":")
+    for template in templates:
+        path = re.sub(r"\{[^}]+\}", value, template)
+        # http.client sends the path as written: httpx would resolve the dot segments itself.
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            connection.request("GET", path, headers={"x-api-key": RELAY_KEY})
+            response = connection.getresponse()
+            body = response.read()
+        finally:
+            connection.close()
+        assert 400 <= response.status < 500, (path, response.status, body)
+        assert "error" in orjson.loads(body)
+    assert httpx.get(api.sandbox_url + "/_sandbox/stats").json()["calls"] == before
+
+
+def test_metrics_are_open_by_default_and_need_a_key_when_asked(redis_url: str) -> None:
+    # Finding 9: /metrics auth is the operator's choice (off: Prometheus scrapes in-cluster).
+    with running_api(redis_url) as running:
+        assert httpx.get(running.url + "/metrics").status_code == 200
+    with running_api(redis_url, RELAY_METRICS_AUTH="true") as running:
+        refused = httpx.get(running.url + "/metrics")
+        assert refused.status_code == 401
+        assert refused.json() == {"error": "missing authorization header"}
+        answered = httpx.get(running.url + "/metrics", headers={"x-api-key": RELAY_KEY})
+        assert answered.status_code == 200
+        assert "relay_uploads_in_progress" in answered.text
+        assert httpx.get(running.url + "/healthz").status_code == 200
+
+
+def test_a_workers_metrics_need_a_key_when_asked(redis_url: str) -> None:
+    with relay_stack(redis_url, workers=0, env={"RELAY_METRICS_AUTH": "true"}) as stack:
+        stack.start_worker()
+        url = stack.worker_urls[0]
+        eventually(lambda: is_up(url))
+        assert httpx.get(url + "/metrics").status_code == 401
+        assert httpx.get(url + "/metrics", headers={"x-api-key": RELAY_KEY}).status_code == 200

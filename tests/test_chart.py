@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterator
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ import helm_python as helm
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
+
+from relay.settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "chamelaion-relay"
@@ -433,6 +436,10 @@ CONTRACT_ENV = {
     "RELAY_SWEEP_PAGE_SIZE", "RELAY_SWEEP_WINDOW",
     "RELAY_REDIS_TIMEOUT", "RELAY_REDIS_WAIT_REPLICAS",
     "RELAY_REDIS_WAIT_TIMEOUT", "RELAY_MAX_UPSTREAM_PAUSE",
+    "RELAY_CALLBACK_ALLOWED_PORTS", "RELAY_METRICS_AUTH",
+    "RELAY_MAX_UPLOADS", "RELAY_MAX_UPLOADS_PER_KEY", "RELAY_UPLOAD_MIN_RATE",
+    "RELAY_HTTP_HEADER_TIMEOUT", "RELAY_HTTP_KEEPALIVE_TIMEOUT", "RELAY_HTTP_BODY_TIMEOUT",
+    "RELAY_HTTP_MAX_CONCURRENCY", "RELAY_API_PORT",
 }  # fmt: skip
 SECRET_ENV = {"CHAMELAION_API_KEY", "RELAY_API_KEYS", "RELAY_WEBHOOK_SECRETS", "RELAY_REDIS_URL"}
 
@@ -463,12 +470,36 @@ def test_configmap_carries_the_non_secret_settings(chart: helm.Chart) -> None:
     assert data["RELAY_POLL_MIN_INTERVAL"] == "0.5"
     assert data["RELAY_POLL_MAX_INTERVAL"] == "60"
     assert data["RELAY_DELIVERY_RETRY_SCHEDULE"] == "5,30,120"
-    assert data["RELAY_CALLBACK_DENIED_NETWORKS"] == "10.0.0.0/8,fd00::/8"
+    denied = data["RELAY_CALLBACK_DENIED_NETWORKS"].split(",")
+    assert denied[:2] == ["10.0.0.0/8", "fd00::/8"]
+    assert "10.96.0.1/32" in denied  # the cluster's API server, by default
     assert data["RELAY_SWEEP_PAGE_SIZE"] == "500"
     assert "RELAY_SWEEP_INTERVAL" not in data
     # Unset values are left out so that the application's own defaults apply.
     assert "RELAY_MAX_BODY_BYTES" not in data
     assert "RELAY_CALLBACK_ALLOWED_NETWORKS" not in data
+
+
+def test_the_default_config_closes_the_clusters_control_plane(chart: helm.Chart) -> None:
+    # Finding 2: the chart shipped an empty denied list; now its defaults close the API
+    # server's ClusterIP of the common distributions, the values add node ranges, and ports
+    # outside the web ports (kubelets, the relay's own) are refused.
+    data = find(render(chart), "ConfigMap", FULLNAME)["data"]
+    denied = data["RELAY_CALLBACK_DENIED_NETWORKS"].split(",")
+    assert {"10.96.0.1/32", "10.100.0.1/32", "172.20.0.1/32", "10.43.0.1/32"} <= set(denied)
+    assert data["RELAY_CALLBACK_ALLOWED_PORTS"] == "80,443,8080,8443"
+    assert data["RELAY_METRICS_AUTH"] == "false"
+    with_nodes = render(chart, {"config": {"clusterNetworks": {"nodes": ["10.0.0.0/20"]}}})
+    data = find(with_nodes, "ConfigMap", FULLNAME)["data"]
+    assert "10.0.0.0/20" in data["RELAY_CALLBACK_DENIED_NETWORKS"].split(",")
+    # What the chart renders is what the relay accepts, and its policy refuses those targets.
+    settings = load_settings(CHAMELAION_API_KEY="x", **data)
+    policy = settings.callback_policy()
+    assert policy.check_address(ip_address("10.96.0.1")) is not None
+    assert policy.check_address(ip_address("10.0.3.4")) is not None
+    assert policy.check_port(10250) is not None
+    assert policy.check_port(8000) is not None
+    assert policy.check_port(443) is None
 
 
 def relay_env(manifest: Manifest) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import pytest
 from chamelaion import Chamelaion
 
 from relay.devtools.embedded_redis import free_port
+from tests.stack import RELAY_KEY as LONG_KEY
 from tests.stack import eventually, new_secret
 
 
@@ -37,17 +38,25 @@ def run_relay(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[st
 @pytest.mark.parametrize(
     ("command", "env", "variable"),
     [
-        ("api", {"RELAY_API_KEYS": "k"}, "CHAMELAION_API_KEY"),
+        ("api", {"RELAY_API_KEYS": LONG_KEY}, "CHAMELAION_API_KEY"),
         ("api", {"CHAMELAION_API_KEY": "x"}, "RELAY_API_KEYS"),
         ("worker", {"CHAMELAION_API_KEY": "x"}, "RELAY_WEBHOOK_SECRETS"),
         (
             "api",
-            {"CHAMELAION_API_KEY": "x", "RELAY_API_KEYS": "k", "RELAY_POLL_MIN_INTERVAL": "soon"},
+            {
+                "CHAMELAION_API_KEY": "x",
+                "RELAY_API_KEYS": LONG_KEY,
+                "RELAY_POLL_MIN_INTERVAL": "soon",
+            },
             "RELAY_POLL_MIN_INTERVAL",
         ),
         (
             "api",
-            {"CHAMELAION_API_KEY": "x", "RELAY_API_KEYS": "k", "RELAY_REDIS_URL": "http://redis"},
+            {
+                "CHAMELAION_API_KEY": "x",
+                "RELAY_API_KEYS": LONG_KEY,
+                "RELAY_REDIS_URL": "http://redis",
+            },
             "RELAY_REDIS_URL",
         ),
         (
@@ -64,10 +73,21 @@ def run_relay(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[st
             "api",
             {
                 "CHAMELAION_API_KEY": "x",
-                "RELAY_API_KEYS": "k",
+                "RELAY_API_KEYS": LONG_KEY,
                 "RELAY_CALLBACK_ALLOWED_NETWORKS": "10.0.0.0/33",
             },
             "RELAY_CALLBACK_ALLOWED_NETWORKS",
+        ),
+        # Finding 9: a guessable caller key stops start-up.
+        ("api", {"CHAMELAION_API_KEY": "x", "RELAY_API_KEYS": f"{LONG_KEY},k"}, "RELAY_API_KEYS"),
+        (
+            "api",
+            {
+                "CHAMELAION_API_KEY": "x",
+                "RELAY_API_KEYS": LONG_KEY,
+                "RELAY_CALLBACK_ALLOWED_PORTS": "443,70000",
+            },
+            "RELAY_CALLBACK_ALLOWED_PORTS",
         ),
     ],
 )
@@ -161,3 +181,23 @@ def test_worker_stops_cleanly_on_sigterm(redis_url: str) -> None:
         raise
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
+
+
+def test_relay_dev_never_prints_a_key_from_the_environment() -> None:
+    # Finding 9: the banner shows only a key `relay dev` generated itself.
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay.cli", "dev", "--port", str(port)],
+        env=clean_env(RELAY_API_KEYS=LONG_KEY),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        banner = read_until(proc, "Ctrl-C", timeout=20)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert "key: one of RELAY_API_KEYS" in banner
+    assert LONG_KEY not in banner

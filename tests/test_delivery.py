@@ -30,8 +30,11 @@ async def worker_state(redis_url: str, **env: str) -> AsyncIterator[WorkerState]
         CHAMELAION_BASE_URL="http://127.0.0.1:9/api",
         RELAY_REDIS_URL=redis_url,
         RELAY_WEBHOOK_SECRETS=new_secret(),
-        RELAY_CALLBACK_ALLOWED_NETWORKS="127.0.0.0/8",
-        **env,
+        **{
+            "RELAY_CALLBACK_ALLOWED_NETWORKS": "127.0.0.0/8",
+            "RELAY_CALLBACK_ALLOWED_PORTS": "1-65535",
+            **env,
+        },
     )
     state = await build_state(settings)
     try:
@@ -94,6 +97,20 @@ async def test_retry_after_beyond_retention_keeps_the_job_for_the_next_attempt(
             delay = due_ms / 1000 - time.time()
             assert 86400 - 5 <= delay <= 86400
             assert await state.redis.ttl(keys.job("r2")) >= delay + 86400 - 5
+
+
+async def test_an_unexpected_error_ends_the_attempt_as_a_recorded_failure(redis_url: str) -> None:
+    # Finding 5: a URL httpx cannot build (stored raw by an older relay) raised InvalidURL out
+    # of the attempt, and arq re-ran it again and again. Now it is an outcome like any other.
+    async with worker_state(redis_url, RELAY_DELIVERY_RETRY_SCHEDULE="0,0") as state:
+        raw = "http://\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54:9/hook"
+        await ended_job(state, "r3", raw)
+        assert await state.deliverer.attempt("r3", 0) == "retry"
+        assert await state.deliverer.attempt("r3", 1) == "failed"
+        job = await state.store.get("r3")
+        assert job is not None
+        assert job.delivery == "failed"
+        assert job.last_result == "unexpected error: InvalidURL"
 
 
 @contextlib.contextmanager

@@ -315,7 +315,7 @@ def relay_env(image: Image, redis_url: str, **extra: str) -> dict[str, str]:
         "RELAY_REDIS_URL": redis_url,
         "CHAMELAION_API_KEY": "x",
         "CHAMELAION_BASE_URL": "http://127.0.0.1:1/api",
-        "RELAY_API_KEYS": "k",
+        "RELAY_API_KEYS": "image-test-key-0123456789",
         "RELAY_WEBHOOK_SECRETS": f"whsec_{secret}",
         **extra,
     }

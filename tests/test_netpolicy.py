@@ -21,6 +21,7 @@ from relay.delivery.netpolicy import (
     ParsedCallbackUrl,
     parse_callback_url,
     parse_networks,
+    parse_ports,
     resolve_and_check,
 )
 from relay.errors import ApiError, CallbackUrlRejected
@@ -195,6 +196,15 @@ def test_hosts_ending_in_a_number_must_be_ipv4(host: str) -> None:
         "kubernetes.default.svc",
         "kubernetes.default.svc.cluster.local",
         "kubernetes.default.svc.corp.example",
+        # Finding 2: SRV-style names resolve to the API server too.
+        "_https._tcp.kubernetes.default.svc.cluster.local",
+        "_https._tcp.kubernetes.default",
+        "_https._tcp.kubernetes",
+        "_https._tcp.kubernetes.default.svc.cluster.local.",
+        "_HTTPS._TCP.Kubernetes.Default.Svc",
+        "_x._y._z.kubernetes.default.svc",
+        "\uff4b\uff55\uff42\uff45\uff52\uff4e\uff45\uff54\uff45\uff53.default.svc",  # full-width
+        "api.metadata.cloud.ibm.com",
     ],
 )
 def test_metadata_host_names_are_refused(host: str) -> None:
@@ -210,6 +220,7 @@ def test_metadata_host_names_are_refused(host: str) -> None:
         "metadata-api.ns.svc.cluster.local",
         "instance-data.ns.svc.cluster.local",
         "mymetadata.google.internal.example.com",
+        "_https._tcp.receiver.ns.svc.cluster.local",
     ],
 )
 def test_near_misses_of_metadata_names_are_accepted(host: str) -> None:
@@ -359,6 +370,65 @@ def test_metadata_endpoints_stay_denied_in_allow_list_mode() -> None:
         refusal = policy.check_address(ip_address(address))
         assert refusal is not None
         assert "metadata" in refusal or "AWS" in refusal
+
+
+# Finding 1: every major cloud's metadata and credential addresses, IPv4 and IPv6, with the
+# cloud each belongs to; refused even when the operator allows everything.
+METADATA_ADDRESSES = [
+    ("169.254.169.254", "AWS, GCP, Azure, Oracle, Linode, DigitalOcean, Hetzner, OpenStack"),
+    ("fd00:ec2::254", "AWS IMDS over IPv6"),
+    ("169.254.170.2", "AWS ECS task credentials"),
+    ("169.254.170.23", "AWS EKS Pod Identity"),
+    ("fd00:ec2::23", "AWS EKS Pod Identity over IPv6"),
+    ("fd20:ce::254", "GCP over IPv6"),
+    ("168.63.129.16", "Azure WireServer"),
+    ("192.0.0.192", "Oracle legacy"),
+    ("fd00:c1::a9fe:a9fe", "Oracle over IPv6"),
+    ("100.100.100.200", "Alibaba Cloud"),
+    ("fd00:a9fe:a9fe::1", "Linode/Akamai over IPv6"),
+    ("fe80::a9fe:a9fe", "OpenStack over IPv6"),
+    ("169.254.42.42", "Scaleway"),
+    ("fd00:42::42", "Scaleway over IPv6"),
+    ("169.254.0.23", "Tencent Cloud"),
+]
+
+
+@pytest.mark.parametrize(("address", "cloud"), METADATA_ADDRESSES)
+def test_every_clouds_metadata_address_is_always_refused(address: str, cloud: str) -> None:
+    open_policy = NetworkPolicy.from_strings("0.0.0.0/0, ::/0", "")
+    ip = ip_address(address)
+    assert open_policy.check_address(ip) is not None, cloud
+    assert DEFAULT.check_address(ip) is not None, cloud
+    literal = f"[{ip}]" if ip.version == 6 else str(ip)
+    assert refused(f"http://{literal}/latest/meta-data/", open_policy), cloud
+
+
+def test_every_metadata_network_is_tested() -> None:
+    tested = {ip_address(address) for address, _ in METADATA_ADDRESSES}
+    for network, _ in METADATA_NETWORKS:
+        assert any(ip in network for ip in tested), f"{network} has no test"
+
+
+@pytest.mark.parametrize(
+    ("ports", "port", "reason"),
+    [
+        (frozenset({80, 443}), 443, None),
+        (frozenset({80, 443}), 10250, "not an allowed callback port"),
+        (frozenset(), 10250, None),
+        (frozenset({9100}), 9100, "the relay's own ports"),
+    ],
+)
+def test_ports_are_part_of_the_policy(ports: frozenset[int], port: int, reason: str | None) -> None:
+    policy = NetworkPolicy(allowed_ports=ports, denied_ports=frozenset({9100, 8000}))
+    refusal = policy.check_port(port)
+    assert refusal is None if reason is None else reason in (refusal or "")
+
+
+def test_parse_ports() -> None:
+    assert parse_ports("80, 443,8000-8002,") == {80, 443, 8000, 8001, 8002}
+    for bad in ("0", "65536", "http", "90-80"):
+        with pytest.raises(ValueError, match="port"):
+            parse_ports(bad)
 
 
 def test_denied_networks_always_win() -> None:

@@ -14,15 +14,20 @@ from pathlib import Path
 import httpx
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
+from hypothesis import given, settings
+from pydantic import TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from relay.api.models import CallbackUrl
+from relay.api.multipart import MediaForm
 from relay.delivery.netpolicy import NetworkPolicy
 from relay.delivery.transport import make_callback_client
 from relay.errors import DestinationRefused
 from tests.servers import serve
+from tests.urls import callback_urls
 
 ALLOW_LOOPBACK = NetworkPolicy.from_strings("127.0.0.0/8", "")
 served: list[tuple[str, str, str]] = []  # (method, path, Host header) of every request served
@@ -254,3 +259,59 @@ async def test_tls_uses_the_host_name_for_sni_and_verification(
         response = await client.post(f"https://receiver.test:{port}/hook")
     assert response.status_code == 200
     assert seen == ["sni=receiver.test", f"host=receiver.test:{port}"]
+
+
+class AnyHostResolver(AbstractResolver):
+    """Every name is the loopback server under test."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [
+            ResolveResult(
+                hostname=host,
+                host="127.0.0.1",
+                port=port,
+                family=socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+            )
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+def test_every_url_that_passes_the_submit_check_is_deliverable(port: int) -> None:
+    # Finding 5: both submit routes store `CallbackUrl`'s normalised form; whatever it lets
+    # through, the delivery client can send, over the same generator of hostile URLs.
+    adapter: TypeAdapter[str] = TypeAdapter(CallbackUrl)
+    accepted: list[str] = []
+
+    @settings(max_examples=150, deadline=None)
+    @given(callback_urls(port))
+    def check(url: str) -> None:
+        try:
+            stored = adapter.validate_python(url)
+        except ValidationError:
+            return
+        # The multipart route keeps what its reader checked: the same form.
+        media = MediaForm(b"b0undary")
+        media.feed(
+            b"--b0undary\r\ncontent-disposition: form-data; name=callback_url\r\n\r\n"
+            + url.encode()
+            + b"\r\n--b0undary--"
+        )
+        assert media.callback_url == stored
+        accepted.append(url)
+        response = asyncio.run(deliver(stored))
+        assert response.status_code == 200, (url, stored)
+
+    async def deliver(url: str) -> httpx.Response:
+        async with make_callback_client(
+            ALLOW_LOOPBACK, timeout=5, resolver=AnyHostResolver()
+        ) as client:
+            return await client.post(url, content=b"{}")
+
+    check()
+    assert len(accepted) > 20, "the generator must produce URLs the submit check accepts"

@@ -25,7 +25,7 @@ from standardwebhooks import Webhook
 from relay import keys
 from relay.api.multipart import MediaForm
 from relay.errors import ApiError
-from tests.stack import RELAY_KEY, Stack, eventually, relay_stack
+from tests.stack import RELAY_KEY, Stack, eventually, job_field, relay_stack
 
 UPLOAD = "/api/v1/lipsync/generate-with-media"
 UPSTREAM_CALL = "POST /v1/lipsync/generate-with-media"
@@ -53,6 +53,19 @@ def part(
     if content_type is not None:
         head += f"Content-Type: {content_type}\r\n"
     return head.encode() + b"\r\n" + value + b"\r\n"
+
+
+def raw_part(dispositions: list[str], value: bytes) -> bytes:
+    """A part with these Content-Disposition values (and other `Name: value` lines) as given."""
+    lines = [
+        line if ":" in line.split(";")[0] else f"Content-Disposition: {line}"
+        for line in dispositions
+    ]
+    return (
+        (f"--{BOUNDARY}\r\n" + "".join(f"{line}\r\n" for line in lines) + "\r\n").encode()
+        + value
+        + b"\r\n"
+    )
 
 
 def closing() -> bytes:
@@ -214,7 +227,7 @@ BAD_UPLOADS = {
         MULTIPART,
         form(callback("ftp://files.example.com/hook"), video(), audio()),
         422,
-        "callback_url: Value error, must be an http:// or https:// URL",
+        "callback_url: Value error, scheme 'ftp' is not allowed",
         False,
     ),
     "callback_url to a refused network, first": (
@@ -262,6 +275,50 @@ BAD_UPLOADS = {
         True,
     ),
     "duplicate video": (MULTIPART, form(video(), video(), audio()), 422, "more than once", True),
+    # Finding 6: a header block over 16 KiB is refused even when it arrives whole.
+    "huge part headers": (
+        MULTIPART,
+        form(raw_part(['form-data; name="reference_id"', "X-Pad: " + "a" * 60_000], b"r")),
+        400,
+        "headers are too large",
+        False,
+    ),
+    # Finding 7: what a common reader could read as another part than the relay checked.
+    "two Content-Disposition headers": (
+        MULTIPART,
+        form(
+            raw_part(
+                ['form-data; name="video"; filename="v.mp4"', 'form-data; name="reference_id"'],
+                b"r",
+            ),
+            video(),
+            audio(),
+        ),
+        400,
+        "more than one Content-Disposition header",
+        False,
+    ),
+    "a repeated name parameter": (
+        MULTIPART,
+        form(raw_part(['form-data; name="reference_id"; name="video"'], b"r"), video(), audio()),
+        400,
+        "ambiguous name parameter",
+        False,
+    ),
+    "an RFC 2231 name": (
+        MULTIPART,
+        form(raw_part(["form-data; name=\"reference_id\"; name*=UTF-8''video"], b"r")),
+        400,
+        "ambiguous name* parameter",
+        False,
+    ),
+    "text that is not a parameter": (
+        MULTIPART,
+        form(raw_part(['form-data; junk; name="reference_id"'], b"r"), video(), audio()),
+        400,
+        "not a parameter",
+        False,
+    ),
     "no closing boundary": (
         MULTIPART,
         form(video(), audio())[: -len(closing())],
@@ -515,3 +572,28 @@ def test_a_field_too_long_is_refused_without_being_held() -> None:
     assert caught.value.status_code == 422
     assert "reference_id: is longer than" in caught.value.message
     assert orjson.dumps(caught.value.details)
+
+
+def test_part_headers_over_the_limit_are_refused_whole_or_in_pieces() -> None:
+    # Finding 6: the old reader only counted a header block that spanned chunks.
+    body = form(raw_part(['form-data; name="reference_id"', "X-Pad: " + "a" * 60_000], b"r"))
+    for cuts in ([], [100], [30_000]):
+        with pytest.raises(ApiError, match="headers are too large"):
+            forwarded(body, cuts)
+
+
+def test_a_full_width_callback_url_is_stored_normalised_and_delivered(redis_url: str) -> None:
+    # Finding 5: the multipart route stored the raw URL, which the delivery client could not
+    # even parse; the attempt crashed and was retried by arq, and no callback ever came.
+    with relay_stack(
+        redis_url, env={"RELAY_CALLBACK_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128"}
+    ) as stack:
+        port = urlsplit(stack.callback_url).port
+        full_width = f"http://\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54:{port}/hook"
+        response = post(stack, form(callback(full_width), video(), audio()))
+        assert response.status_code == 200, response.text
+        request_id = response.json()["request_id"]
+        stored = job_field(redis_url, request_id, "callback_url")
+        assert stored == f"http://localhost:{port}/hook".encode()
+        [delivered] = stack.receiver.wait_for(1, timeout=30)
+        assert orjson.loads(delivered.body)["data"]["id"] == request_id

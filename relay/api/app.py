@@ -25,6 +25,7 @@ from relay import keys
 from relay.api import deliveries, test_events, watches, webhook_keys
 from relay.api.auth import ApiKeyMiddleware, KeyRing
 from relay.api.idempotency import idempotent
+from relay.api.limits import UploadSlots
 from relay.api.openapi import openapi_document
 from relay.api.responses import api_error, http_error, unexpected_error
 from relay.api.state import AppState, app_state
@@ -105,6 +106,7 @@ def create_app(settings: Settings) -> Starlette:
                     callback_client=callback_client,
                     attempt_log=attempt_log,
                     redeliverer=Redeliverer(arq, store, attempt_log),
+                    uploads=UploadSlots(settings.max_uploads, settings.max_uploads_per_key),
                 )
             }
         finally:
@@ -155,6 +157,7 @@ def create_app(settings: Settings) -> Starlette:
             Middleware(
                 ApiKeyMiddleware,
                 keys=KeyRing(settings.api_keys),
+                metrics_auth=settings.metrics_auth,
                 public=(webhook_keys.PATH,),
             )
         ],

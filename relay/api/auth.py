@@ -16,10 +16,19 @@ from pydantic import SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 PROTECTED_PREFIX = "/api/"
+METRICS_PATH = "/metrics"
 
 
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
+
+
+def caller_id(headers: dict[bytes, bytes]) -> str:
+    """A name for the key a request was accepted with (per-key limits); not the key itself."""
+    key = headers.get(b"x-api-key")
+    if key is None:
+        key = headers.get(b"authorization", b"").partition(b" ")[2].strip()
+    return hashlib.sha256(key).hexdigest()[:16]
 
 
 class KeyRing:
@@ -58,21 +67,39 @@ def route_path(scope: Scope) -> str:
 
 
 class ApiKeyMiddleware:
-    """Pure ASGI, so request bodies (uploads) stream through untouched."""
+    """Pure ASGI, so request bodies (uploads) stream through untouched.
 
-    def __init__(self, app: ASGIApp, keys: KeyRing, public: tuple[str, ...] = ()) -> None:
+    Guards `/api/*`, and `/metrics` too when `metrics_auth` is set. An accepted request
+    carries `caller_id` in its state, for per-key limits.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: KeyRing,
+        *,
+        metrics_auth: bool = False,
+        public: tuple[str, ...] = (),
+    ) -> None:
         self.app = app
         self.keys = keys
+        self.metrics_auth = metrics_auth
         # Exact paths under /api/ that need no key (published public keys).
         self.public = frozenset(public)
 
+    def _protected(self, path: str) -> bool:
+        if path in self.public:
+            return False
+        return path.startswith(PROTECTED_PREFIX) or (self.metrics_auth and path == METRICS_PATH)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = route_path(scope) if scope["type"] == "http" else ""
-        if not path.startswith(PROTECTED_PREFIX) or path in self.public:
+        if scope["type"] != "http" or not self._protected(route_path(scope)):
             await self.app(scope, receive, send)
             return
-        refusal = self.keys.refusal(dict(scope["headers"]))
+        headers = dict(scope["headers"])
+        refusal = self.keys.refusal(headers)
         if refusal is None:
+            scope.setdefault("state", {})["caller_id"] = caller_id(headers)
             await self.app(scope, receive, send)
             return
         body = orjson.dumps({"error": refusal})

@@ -1,10 +1,14 @@
-"""Reading a caller's body within a size limit (413 as soon as it is known to be too big)."""
+"""Reading a caller's body within a size limit (413 as soon as it is known to be too big) and a
+time limit (408 when it has not all come within RELAY_HTTP_BODY_TIMEOUT)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.requests import Request
 
-from relay.errors import ApiError
+from relay.api.state import app_state
+from relay.errors import CLOSE, ApiError
 
 
 def too_large(limit: int) -> ApiError:
@@ -23,11 +27,18 @@ def declared_length(request: Request, limit: int) -> int | None:
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed `limit`."""
     declared_length(request, limit)
+    timeout = app_state(request).settings.http_body_timeout
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(limit)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(limit)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(
+            408, f"request body not received within {timeout:g} s", headers=CLOSE
+        ) from None
     return b"".join(chunks)

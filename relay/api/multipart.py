@@ -21,16 +21,17 @@ from enum import Enum, auto
 
 from pydantic import TypeAdapter, ValidationError
 
-from relay.api.models import HttpUrlText, ReferenceId
+from relay.api.models import CallbackUrl, ReferenceId
 from relay.errors import ApiError
 
 FILE_PARTS = ("video", "audio")
 CALLBACK_FIELD = "callback_url"
 BOOL_FIELD = "disable_active_speaker_detection"
-# The text fields the relay takes, with its check for each (the same as for a JSON body).
+# The text fields the relay takes, with its check for each (the same as for a JSON body); the
+# value kept is the checked one (a callback URL in its one normalised form).
 _TEXT_FIELDS: dict[str, TypeAdapter[str]] = {
     "reference_id": TypeAdapter(ReferenceId),
-    CALLBACK_FIELD: TypeAdapter(HttpUrlText),
+    CALLBACK_FIELD: TypeAdapter(CallbackUrl),
 }
 # A form carries a boolean as text: any spelling Go's strconv.ParseBool takes, as Chamelaion's
 # server does.
@@ -53,15 +54,31 @@ _PARAM = re.compile(r';\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*
 _ESCAPE = re.compile(r"\\(.)")
 
 
-def parse_header_value(value: str) -> tuple[str, dict[str, str]]:
-    """Split `form-data; name="x"` into its lowercased main value and its parameters."""
+def parse_header_value(value: str, *, strict: bool = False) -> tuple[str, dict[str, str]]:
+    """Split `form-data; name="x"` into its lowercased main value and its parameters.
+
+    `strict` (part headers) refuses, as a malformed body, what common readers could read
+    differently: text that is not a parameter (Go's mime.ParseMediaType then fails and the
+    part has no name), a parameter given twice (Go fails; others take the first or the last)
+    and RFC 2231 `name*` (Go decodes it into `name`; others ignore it).
+    """
     main, _, rest = value.partition(";")
+    text = ";" + rest
     params: dict[str, str] = {}
-    for match in _PARAM.finditer(";" + rest):
+    at = 0
+    for match in _PARAM.finditer(text):
+        if strict and text[at : match.start()].strip():
+            raise _malformed("a part's Content-Disposition has text that is not a parameter")
+        at = match.end()
         raw = match.group(2)
         if raw.startswith('"'):
             raw = _ESCAPE.sub(r"\1", raw[1:-1])
-        params[match.group(1).lower()] = raw
+        key = match.group(1).lower()
+        if strict and (key in params or key == "name*"):
+            raise _malformed(f"a part's Content-Disposition has an ambiguous {key} parameter")
+        params[key] = raw
+    if strict and text[at:].strip() not in ("", ";"):
+        raise _malformed("a part's Content-Disposition has text that is not a parameter")
     return main.strip().lower(), params
 
 
@@ -231,6 +248,9 @@ class MediaForm:
                     raise _malformed("a part's headers are too large")
                 return self._hold(data, at)
             block_end = found + 4
+        if block_end - line_end > MAX_HEADER_BYTES:
+            # However the bytes were chunked: a block found whole in one chunk counts too.
+            raise _malformed("a part's headers are too large")
         self._part = self._start_part(data[line_end + 2 : block_end - 4])
         self._emit(data, at, block_end)
         self._state = _State.DATA
@@ -259,13 +279,19 @@ class MediaForm:
     def _start_part(self, block: bytes) -> _Part:
         disposition = ""
         lines = block.decode("utf-8", errors="replace").split("\r\n") if block else []
+        headers: set[str] = set()
         for line in lines:
             header, colon, value = line.partition(":")
             if not colon or not header or header != header.strip():
                 raise _malformed("a part has a malformed header line")
+            if header.lower() in headers:
+                # Readers differ on which of two copies counts (Go takes the first): the
+                # relay would check one part and Chamelaion act on another.
+                raise _malformed(f"a part has more than one {header} header")
+            headers.add(header.lower())
             if header.lower() == "content-disposition":
                 disposition = value.strip()
-        kind, params = parse_header_value(disposition)
+        kind, params = parse_header_value(disposition, strict=True)
         name = params.get("name", "")
         if kind != "form-data" or not name:
             raise _malformed("a part has no form-data name")
@@ -309,7 +335,7 @@ class MediaForm:
             raise _invalid(name, "must be a boolean (true or false)")
         if name in _TEXT_FIELDS:
             try:
-                _TEXT_FIELDS[name].validate_python(value)
+                value = _TEXT_FIELDS[name].validate_python(value)
             except ValidationError as exc:
                 raise _invalid(name, exc.errors(include_url=False)[0]["msg"]) from None
         self.fields[name] = value

@@ -217,6 +217,7 @@ def openapi_document() -> dict[str, Any]:
             "content": _json("LipsyncGenerate"),
         },
         "400": _error("Malformed body, or refused by Chamelaion as sent"),
+        "408": _error("The body did not arrive in time"),
         "413": _error("Body over the configured limit"),
         "422": _error("Invalid field (named in the message and details)"),
         "503": _error("The relay's job store is unavailable; nothing was created"),
@@ -290,8 +291,13 @@ def openapi_document() -> dict[str, Any]:
                     {
                         **submitted,
                         **idempotency_errors,
-                        "400": _error("Missing, extra or malformed parts"),
+                        "400": _error("Missing, extra, malformed or ambiguous parts"),
+                        "408": _error("The upload stalled or arrived below the minimum rate"),
                         "415": _error("Not multipart/form-data"),
+                        "429": _error(
+                            "Too many uploads in progress (for this key or in all), or "
+                            "Chamelaion's rate limit; see Retry-After"
+                        ),
                     },
                     security=secured,
                     parameters=[idempotency_key],
@@ -306,7 +312,7 @@ def openapi_document() -> dict[str, Any]:
                     "A request's status: the relay's own state when tracked, else Chamelaion's",
                     {
                         "200": {"description": "The request", "content": _json("LipsyncRequest")},
-                        "400": _error("Id too long"),
+                        "400": _error("Id too long, a dot segment, or with a slash"),
                         "404": _error("lipsync request not found"),
                         **_UPSTREAM_ERRORS,
                         **_ERRORS_ANY,
@@ -455,7 +461,8 @@ def openapi_document() -> dict[str, Any]:
                         "200": {
                             "description": "exposition",
                             "content": {"text/plain": {"schema": {"type": "string"}}},
-                        }
+                        },
+                        "401": _error("No or a wrong API key, when RELAY_METRICS_AUTH is on"),
                     },
                 )
             },

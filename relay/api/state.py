@@ -8,6 +8,7 @@ import httpx
 from redis.asyncio import Redis
 from starlette.requests import Request
 
+from relay.api.limits import UploadSlots
 from relay.api.store_check import WriteCheck
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.control import Redeliverer
@@ -33,6 +34,7 @@ class AppState:
     callback_client: httpx.AsyncClient
     attempt_log: AttemptLog
     redeliverer: Redeliverer
+    uploads: UploadSlots
 
 
 def app_state(request: Request) -> AppState:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from urllib.parse import quote
+import unicodedata
+from urllib.parse import quote, unquote
 
 from redis.exceptions import RedisError
 from starlette.requests import Request
@@ -20,11 +21,29 @@ log = logging.getLogger(__name__)
 LIST_PARAMS = {"limit": (1, 1000), "offset": (0, 10**9)}
 
 
+def path_segment(value: str, name: str) -> str:
+    """`value` encoded as one path segment for Chamelaion; 400 when it could be read as a path.
+
+    `.` and `..` are dot segments (`requests/..` is the list route's parent), and a value that
+    becomes one, or a slash, once percent-decoded or Unicode-normalised could be read so by
+    something between the relay and Chamelaion: none is a request id or a reference_id.
+    """
+    forms = {value, unicodedata.normalize("NFKC", value)}
+    decoded = value
+    for _ in range(3):
+        decoded = unquote(decoded)
+        forms |= {decoded, unicodedata.normalize("NFKC", decoded)}
+    if any(form in (".", "..") or "/" in form or "\\" in form for form in forms):
+        raise ApiError(400, f"{name} must not be a dot segment or contain a slash")
+    return quote(value, safe="")
+
+
 async def get_request(request: Request) -> Response:
     state = app_state(request)
     id_or_reference: str = request.path_params["id"]
     if len(id_or_reference) > MAX_ID_LENGTH:
         raise ApiError(400, f"id is longer than {MAX_ID_LENGTH} characters")
+    segment = path_segment(id_or_reference, "id")
     try:
         job = await state.store.find(id_or_reference)
     except RedisError:
@@ -32,11 +51,7 @@ async def get_request(request: Request) -> Response:
         job = None
     if job is not None and job.body is not None:
         return json_bytes(job.body)
-    response = check(
-        await state.upstream.request(
-            "GET", f"v1/lipsync/requests/{quote(id_or_reference, safe='')}"
-        )
-    )
+    response = check(await state.upstream.request("GET", f"v1/lipsync/requests/{segment}"))
     decode_object(response)
     return json_bytes(response.content)
 

@@ -13,7 +13,12 @@ body and creates no job; the caller gets the relay's 4xx. So does a caller that 
 
 Timeouts are per stall, not per request: a multi-GB upload may take an hour, but no transfer
 may go `upstream_timeout` seconds without a byte moving (from the caller or into Chamelaion),
-and Chamelaion gets as long again to answer once the last byte is sent.
+and Chamelaion gets as long again to answer once the last byte is sent. A caller that keeps
+bytes moving but only just (a byte every few seconds) is held to RELAY_UPLOAD_MIN_RATE on
+average over the time the relay spent waiting for it, after a first stall window of grace.
+
+An upload holds one of the process's upload slots (`relay.api.limits`) and one of the
+uploads' own upstream connections from start to end: other routes never wait behind it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from relay.api.body import declared_length, too_large
 from relay.api.multipart import MediaForm, boundary_of, content_type
 from relay.api.state import app_state
 from relay.api.submit import accept_job, check_callback_url, ensure_store
-from relay.errors import ApiError, UpstreamError
+from relay.errors import CLOSE, ApiError, UpstreamError
 from relay.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,7 @@ class Upload:
         declared: int | None,
         limit: int,
         stall: float,
+        min_rate: float,
         check_callback: Callable[[str], Awaitable[None]],
     ) -> None:
         self.form = form
@@ -63,6 +69,8 @@ class Upload:
         self._declared = declared
         self._limit = limit
         self._stall = stall
+        self._min_rate = min_rate
+        self._caller_time = 0.0  # seconds spent waiting for the caller's bytes
         self._check_callback = check_callback
         self._callback_checked = False
         self._received = 0
@@ -107,6 +115,7 @@ class Upload:
             # Per operation, not per request: `read` bounds the wait for the answer (the
             # transport starts it once the body is sent); the watchdog bounds the writes.
             timeout=httpx.Timeout(self._stall, connect=min(self._stall, 10.0)),
+            upload=True,
         )
 
     async def _body(self) -> AsyncIterator[bytes]:
@@ -127,6 +136,7 @@ class Upload:
         if self._exhausted:
             return False
         self._progress("caller")
+        waited_from = time.monotonic()
         try:
             chunk = await anext(self._chunks)
         except StopAsyncIteration:
@@ -140,6 +150,15 @@ class Upload:
         self._received += len(chunk)
         if self._received > self._limit:
             self.problem = too_large(self._limit)
+            raise self.problem
+        self._caller_time += time.monotonic() - waited_from
+        if self._received < self._min_rate * (self._caller_time - self._stall):
+            log.info("upload abandoned: the caller sends slower than the minimum rate")
+            self.problem = ApiError(
+                408,
+                f"upload too slow: less than {self._min_rate:g} bytes/s on average",
+                headers=CLOSE,
+            )
             raise self.problem
         self._ready += self._checked(lambda: self.form.feed(chunk))
         if self.form.callback_url is not None and not self._callback_checked:
@@ -173,7 +192,7 @@ class Upload:
         seconds = f"{self._stall:g} s"
         if self._waiting == "caller":
             log.info("upload abandoned: nothing from the caller for %s", seconds)
-            return ApiError(408, f"upload stalled: nothing arrived for {seconds}")
+            return ApiError(408, f"upload stalled: nothing arrived for {seconds}", headers=CLOSE)
         if self._waiting == "upstream":
             return UpstreamError(504, f"Chamelaion stopped accepting the upload for {seconds}")
         return UpstreamError(504, "Chamelaion did not answer in time")
@@ -184,14 +203,16 @@ async def generate_with_media(request: Request) -> Response:
     limit = state.settings.max_upload_bytes
     form = MediaForm(boundary_of(request.headers.get("content-type", "")))
     declared = declared_length(request, limit)
-    await ensure_store(state)
-    upload = Upload(
-        request.stream(),
-        form,
-        declared=declared,
-        limit=limit,
-        stall=state.settings.upstream_timeout,
-        check_callback=lambda url: check_callback_url(state, url),
-    )
-    response = await upload.send(state.upstream)
-    return await accept_job(state, response, form.callback_url, form.reference_id)
+    with state.uploads.hold(request.scope["state"]["caller_id"]):
+        await ensure_store(state)
+        upload = Upload(
+            request.stream(),
+            form,
+            declared=declared,
+            limit=limit,
+            stall=state.settings.upstream_timeout,
+            min_rate=state.settings.upload_min_rate,
+            check_callback=lambda url: check_callback_url(state, url),
+        )
+        response = await upload.send(state.upstream)
+        return await accept_job(state, response, form.callback_url, form.reference_id)

@@ -320,3 +320,8 @@ class Deliverer:
         except httpx.HTTPError as exc:
             kind = failure_class(exc)
             return Outcome("retry", _DETAIL.get(kind, f"could not connect ({kind})"), error=kind)
+        except Exception as exc:
+            # Anything else (a URL httpx cannot build, a bug) is this attempt's failure, on the
+            # record like any other: raised, arq would re-run the attempt over and over.
+            log.exception("callback attempt failed unexpectedly")
+            return Outcome("retry", f"unexpected error: {type(exc).__name__}", error="error")

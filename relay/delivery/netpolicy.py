@@ -61,21 +61,47 @@ def _table(*rows: tuple[str, str]) -> tuple[tuple[IPNetwork, str], ...]:
 
 
 # Denied even in allow-list mode: no receiver lives here, and one request can leak the node's
-# cloud credentials. Most sit in link-local space, but Azure's platform endpoint is a public
-# address, Alibaba's is in 100.64/10 (allowed) and the IPv6 ones are in fc00::/7 (allowed).
+# cloud credentials. Most sit in link-local space (refused by default anyway), but Azure's
+# platform endpoint is a public address, Alibaba's is in 100.64/10 and the IPv6 ones are in
+# fc00::/7, all otherwise allowed; and allow-list mode must not open any of them. Each entry
+# names its source.
 METADATA_NETWORKS = _table(
-    ("169.254.169.254/32", "a cloud metadata service"),  # AWS, GCP, Azure, OCI, DO, OpenStack...
+    # AWS https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/instancedata-data-retrieval.html
+    # GCP https://cloud.google.com/compute/docs/metadata/querying-metadata
+    # Azure https://learn.microsoft.com/azure/virtual-machines/instance-metadata-service
+    # Oracle https://docs.oracle.com/iaas/Content/Compute/Tasks/gettingmetadata.htm
+    # Linode/Akamai https://techdocs.akamai.com/cloud-computing/docs/metadata-service-api
+    # DigitalOcean https://docs.digitalocean.com/reference/api/metadata/
+    # Hetzner https://docs.hetzner.cloud/#server-metadata
+    # OpenStack https://docs.openstack.org/nova/latest/user/metadata.html
+    ("169.254.169.254/32", "a cloud metadata service"),
+    # https://docs.aws.amazon.com/AmazonECS/latest/developerguide/task-iam-roles.html
     ("169.254.170.2/32", "the AWS ECS task credentials endpoint"),
+    # https://docs.aws.amazon.com/eks/latest/userguide/pod-id-how-it-works.html
     ("169.254.170.23/32", "the EKS Pod Identity agent"),
+    # https://www.scaleway.com/en/docs/instances/reference-content/instances-metadata/
     ("169.254.42.42/32", "the Scaleway metadata service"),
+    # https://www.tencentcloud.com/document/product/213/4934 (metadata.tencentyun.com)
+    ("169.254.0.23/32", "the Tencent Cloud metadata service"),
+    # https://www.alibabacloud.com/help/en/ecs/user-guide/view-instance-metadata
     ("100.100.100.200/32", "the Alibaba Cloud metadata service"),
+    # https://learn.microsoft.com/azure/virtual-network/what-is-ip-address-168-63-129-16
     ("168.63.129.16/32", "the Azure platform endpoint (WireServer)"),
+    # Oracle's legacy v1 address, same page as above.
     ("192.0.0.192/32", "the Oracle Cloud metadata service"),
-    # IMDS at ::254 and EKS Pod Identity at ::23, plus AWS DNS and NTP; a random ULA prefix
-    # colliding with this /64 is not a practical worry.
+    # IMDS at ::254 and EKS Pod Identity at ::23, plus AWS DNS and NTP (same AWS pages as
+    # above); a random ULA prefix colliding with this /64 is not a practical worry.
     ("fd00:ec2::/64", "an AWS instance service (IMDS, EKS Pod Identity)"),
+    # GCP, same page as above.
     ("fd20:ce::254/128", "the GCP metadata service"),
+    # Oracle, same page as above (IPv6-enabled VCNs).
+    ("fd00:c1::a9fe:a9fe/128", "the Oracle Cloud metadata service"),
+    # Linode/Akamai, same page as above.
+    ("fd00:a9fe:a9fe::1/128", "the Linode (Akamai) metadata service"),
+    # Scaleway, same page as above.
     ("fd00:42::42/128", "the Scaleway metadata service"),
+    # OpenStack, same page as above: the IPv6 metadata address, link-local with a zone.
+    ("fe80::a9fe:a9fe/128", "the OpenStack metadata service"),
 )
 
 # Default mode only. 10/8, 172.16/12, 192.168/16, 100.64/10 (CGNAT, used for pod and service
@@ -126,22 +152,33 @@ _IPV4_TRANSLATED = ip_network("::ffff:0:0:0/96")
 _IPV4_COMPATIBLE = ip_network("::/96")
 _ISATAP_IDS = (b"\x00\x00\x5e\xfe", b"\x02\x00\x5e\xfe")
 
-# Compared without a trailing dot. The address checks catch most of these already; names are
-# refused as well because some resolve to public addresses (Equinix Metal) and because the
-# allow-list mode must not let them through. Subdomains of the dotted names are refused too,
-# but a single label is matched exactly: `receiver.metadata` is a service in a namespace.
+# Compared without a trailing dot and without leading `_service._proto` labels (DNS-SD and
+# Kubernetes' SRV names resolve to the same addresses). The address checks catch most of these
+# already; names are refused as well because some resolve to public addresses (Equinix Metal)
+# and because the allow-list mode must not let them through. Subdomains of the dotted names
+# are refused too, but a single label is matched exactly: `receiver.metadata` is a service in
+# a namespace. Azure, Oracle, Alibaba, Linode, DigitalOcean, Hetzner and OpenStack document
+# their metadata services by address only.
 METADATA_HOST_NAMES = frozenset(
     {
-        "metadata",  # GCE short name, through the resolver's search path
+        # GCP (page above): the short name works through the resolver's search path.
+        "metadata",
         "metadata.google.internal",
         "metadata.goog",
-        "instance-data",  # AWS
+        # AWS (page above).
+        "instance-data",
         "instance-data.ec2.internal",
+        # Tencent (page above).
         "metadata.tencentyun.com",
+        # https://cloud.ibm.com/docs/vpc?topic=vpc-imd-about
+        "api.metadata.cloud.ibm.com",
+        # https://deploy.equinix.com/developers/docs/metal/server-metadata/metadata/
         "metadata.platformequinix.com",  # public addresses, per-instance answers
         "metadata.packet.net",
+        # https://rancher.com/docs/rancher/v1.6/en/rancher-services/metadata-service/
         "rancher-metadata",
-        # The cluster's API server: never a webhook receiver.
+        # The cluster's API server: never a webhook receiver. Through the search path each of
+        # these resolves from a pod; the full names are matched by the pattern below.
         "kubernetes",
         "kubernetes.default",
         "kubernetes.default.svc",
@@ -151,6 +188,12 @@ _METADATA_HOST_PATTERN = re.compile(
     r"kubernetes\.default\.svc\.[a-z0-9_.-]+"  # any cluster domain
     r"|instance-data\.[a-z0-9_.-]+\.internal"  # AWS, through the VPC's DNS suffixes
 )
+# DNS-SD / SRV-style leading labels: `_https._tcp.kubernetes.default.svc.cluster.local` is
+# answered with the API server's address by CoreDNS, like the plain name.
+_SERVICE_LABELS = re.compile(r"(?:_[a-z0-9-]*\.)+")
+
+# Callback ports, when the operator sets none (RELAY_CALLBACK_ALLOWED_PORTS): the web ports.
+DEFAULT_ALLOWED_PORTS = "80,443,8080,8443"
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(.*)", re.DOTALL)
 _PORT = re.compile(r"[0-9]{1,5}")
@@ -183,12 +226,44 @@ def parse_networks(text: str) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
+def parse_ports(text: str) -> frozenset[int]:
+    """Parse comma-separated ports and ranges (`80,443,8000-8999`); raise naming the bad one."""
+    ports: set[int] = set()
+    for entry in (item.strip() for item in text.split(",")):
+        if not entry:
+            continue
+        low, dash, high = entry.partition("-")
+        try:
+            first, last = int(low), int(high if dash else low)
+        except ValueError:
+            raise ValueError(f"{entry!r} is not a port or a port range") from None
+        if not 0 < first <= last < 65536:
+            raise ValueError(f"{entry!r} is not a port or a range within 1-65535")
+        ports.update(range(first, last + 1))
+    return frozenset(ports)
+
+
 @dataclass(frozen=True)
 class NetworkPolicy:
-    """Which addresses callbacks may reach; the default instance is the production default."""
+    """Which addresses and ports callbacks may reach.
+
+    The default instance applies the address defaults and admits any port; the production
+    default (Settings.callback_policy) also limits ports to RELAY_CALLBACK_ALLOWED_PORTS and
+    refuses the relay's own ports.
+    """
 
     allowed: tuple[IPNetwork, ...] = ()
     denied: tuple[IPNetwork, ...] = ()
+    allowed_ports: frozenset[int] = frozenset()  # empty: any port
+    denied_ports: frozenset[int] = frozenset()  # always wins
+
+    def check_port(self, port: int) -> str | None:
+        """Return None when callbacks may go to `port`, else why not."""
+        if port in self.denied_ports:
+            return f"port {port} is one of the relay's own ports"
+        if self.allowed_ports and port not in self.allowed_ports:
+            return f"port {port} is not an allowed callback port (RELAY_CALLBACK_ALLOWED_PORTS)"
+        return None
 
     @classmethod
     def from_strings(cls, allowed: str, denied: str) -> NetworkPolicy:
@@ -415,6 +490,9 @@ def _parse_ipv6_literal(inner: str) -> tuple[str, IPAddress]:
 
 
 def _is_metadata_name(name: str) -> bool:
+    service = _SERVICE_LABELS.match(name)
+    if service is not None and _is_metadata_name(name[service.end() :]):
+        return True
     if name in METADATA_HOST_NAMES or _METADATA_HOST_PATTERN.fullmatch(name):
         return True
     return any(name.endswith(f".{known}") for known in METADATA_HOST_NAMES if "." in known)
@@ -452,6 +530,9 @@ async def resolve_and_check(
 ) -> list[IPAddress]:
     """Resolve the host (literals are not resolved) and return its addresses if all may be
     reached; raise CallbackUrlRejected naming the host and the first refused address."""
+    port_reason = policy.check_port(url.port)
+    if port_reason is not None:
+        raise CallbackUrlRejected(port_reason)
     if url.ip is not None:
         reason = policy.check_address(url.ip)
         if reason is not None:

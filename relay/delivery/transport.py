@@ -8,8 +8,9 @@ A check when the URL is submitted is not enough: DNS may answer differently at d
   exactly what was checked. The URL is never rewritten, so the Host header and TLS SNI stay
   the URL's host name and certificates are verified against it.
 - IP literals: aiohttp never calls the resolver for them, so `PolicyTransport` checks them
-  before sending. It runs `parse_callback_url` on every request too, so a URL stored before
-  a rule changed, or built elsewhere, is judged by the same rules as at submission.
+  before sending, and every URL's port. It runs `parse_callback_url` on every request too, so
+  a URL stored before a rule changed, or built elsewhere, is judged by the same rules as at
+  submission.
 - Redirects are never followed (httpx `follow_redirects=False`; the aiohttp transport passes
   `allow_redirects=False`): a 3xx comes back to the caller as it is.
 
@@ -85,6 +86,9 @@ class PolicyTransport(httpx.AsyncBaseTransport):
             parsed = parse_callback_url(str(request.url))
         except CallbackUrlRejected as exc:
             raise DestinationRefused(exc.reason, request=request) from exc
+        port_reason = self._policy.check_port(parsed.port)
+        if port_reason is not None:
+            raise DestinationRefused(port_reason, request=request)
         if parsed.ip is not None:
             reason = self._policy.check_address(parsed.ip)
             if reason is not None:

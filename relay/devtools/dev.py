@@ -23,19 +23,27 @@ from relay.serving import EmbeddedServer, embedded_server
 from relay.settings import Settings, load_settings
 from relay.worker.process import serve_worker
 
-DEV_API_KEY = "dev-key"
 SANDBOX_KEY = "sandbox-key"
 
 
-def _banner(settings: Settings, port: int, inbox: str, sandboxed: bool, own_redis: bool) -> str:
-    key = settings.api_keys[0].get_secret_value()
+def _banner(
+    settings: Settings,
+    port: int,
+    inbox: str,
+    sandboxed: bool,
+    own_redis: bool,
+    generated_key: str | None,
+) -> str:
+    # A key from the environment is the operator's secret: never printed, only named.
+    shown = generated_key or "one of RELAY_API_KEYS"
+    key = generated_key or "<one of RELAY_API_KEYS>"
     upstream = (
         f"{settings.chamelaion_base_url} (sandbox)" if sandboxed else settings.chamelaion_base_url
     )
     redis_note = " (embedded, discarded on exit)" if own_redis else ""
     return f"""
 chamelaion-relay dev
-  API       http://127.0.0.1:{port}/api   (key: {key})
+  API       http://127.0.0.1:{port}/api   (key: {shown})
   upstream  {upstream}
   redis     {settings.redis_url}{redis_note}
   inbox     {inbox}   (GET it to see verified callbacks)
@@ -74,7 +82,10 @@ async def _dev(port: int) -> None:
             overrides["CHAMELAION_BASE_URL"] = f"http://127.0.0.1:{sandbox_port}/api"
             sandbox = create_sandbox_app(SandboxConfig(api_keys=(SANDBOX_KEY,)))
             servers.append(embedded_server(sandbox, host="127.0.0.1", port=sandbox_port))
-        overrides.setdefault("RELAY_API_KEYS", os.environ.get("RELAY_API_KEYS", DEV_API_KEY))
+        generated_key = None
+        if "RELAY_API_KEYS" not in os.environ:
+            generated_key = "dev-" + secrets.token_urlsafe(18)
+            overrides["RELAY_API_KEYS"] = generated_key
         if "RELAY_WEBHOOK_SECRETS" not in os.environ:
             overrides["RELAY_WEBHOOK_SECRETS"] = (
                 "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
@@ -82,6 +93,9 @@ async def _dev(port: int) -> None:
         if "RELAY_CALLBACK_ALLOWED_NETWORKS" not in os.environ:
             # The inbox lives on loopback, which production refuses.
             overrides["RELAY_CALLBACK_ALLOWED_NETWORKS"] = "127.0.0.0/8,::1/128"
+        if "RELAY_CALLBACK_ALLOWED_PORTS" not in os.environ:
+            overrides["RELAY_CALLBACK_ALLOWED_PORTS"] = f"80,443,8080,8443,{inbox_port}"
+        overrides["RELAY_API_PORT"] = port
         overrides.setdefault("RELAY_LOG_FORMAT", "text")
         settings = load_settings(**overrides).require("api").require("worker")
 
@@ -107,7 +121,10 @@ async def _dev(port: int) -> None:
                 break
             await asyncio.sleep(0.05)
         else:
-            print(_banner(settings, port, inbox, sandboxed, own_redis), flush=True)
+            print(
+                _banner(settings, port, inbox, sandboxed, own_redis, generated_key),
+                flush=True,
+            )
         await stop.wait()
         await worker
         for server in servers:

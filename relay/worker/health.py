@@ -9,17 +9,25 @@ from collections.abc import Callable
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from relay.api.auth import ApiKeyMiddleware, KeyRing
 from relay.metrics import metrics_response
 from relay.redis_watch import RedisWatch
 
 
 def create_worker_http_app(
-    healthy: Callable[[], bool], redis: Redis, watch: RedisWatch
+    healthy: Callable[[], bool],
+    redis: Redis,
+    watch: RedisWatch,
+    *,
+    metrics_keys: KeyRing | None = None,
 ) -> Starlette:
+    """`metrics_keys` (RELAY_METRICS_AUTH): /metrics answers only with one of these keys."""
+
     async def healthz(request: Request) -> Response:
         if healthy():
             return JSONResponse({"status": "ok"})
@@ -37,10 +45,14 @@ def create_worker_http_app(
     async def metrics(request: Request) -> Response:
         return await metrics_response(redis)
 
+    middleware = []
+    if metrics_keys is not None:
+        middleware.append(Middleware(ApiKeyMiddleware, keys=metrics_keys, metrics_auth=True))
     return Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
-        ]
+        ],
+        middleware=middleware,
     )

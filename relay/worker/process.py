@@ -20,6 +20,7 @@ from arq.worker import Worker, func
 from redis.exceptions import RedisError
 
 from relay import keys
+from relay.api.auth import KeyRing
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.deliverer import Deliverer
 from relay.delivery.destinations import Destinations
@@ -224,7 +225,8 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
 
     http = None
     if http_port is not None:
-        app = create_worker_http_app(healthy, state.redis, watch)
+        metrics_keys = KeyRing(settings.api_keys) if settings.metrics_auth else None
+        app = create_worker_http_app(healthy, state.redis, watch, metrics_keys=metrics_keys)
         # All interfaces: the kubelet's probes and Prometheus reach the pod from outside.
         http = embedded_server(app, host="0.0.0.0", port=http_port)  # noqa: S104
         http_task = asyncio.create_task(http.serve(), name="worker-http")
