@@ -103,3 +103,13 @@ async def arq_pool(url: str, *, timeout: float) -> ArqRedis:
     pool = _client(ArqRedis, url, timeout)
     pool.default_queue_name = keys.ARQ_QUEUE
     return pool
+
+
+def redacted(url: str) -> str:
+    """`url` fit to print: any password in it replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user, _, _ = parts.netloc.rpartition("@")[0].partition(":")
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()

@@ -21,6 +21,7 @@ import uuid
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from starlette.responses import JSONResponse
 
 from relay import keys, lua
 from relay.metrics import REDIS_DATA_LOST, read_memory
@@ -75,6 +76,17 @@ class RedisWatch:
                 log.warning("could not check Redis: %s", type(exc).__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=CHECK_INTERVAL)
+
+
+async def readiness(watch: RedisWatch) -> JSONResponse:
+    """/readyz for every process: Redis reachable and no unacknowledged loss of its data."""
+    try:
+        await watch.check()
+    except RedisError:
+        return JSONResponse({"status": "unavailable", "error": "redis unreachable"}, 503)
+    if watch.data_lost:
+        return JSONResponse({"status": "data lost", "error": watch.data_lost}, 503)
+    return JSONResponse({"status": "ok"})
 
 
 async def acknowledge(redis: Redis) -> str | None:

@@ -8,6 +8,7 @@ import time
 from redis.asyncio import Redis
 
 from relay import keys
+from relay.delivery.stats import last_hour
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
 
@@ -75,4 +76,14 @@ async def test_a_pause_stops_every_claim_until_it_ends(redis_url: str) -> None:
     await asyncio.sleep(paused.wait)
     assert len((await schedule.claim(10)).ids) == 2
     assert await redis.zcard(keys.POLLS) == 2
+    await redis.aclose()
+
+
+async def test_each_pause_is_counted_for_the_last_hour(redis_url: str) -> None:
+    redis = Redis.from_url(redis_url)
+    schedule = PollSchedule(redis, rate=10, lease=30)
+    for _ in range(3):
+        await schedule.pause_upstream(0.1)
+    counts = await last_hour(redis, ("rate_limited",))
+    assert sum(counts["rate_limited"]) == 3
     await redis.aclose()

@@ -14,7 +14,7 @@ import redis
 
 from relay.devtools.embedded_redis import find_redis_server, free_port
 from relay.errors import ConfigError
-from relay.redis_conn import SentinelTarget, parse_sentinel_url
+from relay.redis_conn import SentinelTarget, parse_sentinel_url, redacted
 from relay.settings import load_settings
 from tests.stack import relay_stack
 from tests.test_end_to_end import submit, verified
@@ -78,3 +78,19 @@ def test_a_job_runs_end_to_end_through_sentinel(redis_url: str, tmp_path: Path) 
         assert payload["type"] == "lipsync.completed"
     # The job lives on the master the sentinel pointed to.
     assert redis.Redis.from_url(redis_url).exists(f"relay:job:{request_id}") == 1
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:s3cret@redis:6379/0", "redis://:***@redis:6379/0"),
+        ("rediss://relay:s3cret@redis:6380/1", "rediss://relay:***@redis:6380/1"),
+        (
+            "redis+sentinel://:s3cret@a:26379,b:26379/mymaster",
+            "redis+sentinel://:***@a:26379,b:26379/mymaster",
+        ),
+        ("redis://redis:6379/0", "redis://redis:6379/0"),
+    ],
+)
+def test_printed_redis_urls_hide_their_password(url: str, shown: str) -> None:
+    assert redacted(url) == shown

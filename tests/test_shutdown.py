@@ -31,12 +31,17 @@ def test_api_sigterm_finishes_in_flight_requests_and_exits_0(redis_url: str) -> 
         )
         url = f"http://127.0.0.1:{port}"
         eventually(lambda: httpx.get(url + "/healthz").status_code == 200, timeout=20)
-        # Every submission now takes 1.5 s upstream, so all of them are in flight at SIGTERM.
+        # Every submission now takes 3 s upstream, so all of them are in flight at SIGTERM.
         stack.upstream(
             "POST",
             "/_sandbox/faults",
-            json={"status": None, "delay": 1.5, "count": 8, "paths": "generate"},
+            json={"status": None, "delay": 3.0, "count": 8, "paths": "generate"},
         )
+
+        def upstream_in_flight() -> int:
+            stats = stack.upstream("GET", "/_sandbox/stats").json()
+            count: int = stats["in_flight"].get("POST /v1/lipsync/generate", 0)
+            return count
 
         def post(_: int) -> httpx.Response:
             return httpx.post(
@@ -48,7 +53,8 @@ def test_api_sigterm_finishes_in_flight_requests_and_exits_0(redis_url: str) -> 
 
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(post, n) for n in range(8)]
-            time.sleep(0.7)
+            # Every submission has reached Chamelaion (the API holds all 8) before the signal.
+            eventually(lambda: upstream_in_flight() == 8, timeout=10)
             api.send_signal(signal.SIGTERM)
             responses = [future.result() for future in futures]
         assert api.wait(timeout=20) == 0

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from arq.connections import ArqRedis
-from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -43,7 +42,7 @@ from relay.jobs.store import JobStore
 from relay.metrics import metrics_response
 from relay.redis_conn import close as close_redis
 from relay.redis_conn import connect
-from relay.redis_watch import RedisWatch
+from relay.redis_watch import RedisWatch, readiness
 from relay.settings import Settings
 from relay.upstream import Upstream
 
@@ -53,14 +52,7 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    watch = app_state(request).watch
-    try:
-        await watch.check()
-    except RedisError:
-        return JSONResponse({"status": "unavailable", "error": "redis unreachable"}, 503)
-    if watch.data_lost:
-        return JSONResponse({"status": "data lost", "error": watch.data_lost}, 503)
-    return JSONResponse({"status": "ok"})
+    return await readiness(app_state(request).watch)
 
 
 async def metrics(request: Request) -> Response:

@@ -40,14 +40,6 @@ RETRYABLE = (408, 409, 429)
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def caller_of(request: Request) -> str:
-    """A digest of the caller's API key (as authenticated by the middleware), never the key."""
-    presented = request.headers.get("x-api-key")
-    if presented is None:
-        presented = request.headers.get("authorization", "").partition(" ")[2].strip()
-    return hashlib.sha256(presented.encode()).hexdigest()[:32]
-
-
 def _valid_key(value: str) -> str:
     if not 1 <= len(value) <= MAX_KEY_LENGTH or not value.isascii() or not value.isprintable():
         raise ApiError(
@@ -84,7 +76,9 @@ def idempotent(endpoint: Endpoint, *, buffered: bool) -> Endpoint:
         else:
             # A retry of an upload picks a new multipart boundary: only the length can tell.
             fingerprint = "length:" + request.headers.get("content-length", "chunked")
-        redis_key = keys.idempotency(caller_of(request), request.url.path, _valid_key(header))
+        # The auth middleware names the caller's key (a digest, never the key).
+        caller: str = request.scope["state"]["caller_id"]
+        redis_key = keys.idempotency(caller, request.url.path, _valid_key(header))
         held = await _claim(state, redis_key, fingerprint)
         if held is not None:
             return held

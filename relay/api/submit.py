@@ -7,7 +7,6 @@ end in `accept_job`.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Sequence
 
@@ -22,8 +21,8 @@ from relay.api.body import read_body
 from relay.api.models import MAX_ID_LENGTH, GenerateRequest, parsed_callback_url
 from relay.api.responses import json_bytes
 from relay.api.state import AppState, app_state
-from relay.delivery.netpolicy import IPAddress, NetworkPolicy, resolve_and_check
-from relay.errors import ApiError, CallbackUrlRejected
+from relay.delivery.netpolicy import resolve_and_check
+from relay.errors import ApiError
 from relay.metrics import JOBS_SUBMITTED
 from relay.upstream import check, decode_object
 
@@ -89,21 +88,9 @@ async def check_callback_url(state: AppState, callback_url: str | None) -> None:
     This is early feedback for the caller; delivery checks again at connect time, since DNS
     answers can change in between.
     """
-    if callback_url is None:
-        return
-    parsed = parsed_callback_url(callback_url)
-    if parsed.ip is None:
-        await resolve_and_check(parsed, state.policy)  # a name: resolved every time
-        return
-    reason = _address_refusal(state.policy, parsed.ip)
-    if reason is not None:
-        raise CallbackUrlRejected(reason)
-
-
-@functools.lru_cache(maxsize=1024)
-def _address_refusal(policy: NetworkPolicy, ip: IPAddress) -> str | None:
-    # An IP literal's verdict depends only on the (immutable) policy: callers reuse few URLs.
-    return policy.check_address(ip)
+    if callback_url is not None:
+        # An IP literal is checked without resolving; a name is resolved every time.
+        await resolve_and_check(parsed_callback_url(callback_url), state.policy)
 
 
 async def ensure_store(state: AppState) -> None:

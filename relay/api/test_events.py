@@ -19,13 +19,13 @@ from relay.api.body import read_body
 from relay.api.models import CallbackUrl
 from relay.api.state import app_state
 from relay.api.submit import check_callback_url, validation_error
+from relay.delivery.deliverer import read_excerpt
 from relay.delivery.failure import failure_class
 from relay.errors import ApiError
 from relay.jobs.events import build_event
 from relay.upstream import USER_AGENT
 
 PATH = "/api/relay/v1/test-events"
-EXCERPT_BYTES = 512
 
 
 class TestEventRequest(BaseModel):
@@ -61,7 +61,7 @@ async def send_test_event(request: Request) -> Response:
             headers=headers,
             timeout=state.settings.delivery_timeout,
         ) as response:
-            excerpt = await _excerpt(response)
+            excerpt = await read_excerpt(response)
             result |= {
                 "delivered": 200 <= response.status_code < 300,
                 "status": response.status_code,
@@ -72,12 +72,3 @@ async def send_test_event(request: Request) -> Response:
         result |= {"delivered": False, "status": None, "error": failure_class(exc)}
     result["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
     return JSONResponse(result)
-
-
-async def _excerpt(response: httpx.Response) -> str:
-    taken = b""
-    async for chunk in response.aiter_raw():
-        taken += chunk
-        if len(taken) >= EXCERPT_BYTES:
-            break
-    return taken[:EXCERPT_BYTES].decode("utf-8", "replace")

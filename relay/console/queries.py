@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from relay import keys
 from relay.delivery.attempt_log import STATES
+from relay.delivery.stats import last_hour
 from relay.metrics import read_shared_state
 
 STATUS_SAMPLE = 2000
@@ -34,6 +35,8 @@ class Overview:
     budget_rate: float
     deliveries: dict[str, int]  # deliveries by state (kept as long as their jobs)
     backed_off: int  # destinations backed off right now
+    rate_limited: int  # the upstream's 429s in the last hour
+    sweep: dict[str, str]  # what the sweeps know: list order, last duration, failures in a row
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,11 @@ async def overview(redis: Redis, budget_rate: float) -> Overview:
         budget_rate=budget_rate,
         deliveries=dict(zip(STATES, (int(count) for count in counts), strict=True)),
         backed_off=shared.backed_off,
+        rate_limited=sum((await last_hour(redis, ("rate_limited",)))["rate_limited"]),
+        sweep={
+            name.decode(): value.decode()
+            for name, value in (await redis.hgetall(keys.SWEEP_STATE)).items()  # type: ignore[misc]
+        },
     )
 
 

@@ -20,12 +20,15 @@ async def count(redis: Redis, outcome: str) -> None:
     await script(keys=[], args=[keys.STATS_PREFIX, outcome, KEEP_SECONDS])
 
 
-async def last_hour(redis: Redis) -> dict[str, list[int]]:
-    """Per outcome, 60 counts: the minute an hour ago first, the current minute last."""
+async def last_hour(redis: Redis, outcomes: tuple[str, ...] = OUTCOMES) -> dict[str, list[int]]:
+    """Per outcome, 60 counts: the minute an hour ago first, the current minute last.
+
+    Besides delivery outcomes, `rate_limited` counts the upstream's 429s (relay.jobs.pause).
+    """
     seconds, _ = await redis.time()
     minute = int(seconds) // 60
     minutes = range(minute - 59, minute + 1)
-    names = [keys.stats(outcome, m) for outcome in OUTCOMES for m in minutes]
+    names = [keys.stats(outcome, m) for outcome in outcomes for m in minutes]
     values = await redis.mget(names)
     counts = [int(value) if value else 0 for value in values]
-    return {outcome: counts[i * 60 : (i + 1) * 60] for i, outcome in enumerate(OUTCOMES)}
+    return {outcome: counts[i * 60 : (i + 1) * 60] for i, outcome in enumerate(outcomes)}

@@ -19,6 +19,7 @@ from relay.api.app import create_app
 from relay.devtools.embedded_redis import embedded_redis
 from relay.devtools.inbox import create_inbox_app
 from relay.logs import configure_logging
+from relay.redis_conn import redacted
 from relay.serving import EmbeddedServer, embedded_server
 from relay.settings import Settings, load_settings
 from relay.worker.process import serve_worker
@@ -45,7 +46,7 @@ def _banner(
 chamelaion-relay dev
   API       http://127.0.0.1:{port}/api   (key: {shown})
   upstream  {upstream}
-  redis     {settings.redis_url}{redis_note}
+  redis     {redacted(settings.redis_url)}{redis_note}
   inbox     {inbox}   (GET it to see verified callbacks)
 
 Try it:

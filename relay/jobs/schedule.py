@@ -21,6 +21,9 @@ from redis.asyncio import Redis
 
 from relay import keys, lua
 
+# How long per-minute counts (429s here) are kept; the console shows the last hour.
+STATS_KEEP_SECONDS = 7200
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -68,7 +71,10 @@ class PollSchedule:
 
     async def pause_upstream(self, seconds: float) -> None:
         # Capped: one Retry-After of days must not stop every poll for days.
-        await self._pause(keys=[keys.UPSTREAM_PAUSED], args=[min(seconds, self.max_pause)])
+        await self._pause(
+            keys=[keys.UPSTREAM_PAUSED],
+            args=[min(seconds, self.max_pause), keys.STATS_PREFIX, STATS_KEEP_SECONDS],
+        )
 
     async def hand_back(self, request_ids: list[str]) -> None:
         if request_ids:

@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -16,7 +15,7 @@ from starlette.routing import Route
 
 from relay.api.auth import ApiKeyMiddleware, KeyRing
 from relay.metrics import metrics_response
-from relay.redis_watch import RedisWatch
+from relay.redis_watch import RedisWatch, readiness
 
 
 def create_worker_http_app(
@@ -34,13 +33,7 @@ def create_worker_http_app(
         return JSONResponse({"status": "stuck", "error": "the worker has stopped working"}, 503)
 
     async def readyz(request: Request) -> Response:
-        try:
-            await watch.check()
-        except RedisError:
-            return JSONResponse({"status": "unavailable", "error": "redis unreachable"}, 503)
-        if watch.data_lost:
-            return JSONResponse({"status": "data lost", "error": watch.data_lost}, 503)
-        return JSONResponse({"status": "ok"})
+        return await readiness(watch)
 
     async def metrics(request: Request) -> Response:
         return await metrics_response(redis)
