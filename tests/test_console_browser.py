@@ -63,6 +63,10 @@ def test_sign_in_find_a_job_and_open_it(redis_url: str, browser: Browser, tmp_pa
         page.get_by_role("link", name=request_id).click()
         expect(page.get_by_role("heading", level=1)).to_contain_text(request_id)
         expect(page.locator("pre.json")).to_contain_text('"status": "completed"')
+        # The status timeline, from the relay taking the job on to its end.
+        timeline = page.locator("ol.timeline li")
+        expect(timeline.first).to_contain_text("submitted")
+        expect(timeline.last).to_contain_text("completed")
         # Local time shown, UTC on hover.
         submitted = page.locator("time").first
         assert (submitted.get_attribute("title") or "").endswith("(UTC)")

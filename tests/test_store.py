@@ -416,3 +416,30 @@ async def test_update_delivery_keeps_the_job_at_least_keep_for_and_never_shorten
 
     assert await update(store, "r1", attempt=2, next_attempt=3, state="gone", result="HTTP 410")
     assert 4_995 < await redis.ttl(keys.job("r1")) <= 5_000
+
+
+async def test_the_timeline_records_each_status_once_with_redis_time(
+    redis: Redis, store: JobStore
+) -> None:
+    job = await tracked(store, "r1", reference_id="order-1")
+    for status in ("queued", "queued", "processing", "processing"):
+        assert await store.record_poll(
+            "r1", next_in=1, interval=1, status=status, body=b'{"status":"%s"}' % status.encode()
+        )
+    current = await store.get("r1")
+    assert current is not None
+    assert [status for status, _ in current.timeline] == ["submitted", "queued", "processing"]
+    done = await ended(store, current)
+    assert [status for status, _ in done.timeline] == [
+        "submitted",
+        "queued",
+        "processing",
+        "completed",
+    ]
+    times = [at for _, at in done.timeline]
+    assert times == sorted(times)
+    assert abs(times[0] - job.created) < 0.01
+    (seconds, micros) = await redis.time()
+    assert abs(times[-1] - (seconds + micros / 1e6)) < 5
+    # Kept on the compact ended record, with the reference_id the console shows.
+    assert done.reference_id == "order-1"

@@ -90,9 +90,12 @@ async def overview(redis: Redis, budget_rate: float) -> Overview:
 
 
 def _row(request_id: str, values: list[bytes | None]) -> JobRow:
-    reference, status, delivery, created, ended = (
+    reference, status, delivery, timeline, ended = (
         value.decode() if value else None for value in values
     )
+    # When tracking began: the timeline's first entry (`created` is dropped once a job ends).
+    first = timeline.split(";", 1)[0] if timeline else ""
+    created = first.rpartition("@")[2] or None
     return JobRow(
         request_id,
         reference,
@@ -103,7 +106,7 @@ def _row(request_id: str, values: list[bytes | None]) -> JobRow:
     )
 
 
-FIELDS = ["reference_id", "status", "delivery", "created", "ended"]
+FIELDS = ["reference_id", "status", "delivery", "timeline", "ended"]
 
 
 async def job_rows(redis: Redis, request_ids: list[str]) -> list[JobRow]:

@@ -13,7 +13,8 @@ local metadata = ARGV[6]       -- JSON object echoed in callbacks; '' = none
 
 if redis.call('EXISTS', job_key) == 1 then return 0 end
 redis.call('HSET', job_key, 'created', now, 'interval', first_poll_in,
-           'callback_url', callback_url, 'reference_id', reference_id)
+           'callback_url', callback_url, 'reference_id', reference_id,
+           'timeline', string.format('submitted@%.3f', now))
 if events ~= '' then redis.call('HSET', job_key, 'events', events) end
 if metadata ~= '' then redis.call('HSET', job_key, 'metadata', metadata) end
 redis.call('ZADD', polls_key, now + first_poll_in, request_id)

@@ -18,9 +18,12 @@ local has_ref = ARGV[8] == '1'
 
 if redis.call('EXISTS', job_key) == 0 then return 0 end
 if redis.call('HEXISTS', job_key, 'event') == 1 then return 2 end
+local timeline = redis.call('HGET', job_key, 'timeline') or ''
 redis.call('HSET', job_key, 'status', status, 'body', body, 'event_id', event_id,
-           'event', event, 'delivery', delivery, 'attempt', 0, 'ended', now)
-redis.call('HDEL', job_key, 'created', 'interval', 'not_found_since', 'polled', 'reference_id')
+           'event', event, 'delivery', delivery, 'attempt', 0, 'ended', now,
+           'timeline', timeline .. string.format(';%s@%.3f', status, now))
+-- reference_id stays: the console and status reads show it; `created` lives on in the timeline.
+redis.call('HDEL', job_key, 'created', 'interval', 'not_found_since', 'polled')
 redis.call('EXPIRE', job_key, retention)
 redis.call('ZREM', created_key, request_id)
 if has_ref and redis.call('GET', ref_key) == request_id then

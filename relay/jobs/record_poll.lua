@@ -15,6 +15,13 @@ if redis.call('HEXISTS', job_key, 'event') == 1 then return 0 end
 if not redis.call('ZSCORE', polls_key, request_id) then return 0 end
 redis.call('HSET', job_key, 'interval', interval, 'not_found_since', not_found_since,
            'polled', now)
-if status ~= '' then redis.call('HSET', job_key, 'status', status, 'body', body) end
+if status ~= '' then
+  -- The status timeline: one `status@time` entry per change, for the console's job page.
+  if redis.call('HGET', job_key, 'status') ~= status then
+    local timeline = redis.call('HGET', job_key, 'timeline') or ''
+    redis.call('HSET', job_key, 'timeline', timeline .. string.format(';%s@%.3f', status, now))
+  end
+  redis.call('HSET', job_key, 'status', status, 'body', body)
+end
 redis.call('ZADD', polls_key, 'XX', now + next_in, request_id)
 return 1

@@ -66,6 +66,9 @@ class Job:
     attempts_made: int
     last_result: str | None
     ended_at: float | None
+    # (status, Redis-clock time) for each status the job was seen in, oldest first; the first
+    # is `submitted`, when the relay started tracking it.
+    timeline: tuple[tuple[str, float], ...]
     # The events the callback gets, and the JSON object echoed beside `data` (None: none).
     events: tuple[str, ...]
     metadata: bytes | None
@@ -109,6 +112,15 @@ def _event(raw: dict[bytes, bytes]) -> bytes | None:
     return stored or None
 
 
+def _timeline(text: str | None) -> tuple[tuple[str, float], ...]:
+    entries = []
+    for entry in (text or "").split(";"):
+        status, _, at = entry.rpartition("@")
+        if status and at:
+            entries.append((status, float(at)))
+    return tuple(entries)
+
+
 def _decode(request_id: str, raw: dict[bytes, bytes], read_at: float) -> Job:
     delivery = _text(raw, "delivery")
     return Job(
@@ -127,6 +139,7 @@ def _decode(request_id: str, raw: dict[bytes, bytes], read_at: float) -> Job:
         attempts_made=int(raw.get(b"attempts_made") or 0),
         last_result=_text(raw, "last_result"),
         ended_at=_number(raw, "ended"),
+        timeline=_timeline(_text(raw, "timeline")),
         events=tuple(events.split(",")) if (events := _text(raw, "events")) else DEFAULT_EVENTS,
         metadata=raw.get(b"metadata") or None,
         schedule_base=int(raw.get(b"schedule_base") or 0),
