@@ -23,12 +23,17 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+def key_name(key: bytes) -> str:
+    """A name for an API key that does not reveal it (per-key limits, console sessions)."""
+    return hashlib.sha256(key).hexdigest()[:16]
+
+
 def caller_id(headers: dict[bytes, bytes]) -> str:
-    """A name for the key a request was accepted with (per-key limits); not the key itself."""
+    """The name of the key a request was accepted with."""
     key = headers.get(b"x-api-key")
     if key is None:
         key = headers.get(b"authorization", b"").partition(b" ")[2].strip()
-    return hashlib.sha256(key).hexdigest()[:16]
+    return key_name(key)
 
 
 class KeyRing:

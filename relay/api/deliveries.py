@@ -22,6 +22,7 @@ from relay.api.submit import validation_error
 from relay.delivery.attempt_log import STATES
 from relay.errors import ApiError
 from relay.jobs.events import event_type_of
+from relay.jobs.events import iso as event_iso
 from relay.jobs.store import Job
 
 PREFIX = "/api/relay/v1"
@@ -34,13 +35,7 @@ State = Literal["pending", "failing", "delivered", "gone", "failed"]
 
 
 def iso(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
-    return (
-        datetime.fromtimestamp(seconds, UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
+    return None if seconds is None else event_iso(seconds)
 
 
 # Times the relay can show back: from the epoch to the end of year 9999.

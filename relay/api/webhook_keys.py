@@ -8,14 +8,13 @@ During a rotation both keys are listed and both sign.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from relay import keys
 from relay.api.state import app_state
+from relay.jobs.events import iso
 
 PATH = "/api/relay/v1/webhook-keys"
 
@@ -32,7 +31,7 @@ async def webhook_keys(request: Request) -> Response:
             await state.redis.set(redis_key, seconds, nx=True)
             first = await state.redis.get(redis_key)
             if first is not None:
-                created = datetime.fromtimestamp(int(first), UTC).isoformat().replace("+00:00", "Z")
+                created = iso(int(first))
         except RedisError:
             created = None  # the key is still worth publishing
         entries.append(

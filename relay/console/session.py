@@ -9,7 +9,6 @@ sign-in form carries one too, from a short-lived cookie of its own (double submi
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
@@ -18,17 +17,13 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 from starlette.requests import Request
 from starlette.responses import Response
 
-from relay.api.auth import KeyRing
+from relay.api.auth import KeyRing, key_name
 from relay.settings import Settings
 
 SESSION_COOKIE = "relay_console"
 LOGIN_COOKIE = "relay_console_login"
 SESSION_SECONDS = 8 * 3600
 LOGIN_SECONDS = 600
-
-
-def key_id(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -51,12 +46,12 @@ class Sessions:
         self._sessions = URLSafeTimedSerializer(secret, salt="relay-console-session")
         self._logins = URLSafeTimedSerializer(secret, salt="relay-console-login")
         self._ring = KeyRing(settings.api_keys)
-        self._key_ids = {key_id(key) for key in keys}
+        self._key_ids = {key_name(key.encode()) for key in keys}
 
     def sign_in(self, candidate: str) -> Session | None:
         if not self._ring.accepts(candidate):
             return None
-        return Session(key_id(candidate), secrets.token_urlsafe(32))
+        return Session(key_name(candidate.encode()), secrets.token_urlsafe(32))
 
     def read(self, request: Request) -> Session | None:
         raw = request.cookies.get(SESSION_COOKIE)

@@ -4,7 +4,6 @@ chart's refresh."""
 from __future__ import annotations
 
 import secrets
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -19,7 +18,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from relay.api.deliveries import deliveries_of, parse_time
+from relay.api.deliveries import deliveries_of, iso, parse_time
 from relay.api.state import AppState, app_state
 from relay.console import queries
 from relay.console.chart import chart_svg
@@ -34,13 +33,7 @@ FORM_LIMIT = 4096
 templates = Jinja2Templates(directory=HERE / "templates")
 
 
-def _iso(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-templates.env.filters["iso"] = _iso
+templates.env.filters["iso"] = iso
 
 
 async def _form(request: Request) -> dict[str, str]:
@@ -199,7 +192,7 @@ class Console:
             session,
             rows=rows,
             outcome=outcome,
-            default_since=_iso(float(seconds) - 3600),
+            default_since=iso(float(seconds) - 3600),
         )
 
     async def recover(self, request: Request) -> Response:
@@ -217,7 +210,7 @@ class Console:
         requeued, more = await app_state(request).redeliverer.recover(
             states=("failing", "failed"), since=since, limit=int(limit_text)
         )
-        outcome = {"requeued": requeued, "more": more, "since": _iso(since)}
+        outcome = {"requeued": requeued, "more": more, "since": iso(since)}
         return await self._failed_page(request, session, outcome=outcome)
 
     async def job(self, request: Request) -> Response:

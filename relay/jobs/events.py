@@ -31,6 +31,15 @@ def webhook_id(request_id: str, type_: str) -> str:
     return "msg_" + uuid.uuid5(_NAMESPACE, f"{request_id}:{type_}").hex
 
 
+def iso(seconds: float) -> str:
+    """A Redis-clock (or any epoch) time as the relay shows it: UTC, milliseconds, `Z`."""
+    return (
+        datetime.fromtimestamp(seconds, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
 def iso_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 

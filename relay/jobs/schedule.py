@@ -20,9 +20,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from relay import keys, lua
-
-# How long per-minute counts (429s here) are kept; the console shows the last hour.
-STATS_KEEP_SECONDS = 7200
+from relay.delivery import stats
 
 
 @dataclass(frozen=True)
@@ -73,7 +71,7 @@ class PollSchedule:
         # Capped: one Retry-After of days must not stop every poll for days.
         await self._pause(
             keys=[keys.UPSTREAM_PAUSED],
-            args=[min(seconds, self.max_pause), keys.STATS_PREFIX, STATS_KEEP_SECONDS],
+            args=[min(seconds, self.max_pause), keys.STATS_PREFIX, stats.KEEP_SECONDS],
         )
 
     async def hand_back(self, request_ids: list[str]) -> None:
