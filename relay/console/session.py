@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from starlette.requests import Request
@@ -54,13 +55,7 @@ class Sessions:
         return Session(key_name(candidate.encode()), secrets.token_urlsafe(32))
 
     def read(self, request: Request) -> Session | None:
-        raw = request.cookies.get(SESSION_COOKIE)
-        if raw is None:
-            return None
-        try:
-            data = self._sessions.loads(raw, max_age=SESSION_SECONDS)
-        except BadSignature:
-            return None
+        data = _signed(request, SESSION_COOKIE, self._sessions, SESSION_SECONDS)
         if not isinstance(data, dict) or data.get("k") not in self._key_ids:
             return None
         csrf = data.get("c")
@@ -75,14 +70,19 @@ class Sessions:
         _cookie(response, request, LOGIN_COOKIE, self._logins.dumps(token), LOGIN_SECONDS)
 
     def login_token_ok(self, request: Request, submitted: str) -> bool:
-        raw = request.cookies.get(LOGIN_COOKIE)
-        if raw is None:
-            return False
-        try:
-            token = self._logins.loads(raw, max_age=LOGIN_SECONDS)
-        except BadSignature:
-            return False
+        token = _signed(request, LOGIN_COOKIE, self._logins, LOGIN_SECONDS)
         return isinstance(token, str) and hmac.compare_digest(token, submitted)
+
+
+def _signed(request: Request, name: str, serializer: URLSafeTimedSerializer, max_age: int) -> Any:
+    """What cookie `name` holds, when its signature is good and it is younger than `max_age`."""
+    raw = request.cookies.get(name)
+    if raw is None:
+        return None
+    try:
+        return serializer.loads(raw, max_age=max_age)
+    except BadSignature:
+        return None
 
 
 def csrf_ok(session: Session, submitted: str) -> bool:
