@@ -482,11 +482,121 @@ def test_a_delay_fault_makes_the_upstream_slow(http: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize(
-    "fault",
-    [{"status": 200}, {"status": 500, "count": 0}, {"status": 500, "paths": "x"}, {"code": 500}],
+    ("fault", "message"),
+    [
+        ({"status": 200}, "status must be an HTTP error status (400-599) or null"),
+        ({"status": 500, "count": 0}, "count must be an integer >= 1"),
+        ({"status": 500, "paths": "x"}, "paths must be one of"),
+        ({"code": 500}, "unknown fields: code"),
+        ({"status": 500, "rate": 0}, "rate must be a number above 0 and at most 1"),
+        ({"status": 500, "rate": 1.5}, "rate must be a number above 0 and at most 1"),
+        ({"status": 500, "rate": "0.1"}, "rate must be a number above 0 and at most 1"),
+        ({"status": 500, "rate": True}, "rate must be a number above 0 and at most 1"),
+        ({"status": 500, "rate": 0.1, "count": 0}, "count must be an integer >= 1"),
+        ({"rate": 0.1}, "a fault needs a status, a delay, or both"),
+    ],
 )
-def test_bad_fault_requests_are_refused(http: httpx.Client, fault: dict[str, Any]) -> None:
-    assert http.post("/_sandbox/faults", json=fault).status_code == 400
+def test_bad_fault_requests_are_refused(
+    http: httpx.Client, fault: dict[str, Any], message: str
+) -> None:
+    response = http.post("/_sandbox/faults", json=fault)
+    assert response.status_code == 400
+    assert response.json()["error"].startswith(message)
+
+
+@pytest.fixture
+def seeded() -> Iterator[httpx.Client]:
+    """A sandbox of its own whose random faults are drawn from a fixed seed."""
+    config = SandboxConfig(queued_seconds=QUEUED, processing_seconds=PROCESSING, seed=11)
+    with (
+        serve(create_sandbox_app(config)) as url,
+        httpx.Client(base_url=url, headers={"x-api-key": KEY}) as client,
+    ):
+        yield client
+
+
+def test_rate_faults_hit_their_share_of_matching_calls_until_cleared(
+    seeded: httpx.Client,
+) -> None:
+    for fault in (
+        {"status": 500, "rate": 0.1, "paths": "poll"},
+        {"status": 429, "rate": 0.05, "retry_after": 1, "paths": "poll"},
+    ):
+        assert seeded.post("/_sandbox/faults", json=fault).status_code == 200
+
+    answers = [seeded.get("/api/v1/lipsync/requests?limit=1") for _ in range(1000)]
+    generates = [
+        seeded.post("/api/v1/lipsync/generate", json={"inputs": media()}) for _ in range(50)
+    ]
+
+    statuses = [answer.status_code for answer in answers]
+    # Both faults stay set and take disjoint shares of one draw: ~100 and ~50 of 1000 calls.
+    assert 60 <= statuses.count(500) <= 140
+    assert 25 <= statuses.count(429) <= 75
+    assert statuses.count(200) == 1000 - statuses.count(500) - statuses.count(429)
+    assert all(a.headers["retry-after"] == "1" for a in answers if a.status_code == 429)
+    assert [g.status_code for g in generates] == [200] * 50  # not a poll
+    stats = seeded.get("/_sandbox/stats").json()
+    assert stats["faults_fired"] == {
+        "GET /v1/lipsync/requests": {"500": statuses.count(500), "429": statuses.count(429)}
+    }
+
+    assert seeded.delete("/_sandbox/faults").status_code == 200
+    assert {seeded.get("/api/v1/lipsync/requests").status_code for _ in range(50)} == {200}
+
+
+def test_the_same_seed_draws_the_same_faults() -> None:
+    def run() -> list[int]:
+        with (
+            serve(create_sandbox_app(SandboxConfig(seed=5))) as url,
+            httpx.Client(base_url=url, headers={"x-api-key": KEY}) as client,
+        ):
+            client.post("/_sandbox/faults", json={"status": 503, "rate": 0.3})
+            return [client.get("/api/v1/users/me").status_code for _ in range(40)]
+
+    first = run()
+    assert 503 in first and 200 in first
+    assert run() == first
+
+
+def test_a_rate_fault_with_a_count_stops_after_that_many_hits(http: httpx.Client) -> None:
+    fault = {"status": 502, "rate": 1, "count": 3, "paths": "GET /v1/users/me"}
+    assert http.post("/_sandbox/faults", json=fault).json()["pending_faults"] == 1
+
+    statuses = [http.get("/api/v1/users/me").status_code for _ in range(6)]
+
+    assert statuses == [502, 502, 502, 200, 200, 200]
+    assert http.post("/_sandbox/faults", json={"status": 500, "rate": 0.5}).json() == {
+        "status": "ok",
+        "pending_faults": 1,  # the spent one is gone
+    }
+
+
+def test_created_then_500_keeps_each_job_and_stats_count_them_per_reference_id(
+    sdk: Chamelaion, http: httpx.Client
+) -> None:
+    fault = {"status": 500, "rate": 1, "count": 2, "paths": "generate", "when": "after"}
+    http.post("/_sandbox/faults", json=fault)
+    http.post("/_sandbox/requests", json={"count": 4})  # test scaffolding: not counted
+
+    lost = [
+        http.post("/api/v1/lipsync/generate", json={"inputs": media(), "reference_id": "ep-1"})
+        for _ in range(2)
+    ]
+    kept = sdk.lipsync.generate(inputs=media(), reference_id="ep-1").request_id
+    sdk.lipsync.generate(inputs=media(), reference_id="ep-2")
+    sdk.lipsync.generate(inputs=media())
+
+    assert [answer.status_code for answer in lost] == [500, 500]
+    assert [answer.json() for answer in lost] == [{"error": "internal error"}] * 2
+    stats = http.get("/_sandbox/stats").json()
+    assert stats["created"] == 5
+    by_reference = stats["created_by_reference"]
+    assert sorted(by_reference) == ["ep-1", "ep-2"]
+    assert len(by_reference["ep-1"]) == 3 and by_reference["ep-1"][-1] == kept
+    listed = sdk.lipsync.requests.list(reference_id="ep-1", limit=10).data
+    assert sorted(row.id for row in listed) == sorted(by_reference["ep-1"])
+    assert stats["faults_fired"] == {"POST /v1/lipsync/generate": {"500": 2}}
 
 
 def test_forgotten_request_is_gone(sdk: Chamelaion, http: httpx.Client) -> None:
@@ -563,6 +673,9 @@ def test_stats_count_and_time_every_call_and_reset_clears_everything(
         "timestamps": {},
         "in_flight": {},
         "peak_in_flight": {},
+        "created": 0,
+        "created_by_reference": {},
+        "faults_fired": {},
     }
     assert sdk.lipsync.generate(inputs=media()).status == "success"  # the fault went too
     with pytest.raises(NotFoundError):

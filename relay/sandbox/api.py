@@ -221,6 +221,7 @@ class SandboxApi:
         job = self._state.create_job(
             reference_id=reference_id, fails=_fails(video_url, reference_id), json_body=raw
         )
+        self._state.count_created(job)
         return JSONResponse({"status": "success", "request_id": job.id})
 
     async def generate_with_media(self, request: Request) -> Response:
@@ -230,6 +231,7 @@ class SandboxApi:
         fails = _fails(files["video"]["filename"], reference_id)
         uploads = {**files, "fields": fields}
         job = self._state.create_job(reference_id=reference_id, fails=fails, uploads=uploads)
+        self._state.count_created(job)
         return JSONResponse({"status": "success", "request_id": job.id})
 
     async def get_request(self, request: Request) -> Response:

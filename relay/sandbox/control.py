@@ -1,8 +1,9 @@
 """The sandbox's test-control endpoints under /_sandbox (no auth; not part of Chamelaion).
 
-They let a test make the upstream misbehave on cue (errors, slowness, lost or odd jobs) and
-then look at what the relay actually sent: the JSON bodies, the uploaded bytes' sizes and
-hashes, and how often and when each endpoint was called.
+They let a test make the upstream misbehave on cue (errors, slowness, lost or odd jobs), on
+the next calls or at random on a share of them, and then look at what the relay actually sent:
+the JSON bodies, the uploaded bytes' sizes and hashes, how often and when each endpoint was
+called, and how many upstream jobs the generate calls made for each reference_id.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from relay.sandbox.state import Fault, SandboxState, UpstreamJob
 
 FAULT_GROUPS = ("poll", "generate", "all")
 _FAULT_FIELDS = frozenset(
-    {"status", "count", "retry_after", "paths", "delay", "when", "error"},
+    {"status", "count", "rate", "retry_after", "paths", "delay", "when", "error"},
 )
 _STATUS_FIELDS = frozenset({"status", "extra", "drop"})
 _CREATE_FIELDS = frozenset({"count", "queued_seconds", "processing_seconds"})
@@ -50,11 +51,23 @@ def _number(body: dict[str, Any], name: str, default: float | None) -> float | N
     return float(value)
 
 
+def _rate(body: dict[str, Any]) -> float | None:
+    rate = body.get("rate")
+    if rate is None:
+        return None
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1:
+        raise SandboxError(400, "rate must be a number above 0 and at most 1")
+    return float(rate)
+
+
 def parse_fault(body: dict[str, Any], route_keys: Collection[str]) -> Fault:
-    status, count = body.get("status"), body.get("count", 1)
+    """A fault from its JSON: `count` calls in a row (default 1), or with `rate`, that share of
+    the matching calls (`count` times at most when given, else until the faults are cleared)."""
+    rate = _rate(body)
+    status, count = body.get("status"), body.get("count", None if rate is not None else 1)
     if status is not None and not (isinstance(status, int) and 400 <= status <= 599):
         raise SandboxError(400, "status must be an HTTP error status (400-599) or null")
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
         raise SandboxError(400, "count must be an integer >= 1")
     paths = body.get("paths", "all")
     if paths not in FAULT_GROUPS and paths not in route_keys:
@@ -76,6 +89,7 @@ def parse_fault(body: dict[str, Any], route_keys: Collection[str]) -> Fault:
         delay=delay,
         after_handling=when == "after",
         error=error,
+        rate=rate,
     )
 
 
@@ -170,6 +184,11 @@ class SandboxControl:
                 "timestamps": {key: list(times) for key, times in self._state.timestamps.items()},
                 "in_flight": dict(self._state.in_flight),
                 "peak_in_flight": dict(self._state.peak_in_flight),
+                "created": self._state.created,
+                "created_by_reference": self._state.created_by_reference,
+                "faults_fired": {
+                    key: dict(fired) for key, fired in self._state.faults_fired.items()
+                },
             }
         )
 

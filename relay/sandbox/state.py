@@ -41,6 +41,8 @@ class SandboxConfig:
     history: int = 0
     # Each job's processing takes processing_seconds plus up to this much more (fixed per id).
     processing_spread: float = 0.0
+    # Seeds the draws of faults given a `rate` (None: a fresh seed), so a run can be replayed.
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if not self.api_keys or not all(self.api_keys):
@@ -73,15 +75,21 @@ class UpstreamJob:
 
 @dataclass
 class Fault:
-    """The next `remaining` matching calls are delayed and/or answered with `status`."""
+    """Matching calls are delayed and/or answered with `status`.
+
+    Without a `rate`, the next `remaining` matching calls are hit. With one, each matching call
+    is hit with that probability, `remaining` times at most (None: for as long as the fault is
+    set).
+    """
 
     status: int | None
-    remaining: int
+    remaining: int | None
     paths: str  # "poll", "generate", "all", or one route key such as "GET /health"
     retry_after: float | None = None
     delay: float = 0.0
     after_handling: bool = False  # handle the call (create the job), then answer the error
     error: str | None = None
+    rate: float | None = None
 
     def matches(self, key: str, group: str) -> bool:
         return self.paths in ("all", group, key)
@@ -130,6 +138,13 @@ class SandboxState:
         self.timestamps: dict[str, deque[float]] = {}
         self.in_flight: Counter[str] = Counter()
         self.peak_in_flight: Counter[str] = Counter()
+        # Jobs made by the generate endpoints (not history, not /_sandbox/requests): what a
+        # test counts to find a submission that became two upstream jobs.
+        self.created = 0
+        self.created_by_reference: dict[str, list[str]] = {}
+        # route key -> what an injected fault did to its calls ("500", "429", "delay") -> count
+        self.faults_fired: dict[str, Counter[str]] = {}
+        self._random = random.Random(self.config.seed)  # noqa: S311 - test faults, not secrets
         self._add_history(self.config.history)
         rate = self.config.rate_limit_per_second
         self._bucket = TokenBucket(rate, self._clock) if rate is not None else None
@@ -159,12 +174,29 @@ class SandboxState:
         self.timestamps.setdefault(key, deque(maxlen=_TIMESTAMPS_KEPT)).append(self._clock())
 
     def take_fault(self, key: str, group: str) -> Fault | None:
+        """The fault that hits this call, if any, trying matching faults in the order they were
+        set: a counted fault hits it; a rate fault hits it with its probability.
+
+        Rate faults share one draw per call, each taking its own slice of it, so faults of
+        rate 0.1 and 0.05 on the same calls hit 10 % and 5 % of them, never the same call.
+        """
+        draw: float | None = None
+        share = 0.0
         for fault in self.faults:
-            if fault.matches(key, group):
+            if not fault.matches(key, group):
+                continue
+            if fault.rate is not None:
+                draw = self._random.random() if draw is None else draw
+                share += fault.rate
+                if draw >= share:
+                    continue
+            if fault.remaining is not None:
                 fault.remaining -= 1
                 if fault.remaining <= 0:
                     self.faults.remove(fault)
-                return fault
+            fired = str(fault.status) if fault.status is not None else "delay"
+            self.faults_fired.setdefault(key, Counter())[fired] += 1
+            return fault
         return None
 
     def rate_limit_wait(self) -> float | None:
@@ -195,6 +227,12 @@ class SandboxState:
         )
         self.jobs[job.id] = job
         return job
+
+    def count_created(self, job: UpstreamJob) -> None:
+        """Count a job a generate endpoint made (what Chamelaion would bill)."""
+        self.created += 1
+        if job.reference_id is not None:
+            self.created_by_reference.setdefault(job.reference_id, []).append(job.id)
 
     def find(self, id_or_reference: str) -> UpstreamJob | None:
         """By request id, else the newest job with that reference_id, like Chamelaion."""
