@@ -529,6 +529,12 @@ def report(
         f"  duplicate upstream jobs: {extra} beyond the first, over {len(dup_refs)} reference_ids"
         f" ({with_key} with an Idempotency-Key too; {dup_acked} of acknowledged submissions)"
     )
+    per_ref = Counter(len(ids) for ids in created_by_ref.values())
+    per_ref[0] = len(by_ref) - len(created_by_ref)
+    print(
+        "  upstream jobs per reference_id: "
+        + ", ".join(f"{jobs}: {refs}" for jobs, refs in sorted(per_ref.items()))
+    )
     untracked = [rid for rid in upstream_ids if rid not in redis_findings.tracked]
     print(f"  upstream jobs the relay does not track (orphans): {len(untracked)}")
     errored_upstream = [sub for sub in errored if sub.reference_id in created_by_ref]
