@@ -67,7 +67,7 @@ async def build_state(settings: Settings) -> WorkerState:
     schedule = PollSchedule(
         redis,
         rate=settings.upstream_rate_limit,
-        lease=settings.poll_lease,
+        lease=settings.claim_lease(),
         max_pause=settings.max_upstream_pause,
     )
     upstream = Upstream.from_settings(settings)
@@ -230,7 +230,13 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
         # All interfaces: the kubelet's probes and Prometheus reach the pod from outside.
         http = embedded_server(app, host="0.0.0.0", port=http_port)  # noqa: S104
         http_task = asyncio.create_task(http.serve(), name="worker-http")
-    log.info("worker started", extra={"concurrency": settings.worker_concurrency})
+    log.info(
+        "worker started",
+        extra={
+            "concurrency": settings.worker_concurrency,
+            "poll_lease": state.schedule.lease,
+        },
+    )
     try:
         await stop.wait()
     finally:
