@@ -5,7 +5,8 @@ Every decision about a job's fate is made on Redis's clock: scripts read it them
 Python instead, the main one inside arq, whose worker picks the deliveries that are due by
 comparing `arq:queue` scores with its own `timestamp_ms()` (relay.worker.process points that at
 this clock). A worker whose own clock is minutes off would otherwise make a deferred attempt at
-once, or minutes late.
+once, or minutes late. Callbacks' `webhook-timestamp` comes from it too: receivers refuse one
+more than 5 minutes off their own clock.
 
 The estimate is a Redis TIME sample carried forward on the local monotonic clock, not an offset
 added to the local wall clock: a wall clock stepped between samples (NTP, a resumed VM) does

@@ -14,13 +14,12 @@ import sys
 import textwrap
 from typing import cast
 
-import orjson
 import pytest
 import redis
 
 from relay import keys
 from tests.stack import Stack, eventually, is_up, job_field, relay_stack
-from tests.test_end_to_end import submit
+from tests.test_end_to_end import submit, verified
 
 LIBFAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))), None)
 pytestmark = pytest.mark.skipif(
@@ -101,7 +100,8 @@ def test_a_skewed_worker_rides_out_a_single_404(redis_url: str, offset: str) -> 
         stack.upstream("POST", "/_sandbox/faults", json={"status": 404, "paths": POLL_ROUTE})
         request_id = submit(stack)
         [callback] = stack.receiver.wait_for(1, timeout=30)
-        assert orjson.loads(callback.body)["type"] == "lipsync.completed"
+        # Verified as a receiver does: its clock, not the worker's, judges webhook-timestamp.
+        assert verified(stack, callback)["type"] == "lipsync.completed"
         assert job_field(redis_url, request_id, "status") == b"completed"
         calls = stack.upstream("GET", "/_sandbox/stats").json()["calls"]
         assert calls[POLL_ROUTE] >= 2, "the 404 was seen, then the job found again"
@@ -125,4 +125,5 @@ def test_a_skewed_worker_makes_a_deferred_retry_on_time(redis_url: str, offset: 
         start_skewed_worker(stack, offset)
         first, second = stack.receiver.wait_for(2, timeout=60)
         assert second.at - first.at >= 20 * 0.9 - 0.1, "the retry was made early"
+        assert verified(stack, second)["type"] == "lipsync.completed"
         assert job_field(redis_url, request_id, "delivery") == b"delivered"

@@ -93,7 +93,7 @@ async def build_state(settings: Settings) -> WorkerState:
     )
     deliverer = Deliverer(
         store=store,
-        signer=Signer(settings.webhook_secrets),
+        signer=Signer(settings.webhook_secrets, clock=clock.now),
         client=client,
         schedule=settings.delivery_retry_schedule,
         enqueue_attempt=queue.enqueue_attempt,
