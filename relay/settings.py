@@ -42,6 +42,10 @@ DEFAULT_RETRY_SCHEDULE = (
 # The first back-off of a destination that keeps failing, doubled with each further failure.
 BREAKER_BASE = 5.0
 
+# The part of a claimed poll's lease its upstream call may take; the rest is room to record the
+# answer (a few Redis writes).
+POLL_SHARE = 0.8
+
 Role = Literal["api", "worker"]
 
 # Caller keys are bearer secrets: long enough that guessing one is out of the question.
@@ -168,6 +172,17 @@ class Settings(BaseSettings):
     def _networks(cls, value: str) -> str:
         parse_networks(value)  # raises ValueError naming the bad entry
         return value
+
+    def claim_lease(self) -> float:
+        """How long a claimed poll stays with its worker: RELAY_POLL_LEASE, or longer when a
+        poll's upstream call (up to RELAY_UPSTREAM_TIMEOUT) would not fit in POLL_SHARE of it.
+
+        A poll cut off before its answer records nothing; with a lease too short for the
+        upstream timeout, every answer slower than the lease allows would be lost the same way,
+        until the job aged out as failed (issue #11). Raising the lease keeps a slow answer; it
+        only lengthens how soon a crashed worker's polls are taken over.
+        """
+        return max(self.poll_lease, self.upstream_timeout / POLL_SHARE)
 
     def breaker(self) -> Breaker:
         return Breaker(

@@ -16,6 +16,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -79,7 +81,13 @@ class PublicKey:
 
 
 class Signer:
-    def __init__(self, secrets: tuple[SecretStr, ...]) -> None:
+    def __init__(
+        self, secrets: tuple[SecretStr, ...], clock: Callable[[], float] = time.time
+    ) -> None:
+        # `clock`: seconds since the epoch for webhook-timestamp. Workers pass Redis's
+        # (relay.clock): receivers refuse a timestamp more than 5 minutes off their own clock,
+        # so whether a callback is taken must not depend on which worker's clock signed it.
+        self._clock = clock
         if not secrets:
             raise ValueError("at least one webhook secret is needed to sign callbacks")
         self._webhooks: list[Webhook] = []
@@ -102,7 +110,7 @@ class Signer:
 
     def headers(self, webhook_id: str, body: bytes, now: datetime | None = None) -> dict[str, str]:
         """The three Standard Webhooks headers for one delivery attempt of `body`."""
-        timestamp = (now or datetime.now(UTC)).replace(microsecond=0)
+        timestamp = (now or datetime.fromtimestamp(self._clock(), UTC)).replace(microsecond=0)
         text = body.decode()
         signatures = [hook.sign(webhook_id, timestamp, text) for hook in self._webhooks]
         seconds = str(int(timestamp.timestamp()))

@@ -5,10 +5,16 @@ no change (and after upstream trouble), and drops back to the minimum when the s
 Anything Chamelaion sends that is not a clean final status keeps the job alive: unknown
 statuses, odd fields or timestamps (never parsed), bad JSON and 5xx only lengthen the interval.
 Only a 404 that lasts longer than the grace period gives a job up, as `lipsync.failed`.
+
+A job past RELAY_MAX_JOB_AGE is asked once more, not given up unasked: a final status it hears
+is reported as it is (a job Chamelaion completed is never reported failed), an unfinished one
+ends as failed. While Chamelaion gives no usable answer it is asked again, for up to the grace
+period more; after that the job ends as failed with a message that says its status is unknown.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -66,12 +72,17 @@ class Poller:
         if await self.settle(job):
             return
         try:
-            response = await self.upstream.request(
-                "GET", f"v1/lipsync/requests/{quote(request_id, safe='')}"
-            )
-        except UpstreamError as exc:
+            # One deadline for the whole call (the client's timeouts are per operation), which
+            # the poll's lease is sized to hold (Settings.claim_lease): an answer that comes in
+            # time is always recorded, and one that does not is an ordinary retry.
+            async with asyncio.timeout(self.settings.upstream_timeout):
+                response = await self.upstream.request(
+                    "GET", f"v1/lipsync/requests/{quote(request_id, safe='')}"
+                )
+        except (UpstreamError, TimeoutError) as exc:
             POLLS.labels("unreachable").inc()
-            log.warning("poll failed", extra={"request_id": request_id, "reason": exc.message})
+            reason = exc.message if isinstance(exc, UpstreamError) else "no answer in time"
+            log.warning("poll failed", extra={"request_id": request_id, "reason": reason})
             await self._retry_later(job)
             return
 
@@ -99,8 +110,13 @@ class Poller:
             await self._retry_later(job)
 
     def needs_settling(self, job: Job) -> bool:
-        """True when the job's fate is decided without any status: `settle` it."""
-        return job.ended or job.read_at - job.created > self.settings.max_job_age
+        """True when the job needs more than a status recorded (it ended, or is past its
+        maximum age): `settle` it, then `observe` what upstream says."""
+        return job.ended or self._overdue(job) > 0
+
+    def _overdue(self, job: Job) -> float:
+        """Seconds the job is past its maximum age (negative: not yet)."""
+        return job.read_at - job.created - self.settings.max_job_age
 
     async def settle(self, job: Job) -> bool:
         """Finish what needs no upstream answer; True when the job needs no status any more."""
@@ -108,10 +124,16 @@ class Poller:
             # A worker ended it but died before handing the delivery over: finish that part.
             await self._hand_over(job, deliver=job.delivery == "pending")
             return True
-        age = job.read_at - job.created
-        if age > self.settings.max_job_age:
-            # Bounded life: a job stuck upstream must not be polled (and kept) forever.
-            await self._give_up(job, f"Chamelaion did not finish this request within {int(age)} s")
+        overdue = self._overdue(job)
+        if overdue > self.settings.not_found_grace:
+            # Bounded life, even when Chamelaion never answers: the job must not be polled (and
+            # kept) forever. A job that got an answer past its maximum age ended with it.
+            await self._give_up(
+                job,
+                "the relay could not read its final status: Chamelaion gave no usable answer "
+                f"in the {int(overdue)} s after it reached the maximum age of "
+                f"{int(self.settings.max_job_age)} s",
+            )
             return True
         return False
 
@@ -139,6 +161,13 @@ class Poller:
         new_status: str = data["status"]
         if event_type(new_status) is not None:
             await self._end(job, new_status, data)
+            return
+        if self._overdue(job) > 0:
+            # Its final look: past its maximum age and still unfinished upstream.
+            age = int(job.read_at - job.created)
+            await self._give_up(
+                job, f"Chamelaion did not finish this request within {age} s", last=data
+            )
             return
         if self._starts_processing(job, new_status):
             await self._emit_processing(job, data)
@@ -208,9 +237,11 @@ class Poller:
             f"Chamelaion no longer knows this request: it answered 404 for {int(now - since)} s",
         )
 
-    async def _give_up(self, job: Job, reason: str) -> None:
-        """End the job as failed on the relay's own account, from its last known state."""
-        last = (json_object(job.body) if job.body else None) or {}
+    async def _give_up(self, job: Job, reason: str, *, last: dict[str, Any] | None = None) -> None:
+        """End the job as failed on the relay's own account, from its last known state (`last`,
+        else the stored one)."""
+        if last is None:
+            last = (json_object(job.body) if job.body else None) or {}
         data = {
             **last,
             "id": last.get("id", job.request_id),

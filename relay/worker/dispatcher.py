@@ -23,8 +23,6 @@ log = logging.getLogger(__name__)
 
 # The dispatcher never sleeps longer than this, so new jobs and a stop are noticed quickly.
 MAX_IDLE = 0.5
-# The part of a claim's lease a poll may take; the rest is margin for writing its result.
-LEASE_SHARE = 0.8
 # A heartbeat older than this means the dispatcher loop is stuck: the health check fails.
 STALE_AFTER = 30.0
 
@@ -65,11 +63,14 @@ class Dispatcher:
 
     async def _poll(self, request_id: str) -> None:
         try:
-            # A poll must end within its lease, or another worker polls the job as well.
-            async with asyncio.timeout(self.schedule.lease * LEASE_SHARE):
+            # A last resort: each part of a poll has its own bound (the upstream call its
+            # timeout, which the lease is sized to hold, and every Redis call its own), so only
+            # a poll stuck past all of them is cut off here, when another worker may take the
+            # job over anyway.
+            async with asyncio.timeout(self.schedule.lease):
                 await self.poller.poll(request_id)
         except TimeoutError:
-            log.warning("poll of %s outlasted its lease share and was abandoned", request_id)
+            log.warning("poll of %s outlasted its lease and was abandoned", request_id)
         except RedisError as exc:
             # The claim's lease makes it due again; nothing else to undo.
             log.warning("poll of %s hit a Redis error: %s", request_id, type(exc).__name__)

@@ -5,10 +5,12 @@ local result_key = KEYS[2]
 local queue_key = KEYS[3]
 local job_id = ARGV[1]
 local payload = ARGV[2]    -- serialized by arq.jobs.serialize_job
-local score = ARGV[3]      -- when it is due, ms, on the enqueuing worker's clock (as arq's)
+local defer_ms = tonumber(ARGV[3])   -- how long from now it is due
 local expires_ms = ARGV[4]
 
 if redis.call('EXISTS', job_key, result_key) > 0 then return 0 end
 redis.call('PSETEX', job_key, expires_ms, payload)
-redis.call('ZADD', queue_key, score, job_id)
+-- Scored on Redis's clock, in ms as arq scores: workers compare it with the same clock
+-- (relay.clock), whatever their own clocks say.
+redis.call('ZADD', queue_key, math.floor(now * 1000) + defer_ms, job_id)
 return 1

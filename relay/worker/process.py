@@ -1,6 +1,10 @@
 """The worker process: wires the poll dispatcher, the sweeper, the stranded-delivery sweep and
 arq's deliveries onto one event loop.
 
+Every "now" arq compares with, and every delivery the relay queues, is on Redis's clock
+(relay.clock), so a worker whose own clock is off neither makes a deferred attempt early nor
+leaves it waiting.
+
 Stopping (SIGTERM): stop claiming, sweeping and picking deliveries, let in-flight polls and
 deliveries finish for up to RELAY_SHUTDOWN_TIMEOUT, then hand unfinished polls and first
 deliveries back (due now) and let arq cancel the rest; a cancelled delivery runs again elsewhere
@@ -12,8 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import arq.connections
+import arq.worker
 import httpx
 from arq.connections import ArqRedis
 from arq.worker import Worker, func
@@ -21,6 +28,7 @@ from redis.exceptions import RedisError
 
 from relay import keys
 from relay.api.auth import KeyRing
+from relay.clock import RedisClock
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.deliverer import Deliverer
 from relay.delivery.destinations import Destinations
@@ -44,6 +52,8 @@ from relay.worker.tasks import ARQ_SLOT_WAIT, DeliveryQueue, FirstAttempts, deli
 log = logging.getLogger(__name__)
 
 REDIS_RETRY_DELAY = 1.0
+# The function arq's modules read the time through (arq.utils.timestamp_ms, imported by name).
+ARQ_CLOCK = "timestamp_ms"
 
 
 @dataclass
@@ -59,19 +69,22 @@ class WorkerState:
     dispatcher: Dispatcher
     stranded: StrandedSweep
     sweeper: Sweeper
+    clock: RedisClock
 
 
 async def build_state(settings: Settings) -> WorkerState:
     redis = await arq_pool(settings.redis_url, timeout=settings.redis_timeout)
+    clock = RedisClock(redis)
+    await clock.sync()
     store = JobStore(redis)
     schedule = PollSchedule(
         redis,
         rate=settings.upstream_rate_limit,
-        lease=settings.poll_lease,
+        lease=settings.claim_lease(),
         max_pause=settings.max_upstream_pause,
     )
     upstream = Upstream.from_settings(settings)
-    queue = DeliveryQueue(redis, settings.delivery_retry_schedule)
+    queue = DeliveryQueue(redis, settings.delivery_retry_schedule, clock)
     attempt_log = AttemptLog(redis, retention=settings.job_retention)
     client = make_callback_client(
         settings.callback_policy(),
@@ -80,7 +93,7 @@ async def build_state(settings: Settings) -> WorkerState:
     )
     deliverer = Deliverer(
         store=store,
-        signer=Signer(settings.webhook_secrets),
+        signer=Signer(settings.webhook_secrets, clock=clock.now),
         client=client,
         schedule=settings.delivery_retry_schedule,
         enqueue_attempt=queue.enqueue_attempt,
@@ -133,7 +146,33 @@ async def build_state(settings: Settings) -> WorkerState:
         dispatcher,
         stranded,
         sweeper,
+        clock,
     )
+
+
+@contextlib.contextmanager
+def arq_on_redis_clock(clock: RedisClock) -> Iterator[None]:
+    """Make arq read `clock` wherever it asks for the time, while the worker runs.
+
+    arq compares `arq:queue` scores with its own `timestamp_ms()`: to pick due jobs, to re-check
+    one before starting it, to score a Retry, and (in enqueue_job, which the stranded-delivery
+    sweep uses) to score a new job. Its modules import that function by name, so replacing the
+    name in each is the one place arq can be pointed at another clock without copying its
+    worker loop. Process-wide, which is right: every arq client in a worker process talks to
+    the one Redis whose clock this is. Checked, so an arq that reads time some other way fails
+    at start-up rather than quietly going back to the local clock.
+    """
+    modules = (arq.worker, arq.connections)
+    saved = [getattr(module, ARQ_CLOCK, None) for module in modules]
+    if not all(callable(original) for original in saved):
+        raise RuntimeError(f"arq no longer reads the time through {ARQ_CLOCK}(); see relay.clock")
+    for module in modules:
+        setattr(module, ARQ_CLOCK, clock.now_ms)
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, saved, strict=True):
+            setattr(module, ARQ_CLOCK, original)
 
 
 def arq_worker(state: WorkerState) -> Worker:
@@ -206,7 +245,16 @@ async def _drain(worker: Worker, state: WorkerState, timeout: float) -> None:
 async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: int | None) -> None:
     """Run polls and deliveries until `stop` is set, then drain and close."""
     state = await build_state(settings)
+    with arq_on_redis_clock(state.clock):
+        await _serve(state, settings, stop, http_port=http_port)
+
+
+async def _serve(
+    state: WorkerState, settings: Settings, stop: asyncio.Event, *, http_port: int | None
+) -> None:
     worker = arq_worker(state)
+    clock_stop = asyncio.Event()
+    clock_task = asyncio.create_task(state.clock.run(clock_stop), name="redis-clock")
     arq_task = asyncio.create_task(run_arq(worker, stop), name="arq")
     watch = RedisWatch(state.redis)
     stop_watching = asyncio.Event()
@@ -230,7 +278,13 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
         # All interfaces: the kubelet's probes and Prometheus reach the pod from outside.
         http = embedded_server(app, host="0.0.0.0", port=http_port)  # noqa: S104
         http_task = asyncio.create_task(http.serve(), name="worker-http")
-    log.info("worker started", extra={"concurrency": settings.worker_concurrency})
+    log.info(
+        "worker started",
+        extra={
+            "concurrency": settings.worker_concurrency,
+            "poll_lease": state.schedule.lease,
+        },
+    )
     try:
         await stop.wait()
     finally:
@@ -264,6 +318,8 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
         await stranded_task
         stop_watching.set()
         await watch_task
+        clock_stop.set()
+        await clock_task
         await worker.close()
         await state.upstream.aclose()
         await state.callback_client.aclose()

@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from arq import Retry
 from arq.connections import ArqRedis
 from arq.jobs import serialize_job
-from arq.utils import timestamp_ms
 from redis.exceptions import RedisError
 
 from relay import keys, lua
+from relay.clock import RedisClock
 from relay.delivery.deliverer import Deliverer, next_delay
 from relay.delivery.destinations import DestinationBusy, destination_of
 from relay.jitter import jittered
@@ -53,16 +52,18 @@ class DeliveryQueue:
     trips and a WATCHed connection per job: bursts enqueue a job per ended job.
     """
 
-    def __init__(self, redis: ArqRedis, schedule: tuple[float, ...]) -> None:
+    def __init__(self, redis: ArqRedis, schedule: tuple[float, ...], clock: RedisClock) -> None:
         self.redis = redis
         self.schedule = schedule
+        self.clock = clock
         self._enqueue = lua.register(redis, __package__, "enqueue")
 
     async def _enqueue_job(self, job_id: str, delay: float, *args: object) -> None:
-        enqueued_ms = timestamp_ms()
         defer_ms = max(0, round(delay * 1000))
+        # The script scores the job itself, on Redis's clock; the enqueue time in the payload
+        # is only what arq reports (how long a job queued).
         payload = serialize_job(
-            "deliver", args, {}, None, enqueued_ms, serializer=self.redis.job_serializer
+            "deliver", args, {}, None, self.clock.now_ms(), serializer=self.redis.job_serializer
         )
         await self._enqueue(
             keys=[
@@ -70,7 +71,7 @@ class DeliveryQueue:
                 keys.ARQ_RESULT_PREFIX + job_id,
                 keys.ARQ_QUEUE,
             ],
-            args=[job_id, payload, enqueued_ms + defer_ms, defer_ms + self.redis.expires_extra_ms],
+            args=[job_id, payload, defer_ms, defer_ms + self.redis.expires_extra_ms],
         )
 
     async def enqueue_attempt(
@@ -82,7 +83,7 @@ class DeliveryQueue:
     async def postpone(self, request_id: str, attempt: int, delay: float, destination: str) -> None:
         # Due time in the id: a re-run of the postponing job (after a crash) adds nothing, and
         # a later postponement is a new job, not a Retry that arq would expire after a day.
-        due_ms = int((time.time() + delay) * 1000)
+        due_ms = self.clock.now_ms() + round(delay * 1000)
         job_id = keys.postponed_job_id(request_id, attempt, due_ms)
         await self._enqueue_job(job_id, delay, request_id, attempt, destination)
 

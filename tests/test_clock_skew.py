@@ -1,0 +1,129 @@
+"""Workers whose clocks are wrong: every decision about a job is made on Redis's clock.
+
+A worker runs under libfaketime (Debian's `faketime`), 10 minutes fast or slow, next to Redis
+and the test, which keep the machine's own clock.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from typing import cast
+
+import pytest
+import redis
+
+from relay import keys
+from tests.stack import Stack, eventually, is_up, job_field, relay_stack
+from tests.test_end_to_end import submit, verified
+
+LIBFAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))), None)
+pytestmark = pytest.mark.skipif(
+    LIBFAKETIME is None, reason="needs Debian's faketime (apt-get install faketime)"
+)
+
+POLL_ROUTE = "GET /v1/lipsync/requests/{id}"
+SKEWS = {"fast": "+10m", "slow": "-10m"}
+
+
+def skewed(offset: str) -> dict[str, str]:
+    """Environment that runs a process `offset` off the real clock (e.g. "+10m")."""
+    assert LIBFAKETIME is not None
+    preload = " ".join(filter(None, [LIBFAKETIME, os.environ.get("LD_PRELOAD")]))
+    return {"LD_PRELOAD": preload, "FAKETIME": offset}
+
+
+def redis_now(redis_url: str) -> float:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        seconds, micros = cast(tuple[int, int], client.time())
+    finally:
+        client.close()
+    return seconds + micros / 1e6
+
+
+def start_skewed_worker(stack: Stack, offset: str) -> None:
+    stack.start_worker(**skewed(offset))
+    eventually(lambda: is_up(stack.worker_urls[-1]), timeout=60)
+
+
+def test_faketime_really_moves_a_workers_clock(redis_url: str) -> None:
+    """The premise of this file: the preloaded library changes what Python reads."""
+    moved = subprocess.run(
+        [sys.executable, "-c", "import time; print(time.time())"],
+        env={**os.environ, **skewed("+10m")},
+        capture_output=True,
+        check=True,
+    )
+    assert float(moved.stdout) - redis_now(redis_url) > 590
+
+
+@pytest.mark.parametrize("offset", SKEWS.values(), ids=SKEWS.keys())
+def test_the_relay_clock_of_a_skewed_process_is_redis_time(redis_url: str, offset: str) -> None:
+    script = textwrap.dedent(
+        f"""
+        import asyncio, time
+        from redis.asyncio import Redis
+        from relay.clock import RedisClock
+
+        async def main():
+            client = Redis.from_url({redis_url!r})
+            clock = RedisClock(client)
+            await clock.sync()
+            print(clock.now(), time.time())
+            await client.aclose()
+
+        asyncio.run(main())
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, **skewed(offset)},
+        capture_output=True,
+        check=True,
+    )
+    relay_now, own_now = map(float, out.stdout.split())
+    now = redis_now(redis_url)
+    assert abs(own_now - now) > 590  # the process's own clock is off
+    assert abs(relay_now - now) < 5  # the relay's clock is not (slack: process start-up)
+
+
+@pytest.mark.parametrize("offset", SKEWS.values(), ids=SKEWS.keys())
+def test_a_skewed_worker_rides_out_a_single_404(redis_url: str, offset: str) -> None:
+    env = {"RELAY_NOT_FOUND_GRACE": "300", "RELAY_SWEEP_INTERVAL": "0"}
+    with relay_stack(redis_url, workers=0, env=env) as stack:
+        start_skewed_worker(stack, offset)
+        stack.upstream("POST", "/_sandbox/faults", json={"status": 404, "paths": POLL_ROUTE})
+        request_id = submit(stack)
+        [callback] = stack.receiver.wait_for(1, timeout=30)
+        # Verified as a receiver does: its clock, not the worker's, judges webhook-timestamp.
+        assert verified(stack, callback)["type"] == "lipsync.completed"
+        assert job_field(redis_url, request_id, "status") == b"completed"
+        calls = stack.upstream("GET", "/_sandbox/stats").json()["calls"]
+        assert calls[POLL_ROUTE] >= 2, "the 404 was seen, then the job found again"
+
+
+@pytest.mark.parametrize("offset", SKEWS.values(), ids=SKEWS.keys())
+def test_a_skewed_worker_makes_a_deferred_retry_on_time(redis_url: str, offset: str) -> None:
+    """A retry deferred by 20 s (±10 %) by a worker with a right clock is made by a skewed
+    one: neither early (a fast clock finds it due at once) nor 10 minutes late (a slow one)."""
+    env = {"RELAY_DELIVERY_RETRY_SCHEDULE": "0,20"}
+    with relay_stack(redis_url, env=env) as stack:
+        stack.receiver.script = [500]
+        request_id = submit(stack)
+        stack.receiver.wait_for(1)
+        # The failure is recorded and attempt 1 queued; the worker that did it leaves.
+        eventually(lambda: job_field(redis_url, request_id, "attempt") == b"1")
+        assert redis.Redis.from_url(redis_url).zscore(
+            keys.ARQ_QUEUE, keys.delivery_job_id(request_id, 1)
+        )
+        assert stack.stop_worker(stack.workers[0], signal.SIGTERM) == 0
+        start_skewed_worker(stack, offset)
+        first, second = stack.receiver.wait_for(2, timeout=60)
+        assert second.at - first.at >= 20 * 0.9 - 0.1, "the retry was made early"
+        assert verified(stack, second)["type"] == "lipsync.completed"
+        assert job_field(redis_url, request_id, "delivery") == b"delivered"
