@@ -14,7 +14,6 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-import httpx
 from arq.connections import ArqRedis
 from arq.worker import Worker, func
 from redis.exceptions import RedisError
@@ -26,7 +25,7 @@ from relay.delivery.deliverer import Deliverer
 from relay.delivery.destinations import Destinations
 from relay.delivery.signing import Signer
 from relay.delivery.stranded import StrandedSweep
-from relay.delivery.transport import make_callback_client
+from relay.delivery.transport import CallbackClient, make_callback_client
 from relay.jobs.poller import Poller
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
@@ -53,7 +52,7 @@ class WorkerState:
     store: JobStore
     schedule: PollSchedule
     upstream: Upstream
-    callback_client: httpx.AsyncClient
+    callback_client: CallbackClient
     deliverer: Deliverer
     first_attempts: FirstAttempts
     dispatcher: Dispatcher
