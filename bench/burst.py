@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -41,6 +42,8 @@ from relay.devtools.embedded_redis import embedded_redis, free_port
 from relay.jobs.store import JobStore
 
 FAST_PORTS = 4
+# The stand-in's largest list page (Chamelaion documents none; the relay reads what it gets).
+LIST_PAGE_CAP = 1000
 POLL_INTERVAL = "1"
 
 
@@ -50,15 +53,40 @@ POLL_INTERVAL = "1"
 def run_upstream(port: int) -> None:
     finished_at: list[float] = []
     polls = [0]
+    lists = [0]
+    # Registered jobs, newest first (the order Chamelaion's list is read in here), with their
+    # creation times: the relay's sweeps page through this list as they would Chamelaion's.
+    listed: list[tuple[str, str]] = []
+
+    def lipsync_request(request_id: str, created_at: str) -> dict[str, str]:
+        status = "completed" if finished_at else "processing"
+        body = {"id": request_id, "status": status, "created_at": created_at}
+        if finished_at:
+            body["output_url"] = f"https://cdn.example.com/{request_id}.mp4"
+        return body
 
     async def get_request(request: web.Request) -> web.Response:
         polls[0] += 1
-        request_id = request.match_info["id"]
-        status = "completed" if finished_at else "processing"
-        body = {"id": request_id, "status": status, "created_at": "2026-01-01T00:00:00Z"}
-        if finished_at:
-            body["output_url"] = f"https://cdn.example.com/{request_id}.mp4"
-        return web.json_response(body)
+        return web.json_response(lipsync_request(request.match_info["id"], "2026-01-01T00:00:00Z"))
+
+    async def list_requests(request: web.Request) -> web.Response:
+        lists[0] += 1
+        limit = min(int(request.query.get("limit", "100")), LIST_PAGE_CAP)
+        offset = int(request.query.get("offset", "0"))
+        rows = [lipsync_request(rid, at) for rid, at in listed[offset : offset + limit]]
+        pagination = {"total": len(listed), "limit": limit, "offset": offset}
+        return web.json_response({"data": rows, "pagination": pagination})
+
+    async def register(request: web.Request) -> web.Response:
+        ids = await request.json()
+        base = time.time()
+        # A millisecond apart, so the list's order can be read from created_at.
+        stamped = [
+            (rid, datetime.fromtimestamp(base + n / 1000, UTC).isoformat().replace("+00:00", "Z"))
+            for n, rid in enumerate(ids)
+        ]
+        listed[:0] = reversed(stamped)
+        return web.json_response({"listed": len(listed)})
 
     async def finish(request: web.Request) -> web.Response:
         finished_at.append(time.time())
@@ -66,14 +94,17 @@ def run_upstream(port: int) -> None:
 
     async def reset(request: web.Request) -> web.Response:
         finished_at.clear()
+        listed.clear()
         return web.json_response({})
 
     async def count(request: web.Request) -> web.Response:
-        return web.json_response({"polls": polls[0]})
+        return web.json_response({"polls": polls[0], "lists": lists[0]})
 
     app = web.Application()
     app.router.add_get("/polls", count)
     app.router.add_get("/api/v1/lipsync/requests/{id}", get_request)
+    app.router.add_get("/api/v1/lipsync/requests", list_requests)
+    app.router.add_post("/register", register)
     app.router.add_post("/finish", finish)
     app.router.add_post("/reset", reset)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
@@ -182,6 +213,7 @@ class Bench:
         self.fast_ports = fast_ports
         self.hang_port = hang_port
         self.profile = ""
+        self.per_id = False
 
     async def create_jobs(self, fast: int, hanging: int) -> dict[str, str]:
         """Track `fast + hanging` jobs, due now; returns request id -> 'fast' | 'hang'."""
@@ -232,6 +264,8 @@ class Bench:
         httpx.post(self.upstream + "/reset")
         kinds = asyncio.run(self.create_jobs(fast, hanging))
         ids = list(kinds)
+        if not self.per_id:
+            httpx.post(self.upstream + "/register", json=ids, timeout=30)
         from relay.jobs.events import webhook_id
 
         event_ids = {webhook_id(rid, "lipsync.completed"): rid for rid in ids}
@@ -241,9 +275,11 @@ class Bench:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the worker did not poll every job within 60 s")
                 time.sleep(0.2)
-            polls_before = httpx.get(self.upstream + "/polls").json()["polls"]
+            calls_before = httpx.get(self.upstream + "/polls").json()
             time.sleep(2.0)  # a few rounds of polling: the steady state before the burst
-            poll_rate = (httpx.get(self.upstream + "/polls").json()["polls"] - polls_before) / 2
+            calls = httpx.get(self.upstream + "/polls").json()
+            poll_rate = (calls["polls"] - calls_before["polls"]) / 2
+            list_rate = (calls["lists"] - calls_before["lists"]) / 2
             rss_before = rss_kib(proc.pid)
             profiler = None
             if self.profile:
@@ -287,7 +323,10 @@ class Bench:
         label = f"{fast} fast + {hanging} hanging ({hang:g} s)" if hanging else f"{fast} fast"
         print(f"\n== {label}: one worker ==")
         print(f"fast callbacks received: {len(fast_times)}/{fast}; hanging: {hang_done}/{hanging}")
-        print(f"polls before the finish: {poll_rate:,.0f}/s (the worker's poll throughput)")
+        print(
+            f"upstream calls before the finish: {poll_rate:,.0f} per-id polls/s, "
+            f"{list_rate:,.1f} list pages/s"
+        )
         if not fast_times:
             return
         since_finish = [t - finish for t in fast_times.values()]
@@ -347,6 +386,8 @@ def main(args: argparse.Namespace) -> None:
                     "RELAY_POLL_MIN_INTERVAL": POLL_INTERVAL,
                     "RELAY_POLL_MAX_INTERVAL": POLL_INTERVAL,
                     "RELAY_CALLBACK_ALLOWED_NETWORKS": "127.0.0.0/8",
+                    # Receivers listen on free loopback ports, outside the default port list.
+                    "RELAY_CALLBACK_ALLOWED_PORTS": "1-65535",
                     "RELAY_DELIVERY_TIMEOUT": str(args.hang + 5),
                     "RELAY_LOG_FORMAT": "json",
                     **dict(item.split("=", 1) for item in args.env),
@@ -354,6 +395,7 @@ def main(args: argparse.Namespace) -> None:
             )
             bench = Bench(url, upstream, receivers, fast_ports, hang_port)
             bench.profile = args.profile
+            bench.per_id = args.per_id
             fast = args.jobs - args.hanging
             bench.scenario(env, fast, args.hanging, args.hang)
             bench.scenario(env, fast, 0, args.hang)
@@ -373,5 +415,8 @@ if __name__ == "__main__":
     parser.add_argument("--hang", type=float, default=10.0)
     parser.add_argument("--memory", type=int, default=0, help="callbacks in a memory run")
     parser.add_argument("--profile", default="", help="py-spy the worker (raw stacks) to here")
+    parser.add_argument(
+        "--per-id", action="store_true", help="no list endpoint: every status from a per-id GET"
+    )
     parser.add_argument("--env", action="append", default=[], help="extra VAR=value for workers")
     main(parser.parse_args())

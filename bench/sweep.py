@@ -139,6 +139,8 @@ def worker(redis_url: str, sandbox_url: str) -> Iterator[str]:
         "RELAY_REDIS_URL": redis_url,
         "RELAY_WEBHOOK_SECRETS": SECRET,
         "RELAY_CALLBACK_ALLOWED_NETWORKS": "127.0.0.0/8",
+        # Receivers listen on free loopback ports, outside the default port list.
+        "RELAY_CALLBACK_ALLOWED_PORTS": "1-65535",
         "RELAY_WORKER_HTTP_PORT": str(port),
         "RELAY_LOG_FORMAT": "json",
     }

@@ -275,6 +275,8 @@ def main() -> None:
             "RELAY_REDIS_URL": redis_url,
             "RELAY_LOG_FORMAT": "text",
             "RELAY_CALLBACK_ALLOWED_NETWORKS": "127.0.0.0/8",
+            # Receivers listen on free loopback ports, outside the default port list.
+            "RELAY_CALLBACK_ALLOWED_PORTS": "1-65535",
             **dict(item.partition("=")[::2] for item in args.api_env),
         }
         if args.api_env:

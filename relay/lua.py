@@ -3,15 +3,23 @@
 Every script starts with relay/clock.lua, which defines `now` from Redis `TIME`: all decisions
 about a job's fate use that one clock. Scripts name their keys and arguments in locals at the
 top (`local job_key = KEYS[1]`), so a reader never counts positions.
+
+A script call joins the other Redis calls made in the same event-loop turn in one round trip
+(relay.redis_batch); given a pipeline (`client=`), it is queued there instead.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache
 from importlib import resources
+from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
+
+from relay.redis_batch import Arg, batcher
 
 
 @cache
@@ -21,5 +29,21 @@ def source(package: str, name: str) -> str:
     return clock + resources.files(package).joinpath(f"{name}.lua").read_text()
 
 
-def register(redis: Redis, package: str, name: str) -> AsyncScript:
-    return redis.register_script(source(package, name))
+class Script:
+    def __init__(self, redis: Redis, text: str) -> None:
+        self.redis = redis
+        self.script: AsyncScript = redis.register_script(text)
+
+    async def __call__(
+        self,
+        keys: Sequence[str | bytes] = (),
+        args: Sequence[Arg] = (),
+        client: Pipeline | None = None,
+    ) -> Any:
+        if client is not None:
+            return await self.script(keys=keys, args=args, client=client)
+        return await batcher(self.redis).script(self.script, keys, args)
+
+
+def register(redis: Redis, package: str, name: str) -> Script:
+    return Script(redis, source(package, name))

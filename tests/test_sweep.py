@@ -126,6 +126,22 @@ def test_sweeps_call_back_from_list_pages_in_either_order(redis_url: str, order:
         assert metric(stack, 0, "relay_sweep_order_total", order=order) >= 1
 
 
+def test_an_oldest_first_sweep_resumes_where_the_window_starts(redis_url: str) -> None:
+    # 3,000 history rows are 150 pages; the outstanding jobs fit in the last one. Found once,
+    # the window's start is remembered: later sweeps read a page or two, not a new bisection.
+    config = sandbox("oldest_first", queued_seconds=600, processing_seconds=600)
+    with relay_stack(redis_url, sandbox=config, env=SWEEPS_ONLY) as stack:
+        ready(stack)
+        for _ in range(5):
+            submit(stack)
+        sweeps = functools.partial(metric, stack, 0, "relay_sweeps_total", outcome="complete")
+        eventually(lambda: sweeps() >= 2, timeout=30)
+        pages, done = metric(stack, 0, "relay_sweep_pages_total"), sweeps()
+        eventually(lambda: sweeps() >= done + 5, timeout=30)
+        per_sweep = (metric(stack, 0, "relay_sweep_pages_total") - pages) / (sweeps() - done)
+        assert per_sweep <= 2.5, f"{per_sweep:.1f} pages a sweep: the window is searched anew"
+
+
 def test_status_changes_below_terminal_are_recorded_from_pages(redis_url: str) -> None:
     config = sandbox(queued_seconds=60, processing_seconds=60)
     with relay_stack(redis_url, sandbox=config, env=SWEEPS_ONLY) as stack:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import httpx
 from redis.asyncio import Redis
 from starlette.requests import Request
 
@@ -14,6 +13,7 @@ from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.control import Redeliverer
 from relay.delivery.netpolicy import NetworkPolicy
 from relay.delivery.signing import Signer
+from relay.delivery.transport import CallbackClient
 from relay.jobs.store import JobStore
 from relay.redis_watch import RedisWatch
 from relay.settings import Settings
@@ -31,7 +31,7 @@ class AppState:
     watch: RedisWatch
     # Test events and the published keys need these; None when the API has no secrets.
     signer: Signer | None
-    callback_client: httpx.AsyncClient
+    callback_client: CallbackClient
     attempt_log: AttemptLog
     redeliverer: Redeliverer
     uploads: UploadSlots

@@ -7,6 +7,7 @@ a callback, the event is signed like every callback, and the answer says what th
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -54,13 +55,10 @@ async def send_test_event(request: Request) -> Response:
     started = time.monotonic()
     result: dict[str, object] = {"webhook_id": webhook_id}
     try:
-        async with state.callback_client.stream(
-            "POST",
-            wanted.url,
-            content=event,
-            headers=headers,
-            timeout=state.settings.delivery_timeout,
-        ) as response:
+        async with (
+            asyncio.timeout(state.settings.delivery_timeout),
+            state.callback_client.post(wanted.url, event, headers) as response,
+        ):
             excerpt = await read_excerpt(response)
             result |= {
                 "delivered": 200 <= response.status_code < 300,

@@ -34,9 +34,10 @@ from relay.delivery.attempt_log import EXCERPT_CHARS, AttemptLog
 from relay.delivery.destinations import Destinations, destination_of
 from relay.delivery.failure import FailureClass, failure_class
 from relay.delivery.signing import Signer
+from relay.delivery.transport import CallbackClient
 from relay.errors import DestinationRefused
 from relay.jitter import jittered
-from relay.jobs.events import event_type_of
+from relay.jobs.events import PROCESSING, event_type_of
 from relay.jobs.store import Breaker, DeliveryState, Job, JobStore
 from relay.metrics import DELIVERIES, DELIVERY_LATENCY
 from relay.upstream import USER_AGENT, parse_retry_after
@@ -127,7 +128,7 @@ class Deliverer:
         *,
         store: JobStore,
         signer: Signer,
-        client: httpx.AsyncClient,
+        client: CallbackClient,
         schedule: tuple[float, ...],
         enqueue_attempt: EnqueueAttempt,
         postpone: Postpone,
@@ -146,6 +147,7 @@ class Deliverer:
         self.postpone = postpone
         self.destinations = destinations
         self.breaker = breaker
+        self.outcomes = stats.OutcomeCounter(store.redis)
 
     async def attempt(
         self,
@@ -195,7 +197,9 @@ class Deliverer:
             finally:
                 await self.store.release_send(request_id)
         else:
-            await self._after_early_events(request_id)
+            if PROCESSING in job.events:
+                # Only a job whose callback asked for an early event can have one in flight.
+                await self._after_early_events(request_id)
             outcome = await self._post(job.callback_url, job.event_id, job.event)
         duration = time.monotonic() - started
         log_extra = {"request_id": request_id, "attempt": attempt, "result": outcome.detail}
@@ -212,12 +216,14 @@ class Deliverer:
             settled = "failed"
         # One sample per attempt: the last failing one counts as failed, not also as retry.
         DELIVERIES.labels(settled or "retry").inc()
-        await stats.count(self.store.redis, "delivered" if settled == "delivered" else "failed")
+        await self.outcomes.count("delivered" if settled == "delivered" else "failed")
         if settled is not None:
             await self._record(request_id, attempt, attempt, settled, outcome, destination)
             await self._log(job, attempt, outcome, duration, settled, next_in=None)
+            # A first-try success is the common case, counted in metrics: not a line each.
+            level = logging.DEBUG if settled == "delivered" and following == 1 else None
             log.log(
-                SETTLED_LOG_LEVEL[settled],
+                level or SETTLED_LOG_LEVEL[settled],
                 "callback %s after %d attempts",
                 settled,
                 following,
@@ -307,7 +313,7 @@ class Deliverer:
             # and arq cancels (and records as failed) a job that outlives its own timeout.
             async with (
                 asyncio.timeout(self.timeout),
-                self.client.stream("POST", url, content=event, headers=headers) as response,
+                self.client.post(url, event, headers) as response,
             ):
                 # Only the start is read, for the attempt log: a reply may be huge.
                 return classify(response, await read_excerpt(response))

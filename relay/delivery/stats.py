@@ -15,9 +15,12 @@ KEEP_SECONDS = 7200
 OUTCOMES = ("delivered", "failed")
 
 
-async def count(redis: Redis, outcome: str) -> None:
-    script = lua.register(redis, __package__, "count_outcome")
-    await script(keys=[], args=[keys.STATS_PREFIX, outcome, KEEP_SECONDS])
+class OutcomeCounter:
+    def __init__(self, redis: Redis) -> None:
+        self._count = lua.register(redis, __package__, "count_outcome")
+
+    async def count(self, outcome: str) -> None:
+        await self._count(keys=[], args=[keys.STATS_PREFIX, outcome, KEEP_SECONDS])
 
 
 async def last_hour(redis: Redis, outcomes: tuple[str, ...] = OUTCOMES) -> dict[str, list[int]]:

@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from relay import keys, lua
 from relay.delivery import stats
+from relay.redis_batch import batcher
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,6 @@ class PollSchedule:
 
     async def unschedule(self, request_id: str) -> None:
         """Take a job out of the poll queue (it ended, or its record is gone)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(keys.POLLS, request_id)
-            pipe.zrem(keys.CREATED, request_id)
-            await pipe.execute()
+        await batcher(self.redis).run(
+            [("ZREM", keys.POLLS, request_id), ("ZREM", keys.CREATED, request_id)]
+        )

@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from relay import keys, lua
 from relay.errors import NotReplicated
 from relay.jobs.events import DEFAULT_EVENTS
+from relay.redis_batch import Call, batcher
 
 log = logging.getLogger(__name__)
 
@@ -226,19 +227,13 @@ class JobStore:
         return bool(created)
 
     async def get(self, request_id: str) -> Job | None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(keys.job(request_id))
-            pipe.time()
-            raw, (seconds, micros) = await pipe.execute()
-        return _decode(request_id, raw, seconds + micros / 1e6) if raw else None
+        (job,) = await self.get_many([request_id])
+        return job
 
     async def get_many(self, request_ids: list[str]) -> list[Job | None]:
         """Several jobs in one round trip, in the order asked (None where untracked)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for request_id in request_ids:
-                pipe.hgetall(keys.job(request_id))
-            pipe.time()
-            *raws, (seconds, micros) = await pipe.execute()
+        calls: list[Call] = [("HGETALL", keys.job(request_id)) for request_id in request_ids]
+        *raws, (seconds, micros) = await batcher(self.redis).run([*calls, ("TIME",)])
         read_at = seconds + micros / 1e6
         return [
             _decode(request_id, raw, read_at) if raw else None
@@ -341,7 +336,8 @@ class JobStore:
 
     async def sending(self, request_id: str) -> bool:
         """Is an early event of this job on its way right now?"""
-        return bool(await self.redis.exists(keys.sending(request_id)))
+        (found,) = await batcher(self.redis).run([("EXISTS", keys.sending(request_id))])
+        return bool(found)
 
     async def update_delivery(
         self,

@@ -295,7 +295,7 @@ class Sweeper:
                     page = await self._locate(run, page.end, page.total)
                     previous = None
                     continue
-                cursor = next(
+                first_in_window = next(
                     (
                         page.offset + i
                         for i, t in enumerate(page.times)
@@ -303,6 +303,9 @@ class Sweeper:
                     ),
                     None,
                 )
+                # Remembered one row early: the next sweep's first row is then older than the
+                # window unless the window now starts earlier, which `_read` checks for.
+                cursor = None if first_in_window is None else max(0, first_in_window - 1)
             if order == NEWEST_FIRST and page.last is not None and page.last < run.start:
                 break  # every row further on is older than the window
             if page.size == 0 or page.size < page.limit or page.end >= page.total:

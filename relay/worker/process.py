@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import arq.connections
 import arq.worker
-import httpx
 from arq.connections import ArqRedis
 from arq.worker import Worker, func
 from redis.exceptions import RedisError
@@ -34,7 +33,7 @@ from relay.delivery.deliverer import Deliverer
 from relay.delivery.destinations import Destinations
 from relay.delivery.signing import Signer
 from relay.delivery.stranded import StrandedSweep
-from relay.delivery.transport import make_callback_client
+from relay.delivery.transport import CallbackClient, make_callback_client
 from relay.jobs.poller import Poller
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
@@ -63,7 +62,7 @@ class WorkerState:
     store: JobStore
     schedule: PollSchedule
     upstream: Upstream
-    callback_client: httpx.AsyncClient
+    callback_client: CallbackClient
     deliverer: Deliverer
     first_attempts: FirstAttempts
     dispatcher: Dispatcher

@@ -1,0 +1,116 @@
+"""Coalesced round trips (relay.redis_batch) on a real Redis: many callers, one pipeline, and
+each caller still gets exactly its own results and errors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from relay import lua
+from relay.redis_batch import MAX_BATCH, batcher
+
+# Returns its argument, or fails when told to: one failing call among many.
+ECHO = "if ARGV[1] == 'fail' then return redis.error_reply('told to fail') end return ARGV[1]"
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def connected_clients(redis: Redis) -> int:
+    info = await redis.info("clients")
+    return int(info["connected_clients"])
+
+
+async def test_concurrent_calls_share_round_trips_and_connections(redis: Redis) -> None:
+    script = lua.Script(redis, ECHO)
+    before = await connected_clients(redis)
+    results = await asyncio.gather(*(script(keys=[], args=[str(n)]) for n in range(2000)))
+    assert results == [str(n).encode() for n in range(2000)]
+    # One at a time, 2,000 concurrent calls would each take a connection of the pool; in
+    # batches of MAX_BATCH they need a handful.
+    assert await connected_clients(redis) - before <= 2000 // MAX_BATCH + 2
+
+
+async def test_each_caller_gets_its_own_result_or_error(redis: Redis) -> None:
+    script = lua.Script(redis, ECHO)
+    b = batcher(redis)
+
+    async def reads(n: int) -> list[object]:
+        return await b.run([("SET", f"k{n}", n), ("GET", f"k{n}")])
+
+    outcomes = await asyncio.gather(
+        script(keys=[], args=["a"]),
+        script(keys=[], args=["fail"]),
+        reads(7),
+        script(keys=[], args=["b"]),
+        return_exceptions=True,
+    )
+    assert outcomes[0] == b"a"
+    assert isinstance(outcomes[1], ResponseError)
+    assert "told to fail" in str(outcomes[1])
+    assert outcomes[2] == [True, b"7"]
+    assert outcomes[3] == b"b"
+
+
+async def test_calls_run_in_the_order_made(redis: Redis) -> None:
+    b = batcher(redis)
+    await asyncio.gather(*(b.run([("RPUSH", "order", n)]) for n in range(300)))
+    assert await redis.lrange("order", 0, -1) == [str(n).encode() for n in range(300)]  # type: ignore[misc]
+
+
+async def test_scripts_are_loaded_again_after_redis_forgets_them(redis: Redis) -> None:
+    script = lua.Script(redis, ECHO)
+    assert await script(keys=[], args=["x"]) == b"x"
+    await redis.script_flush()
+    # A NOSCRIPT call never ran: it is run again once the script is loaded, and only once.
+    b = batcher(redis)
+    counted = lua.Script(redis, "return redis.call('INCR', KEYS[1])")
+    await redis.script_flush()
+    results = await asyncio.gather(
+        script(keys=[], args=["y"]), counted(keys=["runs"]), b.run([("INCR", "runs")])
+    )
+    assert results[0] == b"y"
+    assert int(await redis.get("runs") or 0) == 2
+
+
+async def test_a_cancelled_caller_does_not_disturb_the_others(redis: Redis) -> None:
+    script = lua.Script(redis, ECHO)
+    first = asyncio.ensure_future(script(keys=[], args=["gone"]))
+    second = asyncio.ensure_future(script(keys=[], args=["kept"]))
+    await asyncio.sleep(0)
+    first.cancel()
+    assert await second == b"kept"
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+
+async def test_a_connection_error_reaches_every_caller_of_the_batch() -> None:
+    # Nothing listens on port 1: the whole pipeline fails, and every caller hears it.
+    client = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
+    script = lua.Script(client, ECHO)
+    outcomes = await asyncio.gather(
+        *(script(keys=[], args=[str(n)]) for n in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(outcome, Exception) for outcome in outcomes)
+    await client.aclose()
+
+
+def test_a_client_can_be_used_from_one_event_loop_after_another(redis_url: str) -> None:
+    client = Redis.from_url(redis_url)
+    script = lua.Script(client, ECHO)
+
+    async def once(value: str) -> object:
+        result = await script(keys=[], args=[value])
+        await client.connection_pool.disconnect()
+        return result
+
+    assert asyncio.run(once("first")) == b"first"
+    assert asyncio.run(once("second")) == b"second"
