@@ -1,5 +1,5 @@
-"""The worker process: wires the poll dispatcher, the sweeper, the stranded-delivery sweep and
-arq's deliveries onto one event loop.
+"""The worker process: wires the poll dispatcher, the sweeper, the stranded-delivery sweep, the
+intent reconcile and arq's deliveries onto one event loop.
 
 Stopping (SIGTERM): stop claiming, sweeping and picking deliveries, let in-flight polls and
 deliveries finish for up to RELAY_SHUTDOWN_TIMEOUT, then hand unfinished polls and first
@@ -27,7 +27,9 @@ from relay.delivery.destinations import Destinations
 from relay.delivery.signing import Signer
 from relay.delivery.stranded import StrandedSweep
 from relay.delivery.transport import make_callback_client
+from relay.jobs.intents import Intents, lookup_timeout
 from relay.jobs.poller import Poller
+from relay.jobs.reconcile import Reconciler
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
 from relay.jobs.sweep import Sweeper
@@ -59,6 +61,7 @@ class WorkerState:
     dispatcher: Dispatcher
     stranded: StrandedSweep
     sweeper: Sweeper
+    reconciler: Reconciler
 
 
 async def build_state(settings: Settings) -> WorkerState:
@@ -121,6 +124,14 @@ async def build_state(settings: Settings) -> WorkerState:
         upstream=upstream,
         settings=settings,
     )
+    reconciler = Reconciler(
+        redis,
+        Intents(redis, store, settings),
+        schedule,
+        upstream,
+        interval=settings.intent_reconcile_interval,
+        lookup_timeout=lookup_timeout(settings),
+    )
     return WorkerState(
         settings,
         redis,
@@ -133,6 +144,7 @@ async def build_state(settings: Settings) -> WorkerState:
         dispatcher,
         stranded,
         sweeper,
+        reconciler,
     )
 
 
@@ -214,6 +226,7 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
     dispatch_task = asyncio.create_task(state.dispatcher.run(), name="dispatcher")
     stranded_stop = asyncio.Event()
     stranded_task = asyncio.create_task(state.stranded.run(stranded_stop), name="stranded")
+    reconcile_task = asyncio.create_task(state.reconciler.run(stranded_stop), name="reconcile")
     sweep_task = (
         asyncio.create_task(state.sweeper.run(), name="sweeper")
         if settings.sweep_interval > 0
@@ -262,6 +275,7 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
         with contextlib.suppress(asyncio.CancelledError):
             await arq_task
         await stranded_task
+        await reconcile_task
         stop_watching.set()
         await watch_task
         await worker.close()
