@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -148,7 +148,8 @@ def generate_calls(stack: Stack) -> int:
 def tracked(redis_url: str) -> list[str]:
     client_ = redis.Redis.from_url(redis_url)
     try:
-        return sorted(k.decode().removeprefix(keys.job("")) for k in client_.keys(keys.job("*")))
+        found = cast(list[bytes], client_.keys(keys.job("*")))
+        return sorted(k.decode().removeprefix(keys.job("")) for k in found)
     finally:
         client_.close()
 
@@ -156,7 +157,7 @@ def tracked(redis_url: str) -> list[str]:
 def open_intents(redis_url: str) -> int:
     client_ = redis.Redis.from_url(redis_url)
     try:
-        return int(client_.zcard(keys.INTENTS))
+        return cast(int, client_.zcard(keys.INTENTS))
     finally:
         client_.close()
 
