@@ -41,9 +41,9 @@ STRANDED_REQUEUED = Counter(
 )
 INTENTS = Counter(
     "relay_submit_intents",
-    "Submissions whose upstream answer was lost, by how that was resolved (adopted, handed_over, "
-    "ambiguous, unfindable; by workers: reconciled, not_found, dropped_ambiguous, "
-    "dropped_unfindable)",
+    "Submissions whose upstream answer was lost, by how that was resolved (API: adopted, "
+    "handed_over, ambiguous, unfindable, unrecorded, unrecorded_unfindable; workers: "
+    "reconciled, not_found, dropped_ambiguous, dropped_unfindable)",
     ["outcome"],
 )
 API_BUDGET_REFUSED = Counter(

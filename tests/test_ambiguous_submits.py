@@ -209,6 +209,21 @@ def test_created_then_500_with_an_idempotency_key_is_one_job_tracked_once(
         called_back_once(stack, redis_url, request_id)
 
 
+def test_an_upload_created_then_500_is_one_job_tracked_once(redis_url: str) -> None:
+    with relay_stack(redis_url, env=ENV) as stack:
+        fault(stack, {**CREATED_THEN_500, "paths": "POST /v1/lipsync/generate-with-media"})
+        result = client(stack).lipsync.generate_with_media(
+            video=("v.mp4", b"v" * 4096, "video/mp4"),
+            audio=("a.wav", b"a" * 4096, "audio/wav"),
+            reference_id="upload-1",
+            extra_body={"callback_url": stack.callback_url},
+        )
+        [row] = upstream_jobs(stack, "upload-1")
+        assert row["id"] == result.request_id
+        assert tracked(redis_url) == [result.request_id]
+        called_back_once(stack, redis_url, result.request_id)
+
+
 def test_created_then_500_with_neither_says_the_job_may_exist(redis_url: str) -> None:
     with relay_stack(redis_url, env=ENV, workers=0) as stack:
         fault(stack, CREATED_THEN_500)
