@@ -172,6 +172,10 @@ class Submission:
         except ApiError:
             await self._close()  # the caller's own problem: nothing reached Chamelaion whole
             raise
+        if self.intent is None:
+            # An upload answered before its last bytes were sent: no job can exist (a success
+            # is refused by the upload itself).
+            check(response)
         if response.is_success:
             request_id = _request_id(response)
             if request_id is None:
