@@ -30,6 +30,12 @@ relay:deliveries:{state}    zset   delivery id -> when it entered that state (pe
 relay:sending:{request_id}  string held while an early event (lipsync.processing) is being sent;
                                    the final event's attempts wait for it
 relay:stranded:lease       string which worker runs the stranded-delivery sweep this interval
+relay:intent:{intent id}   hash   a submission's intent, written before its upstream create and
+                                   removed once the job is tracked (relay.jobs.intents)
+relay:intents               zset   intent id -> Redis-clock time a worker should look for its job
+relay:intents:ref:{ref}     zset   intent id -> when it was opened, per reference_id: the open
+                                   submissions that could own an upstream job with that reference
+relay:reconcile:lease       string which worker reconciles due intents this interval
 relay:epoch                 string the marker every process checks to notice an emptied Redis
 relay:data-lost             string why the relay believes Redis lost its data (until acknowledged)
 relay:arq:queue             zset   arq's queue: deliveries only
@@ -68,6 +74,8 @@ ARQ_QUEUE = PREFIX + "arq:queue"
 STATS_PREFIX = PREFIX + "stats:"
 DELIVERIES_PREFIX = PREFIX + "deliveries:"
 STRANDED_LEASE = PREFIX + "stranded:lease"
+INTENTS = PREFIX + "intents"
+RECONCILE_LEASE = PREFIX + "reconcile:lease"
 ARQ_HEALTH = PREFIX + "arq:health"
 ARQ_JOB_PREFIX = job_key_prefix
 ARQ_IN_PROGRESS_PREFIX = in_progress_key_prefix
@@ -117,3 +125,11 @@ def deliveries(state: str) -> str:
 
 def sending(request_id: str) -> str:
     return f"{PREFIX}sending:{request_id}"
+
+
+def intent(intent_id: str) -> str:
+    return f"{PREFIX}intent:{intent_id}"
+
+
+def intents_by_ref(reference_id: str) -> str:
+    return f"{PREFIX}intents:ref:{reference_id}"

@@ -39,6 +39,18 @@ STRANDED_SWEEPS = Counter("relay_stranded_sweeps", "Stranded-delivery sweeps run
 STRANDED_REQUEUED = Counter(
     "relay_stranded_requeued", "Pending deliveries whose lost attempt the sweep queued again"
 )
+INTENTS = Counter(
+    "relay_submit_intents",
+    "Submissions whose upstream answer was lost, by how that was resolved (API: adopted, "
+    "handed_over, ambiguous, unfindable, unrecorded, unrecorded_unfindable; workers: "
+    "reconciled, not_found, dropped_ambiguous, dropped_unfindable)",
+    ["outcome"],
+)
+API_BUDGET_REFUSED = Counter(
+    "relay_api_budget_refused",
+    "API calls answered 429 because the shared upstream budget had no slot soon enough (or a "
+    "429 pause was on)",
+)
 DELIVERY_LATENCY = Histogram(
     "relay_delivery_latency_seconds",
     "From the job's end being seen to its callback being accepted",

@@ -92,6 +92,10 @@ def api_options(settings: Settings) -> dict[str, Any]:
         "http": _with_header_timeout(settings.http_header_timeout),
         "timeout_keep_alive": settings.http_keepalive_timeout,
         "limit_concurrency": settings.http_max_concurrency,
+        # In-flight requests get RELAY_SHUTDOWN_TIMEOUT to finish, then are cancelled. A create
+        # cut off then (or by SIGKILL) is not lost: its intent, written before the upstream
+        # call, is reconciled by a worker (relay.jobs.intents), so the grace need not cover
+        # RELAY_UPSTREAM_TIMEOUT.
         "timeout_graceful_shutdown": round(settings.shutdown_timeout),
     }
 

@@ -162,6 +162,16 @@ class Settings(BaseSettings):
     # The longest pause of all polling one upstream 429 (its Retry-After) can cause.
     max_upstream_pause: float = Field(300.0, gt=0, validation_alias="RELAY_MAX_UPSTREAM_PAUSE")
 
+    # Submissions whose upstream answer was lost (relay.jobs.intents): how often one worker looks
+    # for their jobs, and for how long after the submission before giving up on one.
+    intent_reconcile_interval: float = Field(
+        10.0, gt=0, le=3600, validation_alias="RELAY_INTENT_RECONCILE_INTERVAL"
+    )
+    intent_window: float = Field(900.0, gt=0, validation_alias="RELAY_INTENT_WINDOW")
+    # How long an API call may wait for a slot of the shared upstream budget before the caller
+    # is answered 429 instead.
+    api_budget_wait: float = Field(2.0, ge=0, le=60, validation_alias="RELAY_API_BUDGET_WAIT")
+
     @field_validator("api_keys", "webhook_secrets", "delivery_retry_schedule", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:

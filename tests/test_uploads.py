@@ -478,7 +478,8 @@ def test_a_boundary_that_needs_quoting_reaches_the_upstream_quoted(stack: Stack)
     [
         ({"status": 413, "error": "video exceeds 4 GiB"}, 413, "video exceeds 4 GiB"),
         ({"status": 429, "retry_after": 7}, 429, "rate limit exceeded (Chamelaion)"),
-        ({"status": 500}, 502, "Chamelaion failed: internal error"),
+        # Without a reference_id a 5xx may hide a created job the relay cannot look for: said so.
+        ({"status": 500}, 502, "Chamelaion failed: internal error. The job may exist"),
     ],
 )
 def test_an_upstream_rejection_is_passed_on_and_nothing_is_tracked(
@@ -487,7 +488,7 @@ def test_an_upstream_rejection_is_passed_on_and_nothing_is_tracked(
     stack.upstream("POST", "/_sandbox/faults", json={**fault, "paths": UPSTREAM_CALL})
     response = post(stack, form(callback(HOOK), video(2 * MiB), audio()))
     assert response.status_code == status
-    assert error_of(response) == message
+    assert error_of(response).startswith(message)
     assert upstream_calls(stack) == 1
     assert relay_jobs(redis_url) == []
 

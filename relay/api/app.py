@@ -23,6 +23,7 @@ from starlette.routing import Route
 from relay import keys
 from relay.api import deliveries, test_events, watches, webhook_keys
 from relay.api.auth import ApiKeyMiddleware, KeyRing
+from relay.api.budget import ApiBudget
 from relay.api.idempotency import idempotent
 from relay.api.limits import UploadSlots
 from relay.api.openapi import openapi_document
@@ -38,6 +39,8 @@ from relay.delivery.control import Redeliverer
 from relay.delivery.signing import Signer
 from relay.delivery.transport import make_callback_client
 from relay.errors import ApiError
+from relay.jobs.intents import Intents
+from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
 from relay.metrics import metrics_response
 from relay.redis_conn import close as close_redis
@@ -69,7 +72,15 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         redis = connect(settings.redis_url, timeout=settings.redis_timeout)
-        upstream = Upstream.from_settings(settings)
+        # The API's upstream calls spend the budget the workers share (relay.api.budget).
+        schedule = PollSchedule(
+            redis,
+            rate=settings.upstream_rate_limit,
+            lease=settings.poll_lease,
+            max_pause=settings.max_upstream_pause,
+        )
+        budget = ApiBudget(schedule, max_wait=settings.api_budget_wait)
+        upstream = Upstream.from_settings(settings, budget=budget)
         policy = settings.callback_policy()
         signer = Signer(settings.webhook_secrets) if settings.webhook_secrets else None
         callback_client = make_callback_client(policy, settings.delivery_timeout)
@@ -99,6 +110,7 @@ def create_app(settings: Settings) -> Starlette:
                     attempt_log=attempt_log,
                     redeliverer=Redeliverer(arq, store, attempt_log),
                     uploads=UploadSlots(settings.max_uploads, settings.max_uploads_per_key),
+                    intents=Intents(redis, store, settings),
                 )
             }
         finally:

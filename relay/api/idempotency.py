@@ -4,8 +4,16 @@ Scoped per caller (the key is stored under a digest of the caller's API key, so 
 neither read nor block another's) and kept RELAY_IDEMPOTENCY_TTL (24 h). The same key with the
 same body replays the first answer without a second upstream job; with another body it is 422;
 a retry while the first is still in flight is 409. Answers that say "try again" (429, 5xx) are
-not kept: the key is released so the retry runs. A request that dies in flight holds its key
-for the upstream timeout plus a minute, then the key is free again.
+not kept: the key is released so the retry runs. Answers that say "do not retry"
+(`x-should-retry: false`: the job may exist, or exists but is not confirmed) are kept. When
+the outcome of the upstream create is still being settled (relay.jobs.intents: the workers'
+reconcile looks for the job), the key stays held until the reconcile answers it: with the job
+it found, or released when none was created. A request that dies in flight holds its key for
+the upstream timeout plus a minute, then the key is free again (its intent, if the upstream
+call had begun, settles the key too, when it still holds it).
+
+The route learns the Redis key of the record it holds from `scope["state"]["idempotency_key"]`,
+so its intent can name it.
 
 JSON submits are fingerprinted by their body's SHA-256. Uploads are streamed and never held,
 so their fingerprint is what is known up front, the declared length (a retry picks a new
@@ -29,6 +37,7 @@ from relay import keys, lua
 from relay.api.body import read_body
 from relay.api.responses import error_content
 from relay.api.state import AppState, app_state
+from relay.api.submit import OutcomeUnknown
 from relay.errors import ApiError
 
 HEADER = "idempotency-key"
@@ -82,10 +91,24 @@ def idempotent(endpoint: Endpoint, *, buffered: bool) -> Endpoint:
         held = await _claim(state, redis_key, fingerprint)
         if held is not None:
             return held
+        request.scope["state"]["idempotency_key"] = redis_key
         try:
             response = await endpoint(request)
+        except OutcomeUnknown as exc:
+            if not exc.pending:
+                await _keep(
+                    state,
+                    redis_key,
+                    exc.status_code,
+                    "application/json",
+                    orjson.dumps(error_content(exc)),
+                )
+            # Pending: the reconcile answers the key once it knows (relay.jobs.intents).
+            raise
         except ApiError as exc:
-            if exc.status_code in KEEP and exc.status_code not in RETRYABLE:
+            if exc.headers.get("x-should-retry") == "false" or (
+                exc.status_code in KEEP and exc.status_code not in RETRYABLE
+            ):
                 await _keep(
                     state,
                     redis_key,

@@ -14,6 +14,7 @@ from relay.delivery.control import Redeliverer
 from relay.delivery.netpolicy import NetworkPolicy
 from relay.delivery.signing import Signer
 from relay.delivery.transport import CallbackClient
+from relay.jobs.intents import Intents
 from relay.jobs.store import JobStore
 from relay.redis_watch import RedisWatch
 from relay.settings import Settings
@@ -35,6 +36,7 @@ class AppState:
     attempt_log: AttemptLog
     redeliverer: Redeliverer
     uploads: UploadSlots
+    intents: Intents
 
 
 def app_state(request: Request) -> AppState:

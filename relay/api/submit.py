@@ -2,13 +2,19 @@
 
 A submitted job is recorded in Redis before the caller hears "success": a job the caller knows
 of is always a job the relay tracks. Both submit routes (JSON here, uploads in relay.api.uploads)
-end in `accept_job`.
+go through `Submission`, which writes an intent before the upstream create and settles an
+answer that may hide a created job before answering (see relay.jobs.intents): the job is
+adopted when it can be found for sure, and otherwise the caller is told that it may exist,
+with `x-should-retry: false` so that the SDK does not create a second one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 
 import httpx
 import orjson
@@ -22,11 +28,15 @@ from relay.api.models import MAX_ID_LENGTH, GenerateRequest, parsed_callback_url
 from relay.api.responses import json_bytes
 from relay.api.state import AppState, app_state
 from relay.delivery.netpolicy import resolve_and_check
-from relay.errors import ApiError
-from relay.metrics import JOBS_SUBMITTED
-from relay.upstream import check, decode_object
+from relay.errors import ApiError, NotReplicated, UpstreamError
+from relay.jobs.intents import Intent, created_answer, lookup_timeout
+from relay.metrics import INTENTS, JOBS_SUBMITTED
+from relay.upstream import check, json_object, may_have_arrived
 
 log = logging.getLogger(__name__)
+
+# Seconds before a worker first looks again for a job the API could not settle.
+LOOK_AGAIN = 5.0
 
 
 def validation_error(exc: ValidationError) -> ApiError:
@@ -52,34 +62,281 @@ async def generate(request: Request) -> Response:
     except ValidationError as exc:
         raise validation_error(exc) from None
     await check_callback_url(state, job.callback_url)
-    await ensure_store(state)
-    response = await state.upstream.request("POST", "v1/lipsync/generate", json=job.upstream_body())
-    return await accept_job(
+    body = job.upstream_body()
+    idempotency_key = held_idempotency_key(request)
+    if job.reference_id is None and idempotency_key is not None:
+        # The only handle Chamelaion offers to find a job whose answer was lost: with an
+        # Idempotency-Key and no reference_id of its own, the job gets one derived from the key.
+        body["reference_id"] = derived_reference_id(idempotency_key)
+    submission = Submission(
         state,
-        response,
-        job.callback_url,
-        job.reference_id,
+        reference_id=body.get("reference_id"),
+        idempotency_key=idempotency_key,
+        callback_url=job.callback_url,
         events=job.callback_events,
         metadata=orjson.dumps(job.callback_metadata) if job.callback_metadata else None,
     )
+    # The intent is the write that proves the store takes writes (no separate check).
+    await submission.open()
+    return await submission.send(
+        lambda: state.upstream.request("POST", "v1/lipsync/generate", json=body)
+    )
 
 
-async def accept_job(
-    state: AppState,
-    response: httpx.Response,
-    callback_url: str | None,
-    reference_id: str | None,
-    *,
-    events: Sequence[str] | None = None,
-    metadata: bytes | None = None,
-) -> Response:
-    """Chamelaion's answer to a submission: its error mapped, or the job tracked and passed on."""
-    answer = decode_object(check(response))
-    request_id = answer.get("request_id")
-    if not isinstance(request_id, str) or not request_id or len(request_id) > MAX_ID_LENGTH:
-        raise ApiError(502, "Chamelaion accepted the job but sent no usable request_id")
-    await track_job(state, request_id, callback_url, reference_id, events=events, metadata=metadata)
-    return json_bytes(response.content)
+def held_idempotency_key(request: Request) -> str | None:
+    """The Redis key of the Idempotency-Key record this request holds (relay.api.idempotency)."""
+    key: str | None = request.scope.get("state", {}).get("idempotency_key")
+    return key
+
+
+def derived_reference_id(idempotency_key: str) -> str:
+    return "relay-idem-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
+
+
+class OutcomeUnknown(UpstreamError):
+    """A create whose outcome the relay could not settle before answering.
+
+    Never worth an automatic retry (`x-should-retry: false`): the job may exist, and a retry
+    would create a second one. `code` is machine-readable (in `details`). `pending`: the intent
+    is left to the workers' reconcile, which may still find and track the job; an
+    Idempotency-Key stays held until then.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str,
+        pending: bool,
+        request_ids: Sequence[str] = (),
+    ) -> None:
+        detail: dict[str, object] = {"code": code}
+        if request_ids:
+            detail["request_ids"] = list(request_ids)
+        super().__init__(status, message, details=[detail], headers={"x-should-retry": "false"})
+        self.code = code
+        self.pending = pending
+
+
+def _request_id(response: httpx.Response) -> str | None:
+    answer = json_object(response.content)
+    request_id = answer.get("request_id") if answer is not None else None
+    if isinstance(request_id, str) and 0 < len(request_id) <= MAX_ID_LENGTH:
+        return request_id
+    return None
+
+
+@dataclass
+class Submission:
+    """One create sent to Chamelaion, from its intent to a tracked job (or an honest error).
+
+    Both submit routes (JSON here, uploads in relay.api.uploads) go through it. The intent is
+    written before the upstream call; a clear answer either way removes it. An answer that may
+    hide a created job (a timeout or a connection lost after sending, a 5xx, a 2xx without a
+    request id) is resolved before the caller hears anything: the job is looked for by
+    reference_id and adopted when exactly one row can be it (relay.jobs.intents says when).
+    A process cut off mid-call (SIGKILL, a shutdown past its grace) leaves the intent to the
+    workers' reconcile.
+    """
+
+    state: AppState
+    reference_id: str | None
+    idempotency_key: str | None
+    callback_url: str | None
+    events: Sequence[str] | None = None
+    metadata: bytes | None = None
+    intent: Intent | None = None
+
+    async def open(self) -> None:
+        try:
+            self.intent = await self.state.intents.open(
+                reference_id=self.reference_id,
+                idempotency_key=self.idempotency_key,
+                callback_url=self.callback_url,
+                events=self.events,
+                metadata=self.metadata,
+            )
+        except RedisError:
+            raise ApiError(503, "the relay's job store is unavailable; try again") from None
+
+    async def send(self, call: Callable[[], Awaitable[httpx.Response]]) -> Response:
+        """Make the upstream create with `call` and settle its outcome."""
+        try:
+            response = await call()
+        except UpstreamError as exc:
+            if self.intent is None or not may_have_arrived(exc):
+                await self._close()
+                raise
+            return await self._resolve(exc.message, answered=False)
+        except ApiError:
+            await self._close()  # the caller's own problem: nothing reached Chamelaion whole
+            raise
+        if self.intent is None:
+            # An upload answered before its last bytes were sent: no job can exist (a success
+            # is refused by the upload itself).
+            check(response)
+        if response.is_success:
+            request_id = _request_id(response)
+            if request_id is None:
+                return await self._resolve(
+                    "Chamelaion accepted the job but sent no usable request_id", answered=True
+                )
+            return await self._track(request_id, response.content)
+        try:
+            check(response)
+        except UpstreamError as exc:
+            if response.status_code < 500:
+                await self._close()  # refused as sent (4xx, 429): no job
+                raise
+            return await self._resolve(exc.message, answered=True)
+        raise AssertionError("check() passes only 2xx answers")  # pragma: no cover
+
+    async def _close(self) -> None:
+        if self.intent is not None:
+            # A leftover intent is dropped by the reconcile (nothing to adopt): no harm.
+            with contextlib.suppress(RedisError):
+                await self.state.intents.close(self.intent)
+
+    async def _track(self, request_id: str, answer: bytes) -> Response:
+        try:
+            created = await self.state.store.create(
+                request_id,
+                callback_url=self.callback_url,
+                reference_id=self.reference_id,
+                first_poll_in=self.state.settings.poll_min_interval,
+                events=self.events,
+                metadata=self.metadata,
+            )
+        except NotReplicated:
+            await self._close()  # recorded on the primary: tracked from there
+            raise
+        except RedisError:
+            log.error(
+                "Chamelaion accepted %s but it could not be recorded",
+                request_id,
+                extra={"request_id": request_id},
+            )
+            raise self._unrecorded(request_id) from None
+        await self._close()
+        if created:
+            JOBS_SUBMITTED.inc()
+            log.info("job submitted", extra={"request_id": request_id})
+        return json_bytes(answer)
+
+    def _unrecorded(self, request_id: str) -> OutcomeUnknown:
+        message = (
+            f"Chamelaion created job {request_id}, but the relay's job store refused to record "
+            "it. Do not resubmit: it would create a second job. "
+        )
+        if self.reference_id is None:
+            # Nothing to find it by later: the intent is of no use.
+            message += (
+                "Without a reference_id the relay cannot find it again by itself: watch it "
+                "(POST /api/relay/v1/watches) once the store is back, to get its callback."
+            )
+            INTENTS.labels("unrecorded_unfindable").inc()
+        else:
+            message += (
+                "A worker records it (and sends its callback) once the store takes writes again."
+            )
+            INTENTS.labels("unrecorded").inc()
+        return OutcomeUnknown(
+            503, message, code="job_not_recorded", pending=self.reference_id is not None
+        )
+
+    async def _resolve(self, reason: str, *, answered: bool) -> Response:
+        """Chamelaion's answer may hide a created job: find it, or say what is known."""
+        intent = self.intent
+        assert intent is not None
+        if intent.reference_id is None:
+            await self._close()
+            INTENTS.labels("unfindable").inc()
+            log.warning(
+                "a create's answer was lost and the submission has no reference_id: its job, if "
+                "created, runs untracked",
+                extra={"reason": reason},
+            )
+            raise OutcomeUnknown(
+                502,
+                f"{reason}. The job may exist at Chamelaion, and the relay cannot look for it: "
+                "this submission carried neither a reference_id nor an Idempotency-Key. "
+                "Resubmitting may create a second job.",
+                code="upstream_outcome_unknown",
+                pending=False,
+            )
+        try:
+            found = await self.state.intents.look(
+                intent, self.state.upstream, timeout=lookup_timeout(self.state.settings)
+            )
+        except UpstreamError as exc:
+            return await self._hand_over(reason, f"looking for the job failed too ({exc.message})")
+        if found.adoptable is not None:
+            try:
+                adopted = await self.state.intents.adopt(intent, found.adoptable)
+            except RedisError:
+                raise self._unrecorded(found.adoptable) from None
+            if adopted:
+                INTENTS.labels("adopted").inc()
+                log.warning(
+                    "a create's answer was lost; its job was found and is tracked",
+                    extra={"request_id": found.adoptable, "reason": reason},
+                )
+                JOBS_SUBMITTED.inc()
+                return json_bytes(created_answer(found.adoptable))
+            found = replace(found, rivals=found.rivals + 1)  # tracked meanwhile by another
+        if len(found.candidates) > 1 or (found.candidates and not found.rivals):
+            await self._close()
+            INTENTS.labels("ambiguous").inc()
+            log.warning(
+                "a create's answer was lost and several requests could be its job; none tracked",
+                extra={"request_ids": found.candidates, "reason": reason},
+            )
+            raise OutcomeUnknown(
+                502,
+                f"{reason}. Chamelaion holds {len(found.candidates)} untracked requests with "
+                f"reference_id {intent.reference_id!r} that this submission could have created: "
+                f"{', '.join(found.candidates)}. The relay cannot tell which, if any, is this one, "
+                "so it tracks none: look them up (GET /api/v1/lipsync/requests/{id}) and watch "
+                "the right one (POST /api/relay/v1/watches); a resubmission may create another.",
+                code="upstream_outcome_ambiguous",
+                pending=False,
+                request_ids=found.candidates,
+            )
+        if found.candidates:
+            return await self._hand_over(
+                reason,
+                "a job was found, but another submission with the same reference_id is in flight "
+                "and the relay cannot tell yet whose it is",
+            )
+        if answered:
+            # Chamelaion answered an error and lists no such job: it was not created, and a
+            # retry is safe. The intent stays with the reconcile all the same, in case the job
+            # shows up late (a gateway's 5xx while Chamelaion carried on).
+            with contextlib.suppress(RedisError):
+                await self.state.intents.hand_over(intent, after=LOOK_AGAIN)
+            raise UpstreamError(
+                502,
+                f"{reason} (no job with reference_id {intent.reference_id!r} was created; a "
+                "retry will not duplicate one)",
+            )
+        return await self._hand_over(reason, "no job was found yet")
+
+    async def _hand_over(self, reason: str, detail: str) -> Response:
+        intent = self.intent
+        assert intent is not None
+        with contextlib.suppress(RedisError):  # it falls due for the reconcile anyway
+            await self.state.intents.hand_over(intent, after=LOOK_AGAIN)
+        INTENTS.labels("handed_over").inc()
+        raise OutcomeUnknown(
+            502,
+            f"{reason}; {detail}. The job may exist at Chamelaion: the relay keeps looking for "
+            f"it by reference_id {intent.reference_id!r} for "
+            f"{self.state.settings.intent_window:g} s and, if it appears, tracks it and sends "
+            "its callback. Do not resubmit before then: it could create a second job.",
+            code="upstream_outcome_unknown",
+            pending=True,
+        )
 
 
 async def check_callback_url(state: AppState, callback_url: str | None) -> None:
@@ -99,29 +356,3 @@ async def ensure_store(state: AppState) -> None:
         await state.write_check.ensure_writable()
     except RedisError:
         raise ApiError(503, "the relay's job store is unavailable; try again") from None
-
-
-async def track_job(
-    state: AppState,
-    request_id: str,
-    callback_url: str | None,
-    reference_id: str | None,
-    *,
-    events: Sequence[str] | None = None,
-    metadata: bytes | None = None,
-) -> None:
-    try:
-        created = await state.store.create(
-            request_id,
-            callback_url=callback_url,
-            reference_id=reference_id,
-            first_poll_in=state.settings.poll_min_interval,
-            events=events,
-            metadata=metadata,
-        )
-    except RedisError:
-        log.error("Chamelaion accepted %s but it could not be recorded", request_id)
-        raise ApiError(503, "the relay's job store is unavailable; try again") from None
-    if created:
-        JOBS_SUBMITTED.inc()
-        log.info("job submitted", extra={"request_id": request_id})

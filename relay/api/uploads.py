@@ -36,7 +36,12 @@ from starlette.responses import Response
 from relay.api.body import declared_length, too_large
 from relay.api.multipart import MediaForm, boundary_of, content_type
 from relay.api.state import app_state
-from relay.api.submit import accept_job, check_callback_url, ensure_store
+from relay.api.submit import (
+    Submission,
+    check_callback_url,
+    ensure_store,
+    held_idempotency_key,
+)
 from relay.errors import CLOSE, ApiError, UpstreamError
 from relay.upstream import Upstream
 
@@ -62,6 +67,7 @@ class Upload:
         stall: float,
         min_rate: float,
         check_callback: Callable[[str], Awaitable[None]],
+        before_end: Callable[[MediaForm], Awaitable[None]] | None = None,
     ) -> None:
         self.form = form
         self.problem: ApiError | None = None
@@ -72,6 +78,7 @@ class Upload:
         self._min_rate = min_rate
         self._caller_time = 0.0  # seconds spent waiting for the caller's bytes
         self._check_callback = check_callback
+        self._before_end = before_end
         self._callback_checked = False
         self._received = 0
         self._exhausted = False
@@ -121,6 +128,15 @@ class Upload:
     async def _body(self) -> AsyncIterator[bytes]:
         more = True
         while True:
+            if not more and self._before_end is not None:
+                # Chamelaion can create the job only once it has the closing delimiter, which
+                # is among the bytes still to send: the submission's intent is written first.
+                before_end, self._before_end = self._before_end, None
+                try:
+                    await before_end(self.form)
+                except ApiError as exc:
+                    self.problem = exc  # the request is aborted before its end: no job
+                    raise
             if self._ready:
                 ready, self._ready = self._ready, []
                 self._progress("upstream")
@@ -203,7 +219,23 @@ async def generate_with_media(request: Request) -> Response:
     limit = state.settings.max_upload_bytes
     form = MediaForm(boundary_of(request.headers.get("content-type", "")))
     declared = declared_length(request, limit)
+    submission = Submission(
+        state,
+        reference_id=None,
+        idempotency_key=held_idempotency_key(request),
+        callback_url=None,
+    )
+
+    async def before_end(complete: MediaForm) -> None:
+        # Every field is known once the body is: an upload's reference_id and callback_url may
+        # come after its files. (No reference_id is made up here as for JSON submits: the
+        # multipart body passes through as the caller sent it.)
+        submission.reference_id = complete.reference_id
+        submission.callback_url = complete.callback_url
+        await submission.open()
+
     with state.uploads.hold(request.scope["state"]["caller_id"]):
+        # Before a byte is read: a store that cannot record the job refuses the upload whole.
         await ensure_store(state)
         upload = Upload(
             request.stream(),
@@ -213,6 +245,6 @@ async def generate_with_media(request: Request) -> Response:
             stall=state.settings.upstream_timeout,
             min_rate=state.settings.upload_min_rate,
             check_callback=lambda url: check_callback_url(state, url),
+            before_end=before_end,
         )
-        response = await upload.send(state.upstream)
-        return await accept_job(state, response, form.callback_url, form.reference_id)
+        return await submission.send(lambda: upload.send(state.upstream))

@@ -9,7 +9,9 @@ dies does nothing, and its claims fall due again when the lease runs out.
 The budget is a GCRA (generic cell rate algorithm) over one Redis key, shared by every worker:
 requests are spaced 1/rate apart on average with a burst of at most `burst`. An upstream 429
 sets a pause that every worker honours before claiming anything. List pages read by sweeps
-(relay.jobs.sweep) spend the same budget through `reserve`.
+(relay.jobs.sweep) spend the same budget through `reserve`, and the API's calls (creates,
+uploads, proxied reads, lookups) through `take`, which books ahead of polls too but refuses
+rather than book a slot further off than the API is willing to keep its caller waiting.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class PollSchedule:
         self._pause = lua.register(redis, __package__, "pause")
         self._hand_back = lua.register(redis, __package__, "hand_back")
         self._reserve = lua.register(redis, __package__, "reserve")
+        self._take = lua.register(redis, __package__, "take")
 
     async def claim(self, limit: int) -> Claim:
         reply = await self._claim(
@@ -65,6 +68,17 @@ class PollSchedule:
         """
         reply = await self._reserve(
             keys=[keys.UPSTREAM_TAT, keys.UPSTREAM_PAUSED], args=[self.period, self.burst]
+        )
+        return bool(int(reply[0])), max(float(reply[1]), 0.0)
+
+    async def take(self, max_wait: float) -> tuple[bool, float]:
+        """Book a slot for one API call if one comes within `max_wait` seconds.
+
+        Returns (True, seconds to wait before making the call) once booked, or (False, seconds
+        until a slot or the end of a 429 pause) when nothing was booked.
+        """
+        reply = await self._take(
+            keys=[keys.UPSTREAM_TAT, keys.UPSTREAM_PAUSED], args=[self.period, self.burst, max_wait]
         )
         return bool(int(reply[0])), max(float(reply[1]), 0.0)
 

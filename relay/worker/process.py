@@ -1,5 +1,5 @@
-"""The worker process: wires the poll dispatcher, the sweeper, the stranded-delivery sweep and
-arq's deliveries onto one event loop.
+"""The worker process: wires the poll dispatcher, the sweeper, the stranded-delivery sweep, the
+intent reconcile and arq's deliveries onto one event loop.
 
 Every "now" arq compares with, and every delivery the relay queues, is on Redis's clock
 (relay.clock), so a worker whose own clock is off neither makes a deferred attempt early nor
@@ -34,7 +34,9 @@ from relay.delivery.destinations import Destinations
 from relay.delivery.signing import Signer
 from relay.delivery.stranded import StrandedSweep
 from relay.delivery.transport import CallbackClient, make_callback_client
+from relay.jobs.intents import Intents, lookup_timeout
 from relay.jobs.poller import Poller
+from relay.jobs.reconcile import Reconciler
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
 from relay.jobs.sweep import Sweeper
@@ -69,6 +71,7 @@ class WorkerState:
     stranded: StrandedSweep
     sweeper: Sweeper
     clock: RedisClock
+    reconciler: Reconciler
 
 
 async def build_state(settings: Settings) -> WorkerState:
@@ -133,6 +136,14 @@ async def build_state(settings: Settings) -> WorkerState:
         upstream=upstream,
         settings=settings,
     )
+    reconciler = Reconciler(
+        redis,
+        Intents(redis, store, settings),
+        schedule,
+        upstream,
+        interval=settings.intent_reconcile_interval,
+        lookup_timeout=lookup_timeout(settings),
+    )
     return WorkerState(
         settings,
         redis,
@@ -146,6 +157,7 @@ async def build_state(settings: Settings) -> WorkerState:
         stranded,
         sweeper,
         clock,
+        reconciler,
     )
 
 
@@ -261,6 +273,7 @@ async def _serve(
     dispatch_task = asyncio.create_task(state.dispatcher.run(), name="dispatcher")
     stranded_stop = asyncio.Event()
     stranded_task = asyncio.create_task(state.stranded.run(stranded_stop), name="stranded")
+    reconcile_task = asyncio.create_task(state.reconciler.run(stranded_stop), name="reconcile")
     sweep_task = (
         asyncio.create_task(state.sweeper.run(), name="sweeper")
         if settings.sweep_interval > 0
@@ -315,6 +328,7 @@ async def _serve(
         with contextlib.suppress(asyncio.CancelledError):
             await arq_task
         await stranded_task
+        await reconcile_task
         stop_watching.set()
         await watch_task
         clock_stop.set()

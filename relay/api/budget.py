@@ -1,0 +1,55 @@
+"""The API's share of the upstream budget: its calls book slots of the one the workers use.
+
+Chamelaion's rate limit is the account's, whoever calls: creates, uploads, proxied reads and the
+lookups after a lost answer count as much as polls. An API call books the budget's next slot,
+ahead of polls (a caller is waiting), and waits for it, but for at most RELAY_API_BUDGET_WAIT:
+a slot further off, or a 429 pause in force, is answered 429 with Retry-After, which the SDK
+honours, rather than holding the caller's connection or spending beyond the budget. A 429 met
+by an API call pauses everyone's calls, as a poll's does.
+
+The budget is a courtesy to Chamelaion, not a condition for serving: when Redis cannot be
+asked, the call goes ahead (a create then fails on its own intent write anyway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+
+from redis.exceptions import RedisError
+
+from relay.jobs.poller import DEFAULT_PAUSE_ON_429
+from relay.jobs.schedule import PollSchedule
+from relay.metrics import API_BUDGET_REFUSED
+from relay.upstream import BudgetRefused
+
+log = logging.getLogger(__name__)
+
+
+class ApiBudget:
+    def __init__(self, schedule: PollSchedule, *, max_wait: float) -> None:
+        self.schedule = schedule
+        self.max_wait = max_wait
+
+    async def spend(self) -> None:
+        try:
+            booked, wait = await self.schedule.take(self.max_wait)
+        except RedisError as exc:
+            log.warning("upstream budget unreadable (%s); calling anyway", type(exc).__name__)
+            return
+        if not booked:
+            API_BUDGET_REFUSED.inc()
+            raise BudgetRefused(
+                429,
+                "rate limit exceeded (the relay's shared budget for Chamelaion); retry later",
+                headers={"retry-after": str(max(1, math.ceil(wait)))},
+            )
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    async def rate_limited(self, retry_after: float | None) -> None:
+        log.warning("upstream rate limit met by the API: pausing all upstream calls")
+        with contextlib.suppress(RedisError):
+            await self.schedule.pause_upstream(retry_after or DEFAULT_PAUSE_ON_429)

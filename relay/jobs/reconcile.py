@@ -1,0 +1,155 @@
+"""The intent reconcile: settle submissions whose upstream outcome nobody recorded.
+
+An intent (relay.jobs.intents) outlives its API request when the API handed it over (its
+answer was lost and the job was not found at once), when the API process died mid-create, or
+when the tracking write failed. Every RELAY_INTENT_RECONCILE_INTERVAL one worker (a lease key
+decides which) takes the intents that are due and looks for each one's job by reference_id:
+- exactly one row it can own and no rival intent: the job is tracked (polled, called back)
+  and the intent's Idempotency-Key, if any, answers with it from then on;
+- nothing (yet), or a rival still in flight: looked at again later, each time twice as late;
+- once RELAY_INTENT_WINDOW has passed since the submission: dropped, with a log line and
+  `relay_submit_intents_total{outcome}`: `not_found` (its Idempotency-Key is released, so a
+  retry may create the job), `dropped_ambiguous` (several rows could be it: they are named in
+  the log, and the key answers with that error), `dropped_unfindable` (no reference_id to
+  look by: the job, if any, runs untracked).
+Each lookup spends the shared upstream budget, as a list page of a sweep does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from relay import keys
+from relay.errors import UpstreamError
+from relay.jobs.intents import Intent, Intents
+from relay.jobs.schedule import PollSchedule
+from relay.metrics import INTENTS
+from relay.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+BATCH = 100
+MAX_SPACING = 300.0  # seconds: the longest wait between two lookups of one intent
+
+
+class Reconciler:
+    def __init__(
+        self,
+        redis: Redis,
+        intents: Intents,
+        schedule: PollSchedule,
+        upstream: Upstream,
+        *,
+        interval: float,
+        lookup_timeout: float,
+    ) -> None:
+        self.redis = redis
+        self.intents = intents
+        self.schedule = schedule
+        self.upstream = upstream
+        self.interval = interval
+        self.lookup_timeout = lookup_timeout
+        self._token = secrets.token_hex(8)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Reconcile every `interval` while this worker holds the lease, until `stop`."""
+        while not stop.is_set():
+            try:
+                if await self.redis.set(
+                    keys.RECONCILE_LEASE, self._token, nx=True, px=int(self.interval * 1000)
+                ):
+                    await self.reconcile_once(stop)
+            except RedisError as exc:
+                log.warning("intent reconcile skipped: %s", type(exc).__name__)
+            except Exception:
+                # A bug here must not stop the worker; the next interval tries again.
+                log.exception("intent reconcile failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.interval)
+
+    async def reconcile_once(self, stop: asyncio.Event | None = None) -> int:
+        """Settle what can be settled among the due intents; returns how many were."""
+        due, now = await self.intents.due(BATCH)
+        settled = 0
+        for intent in due:
+            if stop is not None and stop.is_set():
+                break
+            if await self._one(intent, now):
+                settled += 1
+        return settled
+
+    async def _one(self, intent: Intent, now: float) -> bool:
+        expired = now - intent.started >= self.intents.window
+        if intent.reference_id is None:
+            INTENTS.labels("dropped_unfindable").inc()
+            log.warning(
+                "a submission without reference_id lost its upstream outcome (its API process "
+                "died, or could not record the job): if Chamelaion created the job, it runs "
+                "untracked, with no callback",
+                extra={"intent": intent.id},
+            )
+            await self.intents.settle(intent, status=0)
+            return True
+        if not await self._take_budget():
+            return False
+        try:
+            found = await self.intents.look(intent, self.upstream, timeout=self.lookup_timeout)
+        except UpstreamError as exc:
+            log.warning("could not look for a lost submission's job: %s", exc.message)
+            await self._later(intent)
+            return False
+        if found.adoptable and await self.intents.adopt(intent, found.adoptable):
+            INTENTS.labels("reconciled").inc()
+            log.warning(
+                "tracking a job whose creation was not recorded",
+                extra={"request_id": found.adoptable, "intent": intent.id},
+            )
+            return True
+        if not expired:
+            await self._later(intent)
+            return False
+        if found.candidates:
+            INTENTS.labels("dropped_ambiguous").inc()
+            log.error(
+                "a lost submission's job cannot be told apart from others with its reference_id;"
+                " none is tracked",
+                extra={"intent": intent.id, "request_ids": found.candidates},
+            )
+            body = orjson.dumps(
+                {
+                    "error": "the job's outcome was lost and Chamelaion holds several requests "
+                    "with its reference_id that it could be; none is tracked",
+                    "details": [
+                        {"code": "upstream_outcome_ambiguous", "request_ids": found.candidates}
+                    ],
+                }
+            )
+            await self.intents.settle(intent, status=502, body=body)
+        else:
+            INTENTS.labels("not_found").inc()
+            log.info(
+                "no job found for a lost submission within the window: it was not created",
+                extra={"intent": intent.id},
+            )
+            await self.intents.settle(intent, status=0)
+        return True
+
+    async def _later(self, intent: Intent) -> None:
+        await self.intents.postpone(
+            intent, after=min(self.interval * 2 ** (intent.looks + 1), MAX_SPACING)
+        )
+
+    async def _take_budget(self) -> bool:
+        booked, wait = await self.schedule.reserve()
+        if not booked:
+            return False  # a 429 pause: everything waits for the next round
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return True
