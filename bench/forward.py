@@ -191,6 +191,8 @@ def main(seconds: float, rounds: int, connections: int) -> None:
                                 str(proc.pid),
                                 "-d",
                                 str(round(seconds)),
+                                "-r",
+                                "250",
                                 "-f",
                                 "raw",
                                 "-o",

@@ -189,7 +189,7 @@ async def test_from_settings_uses_the_configured_url_key_and_timeout(
     upstream = Upstream.from_settings(settings)
     try:
         response = await upstream.request("GET", "v1/echo")
-        assert upstream.client.timeout.read == 3 and upstream.client.timeout.connect == 3
+        assert upstream.timeout.read == 3 and upstream.timeout.connect == 3
     finally:
         await upstream.aclose()
     assert response.status_code == 200

@@ -42,6 +42,7 @@ from relay import keys, lua
 from relay.errors import UpstreamError
 from relay.jobs.store import JobStore
 from relay.jobs.sweep import CLOCK_MARGIN, created_time
+from relay.redis_batch import Call, batcher
 from relay.settings import Settings
 from relay.upstream import Upstream, check, json_object
 
@@ -177,12 +178,14 @@ class Intents:
 
     async def close(self, intent: Intent) -> None:
         """The job is tracked (or surely not created): the intent is done with."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.intent(intent.id))
-            pipe.zrem(keys.INTENTS, intent.id)
-            if intent.reference_id:
-                pipe.zrem(keys.intents_by_ref(intent.reference_id), intent.id)
-            await pipe.execute()
+        # Not one transaction: joined with other calls in one round trip instead. The record
+        # goes last, so a close cut off half way leaves an intent the reconcile still reads
+        # whole (it looks, finds the job tracked, and drops it).
+        calls: list[Call] = [("ZREM", keys.INTENTS, intent.id)]
+        if intent.reference_id:
+            calls.append(("ZREM", keys.intents_by_ref(intent.reference_id), intent.id))
+        calls.append(("DEL", keys.intent(intent.id)))
+        await batcher(self.redis).run(calls)
 
     async def hand_over(self, intent: Intent, *, after: float) -> None:
         """Leave the intent to the reconcile, first looked at in `after` seconds; its
