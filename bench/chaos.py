@@ -667,6 +667,9 @@ def relay_env(redis_url: str, sandbox: str, secret: str, api_port: int) -> dict[
             "RELAY_DELIVERY_RETRY_SCHEDULE": "0,2,5,10,20,40,60,120",
             "RELAY_LOG_FORMAT": "json",
             "RELAY_SHUTDOWN_TIMEOUT": "5",
+            # Sized for the load, as a deployment would be: the shared budget counts the API's
+            # creates too (~17/s here) besides polls; the default (10/s) is for a smaller one.
+            "RELAY_UPSTREAM_RATE_LIMIT": "100",
         }
     )
     return env

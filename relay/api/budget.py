@@ -3,9 +3,9 @@
 Chamelaion's rate limit is the account's, whoever calls: creates, uploads, proxied reads and the
 lookups after a lost answer count as much as polls. An API call books the budget's next slot,
 ahead of polls (a caller is waiting), and waits for it, but for at most RELAY_API_BUDGET_WAIT:
-a slot further off, or a 429 pause in force, is answered 429 with Retry-After, which the SDK
-honours, rather than holding the caller's connection or spending beyond the budget. A 429 met
-by an API call pauses everyone's calls, as a poll's does.
+a slot further off (a 429 pause ending later counts) is answered 429 with Retry-After, which
+the SDK honours, rather than holding the caller's connection or spending beyond the budget. A
+429 met by an API call pauses everyone's calls, as a poll's does.
 
 The budget is a courtesy to Chamelaion, not a condition for serving: when Redis cannot be
 asked, the call goes ahead (a create then fails on its own intent write anyway).
