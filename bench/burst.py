@@ -36,6 +36,7 @@ from pathlib import Path
 import httpx
 import redis.asyncio as aioredis
 from aiohttp import web
+from aioserve import post_app, serve_forever
 
 from relay import keys
 from relay.devtools.embedded_redis import embedded_redis, free_port
@@ -138,22 +139,13 @@ def run_receivers(control_port: int, fast_ports: list[int], hang_port: int, hang
         concurrent["max"] = 0
         return web.json_response({})
 
-    async def main() -> None:
-        runners = []
-        for port, handler in [(p, fast) for p in fast_ports] + [(hang_port, slow)]:
-            app = web.Application()
-            app.router.add_post("/hook/{n}", handler)
-            runners.append((web.AppRunner(app, access_log=None), port))
-        control = web.Application()
-        control.router.add_get("/stats", stats)
-        control.router.add_post("/reset", reset)
-        runners.append((web.AppRunner(control, access_log=None), control_port))
-        for runner, port in runners:
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+    control = web.Application()
+    control.router.add_get("/stats", stats)
+    control.router.add_post("/reset", reset)
+    apps = [(post_app("/hook/{n}", fast), port) for port in fast_ports]
+    asyncio.run(
+        serve_forever([*apps, (post_app("/hook/{n}", slow), hang_port), (control, control_port)])
+    )
 
 
 # --- the bench ----------------------------------------------------------------------------

@@ -64,6 +64,7 @@ from typing import Any
 import httpx
 import redis.asyncio as aioredis
 from aiohttp import web
+from aioserve import post_app, serve_forever
 from chamelaion import APIConnectionError, APIStatusError, AsyncChamelaion
 
 from relay import keys
@@ -144,22 +145,11 @@ def run_receivers(control_port: int, ports: list[int], secret: str) -> None:
     async def taken_list(request: web.Request) -> web.Response:
         return web.json_response(sorted(taken))
 
-    async def main() -> None:
-        runners = []
-        for port in ports:
-            app = web.Application()
-            app.router.add_post("/hook/{n}/{failures}", receive)
-            runners.append((web.AppRunner(app, access_log=None), port))
-        control = web.Application()
-        control.router.add_get("/stats", stats)
-        control.router.add_get("/taken", taken_list)
-        runners.append((web.AppRunner(control, access_log=None), control_port))
-        for runner, port in runners:
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+    control = web.Application()
+    control.router.add_get("/stats", stats)
+    control.router.add_get("/taken", taken_list)
+    apps = [(post_app("/hook/{n}/{failures}", receive), port) for port in ports]
+    asyncio.run(serve_forever([*apps, (control, control_port)]))
 
 
 # --- the parts the chaos kills ---------------------------------------------------------------

@@ -94,28 +94,15 @@ def idempotent(endpoint: Endpoint, *, buffered: bool) -> Endpoint:
         request.scope["state"]["idempotency_key"] = redis_key
         try:
             response = await endpoint(request)
-        except OutcomeUnknown as exc:
-            if not exc.pending:
-                await _keep(
-                    state,
-                    redis_key,
-                    exc.status_code,
-                    "application/json",
-                    orjson.dumps(error_content(exc)),
-                )
-            # Pending: the reconcile answers the key once it knows (relay.jobs.intents).
-            raise
         except ApiError as exc:
-            if exc.headers.get("x-should-retry") == "false" or (
+            final = exc.headers.get("x-should-retry") == "false" or (
                 exc.status_code in KEEP and exc.status_code not in RETRYABLE
-            ):
-                await _keep(
-                    state,
-                    redis_key,
-                    exc.status_code,
-                    "application/json",
-                    orjson.dumps(error_content(exc)),
-                )
+            )
+            if isinstance(exc, OutcomeUnknown) and exc.pending:
+                pass  # the reconcile answers the key once it knows (relay.jobs.intents)
+            elif final:
+                body = orjson.dumps(error_content(exc))
+                await _keep(state, redis_key, exc.status_code, "application/json", body)
             else:
                 await _release(state, redis_key)
             raise

@@ -12,16 +12,15 @@ Each requeue is written in the attempt log.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 
 from arq.connections import ArqRedis
-from redis.exceptions import RedisError
 
 from relay import keys, lua
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.destinations import destination_of
+from relay.leased import run_leased
 from relay.metrics import STRANDED_REQUEUED, STRANDED_SWEEPS
 
 log = logging.getLogger(__name__)
@@ -83,16 +82,12 @@ class StrandedSweep:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sweep every `interval` while this worker holds the sweep's lease, until `stop`."""
-        while not stop.is_set():
-            try:
-                if await self.redis.set(
-                    keys.STRANDED_LEASE, self._token, nx=True, px=int(self.interval * 1000)
-                ):
-                    await self.sweep_once()
-            except RedisError as exc:
-                log.warning("stranded-delivery sweep skipped: %s", type(exc).__name__)
-            except Exception:
-                # A bug here must not stop the worker; the next interval tries again.
-                log.exception("stranded-delivery sweep failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.interval)
+        await run_leased(
+            self.redis,
+            lease_key=keys.STRANDED_LEASE,
+            token=self._token,
+            interval=self.interval,
+            once=self.sweep_once,
+            stop=stop,
+            what="stranded-delivery sweep",
+        )

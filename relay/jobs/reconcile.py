@@ -18,18 +18,17 @@ Each lookup spends the shared upstream budget, as a list page of a sweep does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from relay import keys
 from relay.errors import UpstreamError
 from relay.jobs.intents import Intent, Intents
 from relay.jobs.schedule import PollSchedule
+from relay.leased import run_leased
 from relay.metrics import INTENTS
 from relay.upstream import Upstream
 
@@ -60,19 +59,15 @@ class Reconciler:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Reconcile every `interval` while this worker holds the lease, until `stop`."""
-        while not stop.is_set():
-            try:
-                if await self.redis.set(
-                    keys.RECONCILE_LEASE, self._token, nx=True, px=int(self.interval * 1000)
-                ):
-                    await self.reconcile_once(stop)
-            except RedisError as exc:
-                log.warning("intent reconcile skipped: %s", type(exc).__name__)
-            except Exception:
-                # A bug here must not stop the worker; the next interval tries again.
-                log.exception("intent reconcile failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.interval)
+        await run_leased(
+            self.redis,
+            lease_key=keys.RECONCILE_LEASE,
+            token=self._token,
+            interval=self.interval,
+            once=lambda: self.reconcile_once(stop),
+            stop=stop,
+            what="intent reconcile",
+        )
 
     async def reconcile_once(self, stop: asyncio.Event | None = None) -> int:
         """Settle what can be settled among the due intents; returns how many were."""
