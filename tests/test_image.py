@@ -217,11 +217,16 @@ def in_root(root: Path, value: str) -> str:
 def replay_builder(stage: Stage, context: Path, root: Path) -> None:
     # The build sees this machine's network settings (proxy, CA certificates), as a build
     # sees its daemon's, but none of the test run's own Python or project environment.
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in {"VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "UV_PROJECT_ENVIRONMENT"}
+    # (PYTHONPYCACHEPREFIX is the run's bytecode cache, tests/conftest.py: with it the build's
+    # compiled bytecode would land there instead of in the venv.)
+    own = {
+        "VIRTUAL_ENV",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "PYTHONPYCACHEPREFIX",
+        "UV_PROJECT_ENVIRONMENT",
     }
+    env = {k: v for k, v in os.environ.items() if k not in own}
     env["PATH"] = f"{Path(uv()).parent}{os.pathsep}{os.environ['PATH']}"
     workdir = root
     for instruction in stage.instructions:
