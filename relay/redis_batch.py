@@ -5,15 +5,17 @@ When a thousand jobs end at once, each makes a handful of small scripts and read
 one, every call costs a round trip: a send syscall and ~100-250 µs of a busy worker's CPU in
 redis-py (more on Python 3.11, whose asyncio.wait_for runs every timed send in a task of its
 own). Pipelined, a call costs a tenth of that. Nothing else changes: every call is still its own
-command, run in the order it was made, with its own result or error, and no transaction joins
-calls of different tasks (just as separate round trips would not). A lone call waits one turn
-of the event loop for company, which costs microseconds.
+command with its own result or error, one `run`'s calls go back to back in the order given, and
+no transaction joins calls of different tasks (just as separate round trips would not; nor are
+calls of different tasks ordered beyond one pipeline, as they never were). A lone call waits
+one turn of the event loop for company, which costs microseconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import weakref
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +42,8 @@ Call = ScriptCall | tuple[Arg, ...]  # a script, or a plain command and its argu
 
 class Batcher:
     def __init__(self, redis: Redis) -> None:
-        self.redis = redis
+        # Weakly: the registry below must not keep a client alive (its callers hold it).
+        self._redis = weakref.ref(redis)
         self._waiting: list[tuple[Sequence[Call], asyncio.Future[list[Any]]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sending: set[asyncio.Task[None]] = set()
@@ -65,13 +68,19 @@ class Batcher:
         (result,) = await self.run([ScriptCall(script, keys, args)])
         return result
 
+    @property
+    def redis(self) -> Redis:
+        redis = self._redis()
+        assert redis is not None, "a call on a client that is gone"
+        return redis
+
     def _flush(self) -> None:
-        waiting, self._waiting = self._waiting, []
+        waiting, self._waiting = deque(self._waiting), []
         while waiting:
             batch: list[tuple[Sequence[Call], asyncio.Future[list[Any]]]] = []
             size = 0
             while waiting and (not batch or size + len(waiting[0][0]) <= MAX_BATCH):
-                calls, done = waiting.pop(0)
+                calls, done = waiting.popleft()
                 if not done.done():  # its caller was cancelled meanwhile
                     batch.append((calls, done))
                     size += len(calls)
@@ -85,7 +94,11 @@ class Batcher:
             results = await self._execute([call for calls, _ in batch for call in calls])
         except BaseException as exc:
             for _, done in batch:
-                if not done.done():
+                if done.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    done.cancel()  # the sending was cancelled (loop shutdown), not the caller
+                else:
                     done.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise

@@ -63,30 +63,47 @@ class LateAnswers:
         self.before = 0.0
         self.after = 0.0
         self.armed = False
+        self.blank = False
+        self._late: set[asyncio.Task[httpx.Response]] = set()
 
-    def arm(self, *, before: float = 0.0, after: float = 0.0) -> None:
-        self.before, self.after, self.armed = before, after, True
+    def arm(self, *, before: float = 0.0, after: float = 0.0, blank: bool = False) -> None:
+        """`blank`: answer 200 without a request_id at once, and create the job `before`
+        seconds later (an answer that says success but cannot be used)."""
+        self.before, self.after, self.armed, self.blank = before, after, True, blank
 
     def app(self) -> Starlette:
-        async def forward(request: Request) -> Response:
-            body = await request.body()
-            late = self.armed and request.url.path.endswith("/lipsync/generate")
-            if late:
-                self.armed = False
-                await asyncio.sleep(self.before)
+        async def send(request: Request, body: bytes) -> httpx.Response:
             headers = {
                 name: value
                 for name, value in request.headers.items()
                 if name in ("x-api-key", "authorization", "content-type")
             }
             async with httpx.AsyncClient() as http:
-                answer = await http.request(
+                return await http.request(
                     request.method,
                     self.target + request.url.path,
                     params=request.query_params,
                     content=body,
                     headers=headers,
                 )
+
+        async def send_later(request: Request, body: bytes) -> httpx.Response:
+            await asyncio.sleep(self.before)
+            return await send(request, body)
+
+        async def forward(request: Request) -> Response:
+            body = await request.body()
+            late = self.armed and request.url.path.endswith("/lipsync/generate")
+            if late and self.blank:
+                self.armed = False
+                task = asyncio.ensure_future(send_later(request, body))
+                self._late.add(task)
+                task.add_done_callback(self._late.discard)
+                return Response(b'{"status": "success"}', 200, media_type="application/json")
+            if late:
+                self.armed = False
+                await asyncio.sleep(self.before)
+            answer = await send(request, body)
             if late:
                 await asyncio.sleep(self.after)
             passed = {
@@ -269,6 +286,23 @@ def test_a_job_created_after_the_timeout_is_tracked_once_it_appears(redis_url: s
         eventually(lambda: open_intents(redis_url) == 0)
 
 
+def test_a_success_without_a_request_id_is_never_retried_into_a_second_job(
+    redis_url: str,
+) -> None:
+    with late_stack(redis_url) as (stack, hop):
+        # "Success" with no request_id, and the job shows up upstream 2 s later.
+        hop.arm(before=2.0, blank=True)
+        with pytest.raises(APIStatusError) as caught:
+            generate(client(stack), stack, reference_id="blank-1")
+        assert caught.value.status_code == 502
+        assert caught.value.response.headers["x-should-retry"] == "false"
+        assert error_code(caught.value) == "upstream_outcome_unknown"
+        [row] = eventually(lambda: upstream_jobs(stack, "blank-1"))
+        called_back_once(stack, redis_url, row["id"])
+        assert generate_calls(stack) == 1, "the SDK retried into a second job"
+        assert tracked(redis_url) == [row["id"]]
+
+
 def test_requests_sharing_the_reference_id_are_not_adopted_by_guess(redis_url: str) -> None:
     with relay_stack(redis_url, env=ENV, workers=0) as stack:
         # Two jobs with this reference_id, made elsewhere just now: any of three could be it.
@@ -393,6 +427,31 @@ def test_an_api_cut_off_mid_create_leaves_the_job_to_a_worker(
     assert isinstance(error, APIConnectionError | APIStatusError)
     [row] = eventually(lambda: upstream_jobs(stack, f"cut-{sig.name}"))
     called_back_once(stack, redis_url, row["id"])
+    assert generate_calls(stack) == 1
+
+
+def test_an_idempotency_key_cut_off_mid_create_stays_held(
+    api_process: tuple[Stack, LateAnswers, subprocess.Popen[bytes], str],
+) -> None:
+    stack, hop, api, url = api_process
+    hop.arm(after=3.0)  # longer than the API's 1 s grace on SIGTERM
+    headers = {"Idempotency-Key": "cut-key"}
+
+    def submit() -> None:
+        with contextlib.suppress(APIConnectionError, APIStatusError):
+            generate(client(stack, url), stack, extra_headers=headers)
+
+    thread = threading.Thread(target=submit)
+    thread.start()
+    eventually(lambda: generate_calls(stack) == 1)
+    api.send_signal(signal.SIGTERM)
+    api.wait(timeout=20)
+    thread.join(timeout=60)
+    # The first create's outcome is unknown: a retry with its key must not make a second job.
+    sdk = Chamelaion(api_key=RELAY_KEY, base_url=stack.api_url + "/api", max_retries=0)
+    with pytest.raises(APIStatusError) as caught:
+        generate(sdk, stack, extra_headers=headers)
+    assert caught.value.status_code == 409
     assert generate_calls(stack) == 1
 
 

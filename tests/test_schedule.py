@@ -83,8 +83,8 @@ async def test_an_api_call_waits_out_a_pause_that_ends_within_its_wait(redis_url
     redis = Redis.from_url(redis_url)
     schedule = PollSchedule(redis, rate=1000, lease=60)
     await schedule.pause_upstream(0.5)
-    refused, until = await schedule.take(max_wait=0.1)
-    assert not refused and 0.3 < until <= 0.5, "a pause past the wait is refused, with its end"
+    booked, until = await schedule.take(max_wait=0.1)
+    assert not booked and 0.3 < until <= 0.5, "a pause past the wait is refused, with its end"
     booked, wait = await schedule.take(max_wait=2.0)
     assert booked and 0.3 < wait <= 0.5, "booked for when the pause ends, not refused"
     await redis.aclose()

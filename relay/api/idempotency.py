@@ -107,7 +107,9 @@ def idempotent(endpoint: Endpoint, *, buffered: bool) -> Endpoint:
                 await _release(state, redis_key)
             raise
         except BaseException:
-            await _release(state, redis_key)
+            # Cut off (a disconnect, a shutdown past its grace) perhaps mid-create: while the
+            # create's intent is open, the key stays held for the reconcile to answer.
+            await _release(state, redis_key, unless_intent_open=True)
             raise
         if response.status_code in KEEP and response.status_code not in RETRYABLE:
             await _keep(
@@ -158,6 +160,10 @@ async def _keep(
             await pipe.execute()
 
 
-async def _release(state: AppState, redis_key: str) -> None:
+async def _release(state: AppState, redis_key: str, *, unless_intent_open: bool = False) -> None:
     with contextlib.suppress(RedisError):
+        if unless_intent_open:
+            intent_id = await state.redis.hget(redis_key, "intent")  # type: ignore[misc]
+            if intent_id and await state.redis.exists(keys.intent(intent_id.decode())):
+                return
         await state.redis.delete(redis_key)

@@ -179,8 +179,10 @@ class Submission:
         if response.is_success:
             request_id = _request_id(response)
             if request_id is None:
+                # A success, so the job may well exist: never "not created", whatever the
+                # lookup finds.
                 return await self._resolve(
-                    "Chamelaion accepted the job but sent no usable request_id", answered=True
+                    "Chamelaion accepted the job but sent no usable request_id", answered=False
                 )
             return await self._track(request_id, response.content)
         try:

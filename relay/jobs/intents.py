@@ -179,12 +179,11 @@ class Intents:
     async def close(self, intent: Intent) -> None:
         """The job is tracked (or surely not created): the intent is done with."""
         # Not one transaction: joined with other calls in one round trip instead. The record
-        # goes last, so a close cut off half way leaves an intent the reconcile still reads
-        # whole (it looks, finds the job tracked, and drops it).
-        calls: list[Call] = [("ZREM", keys.INTENTS, intent.id)]
+        # goes first: index entries a close cut off half way leaves behind point at nothing,
+        # and their readers (`due`, `_rivals`) drop such entries.
+        calls: list[Call] = [("DEL", keys.intent(intent.id)), ("ZREM", keys.INTENTS, intent.id)]
         if intent.reference_id:
             calls.append(("ZREM", keys.intents_by_ref(intent.reference_id), intent.id))
-        calls.append(("DEL", keys.intent(intent.id)))
         await batcher(self.redis).run(calls)
 
     async def hand_over(self, intent: Intent, *, after: float) -> None:

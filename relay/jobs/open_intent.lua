@@ -27,5 +27,8 @@ if reference_id ~= '' then
 end
 if idem ~= '' and redis.call('HGET', idem_key, 'state') == 'in_flight' then
   redis.call('HSET', idem_key, 'intent', intent_id)
+  -- Held as long as the intent may be reconciled: a retry must not create a second job while
+  -- the first one's outcome is unknown.
+  redis.call('EXPIRE', idem_key, ttl)
 end
 return started

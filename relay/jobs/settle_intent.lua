@@ -11,7 +11,7 @@ local body = ARGV[3]
 local keep = tonumber(ARGV[4])
 
 redis.call('ZREM', intents_key, intent_id)
-redis.call('ZREM', ref_key, intent_id)
+if ref_key ~= intent_key then redis.call('ZREM', ref_key, intent_id) end
 if idem_key ~= intent_key and redis.call('HGET', idem_key, 'intent') == intent_id
    and redis.call('HGET', idem_key, 'state') == 'in_flight' then
   if status == 0 then

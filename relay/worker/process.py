@@ -1,9 +1,9 @@
 """The worker process: wires the poll dispatcher, the sweeper, the stranded-delivery sweep, the
 intent reconcile and arq's deliveries onto one event loop.
 
-Every "now" arq compares with, and every delivery the relay queues, is on Redis's clock
+Every "now" arq compares with, and every delivery a worker queues, is on Redis's clock
 (relay.clock), so a worker whose own clock is off neither makes a deferred attempt early nor
-leaves it waiting.
+leaves it waiting. (Redeliveries requested through the API are still queued on its clock.)
 
 Stopping (SIGTERM): stop claiming, sweeping and picking deliveries, let in-flight polls and
 deliveries finish for up to RELAY_SHUTDOWN_TIMEOUT, then hand unfinished polls and first
