@@ -127,6 +127,9 @@ class Intents:
         self.store = store
         self.stale_after = stale_after(settings)
         self.window = settings.intent_window
+        # How long an intent's record lives at most: a safety net only, the reconcile removes
+        # every intent well before.
+        self.ttl = int(self.stale_after + self.window + 3600)
         self.idempotency_ttl = settings.idempotency_ttl
         self.poll_in = settings.poll_min_interval
         self._open = lua.register(redis, __package__, "open_intent")
@@ -162,8 +165,7 @@ class Intents:
                 ",".join(events or ()),
                 metadata or b"",
                 self.stale_after,
-                # A safety net only: the reconcile removes every intent well before.
-                int(self.stale_after + self.window + 3600),
+                self.ttl,
             ],
         )
         return Intent(
@@ -202,6 +204,9 @@ class Intents:
         seconds, micros = await self.redis.time()
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hincrby(keys.intent(intent.id), "looks", 1)
+            # Should the intent have been closed meanwhile, the count recreated a stray hash:
+            # it expires like any intent's safety net.
+            pipe.expire(keys.intent(intent.id), self.ttl)
             pipe.zadd(keys.INTENTS, {intent.id: seconds + micros / 1e6 + after}, xx=True)
             await pipe.execute()
 
