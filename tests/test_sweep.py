@@ -241,17 +241,22 @@ def test_a_worker_killed_mid_sweep_hands_the_sweep_over(redis_url: str) -> None:
 
 
 def test_two_workers_share_the_sweep_one_page_at_a_time(redis_url: str) -> None:
-    with relay_stack(
-        redis_url, sandbox=sandbox(list_max_limit=4), env=SWEEPS_ONLY, workers=2
-    ) as stack:
+    # Jobs stay queued until pinned: several sweeps run over them, however loaded the machine.
+    config = sandbox(list_max_limit=4, queued_seconds=600, processing_seconds=600)
+    with relay_stack(redis_url, sandbox=config, env=SWEEPS_ONLY, workers=2) as stack:
         ready(stack)
         fault(stack, delay=0.1, count=1000)
         ids = [submit(stack) for _ in range(12)]
+
+        def sweeps() -> float:
+            return sum(metric(stack, i, "relay_sweeps_total", outcome="complete") for i in (0, 1))
+
+        eventually(lambda: sweeps() >= 3, timeout=60)
+        for request_id in ids:
+            pin(stack, request_id, status="completed")
         assert set(verified_callbacks(stack, 12, timeout=60)) == set(ids)
         peak = stack.upstream("GET", "/_sandbox/stats").json()["peak_in_flight"][LIST_ROUTE]
         assert peak == 1, "two sweeps overlapped"
-        sweeps = sum(metric(stack, i, "relay_sweeps_total", outcome="complete") for i in (0, 1))
-        assert sweeps >= 2
 
 
 def test_a_job_too_old_for_the_window_is_polled_by_id(redis_url: str) -> None:
