@@ -11,11 +11,13 @@ import threading
 import httpx
 import orjson
 import redis
+from arq.jobs import deserialize_result
 
 from relay import keys
 from tests.servers import serve
 from tests.stack import Receiver, Stack, eventually, job_field, relay_stack
 from tests.test_end_to_end import AUDIO, VIDEO, verified
+from tests.test_polling import SLOW, pin
 
 
 def submit_many(stack: Stack, callback_url: str, count: int) -> list[str]:
@@ -124,3 +126,31 @@ def test_a_failing_destination_is_backed_off_and_gets_every_event_once_it_recove
         text = httpx.get(worker_metrics).text
         assert 'relay_deliveries_total{outcome="postponed"}' in text
         assert "relay_destinations_backed_off 0.0" in text
+
+
+def test_a_burst_past_the_in_process_limit_is_made_by_arq(redis_url: str) -> None:
+    # One attempt in flight per worker, so at most two first attempts are held in-process: the
+    # rest of the burst queues in arq (bounded memory), and every event still arrives once.
+    slow = Receiver(delay=1.0)
+    env = {"RELAY_DELIVERY_CONCURRENCY": "1", "RELAY_DELIVERY_TIMEOUT": "10"}
+    with (
+        serve(slow.app()) as slow_url,
+        relay_stack(redis_url, env=env, sandbox=SLOW) as stack,
+    ):
+        request_ids = submit_many(stack, slow_url + "/hook", 8)
+        eventually(lambda: all(job_field(redis_url, rid, "polled") for rid in request_ids))
+        for request_id in request_ids:  # they all end together: a burst
+            pin(stack, request_id, status="completed")
+        slow.wait_for(8, timeout=90)
+        delivered_once_each(stack, slow, request_ids)
+        client = redis.Redis.from_url(redis_url)
+        try:
+            results: list[bytes | None] = [
+                client.get(keys.ARQ_RESULT_PREFIX + keys.delivery_job_id(rid, 0))  # type: ignore[misc]
+                for rid in request_ids
+            ]
+        finally:
+            client.close()
+        # A first attempt arq made itself (not a guard that found it made) says "delivered".
+        by_arq = [r for r in results if r and deserialize_result(r).result == "delivered"]
+        assert by_arq, "every first attempt of the burst was held in the worker's memory"

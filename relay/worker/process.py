@@ -108,7 +108,10 @@ async def build_state(settings: Settings) -> WorkerState:
         attempt_log=attempt_log,
         timeout=settings.delivery_timeout,
     )
-    first_attempts = FirstAttempts(queue, deliverer, settings.delivery_timeout)
+    # Twice the attempts that may be in flight: the slots stay busy while memory stays bounded.
+    first_attempts = FirstAttempts(
+        queue, deliverer, settings.delivery_timeout, limit=2 * settings.delivery_concurrency
+    )
     destinations = deliverer.destinations
     DELIVERIES_IN_FLIGHT.set_function(lambda: destinations.in_flight)
     DELIVERIES_WAITING.set_function(lambda: destinations.waiting)

@@ -95,16 +95,29 @@ class FirstAttempts:
     queue: DeliveryQueue
     deliverer: Deliverer
     timeout: float
+    # First attempts held here at most (running or waiting for a slot); past it a burst's
+    # attempts queue in arq, due at once, so the worker's memory does not grow with the burst.
+    limit: int
     in_flight: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    # Hand-overs between deciding to keep an attempt here and starting it (the guard's enqueue
+    # is awaited in between): counted, or a burst handed over at once would all be kept.
+    _starting: int = 0
 
     async def hand_over(self, request_id: str, callback_url: str) -> None:
         destination = destination_of(callback_url)
         first_wait = next_delay(self.queue.schedule, 0, None)
-        if first_wait > 0:
-            # The schedule asks to wait before the first attempt: arq keeps that time.
+        if first_wait > 0 or len(self.in_flight) + self._starting >= self.limit:
+            # The schedule asks to wait before the first attempt (arq keeps that time), or
+            # this worker holds enough already: arq makes it.
             await self.queue.enqueue_attempt(request_id, 0, first_wait, destination)
             return
-        await self.queue.enqueue_attempt(request_id, 0, self.timeout + GUARD_MARGIN, destination)
+        self._starting += 1
+        try:
+            await self.queue.enqueue_attempt(
+                request_id, 0, self.timeout + GUARD_MARGIN, destination
+            )
+        finally:
+            self._starting -= 1
         if request_id not in self.in_flight:
             self.in_flight[request_id] = asyncio.create_task(
                 self._attempt(request_id, destination), name=f"deliver:{request_id}:0"
