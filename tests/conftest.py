@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
-import redis
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis
 
 from relay.devtools.embedded_redis import embedded_redis
 
@@ -42,7 +43,15 @@ def redis_server_url() -> Iterator[str]:
 @pytest.fixture
 def redis_url(redis_server_url: str) -> str:
     """The session's Redis, emptied before each test so tests never see each other's keys."""
-    client = redis.Redis.from_url(redis_server_url)
+    client = SyncRedis.from_url(redis_server_url)
     client.flushall()
     client.close()
     return redis_server_url
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    """An asyncio client of the test's (emptied) Redis."""
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()

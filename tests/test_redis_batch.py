@@ -4,7 +4,6 @@ each caller still gets exactly its own results and errors."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -15,13 +14,6 @@ from relay.redis_batch import MAX_BATCH, batcher
 
 # Returns its argument, or fails when told to: one failing call among many.
 ECHO = "if ARGV[1] == 'fail' then return redis.error_reply('told to fail') end return ARGV[1]"
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 async def connected_clients(redis: Redis) -> int:
