@@ -99,12 +99,17 @@ async def deliveries_of(state: AppState, job: Job) -> list[dict[str, Any]]:
     return deliveries
 
 
-async def job_deliveries(request: Request) -> Response:
-    state = app_state(request)
-    request_id = request_id_param(request)
-    job = await state.store.find(request_id)
+async def tracked_job(state: AppState, request: Request) -> Job:
+    """The job the path's id (a request id or a reference_id) names; 404 when untracked."""
+    job = await state.store.find(request_id_param(request))
     if job is None:
         raise ApiError(404, "no tracked job has this id or reference_id")
+    return job
+
+
+async def job_deliveries(request: Request) -> Response:
+    state = app_state(request)
+    job = await tracked_job(state, request)
     deliveries = await deliveries_of(state, job)
     return JSONResponse(
         {
@@ -154,10 +159,7 @@ async def list_deliveries(request: Request) -> Response:
 
 async def redeliver(request: Request) -> Response:
     state = app_state(request)
-    request_id = request_id_param(request)
-    job = await state.store.find(request_id)
-    if job is None:
-        raise ApiError(404, "no tracked job has this id or reference_id")
+    job = await tracked_job(state, request)
     done = await state.redeliverer.redeliver(job.request_id, note="redelivery requested")
     if done.refused == "not_ended":
         raise ApiError(409, "the job has not ended yet: its callback goes out when it does")
