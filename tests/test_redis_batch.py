@@ -4,13 +4,19 @@ each caller still gets exactly its own results and errors."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import time
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
-from relay import lua
+from relay import lua, redis_batch
+from relay.devtools.embedded_redis import find_redis_server, free_port
 from relay.redis_batch import MAX_BATCH, batcher
+from tests.test_worker_health import own_redis
 
 # Returns its argument, or fails when told to: one failing call among many.
 ECHO = "if ARGV[1] == 'fail' then return redis.error_reply('told to fail') end return ARGV[1]"
@@ -106,3 +112,83 @@ def test_a_client_can_be_used_from_one_event_loop_after_another(redis_url: str) 
 
     assert asyncio.run(once("first")) == b"first"
     assert asyncio.run(once("second")) == b"second"
+
+
+async def test_a_stalled_redis_fails_calls_within_the_timeout_and_they_recover() -> None:
+    with own_redis() as (redis_url, redis_proc):
+        client = Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        script = lua.Script(client, ECHO)
+        deadline = time.monotonic() + 10
+        while True:  # the server may still be starting
+            try:
+                assert await script(keys=[], args=["up"]) == b"up"
+                break
+            except RedisError:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        os.kill(redis_proc.pid, signal.SIGSTOP)
+        try:
+            for _ in range(2):  # the second one reconnects: its handshake is bounded too
+                started = time.monotonic()
+                first, queued = await asyncio.wait_for(
+                    asyncio.gather(
+                        script(keys=[], args=["a"]), delayed(script, "b"), return_exceptions=True
+                    ),
+                    timeout=5,
+                )
+                # The one on the line times out; the one queued behind it fails with it rather
+                # than wait out a second timeout.
+                assert isinstance(first, RedisError)
+                assert queued is first
+                assert time.monotonic() - started < 1.5
+        finally:
+            os.kill(redis_proc.pid, signal.SIGCONT)
+        assert await script(keys=[], args=["back"]) == b"back"
+        await client.aclose()
+
+
+async def delayed(script: lua.Script, value: str) -> object:
+    await asyncio.sleep(0.1)  # made while the first call's round trip is on the line
+    return await script(keys=[], args=[value])
+
+
+async def test_a_held_connection_closed_by_redis_while_idle_is_replaced_before_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(redis_batch, "IDLE_CHECK", 0.2)
+    port = free_port()
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [find_redis_server(), "--port", str(port), "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )
+
+    proc = start()
+    client = Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=2)
+    script = lua.Script(client, ECHO)
+    try:
+        await until_answered(script)
+        proc.terminate()  # a restart while the line sits idle: its socket is dead
+        proc.wait(timeout=10)
+        proc = start()
+        await asyncio.sleep(0.5)
+        # Checked before use, as the pool checks what it hands out: no call fails for it.
+        assert await until_answered(script) == 1
+    finally:
+        await client.aclose()
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+async def until_answered(script: lua.Script) -> int:
+    """Call until Redis answers (it may still be starting); how many tries it took."""
+    for tries in range(1, 200):
+        try:
+            await script(keys=[], args=["x"])
+            return tries
+        except RedisError as exc:
+            if "Connection refused" not in str(exc) and "Error 111" not in str(exc):
+                raise
+            await asyncio.sleep(0.05)
+    raise AssertionError("Redis never answered")
