@@ -34,3 +34,35 @@ async def test_settling_an_intent_removes_every_trace(
     assert await redis.zscore(keys.INTENTS, intent.id) is None
     if reference_id:
         assert await redis.zscore(keys.intents_by_ref(reference_id), intent.id) is None
+
+
+@pytest.mark.parametrize("reference_id", [None, "dub-43"])
+@pytest.mark.parametrize("tracked_before", [False, True])
+async def test_tracking_the_job_closes_its_intent_in_the_same_step(
+    redis: Redis, intents: Intents, reference_id: str | None, tracked_before: bool
+) -> None:
+    store = JobStore(redis)
+    intent = await intents.open(
+        reference_id=reference_id,
+        idempotency_key=None,
+        callback_url="https://receiver.example/hook",
+        events=None,
+        metadata=None,
+    )
+    if (
+        tracked_before
+    ):  # tracked meanwhile (adopted by a reconcile): the intent is done all the same
+        assert await store.create("req-1", callback_url=None, reference_id=None, first_poll_in=1)
+    created = await store.create(
+        "req-1",
+        callback_url="https://receiver.example/hook",
+        reference_id=reference_id,
+        first_poll_in=1,
+        intent_id=intent.id,
+    )
+    assert created is not tracked_before
+    assert await redis.exists(keys.job("req-1"))
+    assert not await redis.exists(keys.intent(intent.id))
+    assert await redis.zscore(keys.INTENTS, intent.id) is None
+    if reference_id:
+        assert await redis.zscore(keys.intents_by_ref(reference_id), intent.id) is None

@@ -209,10 +209,10 @@ class Submission:
                 first_poll_in=self.state.settings.poll_min_interval,
                 events=self.events,
                 metadata=self.metadata,
+                intent_id=self.intent.id if self.intent is not None else None,
             )
         except NotReplicated:
-            await self._close()  # recorded on the primary: tracked from there
-            raise
+            raise  # recorded on the primary (its intent closed with it): tracked from there
         except RedisError:
             log.error(
                 "Chamelaion accepted %s but it could not be recorded",
@@ -220,7 +220,6 @@ class Submission:
                 extra={"request_id": request_id},
             )
             raise self._unrecorded(request_id) from None
-        await self._close()
         if created:
             JOBS_SUBMITTED.inc()
             log.info("job submitted", extra={"request_id": request_id})

@@ -1,23 +1,40 @@
 -- Start tracking a job: its hash, its place in the poll queue and its reference_id index,
 -- together or not at all. Returns 0 when the id is already tracked (nothing changes then).
+-- Given the submission intent it settles (relay.jobs.intents), closes that intent in the same
+-- step, tracked or already tracked: the job is then the record, and a tracking write that fails
+-- leaves the intent for the reconcile.
 local job_key = KEYS[1]
 local polls_key = KEYS[2]
 local ref_key = KEYS[3]        -- the job key again when there is no reference_id
 local created_key = KEYS[4]
+local intent_key = KEYS[5]     -- the job key again when there is no intent
+local intents_key = KEYS[6]    -- the job key again when there is no intent
+local intent_ref_key = KEYS[7] -- the job key again without an intent or a reference_id
 local request_id = ARGV[1]
 local callback_url = ARGV[2]
 local reference_id = ARGV[3]   -- '' when none
 local first_poll_in = tonumber(ARGV[4])
 local events = ARGV[5]         -- comma-separated event types; '' = the final ones
 local metadata = ARGV[6]       -- JSON object echoed in callbacks; '' = none
+local intent_id = ARGV[7]      -- '' when none
 
-if redis.call('EXISTS', job_key) == 1 then return 0 end
-redis.call('HSET', job_key, 'created', now, 'interval', first_poll_in,
-           'callback_url', callback_url, 'reference_id', reference_id,
-           'timeline', string.format('submitted@%.3f', now))
-if events ~= '' then redis.call('HSET', job_key, 'events', events) end
-if metadata ~= '' then redis.call('HSET', job_key, 'metadata', metadata) end
-redis.call('ZADD', polls_key, now + first_poll_in, request_id)
-redis.call('ZADD', created_key, now, request_id)
-if reference_id ~= '' then redis.call('SET', ref_key, request_id) end
-return 1
+local created = redis.call('EXISTS', job_key) == 0
+if created then
+  -- The first write: under maxmemory a full Redis refuses it, and so the whole script (it only
+  -- checks a script's first write), leaving the intent for the reconcile.
+  redis.call('HSET', job_key, 'created', now, 'interval', first_poll_in,
+             'callback_url', callback_url, 'reference_id', reference_id,
+             'timeline', string.format('submitted@%.3f', now))
+  if events ~= '' then redis.call('HSET', job_key, 'events', events) end
+  if metadata ~= '' then redis.call('HSET', job_key, 'metadata', metadata) end
+  redis.call('ZADD', polls_key, now + first_poll_in, request_id)
+  redis.call('ZADD', created_key, now, request_id)
+  if reference_id ~= '' then redis.call('SET', ref_key, request_id) end
+end
+if intent_id ~= '' then
+  redis.call('DEL', intent_key)
+  redis.call('ZREM', intents_key, intent_id)
+  if intent_ref_key ~= job_key then redis.call('ZREM', intent_ref_key, intent_id) end
+end
+if created then return 1 end
+return 0

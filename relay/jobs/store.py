@@ -192,16 +192,25 @@ class JobStore:
         first_poll_in: float,
         events: Sequence[str] | None = None,
         metadata: bytes | None = None,
+        intent_id: str | None = None,
     ) -> bool:
         """Start tracking; False when the id is already tracked (nothing is changed then).
 
         `events`: which events the callback gets (None: the final ones); `metadata`: a JSON
-        object echoed in every callback. With `wait_replicas`, returns only once that many
-        replicas hold the job, else raises NotReplicated (the job stays recorded on the primary
-        and is tracked from there).
+        object echoed in every callback; `intent_id`: the submission intent (with this
+        reference_id) that the job settles, closed in the same step, tracked or not. With
+        `wait_replicas`, returns only once that many replicas hold the job, else raises
+        NotReplicated (the job stays recorded on the primary and is tracked from there).
         """
-        ref_key = keys.ref(reference_id) if reference_id else keys.job(request_id)
-        script_keys = [keys.job(request_id), keys.POLLS, ref_key, keys.CREATED]
+        job_key = keys.job(request_id)
+        ref_key = keys.ref(reference_id) if reference_id else job_key
+        script_keys = [job_key, keys.POLLS, ref_key, keys.CREATED, job_key, job_key, job_key]
+        if intent_id is not None:
+            script_keys[4:] = [
+                keys.intent(intent_id),
+                keys.INTENTS,
+                keys.intents_by_ref(reference_id) if reference_id else job_key,
+            ]
         args: list[str | bytes | float] = [
             request_id,
             callback_url or "",
@@ -209,6 +218,7 @@ class JobStore:
             first_poll_in,
             ",".join(events or ()),
             metadata or b"",
+            intent_id or "",
         ]
         if not self.wait_replicas:
             return bool(await self._create(keys=script_keys, args=args))
