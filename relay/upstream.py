@@ -13,6 +13,7 @@ pauses everyone. Workers spend theirs when they claim, so their client has none.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
@@ -80,6 +81,13 @@ def timed_out(exc: httpx.HTTPError) -> bool:
         return False
     cause = exc.__cause__
     return cause is None or isinstance(cause, TimeoutError)
+
+
+@functools.lru_cache(maxsize=256)
+def _url(text: str) -> httpx.URL:
+    """Parsed once per address: httpx parses a URL in Python, at ~20 µs a time (immutable, so a
+    parsed one can serve every request to the same path)."""
+    return httpx.URL(text)
 
 
 @contextlib.contextmanager
@@ -221,7 +229,7 @@ class Upstream:
         # submission about a tenth of the API's CPU. The request is the same httpx.Request.
         request = httpx.Request(
             method,
-            self.base_url + path.lstrip("/"),
+            _url(self.base_url + path.lstrip("/")),
             params=params,
             content=content,
             headers={**self.headers, **headers} if headers else self.headers,
