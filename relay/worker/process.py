@@ -31,6 +31,7 @@ from relay.clock import RedisClock
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.deliverer import Deliverer
 from relay.delivery.destinations import Destinations
+from relay.delivery.queue import DeliveryQueue
 from relay.delivery.signing import Signer
 from relay.delivery.stranded import StrandedSweep
 from relay.delivery.transport import CallbackClient, make_callback_client
@@ -48,7 +49,7 @@ from relay.settings import Settings
 from relay.upstream import Upstream
 from relay.worker.dispatcher import Dispatcher
 from relay.worker.health import create_worker_http_app
-from relay.worker.tasks import ARQ_SLOT_WAIT, DeliveryQueue, FirstAttempts, deliver
+from relay.worker.tasks import ARQ_SLOT_WAIT, FirstAttempts, deliver
 
 log = logging.getLogger(__name__)
 
