@@ -1,24 +1,28 @@
-"""Workers whose clocks are wrong: every decision about a job is made on Redis's clock.
+"""Workers and APIs whose clocks are wrong: every decision about a job is made on Redis's clock.
 
-A worker runs under libfaketime (Debian's `faketime`), 10 minutes fast or slow, next to Redis
-and the test, which keep the machine's own clock.
+A worker (or an API process) runs under libfaketime (Debian's `faketime`), 10 minutes fast or
+slow, next to Redis and the test, which keep the machine's own clock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from typing import cast
 
+import httpx
 import pytest
 import redis
 
 from relay import keys
-from tests.stack import Stack, eventually, is_up, job_field, relay_stack
+from relay.devtools.embedded_redis import free_port
+from tests.stack import RELAY_KEY, Stack, eventually, is_up, job_field, relay_stack
 from tests.test_end_to_end import submit, verified
 
 LIBFAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))), None)
@@ -49,6 +53,25 @@ def redis_now(redis_url: str) -> float:
 def start_skewed_worker(stack: Stack, offset: str) -> None:
     stack.start_worker(**skewed(offset))
     eventually(lambda: is_up(stack.worker_urls[-1]), timeout=60)
+
+
+@contextlib.contextmanager
+def skewed_api(stack: Stack, offset: str) -> Iterator[str]:
+    """A second API process, `offset` off the real clock, beside the stack's; yields its URL."""
+    port = free_port()
+    with (stack.log_dir / "skewed-api.log").open("wb") as log_file:
+        api = subprocess.Popen(
+            [sys.executable, "-m", "relay.cli", "api", "--port", str(port)],
+            env={**stack.env, **skewed(offset)},
+            stderr=log_file,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        eventually(lambda: is_up(url), timeout=60)
+        yield url
+    finally:
+        api.terminate()
+        api.wait(timeout=30)
 
 
 def test_faketime_really_moves_a_workers_clock(redis_url: str) -> None:
@@ -127,4 +150,41 @@ def test_a_skewed_worker_makes_a_deferred_retry_on_time(redis_url: str, offset: 
         assert second.at - first.at >= 20 * 0.9 - 0.1, "the retry was made early"
         assert verified(stack, second)["type"] == "lipsync.completed"
         # The receiver records a callback before it answers: the worker records the outcome after.
+        eventually(lambda: job_field(redis_url, request_id, "delivery") == b"delivered")
+
+
+@pytest.mark.parametrize("ask", ["redeliver", "recover"])
+def test_a_redelivery_asked_of_a_fast_api_is_made_at_once(redis_url: str, ask: str) -> None:
+    """A redelivery (one job's, or recovered in bulk) requested through an API process whose
+    clock is 10 minutes fast is queued on Redis's clock, so it is made now, not 10 minutes on."""
+    with relay_stack(redis_url, env={"RELAY_DELIVERY_RETRY_SCHEDULE": "0"}) as stack:
+        stack.receiver.script = [500]
+        request_id = submit(stack)
+        stack.receiver.wait_for(1)
+        eventually(lambda: job_field(redis_url, request_id, "delivery") == b"failed")
+        with skewed_api(stack, SKEWS["fast"]) as api_url:
+            path, body = (
+                (f"/jobs/{request_id}/redeliver", None)
+                if ask == "redeliver"
+                else ("/deliveries/recover", {"since": 0})
+            )
+            answer = httpx.post(
+                api_url + "/api/relay/v1" + path, json=body, headers={"x-api-key": RELAY_KEY}
+            )
+            assert answer.status_code == (202 if ask == "redeliver" else 200), answer.text
+            attempt = int(job_field(redis_url, request_id, "attempt") or 0)
+            assert attempt == 1
+            client = redis.Redis.from_url(redis_url)
+            try:
+                job_id = keys.delivery_job_id(request_id, attempt)
+                score = cast(float | None, client.zscore(keys.ARQ_QUEUE, job_id))
+            finally:
+                client.close()
+            # Still queued, or already picked (arq keeps it in the queue while it runs).
+            if score is not None:
+                ahead = score / 1000 - redis_now(redis_url)
+                assert ahead < 5, f"queued {ahead:.0f} s ahead of Redis's clock"
+            first, second = stack.receiver.wait_for(2, timeout=20)
+            assert second.headers["webhook-id"] == first.headers["webhook-id"]
+            assert verified(stack, second)["type"] == "lipsync.completed"
         eventually(lambda: job_field(redis_url, request_id, "delivery") == b"delivered")

@@ -36,6 +36,7 @@ from relay.api.uploads import generate_with_media
 from relay.console.views import create_console
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.control import Redeliverer
+from relay.delivery.queue import DeliveryQueue
 from relay.delivery.signing import Signer
 from relay.delivery.transport import make_callback_client
 from relay.errors import ApiError
@@ -90,8 +91,10 @@ def create_app(settings: Settings) -> Starlette:
             wait_timeout=settings.redis_wait_timeout,
         )
         attempt_log = AttemptLog(redis, retention=settings.job_retention)
-        # arq's client on the same connections: the API queues redeliveries.
+        # arq's client on the same connections: the API queues redeliveries. No clock: the
+        # queue's script scores them on Redis's, whatever this process's own clock says.
         arq = ArqRedis(redis.connection_pool, default_queue_name=keys.ARQ_QUEUE)
+        queue = DeliveryQueue(arq, settings.delivery_retry_schedule, clock=None)
         watch = RedisWatch(redis)
         stop_watching = asyncio.Event()
         watching = asyncio.create_task(watch.run(stop_watching), name="redis-watch")
@@ -108,7 +111,7 @@ def create_app(settings: Settings) -> Starlette:
                     signer=signer,
                     callback_client=callback_client,
                     attempt_log=attempt_log,
-                    redeliverer=Redeliverer(arq, store, attempt_log),
+                    redeliverer=Redeliverer(queue, store, attempt_log),
                     uploads=UploadSlots(settings.max_uploads, settings.max_uploads_per_key),
                     intents=Intents(redis, store, settings),
                 )

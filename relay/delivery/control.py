@@ -2,19 +2,19 @@
 
 A redelivery keeps the event's `webhook-id` (receivers deduplicate on it), starts the retry
 schedule afresh at a new attempt number (so no arq job id is reused) and is written in the
-attempt log. Bulk recovery is capped per call and says how many it requeued and whether more
-are left.
+attempt log. It is queued through relay.delivery.queue, on Redis's clock: an API process whose
+own clock is off neither delays it nor makes it early. Bulk recovery is capped per call and
+says how many it requeued and whether more are left.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from arq.connections import ArqRedis
-
 from relay import keys, lua
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.destinations import destination_of
+from relay.delivery.queue import DeliveryQueue
 from relay.jobs.store import JobStore
 
 KEEP_AFTER_REDELIVERY = 4 * 86400.0
@@ -29,11 +29,12 @@ class Redelivered:
 
 
 class Redeliverer:
-    def __init__(self, arq: ArqRedis, store: JobStore, attempt_log: AttemptLog) -> None:
-        self.arq = arq
+    def __init__(self, queue: DeliveryQueue, store: JobStore, attempt_log: AttemptLog) -> None:
+        self.queue = queue
+        self.redis = queue.redis
         self.store = store
         self.attempt_log = attempt_log
-        self._redeliver = lua.register(arq, __package__, "redeliver")
+        self._redeliver = lua.register(self.redis, __package__, "redeliver")
 
     async def redeliver(self, delivery_id: str, *, note: str) -> Redelivered:
         attempt = int(
@@ -46,13 +47,7 @@ class Redeliverer:
         # Logged before it is queued: the attempt's own entry then always comes after this one.
         await self.attempt_log.record(delivery_id, attempt=attempt, note=note, state="pending")
         # If this enqueue is lost (a crash right here), the stranded-delivery sweep queues it.
-        await self.arq.enqueue_job(
-            "deliver",
-            delivery_id,
-            attempt,
-            destination,
-            _job_id=keys.delivery_job_id(delivery_id, attempt),
-        )
+        await self.queue.enqueue_attempt(delivery_id, attempt, 0.0, destination)
         return Redelivered(delivery_id, attempt)
 
     async def recover(
@@ -62,7 +57,7 @@ class Redeliverer:
         first; returns how many were requeued and whether more are left."""
         candidates: list[tuple[float, str]] = []
         for state in states:
-            found = await self.arq.zrangebyscore(
+            found = await self.redis.zrangebyscore(
                 keys.deliveries(state),
                 f"({since}",
                 "+inf",

@@ -6,7 +6,8 @@ the state index says since when. Every RELAY_STRANDED_SWEEP_INTERVAL one worker 
 decides which) looks at deliveries pending or failing for longer than RELAY_STRANDED_AFTER,
 and queues the awaited attempt again for those with no arq job, queued or running. A delivery
 whose destination is backed off is waiting in a postponed job, by design, and is left alone.
-Each requeue is written in the attempt log.
+Each requeue goes through relay.delivery.queue, as every other attempt does, and is written in
+the attempt log.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ import asyncio
 import logging
 import secrets
 
-from arq.connections import ArqRedis
-
 from relay import keys, lua
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.destinations import destination_of
+from relay.delivery.queue import DeliveryQueue
 from relay.leased import run_leased
 from relay.metrics import STRANDED_REQUEUED, STRANDED_SWEEPS
 
@@ -30,13 +30,14 @@ BATCH = 500
 
 class StrandedSweep:
     def __init__(
-        self, redis: ArqRedis, attempt_log: AttemptLog, *, interval: float, grace: float
+        self, queue: DeliveryQueue, attempt_log: AttemptLog, *, interval: float, grace: float
     ) -> None:
-        self.redis = redis
+        self.queue = queue
+        self.redis = queue.redis
         self.attempt_log = attempt_log
         self.interval = interval
         self.grace = grace
-        self._find = lua.register(redis, __package__, "stranded")
+        self._find = lua.register(self.redis, __package__, "stranded")
         self._token = secrets.token_hex(8)
 
     async def sweep_once(self) -> int:
@@ -60,13 +61,7 @@ class StrandedSweep:
             backed_off_until = await self.redis.zscore(keys.BACKED_OFF, destination)
             if backed_off_until is not None and backed_off_until > now:
                 continue
-            await self.redis.enqueue_job(
-                "deliver",
-                delivery_id,
-                attempt,
-                destination,
-                _job_id=keys.delivery_job_id(delivery_id, attempt),
-            )
+            await self.queue.enqueue_attempt(delivery_id, attempt, 0.0, destination)
             await self.attempt_log.record(
                 delivery_id,
                 attempt=attempt,

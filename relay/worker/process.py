@@ -3,7 +3,7 @@ intent reconcile and arq's deliveries onto one event loop.
 
 Every "now" arq compares with, and every delivery a worker queues, is on Redis's clock
 (relay.clock), so a worker whose own clock is off neither makes a deferred attempt early nor
-leaves it waiting. (Redeliveries requested through the API are still queued on its clock.)
+leaves it waiting.
 
 Stopping (SIGTERM): stop claiming, sweeping and picking deliveries, let in-flight polls and
 deliveries finish for up to RELAY_SHUTDOWN_TIMEOUT, then hand unfinished polls and first
@@ -31,6 +31,7 @@ from relay.clock import RedisClock
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.deliverer import Deliverer
 from relay.delivery.destinations import Destinations
+from relay.delivery.queue import DeliveryQueue
 from relay.delivery.signing import Signer
 from relay.delivery.stranded import StrandedSweep
 from relay.delivery.transport import CallbackClient, make_callback_client
@@ -48,7 +49,7 @@ from relay.settings import Settings
 from relay.upstream import Upstream
 from relay.worker.dispatcher import Dispatcher
 from relay.worker.health import create_worker_http_app
-from relay.worker.tasks import ARQ_SLOT_WAIT, DeliveryQueue, FirstAttempts, deliver
+from relay.worker.tasks import ARQ_SLOT_WAIT, FirstAttempts, deliver
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ async def build_state(settings: Settings) -> WorkerState:
         schedule=schedule, poller=poller, concurrency=settings.worker_concurrency
     )
     stranded = StrandedSweep(
-        redis,
+        queue,
         attempt_log,
         interval=settings.stranded_sweep_interval,
         grace=settings.stranded_after,
@@ -169,12 +170,13 @@ def arq_on_redis_clock(clock: RedisClock) -> Iterator[None]:
     """Make arq read `clock` wherever it asks for the time, while the worker runs.
 
     arq compares `arq:queue` scores with its own `timestamp_ms()`: to pick due jobs, to re-check
-    one before starting it, to score a Retry, and (in enqueue_job, which the stranded-delivery
-    sweep uses) to score a new job. Its modules import that function by name, so replacing the
-    name in each is the one place arq can be pointed at another clock without copying its
-    worker loop. Process-wide, which is right: every arq client in a worker process talks to
-    the one Redis whose clock this is. Checked, so an arq that reads time some other way fails
-    at start-up rather than quietly going back to the local clock.
+    one before starting it, to score a Retry, and (in enqueue_job, which the relay no longer
+    calls: relay.delivery.queue scores on Redis TIME) to score a new job. Its modules import
+    that function by name, so replacing the name in each is the one place arq can be pointed at
+    another clock without copying its worker loop. Process-wide, which is right: every arq
+    client in a worker process talks to the one Redis whose clock this is. Checked, so an arq
+    that reads time some other way fails at start-up rather than quietly going back to the
+    local clock.
     """
     modules = (arq.worker, arq.connections)
     saved = [getattr(module, ARQ_CLOCK, None) for module in modules]

@@ -8,8 +8,8 @@ deferred past the attempt's timeout; recording the attempt's outcome removes the
 holding the attempt in its queue then (the guard then waits for the same slots, and reads the
 job after the first run has recorded its outcome: nothing is sent twice in one worker).
 
-Each arq job has a fixed id, so enqueueing one twice (a retry after a crash) is a no-op: arq
-refuses a job id it already holds.
+Every other attempt, and the guard, goes through relay.delivery.queue (one fixed id per job,
+so enqueueing one twice is a no-op).
 """
 
 from __future__ import annotations
@@ -20,14 +20,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from arq import Retry
-from arq.connections import ArqRedis
-from arq.jobs import serialize_job
 from redis.exceptions import RedisError
 
-from relay import keys, lua
-from relay.clock import RedisClock
+from relay import keys
 from relay.delivery.deliverer import Deliverer, next_delay
 from relay.delivery.destinations import DestinationBusy, destination_of
+from relay.delivery.queue import DeliveryQueue
 from relay.jitter import jittered
 from relay.metrics import DELIVERIES
 
@@ -43,49 +41,6 @@ BUSY_RETRY = 3.0
 # The guard of an in-process first attempt waits this long past the attempt's own timeout: a
 # crash is recovered about as soon as arq recovers its own jobs (in-progress expiry).
 GUARD_MARGIN = 10.0
-
-
-class DeliveryQueue:
-    """Enqueues delivery attempts as arq jobs, deferred by their wait.
-
-    Through one script (enqueue.lua) rather than arq's enqueue_job, which takes three round
-    trips and a WATCHed connection per job: bursts enqueue a job per ended job.
-    """
-
-    def __init__(self, redis: ArqRedis, schedule: tuple[float, ...], clock: RedisClock) -> None:
-        self.redis = redis
-        self.schedule = schedule
-        self.clock = clock
-        self._enqueue = lua.register(redis, __package__, "enqueue")
-
-    async def _enqueue_job(self, job_id: str, delay: float, *args: object) -> None:
-        defer_ms = max(0, round(delay * 1000))
-        # The script scores the job itself, on Redis's clock; the enqueue time in the payload
-        # is only what arq reports (how long a job queued).
-        payload = serialize_job(
-            "deliver", args, {}, None, self.clock.now_ms(), serializer=self.redis.job_serializer
-        )
-        await self._enqueue(
-            keys=[
-                keys.ARQ_JOB_PREFIX + job_id,
-                keys.ARQ_RESULT_PREFIX + job_id,
-                keys.ARQ_QUEUE,
-            ],
-            args=[job_id, payload, defer_ms, defer_ms + self.redis.expires_extra_ms],
-        )
-
-    async def enqueue_attempt(
-        self, request_id: str, attempt: int, delay: float, destination: str
-    ) -> None:
-        job_id = keys.delivery_job_id(request_id, attempt)
-        await self._enqueue_job(job_id, delay, request_id, attempt, destination)
-
-    async def postpone(self, request_id: str, attempt: int, delay: float, destination: str) -> None:
-        # Due time in the id: a re-run of the postponing job (after a crash) adds nothing, and
-        # a later postponement is a new job, not a Retry that arq would expire after a day.
-        due_ms = self.clock.now_ms() + round(delay * 1000)
-        job_id = keys.postponed_job_id(request_id, attempt, due_ms)
-        await self._enqueue_job(job_id, delay, request_id, attempt, destination)
 
 
 @dataclass
