@@ -44,6 +44,8 @@ def _run_api(host: str, port: int | None) -> None:
 
 
 def _run_worker() -> None:
+    import uvloop
+
     from relay.worker.process import serve_worker
 
     settings = load_settings().require("worker")
@@ -56,7 +58,10 @@ def _run_worker() -> None:
             loop.add_signal_handler(sig, stop.set)
         await serve_worker(settings, stop, http_port=settings.worker_http_port)
 
-    asyncio.run(main())
+    # On uvloop, as the API runs under uvicorn: a burst of callbacks is mostly event-loop work
+    # (sockets, tasks, futures), which uvloop does at a fraction of asyncio's own loop's cost.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
 
 
 def _ack_data_loss() -> int:
