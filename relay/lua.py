@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 
-from relay.redis_batch import Arg, batcher
+from relay.redis_batch import Arg, ScriptCall, batcher
 
 
 @cache
@@ -43,6 +43,10 @@ class Script:
         if client is not None:
             return await self.script(keys=keys, args=args, client=client)
         return await batcher(self.redis).script(self.script, keys, args)
+
+    def call(self, keys: Sequence[str | bytes] = (), args: Sequence[Arg] = ()) -> ScriptCall:
+        """This script's call, not yet made: for one `batcher(...).run` with others."""
+        return ScriptCall(self.script, keys, args)
 
 
 def register(redis: Redis, package: str, name: str) -> Script:

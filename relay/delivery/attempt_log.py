@@ -19,6 +19,7 @@ import orjson
 from redis.asyncio import Redis
 
 from relay import keys, lua
+from relay.redis_batch import ScriptCall, batcher
 
 MAX_ENTRIES = 100
 EXCERPT_CHARS = 512
@@ -32,7 +33,11 @@ class AttemptLog:
         self._log = lua.register(redis, __package__, "log_attempt")
 
     async def record(self, delivery_id: str, **entry: Any) -> None:
-        await self._log(
+        await batcher(self.redis).run([self.entry(delivery_id, **entry)])
+
+    def entry(self, delivery_id: str, **entry: Any) -> ScriptCall:
+        """The call that records `entry`, to make with others in one round trip."""
+        return self._log.call(
             keys=[keys.job(delivery_id), keys.attempts(delivery_id)],
             args=[
                 keys.DELIVERIES_PREFIX,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +40,7 @@ from relay.jitter import jittered
 from relay.jobs.events import PROCESSING, event_type_of
 from relay.jobs.store import Breaker, DeliveryState, Job, JobStore
 from relay.metrics import DELIVERIES, DELIVERY_LATENCY
+from relay.redis_batch import ScriptCall
 from relay.upstream import USER_AGENT, parse_retry_after
 
 log = logging.getLogger(__name__)
@@ -216,10 +217,12 @@ class Deliverer:
             settled = "failed"
         # One sample per attempt: the last failing one counts as failed, not also as retry.
         DELIVERIES.labels(settled or "retry").inc()
-        await self.outcomes.count("delivered" if settled == "delivered" else "failed")
+        counted = self.outcomes.count("delivered" if settled == "delivered" else "failed")
         if settled is not None:
-            await self._record(request_id, attempt, attempt, settled, outcome, destination)
-            await self._log(job, attempt, outcome, duration, settled, next_in=None)
+            logged = self._entry(job, attempt, outcome, duration, settled, next_in=None)
+            await self._record(
+                request_id, attempt, attempt, settled, outcome, destination, then=[logged, counted]
+            )
             # A first-try success is the common case, counted in metrics: not a line each.
             level = logging.DEBUG if settled == "delivered" and following == 1 else None
             log.log(
@@ -242,8 +245,8 @@ class Deliverer:
             outcome,
             destination,
             keep_for=delay + KEEP_AFTER_LAST_ATTEMPT,
+            then=[self._entry(job, attempt, outcome, duration, "failing", next_in=delay), counted],
         )
-        await self._log(job, attempt, outcome, duration, "failing", next_in=delay)
         log.warning("callback failed, retrying in %.0f s", delay, extra=log_extra)
         return "retry"
 
@@ -255,7 +258,7 @@ class Deliverer:
         while await self.store.sending(request_id) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
 
-    async def _log(
+    def _entry(
         self,
         job: Job,
         attempt: int,
@@ -264,8 +267,9 @@ class Deliverer:
         state: str,
         *,
         next_in: float | None,
-    ) -> None:
-        await self.attempt_log.record(
+    ) -> ScriptCall:
+        """The attempt log's entry for this attempt, recorded along with its outcome."""
+        return self.attempt_log.entry(
             job.request_id,
             event=event_type_of(job.event),
             attempt=attempt,
@@ -288,7 +292,10 @@ class Deliverer:
         destination: str,
         *,
         keep_for: float = 0,
+        then: Sequence[ScriptCall] = (),
     ) -> None:
+        """Record the outcome, then the `then` calls (its log entry and count), in one round
+        trip: a burst's attempts each wait for Redis once, not three times."""
         update = await self.store.update_delivery(
             request_id,
             attempt=attempt,
@@ -299,6 +306,7 @@ class Deliverer:
             answered=outcome.answered,
             breaker=self.breaker,
             keep_for=keep_for,
+            then=then,
         )
         self.destinations.record(destination, update.backed_off_for)
 

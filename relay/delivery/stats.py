@@ -9,6 +9,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from relay import keys, lua
+from relay.redis_batch import ScriptCall
 
 KEEP_SECONDS = 7200
 # What the chart draws: settled deliveries, and attempts that failed (retry or given up).
@@ -19,8 +20,9 @@ class OutcomeCounter:
     def __init__(self, redis: Redis) -> None:
         self._count = lua.register(redis, __package__, "count_outcome")
 
-    async def count(self, outcome: str) -> None:
-        await self._count(keys=[], args=[keys.STATS_PREFIX, outcome, KEEP_SECONDS])
+    def count(self, outcome: str) -> ScriptCall:
+        """The call that counts one `outcome`, made with the attempt's other records."""
+        return self._count.call(keys=[], args=[keys.STATS_PREFIX, outcome, KEEP_SECONDS])
 
 
 async def last_hour(redis: Redis, outcomes: tuple[str, ...] = OUTCOMES) -> dict[str, list[int]]:

@@ -265,9 +265,13 @@ class Poller:
             deliver=deliver,
         )
         log.info("job ended", extra={"request_id": job.request_id, "status": status})
-        await self._hand_over(job, deliver=deliver)
+        # Out of the poll queue already (end.lua): should this worker die before the hand-over,
+        # the stranded-delivery sweep queues the attempt (the delivery is filed as pending).
+        if deliver and job.callback_url:
+            await self.enqueue_delivery(job.request_id, job.callback_url)
 
     async def _hand_over(self, job: Job, *, deliver: bool) -> None:
+        """Finish ending a job whose end was recorded while it stayed in the poll queue."""
         # Enqueue before unscheduling: a crash in between leaves the job claimable, and the
         # enqueue is idempotent (fixed arq job id), so the retry cannot duplicate the delivery.
         if deliver and job.callback_url:

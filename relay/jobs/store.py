@@ -298,6 +298,7 @@ class JobStore:
         deliver: bool,
     ) -> None:
         """Fix the job's final state and callback payload; later calls keep the first one.
+        Whichever call ends it, the job leaves the poll queue.
 
         `deliver`: the callback wants this event (else the delivery state is `none`).
         """
@@ -305,7 +306,13 @@ class JobStore:
         ref_key = keys.ref(job.reference_id) if job.reference_id else keys.job(job.request_id)
         delivery: DeliveryState = "pending" if deliver else "none"
         await self._end(
-            keys=[keys.job(job.request_id), ref_key, keys.CREATED, keys.deliveries("pending")],
+            keys=[
+                keys.job(job.request_id),
+                ref_key,
+                keys.CREATED,
+                keys.deliveries("pending"),
+                keys.POLLS,
+            ],
             args=[
                 job.request_id,
                 status,
@@ -361,13 +368,16 @@ class JobStore:
         answered: bool,
         breaker: Breaker,
         keep_for: float = 0,
+        then: Sequence[Call] = (),
     ) -> DeliveryUpdate:
         """Record an attempt's outcome, only if the job is still waiting on that attempt, and
         tell the destination's breaker whether the receiver `answered`.
 
         `keep_for`: the job hash lives at least this many seconds more (never shortened).
+        `then`: calls made right after, in the same round trip (the attempt's log entry, its
+        count); they are made whatever this one's outcome.
         """
-        recorded, backed_off_for = await self._update_delivery(
+        update = self._update_delivery.call(
             keys=[
                 keys.job(request_id),
                 keys.destination(destination),
@@ -389,4 +399,5 @@ class JobStore:
                 keys.delivery_job_id(request_id, attempt),
             ],
         )
+        (recorded, backed_off_for), *_ = await batcher(self.redis).run([update, *then])
         return DeliveryUpdate(bool(recorded), float(backed_off_for))
