@@ -7,13 +7,12 @@ forwarded; `callback_url` is the relay's own.
 
 from __future__ import annotations
 
-import functools
 from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
-from relay.delivery.netpolicy import MAX_URL_LENGTH, ParsedCallbackUrl, parse_callback_url
+from relay.delivery.netpolicy import MAX_URL_LENGTH, parse_callback_url
 from relay.errors import CallbackUrlRejected
 
 MAX_REFERENCE_ID_LENGTH = 256
@@ -31,15 +30,9 @@ def _http_url(value: str) -> str:
     return value
 
 
-@functools.lru_cache(maxsize=1024)
-def parsed_callback_url(value: str) -> ParsedCallbackUrl:
-    """`parse_callback_url`, remembered: callers send the same few URLs again and again."""
-    return parse_callback_url(value)
-
-
 def _callback_url(value: str) -> str:
     try:
-        return parsed_callback_url(value).url
+        return parse_callback_url(value).url
     except CallbackUrlRejected as exc:
         raise ValueError(exc.reason) from None
 

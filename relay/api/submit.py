@@ -24,10 +24,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from relay.api.body import read_body
-from relay.api.models import MAX_ID_LENGTH, GenerateRequest, parsed_callback_url
+from relay.api.models import MAX_ID_LENGTH, GenerateRequest
 from relay.api.responses import json_bytes
 from relay.api.state import AppState, app_state
-from relay.delivery.netpolicy import resolve_and_check
+from relay.delivery.netpolicy import parse_callback_url, resolve_and_check
 from relay.errors import ApiError, NotReplicated, UpstreamError
 from relay.jobs.intents import Intent, created_answer, lookup_timeout
 from relay.metrics import INTENTS, JOBS_SUBMITTED
@@ -348,7 +348,7 @@ async def check_callback_url(state: AppState, callback_url: str | None) -> None:
     """
     if callback_url is not None:
         # An IP literal is checked without resolving; a name is resolved every time.
-        await resolve_and_check(parsed_callback_url(callback_url), state.policy)
+        await resolve_and_check(parse_callback_url(callback_url), state.policy)
 
 
 async def ensure_store(state: AppState) -> None:

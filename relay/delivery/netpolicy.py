@@ -30,6 +30,7 @@ checked (`relay.delivery.transport`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import socket
 import unicodedata
@@ -357,10 +358,13 @@ def _embedded_ipv4(ip: IPv6Address) -> list[tuple[str, IPv4Address]]:
     return found
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_callback_url(url: str) -> ParsedCallbackUrl:
     """Check a callback URL's syntax and normalise it; raise CallbackUrlRejected.
 
     Network policy is not applied here, except that metadata host names are refused.
+    Remembered (a rejection is not): callers submit, and deliveries go to, the same few URLs
+    again and again, and the API and every delivery attempt parse them.
     """
     if len(url) > MAX_URL_LENGTH:
         raise CallbackUrlRejected(f"longer than {MAX_URL_LENGTH} characters")

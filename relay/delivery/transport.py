@@ -34,6 +34,7 @@ from httpx_aiohttp import AiohttpTransport
 
 from relay.delivery.netpolicy import NetworkPolicy, parse_callback_url
 from relay.errors import CallbackUrlRejected, DestinationRefused
+from relay.http_urls import parsed_url
 
 MAX_CONNECTIONS = 100
 KEEPALIVE_EXPIRY = 5.0  # httpx's default
@@ -138,7 +139,11 @@ class CallbackClient:
     ) -> AsyncIterator[httpx.Response]:
         """The receiver's response, its body unread (read what you need of it inside)."""
         request = httpx.Request(
-            "POST", url, content=content, headers=headers, extensions={"timeout": self._timeout}
+            "POST",
+            parsed_url(url),
+            content=content,
+            headers=headers,
+            extensions={"timeout": self._timeout},
         )
         response = await self._transport.handle_async_request(request)
         try:

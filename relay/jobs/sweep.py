@@ -63,6 +63,8 @@ GUESSED_PAGE = 100
 # Failed sweeps back off up to this many seconds apart (each attempt costs an upstream call).
 MAX_BACKOFF = 60.0
 LIST_PATH = "v1/lipsync/requests"
+# Seconds past the lease's expiry at which the workers try for the next sweep.
+LEASE_SLACK = 0.005
 
 
 class SweepEnded(Exception):
@@ -165,10 +167,16 @@ class Sweeper:
 
     async def run(self) -> None:
         """Take the sweep whenever it is free and due, until stopped."""
-        idle = min(self.settings.sweep_interval, 0.5)
         while not self._stopping.is_set():
+            idle = min(self.settings.sweep_interval, 0.5)
             try:
                 await self.sweep_once()
+                # The lease is held until the next sweep is due (see _finish): waking just as
+                # it frees keeps sweeps sweep_interval apart, so an end is seen within about
+                # one interval, not up to half an idle tick later.
+                frees_in = await self.redis.pttl(keys.SWEEP_LEASE)
+                if frees_in > 0:
+                    idle = frees_in / 1000 + LEASE_SLACK
             except RedisError as exc:
                 log.warning("sweep hit a Redis error: %s", type(exc).__name__)
             except Exception:
