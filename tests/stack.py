@@ -62,6 +62,8 @@ class Receiver:
     default: int = 200
     delay: float = 0.0
     extra_headers: dict[str, str] = field(default_factory=dict)
+    # What the answer to a callback with each status says (none when not given).
+    answers: dict[int, bytes] = field(default_factory=dict)
     received: list[Callback] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     in_flight: int = 0
@@ -85,7 +87,9 @@ class Receiver:
                 with self.lock:
                     self.in_flight -= 1
                     self.answered += 1
-            return Response(status_code=status, headers=self.extra_headers)
+            return Response(
+                self.answers.get(status), status_code=status, headers=self.extra_headers
+            )
 
         return Starlette(routes=[Route("/hook", hook, methods=["POST"])])
 

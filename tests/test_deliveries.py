@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from relay.delivery.attempt_log import EXCERPT_CHARS
 from tests.stack import RELAY_KEY, Receiver, Stack, eventually, relay_stack
 from tests.test_end_to_end import submit, verified
 
@@ -29,14 +30,24 @@ def attempts(stack: Stack, request_id: str) -> list[dict[str, object]]:
 
 
 def test_the_attempt_log_tells_each_attempt(redis_url: str) -> None:
-    receiver = Receiver(script=[500, 503], extra_headers={"content-type": "text/plain"})
+    receiver = Receiver(
+        script=[500, 503, 204],
+        extra_headers={"content-type": "text/plain"},
+        answers={500: b"database on fire" + b"." * 600, 503: b"back soon"},
+    )
     with relay_stack(redis_url, receiver=receiver) as stack:
         request_id = submit(stack)
         receiver.wait_for(3)
         log = eventually(
             lambda: (found := attempts(stack, request_id)) and len(found) == 3 and found
         )
-        assert [entry["status"] for entry in log] == [500, 503, 200]
+        assert [entry["status"] for entry in log] == [500, 503, 204]
+        # The start of each answer, for whoever looks into a failing delivery.
+        assert [entry["excerpt"] for entry in log] == [
+            ("database on fire" + "." * 600)[:EXCERPT_CHARS],
+            "back soon",
+            "",
+        ]
         assert [entry["state"] for entry in log] == ["failing", "failing", "delivered"]
         assert [entry["attempt"] for entry in log] == [0, 1, 2]
         assert all(entry["event"] == "lipsync.completed" for entry in log)

@@ -107,6 +107,8 @@ def classify(response: httpx.Response, excerpt: str = "") -> Outcome:
 
 async def read_excerpt(response: httpx.Response) -> str:
     """The start of a receiver's answer, for the attempt log; the rest is never read."""
+    if response.status_code == 204 or response.headers.get("content-length") == "0":
+        return ""  # nothing to read: the usual answer, spared three layers of stream set-up
     taken = b""
     async for chunk in response.aiter_raw():
         taken += chunk
