@@ -69,6 +69,10 @@ DELIVERIES_IN_FLIGHT = Gauge("relay_deliveries_in_flight", "Callback attempts be
 DELIVERIES_WAITING = Gauge(
     "relay_deliveries_waiting", "Callback attempts waiting for a slot of their destination"
 )
+FIRST_ATTEMPTS_WAITING = Gauge(
+    "relay_first_attempts_waiting",
+    "First callback attempts of a burst waiting their turn in this worker's memory",
+)
 
 
 @dataclass(frozen=True)

@@ -128,11 +128,13 @@ def test_a_failing_destination_is_backed_off_and_gets_every_event_once_it_recove
         assert "relay_destinations_backed_off 0.0" in text
 
 
-def test_a_burst_past_the_in_process_limit_is_made_by_arq(redis_url: str) -> None:
-    # One attempt in flight per worker, so at most two first attempts are held in-process: the
-    # rest of the burst queues in arq (bounded memory), and every event still arrives once.
-    slow = Receiver(delay=1.0)
-    env = {"RELAY_DELIVERY_CONCURRENCY": "1", "RELAY_DELIVERY_TIMEOUT": "10"}
+def test_a_burst_past_the_in_process_limit_waits_its_turn_and_all_arrive(redis_url: str) -> None:
+    # One attempt in flight per worker, so at most two first attempts run in-process; the rest
+    # of the burst waits as ids. Each send takes 2 s, so the later ones wait long enough that
+    # their guards (due 4 + 10 s after the end) come close: those are left to arq, never made
+    # by both. Every event arrives exactly once either way.
+    slow = Receiver(delay=2.0)
+    env = {"RELAY_DELIVERY_CONCURRENCY": "1", "RELAY_DELIVERY_TIMEOUT": "4"}
     with (
         serve(slow.app()) as slow_url,
         relay_stack(redis_url, env=env, sandbox=SLOW) as stack,
@@ -141,6 +143,8 @@ def test_a_burst_past_the_in_process_limit_is_made_by_arq(redis_url: str) -> Non
         eventually(lambda: all(job_field(redis_url, rid, "polled") for rid in request_ids))
         for request_id in request_ids:  # they all end together: a burst
             pin(stack, request_id, status="completed")
+        worker_metrics = stack.worker_urls[0] + "/metrics"
+        eventually(lambda: waiting(worker_metrics) >= 4)  # held as ids, past the two running
         slow.wait_for(8, timeout=90)
         delivered_once_each(stack, slow, request_ids)
         client = redis.Redis.from_url(redis_url)
@@ -151,6 +155,15 @@ def test_a_burst_past_the_in_process_limit_is_made_by_arq(redis_url: str) -> Non
             ]
         finally:
             client.close()
-        # A first attempt arq made itself (not a guard that found it made) says "delivered".
+        # A first attempt arq made itself says "delivered"; one made in-process leaves no result
+        # (recording it removed its guard).
         by_arq = [r for r in results if r and deserialize_result(r).result == "delivered"]
-        assert by_arq, "every first attempt of the burst was held in the worker's memory"
+        assert 1 <= len(by_arq) < len(request_ids), f"{len(by_arq)} of 8 made by arq"
+        assert waiting(worker_metrics) == 0
+
+
+def waiting(metrics_url: str) -> float:
+    for line in httpx.get(metrics_url).text.splitlines():
+        if line.startswith("relay_first_attempts_waiting "):
+            return float(line.split()[1])
+    raise AssertionError("relay_first_attempts_waiting is not reported")

@@ -75,3 +75,12 @@ class DeliveryQueue:
         due_ms = self.clock.now_ms() + round(delay * 1000)
         job_id = keys.postponed_job_id(request_id, attempt, due_ms)
         await self._enqueue_job(job_id, delay, request_id, attempt, destination)
+
+    async def defer(self, request_id: str, attempt: int, delay: float) -> None:
+        """Move attempt `attempt`'s queued job (if still queued) to `delay` seconds from now."""
+        now_ms = self._now_ms()
+        await self.redis.zadd(
+            keys.ARQ_QUEUE,
+            {keys.delivery_job_id(request_id, attempt): now_ms + round(delay * 1000)},
+            xx=True,
+        )

@@ -41,7 +41,7 @@ from relay.jobs.reconcile import Reconciler
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
 from relay.jobs.sweep import Sweeper
-from relay.metrics import DELIVERIES_IN_FLIGHT, DELIVERIES_WAITING
+from relay.metrics import DELIVERIES_IN_FLIGHT, DELIVERIES_WAITING, FIRST_ATTEMPTS_WAITING
 from relay.redis_conn import arq_pool
 from relay.redis_watch import RedisWatch
 from relay.serving import embedded_server
@@ -109,13 +109,14 @@ async def build_state(settings: Settings) -> WorkerState:
         attempt_log=attempt_log,
         timeout=settings.delivery_timeout,
     )
-    # Twice the attempts that may be in flight: the slots stay busy while memory stays bounded.
+    # Twice the attempts that may be in flight keep the slots busy; the rest wait as ids.
     first_attempts = FirstAttempts(
         queue, deliverer, settings.delivery_timeout, limit=2 * settings.delivery_concurrency
     )
     destinations = deliverer.destinations
     DELIVERIES_IN_FLIGHT.set_function(lambda: destinations.in_flight)
     DELIVERIES_WAITING.set_function(lambda: destinations.waiting)
+    FIRST_ATTEMPTS_WAITING.set_function(lambda: len(first_attempts.waiting))
     poller = Poller(
         store=store,
         schedule=schedule,
@@ -308,6 +309,7 @@ async def _serve(
         state.dispatcher.stop()
         stranded_stop.set()
         state.sweeper.stop()
+        state.first_attempts.stop()
         worker.allow_pick_jobs = False
         try:
             await dispatch_task

@@ -1,12 +1,13 @@
 """Deliveries: first attempts made in-process, every other attempt an arq job.
 
 When a job ends, the worker that saw it makes the first attempt itself, at once, through the
-per-destination caps (relay.delivery.destinations): arq's per-job round trips and poll delay
-would otherwise bound a burst of callbacks. A guard for that attempt is enqueued in arq first,
-deferred past the attempt's timeout; recording the attempt's outcome removes the guard
-(relay.jobs.update_delivery.lua), so it only ever runs if this worker died first, or is still
-holding the attempt in its queue then (the guard then waits for the same slots, and reads the
-job after the first run has recorded its outcome: nothing is sent twice in one worker).
+per-destination caps (relay.delivery.destinations): arq's per-job round trips (about 2 ms of a
+worker's CPU each) and poll delay would otherwise bound a burst of callbacks. A guard for that
+attempt is enqueued in arq first, deferred past the attempt's timeout; recording the attempt's
+outcome removes the guard (relay.jobs.update_delivery.lua), so it only runs if this worker died
+first. Past a limit of attempts running at once, the rest of a burst waits its turn in memory as
+ids; one that waited long has its guard pushed back before it is made, and one whose guard is
+about due is left to arq, so the guard never runs while the attempt is being sent.
 
 Every other attempt, and the guard, goes through relay.delivery.queue (one fixed id per job,
 so enqueueing one twice is a no-op).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -50,36 +52,59 @@ class FirstAttempts:
     queue: DeliveryQueue
     deliverer: Deliverer
     timeout: float
-    # First attempts held here at most (running or waiting for a slot); past it a burst's
-    # attempts queue in arq, due at once, so the worker's memory does not grow with the burst.
+    # First attempts running here at most (sending, or waiting for their destination's slot).
+    # Past it a burst's attempts wait their turn as ids, a few hundred bytes each, rather than
+    # as tasks holding the job: memory stays flat however large the burst.
     limit: int
     in_flight: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    # Hand-overs between deciding to keep an attempt here and starting it (the guard's enqueue
-    # is awaited in between): counted, or a burst handed over at once would all be kept.
-    _starting: int = 0
+    # (request_id, destination, when handed over on the loop's clock), oldest first.
+    waiting: deque[tuple[str, str, float]] = field(default_factory=deque)
+    _queued: set[str] = field(default_factory=set)
+    _stopping: bool = False
+
+    @property
+    def guard_delay(self) -> float:
+        return self.timeout + GUARD_MARGIN
 
     async def hand_over(self, request_id: str, callback_url: str) -> None:
         destination = destination_of(callback_url)
         first_wait = next_delay(self.queue.schedule, 0, None)
-        if first_wait > 0 or len(self.in_flight) + self._starting >= self.limit:
+        if first_wait > 0 or self._stopping:
             # The schedule asks to wait before the first attempt (arq keeps that time), or
-            # this worker holds enough already: arq makes it.
+            # this worker is stopping: arq makes it.
             await self.queue.enqueue_attempt(request_id, 0, first_wait, destination)
             return
-        self._starting += 1
-        try:
-            await self.queue.enqueue_attempt(
-                request_id, 0, self.timeout + GUARD_MARGIN, destination
-            )
-        finally:
-            self._starting -= 1
-        if request_id not in self.in_flight:
-            self.in_flight[request_id] = asyncio.create_task(
-                self._attempt(request_id, destination), name=f"deliver:{request_id}:0"
-            )
+        await self.queue.enqueue_attempt(request_id, 0, self.guard_delay, destination)
+        if request_id in self.in_flight or request_id in self._queued:
+            return
+        if len(self.in_flight) < self.limit:
+            self._start(request_id, destination, waited=0.0)
+        else:
+            loop = asyncio.get_running_loop()
+            self.waiting.append((request_id, destination, loop.time()))
+            self._queued.add(request_id)
 
-    async def _attempt(self, request_id: str, destination: str) -> None:
+    def _start(self, request_id: str, destination: str, *, waited: float) -> None:
+        self.in_flight[request_id] = asyncio.create_task(
+            self._attempt(request_id, destination, waited), name=f"deliver:{request_id}:0"
+        )
+
+    def _start_waiting(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.waiting and not self._stopping and len(self.in_flight) < self.limit:
+            request_id, destination, handed_at = self.waiting.popleft()
+            self._queued.discard(request_id)
+            waited = loop.time() - handed_at
+            if waited < self.guard_delay - GUARD_MARGIN / 2:
+                self._start(request_id, destination, waited=waited)
+            # else its guard is (nearly) due: arq makes the attempt, never both at once.
+
+    async def _attempt(self, request_id: str, destination: str, waited: float) -> None:
         try:
+            if waited > GUARD_MARGIN / 2:
+                # Waited its turn long enough that its guard could fall due while it is sent:
+                # pushed back first, so the guard only runs if this worker dies meanwhile.
+                await self.queue.defer(request_id, 0, self.guard_delay)
             await self.deliverer.attempt(request_id, 0, destination)
         except Exception as exc:
             # The guard in arq makes the attempt when it falls due; nothing is lost.
@@ -90,10 +115,18 @@ class FirstAttempts:
             )
         finally:
             self.in_flight.pop(request_id, None)
+            self._start_waiting()
+
+    def stop(self) -> None:
+        """Start no more attempts here: what still waits is handed to arq (`hand_back`)."""
+        self._stopping = True
 
     async def hand_back(self) -> None:
-        """Cancel first attempts still running or queued, and make their guards due now."""
-        left = list(self.in_flight)
+        """Cancel first attempts still running or waiting, and make their guards due now."""
+        self._stopping = True
+        left = [*self.in_flight, *(request_id for request_id, _, _ in self.waiting)]
+        self.waiting.clear()
+        self._queued.clear()
         for task in list(self.in_flight.values()):
             task.cancel()
         if not left:
