@@ -87,10 +87,12 @@ class Batcher:
         # then goes without (it would cost a timer per reply).
         self._timeout: float | None = redis.connection_pool.connection_kwargs.get("socket_timeout")
 
-    async def run(self, calls: Sequence[Call]) -> list[Any]:
+    async def run(self, calls: Sequence[Call], *, return_exceptions: bool = False) -> list[Any]:
         """Run `calls` in order, back to back in one round trip; their results, in order.
 
-        Raises the first call's error if any failed (the others still ran)."""
+        Raises the first call's error if any failed (the others still ran), unless
+        `return_exceptions`: then each failed call's error is its result. An error of the round
+        trip itself (the connection) is raised either way."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             # A client outlives a test's event loop: what waited on the old one is gone.
@@ -103,7 +105,12 @@ class Batcher:
         if self._sender is None:
             # After one turn of the loop, so that the calls made in this turn go together.
             self._sender = loop.create_task(self._send_all())
-        return await done
+        results = await done
+        if not return_exceptions:
+            error = next((r for r in results if isinstance(r, Exception)), None)
+            if error is not None:
+                raise error
+        return results
 
     async def script(
         self, script: AsyncScript, keys: Sequence[str | bytes], args: Sequence[Arg]
@@ -160,13 +167,8 @@ class Batcher:
         for calls, done in batch:
             mine = results[start : start + len(calls)]
             start += len(calls)
-            if done.done():
-                continue
-            error = next((r for r in mine if isinstance(r, Exception)), None)
-            if error is not None:
-                done.set_exception(error)
-            else:
-                done.set_result(mine)
+            if not done.done():
+                done.set_result(mine)  # a call's own error is raised by `run`, if it should be
 
     async def _execute(self, calls: list[_Packed]) -> list[Any]:
         results = await self._pipeline(calls)

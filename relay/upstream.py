@@ -208,10 +208,12 @@ class Upstream:
         headers: Mapping[str, str] | None = None,
         timeout: httpx.Timeout | None = None,
         upload: bool = False,
+        spent: bool = False,
     ) -> httpx.Response:
         """Send one request (`upload`: on the uploads' own connections); transport failures
-        become UpstreamError, answers are returned as-is."""
-        if self.budget is not None:
+        become UpstreamError, answers are returned as-is. `spent`: its budget slot is booked
+        already (the caller booked it along with another write)."""
+        if self.budget is not None and not spent:
             await self.budget.spend()
         counter = UPSTREAM_CALLS.labels(endpoint_name(path), "unreachable")
         if json is not None:

@@ -21,7 +21,7 @@ async def test_settling_an_intent_removes_every_trace(
     redis: Redis, intents: Intents, reference_id: str | None
 ) -> None:
     # An intent without a reference_id (an upload, say) has no reference index to leave.
-    intent = await intents.open(
+    intent, _ = await intents.open(
         reference_id=reference_id,
         idempotency_key=None,
         callback_url="https://receiver.example/hook",
@@ -42,7 +42,7 @@ async def test_tracking_the_job_closes_its_intent_in_the_same_step(
     redis: Redis, intents: Intents, reference_id: str | None, tracked_before: bool
 ) -> None:
     store = JobStore(redis)
-    intent = await intents.open(
+    intent, _ = await intents.open(
         reference_id=reference_id,
         idempotency_key=None,
         callback_url="https://receiver.example/hook",

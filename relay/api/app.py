@@ -105,6 +105,7 @@ def create_app(settings: Settings) -> Starlette:
                     redis=redis,
                     store=store,
                     upstream=upstream,
+                    budget=budget,
                     policy=policy,
                     write_check=WriteCheck(redis),
                     watch=watch,

@@ -17,12 +17,14 @@ import asyncio
 import contextlib
 import logging
 import math
+from typing import Any
 
 from redis.exceptions import RedisError
 
 from relay.jobs.poller import DEFAULT_PAUSE_ON_429
-from relay.jobs.schedule import PollSchedule
+from relay.jobs.schedule import PollSchedule, took
 from relay.metrics import API_BUDGET_REFUSED
+from relay.redis_batch import ScriptCall, batcher
 from relay.upstream import BudgetRefused
 
 log = logging.getLogger(__name__)
@@ -34,11 +36,23 @@ class ApiBudget:
         self.max_wait = max_wait
 
     async def spend(self) -> None:
+        reply: Any
         try:
-            booked, wait = await self.schedule.take(self.max_wait)
+            (reply,) = await batcher(self.schedule.redis).run([self.call()], return_exceptions=True)
         except RedisError as exc:
-            log.warning("upstream budget unreadable (%s); calling anyway", type(exc).__name__)
+            reply = exc
+        await self.settle(reply)
+
+    def call(self) -> ScriptCall:
+        """The booking, to make along with other calls in one round trip (then `settle`)."""
+        return self.schedule.take_call(self.max_wait)
+
+    async def settle(self, reply: Any) -> None:
+        """Act on the booking's reply (or its error): return once the call may be made."""
+        if isinstance(reply, RedisError):
+            log.warning("upstream budget unreadable (%s); calling anyway", type(reply).__name__)
             return
+        booked, wait = took(reply)
         if not booked:
             API_BUDGET_REFUSED.inc()
             raise BudgetRefused(

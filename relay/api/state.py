@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from starlette.requests import Request
 
+from relay.api.budget import ApiBudget
 from relay.api.limits import UploadSlots
 from relay.api.store_check import WriteCheck
 from relay.delivery.attempt_log import AttemptLog
@@ -27,6 +28,7 @@ class AppState:
     redis: Redis
     store: JobStore
     upstream: Upstream
+    budget: ApiBudget  # the upstream budget `upstream` spends, for a booking made with a write
     policy: NetworkPolicy
     write_check: WriteCheck
     watch: RedisWatch

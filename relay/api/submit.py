@@ -31,7 +31,7 @@ from relay.delivery.netpolicy import parse_callback_url, resolve_and_check
 from relay.errors import ApiError, NotReplicated, UpstreamError
 from relay.jobs.intents import Intent, created_answer, lookup_timeout
 from relay.metrics import INTENTS, JOBS_SUBMITTED
-from relay.upstream import check, json_object, may_have_arrived
+from relay.upstream import BudgetRefused, check, json_object, may_have_arrived
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,11 @@ async def generate(request: Request) -> Response:
         events=job.callback_events,
         metadata=orjson.dumps(job.callback_metadata) if job.callback_metadata else None,
     )
-    # The intent is the write that proves the store takes writes (no separate check).
-    await submission.open()
+    # The intent is the write that proves the store takes writes (no separate check); the
+    # create's budget slot is booked with it.
+    await submission.open(book=True)
     return await submission.send(
-        lambda: state.upstream.request("POST", "v1/lipsync/generate", json=body)
+        lambda: state.upstream.request("POST", "v1/lipsync/generate", json=body, spent=True)
     )
 
 
@@ -148,17 +149,28 @@ class Submission:
     metadata: bytes | None = None
     intent: Intent | None = None
 
-    async def open(self) -> None:
+    async def open(self, *, book: bool = False) -> None:
+        """Write the intent. `book`: also book the create's slot of the shared upstream budget
+        in the same round trip (the create is then sent with `spent=True`); refused, the
+        intent is closed and the caller gets the budget's 429."""
+        budget = self.state.budget
         try:
-            self.intent = await self.state.intents.open(
+            self.intent, booking = await self.state.intents.open(
                 reference_id=self.reference_id,
                 idempotency_key=self.idempotency_key,
                 callback_url=self.callback_url,
                 events=self.events,
                 metadata=self.metadata,
+                along=[budget.call()] if book else [],
             )
         except RedisError:
             raise ApiError(503, "the relay's job store is unavailable; try again") from None
+        if book:
+            try:
+                await budget.settle(booking[0])
+            except BudgetRefused:
+                await self._close()  # nothing was sent
+                raise
 
     async def send(self, call: Callable[[], Awaitable[httpx.Response]]) -> Response:
         """Make the upstream create with `call` and settle its outcome."""

@@ -29,9 +29,10 @@ other), dropped once RELAY_INTENT_WINDOW has passed with nothing to adopt.
 from __future__ import annotations
 
 import contextlib
-import uuid
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import orjson
@@ -153,9 +154,12 @@ class Intents:
         callback_url: str | None,
         events: Sequence[str] | None,
         metadata: bytes | None,
-    ) -> Intent:
-        intent_id = uuid.uuid4().hex
-        started = await self._open(
+        along: Sequence[Call] = (),
+    ) -> tuple[Intent, list[Any]]:
+        """Write the intent; with it, in the same round trip, the `along` calls (the API's
+        budget booking), whose results (or errors) come back beside it."""
+        intent_id = secrets.token_hex(16)
+        opening = self._open.call(
             keys=self._keys(intent_id, reference_id, idempotency_key),
             args=[
                 intent_id,
@@ -168,7 +172,10 @@ class Intents:
                 self.ttl,
             ],
         )
-        return Intent(
+        started, *results = await batcher(self.redis).run([opening, *along], return_exceptions=True)
+        if isinstance(started, Exception):
+            raise started
+        intent = Intent(
             intent_id,
             float(started),
             reference_id,
@@ -177,6 +184,7 @@ class Intents:
             tuple(events) if events else None,
             metadata,
         )
+        return intent, results
 
     async def close(self, intent: Intent) -> None:
         """The job is tracked (or surely not created): the intent is done with."""

@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 
 from relay import keys, lua
 from relay.delivery import stats
-from relay.redis_batch import batcher
+from relay.redis_batch import ScriptCall, batcher
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,11 @@ class Claim:
     # How long until claiming could give more: the budget's next slot, the end of a pause or the
     # next due poll. None: nothing is tracked at all.
     wait: float | None
+
+
+def took(reply: list[bytes]) -> tuple[bool, float]:
+    """What a `take` call's reply says: (booked, seconds to wait or until a slot)."""
+    return bool(int(reply[0])), max(float(reply[1]), 0.0)
 
 
 class PollSchedule:
@@ -77,10 +82,14 @@ class PollSchedule:
         Returns (True, seconds to wait before making the call) once booked, or (False, seconds
         until a slot or the end of a 429 pause) when nothing was booked.
         """
-        reply = await self._take(
+        (reply,) = await batcher(self.redis).run([self.take_call(max_wait)])
+        return took(reply)
+
+    def take_call(self, max_wait: float) -> ScriptCall:
+        """`take`'s call, to make along with others in one round trip (read it with `took`)."""
+        return self._take.call(
             keys=[keys.UPSTREAM_TAT, keys.UPSTREAM_PAUSED], args=[self.period, self.burst, max_wait]
         )
-        return bool(int(reply[0])), max(float(reply[1]), 0.0)
 
     async def pause_upstream(self, seconds: float) -> None:
         # Capped: one Retry-After of days must not stop every poll for days.
