@@ -38,7 +38,7 @@ def _run_api(host: str, port: int | None) -> None:
 
     # The port it listens on is one callbacks may never reach.
     settings = load_settings(**({} if port is None else {"RELAY_API_PORT": port})).require("api")
-    configure_logging(settings.log_format)
+    configure_logging(settings.log_format, settings.log_level)
     config = api_config(create_app(settings), settings, host=host, log_config=None)
     ProcessServer(config).run()
 
@@ -49,7 +49,7 @@ def _run_worker() -> None:
     from relay.worker.process import serve_worker
 
     settings = load_settings().require("worker")
-    configure_logging(settings.log_format)
+    configure_logging(settings.log_format, settings.log_level)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -33,7 +33,9 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure_logging(style: Literal["json", "text"], level: int = logging.INFO) -> None:
+def configure_logging(
+    style: Literal["json", "text"], level: Literal["debug", "info", "warning", "error"] = "info"
+) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if style == "json":
         handler.setFormatter(JsonFormatter())
@@ -50,7 +52,7 @@ def configure_logging(style: Literal["json", "text"], level: int = logging.INFO)
     logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(level.upper())
     # arq logs every job start and end at INFO; that is noise at this volume.
     logging.getLogger("arq").setLevel(logging.WARNING)
     # httpx logs every request with its full URL, and callback URLs may carry receivers' tokens.

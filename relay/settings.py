@@ -142,6 +142,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1024 * 1024, ge=1024, validation_alias="RELAY_MAX_BODY_BYTES")
     max_upload_bytes: int = Field(5 * 1024**3, ge=1024, validation_alias="RELAY_MAX_UPLOAD_BYTES")
     log_format: Literal["json", "text"] = Field("json", validation_alias="RELAY_LOG_FORMAT")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", validation_alias="RELAY_LOG_LEVEL"
+    )
     shutdown_timeout: float = Field(20.0, ge=0, validation_alias="RELAY_SHUTDOWN_TIMEOUT")
     # Signs console sessions; derived from RELAY_API_KEYS when unset (see relay.console.session).
     console_secret: SecretStr | None = Field(None, validation_alias="RELAY_CONSOLE_SECRET")

@@ -69,6 +69,7 @@ def run_relay(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[st
             {"CHAMELAION_API_KEY": "x", "RELAY_JOB_RETENTION": "3600"},
             "RELAY_JOB_RETENTION",
         ),
+        ("worker", {"CHAMELAION_API_KEY": "x", "RELAY_LOG_LEVEL": "verbose"}, "RELAY_LOG_LEVEL"),
         (
             "api",
             {
