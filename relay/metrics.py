@@ -22,6 +22,9 @@ from relay import keys, lua
 JOBS_SUBMITTED = Counter(
     "relay_jobs_submitted", "Jobs accepted by Chamelaion and tracked by the relay"
 )
+JOBS_ENDED = Counter(
+    "relay_jobs_ended", "Tracked jobs that reached a final status, by status", ["status"]
+)
 UPSTREAM_CALLS = Counter("relay_upstream_calls", "Requests to Chamelaion", ["endpoint", "status"])
 POLLS = Counter("relay_polls", "Polls made, by what they found", ["result"])
 SWEEPS = Counter(

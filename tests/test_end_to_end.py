@@ -189,4 +189,5 @@ def test_metrics_show_submissions_outstanding_work_and_deliveries(redis_url: str
         polled = 'relay_upstream_calls_total{endpoint="lipsync/requests/{id}",status="200"}'
         assert metric(worker, polled) >= 1
         assert metric(worker, "relay_delivery_latency_seconds_count") == 1
+        assert metric(worker, 'relay_jobs_ended_total{status="completed"}') == 1
         assert httpx.get(stack.worker_urls[0] + "/healthz").json() == {"status": "ok"}

@@ -27,7 +27,7 @@ from relay.jitter import jittered
 from relay.jobs.events import PROCESSING, build_event, event_type, webhook_id
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import Job, JobStore, PollRecord
-from relay.metrics import POLLS
+from relay.metrics import JOBS_ENDED, POLLS
 from relay.settings import Settings
 from relay.upstream import Upstream, json_object, parse_retry_after
 
@@ -264,7 +264,9 @@ class Poller:
             retention=self.settings.job_retention,
             deliver=deliver,
         )
-        log.info("job ended", extra={"request_id": job.request_id, "status": status})
+        JOBS_ENDED.labels(status).inc()
+        # The common case, counted in metrics: not a line each unless RELAY_LOG_LEVEL=debug.
+        log.debug("job ended", extra={"request_id": job.request_id, "status": status})
         # Out of the poll queue already (end.lua): should this worker die before the hand-over,
         # the stranded-delivery sweep queues the attempt (the delivery is filed as pending).
         if deliver and job.callback_url:
