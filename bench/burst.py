@@ -37,6 +37,7 @@ import httpx
 import redis.asyncio as aioredis
 from aiohttp import web
 from aioserve import post_app, serve_forever
+from store_reads import ended_at
 
 from relay import keys
 from relay.devtools.embedded_redis import embedded_redis, free_port
@@ -233,15 +234,6 @@ class Bench:
         await client.aclose()
         return kinds
 
-    async def ended_times(self, ids: list[str]) -> dict[str, float]:
-        client = aioredis.Redis.from_url(self.redis_url)
-        async with client.pipeline(transaction=False) as pipe:
-            for request_id in ids:
-                pipe.hget(keys.job(request_id), "ended")
-            values = await pipe.execute()
-        await client.aclose()
-        return {rid: float(v) for rid, v in zip(ids, values, strict=True) if v}
-
     async def polled_all(self, ids: list[str]) -> bool:
         client = aioredis.Redis.from_url(self.redis_url)
         async with client.pipeline(transaction=False) as pipe:
@@ -307,7 +299,7 @@ class Bench:
             cpu_burst = cpu_seconds(proc.pid) - cpu_before
             if profiler is not None:
                 profiler.wait()
-        ended = asyncio.run(self.ended_times(ids))
+        ended = asyncio.run(ended_at(self.redis_url, ids))
         fast_times = {
             event_ids[eid]: t for eid, t in got.items() if kinds[event_ids[eid]] == "fast"
         }

@@ -41,6 +41,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from store_reads import ended_at
 
 from relay import keys
 from relay.devtools.embedded_redis import embedded_redis, free_port
@@ -246,16 +247,6 @@ def lag_run(count: int, order: ListOrder, fault: dict[str, Any] | None = None) -
             f"  callback lag after the upstream finished: p50 {percentile(lags, 0.5):.2f} s, "
             f"p99 {percentile(lags, 0.99):.2f} s, max {max(lags):.2f} s"
         )
-
-
-async def ended_at(redis_url: str, ids: list[str]) -> dict[str, float]:
-    redis = Redis.from_url(redis_url)
-    async with redis.pipeline(transaction=False) as pipe:
-        for rid in ids:
-            pipe.hget(keys.job(rid), "ended")
-        values = await pipe.execute()
-    await redis.aclose()
-    return {rid: float(v) for rid, v in zip(ids, values, strict=True) if v}
 
 
 async def refresh_ages(redis: Redis, ids: list[str]) -> tuple[float, int]:
