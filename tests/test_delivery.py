@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
+import orjson
 import pytest
 from arq import Retry
 from starlette.applications import Starlette
@@ -20,7 +22,7 @@ from relay.settings import load_settings
 from relay.worker.process import WorkerState, build_state
 from relay.worker.tasks import deliver
 from tests.servers import serve
-from tests.stack import SANDBOX_KEY, new_secret
+from tests.stack import SANDBOX_KEY, Receiver, new_secret
 
 
 @contextlib.asynccontextmanager
@@ -148,3 +150,26 @@ async def test_a_receiver_that_trickles_its_answer_times_out_as_a_retry(redis_ur
             assert time.monotonic() - started < 3
             job = await state.store.get("r3")
             assert job is not None and job.attempt == 1 and job.last_result == "timed out"
+
+
+async def test_an_end_seen_by_two_workers_at_once_is_delivered_by_one(redis_url: str) -> None:
+    # A sweep in one worker and a per-id poll in another can see the same end at the same
+    # moment, each with the job as it was before: only the one whose end counted hands the
+    # delivery over, so the receiver is not sent the event twice.
+    receiver = Receiver(delay=0.5)
+    with serve(receiver.app()) as url:
+        async with worker_state(redis_url) as first, worker_state(redis_url) as second:
+            await first.store.create(
+                "req-both", callback_url=url + "/hook", reference_id=None, first_poll_in=60
+            )
+            job = await first.store.get("req-both")
+            assert job is not None
+            seen = orjson.dumps({"id": "req-both", "status": "completed"})
+            await asyncio.gather(
+                first.sweeper.poller.observe(job, seen), second.sweeper.poller.observe(job, seen)
+            )
+            await asyncio.to_thread(receiver.wait_for, 1)
+            await asyncio.sleep(1.0)  # a second send, had there been one, has arrived by now
+            assert len(receiver.received) == 1
+            attempts = [*first.first_attempts.in_flight.values()]
+            await asyncio.gather(*attempts, *second.first_attempts.in_flight.values())

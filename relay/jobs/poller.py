@@ -255,7 +255,7 @@ class Poller:
         assert type_ is not None
         body = orjson.dumps(data)
         deliver = bool(job.callback_url) and type_ in job.events
-        await self.store.end(
+        ended = await self.store.end(
             job,
             status=status,
             body=body,
@@ -264,12 +264,15 @@ class Poller:
             retention=self.settings.job_retention,
             deliver=deliver,
         )
-        JOBS_ENDED.labels(status).inc()
-        # The common case, counted in metrics: not a line each unless RELAY_LOG_LEVEL=debug.
-        log.debug("job ended", extra={"request_id": job.request_id, "status": status})
+        if ended:  # not when another worker's end came first
+            JOBS_ENDED.labels(status).inc()
+            # The common case, counted in metrics: not a line each unless RELAY_LOG_LEVEL=debug.
+            log.debug("job ended", extra={"request_id": job.request_id, "status": status})
         # Out of the poll queue already (end.lua): should this worker die before the hand-over,
         # the stranded-delivery sweep queues the attempt (the delivery is filed as pending).
-        if deliver and job.callback_url:
+        # Only the call that ended the job hands it over: two workers that saw the end at once
+        # (a sweep and a poll) would otherwise both send the first attempt.
+        if ended and deliver and job.callback_url:
             await self.enqueue_delivery(job.request_id, job.callback_url)
 
     async def _hand_over(self, job: Job, *, deliver: bool) -> None:

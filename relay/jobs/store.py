@@ -296,16 +296,16 @@ class JobStore:
         event: bytes,
         retention: float,
         deliver: bool,
-    ) -> None:
+    ) -> bool:
         """Fix the job's final state and callback payload; later calls keep the first one.
-        Whichever call ends it, the job leaves the poll queue.
+        Whichever call ends it, the job leaves the poll queue. True when this call ended it.
 
         `deliver`: the callback wants this event (else the delivery state is `none`).
         """
         has_ref = job.reference_id is not None
         ref_key = keys.ref(job.reference_id) if job.reference_id else keys.job(job.request_id)
         delivery: DeliveryState = "pending" if deliver else "none"
-        await self._end(
+        ended = await self._end(
             keys=[
                 keys.job(job.request_id),
                 ref_key,
@@ -324,6 +324,7 @@ class JobStore:
                 "1" if has_ref else "0",
             ],
         )
+        return int(ended) == 1
 
     async def emit(
         self, job: Job, *, kind: str, event_id: str, event: bytes, retention: float

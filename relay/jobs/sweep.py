@@ -173,10 +173,11 @@ class Sweeper:
                 await self.sweep_once()
                 # The lease is held until the next sweep is due (see _finish): waking just as
                 # it frees keeps sweeps sweep_interval apart, so an end is seen within about
-                # one interval, not up to half an idle tick later.
+                # one interval, not up to half an idle tick later. At most an interval: a
+                # sweep in progress elsewhere renews its lease, then shortens it when done.
                 frees_in = await self.redis.pttl(keys.SWEEP_LEASE)
                 if frees_in > 0:
-                    idle = frees_in / 1000 + LEASE_SLACK
+                    idle = min(frees_in / 1000, self.settings.sweep_interval) + LEASE_SLACK
             except RedisError as exc:
                 log.warning("sweep hit a Redis error: %s", type(exc).__name__)
             except Exception:
