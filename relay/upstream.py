@@ -7,12 +7,14 @@ both on aiohttp; see bench/). Network failures are mapped here, at the boundary,
 
 Every call may spend a shared budget first (`Budget`): the API's client is given one, so its
 creates, uploads and proxied reads are counted with the workers' polls, and a 429 it meets
-pauses everyone. Workers spend theirs when they claim, so their client has none.
+pauses everyone. Workers spend theirs when they claim a poll or book a sweep's page, so their
+client has none; the intent reconcile calls through a view of it that has (`with_budget`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
@@ -196,6 +198,12 @@ class Upstream:
             upload_connections=settings.max_uploads,
             budget=budget,
         )
+
+    def with_budget(self, budget: Budget) -> Upstream:
+        """This client, on the same connections, with every call spending `budget`."""
+        view = copy.copy(self)
+        view.budget = budget
+        return view
 
     async def request(
         self,

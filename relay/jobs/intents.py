@@ -247,7 +247,8 @@ class Intents:
 
     async def look(self, intent: Intent, upstream: Upstream, *, timeout: float) -> Found:
         """Ask Chamelaion for the requests with this intent's reference_id; UpstreamError
-        when it cannot be asked."""
+        when it cannot be asked. Every page read is one call of `upstream`, so it spends
+        whatever budget that client carries (the API's, or the reconcile's)."""
         assert intent.reference_id is not None
         earliest = intent.started - CLOCK_MARGIN
         latest = intent.started + self.stale_after + CLOCK_MARGIN

@@ -12,7 +12,10 @@ decides which) takes the intents that are due and looks for each one's job by re
   retry may create the job), `dropped_ambiguous` (several rows could be it: they are named in
   the log, and the key answers with that error), `dropped_unfindable` (no reference_id to
   look by: the job, if any, runs untracked).
-Each lookup spends the shared upstream budget, as a list page of a sweep does.
+Every list page a lookup reads (up to relay.jobs.intents.LOOKUP_PAGES of them) spends one slot
+of the shared upstream budget, booked ahead of polls as a sweep's page is: the lookups go
+through the worker's client with a budget of their own (`LookupBudget`). A 429 one meets
+pauses everyone's calls; an intent whose lookup a pause stops is looked up the round after.
 """
 
 from __future__ import annotations
@@ -27,15 +30,38 @@ from redis.asyncio import Redis
 from relay import keys
 from relay.errors import UpstreamError
 from relay.jobs.intents import Intent, Intents
+from relay.jobs.poller import DEFAULT_PAUSE_ON_429
 from relay.jobs.schedule import PollSchedule
 from relay.leased import run_leased
 from relay.metrics import INTENTS
-from relay.upstream import Upstream
+from relay.upstream import BudgetRefused, Upstream
 
 log = logging.getLogger(__name__)
 
 BATCH = 100
 MAX_SPACING = 300.0  # seconds: the longest wait between two lookups of one intent
+
+
+class LookupBudget:
+    """What each of the reconcile's upstream calls spends (relay.upstream.Budget)."""
+
+    def __init__(self, schedule: PollSchedule) -> None:
+        self.schedule = schedule
+
+    async def spend(self) -> None:
+        booked, wait = await self.schedule.reserve()
+        if not booked:
+            raise BudgetRefused(429, "upstream calls are paused after a 429")
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    async def rate_limited(self, retry_after: float | None) -> None:
+        pause = retry_after or DEFAULT_PAUSE_ON_429
+        log.warning(
+            "upstream rate limit met by the intent reconcile: pausing all upstream calls",
+            extra={"seconds": pause},
+        )
+        await self.schedule.pause_upstream(pause)
 
 
 class Reconciler:
@@ -51,8 +77,7 @@ class Reconciler:
     ) -> None:
         self.redis = redis
         self.intents = intents
-        self.schedule = schedule
-        self.upstream = upstream
+        self.upstream = upstream.with_budget(LookupBudget(schedule))
         self.interval = interval
         self.lookup_timeout = lookup_timeout
         self._token = secrets.token_hex(8)
@@ -76,8 +101,11 @@ class Reconciler:
         for intent in due:
             if stop is not None and stop.is_set():
                 break
-            if await self._one(intent, now):
-                settled += 1
+            try:
+                if await self._one(intent, now):
+                    settled += 1
+            except BudgetRefused:
+                continue  # a 429 pause: looked up next round, and not counted as a look
         return settled
 
     async def _one(self, intent: Intent, now: float) -> bool:
@@ -92,10 +120,10 @@ class Reconciler:
             )
             await self.intents.settle(intent, status=0)
             return True
-        if not await self._take_budget():
-            return False
         try:
             found = await self.intents.look(intent, self.upstream, timeout=self.lookup_timeout)
+        except BudgetRefused:
+            raise
         except UpstreamError as exc:
             log.warning("could not look for a lost submission's job: %s", exc.message)
             await self._later(intent)
@@ -140,11 +168,3 @@ class Reconciler:
         await self.intents.postpone(
             intent, after=min(self.interval * 2 ** (intent.looks + 1), MAX_SPACING)
         )
-
-    async def _take_budget(self) -> bool:
-        booked, wait = await self.schedule.reserve()
-        if not booked:
-            return False  # a 429 pause: everything waits for the next round
-        if wait > 0:
-            await asyncio.sleep(wait)
-        return True

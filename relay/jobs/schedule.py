@@ -9,9 +9,10 @@ dies does nothing, and its claims fall due again when the lease runs out.
 The budget is a GCRA (generic cell rate algorithm) over one Redis key, shared by every worker:
 requests are spaced 1/rate apart on average with a burst of at most `burst`. An upstream 429
 sets a pause that every worker honours before claiming anything. List pages read by sweeps
-(relay.jobs.sweep) spend the same budget through `reserve`, and the API's calls (creates,
-uploads, proxied reads, lookups) through `take`, which books ahead of polls too but refuses
-rather than book a slot further off than the API is willing to keep its caller waiting.
+(relay.jobs.sweep) and by the intent reconcile's lookups (relay.jobs.reconcile) spend the same
+budget through `reserve`, and the API's calls (creates, uploads, proxied reads, lookups)
+through `take`, which books ahead of polls too but refuses rather than book a slot further off
+than the API is willing to keep its caller waiting.
 """
 
 from __future__ import annotations

@@ -1,0 +1,167 @@
+"""The intent reconcile (relay.jobs.reconcile) as a worker builds it, on a real Redis and the
+sandbox upstream: a lookup by reference_id may read several list pages, and each page spends a
+slot of the shared upstream budget, as a sweep's page does; a 429 it meets pauses everyone.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from relay import keys
+from relay.api.budget import ApiBudget
+from relay.jobs.intents import Intent, Intents
+from relay.jobs.schedule import PollSchedule
+from relay.jobs.store import JobStore
+from relay.sandbox import SandboxConfig, create_sandbox_app
+from relay.settings import load_settings
+from relay.upstream import Upstream
+from relay.worker.process import WorkerState, build_state
+from tests.servers import serve
+from tests.stack import SANDBOX_KEY, new_secret
+
+RATE = 4.0  # upstream calls per second: slow enough to tell slots apart, quick enough to test
+PAGE_CAP = 2  # the most rows the sandbox lists per page, so a few rows take several pages
+ROWS = 7  # rows with one reference_id: 4 pages
+PAGES = 4
+LIST = "GET /v1/lipsync/requests"
+INPUTS = [
+    {"type": "video", "url": "https://cdn.example.com/v.mp4"},
+    {"type": "audio", "url": "https://cdn.example.com/a.wav"},
+]
+
+
+@pytest.fixture
+def sandbox_url() -> Iterator[str]:
+    config = SandboxConfig(api_keys=(SANDBOX_KEY,), list_max_limit=PAGE_CAP)
+    with serve(create_sandbox_app(config)) as url:
+        yield url
+
+
+@pytest.fixture
+async def worker(redis_url: str, sandbox_url: str) -> AsyncIterator[WorkerState]:
+    settings = load_settings(
+        CHAMELAION_API_KEY=SANDBOX_KEY,
+        CHAMELAION_BASE_URL=sandbox_url + "/api",
+        RELAY_REDIS_URL=redis_url,
+        RELAY_WEBHOOK_SECRETS=new_secret(),
+        RELAY_UPSTREAM_RATE_LIMIT=str(RATE),
+    )
+    state = await build_state(settings)
+    try:
+        yield state
+    finally:
+        await state.upstream.aclose()
+        await state.callback_client.aclose()
+        await state.redis.aclose()
+
+
+def sandbox(url: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    response = httpx.request(method, url + path, headers={"x-api-key": SANDBOX_KEY}, **kwargs)
+    response.raise_for_status()
+    return response
+
+
+def create_rows(url: str, reference_id: str, count: int) -> None:
+    """Jobs with `reference_id` made upstream just now (by other callers, or retries)."""
+    for _ in range(count):
+        body = {"inputs": INPUTS, "reference_id": reference_id}
+        sandbox(url, "POST", "/api/v1/lipsync/generate", json=body)
+
+
+def list_calls(url: str) -> tuple[int, list[float]]:
+    """How many list pages the sandbox was asked for, and when (its monotonic clock)."""
+    stats = sandbox(url, "GET", "/_sandbox/stats").json()
+    calls: int = stats["calls"].get(LIST, 0)
+    times: list[float] = stats["timestamps"].get(LIST, [])
+    return calls, times
+
+
+async def redis_now(redis: Redis) -> float:
+    seconds, micros = await redis.time()
+    return float(seconds) + float(micros) / 1e6
+
+
+async def slots_booked(redis: Redis, since: float) -> int:
+    """Slots of the shared budget booked since `since` (Redis time), when nothing else books:
+    each booking moves the GCRA's theoretical arrival time a period on, and calls paced by it
+    keep that time ahead of the clock, so no slot is lost to an idle budget."""
+    tat = float(await redis.get(keys.UPSTREAM_TAT) or since)
+    return round((tat - since) * RATE)
+
+
+async def due_intent(intents: Intents, reference_id: str) -> Intent:
+    """An intent the API handed over, due for the reconcile now."""
+    intent, _ = await intents.open(
+        reference_id=reference_id,
+        idempotency_key=None,
+        callback_url=None,
+        events=None,
+        metadata=None,
+    )
+    await intents.hand_over(intent, after=0)
+    return intent
+
+
+async def test_a_reconcile_lookup_spends_one_slot_per_list_page(
+    worker: WorkerState, sandbox_url: str
+) -> None:
+    create_rows(sandbox_url, "dub-many", ROWS)
+    await due_intent(worker.reconciler.intents, "dub-many")
+    since = await redis_now(worker.redis)
+    # Several rows could be its job: nothing is adopted, and the intent waits for a later look.
+    assert await worker.reconciler.reconcile_once() == 0
+    calls, times = list_calls(sandbox_url)
+    assert calls == PAGES
+    assert await slots_booked(worker.redis, since) == calls
+    # So the pages go out at the budget's pace, not at once.
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert min(gaps) >= 0.8 / RATE, gaps
+
+
+async def test_a_429_met_by_a_reconcile_lookup_pauses_everyone(
+    worker: WorkerState, sandbox_url: str
+) -> None:
+    create_rows(sandbox_url, "dub-a", 1)
+    create_rows(sandbox_url, "dub-b", 1)
+    fault = {"status": 429, "retry_after": 30, "paths": LIST, "count": 1}
+    sandbox(sandbox_url, "POST", "/_sandbox/faults", json=fault)
+    for reference_id in ("dub-a", "dub-b"):
+        await due_intent(worker.reconciler.intents, reference_id)
+    await worker.reconciler.reconcile_once()
+    paused_until = float(await worker.redis.get(keys.UPSTREAM_PAUSED) or 0)
+    assert 25 < paused_until - await redis_now(worker.redis) <= 30
+    # The other intent due is not looked up during the pause: it waits, as polls and sweeps do.
+    calls, _ = list_calls(sandbox_url)
+    assert calls == 1
+    # One 429, counted once (the console's stat).
+    minutes = [k async for k in worker.redis.scan_iter(keys.STATS_PREFIX + "rate_limited:*")]
+    assert sum([int(await worker.redis.get(minute) or 0) for minute in minutes]) == 1
+
+
+async def test_the_apis_lookup_spends_one_slot_per_list_page(
+    redis: Redis, sandbox_url: str
+) -> None:
+    # The API's client spends its budget on every call itself: the lookup must not spend again.
+    settings = load_settings(CHAMELAION_API_KEY=SANDBOX_KEY, RELAY_UPSTREAM_RATE_LIMIT=str(RATE))
+    schedule = PollSchedule(redis, rate=RATE, lease=30)
+    upstream = Upstream(
+        sandbox_url + "/api", SANDBOX_KEY, timeout=5, budget=ApiBudget(schedule, max_wait=5)
+    )
+    intents = Intents(redis, JobStore(redis), settings)
+    create_rows(sandbox_url, "dub-api", ROWS)
+    intent = await due_intent(intents, "dub-api")
+    since = await redis_now(redis)
+    try:
+        found = await intents.look(intent, upstream, timeout=5)
+    finally:
+        await upstream.aclose()
+    assert len(found.candidates) == ROWS
+    calls, _ = list_calls(sandbox_url)
+    assert calls == PAGES
+    assert await slots_booked(redis, since) == calls
