@@ -27,8 +27,10 @@ The chaos, during the submission window (times given for --duration 300, scaled 
   (Retry-After: 1), and 5 % of creates "created, then 500" (the job exists, the answer is lost);
 - 10 % of callback destinations (one URL per job) answer 500 twice before taking it.
 
-Then it waits for quiescence, at most --settle s: every acknowledged job called back, or the
-relay idle for 10 s (nothing left to poll, no delivery pending, failing or queued). Printed:
+Then it waits for quiescence, at most --settle s: every acknowledged job called back and no
+lost submission left to settle (no open intent: an errored submission's job may still be found
+and tracked), or the relay idle for 10 s (nothing left to poll, no intent open, no delivery
+pending, failing or queued). Printed:
 what the chaos did; submissions acknowledged (the caller heard success) and errored, by kind;
 upstream jobs created (the sandbox's count) and duplicates per reference_id; callbacks received
 and verified; acknowledged jobs with no callback (lost), with the wrong event, or with more than
@@ -357,7 +359,11 @@ async def run_chaos(
 async def relay_idle(client: aioredis.Redis) -> bool:
     """Nothing to poll, no arq job, and no job whose delivery is pending (stranded or not:
     the relay's own sweep may still requeue a stranded one)."""
-    if await client.zcard(keys.POLLS) or await client.zcard(keys.ARQ_QUEUE):
+    if (
+        await client.zcard(keys.POLLS)
+        or await client.zcard(keys.ARQ_QUEUE)
+        or await client.zcard(keys.INTENTS)
+    ):
         return False
     filed = await client.zrange(keys.deliveries("pending"), 0, -1)
     filed += await client.zrange(keys.deliveries("failing"), 0, -1)
@@ -371,7 +377,8 @@ async def relay_idle(client: aioredis.Redis) -> bool:
 async def settle(
     redis_url: str, receivers: str, acknowledged: set[int], bound: float
 ) -> tuple[float, str]:
-    """Wait until every acknowledged job was called back, or the relay is idle; at most `bound`."""
+    """Wait until every acknowledged job was called back and every lost submission settled,
+    or the relay is idle; at most `bound`."""
     started = time.monotonic()
     client = aioredis.Redis.from_url(redis_url, socket_timeout=5)
     idle_since: float | None = None
@@ -379,9 +386,13 @@ async def settle(
     async with httpx.AsyncClient(timeout=30) as http:
         while time.monotonic() < started + bound:
             taken = set((await http.get(receivers + "/taken")).json())
-            if acknowledged <= taken:
+            try:
+                open_intents = await client.zcard(keys.INTENTS)
+            except aioredis.RedisError:
+                open_intents = -1  # unknown: not settled yet
+            if acknowledged <= taken and open_intents == 0:
                 await asyncio.sleep(5)  # room for a late duplicate to show
-                reason = "every acknowledged job was called back"
+                reason = "every acknowledged job was called back and no intent is open"
                 break
             try:
                 idle = await relay_idle(client)
