@@ -38,12 +38,14 @@ class ApiBudget:
     async def spend(self) -> None:
         reply: Any
         try:
-            (reply,) = await batcher(self.schedule.redis).run([self.call()], return_exceptions=True)
+            (reply,) = await batcher(self.schedule.redis).run(
+                [self.take_call()], return_exceptions=True
+            )
         except RedisError as exc:
             reply = exc
         await self.settle(reply)
 
-    def call(self) -> ScriptCall:
+    def take_call(self) -> ScriptCall:
         """The booking, to make along with other calls in one round trip (then `settle`)."""
         return self.schedule.take_call(self.max_wait)
 

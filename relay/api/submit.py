@@ -161,7 +161,7 @@ class Submission:
                 callback_url=self.callback_url,
                 events=self.events,
                 metadata=self.metadata,
-                along=[budget.call()] if book else [],
+                along=[budget.take_call()] if book else [],
             )
         except RedisError:
             raise ApiError(503, "the relay's job store is unavailable; try again") from None

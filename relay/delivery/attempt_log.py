@@ -33,9 +33,9 @@ class AttemptLog:
         self._log = lua.register(redis, __package__, "log_attempt")
 
     async def record(self, delivery_id: str, **entry: Any) -> None:
-        await batcher(self.redis).run([self.entry(delivery_id, **entry)])
+        await batcher(self.redis).run([self.record_call(delivery_id, **entry)])
 
-    def entry(self, delivery_id: str, **entry: Any) -> ScriptCall:
+    def record_call(self, delivery_id: str, **entry: Any) -> ScriptCall:
         """The call that records `entry`, to make with others in one round trip."""
         return self._log.call(
             keys=[keys.job(delivery_id), keys.attempts(delivery_id)],

@@ -219,7 +219,7 @@ class Deliverer:
             settled = "failed"
         # One sample per attempt: the last failing one counts as failed, not also as retry.
         DELIVERIES.labels(settled or "retry").inc()
-        counted = self.outcomes.count("delivered" if settled == "delivered" else "failed")
+        counted = self.outcomes.count_call("delivered" if settled == "delivered" else "failed")
         if settled is not None:
             logged = self._entry(job, attempt, outcome, duration, settled, next_in=None)
             await self._record(
@@ -271,7 +271,7 @@ class Deliverer:
         next_in: float | None,
     ) -> ScriptCall:
         """The attempt log's entry for this attempt, recorded along with its outcome."""
-        return self.attempt_log.entry(
+        return self.attempt_log.record_call(
             job.request_id,
             event=event_type_of(job.event),
             attempt=attempt,

@@ -20,7 +20,7 @@ class OutcomeCounter:
     def __init__(self, redis: Redis) -> None:
         self._count = lua.register(redis, __package__, "count_outcome")
 
-    def count(self, outcome: str) -> ScriptCall:
+    def count_call(self, outcome: str) -> ScriptCall:
         """The call that counts one `outcome`, made with the attempt's other records."""
         return self._count.call(keys=[], args=[keys.STATS_PREFIX, outcome, KEEP_SECONDS])
 
