@@ -45,7 +45,7 @@ def configure_logging(
         )
     # Neither format prints where a record was made nor which thread or process made it, so
     # they are not gathered (the logging HOWTO's "Optimization"): about a third of the cost of
-    # a record, which the API makes for every submission.
+    # making a record.
     logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
