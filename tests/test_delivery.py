@@ -27,16 +27,18 @@ from tests.stack import SANDBOX_KEY, Receiver, new_secret
 
 @contextlib.asynccontextmanager
 async def worker_state(redis_url: str, **env: str) -> AsyncIterator[WorkerState]:
+    """A worker's parts, built in this process as `relay worker` builds them; `env` overrides
+    any setting (by default its upstream is unreachable: delivery needs none)."""
     settings = load_settings(
-        CHAMELAION_API_KEY=SANDBOX_KEY,
-        CHAMELAION_BASE_URL="http://127.0.0.1:9/api",
-        RELAY_REDIS_URL=redis_url,
-        RELAY_WEBHOOK_SECRETS=new_secret(),
         **{
+            "CHAMELAION_API_KEY": SANDBOX_KEY,
+            "CHAMELAION_BASE_URL": "http://127.0.0.1:9/api",
+            "RELAY_REDIS_URL": redis_url,
+            "RELAY_WEBHOOK_SECRETS": new_secret(),
             "RELAY_CALLBACK_ALLOWED_NETWORKS": "127.0.0.0/8",
             "RELAY_CALLBACK_ALLOWED_PORTS": "1-65535",
             **env,
-        },
+        }
     )
     state = await build_state(settings)
     try:

@@ -6,7 +6,7 @@ import pytest
 from redis.asyncio import Redis
 
 from relay import keys
-from relay.jobs.intents import Intents
+from relay.jobs.intents import Intent, Intents
 from relay.jobs.store import JobStore
 from relay.settings import Settings
 
@@ -16,11 +16,7 @@ def intents(redis: Redis) -> Intents:
     return Intents(redis, JobStore(redis), Settings.model_validate({}))
 
 
-@pytest.mark.parametrize("reference_id", [None, "dub-42"])
-async def test_settling_an_intent_removes_every_trace(
-    redis: Redis, intents: Intents, reference_id: str | None
-) -> None:
-    # An intent without a reference_id (an upload, say) has no reference index to leave.
+async def opened(intents: Intents, reference_id: str | None) -> Intent:
     intent, _ = await intents.open(
         reference_id=reference_id,
         idempotency_key=None,
@@ -28,6 +24,15 @@ async def test_settling_an_intent_removes_every_trace(
         events=None,
         metadata=None,
     )
+    return intent
+
+
+@pytest.mark.parametrize("reference_id", [None, "dub-42"])
+async def test_settling_an_intent_removes_every_trace(
+    redis: Redis, intents: Intents, reference_id: str | None
+) -> None:
+    # An intent without a reference_id (an upload, say) has no reference index to leave.
+    intent = await opened(intents, reference_id)
     assert await redis.exists(keys.intent(intent.id))
     await intents.settle(intent, status=0)
     assert not await redis.exists(keys.intent(intent.id))
@@ -42,16 +47,9 @@ async def test_tracking_the_job_closes_its_intent_in_the_same_step(
     redis: Redis, intents: Intents, reference_id: str | None, tracked_before: bool
 ) -> None:
     store = JobStore(redis)
-    intent, _ = await intents.open(
-        reference_id=reference_id,
-        idempotency_key=None,
-        callback_url="https://receiver.example/hook",
-        events=None,
-        metadata=None,
-    )
-    if (
-        tracked_before
-    ):  # tracked meanwhile (adopted by a reconcile): the intent is done all the same
+    intent = await opened(intents, reference_id)
+    # Tracked meanwhile (adopted by a reconcile, say): the intent is done with all the same.
+    if tracked_before:
         assert await store.create("req-1", callback_url=None, reference_id=None, first_poll_in=1)
     created = await store.create(
         "req-1",

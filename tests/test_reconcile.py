@@ -21,9 +21,10 @@ from relay.jobs.store import JobStore
 from relay.sandbox import SandboxConfig, create_sandbox_app
 from relay.settings import load_settings
 from relay.upstream import Upstream
-from relay.worker.process import WorkerState, build_state
+from relay.worker.process import WorkerState
 from tests.servers import serve
-from tests.stack import SANDBOX_KEY, new_secret
+from tests.stack import SANDBOX_KEY
+from tests.test_delivery import worker_state
 
 RATE = 4.0  # upstream calls per second: slow enough to tell slots apart, quick enough to test
 PAGE_CAP = 2  # the most rows the sandbox lists per page, so a few rows take several pages
@@ -45,20 +46,12 @@ def sandbox_url() -> Iterator[str]:
 
 @pytest.fixture
 async def worker(redis_url: str, sandbox_url: str) -> AsyncIterator[WorkerState]:
-    settings = load_settings(
-        CHAMELAION_API_KEY=SANDBOX_KEY,
+    async with worker_state(
+        redis_url,
         CHAMELAION_BASE_URL=sandbox_url + "/api",
-        RELAY_REDIS_URL=redis_url,
-        RELAY_WEBHOOK_SECRETS=new_secret(),
         RELAY_UPSTREAM_RATE_LIMIT=str(RATE),
-    )
-    state = await build_state(settings)
-    try:
+    ) as state:
         yield state
-    finally:
-        await state.upstream.aclose()
-        await state.callback_client.aclose()
-        await state.redis.aclose()
 
 
 def sandbox(url: str, method: str, path: str, **kwargs: Any) -> httpx.Response:

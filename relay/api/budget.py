@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 from relay.jobs.poller import DEFAULT_PAUSE_ON_429
 from relay.jobs.schedule import PollSchedule, took
 from relay.metrics import API_BUDGET_REFUSED
-from relay.redis_batch import ScriptCall, batcher
+from relay.redis_batch import ScriptCall
 from relay.upstream import BudgetRefused
 
 log = logging.getLogger(__name__)
@@ -36,25 +36,25 @@ class ApiBudget:
         self.max_wait = max_wait
 
     async def spend(self) -> None:
-        reply: Any
         try:
-            (reply,) = await batcher(self.schedule.redis).run(
-                [self.take_call()], return_exceptions=True
-            )
+            booked, wait = await self.schedule.take(self.max_wait)
         except RedisError as exc:
-            reply = exc
-        await self.settle(reply)
+            _unreadable(exc)
+            return
+        await self._use(booked, wait)
 
     def take_call(self) -> ScriptCall:
         """The booking, to make along with other calls in one round trip (then `settle`)."""
         return self.schedule.take_call(self.max_wait)
 
     async def settle(self, reply: Any) -> None:
-        """Act on the booking's reply (or its error): return once the call may be made."""
+        """Act on `take_call`'s reply (or its error): return once the call may be made."""
         if isinstance(reply, RedisError):
-            log.warning("upstream budget unreadable (%s); calling anyway", type(reply).__name__)
+            _unreadable(reply)
             return
-        booked, wait = took(reply)
+        await self._use(*took(reply))
+
+    async def _use(self, booked: bool, wait: float) -> None:
         if not booked:
             API_BUDGET_REFUSED.inc()
             raise BudgetRefused(
@@ -69,3 +69,7 @@ class ApiBudget:
         log.warning("upstream rate limit met by the API: pausing all upstream calls")
         with contextlib.suppress(RedisError):
             await self.schedule.pause_upstream(retry_after or DEFAULT_PAUSE_ON_429)
+
+
+def _unreadable(exc: RedisError) -> None:
+    log.warning("upstream budget unreadable (%s); calling anyway", type(exc).__name__)
