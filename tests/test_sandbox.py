@@ -493,7 +493,11 @@ def test_a_delay_fault_makes_the_upstream_slow(http: httpx.Client) -> None:
         ({"status": 500, "rate": "0.1"}, "rate must be a number above 0 and at most 1"),
         ({"status": 500, "rate": True}, "rate must be a number above 0 and at most 1"),
         ({"status": 500, "rate": 0.1, "count": 0}, "count must be an integer >= 1"),
-        ({"rate": 0.1}, "a fault needs a status, a delay, or both"),
+        ({"rate": 0.1}, "a fault needs a status, a delay, a malformed answer or a change"),
+        ({"malformed": "xml"}, "malformed must be one of"),
+        ({"malformed": "html", "status": 500}, "a malformed answer is a 200"),
+        ({"grow": -1}, "grow must be an integer from 0"),
+        ({"vanish": 1.5}, "vanish must be an integer from 0"),
     ],
 )
 def test_bad_fault_requests_are_refused(
@@ -718,3 +722,106 @@ def test_list_knobs_order_page_cap_history_and_bulk_jobs(order: str) -> None:
         assert times == sorted(times, reverse=order == "newest_first")
         fresh = sdk.lipsync.requests.retrieve(created["ids"][0])
         assert fresh.status in ("queued", "processing")
+
+
+def test_times_in_microseconds_and_a_network_latency_per_call() -> None:
+    config = SandboxConfig(time_precision="microseconds", latency=0.3)
+    with (
+        serve(create_sandbox_app(config)) as url,
+        httpx.Client(base_url=url, headers={"x-api-key": KEY}) as client,
+    ):
+        started = time.monotonic()
+        created = client.post("/api/v1/lipsync/generate", json={"inputs": media()}).json()
+        assert time.monotonic() - started >= 0.3
+        row = client.get(f"/api/v1/lipsync/requests/{created['request_id']}").json()
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", row["created_at"])
+        with pytest.raises(httpx.ReadTimeout):
+            client.get("/api/health", timeout=0.1)  # the latency is every call's, health's too
+    with pytest.raises(ValueError, match="latency"):
+        SandboxConfig(latency=-1)
+
+
+def malformed_answers(kind: str, path: str) -> httpx.Response:
+    """One answer of `kind` from a fresh sandbox holding 3 requests, for GET `path`."""
+    with (
+        serve(create_sandbox_app(SandboxConfig())) as url,
+        httpx.Client(base_url=url, headers={"x-api-key": KEY}) as client,
+    ):
+        ids = client.post("/_sandbox/requests", json={"count": 3}).json()["ids"]
+        fault = {"malformed": kind, "paths": "poll"}
+        assert client.post("/_sandbox/faults", json=fault).status_code == 200
+        answer = client.get(path.format(id=ids[0]))
+        assert client.get(path.format(id=ids[0])).json(), "only the next call is spoilt"
+        fired = client.get("/_sandbox/stats").json()["faults_fired"]
+        assert list(fired.values()) == [{kind: 1}]
+        return answer
+
+
+@pytest.mark.parametrize("path", ["/api/v1/lipsync/requests", "/api/v1/lipsync/requests/{id}"])
+def test_malformed_answers_of_each_kind_are_200s(path: str) -> None:
+    html = malformed_answers("html", path)
+    assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+    cut = malformed_answers("truncated", path)
+    assert cut.status_code == 200
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(cut.content)
+    wrong = malformed_answers("wrong_types", path).json()
+    rows = wrong.get("data", [wrong])
+    assert rows and all(isinstance(row["id"], str) for row in rows)
+    assert all(isinstance(row["status"], int) for row in rows)
+    assert all(isinstance(row["created_at"], int) for row in rows)
+    nameless = malformed_answers("no_ids", path).json()
+    assert all("id" not in row for row in nameless.get("data", [nameless]))
+    padded = malformed_answers("padding", path)
+    assert len(padded.content) > 8 * 1024 * 1024 and padded.json()["padding"]
+    if "{id}" not in path:
+        assert malformed_answers("negative_total", path).json()["pagination"]["total"] == -1
+
+
+@pytest.mark.parametrize("order", ["newest_first", "oldest_first"])
+def test_list_pages_can_grow_and_lose_rows_at_the_front_between_reads(order: str) -> None:
+    config = SandboxConfig(list_order=order, history=10)  # type: ignore[arg-type]
+    with (
+        serve(create_sandbox_app(config)) as url,
+        httpx.Client(base_url=url, headers={"x-api-key": KEY}) as client,
+    ):
+        made = client.post("/api/v1/lipsync/generate", json={"inputs": media()}).json()
+        before = [row["id"] for row in client.get("/api/v1/lipsync/requests").json()["data"]]
+        client.post("/_sandbox/faults", json={"grow": 3, "paths": "poll"})
+        grown = [row["id"] for row in client.get("/api/v1/lipsync/requests").json()["data"]]
+        assert len(grown) == 14
+        new = set(grown) - set(before)
+        assert len(new) == 3
+        # Newest first, new requests come first; oldest first, they come last.
+        assert set(grown[:3] if order == "newest_first" else grown[-3:]) == new
+        client.post("/_sandbox/faults", json={"vanish": 2, "paths": "poll"})
+        shrunk = [row["id"] for row in client.get("/api/v1/lipsync/requests").json()["data"]]
+        # The first two rows no generate call made are gone; the one it made stays.
+        gone = [rid for rid in grown if rid != made["request_id"]][:2]
+        assert shrunk == [rid for rid in grown if rid not in gone]
+
+
+def test_requests_finish_on_cue_and_say_when() -> None:
+    with (
+        serve(create_sandbox_app(SandboxConfig(queued_seconds=600))) as url,
+        httpx.Client(base_url=url, headers={"x-api-key": KEY}) as client,
+    ):
+        ids = [
+            client.post("/api/v1/lipsync/generate", json={"inputs": media(video=v)}).json()[
+                "request_id"
+            ]
+            for v in ("https://cdn.example.com/1.mp4", "https://cdn.example.com/fail.mp4")
+        ]
+        client.post("/_sandbox/requests", json={"count": 2})  # not made by generate: untouched
+        assert client.get(f"/api/v1/lipsync/requests/{ids[0]}").json()["status"] == "queued"
+        finishes = client.get("/_sandbox/finishes").json()
+        assert set(finishes) == set(ids) and min(finishes.values()) > time.monotonic() + 500
+        at = client.post("/_sandbox/finish", json={}).json()["at"]
+        rows = [client.get(f"/api/v1/lipsync/requests/{rid}").json() for rid in ids]
+        assert [row["status"] for row in rows] == ["completed", "failed"]
+        assert client.get("/_sandbox/finishes").json() == pytest.approx(dict.fromkeys(ids, at))
+        listed = client.get("/api/v1/lipsync/requests").json()["data"]
+        statuses = sorted(row["status"] for row in listed)
+        assert statuses == ["completed", "failed", "queued", "queued"]
+        bad = client.post("/_sandbox/finish", json={"ids": "all"})
+        assert bad.status_code == 400

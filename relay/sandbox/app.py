@@ -6,8 +6,10 @@ error bodies. Jobs move queued -> processing -> completed|failed with time; a jo
 its video URL (or upload's filename) or reference_id contains "fail". Test-control endpoints
 under /_sandbox (see `sandbox_control`) inject faults and show what the relay sent.
 
-Every call to /api passes the same gate, in this order: it is counted for /_sandbox/stats,
-then any injected fault applies, then auth, then the rate limit, then the endpoint itself.
+Every call to /api passes the same gate, in this order: half the configured network latency,
+it is counted for /_sandbox/stats, then any injected fault applies (a delay, a change to the
+list, an error), then auth, then the rate limit, then the endpoint itself (its answer spoilt if
+the fault says so), then the other half of the latency.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from starlette.routing import Mount, Route
 from relay.sandbox.api import SandboxApi, drain
 from relay.sandbox.control import SandboxControl
 from relay.sandbox.errors import SandboxError
+from relay.sandbox.malformed import malform
 from relay.sandbox.state import Fault, SandboxConfig, SandboxState, retry_after_header
 
 __all__ = ["SandboxConfig", "create_sandbox_app"]
@@ -100,8 +103,14 @@ async def _refuse(request: Request, response: Response) -> Response:
 def _gated(spec: _Spec, state: SandboxState) -> Endpoint:
     async def endpoint(request: Request) -> Response:
         state.enter(spec.key)
+        transit = state.config.latency / 2
         try:
-            return await gated(request)
+            if transit:
+                await asyncio.sleep(transit)
+            response = await gated(request)
+            if transit:
+                await asyncio.sleep(transit)
+            return response
         finally:
             state.leave(spec.key)
 
@@ -110,6 +119,9 @@ def _gated(spec: _Spec, state: SandboxState) -> Endpoint:
         fault = state.take_fault(spec.key, spec.group)
         if fault is not None and fault.delay:
             await asyncio.sleep(fault.delay)
+        if fault is not None:
+            state.grow(fault.grow)
+            state.vanish(fault.vanish)
         if fault is not None and fault.status is not None and not fault.after_handling:
             return await _refuse(request, _fault_response(fault, fault.status))
         if spec.authenticated:
@@ -120,6 +132,8 @@ def _gated(spec: _Spec, state: SandboxState) -> Endpoint:
             if wait is not None:
                 headers = {"Retry-After": retry_after_header(wait)}
                 return await _refuse(request, _error(429, "rate limit exceeded", headers))
+        if fault is not None and fault.malformed is not None:
+            return malform(fault.malformed, await spec.handler(request))
         if fault is None or fault.status is None:
             return await spec.handler(request)
         # An "after" fault: the work is done (a job may exist) but the answer is lost.
@@ -164,6 +178,8 @@ def create_sandbox_app(config: SandboxConfig = SandboxConfig()) -> Starlette:  #
         Route("/requests/{id}/status", control.set_status, methods=["POST"]),
         Route("/requests/{id}/uploads", control.uploads, methods=["GET"]),
         Route("/requests/{id}/body", control.body, methods=["GET"]),
+        Route("/finish", control.finish, methods=["POST"]),
+        Route("/finishes", control.finishes, methods=["GET"]),
         Route("/stats", control.stats, methods=["GET"]),
         Route("/reset", control.reset, methods=["POST"]),
     ]

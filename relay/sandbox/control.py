@@ -17,12 +17,25 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from relay.sandbox.errors import SandboxError
-from relay.sandbox.state import Fault, SandboxState, UpstreamJob
+from relay.sandbox.state import MALFORMED_KINDS, Fault, SandboxState, UpstreamJob
 
 FAULT_GROUPS = ("poll", "generate", "all")
 _FAULT_FIELDS = frozenset(
-    {"status", "count", "rate", "retry_after", "paths", "delay", "when", "error"},
+    {
+        "status",
+        "count",
+        "rate",
+        "retry_after",
+        "paths",
+        "delay",
+        "when",
+        "error",
+        "malformed",
+        "grow",
+        "vanish",
+    },
 )
+_FINISH_FIELDS = frozenset({"ids"})
 _STATUS_FIELDS = frozenset({"status", "extra", "drop"})
 _CREATE_FIELDS = frozenset({"count", "queued_seconds", "processing_seconds"})
 _MAX_CREATE = 200_000
@@ -60,6 +73,13 @@ def _rate(body: dict[str, Any]) -> float | None:
     return float(rate)
 
 
+def _rows(body: dict[str, Any], name: str) -> int:
+    value = body.get(name, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_CREATE:
+        raise SandboxError(400, f"{name} must be an integer from 0 to {_MAX_CREATE}")
+    return value
+
+
 def parse_fault(body: dict[str, Any], route_keys: Collection[str]) -> Fault:
     """A fault from its JSON: `count` calls in a row (default 1), or with `rate`, that share of
     the matching calls (`count` times at most when given, else until the faults are cleared)."""
@@ -79,8 +99,16 @@ def parse_fault(body: dict[str, Any], route_keys: Collection[str]) -> Fault:
     if error is not None and not isinstance(error, str):
         raise SandboxError(400, "error must be a string")
     delay = _number(body, "delay", 0.0) or 0.0
-    if status is None and not delay:
-        raise SandboxError(400, "a fault needs a status, a delay, or both")
+    malformed = body.get("malformed")
+    if malformed is not None and malformed not in MALFORMED_KINDS:
+        raise SandboxError(400, f"malformed must be one of {MALFORMED_KINDS}")
+    if malformed is not None and status is not None:
+        raise SandboxError(400, "a malformed answer is a 200: it takes no status")
+    grow, vanish = _rows(body, "grow"), _rows(body, "vanish")
+    if status is None and not (delay or malformed or grow or vanish):
+        raise SandboxError(
+            400, "a fault needs a status, a delay, a malformed answer or a change to the list"
+        )
     return Fault(
         status=status,
         remaining=count,
@@ -90,6 +118,9 @@ def parse_fault(body: dict[str, Any], route_keys: Collection[str]) -> Fault:
         after_handling=when == "after",
         error=error,
         rate=rate,
+        malformed=malformed,
+        grow=grow,
+        vanish=vanish,
     )
 
 
@@ -176,6 +207,20 @@ class SandboxControl:
         if job.json_body is None:
             raise SandboxError(404, "this request was not created by generate")
         return Response(job.json_body, media_type="application/json")
+
+    async def finish(self, request: Request) -> Response:
+        """Finish requests now (`ids`, default every unfinished one a generate call made)."""
+        body = await _json_object(request, _FINISH_FIELDS)
+        ids = body.get("ids")
+        if ids is not None and not (
+            isinstance(ids, list) and all(isinstance(rid, str) for rid in ids)
+        ):
+            raise SandboxError(400, "ids must be a list of request ids")
+        return JSONResponse({"at": self._state.finish_now(ids)})
+
+    async def finishes(self, request: Request) -> Response:
+        """When each request a generate call made finishes, on the sandbox's clock."""
+        return JSONResponse(self._state.finishes())
 
     async def stats(self, request: Request) -> Response:
         return JSONResponse(

@@ -26,6 +26,8 @@ _TIMESTAMPS_KEPT = 10_000  # per route: enough for any rate check, bounded for a
 _HISTORY_SPAN = timedelta(days=90)
 
 ListOrder = Literal["newest_first", "oldest_first", "shuffled"]
+# Chamelaion's own examples write whole seconds; finer times make a list's order easier to read.
+TimePrecision = Literal["seconds", "microseconds"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,11 @@ class SandboxConfig:
     processing_spread: float = 0.0
     # Seeds the draws of faults given a `rate` (None: a fresh seed), so a run can be replayed.
     seed: int | None = None
+    # How finely times (created_at, started_at, finished_at) are written.
+    time_precision: TimePrecision = "seconds"
+    # Seconds every /api call spends on the network: half before the sandbox reads it, half
+    # after it answered (a cluster far from Chamelaion sees 0.1-0.2 s).
+    latency: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.api_keys or not all(self.api_keys):
@@ -53,8 +60,8 @@ class SandboxConfig:
             raise ValueError("SandboxConfig.rate_limit_per_second must be positive or None")
         if self.list_max_limit is not None and self.list_max_limit < 1:
             raise ValueError("SandboxConfig.list_max_limit must be at least 1 or None")
-        if self.history < 0 or self.processing_spread < 0:
-            raise ValueError("SandboxConfig.history and processing_spread cannot be negative")
+        if self.history < 0 or self.processing_spread < 0 or self.latency < 0:
+            raise ValueError("SandboxConfig history, spread and latency cannot be negative")
 
 
 @dataclass
@@ -73,9 +80,23 @@ class UpstreamJob:
     durations: tuple[float, float] | None = None
 
 
+# What a malformed 200 answer carries instead of what was asked (relay.sandbox.malformed).
+Malformed = Literal["html", "truncated", "wrong_types", "no_ids", "negative_total", "padding"]
+MALFORMED_KINDS: tuple[Malformed, ...] = (
+    "html",
+    "truncated",
+    "wrong_types",
+    "no_ids",
+    "negative_total",
+    "padding",
+)
+
+
 @dataclass
 class Fault:
-    """Matching calls are delayed and/or answered with `status`.
+    """Matching calls are delayed, answered with `status`, answered 200 with a `malformed` body,
+    and/or preceded by a change to the list: `grow` new requests at its front (another client
+    of the account submitting), `vanish` requests gone from its front (deleted).
 
     Without a `rate`, the next `remaining` matching calls are hit. With one, each matching call
     is hit with that probability, `remaining` times at most (None: for as long as the fault is
@@ -90,9 +111,23 @@ class Fault:
     after_handling: bool = False  # handle the call (create the job), then answer the error
     error: str | None = None
     rate: float | None = None
+    malformed: Malformed | None = None
+    grow: int = 0
+    vanish: int = 0
 
     def matches(self, key: str, group: str) -> bool:
         return self.paths in ("all", group, key)
+
+    @property
+    def label(self) -> str:
+        """What it does to a call, as /_sandbox/stats counts it."""
+        if self.status is not None:
+            return str(self.status)
+        if self.malformed is not None:
+            return self.malformed
+        if self.grow or self.vanish:
+            return "grow" if self.grow else "vanish"
+        return "delay"
 
 
 class TokenBucket:
@@ -116,7 +151,9 @@ class TokenBucket:
         return (1 - self._tokens) / self._rate
 
 
-def iso(moment: datetime) -> str:
+def iso(moment: datetime, precision: TimePrecision = "seconds") -> str:
+    if precision == "microseconds":
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -141,6 +178,7 @@ class SandboxState:
         # Jobs made by the generate endpoints (not history, not /_sandbox/requests): what a
         # test counts to find a submission that became two upstream jobs.
         self.created = 0
+        self.made: set[str] = set()
         self.created_by_reference: dict[str, list[str]] = {}
         # route key -> what an injected fault did to its calls ("500", "429", "delay") -> count
         self.faults_fired: dict[str, Counter[str]] = {}
@@ -194,8 +232,7 @@ class SandboxState:
                 fault.remaining -= 1
                 if fault.remaining <= 0:
                     self.faults.remove(fault)
-            fired = str(fault.status) if fault.status is not None else "delay"
-            self.faults_fired.setdefault(key, Counter())[fired] += 1
+            self.faults_fired.setdefault(key, Counter())[fault.label] += 1
             return fault
         return None
 
@@ -231,6 +268,7 @@ class SandboxState:
     def count_created(self, job: UpstreamJob) -> None:
         """Count a job a generate endpoint made (what Chamelaion would bill)."""
         self.created += 1
+        self.made.add(job.id)
         if job.reference_id is not None:
             self.created_by_reference.setdefault(job.reference_id, []).append(job.id)
 
@@ -257,6 +295,43 @@ class SandboxState:
             random.shuffle(jobs)
         return jobs
 
+    def grow(self, count: int) -> None:
+        """Another client of the account submits `count` requests (they join the list's front)."""
+        for _ in range(count):
+            self.create_job(reference_id=None, fails=False)
+
+    def vanish(self, count: int) -> None:
+        """Delete the first `count` requests of the list (in its order) that no generate call
+        here made: another client's rows, or old history under a retention policy."""
+        gone = [job.id for job in self.listed(None) if job.id not in self.made][:count]
+        for request_id in gone:
+            del self.jobs[request_id]
+
+    def finish_now(self, ids: list[str] | None) -> float:
+        """Make these requests (default: every unfinished one a generate call made) finish at
+        this instant, whatever their own durations said; returns the instant (sandbox clock)."""
+        now = self._clock()
+        chosen = ids if ids is not None else sorted(self.made)
+        for request_id in chosen:
+            job = self.jobs.get(request_id)
+            if job is None:
+                continue
+            queued, processing = self.durations(job)
+            if job.created_monotonic + queued + processing <= now:
+                continue  # finished already
+            age = now - job.created_monotonic
+            job.durations = (min(queued, age), age - min(queued, age))
+        return now
+
+    def finishes(self) -> dict[str, float]:
+        """When each request a generate call made finishes (or finished), on the sandbox clock."""
+        out: dict[str, float] = {}
+        for request_id in self.made:
+            job = self.jobs.get(request_id)
+            if job is not None:
+                out[request_id] = job.created_monotonic + sum(self.durations(job))
+        return out
+
     def durations(self, job: UpstreamJob) -> tuple[float, float]:
         if job.durations is not None:
             return job.durations
@@ -270,13 +345,19 @@ class SandboxState:
         """The LipsyncRequest object as Chamelaion sends it: absent fields are left out."""
         queued, processing = self.durations(job)
         status = job.pinned_status or self._natural_status(job)
-        body: dict[str, Any] = {"id": job.id, "created_at": iso(job.created_at), "status": status}
+        precision = self.config.time_precision
+        body: dict[str, Any] = {
+            "id": job.id,
+            "created_at": iso(job.created_at, precision),
+            "status": status,
+        }
         if job.reference_id is not None:
             body["reference_id"] = job.reference_id
         if status in _KNOWN_STATUSES[1:]:
-            body["started_at"] = iso(job.created_at + timedelta(seconds=queued))
+            body["started_at"] = iso(job.created_at + timedelta(seconds=queued), precision)
         if status in _KNOWN_STATUSES[2:]:
-            body["finished_at"] = iso(job.created_at + timedelta(seconds=queued + processing))
+            finished = job.created_at + timedelta(seconds=queued + processing)
+            body["finished_at"] = iso(finished, precision)
         if status == "completed":
             body["output_url"] = OUTPUT_URL.format(id=job.id)
         elif status == "failed":
