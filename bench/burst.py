@@ -1,6 +1,18 @@
 """Callback bursts: many jobs end at one instant; how fast do their callbacks go out?
 
 Run: uv run python bench/burst.py [--jobs 2000] [--hanging 100] [--hang 10] [--memory 20000]
+     uv run python bench/burst.py --live [--jobs 2000] [--orders newest_first,oldest_first]
+
+`--live` is the issue #19 case (bench/live.py): the jobs are submitted through `relay api` by
+8 callers with the official SDK, the sandbox upstream answers in 150 ms a call, at most 100
+rows a page and 20 calls/s, holding 20,000 older requests, with whole-second created_at, and
+`relay api` and one `relay worker` run at their default settings (budget 10 calls/s). Once the
+relay has seen every job, the callers go on submitting (jobs that stay queued) while the
+sandbox finishes all N at one instant; 5 % of them call back to a receiver that hangs `--hang`
+seconds on a host of its own (127.0.0.2). Printed per list order: how long after the finish
+the last fast callback arrived (target: within 3 s), p50/p99, and the ends as the relay saw them.
+
+Without `--live`, the quiet case:
 
 Real parts: a real redis-server and `relay worker` as a subprocess. Outside the relay, in two
 processes of their own: a stand-in upstream (aiohttp) that answers `processing` for every job
@@ -27,13 +39,16 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import httpx
+import live
 import redis.asyncio as aioredis
 from aiohttp import web
 from aioserve import post_app, serve_forever
@@ -42,6 +57,7 @@ from store_reads import ended_at
 from relay import keys
 from relay.devtools.embedded_redis import embedded_redis, free_port
 from relay.jobs.store import JobStore
+from relay.sandbox.state import ListOrder
 
 FAST_PORTS = 4
 # The stand-in's largest list page (Chamelaion documents none; the relay reads what it gets).
@@ -339,7 +355,95 @@ class Bench:
         print(f"median end-to-callback: {statistics.median(since_end) * 1000:.0f} ms")
 
 
+async def all_polled(redis_url: str, ids: list[str]) -> bool:
+    client = aioredis.Redis.from_url(redis_url)
+    async with client.pipeline(transaction=False) as pipe:
+        for request_id in ids:
+            pipe.hexists(keys.job(request_id), "polled")
+        values = await pipe.execute()
+    await client.aclose()
+    return all(values)
+
+
+def live_scenario(args: argparse.Namespace, upstream: live.Upstream) -> None:
+    every = max(1, round(args.jobs / args.hanging)) if args.hanging else 0
+    extra = dict(item.split("=", 1) for item in args.env)
+    print(f"\n== live burst: {args.jobs:,} jobs, {upstream.describe()} ==")
+    print(f"   {live.load()} at the start", flush=True)
+    with (
+        tempfile.TemporaryDirectory(prefix="burst-live-") as logs,
+        embedded_redis() as redis_url,
+        live.sandbox(upstream) as sandbox_url,
+        live.receivers(fast=FAST_PORTS, hanging=1, hang=args.hang) as rx,
+        live.relay(redis_url, sandbox_url, Path(logs), **extra) as relay,
+    ):
+
+        def callback_url(n: int) -> str:
+            hangs = every and n % every == every - 1
+            return rx.hanging[0] if hangs else rx.fast[n % FAST_PORTS]
+
+        done = live.Callers(relay.api, callback_url).start(args.jobs).join()
+        hanging_ids = {rid for n, rid in enumerate(done.ids) if callback_url(n) == rx.hanging[0]}
+        print(
+            f"  submitted {len(done.ids):,} in {done.last - done.first:.0f} s "
+            f"({done.refused} 429s waited out, {len(done.errors)} errors)",
+            flush=True,
+        )
+        deadline = time.monotonic() + 120
+        while not asyncio.run(all_polled(redis_url, done.ids)):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the relay did not see every job within 120 s")
+            time.sleep(0.5)
+        flood = live.Callers(relay.api, lambda n: rx.fast[0]).start(None) if args.flood else None
+        time.sleep(3.0)  # the steady state, submissions and all
+        cpu_before = relay.cpu()
+        finish = httpx.post(sandbox_url + "/_sandbox/finish", json={"ids": done.ids}).json()["at"]
+        fast_ids = set(done.ids) - hanging_ids
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            arrived, duplicates = rx.stats()
+            if fast_ids <= arrived.keys():
+                break
+            time.sleep(0.2)
+        cpu_after = relay.cpu()
+        flooded = flood.stop() if flood else None
+        time.sleep(args.hang + 2 if hanging_ids else 0)
+        arrived, duplicates = rx.stats()
+        hanging_at_once = rx.hanging_at_once()
+        ended = asyncio.run(ended_at(redis_url, done.ids))
+        early = relay.worker_log.read_text().count("sweep ended early")
+        outcomes = live.sweep_outcomes(relay.metrics())
+        load_end = live.load()
+    fast = [arrived[rid] - finish for rid in fast_ids if rid in arrived]
+    offset = time.time() - time.monotonic()
+    seen = [ended[rid] - offset - finish for rid in done.ids if rid in ended]
+    print(
+        f"  fast callbacks: {len(fast):,}/{len(fast_ids):,}; hanging: "
+        f"{len(hanging_ids & arrived.keys())}/{len(hanging_ids)} (at most {hanging_at_once} at "
+        f"once); duplicates: {duplicates}"
+        + (f"; submitted during the burst: {len(flooded.ids)}" if flooded else "")
+    )
+    if fast:
+        within = sum(1 for lag in fast if lag <= 3.0)
+        print(
+            f"  from the finish: last fast callback {max(fast):.2f} s (target 3 s), "
+            f"{len(fast) / max(fast):,.0f}/s, p50 {live.pct(fast, 0.5):.2f} s, "
+            f"p99 {live.pct(fast, 0.99):.2f} s; within 3 s: {within:,}"
+        )
+    print(f"  ends seen by the relay after the finish: {live.spread(seen)}")
+    print(f"  sweeps by outcome: {outcomes}; 'sweep ended early' log lines: {early}")
+    api_cpu, worker_cpu = (b - a for a, b in zip(cpu_before, cpu_after, strict=True))
+    print(
+        f"  CPU from the finish to the last fast callback: worker {worker_cpu:.1f} s, "
+        f"API {api_cpu:.1f} s; {load_end} at the end"
+    )
+
+
 def main(args: argparse.Namespace) -> None:
+    if args.live:
+        for name in args.orders.split(","):
+            live_scenario(args, live.Upstream(order=cast(ListOrder, name), queued=86_400.0))
+        return
     upstream_port, control_port, hang_port = free_port(), free_port(), free_port()
     fast_ports = [free_port(avoid=(upstream_port, control_port, hang_port)) for _ in range(4)]
     ctx = multiprocessing.get_context("spawn")
@@ -403,4 +507,9 @@ if __name__ == "__main__":
         "--per-id", action="store_true", help="no list endpoint: every status from a per-id GET"
     )
     parser.add_argument("--env", action="append", default=[], help="extra VAR=value for workers")
+    parser.add_argument("--live", action="store_true", help="the issue #19 case (see above)")
+    parser.add_argument("--orders", default="newest_first,oldest_first", help="with --live")
+    parser.add_argument(
+        "--no-flood", dest="flood", action="store_false", help="with --live: no submits during"
+    )
     main(parser.parse_args())

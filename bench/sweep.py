@@ -1,7 +1,19 @@
 """Sweeps against a busy upstream: upstream calls per job, callback lag, refresh age, memory.
 
 Run: uv run python bench/sweep.py [--jobs 1000] [--scale-jobs 100000] [--scale-seconds 300]
-                                  [--only lag,fallback,scale]
+                                  [--only live,lag,fallback,scale] [--orders newest_first,...]
+                                  [--precision seconds|microseconds] [--latency 0.15]
+
+- live (the issue #19 case, bench/live.py): N jobs of 2-6 s submitted through `relay api` by 8
+  callers with the official SDK as fast as the budget lets them, while earlier ones finish;
+  upstream with 150 ms a call, whole-second created_at, pages of <= 100 rows, 20 calls/s,
+  20,000 history rows; `relay api` and one `relay worker` at their default settings. Printed
+  per list order: upstream status calls per job, callback lag after the upstream finished each
+  job (split by whether it ended while submissions were still arriving), when the relay saw
+  each end, how far apart list pages were read, sweeps by outcome (none may end early), and
+  the API's and worker's CPU.
+
+The older modes below keep the quiet case: jobs created upstream before the run, no latency.
 
 The sandbox upstream runs in a process of its own, as Chamelaion would: its list capped at 100
 items a page, 20 upstream calls/s in total (429 beyond), and 20,000 finished requests from before
@@ -24,17 +36,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import httpx
+import live
 import uvicorn
 from redis.asyncio import Redis
 from starlette.applications import Starlette
@@ -319,14 +335,114 @@ def scale_run(count: int, seconds: float) -> None:
     print(f"  redis memory: {used / 2**20:.1f} MiB, {used / count:.0f} bytes per job")
 
 
+def gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in itertools.pairwise(sorted(times))]
+
+
+def live_run(count: int, upstream: live.Upstream, callers: int, extra: dict[str, str]) -> None:
+    print(f"\n== live: {count:,} jobs of 2-6 s through the relay's API; {upstream.describe()} ==")
+    print(f"   {live.load()} at the start", flush=True)
+    with (
+        tempfile.TemporaryDirectory(prefix="sweep-live-") as logs,
+        embedded_redis() as redis_url,
+        live.sandbox(upstream) as sandbox_url,
+        live.receivers(fast=4, hanging=0) as rx,
+        live.relay(redis_url, sandbox_url, Path(logs), **extra) as relay,
+        live.BudgetSampler(redis_url) as budget,
+    ):
+        before = live.sandbox_stats(sandbox_url)["calls"]
+        cpu_start = relay.cpu()
+        submitted = live.Callers(relay.api, lambda n: rx.fast[n % len(rx.fast)], callers)
+        done = submitted.start(count).join()
+        cpu_submit = relay.cpu()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            arrived, duplicates = rx.stats()
+            if len(arrived) >= len(done.ids):
+                break
+            time.sleep(0.2)
+        cpu_end = relay.cpu()
+        stats = live.sandbox_stats(sandbox_url)
+        finish = live.finishes(sandbox_url)
+        samples = relay.metrics()
+        ended = asyncio.run(ended_at(redis_url, done.ids))
+        early = relay.worker_log.read_text().count("sweep ended early")
+        load_end = live.load()
+    after = stats["calls"]
+    listed = after.get(LIST_ROUTE, 0) - before.get(LIST_ROUTE, 0)
+    per_id = after.get(POLL_ROUTE, 0) - before.get(POLL_ROUTE, 0)
+    window = done.last - done.first
+    print(
+        f"  submitted {len(done.ids):,} in {window:.1f} s ({len(done.ids) / window:.1f}/s; "
+        f"{done.refused} 429s waited out, {len(done.errors)} errors); "
+        f"called back {len(arrived):,} (duplicates: {duplicates})"
+    )
+    print(
+        f"  upstream status calls: {listed} list pages + {per_id} per-id GETs = "
+        f"{(listed + per_id) / max(1, len(done.ids)):.3f} per job (target <= 0.15)"
+    )
+    outcomes = live.sweep_outcomes(samples)
+    print(f"  sweeps by outcome: {outcomes}; 'sweep ended early' log lines: {early}")
+    offset = time.time() - time.monotonic()
+    lags = {rid: arrived[rid] - finish[rid] for rid in done.ids if rid in arrived and rid in finish}
+    seen = {rid: ended[rid] - offset - finish[rid] for rid in ended if rid in finish}
+    during = [rid for rid in lags if finish[rid] <= done.last]
+    later = [rid for rid in lags if finish[rid] > done.last]
+    print(f"  callback lag after the upstream finished: {live.spread(list(lags.values()))}")
+    print(
+        f"    ended while submissions arrived ({len(during)}): "
+        f"{live.spread([lags[r] for r in during])}"
+    )
+    print(
+        f"    ended after the last submission ({len(later)}): "
+        f"{live.spread([lags[r] for r in later])}"
+    )
+    print(
+        f"  end seen by the relay: {live.spread(list(seen.values()))}; "
+        f"end seen -> callback: {live.spread([lags[r] - seen[r] for r in lags if r in seen])}"
+    )
+    pages = stats["timestamps"].get(LIST_ROUTE, [])
+    busy = [t for t in pages if done.first <= t <= done.last]
+    quiet = [t for t in pages if t > done.last]
+    print(
+        f"  list pages apart, while submitting: {live.spread(gaps(busy))}; "
+        f"after: {live.spread(gaps(quiet))}"
+    )
+    for name, ahead in budget.between(done.first, done.last).items():
+        quiet_ahead = budget.between(done.last, float("inf"))[name]
+        print(
+            f"  {name} booked ahead of now, while submitting: {live.spread(ahead)}; "
+            f"after: {live.spread(quiet_ahead)}"
+        )
+    api_busy, worker_busy = (b - a for a, b in zip(cpu_start, cpu_submit, strict=True))
+    api_all, worker_all = (b - a for a, b in zip(cpu_start, cpu_end, strict=True))
+    print(
+        f"  CPU while submitting: API {api_busy / window:.0%}, worker {worker_busy / window:.0%} "
+        f"of a core; whole run: API {api_all:.1f} s, worker {worker_all:.1f} s; "
+        f"{load_end} at the end"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--scale-jobs", type=int, default=100_000)
     parser.add_argument("--scale-seconds", type=float, default=300)
-    parser.add_argument("--only", default="lag,fallback,scale")
+    parser.add_argument("--only", default="live,lag,fallback,scale")
+    parser.add_argument("--orders", default="newest_first,oldest_first")
+    parser.add_argument("--precision", default="seconds", choices=["seconds", "microseconds"])
+    parser.add_argument("--latency", type=float, default=0.15)
+    parser.add_argument("--callers", type=int, default=8)
+    parser.add_argument("--env", action="append", default=[], help="extra VAR=value for both")
     args = parser.parse_args()
     parts = set(args.only.split(","))
+    if "live" in parts:
+        extra = dict(item.split("=", 1) for item in args.env)
+        for name in args.orders.split(","):
+            upstream = live.Upstream(
+                order=cast(ListOrder, name), precision=args.precision, latency=args.latency
+            )
+            live_run(args.jobs, upstream, args.callers, extra)
     if "lag" in parts:
         for order in ("newest_first", "oldest_first"):
             lag_run(args.jobs, order)
