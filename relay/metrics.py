@@ -26,6 +26,11 @@ JOBS_ENDED = Counter(
     "relay_jobs_ended", "Tracked jobs that reached a final status, by status", ["status"]
 )
 UPSTREAM_CALLS = Counter("relay_upstream_calls", "Requests to Chamelaion", ["endpoint", "status"])
+UPSTREAM_ANSWERS_CUT = Counter(
+    "relay_upstream_answers_cut",
+    "Answers from Chamelaion cut off unread past the cap on one answer's size (taken as no answer)",
+    ["endpoint"],
+)
 POLLS = Counter("relay_polls", "Polls made, by what they found", ["result"])
 SWEEPS = Counter(
     "relay_sweeps",

@@ -5,6 +5,10 @@ this workload (measured: ~1,270 req/s at 4 concurrent forwards, ~360 at 32, agai
 both on aiohttp; see bench/). Network failures are mapped here, at the boundary, to UpstreamError;
 `check` turns Chamelaion's error answers into the error the relay's own caller should see.
 
+Every answer is read up to a cap (`answer_cap`: the largest page anyone asks for, plus room):
+Chamelaion's answers are small, and one that is not (a proxy's error page, a runaway body) is
+cut off and counted, not read whole into memory.
+
 Every call may spend a shared budget first (`Budget`): the API's client is given one, so its
 creates, uploads and proxied reads are counted with the workers' polls, and a 429 it meets
 pauses everyone. Workers spend theirs when they claim a poll or book a sweep's page, so their
@@ -27,10 +31,22 @@ from prometheus_client import Counter
 
 from relay.errors import UpstreamError
 from relay.http_urls import parsed_url
-from relay.metrics import UPSTREAM_CALLS
+from relay.metrics import UPSTREAM_ANSWERS_CUT, UPSTREAM_CALLS
 from relay.settings import Settings
 
 USER_AGENT = "chamelaion-relay/0.1"
+# The largest list page anyone asks Chamelaion for through the relay's own API (sweeps ask for
+# RELAY_SWEEP_PAGE_SIZE, which may be more).
+LIST_LIMIT_MAX = 1000
+# Room per row of a list page: a LipsyncRequest is a few hundred bytes; a signed output_url
+# can take a kilobyte or two more.
+ROW_BYTES = 4 * 1024
+ANSWER_MARGIN = 1024 * 1024
+
+
+def answer_cap(settings: Settings) -> int:
+    """The most bytes read from any one answer: a page of the largest size asked for, plus room."""
+    return max(settings.sweep_page_size, LIST_LIMIT_MAX) * ROW_BYTES + ANSWER_MARGIN
 
 
 def parse_retry_after(headers: httpx.Headers) -> float | None:
@@ -100,6 +116,10 @@ class BudgetRefused(UpstreamError):
     """The shared upstream budget had no slot soon enough: nothing was sent (429)."""
 
 
+class AnswerTooLarge(UpstreamError):
+    """Chamelaion's answer ran past the cap on what is read of one (502): it was cut off."""
+
+
 class Budget(Protocol):
     async def spend(self) -> None:
         """Return once one call may be made; raise BudgetRefused when it may not soon."""
@@ -164,6 +184,21 @@ def decode_object(response: httpx.Response) -> dict[str, Any]:
     return body
 
 
+_ENCODING = (b"content-encoding", b"content-length", b"transfer-encoding")
+
+
+async def _read_capped(response: httpx.Response, cap: int) -> bytes | None:
+    """The (decoded) body, or None when it runs past `cap` bytes (the rest is left unread)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > cap:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class Upstream:
     """Two connection pools: uploads hold a connection for as long as the caller sends, so they
     get their own (sized to the upload cap), and no upload can keep a status read or a JSON
@@ -177,8 +212,10 @@ class Upstream:
         timeout: float,
         upload_connections: int = 32,
         budget: Budget | None = None,
+        max_answer_bytes: int = LIST_LIMIT_MAX * ROW_BYTES + ANSWER_MARGIN,
     ) -> None:
         self.budget = budget
+        self.max_answer_bytes = max_answer_bytes
         self.base_url = base_url.rstrip("/") + "/"
         self.headers = {"x-api-key": api_key, "user-agent": USER_AGENT}
         self.timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
@@ -197,6 +234,7 @@ class Upstream:
             timeout=settings.upstream_timeout,
             upload_connections=settings.max_uploads,
             budget=budget,
+            max_answer_bytes=answer_cap(settings),
         )
 
     def with_budget(self, budget: Budget) -> Upstream:
@@ -219,8 +257,9 @@ class Upstream:
         spent: bool = False,
     ) -> httpx.Response:
         """Send one request (`upload`: on the uploads' own connections); transport failures
-        become UpstreamError, answers are returned as-is. `spent`: its budget slot is booked
-        already (the caller booked it along with another write)."""
+        become UpstreamError, answers are returned as-is (an answer longer than
+        `max_answer_bytes` is AnswerTooLarge). `spent`: its budget slot is booked already (the
+        caller booked it along with another write)."""
         if self.budget is not None and not spent:
             await self.budget.spend()
         counter = UPSTREAM_CALLS.labels(endpoint_name(path), "unreachable")
@@ -239,14 +278,26 @@ class Upstream:
             extensions={"timeout": (timeout or self.timeout).as_dict()},
         )
         with _map_transport_errors(counter):
-            response = await (
+            streamed = await (
                 self.upload_transport if upload else self.transport
             ).handle_async_request(request)
             try:
-                await response.aread()
+                content = await _read_capped(streamed, self.max_answer_bytes)
             finally:
-                await response.aclose()
-        UPSTREAM_CALLS.labels(endpoint_name(path), str(response.status_code)).inc()
+                await streamed.aclose()
+        UPSTREAM_CALLS.labels(endpoint_name(path), str(streamed.status_code)).inc()
+        if content is None:
+            UPSTREAM_ANSWERS_CUT.labels(endpoint_name(path)).inc()
+            raise AnswerTooLarge(
+                502, f"Chamelaion sent an answer longer than {self.max_answer_bytes} bytes"
+            )
+        # The body as read (decoded): the same answer, without the encoding it came in.
+        response = httpx.Response(
+            streamed.status_code,
+            headers=[(k, v) for k, v in streamed.headers.raw if k.lower() not in _ENCODING],
+            content=content,
+            request=request,
+        )
         if response.status_code == 429 and self.budget is not None:
             await self.budget.rate_limited(parse_retry_after(response.headers))
         return response

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import socket
 import threading
 import time
@@ -16,15 +17,18 @@ import pytest
 from prometheus_client import REGISTRY
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from relay.devtools.embedded_redis import free_port
 from relay.errors import UpstreamError
 from relay.settings import load_settings
 from relay.upstream import (
+    ROW_BYTES,
     USER_AGENT,
+    AnswerTooLarge,
     Upstream,
+    answer_cap,
     check,
     decode_object,
     endpoint_name,
@@ -88,6 +92,24 @@ class FakeChamelaion:
                 media_type=query.get("type", "application/json"),
             )
 
+        async def big(request: Request) -> Response:
+            """`size` bytes of a JSON object, streamed in chunks, gzipped when asked."""
+            await record(request)
+            size = int(request.query_params["size"])
+            body = b'{"padding": "' + b"x" * max(0, size - 15) + b'"}'
+            if request.query_params.get("gzip") == "1":
+                return Response(
+                    gzip.compress(body),
+                    headers={"content-encoding": "gzip"},
+                    media_type="application/json",
+                )
+
+            async def chunks() -> AsyncIterator[bytes]:
+                for start in range(0, len(body), 65536):
+                    yield body[start : start + 65536]
+
+            return StreamingResponse(chunks(), media_type="application/json")
+
         async def hang(request: Request) -> Response:
             await record(request)
             await asyncio.to_thread(self.release.wait, 10)
@@ -98,6 +120,7 @@ class FakeChamelaion:
                 Route("/api/v1/echo", echo, methods=["GET", "POST"]),
                 Route("/api/answer/{status:int}", answer),
                 Route("/api/hang", hang),
+                Route("/api/big", big),
             ]
         )
 
@@ -205,6 +228,47 @@ async def test_answers_are_returned_as_they_are(fake: FakeChamelaion) -> None:
     assert response.status_code == 404
     assert response.json() == {"error": "lipsync request not found"}
     assert calls("answer/404", "404") == before + 1
+
+
+# The cap on what is read of an answer
+
+
+def cut(endpoint: str) -> float:
+    labels = {"endpoint": endpoint}
+    return REGISTRY.get_sample_value("relay_upstream_answers_cut_total", labels) or 0.0
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+async def test_an_answer_past_the_cap_is_cut_off_and_counted(
+    fake: FakeChamelaion, compressed: bool
+) -> None:
+    upstream = Upstream(fake.url + "/api", API_KEY, timeout=5, max_answer_bytes=300_000)
+    gz = {"gzip": "1"} if compressed else {}
+    try:
+        before = cut("big")
+        # Within the cap: read whole, decoded, the encoding it came in gone from the headers.
+        whole = await upstream.request("GET", "big", params={"size": "300000", **gz})
+        assert len(whole.content) == 300_000 and whole.json()["padding"].startswith("xxx")
+        assert "content-encoding" not in whole.headers
+        assert cut("big") == before
+        # Past it: cut off, counted, an error; a gzip bomb counts by what it unpacks to.
+        with pytest.raises(AnswerTooLarge) as caught:
+            await upstream.request("GET", "big", params={"size": "8388608", **gz})
+        assert caught.value.status_code == 502
+        assert "longer than 300000 bytes" in caught.value.message
+        assert cut("big") == before + 1
+        # The connection is left behind, not the client: the next call is answered.
+        assert (await upstream.request("GET", "v1/echo")).json() == {"ok": True}
+    finally:
+        await upstream.aclose()
+
+
+def test_the_cap_is_a_page_of_the_largest_size_asked_for_plus_room() -> None:
+    default = load_settings(CHAMELAION_API_KEY="k")
+    assert 1000 * ROW_BYTES < answer_cap(default) < 8 * 1024 * 1024
+    bigger = load_settings(CHAMELAION_API_KEY="k", RELAY_SWEEP_PAGE_SIZE="5000")
+    assert answer_cap(bigger) > 5000 * ROW_BYTES
+    assert Upstream.from_settings(bigger).max_answer_bytes == answer_cap(bigger)
 
 
 # Transport failures

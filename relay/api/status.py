@@ -14,11 +14,11 @@ from relay.api.models import MAX_ID_LENGTH, MAX_REFERENCE_ID_LENGTH
 from relay.api.responses import json_bytes
 from relay.api.state import app_state
 from relay.errors import ApiError
-from relay.upstream import check, decode_object
+from relay.upstream import LIST_LIMIT_MAX, check, decode_object
 
 log = logging.getLogger(__name__)
 
-LIST_PARAMS = {"limit": (1, 1000), "offset": (0, 10**9)}
+LIST_PARAMS = {"limit": (1, LIST_LIMIT_MAX), "offset": (0, 10**9)}
 
 
 def path_segment(value: str, name: str) -> str:
