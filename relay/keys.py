@@ -11,7 +11,9 @@ relay:sweep:lease           string token of the worker running the one sweep (ex
                                    sweeper's lease runs out within RELAY_POLL_LEASE)
 relay:sweep:state           hash   what sweeps learned: list order, where the window began
                                    (oldest-first lists), last duration and page size, failures
-relay:upstream:tat          string theoretical arrival time of the shared upstream budget (GCRA)
+relay:upstream:tat          string theoretical arrival time of the upstream budget's shared part
+                                   (GCRA)
+relay:upstream:tat:reads    string the same for the status reads' own share of the budget
 relay:upstream:paused       string Redis-clock time until which nobody polls (after a 429)
 relay:idem:{caller}:{route}:{key}
                             hash   one Idempotency-Key's claim and first answer (caller: a
@@ -65,6 +67,7 @@ CREATED = PREFIX + "created"
 SWEEP_LEASE = PREFIX + "sweep:lease"
 SWEEP_STATE = PREFIX + "sweep:state"
 UPSTREAM_TAT = PREFIX + "upstream:tat"
+UPSTREAM_READS_TAT = PREFIX + "upstream:tat:reads"
 UPSTREAM_PAUSED = PREFIX + "upstream:paused"
 WRITE_CHECK = PREFIX + "api:write_check"
 BACKED_OFF = PREFIX + "destinations:backed_off"

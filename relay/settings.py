@@ -85,12 +85,17 @@ class Settings(BaseSettings):
     )
     delivery_timeout: float = Field(15.0, gt=0, le=60, validation_alias="RELAY_DELIVERY_TIMEOUT")
     upstream_rate_limit: float = Field(10.0, gt=0, validation_alias="RELAY_UPSTREAM_RATE_LIMIT")
+    # The part of that rate only status reads (sweep pages, per-id polls) may use: submissions
+    # and the API's other calls cannot take it, however many arrive (relay.jobs.schedule).
+    status_read_share: float = Field(0.2, ge=0, le=0.9, validation_alias="RELAY_STATUS_READ_SHARE")
     # Sweeps: how often the list of requests is read for statuses (0: never, per-id polls only),
     # how many rows a page is asked for (Chamelaion may answer with fewer), and how far back the
     # list is read: outstanding jobs older than this are polled by id only.
     sweep_interval: float = Field(1.0, ge=0, le=3600, validation_alias="RELAY_SWEEP_INTERVAL")
     sweep_page_size: int = Field(1000, ge=1, le=10_000, validation_alias="RELAY_SWEEP_PAGE_SIZE")
     sweep_window: float = Field(3600.0, gt=0, validation_alias="RELAY_SWEEP_WINDOW")
+    # List pages one sweep has in flight at once, once the first page told the list's shape.
+    sweep_concurrency: int = Field(8, ge=1, le=100, validation_alias="RELAY_SWEEP_CONCURRENCY")
     upstream_timeout: float = Field(30.0, gt=0, validation_alias="RELAY_UPSTREAM_TIMEOUT")
     worker_concurrency: int = Field(
         100, ge=1, le=10_000, validation_alias="RELAY_WORKER_CONCURRENCY"

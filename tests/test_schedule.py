@@ -98,3 +98,50 @@ async def test_each_pause_is_counted_for_the_last_hour(redis_url: str) -> None:
     counts = await last_hour(redis, ("rate_limited",))
     assert sum(counts["rate_limited"]) == 3
     await redis.aclose()
+
+
+async def test_api_bookings_never_hold_a_status_read_back_past_a_slot_of_its_share(
+    redis_url: str,
+) -> None:
+    # 10 calls/s, a fifth for status reads: the API's calls book the other 8/s, up to 5 s ahead.
+    redis = Redis.from_url(redis_url)
+    schedule = PollSchedule(redis, rate=10, lease=30, read_share=0.2)
+    waits = [(await schedule.take(max_wait=5.0))[1] for _ in range(45)]
+    assert max(waits) > 4.5, "a flood of submissions books the shared part 5 s ahead"
+    assert not (await schedule.take(max_wait=5.0))[0], "and is refused past its wait"
+    booked, wait = await schedule.reserve()
+    assert booked and wait <= 0.5, f"a sweep's page waited {wait:.2f} s behind them"
+    # Its share is its own: the next read waits a slot of it (2/s), not the API's 5 s.
+    booked, wait = await schedule.reserve()
+    assert booked and wait <= 0.5
+    booked, wait = await schedule.reserve()
+    assert booked and 0.5 < wait <= 1.0
+    # Per-id polls, which take only free slots, get the share's slots as they come.
+    await due_jobs(redis, 3)
+    claim = await schedule.claim(10)
+    assert claim.ids == [] and claim.wait is not None and claim.wait <= 1.5
+    await redis.aclose()
+
+
+async def test_status_reads_use_the_whole_rate_when_submissions_are_few(redis_url: str) -> None:
+    redis = Redis.from_url(redis_url)
+    schedule = PollSchedule(redis, rate=10, lease=30, read_share=0.2)
+    waits = [(await schedule.reserve())[1] for _ in range(20)]
+    # 20 pages at 10/s (a burst of one in each part): about 2 s, not the 10 s of the share.
+    assert 1.6 < max(waits) <= 2.0, waits
+    # The API is not locked out by the reads' bookings: its part is shared, not theirs.
+    booked, wait = await schedule.take(max_wait=5.0)
+    assert booked and wait <= max(waits) + 0.2
+    await redis.aclose()
+
+
+async def test_claims_use_free_slots_of_both_parts(redis_url: str) -> None:
+    redis = Redis.from_url(redis_url)
+    schedule = PollSchedule(redis, rate=100, lease=30, read_share=0.5)
+    await due_jobs(redis, 40)
+    claimed = (await schedule.claim(40)).ids
+    # A burst of a tenth of a second in each part: 5 + 5.
+    assert len(claimed) == 10
+    again = await schedule.claim(40)
+    assert again.ids == [] and again.wait is not None and 0 < again.wait <= 0.02
+    await redis.aclose()

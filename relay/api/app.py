@@ -79,6 +79,7 @@ def create_app(settings: Settings) -> Starlette:
             rate=settings.upstream_rate_limit,
             lease=settings.poll_lease,
             max_pause=settings.max_upstream_pause,
+            read_share=settings.status_read_share,
         )
         budget = ApiBudget(schedule, max_wait=settings.api_budget_wait)
         upstream = Upstream.from_settings(settings, budget=budget)

@@ -6,13 +6,18 @@ atomic script: it takes at most as many due ids as the budget allows right now, 
 claimed id a lease into the future. A worker that finishes sets the real next time; a worker that
 dies does nothing, and its claims fall due again when the lease runs out.
 
-The budget is a GCRA (generic cell rate algorithm) over one Redis key, shared by every worker:
-requests are spaced 1/rate apart on average with a burst of at most `burst`. An upstream 429
-sets a pause that every worker honours before claiming anything. List pages read by sweeps
-(relay.jobs.sweep) and by the intent reconcile's lookups (relay.jobs.reconcile) spend the same
-budget through `reserve`, and the API's calls (creates, uploads, proxied reads, lookups)
-through `take`, which books ahead of polls too but refuses rather than book a slot further off
-than the API is willing to keep its caller waiting.
+The budget (RELAY_UPSTREAM_RATE_LIMIT, shared by every worker and API process) is two GCRAs
+(generic cell rate algorithm), each over one Redis key: calls are spaced 1/rate apart on
+average with a burst of at most `burst` in each. One is the status reads' own share
+(RELAY_STATUS_READ_SHARE of the rate): only status reads may use it. The other, the rest of the
+rate, is shared: the API's calls (creates, uploads, proxied reads, lookups) book it through
+`take`, which books ahead of polls but refuses rather than book a slot further off than the API
+is willing to keep its caller waiting, and status reads use it too. Status reads are list pages
+read by sweeps (relay.jobs.sweep) and by the intent reconcile's lookups (relay.jobs.reconcile),
+booked through `reserve` at the earlier of the two, and per-id polls, which `claim` only free
+slots of either. So however many submissions arrive, their bookings never hold a sweep's page
+back by more than a slot of the reads' share, and when submissions are few, status reads use
+the whole rate. An upstream 429 sets a pause that every caller honours.
 """
 
 from __future__ import annotations
@@ -40,14 +45,27 @@ def took(reply: list[bytes]) -> tuple[bool, float]:
     return bool(int(reply[0])), max(float(reply[1]), 0.0)
 
 
+def _burst(rate: float) -> int:
+    # A tenth of a second's worth keeps spacing even yet lets one claim take several.
+    return max(1, math.floor(rate / 10))
+
+
 class PollSchedule:
     def __init__(
-        self, redis: Redis, *, rate: float, lease: float, max_pause: float = 300.0
+        self,
+        redis: Redis,
+        *,
+        rate: float,
+        lease: float,
+        max_pause: float = 300.0,
+        read_share: float = 0.0,
     ) -> None:
         self.redis = redis
-        self.period = 1.0 / rate
-        # A burst of a tenth of a second's worth keeps spacing even yet lets one claim take several.
-        self.burst = max(1, math.floor(rate / 10))
+        self.period = 1.0 / rate  # the whole budget's
+        shared, reads = rate * (1 - read_share), rate * read_share
+        self.shared_period, self.burst = 1.0 / shared, _burst(shared)
+        # No share of their own (0): status reads use the shared part only.
+        self.reads_period, self.reads_burst = (1.0 / reads, _burst(reads)) if reads else (0.0, 0)
         self.lease = lease
         self.max_pause = max_pause
         self._claim = lua.register(redis, __package__, "claim")
@@ -58,27 +76,36 @@ class PollSchedule:
 
     async def claim(self, limit: int) -> Claim:
         reply = await self._claim(
-            keys=[keys.POLLS, keys.UPSTREAM_TAT, keys.UPSTREAM_PAUSED],
-            args=[limit, self.lease, self.period, self.burst],
+            keys=[keys.POLLS, keys.UPSTREAM_TAT, keys.UPSTREAM_READS_TAT, keys.UPSTREAM_PAUSED],
+            args=[
+                limit,
+                self.lease,
+                self.shared_period,
+                self.burst,
+                self.reads_period,
+                self.reads_burst,
+            ],
         )
         count, wait = int(reply[0]), float(reply[1])
         ids = [raw.decode() for raw in reply[2 : 2 + count]]
         return Claim(ids=ids, wait=None if wait < 0 else max(wait, 0.0))
 
     async def reserve(self) -> tuple[bool, float]:
-        """Book the budget's next slot for one call outside the poll queue (a list page).
+        """Book the budget's earliest slot for one status read outside the poll queue (a list
+        page): of the reads' own share or of the shared part, whichever comes first.
 
         Returns (True, seconds to wait before making the call) once booked, or (False, seconds
         until a 429 pause ends) when nobody may call now. Booking ahead, rather than claiming
         only a free slot as polls do, gives the caller precedence over per-id polls.
         """
         reply = await self._reserve(
-            keys=[keys.UPSTREAM_TAT, keys.UPSTREAM_PAUSED], args=[self.period, self.burst]
+            keys=[keys.UPSTREAM_TAT, keys.UPSTREAM_READS_TAT, keys.UPSTREAM_PAUSED],
+            args=[self.shared_period, self.burst, self.reads_period, self.reads_burst],
         )
         return bool(int(reply[0])), max(float(reply[1]), 0.0)
 
     async def take(self, max_wait: float) -> tuple[bool, float]:
-        """Book a slot for one API call if one comes within `max_wait` seconds.
+        """Book a slot of the shared part for one API call if one comes within `max_wait` s.
 
         Returns (True, seconds to wait before making the call) once booked, or (False, seconds
         until a slot or the end of a 429 pause) when nothing was booked.
@@ -89,7 +116,8 @@ class PollSchedule:
     def take_call(self, max_wait: float) -> ScriptCall:
         """`take`'s call, to make along with others in one round trip (read it with `took`)."""
         return self._take.call(
-            keys=[keys.UPSTREAM_TAT, keys.UPSTREAM_PAUSED], args=[self.period, self.burst, max_wait]
+            keys=[keys.UPSTREAM_TAT, keys.UPSTREAM_PAUSED],
+            args=[self.shared_period, self.burst, max_wait],
         )
 
     async def pause_upstream(self, seconds: float) -> None:

@@ -1,11 +1,12 @@
--- Book the shared budget's next slot (GCRA, the same keys as claim.lua and reserve.lua) for an
--- API call, but only when that slot comes within `max_wait` seconds; during a 429 pause the
--- first slot is at the pause's end (a caller waits out a short pause rather than hear 429).
+-- Book the next slot of the budget's shared part (GCRA, the same key as claim.lua and
+-- reserve.lua; never the status reads' own share) for an API call, but only when that slot
+-- comes within `max_wait` seconds; during a 429 pause the first slot is at the pause's end (a
+-- caller waits out a short pause rather than hear 429).
 -- Returns {1, seconds to wait before calling} once booked, else {0, seconds until a slot (or
 -- the end of the pause)}: nothing is booked then, so a refused caller costs the budget nothing.
 local tat_key = KEYS[1]
 local paused_key = KEYS[2]
-local period = tonumber(ARGV[1])   -- emission interval: seconds per upstream call
+local period = tonumber(ARGV[1])   -- the shared part's emission interval (s per call)
 local burst = tonumber(ARGV[2])
 local max_wait = tonumber(ARGV[3])
 

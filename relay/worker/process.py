@@ -85,6 +85,7 @@ async def build_state(settings: Settings) -> WorkerState:
         rate=settings.upstream_rate_limit,
         lease=settings.claim_lease(),
         max_pause=settings.max_upstream_pause,
+        read_share=settings.status_read_share,
     )
     upstream = Upstream.from_settings(settings)
     queue = DeliveryQueue(redis, settings.delivery_retry_schedule, clock)
