@@ -38,6 +38,17 @@ SWEEPS = Counter(
     ["outcome"],
 )
 SWEEP_PAGES = Counter("relay_sweep_pages", "List pages read by sweeps")
+SWEEP_PAGES_SKIPPED = Counter(
+    "relay_sweep_pages_skipped",
+    "List pages a sweep could not use and went on without (their rows wait for the next sweep), "
+    "by why: error (an HTTP error), unreachable, bad_body (not a page of requests, or too large)",
+    ["reason"],
+)
+SWEEP_PAGE_WAIT = Histogram(
+    "relay_sweep_page_wait_seconds",
+    "How long each sweep page waited for its slot of the upstream budget",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
 SWEEP_ROWS = Counter("relay_sweep_rows_matched", "List rows that were outstanding tracked jobs")
 SWEEP_ORDER = Counter(
     "relay_sweep_order", "Sweeps by the list order they found (or `unusable`)", ["order"]

@@ -18,16 +18,19 @@ import httpx
 import orjson
 import pytest
 import redis
+from chamelaion import Chamelaion, RateLimitError
 from standardwebhooks import Webhook
 
 from relay import keys
-from relay.jobs.sweep import created_time, direction
+from relay.jobs.sweep import NEWEST_FIRST, OLDEST_FIRST, UNUSABLE, Tally, created_time
 from relay.sandbox import SandboxConfig
-from tests.stack import SANDBOX_KEY, Stack, eventually, is_up, job_field, relay_stack
+from tests.stack import RELAY_KEY, SANDBOX_KEY, Stack, eventually, is_up, job_field, relay_stack
 from tests.test_end_to_end import submit
 from tests.test_polling import LIST_ROUTE, POLL_ROUTE, pin, read_times, relay_view
 
 ORDERS = ["newest_first", "oldest_first"]
+MALFORMED = ["html", "truncated", "wrong_types", "no_ids", "negative_total", "padding"]
+CREATE_ROUTE = "POST /v1/lipsync/generate"
 SWEEPS_ONLY = {
     "RELAY_POLL_MIN_INTERVAL": "10",
     "RELAY_POLL_MAX_INTERVAL": "10",
@@ -242,8 +245,10 @@ def test_a_worker_killed_mid_sweep_hands_the_sweep_over(redis_url: str) -> None:
 
 def test_two_workers_share_the_sweep_one_page_at_a_time(redis_url: str) -> None:
     # Jobs stay queued until pinned: several sweeps run over them, however loaded the machine.
+    # One page in flight per sweep: more than one in flight means two sweeps overlapped.
     config = sandbox(list_max_limit=4, queued_seconds=600, processing_seconds=600)
-    with relay_stack(redis_url, sandbox=config, env=SWEEPS_ONLY, workers=2) as stack:
+    env = {**SWEEPS_ONLY, "RELAY_SWEEP_CONCURRENCY": "1"}
+    with relay_stack(redis_url, sandbox=config, env=env, workers=2) as stack:
         ready(stack)
         fault(stack, delay=0.1, count=1000)
         ids = [submit(stack) for _ in range(12)]
@@ -281,11 +286,239 @@ def test_a_job_too_old_for_the_window_is_polled_by_id(redis_url: str) -> None:
         assert orjson.loads(orjson.dumps(payload))["type"] == "lipsync.completed"
 
 
-def test_the_list_order_is_read_from_created_at() -> None:
-    times = [created_time(f"2026-04-07T10:00:0{s}Z") for s in (1, 2, 2, 5)]
-    assert direction(times) == "oldest_first"
-    assert direction(times[::-1]) == "newest_first"
-    assert direction([times[0], None, times[0]]) is None, "one second says nothing of order"
-    assert direction([times[1], times[0], times[3]]) == "unusable"
+def order_of(*pages: list[float | None]) -> str | None:
+    tally = Tally()
+    for page in pages:
+        tally.add(page)
+    return tally.order()
+
+
+def test_the_list_order_is_read_from_the_bulk_of_created_at_within_pages() -> None:
+    times = [created_time(f"2026-04-07T10:00:{s:02d}Z") for s in range(20)]
+    assert order_of(times[:4]) == OLDEST_FIRST
+    assert order_of(times[3::-1]) == NEWEST_FIRST
+    assert order_of([times[0], None, times[0]]) is None, "one second says nothing of order"
+    # Where pages join, a live list may have moved: only neighbours within a page count.
+    assert order_of(times[19:9:-1], times[12:2:-1]) == NEWEST_FIRST
+    # A row with an odd time among many is outvoted; a few disagreeing rows say "not yet".
+    odd = [*times[19:9:-1], times[15], *times[9:0:-1]]
+    assert order_of(odd) == NEWEST_FIRST
+    assert order_of([times[1], times[0], times[3]]) is None
+    shuffled = [times[i] for i in (5, 1, 17, 3, 12, 0, 9, 14, 2, 19, 7, 11)]
+    assert order_of(shuffled) == UNUSABLE
     assert created_time("yesterday-ish") is None and created_time(None) is None
     assert created_time("2026-04-07T10:00:00") is None, "a time without a zone is no time"
+
+
+# -- a live list: rows move while a sweep reads (issue #19) -------------------------------------
+
+
+def sweeps_ended_early(stack: Stack) -> list[str]:
+    """The worker's 'sweep ended early' lines, with why."""
+    lines = stack.worker_logs[0].read_text().splitlines()
+    return [line for line in lines if "sweep ended early" in line]
+
+
+def submit_queued(stack: Stack, count: int) -> list[str]:
+    """`count` jobs through the relay's API, each also the newest row of the list as it is made."""
+    return [submit(stack) for _ in range(count)]
+
+
+def finish(stack: Stack, ids: list[str]) -> None:
+    for request_id in ids:
+        pin(stack, request_id, status="completed")
+
+
+def sweeps(stack: Stack, outcome: str = "complete") -> float:
+    return metric(stack, 0, "relay_sweeps_total", outcome=outcome)
+
+
+def test_a_newest_first_list_growing_between_page_reads_never_ends_a_sweep(redis_url: str) -> None:
+    # Microsecond times: each row is strictly newer than the one after it. Before every list
+    # page is read, two requests by another client join the front, so each page starts with
+    # rows the previous page already returned, newer than its last row.
+    config = sandbox(
+        list_max_limit=5,
+        queued_seconds=600,
+        processing_seconds=600,
+        time_precision="microseconds",
+    )
+    with relay_stack(redis_url, sandbox=config, env=SWEEPS_ONLY) as stack:
+        ready(stack)
+        ids = submit_queued(stack, 15)  # three pages and more
+        fault(stack, grow=2, count=60)
+        eventually(lambda: sweeps(stack) >= 6, timeout=60)
+        finish(stack, ids)
+        payloads = verified_callbacks(stack, 15, timeout=60)
+        assert set(payloads) == set(ids)
+        assert sweeps_ended_early(stack) == []
+        assert sweeps(stack, "unusable_order") == 0
+        assert metric(stack, 0, "relay_sweep_order_total", order="newest_first") >= 6
+        assert calls(stack, POLL_ROUTE) < 15, "sweeps, not per-id polls, found the jobs"
+        time.sleep(1.0)
+        assert len(stack.receiver.received) == 15, "a job seen on two pages ended twice"
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_whole_second_ties_across_a_page_boundary(redis_url: str, order: str) -> None:
+    # 30 rows of another client created in one instant, then 8 jobs of the relay's: the
+    # window's rows share one or two seconds, across several pages, while more arrive.
+    config = sandbox(order, list_max_limit=6, queued_seconds=600, processing_seconds=600)
+    with relay_stack(redis_url, sandbox=config, env=SWEEPS_ONLY) as stack:
+        ready(stack)
+        stack.upstream("POST", "/_sandbox/requests", json={"count": 30, "queued_seconds": 600})
+        ids = submit_queued(stack, 8)
+        stack.upstream("POST", "/_sandbox/requests", json={"count": 10, "queued_seconds": 600})
+        fault(stack, grow=1, count=40)
+        eventually(lambda: sweeps(stack) >= 5, timeout=60)
+        finish(stack, ids)
+        assert set(verified_callbacks(stack, 8, timeout=60)) == set(ids)
+        assert sweeps_ended_early(stack) == []
+        assert calls(stack, POLL_ROUTE) < 8, "sweeps, not per-id polls, found the jobs"
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_rows_vanishing_mid_sweep_leave_nothing_lost_or_doubled(redis_url: str, order: str) -> None:
+    # Before each list page, two rows no job of the relay's owns leave the front of the list
+    # (another client's deleted requests; the oldest history, oldest first): every row behind
+    # them moves two places forward, so a sweep can skip a row that crossed a page boundary.
+    config = sandbox(order, list_max_limit=5, queued_seconds=600, processing_seconds=600)
+    with relay_stack(redis_url, sandbox=config, env=SWEEPS_ONLY) as stack:
+        ready(stack)
+        ids: list[str] = []
+        for _ in range(10):
+            ids.append(submit(stack))
+            stack.upstream("POST", "/_sandbox/requests", json={"count": 3, "queued_seconds": 600})
+        fault(stack, vanish=2, count=25)
+        eventually(lambda: sweeps(stack) >= 6, timeout=60)
+        finish(stack, ids)
+        assert set(verified_callbacks(stack, 10, timeout=60)) == set(ids)
+        assert sweeps_ended_early(stack) == []
+        time.sleep(1.0)
+        assert len(stack.receiver.received) == 10, "a job ended twice"
+
+
+def test_pages_read_at_once_meet_a_429_and_everyone_pauses(redis_url: str) -> None:
+    config = sandbox(list_max_limit=3, history=100, queued_seconds=600, processing_seconds=600)
+    env = {
+        **SWEEPS_ONLY,
+        "RELAY_POLL_MIN_INTERVAL": "0.2",
+        "RELAY_POLL_MAX_INTERVAL": "0.5",
+        "RELAY_SWEEP_CONCURRENCY": "4",
+    }
+    with relay_stack(redis_url, sandbox=config, env=env) as stack:
+        ready(stack)
+        ids = submit_queued(stack, 24)  # eight pages a sweep
+        fault(stack, delay=0.3, count=10_000)  # slow pages: several are in flight at once
+        done = sweeps(stack)
+        eventually(lambda: sweeps(stack) >= done + 2, timeout=60)
+        stats = stack.upstream("GET", "/_sandbox/stats").json()
+        assert stats["peak_in_flight"][LIST_ROUTE] >= 2, "the pages were read one at a time"
+        # Faults apply first come first served: the next list page gets the 429.
+        stack.upstream("DELETE", "/_sandbox/faults")
+        fault(stack, status=429, retry_after=3, count=1)
+        fault(stack, delay=0.3, count=10_000)
+        eventually(lambda: sweeps(stack, "rate_limited") >= 1, timeout=30)
+        limited = stack.upstream("GET", "/_sandbox/stats").json()["timestamps"][LIST_ROUTE]
+        time.sleep(3.5)
+        stack.upstream("DELETE", "/_sandbox/faults")
+        # The 429 answered the last call made before it: a pause of 3 s from then on, for
+        # everyone (calls already on their way when it came may still arrive just after).
+        hit = max(limited)
+        later = [t for t in read_times(stack) if hit + 0.5 < t < hit + 2.9]
+        assert later == [], f"{len(later)} status reads during the pause"
+        finish(stack, ids)
+        assert set(verified_callbacks(stack, 24, timeout=60)) == set(ids)
+
+
+@pytest.mark.parametrize("kind", MALFORMED)
+@pytest.mark.parametrize("reads", ["list pages", "status reads"])
+def test_malformed_answers_leave_every_job_called_back_with_its_true_status(
+    redis_url: str, reads: str, kind: str
+) -> None:
+    # 30 % of the reads are answered 200 with something else: list pages (sweeps), or per-id
+    # status reads (no sweeps).
+    config = sandbox(list_max_limit=4, history=50)
+    if reads == "list pages":
+        env, route = {"RELAY_SWEEP_INTERVAL": "0.3", "RELAY_POLL_MIN_INTERVAL": "0.5"}, LIST_ROUTE
+    else:
+        env, route = {"RELAY_SWEEP_INTERVAL": "0"}, POLL_ROUTE
+    with relay_stack(redis_url, sandbox=config, env=env) as stack:
+        ready(stack)
+        fault(stack, paths=route, malformed=kind, rate=0.3, count=None)
+        videos = [f"https://cdn.example.com/{n}{'-fail' * (n % 3 == 0)}.mp4" for n in range(9)]
+        ids = [submit(stack, video=video) for video in videos]
+        payloads = verified_callbacks(stack, 9, timeout=90)
+        stack.upstream("DELETE", "/_sandbox/faults")
+        assert set(payloads) == set(ids)
+        for request_id, payload in payloads.items():
+            true = stack.upstream("GET", f"/api/v1/lipsync/requests/{request_id}").json()
+            assert payload["type"] == f"lipsync.{true['status']}"
+            assert payload["data"] == true, "the callback carries the row as Chamelaion has it"
+        fired = stack.upstream("GET", "/_sandbox/stats").json()["faults_fired"]
+        assert fired[route].get(kind, 0) >= 1
+        time.sleep(1.0)
+        assert len(stack.receiver.received) == 9, "a job ended twice"
+        if kind == "padding":
+            endpoint = "lipsync/requests" if route == LIST_ROUTE else "lipsync/requests/{id}"
+            cut = metric(stack, 0, "relay_upstream_answers_cut_total", endpoint=endpoint)
+            assert cut >= 1, "an 8 MB answer is cut off, not read whole"
+
+
+def test_a_submit_flood_leaves_sweeps_their_share_of_the_budget(redis_url: str) -> None:
+    # 4 calls/s in all; the API may keep a caller 20 s for a slot, and 40 callers ask for one
+    # all the time: without a share of their own, a sweep's page would wait behind ~13 s of
+    # the API's bookings. The relay's own jobs finish while the flood goes on.
+    config = sandbox(queued_seconds=1.0, processing_seconds=1.0)
+    env = {
+        "RELAY_UPSTREAM_RATE_LIMIT": "4",
+        "RELAY_API_BUDGET_WAIT": "20",
+        "RELAY_POLL_MIN_INTERVAL": "10",
+        "RELAY_POLL_MAX_INTERVAL": "10",
+        "RELAY_SWEEP_INTERVAL": "0.5",
+    }
+    with relay_stack(redis_url, sandbox=config, env=env) as stack:
+        ready(stack)
+        ids = submit_queued(stack, 3)
+        flooding = threading.Event()
+        flood_ids: list[str] = []
+
+        def flood() -> None:
+            sdk = Chamelaion(
+                api_key=RELAY_KEY, base_url=stack.api_url + "/api", max_retries=0, timeout=60
+            )
+            while flooding.is_set():
+                try:
+                    flood_ids.append(
+                        sdk.lipsync.generate(
+                            inputs=[
+                                {"type": "video", "url": "https://cdn.example.com/f.mp4"},
+                                {"type": "audio", "url": "https://cdn.example.com/f.wav"},
+                            ]
+                        ).request_id
+                    )
+                except RateLimitError:
+                    time.sleep(1)
+            sdk.close()
+
+        flooding.set()
+        callers = [threading.Thread(target=flood) for _ in range(40)]
+        for caller in callers:
+            caller.start()
+        try:
+            own = verified_callbacks(stack, 3, timeout=60)
+            eventually(lambda: len(flood_ids) >= 20, timeout=60)  # a while of flood, then
+        finally:
+            flooding.clear()
+            for caller in callers:
+                caller.join()
+        assert set(ids) <= set(own)
+        stamps = stack.upstream("GET", "/_sandbox/stats").json()["timestamps"]
+        creates = sorted(stamps[CREATE_ROUTE])[3:]  # the flood's
+        pages = [t for t in stamps[LIST_ROUTE] if creates[0] <= t <= creates[-1]]
+        between = [
+            sum(1 for t in creates if earlier < t < later)
+            for earlier, later in itertools.pairwise(pages)
+        ]
+        assert len(pages) >= 3, "sweeps kept running while the flood took the rest"
+        assert max(between) <= 12, f"{max(between)} creates went ahead of one list page"

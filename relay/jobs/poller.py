@@ -153,8 +153,8 @@ class Poller:
         `hold`: the least time before the job's next per-id poll (a sweep that saw it will see
         it again before then).
         """
-        data = json_object(raw) if len(raw) <= MAX_BODY_BYTES else None
-        if data is None or not isinstance(data.get("status"), str):
+        data = self._usable(job, raw)
+        if data is None:
             log.warning("poll got an unusable body", extra={"request_id": job.request_id})
             await self._retry_later(job)
             return
@@ -183,13 +183,25 @@ class Poller:
     def plan(self, job: Job, raw: bytes, *, hold: float = 0.0) -> PollRecord | None:
         """What to store for a status that only moves the job along; None when the status
         needs `observe` (it ends the job, sends an event, or is unusable)."""
-        data = json_object(raw) if len(raw) <= MAX_BODY_BYTES else None
-        if data is None or not isinstance(data.get("status"), str):
+        data = self._usable(job, raw)
+        if data is None:
             return None
         new_status: str = data["status"]
         if event_type(new_status) is not None or self._starts_processing(job, new_status):
             return None
         return self._record(job, raw, new_status, hold)
+
+    @staticmethod
+    def _usable(job: Job, raw: bytes) -> dict[str, Any] | None:
+        """The LipsyncRequest in `raw` when it is one, of this job, with a status; else None.
+
+        A body that names no job, or another, is not taken for this job's status: its callback
+        would not say which job it is about (a proxy's stale page, a malformed answer).
+        """
+        data = json_object(raw) if len(raw) <= MAX_BODY_BYTES else None
+        if data is None or data.get("id") != job.request_id:
+            return None
+        return data if isinstance(data.get("status"), str) else None
 
     def _record(self, job: Job, raw: bytes, new_status: str, hold: float) -> PollRecord:
         # The interval drops to the minimum on a change and grows while nothing changes.

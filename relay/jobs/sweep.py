@@ -9,17 +9,30 @@ ignored. A job seen is held back from per-id polls until after the next sweep sh
 it again, so per-id polls are left to what sweeps do not cover: jobs older than the window, jobs
 a sweep missed, and everything while sweeps fail.
 
+The list is live: requests are created (and some deleted) while a sweep reads it, and an offset
+is a position at the moment of each read. So rows are known by `id`, never by position: a row
+pushed on a page by newer ones is seen twice and handled once; one that moved back past a page
+already read is left to the next sweep or a per-id poll; end.lua makes sure nothing ends twice.
+
 Chamelaion documents neither the list's order nor its largest page, so both are read from what
-comes back: the order from `created_at` (newest-first pages are read from offset 0 until a row
-is older than the window; oldest-first ones from the window's start, found by bisection once
-and remembered), the page size from the rows actually returned. A list in neither order, a
-failing list or a 429 ends the sweep early; jobs then fall due for per-id polls, so nothing is
-lost, and end.lua makes sure nothing ends twice.
+comes back. The order is the one the bulk of neighbouring rows within pages agree on (a page is
+one moment's snapshot; where two pages join, the list may have moved between the reads, and
+whole-second `created_at` ties say nothing), remembered for sweeps whose pages cannot tell. A
+newest-first list is read from offset 0 until a row is older than the window or every job
+tracked in the window was seen; an oldest-first one from the window's start (found by bisection
+once and remembered) to the end. Once a page has told the total and the page size, the rest are
+read several at once (RELAY_SWEEP_CONCURRENCY in flight), each as soon as the budget gives it a
+slot: a sweep of N pages costs N slots and about one page's latency, not N latencies.
+
+A list in no usable order, a failing first page or a 429 ends the sweep early; a later page that
+fails or makes no sense is skipped (its rows wait for the next sweep), unless several in a row
+are. Jobs a sweep did not see fall due for per-id polls, so nothing is lost.
 
 One sweep runs at a time across all workers: whoever takes the lease (`relay:sweep:lease`, a
 token SET NX with a TTL of RELAY_POLL_LEASE, renewed before every page) sweeps; a worker that
-dies mid-sweep lets it expire. Every page spends one call of the shared upstream budget, booked
-ahead of per-id polls, and a 429 pauses everyone as a poll's does.
+dies mid-sweep lets it expire. Every page spends one call of the upstream budget, from the
+status reads' own share when that comes first (relay.jobs.schedule), booked ahead of per-id
+polls, and a 429 pauses everyone as a poll's does.
 """
 
 from __future__ import annotations
@@ -32,8 +45,8 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -47,14 +60,22 @@ from relay.errors import UpstreamError
 from relay.jobs.poller import DEFAULT_PAUSE_ON_429, Poller
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import Job, JobStore, PollRecord
-from relay.metrics import SWEEP_ORDER, SWEEP_PAGES, SWEEP_ROWS, SWEEPS
+from relay.metrics import (
+    SWEEP_ORDER,
+    SWEEP_PAGE_WAIT,
+    SWEEP_PAGES,
+    SWEEP_PAGES_SKIPPED,
+    SWEEP_ROWS,
+    SWEEPS,
+)
 from relay.settings import Settings
-from relay.upstream import Upstream, json_object, parse_retry_after
+from relay.upstream import AnswerTooLarge, Upstream, json_object, parse_retry_after
 
 log = logging.getLogger(__name__)
 
 NEWEST_FIRST = "newest_first"
 OLDEST_FIRST = "oldest_first"
+UNUSABLE = "unusable"
 # Chamelaion's clock and Redis's may disagree, and created_at has whole seconds: the window
 # reaches this much further back than the oldest outstanding job.
 CLOCK_MARGIN = 5.0
@@ -65,6 +86,17 @@ MAX_BACKOFF = 60.0
 LIST_PATH = "v1/lipsync/requests"
 # Seconds past the lease's expiry at which the workers try for the next sweep.
 LEASE_SLACK = 0.005
+# The share of neighbouring rows (of those not tied) that must go one way for the list to be
+# read as in that order; fewer untied pairs than ORDER_EVIDENCE that disagree only say "not
+# yet" (a few rows with odd times), more say the list has no usable order.
+ORDER_MAJORITY = 0.9
+ORDER_EVIDENCE = 8
+# Pages that fail in a row (after the first) before a sweep gives up on the list.
+FAILED_PAGES = 3
+# Outcomes of one page that skip it rather than end the sweep (after the first page).
+SKIPPABLE = ("error", "unreachable", "bad_body")
+# Outcomes that leave the list's health as it was: no back-off follows them.
+UNHURT = ("complete", "partial", "idle", "stopped", "lost_lease")
 
 
 class SweepEnded(Exception):
@@ -87,30 +119,46 @@ def created_time(value: object) -> float | None:
     return moment.timestamp() if moment.tzinfo is not None else None
 
 
-def direction(times: Sequence[float | None]) -> str | None:
-    """NEWEST_FIRST, OLDEST_FIRST, None (cannot tell: all equal) or "unusable" (neither)."""
-    known = [t for t in times if t is not None]
-    pairs = list(itertools.pairwise(known))
-    rising = all(a <= b for a, b in pairs)
-    falling = all(a >= b for a, b in pairs)
-    if rising and falling:
-        return None
-    if rising:
-        return OLDEST_FIRST
-    return NEWEST_FIRST if falling else "unusable"
+@dataclass
+class Tally:
+    """Neighbouring rows within pages, counted by which way their created_at goes."""
+
+    rising: int = 0
+    falling: int = 0
+
+    def add(self, times: Sequence[float | None]) -> None:
+        known = [t for t in times if t is not None]
+        for earlier, later in itertools.pairwise(known):
+            if later > earlier:
+                self.rising += 1
+            elif later < earlier:
+                self.falling += 1
+
+    def order(self) -> str | None:
+        """NEWEST_FIRST, OLDEST_FIRST, None (too little to tell) or UNUSABLE (no order)."""
+        untied = self.rising + self.falling
+        if untied == 0:
+            return None
+        if max(self.rising, self.falling) >= ORDER_MAJORITY * untied:
+            return OLDEST_FIRST if self.rising > self.falling else NEWEST_FIRST
+        return UNUSABLE if untied >= ORDER_EVIDENCE else None
 
 
 @dataclass(frozen=True)
 class Page:
     offset: int
     times: list[float | None]
-    size: int  # rows returned
+    size: int  # entries returned: the next page starts this far on
     limit: int  # the page size Chamelaion says it applied
     total: int
 
     @property
     def end(self) -> int:
         return self.offset + self.size
+
+    @property
+    def last_of_list(self) -> bool:
+        return self.size == 0 or self.size < self.limit or self.end >= self.total
 
     @property
     def first(self) -> float | None:
@@ -128,17 +176,26 @@ class Run:
     token: str
     start: float  # rows created before this (epoch seconds) are outside the window
     hold: float
+    window_at: float  # Redis time when the window was read
+    window: float  # RELAY_SWEEP_WINDOW
+    expected: int  # jobs tracked within the window then: once all are seen, all are
+    page_size: int  # the page size the last sweeps saw
+    step: int | None = None  # the page size this sweep saw: offsets of pages read at once
     pages: int = 0
-    page_size: int = 0  # the largest page seen
     matched: int = 0
-    # The last page's rows being handled while the next page is fetched.
-    handling: asyncio.Task[None] | None = None
+    skipped: int = 0
+    total: int = 0  # the largest total any page told
+    expected_seen: int = 0
+    tally: Tally = field(default_factory=Tally)
+    seen: set[str] = field(default_factory=set)
+    # Pages' rows being handled while more pages are read.
+    handling: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def handled(self) -> None:
         """Wait for the rows handed over so far."""
-        if self.handling is not None:
-            task, self.handling = self.handling, None
-            await task
+        while self.handling:
+            tasks, self.handling = self.handling, set()
+            await asyncio.gather(*tasks)
 
 
 class Sweeper:
@@ -213,9 +270,9 @@ class Sweeper:
 
     async def _finish(self, token: str, outcome: str, elapsed: float) -> None:
         failures = 0
-        if outcome not in ("complete", "idle", "stopped", "lost_lease"):
+        if outcome not in UNHURT:
             [failures] = await self._state_call("hincrby", keys.SWEEP_STATE, "failures", 1)
-        elif outcome == "complete":
+        elif outcome in ("complete", "partial"):
             await self._remember(failures=0, duration=f"{elapsed:.3f}")
         if outcome != "idle":
             SWEEPS.labels(outcome).inc()
@@ -238,7 +295,7 @@ class Sweeper:
     # -- one sweep -------------------------------------------------------------------------
 
     async def _sweep(self, token: str) -> str:
-        outstanding, oldest, _now = await self._window(
+        outstanding, oldest, now, in_window = await self._window(
             keys=[keys.CREATED, keys.POLLS],
             args=[self.settings.sweep_window, self.settings.max_job_age],
         )
@@ -255,7 +312,15 @@ class Sweeper:
         pages = int(outstanding) / page_size + 2
         expected = max(duration, 2 * pages * self.schedule.period)
         hold = 2 * max(expected, self.settings.sweep_interval) + self.settings.poll_min_interval
-        run = Run(token=token, start=float(oldest) - CLOCK_MARGIN, hold=hold)
+        run = Run(
+            token=token,
+            start=float(oldest) - CLOCK_MARGIN,
+            hold=hold,
+            window_at=float(now),
+            window=self.settings.sweep_window,
+            expected=int(in_window),
+            page_size=page_size,
+        )
         try:
             try:
                 order = await self._read(run, state.get("order"), state.get("cursor"))
@@ -263,79 +328,109 @@ class Sweeper:
                 await run.handled()  # every row read is handled, whatever ended the sweep
         except SweepEnded as ended:
             if ended.outcome == "unusable_order":
-                SWEEP_ORDER.labels("unusable").inc()
+                SWEEP_ORDER.labels(UNUSABLE).inc()
                 await self._state_call("hdel", keys.SWEEP_STATE, "order", "cursor")
             raise
         finally:
-            if run.page_size:
-                await self._remember(page_size=run.page_size)
+            if run.step:
+                await self._remember(page_size=run.step)
         SWEEP_ORDER.labels(order or "unknown").inc()
         log.debug(
             "sweep complete",
-            extra={"pages": run.pages, "matched": run.matched, "order": order},
+            extra={
+                "pages": run.pages,
+                "matched": run.matched,
+                "order": order,
+                "skipped": run.skipped,
+            },
         )
-        return "complete"
+        return "partial" if run.skipped else "complete"
+
+    def _order(self, run: Run, known: str | None) -> str | None:
+        """The list's order as the pages read so far tell it, else `known` (what earlier sweeps
+        found); SweepEnded when the pages show no usable order."""
+        seen = run.tally.order()
+        if seen == UNUSABLE:
+            raise SweepEnded("unusable_order", "the list is neither newest nor oldest first")
+        return seen or known
 
     async def _read(self, run: Run, known: str | None, cursor: str | None) -> str | None:
         if known == OLDEST_FIRST and cursor is not None:
             page = await self._page(run, int(cursor))
-            moved = page.size == 0 or (page.first is not None and page.first >= run.start)
-            if page.offset > 0 and moved:
-                # The window now starts before the remembered place (or the list shrank under
-                # it): find it again.
-                page = await self._locate(run, 0, min(page.offset, page.total))
-            return await self._forward(run, page, OLDEST_FIRST)
+            if self._order(run, known) == OLDEST_FIRST:
+                moved = page.size == 0 or (page.first is not None and page.first >= run.start)
+                if page.offset > 0 and moved:
+                    # The window now starts before the remembered place (or the list shrank
+                    # under it): find it again.
+                    page = await self._locate(run, 0, min(page.offset, page.total))
+                await self._oldest_first(run, page)
+                return OLDEST_FIRST
+            # The rows there now run newest first: read the list from the top.
         page = await self._page(run, 0)
-        # None: one page of rows from a single second, whose order cannot be told yet.
-        return await self._forward(run, page, direction(page.times))
-
-    async def _forward(self, run: Run, page: Page, order: str | None) -> str | None:
-        """Read on from `page` to the window's end, checking that the order holds throughout."""
-        previous: float | None = None
-        cursor: int | None = None
-        while True:
-            seen = direction([previous, *page.times])
-            if seen == "unusable" or (order is not None and seen not in (None, order)):
-                raise SweepEnded("unusable_order", "the list is neither newest nor oldest first")
-            order = order or seen
-            previous = page.last if page.last is not None else previous
-            if order == OLDEST_FIRST and cursor is None:
-                if page.end < page.total and page.last is not None and page.last < run.start:
-                    page = await self._locate(run, page.end, page.total)
-                    previous = None
-                    continue
-                first_in_window = next(
-                    (
-                        page.offset + i
-                        for i, t in enumerate(page.times)
-                        if t is None or t >= run.start
-                    ),
-                    None,
-                )
-                # Remembered one row early: the next sweep's first row is then older than the
-                # window unless the window now starts earlier, which `_read` checks for.
-                cursor = None if first_in_window is None else max(0, first_in_window - 1)
-            if order == NEWEST_FIRST and page.last is not None and page.last < run.start:
-                break  # every row further on is older than the window
-            if page.size == 0 or page.size < page.limit or page.end >= page.total:
-                break
+        order = self._order(run, None if known == OLDEST_FIRST and cursor is None else known)
+        while order is None and not page.last_of_list:
+            # Rows of one second so far, and no order known: read on until they tell.
             page = await self._page(run, page.end)
-        if order is not None:
-            await self._remember(order=order)
+            order = self._order(run, None)
         if order == OLDEST_FIRST:
-            where = cursor if cursor is not None else page.end
-            await self._remember(cursor=where)
+            if not page.last_of_list and page.last is not None and page.last < run.start:
+                page = await self._locate(run, page.end, page.total)
+            await self._oldest_first(run, page)
+        elif order == NEWEST_FIRST:
+            await self._newest_first(run, page)
         return order
+
+    async def _newest_first(self, run: Run, page: Page) -> None:
+        """Read on from `page` (read already) to the window's end."""
+
+        def done(page: Page) -> bool:
+            self._keeps(run, NEWEST_FIRST)
+            return (
+                page.last_of_list
+                or (page.last is not None and page.last < run.start)
+                or 0 < run.expected <= run.expected_seen
+            )
+
+        if not done(page):
+            await self._pages(run, page.end, stop=done)
+        await self._remember(order=NEWEST_FIRST)
+
+    async def _oldest_first(self, run: Run, page: Page) -> None:
+        """Read on from `page`, where the window starts, to the end of the list."""
+        first_in_window = next(
+            (page.offset + i for i, t in enumerate(page.times) if t is None or t >= run.start),
+            None,
+        )
+
+        def done(page: Page) -> bool:
+            self._keeps(run, OLDEST_FIRST)
+            return page.size == 0
+
+        if not page.last_of_list:
+            planned = run.total
+            await self._pages(run, page.end, until=planned, stop=done)
+            if run.total > planned:
+                # Requests added at the end while the sweep read: read them once more.
+                await self._pages(run, planned, until=run.total, stop=done)
+        # Remembered one row early: the next sweep's first row is then older than the window
+        # unless the window now starts earlier, which `_read` checks for.
+        cursor = page.end if first_in_window is None else max(0, first_in_window - 1)
+        await self._remember(order=OLDEST_FIRST, cursor=cursor)
+
+    def _keeps(self, run: Run, order: str) -> None:
+        """The pages read so far still run in `order` (else SweepEnded)."""
+        if self._order(run, order) != order:
+            raise SweepEnded("unusable_order", f"the list stopped being {order} mid-sweep")
 
     async def _locate(self, run: Run, low: int, high: int) -> Page:
         """Bisect an oldest-first list for the page where the window starts.
 
         Rows before `low` are older than the window; rows from `high` on are not.
         """
-        size = max(run.page_size, 1)
+        size = max(run.step or run.page_size, 1)
         while high - low > size:
             page = await self._page(run, (low + high) // 2)
-            size = max(run.page_size, 1)
+            size = max(run.step or run.page_size, 1)
             if page.size == 0:
                 high = page.offset
             elif page.last is not None and page.last < run.start:
@@ -346,11 +441,82 @@ class Sweeper:
                 return page  # it straddles the window's start
         return await self._page(run, low)
 
+    async def _pages(
+        self,
+        run: Run,
+        offset: int,
+        *,
+        stop: Callable[[Page], bool],
+        until: int | None = None,
+    ) -> None:
+        """Read the pages from `offset` on, several at once: each as soon as the budget gives it
+        a slot, at most RELAY_SWEEP_CONCURRENCY in flight, up to `until` (default: the end of
+        the list as the pages tell it) or until `stop` says a page read was the last needed.
+
+        Pages in flight when one ends the sweep (a 429) are still awaited and their rows used.
+        """
+        step = max(run.step or run.page_size, 1)
+        fetches: set[asyncio.Task[Page]] = set()
+        booking: asyncio.Task[None] | None = None
+        gaps: list[int] = []  # offsets a short page left unread
+        ended: SweepEnded | None = None
+        stopped = False
+        failed = 0
+        try:
+            while True:
+                more = gaps or offset < (until if until is not None else run.total)
+                room = len(fetches) < self.settings.sweep_concurrency
+                if booking is None and more and room and not stopped and ended is None:
+                    booking = asyncio.create_task(self._take_budget())
+                waiting: set[asyncio.Task[Any]] = set(fetches)
+                if booking is not None:
+                    waiting.add(booking)
+                if not waiting:
+                    break
+                finished, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if booking is not None and booking in finished:
+                    finished.discard(booking)
+                    slot, booking = booking, None
+                    slot.result()  # raises SweepEnded("stopped") when the worker stops
+                    if not stopped and ended is None:  # else the slot goes unused
+                        if gaps:
+                            at = gaps.pop()
+                        else:
+                            at, offset = offset, offset + step
+                        fetches.add(asyncio.create_task(self._fetch(run, at)))
+                for task in finished:
+                    fetches.discard(task)
+                    try:
+                        page = task.result()
+                        stopped = stop(page) or stopped
+                    except SweepEnded as exc:
+                        if exc.outcome in SKIPPABLE and failed + 1 < FAILED_PAGES:
+                            failed += 1
+                            run.skipped += 1
+                            SWEEP_PAGES_SKIPPED.labels(exc.outcome).inc()
+                        else:
+                            ended = ended or exc
+                        continue
+                    failed = 0
+                    if page.size < step and not page.last_of_list:
+                        gaps.append(page.end)  # a short page: read what it left out
+        finally:
+            leftovers = [*fetches, *([booking] if booking is not None else [])]
+            for task in leftovers:
+                task.cancel()
+            await asyncio.gather(*leftovers, return_exceptions=True)
+        if ended is not None:
+            raise ended
+
     async def _page(self, run: Run, offset: int) -> Page:
-        """Read one page within the budget and the lease, and handle its tracked rows."""
+        """Read one page within the budget (one at a time: while the list's shape is unknown)."""
+        await self._take_budget()
+        return await self._fetch(run, offset)
+
+    async def _fetch(self, run: Run, offset: int) -> Page:
+        """Read one page (its budget slot taken) within the lease; hand its tracked rows over."""
         if self._stopping.is_set():
             raise SweepEnded("stopped")
-        await self._take_budget()
         if not await self._lease(
             keys=[keys.SWEEP_LEASE], args=[run.token, math.ceil(self.lease * 1000)]
         ):
@@ -364,6 +530,8 @@ class Sweeper:
                 params={"limit": str(self.settings.sweep_page_size), "offset": str(offset)},
                 timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             )
+        except AnswerTooLarge as exc:
+            raise SweepEnded("bad_body", exc.message) from exc
         except UpstreamError as exc:
             raise SweepEnded("unreachable", exc.message) from exc
         if response.status_code == 429:
@@ -373,46 +541,63 @@ class Sweeper:
             raise SweepEnded("rate_limited", f"429 for {pause} s")
         if response.status_code != 200:
             raise SweepEnded("error", f"HTTP {response.status_code}")
-        body = json_object(response.content)
-        rows, limit, total = _rows(body)
-        if rows is None or limit is None or total is None:
+        page = _page(offset, json_object(response.content))
+        if page is None:
             raise SweepEnded("bad_body", "the list answer is not a page of requests")
+        listed, rows = page
         SWEEP_PAGES.inc()
         run.pages += 1
-        run.page_size = max(run.page_size, len(rows))
-        await run.handled()
-        run.handling = asyncio.create_task(self._handle(run, rows))
-        return Page(
-            offset=offset,
-            times=[created_time(row.get("created_at")) for row in rows],
-            size=len(rows),
-            limit=limit,
-            total=total,
-        )
+        run.total = max(run.total, listed.total)
+        if run.step is None and not listed.last_of_list:
+            run.step = listed.size
+        run.tally.add(listed.times)
+        await self._match(run, rows)
+        return listed
 
     async def _take_budget(self) -> None:
+        waited = 0.0
         while True:
             booked, wait = await self.schedule.reserve()
             if wait > 0:
+                waited += wait
                 await asyncio.sleep(wait)
             if booked:
+                SWEEP_PAGE_WAIT.observe(waited)
                 return
             if self._stopping.is_set():
                 raise SweepEnded("stopped")
 
-    async def _handle(self, run: Run, rows: list[dict[str, Any]]) -> None:
-        """Hand every row that is an outstanding tracked job to the poller; ignore the rest."""
-        ids = [row["id"] for row in rows if isinstance(row.get("id"), str) and row["id"]]
-        if not ids:
+    async def _match(self, run: Run, rows: list[dict[str, Any]]) -> None:
+        """Find the rows that are outstanding tracked jobs not seen yet this sweep, count those
+        the window expected, and hand them over to be handled while more pages are read."""
+        fresh = {}
+        for row in rows:
+            rid = row.get("id")
+            if isinstance(rid, str) and rid and rid not in run.seen:
+                fresh[rid] = row
+        if not fresh:
             return
-        [scores] = await self._state_call("zmscore", keys.POLLS, ids)
-        matched = {rid for rid, score in zip(ids, scores, strict=True) if score is not None}
-        if not matched:
-            return
-        by_id = {row["id"]: row for row in rows if row.get("id") in matched}
+        run.seen.update(fresh)  # before any await: pages read at once never share a row
+        ids = list(fresh)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zmscore(keys.POLLS, ids)
+            pipe.zmscore(keys.CREATED, ids)
+            polls, created = await pipe.execute()
+        matched = {}
+        for rid, due, tracked in zip(ids, polls, created, strict=True):
+            if due is None:
+                continue
+            matched[rid] = fresh[rid]
+            if tracked is not None and run.window_at - run.window <= tracked <= run.window_at:
+                run.expected_seen += 1
+        if matched:
+            run.matched += len(matched)
+            SWEEP_ROWS.inc(len(matched))
+            run.handling.add(asyncio.create_task(self._handle(run, matched)))
+
+    async def _handle(self, run: Run, by_id: dict[str, dict[str, Any]]) -> None:
+        """Hand every matched row to the poller."""
         jobs = await self.store.get_many(list(by_id))
-        run.matched += len(by_id)
-        SWEEP_ROWS.inc(len(by_id))
         # Rows that only move a job along are stored in one round trip; rows that end a job
         # (or a job to settle) take the poller's whole path, one by one.
         records: list[PollRecord] = []
@@ -438,20 +623,29 @@ class Sweeper:
         await self.poller.observe(job, raw, hold=run.hold)
 
 
-def _rows(
-    body: dict[str, Any] | None,
-) -> tuple[list[dict[str, Any]] | None, int | None, int | None]:
-    """A list answer's rows, applied limit and total; Nones when it is not such a page."""
+def _page(offset: int, body: dict[str, Any] | None) -> tuple[Page, list[dict[str, Any]]] | None:
+    """A list answer as a Page and its rows; None when it is not such a page."""
     if body is None or not isinstance(body.get("data"), list):
-        return None, None, None
+        return None
     pagination = body.get("pagination")
     numbers: list[Any] = [
         pagination.get(name) if isinstance(pagination, dict) else None
         for name in ("limit", "total")
     ]
     if not all(isinstance(n, int) and not isinstance(n, bool) for n in numbers):
-        return None, None, None
-    rows = [row for row in body["data"] if isinstance(row, dict)]
-    # Trust what came back over what was asked: a limit of 0 or one below the rows returned
-    # would end the read early, so the page's own size is the floor.
-    return rows, max(int(numbers[0]), len(rows), 1), int(numbers[1])
+        return None
+    limit, total = int(numbers[0]), int(numbers[1])
+    if total < 0:
+        return None
+    entries: list[Any] = body["data"]
+    rows = [row for row in entries if isinstance(row, dict)]
+    page = Page(
+        offset=offset,
+        times=[created_time(row.get("created_at")) for row in rows],
+        size=len(entries),
+        # Trust what came back over what was asked: a limit of 0 or one below the rows
+        # returned would end the read early, so the page's own size is the floor.
+        limit=max(limit, len(entries), 1),
+        total=total,
+    )
+    return page, rows

@@ -1,7 +1,8 @@
 -- Where a sweep's window of the list starts: the oldest outstanding job tracked within the last
 -- `window` seconds. Entries for jobs no longer in the poll queue are dropped on the way (the
 -- queue is the one record of who is outstanding; this index only dates them), as are entries
--- older than any job may live. Returns {outstanding count, oldest created or '', now}.
+-- older than any job may live. Returns {outstanding count, oldest created or '', now, jobs
+-- tracked within the window}: once a sweep has seen that many of them, it has seen them all.
 local created_key = KEYS[1]
 local polls_key = KEYS[2]
 local window = tonumber(ARGV[1])
@@ -22,4 +23,5 @@ for _ = 1, 10 do
   end
   if oldest ~= '' then break end
 end
-return {outstanding, oldest, string.format('%.17g', now)}
+local in_window = redis.call('ZCOUNT', created_key, now - window, '+inf')
+return {outstanding, oldest, string.format('%.17g', now), in_window}
