@@ -19,6 +19,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import cast
 
 import httpx
 import orjson
@@ -45,10 +46,12 @@ def used_mb(redis_url: str) -> float:
 def record_bytes(redis_url: str) -> tuple[int, int]:
     """MEMORY USAGE of the largest Idempotency-Key record, and of the callers' counts."""
     client = Redis.from_url(redis_url)
+
+    def usage(pattern: str) -> list[int]:
+        return [cast(int, client.memory_usage(key) or 0) for key in client.scan_iter(pattern)]
+
     try:
-        records = [client.memory_usage(k) or 0 for k in client.scan_iter("relay:idem:*")]
-        counts = [client.memory_usage(k) or 0 for k in client.scan_iter("relay:idem-held:*")]
-        return max(records, default=0), sum(counts)
+        return max(usage("relay:idem:*"), default=0), sum(usage("relay:idem-held:*"))
     finally:
         client.close()
 
