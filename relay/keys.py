@@ -18,10 +18,14 @@ relay:upstream:paused       string Redis-clock time until which nobody polls (af
 relay:idem:{caller}:{route}:{key}
                             hash   one Idempotency-Key's claim and first answer (caller: a
                                    digest of the caller's API key; route: the submit path)
+relay:idem-held:{caller}    zset   the Idempotency-Key records a caller holds -> Redis-clock
+                                   time each stops counting (RELAY_IDEMPOTENCY_MAX_KEYS)
 relay:webhook-key:{key id}  string when the relay first published that ed25519 public key
 relay:stats:{outcome}:{minute}
                             string callbacks delivered / failed in that minute (kept 2 h)
 relay:api:write_check       string written before each round of submissions: Redis takes writes
+relay:ready:write_check     string written by every Redis check (relay.redis_watch): readiness
+                                   fails while Redis refuses it
 relay:destination:{dest}   hash   a callback destination's breaker: consecutive failures
                                    (dest = scheme://host:port; expires a day after the last)
 relay:destinations:backed_off zset destination -> Redis-clock time it is backed off until
@@ -42,6 +46,7 @@ relay:epoch                 string the marker every process checks to notice an 
 relay:data-lost             string why the relay believes Redis lost its data (until acknowledged)
 relay:arq:queue             zset   arq's queue: deliveries only
 relay:arq:health            string arq's health check record
+relay:workers               zset   worker (host:pid) -> Redis-clock time its heartbeat lasts until
 arq:job:{job id}            string a queued arq job (arq's own prefix, not configurable)
 arq:in-progress:{job id}    string an arq job being run (expires after its timeout + 10 s)
 arq:result:{job id}         string an arq job's result, kept `keep_result` seconds
@@ -70,6 +75,7 @@ UPSTREAM_TAT = PREFIX + "upstream:tat"
 UPSTREAM_READS_TAT = PREFIX + "upstream:tat:reads"
 UPSTREAM_PAUSED = PREFIX + "upstream:paused"
 WRITE_CHECK = PREFIX + "api:write_check"
+READY_WRITE_CHECK = PREFIX + "ready:write_check"
 BACKED_OFF = PREFIX + "destinations:backed_off"
 EPOCH = PREFIX + "epoch"
 DATA_LOST = PREFIX + "data-lost"
@@ -80,6 +86,7 @@ STRANDED_LEASE = PREFIX + "stranded:lease"
 INTENTS = PREFIX + "intents"
 RECONCILE_LEASE = PREFIX + "reconcile:lease"
 ARQ_HEALTH = PREFIX + "arq:health"
+WORKERS = PREFIX + "workers"
 ARQ_JOB_PREFIX = job_key_prefix
 ARQ_IN_PROGRESS_PREFIX = in_progress_key_prefix
 ARQ_RESULT_PREFIX = result_key_prefix
@@ -104,6 +111,10 @@ def delivery_job_id(request_id: str, attempt: int) -> str:
 
 def idempotency(caller: str, route: str, key: str) -> str:
     return f"{PREFIX}idem:{caller}:{route}:{key}"
+
+
+def idempotency_held(caller: str) -> str:
+    return f"{PREFIX}idem-held:{caller}"
 
 
 def webhook_key(key_id: str) -> str:
