@@ -434,7 +434,8 @@ CONTRACT_ENV = {
     "RELAY_MAX_UPLOAD_BYTES", "RELAY_LOG_FORMAT", "RELAY_LOG_LEVEL", "RELAY_SHUTDOWN_TIMEOUT",
     "RELAY_WORKER_HTTP_PORT", "RELAY_DELIVERY_CONCURRENCY", "RELAY_DESTINATION_CONCURRENCY",
     "RELAY_DESTINATION_FAILURES", "RELAY_DESTINATION_MAX_BACKOFF", "RELAY_SWEEP_INTERVAL",
-    "RELAY_SWEEP_PAGE_SIZE", "RELAY_SWEEP_WINDOW",
+    "RELAY_SWEEP_PAGE_SIZE", "RELAY_SWEEP_WINDOW", "RELAY_SWEEP_CONCURRENCY",
+    "RELAY_STATUS_READ_SHARE",
     "RELAY_REDIS_TIMEOUT", "RELAY_REDIS_WAIT_REPLICAS",
     "RELAY_REDIS_WAIT_TIMEOUT", "RELAY_MAX_UPSTREAM_PAUSE",
     "RELAY_CALLBACK_ALLOWED_PORTS", "RELAY_METRICS_AUTH",
@@ -455,6 +456,7 @@ def test_configmap_carries_the_non_secret_settings(chart: helm.Chart) -> None:
                 "callbackDeniedNetworks": "10.0.0.0/8,fd00::/8",
                 "pollMinInterval": 0.5,
                 "sweepPageSize": 500,
+                "statusReadShare": 0.3,
                 "redisWaitReplicas": 1,
                 "redisTimeout": 3,
             }
@@ -475,6 +477,7 @@ def test_configmap_carries_the_non_secret_settings(chart: helm.Chart) -> None:
     assert denied[:2] == ["10.0.0.0/8", "fd00::/8"]
     assert "10.96.0.1/32" in denied  # the cluster's API server, by default
     assert data["RELAY_SWEEP_PAGE_SIZE"] == "500"
+    assert data["RELAY_STATUS_READ_SHARE"] == "0.3"
     assert "RELAY_SWEEP_INTERVAL" not in data
     # Unset values are left out so that the application's own defaults apply.
     assert "RELAY_MAX_BODY_BYTES" not in data
