@@ -1,10 +1,11 @@
--- Book the earliest slot of the upstream budget (GCRA, the same keys as claim.lua) for one status
--- read that is not a queued poll, such as a list page: the earlier of the status reads' own
--- share and the shared part (which the API books ahead too). Booking ahead, rather than taking
--- only a free slot as polls do, puts the read ahead of per-id polls; its own share keeps it from
--- waiting behind the API's bookings.
--- Returns {1, seconds to wait before calling} once booked, or {0, seconds until the 429 pause
--- ends} when nobody may call now.
+-- Book a slot of the upstream budget (GCRA, the same keys as claim.lua) for one status read
+-- that is not a queued poll, such as a list page: a slot of the status reads' own share, now or
+-- ahead; or a slot of the shared part, but only one free now: the API books that part ahead,
+-- and a read never takes a slot the API could have booked. Booking ahead in its own share,
+-- rather than claiming only a free slot as polls do, puts the read ahead of per-id polls.
+-- Returns {1, seconds to wait before calling} once booked, {0, seconds until the 429 pause
+-- ends} when nobody may call now, or {2, seconds until a shared slot may be free} when nothing
+-- was booked yet: ask again then.
 local tat_key = KEYS[1]          -- the shared part: API calls and status reads
 local reads_tat_key = KEYS[2]    -- the status reads' own share
 local paused_key = KEYS[3]
@@ -24,12 +25,20 @@ local function slot(key, p, b)
   return math.max(now, tat + p - b * p), tat
 end
 
-local at, tat = slot(tat_key, period, burst)
-local key, p = tat_key, period
+local function book(key, at, tat, p)
+  tat = tat + p
+  redis.call('SET', key, string.format('%.17g', tat), 'PX', math.ceil((tat - now) * 1000) + 1000)
+  return {1, string.format('%.17g', at - now)}
+end
+
+local shared_at, shared_tat = slot(tat_key, period, burst)
 if reads_period > 0 then
   local reads_at, reads_tat = slot(reads_tat_key, reads_period, reads_burst)
-  if reads_at <= at then at, tat, key, p = reads_at, reads_tat, reads_tat_key, reads_period end
+  -- The reads' own slot when it is free now or comes no later than a shared one; a free
+  -- shared slot otherwise (what the API leaves unused is the reads' to take).
+  if reads_at <= now or reads_at <= shared_at then
+    return book(reads_tat_key, reads_at, reads_tat, reads_period)
+  end
 end
-tat = tat + p
-redis.call('SET', key, string.format('%.17g', tat), 'PX', math.ceil((tat - now) * 1000) + 1000)
-return {1, string.format('%.17g', at - now)}
+if shared_at <= now then return book(tat_key, shared_at, shared_tat, period) end
+return {2, string.format('%.17g', shared_at - now)}

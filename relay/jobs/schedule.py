@@ -10,18 +10,20 @@ The budget (RELAY_UPSTREAM_RATE_LIMIT, shared by every worker and API process) i
 (generic cell rate algorithm), each over one Redis key: calls are spaced 1/rate apart on
 average with a burst of at most `burst` in each. One is the status reads' own share
 (RELAY_STATUS_READ_SHARE of the rate): only status reads may use it. The other, the rest of the
-rate, is shared: the API's calls (creates, uploads, proxied reads, lookups) book it through
-`take`, which books ahead of polls but refuses rather than book a slot further off than the API
-is willing to keep its caller waiting, and status reads use it too. Status reads are list pages
-read by sweeps (relay.jobs.sweep) and by the intent reconcile's lookups (relay.jobs.reconcile),
-booked through `reserve` at the earlier of the two, and per-id polls, which `claim` only free
-slots of either. So however many submissions arrive, their bookings never hold a sweep's page
-back by more than a slot of the reads' share, and when submissions are few, status reads use
-the whole rate. An upstream 429 sets a pause that every caller honours.
+rate, is the API's to book: its calls (creates, uploads, proxied reads, lookups) book it through
+`take`, ahead of time but never further off than the API is willing to keep its caller waiting;
+status reads use whatever of it the API leaves free. Status reads are list pages read by sweeps
+(relay.jobs.sweep) and by the intent reconcile's lookups (relay.jobs.reconcile), booked through
+`reserve` (their own share, ahead if need be, or a free shared slot), and per-id polls, which
+`claim` only free slots of either. So however many submissions arrive, a sweep's page waits at
+most about a slot of the reads' share; however many pages the sweeps want, submissions keep the
+rest; and when one side is idle, the other uses the whole rate. An upstream 429 sets a pause
+that every caller honours.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass
 
@@ -30,6 +32,9 @@ from redis.asyncio import Redis
 from relay import keys, lua
 from relay.delivery import stats
 from relay.redis_batch import ScriptCall, batcher
+
+# reserve.lua's answer when nothing was booked yet but a slot may come free (not a pause).
+RESERVE_LATER = 2
 
 
 @dataclass(frozen=True)
@@ -91,18 +96,24 @@ class PollSchedule:
         return Claim(ids=ids, wait=None if wait < 0 else max(wait, 0.0))
 
     async def reserve(self) -> tuple[bool, float]:
-        """Book the budget's earliest slot for one status read outside the poll queue (a list
-        page): of the reads' own share or of the shared part, whichever comes first.
+        """Book a slot for one status read outside the poll queue (a list page): of the reads'
+        own share, ahead if need be, or a free one of the shared part (never one ahead: those
+        are the API's to book).
 
         Returns (True, seconds to wait before making the call) once booked, or (False, seconds
         until a 429 pause ends) when nobody may call now. Booking ahead, rather than claiming
         only a free slot as polls do, gives the caller precedence over per-id polls.
         """
-        reply = await self._reserve(
-            keys=[keys.UPSTREAM_TAT, keys.UPSTREAM_READS_TAT, keys.UPSTREAM_PAUSED],
-            args=[self.shared_period, self.burst, self.reads_period, self.reads_burst],
-        )
-        return bool(int(reply[0])), max(float(reply[1]), 0.0)
+        while True:
+            reply = await self._reserve(
+                keys=[keys.UPSTREAM_TAT, keys.UPSTREAM_READS_TAT, keys.UPSTREAM_PAUSED],
+                args=[self.shared_period, self.burst, self.reads_period, self.reads_burst],
+            )
+            outcome, wait = int(reply[0]), max(float(reply[1]), 0.0)
+            if outcome != RESERVE_LATER:
+                return bool(outcome), wait
+            # A shared slot may come free before the reads' own next one: look again then.
+            await asyncio.sleep(wait)
 
     async def take(self, max_wait: float) -> tuple[bool, float]:
         """Book a slot of the shared part for one API call if one comes within `max_wait` s.

@@ -77,8 +77,11 @@ NEWEST_FIRST = "newest_first"
 OLDEST_FIRST = "oldest_first"
 UNUSABLE = "unusable"
 # Chamelaion's clock and Redis's may disagree, and created_at has whole seconds: the window
-# reaches this much further back than the oldest outstanding job.
+# reaches this much further back than the oldest outstanding job until sweeps have measured how
+# far created_at runs behind the time the relay tracked each job (`lag`); then it reaches back
+# that far (rounded up), a second more, and at most MAX_MARGIN.
 CLOCK_MARGIN = 5.0
+MAX_MARGIN = 600.0
 # Page size assumed before any page told the real one.
 GUESSED_PAGE = 100
 # Failed sweeps back off up to this many seconds apart (each attempt costs an upstream call).
@@ -186,6 +189,8 @@ class Run:
     skipped: int = 0
     total: int = 0  # the largest total any page told
     expected_seen: int = 0
+    # How far created_at ran behind the time the relay tracked the job, at most (seconds).
+    lag: float | None = None
     tally: Tally = field(default_factory=Tally)
     seen: set[str] = field(default_factory=set)
     # Pages' rows being handled while more pages are read.
@@ -312,9 +317,11 @@ class Sweeper:
         pages = int(outstanding) / page_size + 2
         expected = max(duration, 2 * pages * self.schedule.period)
         hold = 2 * max(expected, self.settings.sweep_interval) + self.settings.poll_min_interval
+        lag = state.get("lag")
+        margin = CLOCK_MARGIN if lag is None else min(math.ceil(float(lag)) + 1.0, MAX_MARGIN)
         run = Run(
             token=token,
-            start=float(oldest) - CLOCK_MARGIN,
+            start=float(oldest) - margin,
             hold=hold,
             window_at=float(now),
             window=self.settings.sweep_window,
@@ -332,8 +339,13 @@ class Sweeper:
                 await self._state_call("hdel", keys.SWEEP_STATE, "order", "cursor")
             raise
         finally:
+            learned: dict[str, str | int] = {}
             if run.step:
-                await self._remember(page_size=run.step)
+                learned["page_size"] = run.step
+            if run.lag is not None:
+                learned["lag"] = f"{max(run.lag, 0.0):.3f}"
+            if learned:
+                await self._remember(**learned)
         SWEEP_ORDER.labels(order or "unknown").inc()
         log.debug(
             "sweep complete",
@@ -361,8 +373,10 @@ class Sweeper:
                 moved = page.size == 0 or (page.first is not None and page.first >= run.start)
                 if page.offset > 0 and moved:
                     # The window now starts before the remembered place (or the list shrank
-                    # under it): find it again.
-                    page = await self._locate(run, 0, min(page.offset, page.total))
+                    # under it): a page back, most often; else find it again.
+                    back = await self._page(run, max(0, page.offset - (run.step or page.size)))
+                    straddles = back.first is not None and back.first < run.start
+                    page = back if straddles else await self._locate(run, 0, back.offset)
                 await self._oldest_first(run, page)
                 return OLDEST_FIRST
             # The rows there now run newest first: read the list from the top.
@@ -404,14 +418,11 @@ class Sweeper:
 
         def done(page: Page) -> bool:
             self._keeps(run, OLDEST_FIRST)
-            return page.size == 0
+            # The end as this page saw it: rows added since are the next sweep's.
+            return page.last_of_list
 
         if not page.last_of_list:
-            planned = run.total
-            await self._pages(run, page.end, until=planned, stop=done)
-            if run.total > planned:
-                # Requests added at the end while the sweep read: read them once more.
-                await self._pages(run, planned, until=run.total, stop=done)
+            await self._pages(run, page.end, stop=done)
         # Remembered one row early: the next sweep's first row is then older than the window
         # unless the window now starts earlier, which `_read` checks for.
         cursor = page.end if first_in_window is None else max(0, first_in_window - 1)
@@ -447,11 +458,10 @@ class Sweeper:
         offset: int,
         *,
         stop: Callable[[Page], bool],
-        until: int | None = None,
     ) -> None:
         """Read the pages from `offset` on, several at once: each as soon as the budget gives it
-        a slot, at most RELAY_SWEEP_CONCURRENCY in flight, up to `until` (default: the end of
-        the list as the pages tell it) or until `stop` says a page read was the last needed.
+        a slot, at most RELAY_SWEEP_CONCURRENCY in flight, up to the end of the list as the
+        pages tell it or until `stop` says a page read was the last needed.
 
         Pages in flight when one ends the sweep (a 429) are still awaited and their rows used.
         """
@@ -464,7 +474,7 @@ class Sweeper:
         failed = 0
         try:
             while True:
-                more = gaps or offset < (until if until is not None else run.total)
+                more = gaps or offset < run.total
                 room = len(fetches) < self.settings.sweep_concurrency
                 if booking is None and more and room and not stopped and ended is None:
                     booking = asyncio.create_task(self._take_budget())
@@ -588,8 +598,13 @@ class Sweeper:
             if due is None:
                 continue
             matched[rid] = fresh[rid]
-            if tracked is not None and run.window_at - run.window <= tracked <= run.window_at:
+            if tracked is None:
+                continue
+            if run.window_at - run.window <= tracked <= run.window_at:
                 run.expected_seen += 1
+            made = created_time(fresh[rid].get("created_at"))
+            if made is not None:
+                run.lag = max(run.lag if run.lag is not None else -math.inf, tracked - made)
         if matched:
             run.matched += len(matched)
             SWEEP_ROWS.inc(len(matched))
