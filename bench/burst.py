@@ -7,9 +7,9 @@ Run: uv run python bench/burst.py [--jobs 2000] [--hanging 100] [--hang 10] [--m
 8 callers with the official SDK, the sandbox upstream answers in 150 ms a call, at most 100
 rows a page and 20 calls/s, holding 20,000 older requests, with whole-second created_at, and
 `relay api` and one `relay worker` run at their default settings (budget 10 calls/s). Once the
-relay has seen every job, the callers go on submitting (jobs that stay queued) while the
-sandbox finishes all N at one instant; 5 % of them call back to a receiver that hangs `--hang`
-seconds on a host of its own (127.0.0.2). Printed per list order: how long after the finish
+relay has seen every job, the sandbox finishes all N at one instant (with `--flood`, while the
+callers go on submitting jobs that stay queued); 5 % of them call back to a receiver that hangs
+`--hang` seconds on a host of its own (127.0.0.2). Printed per list order: how long after the finish
 the last fast callback arrived (target: within 3 s), p50/p99, and the ends as the relay saw them.
 
 Without `--live`, the quiet case:
@@ -510,6 +510,6 @@ if __name__ == "__main__":
     parser.add_argument("--live", action="store_true", help="the issue #19 case (see above)")
     parser.add_argument("--orders", default="newest_first,oldest_first", help="with --live")
     parser.add_argument(
-        "--no-flood", dest="flood", action="store_false", help="with --live: no submits during"
+        "--flood", action="store_true", help="with --live: the callers go on submitting"
     )
     main(parser.parse_args())

@@ -680,6 +680,7 @@ def test_stats_count_and_time_every_call_and_reset_clears_everything(
         "created": 0,
         "created_by_reference": {},
         "faults_fired": {},
+        "faults_fired_at": {},
     }
     assert sdk.lipsync.generate(inputs=media()).status == "success"  # the fault went too
     with pytest.raises(NotFoundError):
@@ -752,8 +753,10 @@ def malformed_answers(kind: str, path: str) -> httpx.Response:
         assert client.post("/_sandbox/faults", json=fault).status_code == 200
         answer = client.get(path.format(id=ids[0]))
         assert client.get(path.format(id=ids[0])).json(), "only the next call is spoilt"
-        fired = client.get("/_sandbox/stats").json()["faults_fired"]
-        assert list(fired.values()) == [{kind: 1}]
+        stats = client.get("/_sandbox/stats").json()
+        assert list(stats["faults_fired"].values()) == [{kind: 1}]
+        [[(at, what)]] = stats["faults_fired_at"].values()
+        assert what == kind and at <= time.monotonic()
         return answer
 
 

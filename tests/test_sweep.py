@@ -419,12 +419,12 @@ def test_pages_read_at_once_meet_a_429_and_everyone_pauses(redis_url: str) -> No
         fault(stack, status=429, retry_after=3, count=1)
         fault(stack, delay=0.3, count=10_000)
         eventually(lambda: sweeps(stack, "rate_limited") >= 1, timeout=30)
-        limited = stack.upstream("GET", "/_sandbox/stats").json()["timestamps"][LIST_ROUTE]
         time.sleep(3.5)
         stack.upstream("DELETE", "/_sandbox/faults")
-        # The 429 answered the last call made before it: a pause of 3 s from then on, for
-        # everyone (calls already on their way when it came may still arrive just after).
-        hit = max(limited)
+        # A pause of 3 s from the 429 on, for everyone (calls already on their way when it
+        # came may still arrive just after).
+        fired = stack.upstream("GET", "/_sandbox/stats").json()["faults_fired_at"][LIST_ROUTE]
+        [hit] = [at for at, what in fired if what == "429"]
         later = [t for t in read_times(stack) if hit + 0.5 < t < hit + 2.9]
         assert later == [], f"{len(later)} status reads during the pause"
         finish(stack, ids)

@@ -374,14 +374,14 @@ class Sweeper:
                 if page.offset > 0 and moved:
                     # The window now starts before the remembered place (or the list shrank
                     # under it): a page back, most often; else find it again.
-                    back = await self._page(run, max(0, page.offset - (run.step or page.size)))
+                    back = await self._page(run, max(0, page.offset - (run.step or run.page_size)))
                     straddles = back.first is not None and back.first < run.start
                     page = back if straddles else await self._locate(run, 0, back.offset)
                 await self._oldest_first(run, page)
                 return OLDEST_FIRST
             # The rows there now run newest first: read the list from the top.
         page = await self._page(run, 0)
-        order = self._order(run, None if known == OLDEST_FIRST and cursor is None else known)
+        order = self._order(run, known)
         while order is None and not page.last_of_list:
             # Rows of one second so far, and no order known: read on until they tell.
             page = await self._page(run, page.end)
@@ -565,14 +565,13 @@ class Sweeper:
         return listed
 
     async def _take_budget(self) -> None:
-        waited = 0.0
+        asked = time.monotonic()
         while True:
             booked, wait = await self.schedule.reserve()
             if wait > 0:
-                waited += wait
                 await asyncio.sleep(wait)
             if booked:
-                SWEEP_PAGE_WAIT.observe(waited)
+                SWEEP_PAGE_WAIT.observe(time.monotonic() - asked)
                 return
             if self._stopping.is_set():
                 raise SweepEnded("stopped")

@@ -234,6 +234,9 @@ class SandboxControl:
                 "faults_fired": {
                     key: dict(fired) for key, fired in self._state.faults_fired.items()
                 },
+                "faults_fired_at": {
+                    key: list(fired) for key, fired in self._state.faults_fired_at.items()
+                },
             }
         )
 

@@ -182,6 +182,8 @@ class SandboxState:
         self.created_by_reference: dict[str, list[str]] = {}
         # route key -> what an injected fault did to its calls ("500", "429", "delay") -> count
         self.faults_fired: dict[str, Counter[str]] = {}
+        # route key -> (when, what) for each fault that fired, the latest _TIMESTAMPS_KEPT
+        self.faults_fired_at: dict[str, deque[tuple[float, str]]] = {}
         self._random = random.Random(self.config.seed)  # noqa: S311 - test faults, not secrets
         self._add_history(self.config.history)
         rate = self.config.rate_limit_per_second
@@ -233,6 +235,8 @@ class SandboxState:
                 if fault.remaining <= 0:
                     self.faults.remove(fault)
             self.faults_fired.setdefault(key, Counter())[fault.label] += 1
+            fired_at = self.faults_fired_at.setdefault(key, deque(maxlen=_TIMESTAMPS_KEPT))
+            fired_at.append((self._clock(), fault.label))
             return fault
         return None
 
