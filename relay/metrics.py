@@ -56,6 +56,23 @@ API_BUDGET_REFUSED = Counter(
     "API calls answered 429 because the shared upstream budget had no slot soon enough (or a "
     "429 pause was on)",
 )
+# Known label values start at 0: a series born at 1 has no earlier sample, so rate() and
+# increase() miss its first event (the one callback given up that an alert is waiting for).
+DELIVERY_OUTCOMES = ("delivered", "retry", "gone", "failed", "postponed", "busy")
+SWEEP_OUTCOMES = (
+    "complete",
+    "stopped",
+    "lost_lease",
+    "unusable_order",
+    "unreachable",
+    "rate_limited",
+    "error",
+    "bad_body",
+)
+for _outcome in DELIVERY_OUTCOMES:
+    DELIVERIES.labels(_outcome)
+for _outcome in SWEEP_OUTCOMES:
+    SWEEPS.labels(_outcome)
 DELIVERY_LATENCY = Histogram(
     "relay_delivery_latency_seconds",
     "From the job's end being seen to its callback being accepted",
