@@ -5,9 +5,10 @@ its upstream calls; a worker: polls, upstream calls and deliveries). Gauges abou
 (outstanding jobs, due work, how late polls and deliveries are, the upstream pause, workers
 alive) are read from Redis when scraped, by whoever is scraped, so they are right whichever
 process serves them, even when no worker is left to scrape; so are Redis's memory figures, and
-`relay_redis_data_lost`, which relay.redis_watch keeps in step with a shared key. Each process
-serves its own /metrics: the API on its port, each worker on RELAY_WORKER_HTTP_PORT. No label
-takes a value from a request (an id, a URL, a caller's path): every label set is bounded.
+`relay_redis_data_lost` and `relay_redis_writable`, which relay.redis_watch keeps up to date.
+Each process serves its own /metrics: the API on its port, each worker on
+RELAY_WORKER_HTTP_PORT. No label takes a value from a request (an id, a URL, a caller's path):
+every label set is bounded.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ API_BUDGET_REFUSED = Counter(
     "relay_api_budget_refused",
     "API calls answered 429 because the shared upstream budget had no slot soon enough (or a "
     "429 pause was on)",
+)
+IDEMPOTENCY_KEYS_REFUSED = Counter(
+    "relay_idempotency_keys_refused",
+    "Submissions answered 429 because their caller already held RELAY_IDEMPOTENCY_MAX_KEYS "
+    "Idempotency-Key records",
 )
 # Known label values start at 0: a series born at 1 has no earlier sample, so rate() and
 # increase() miss its first event (the one callback given up that an alert is waiting for).
@@ -174,6 +180,11 @@ REDIS_MEMORY_HEADROOM = Gauge(
 )
 REDIS_DATA_LOST = Gauge(
     "relay_redis_data_lost", "1 while an unacknowledged loss of the relay's Redis data is recorded"
+)
+REDIS_WRITABLE = Gauge(
+    "relay_redis_writable",
+    "1 while Redis took this process's last check write (every 10 s and each /readyz), 0 while "
+    "it refuses writes (full under noeviction, a read-only replica, a failed snapshot)",
 )
 MEMORY_GAUGES = (REDIS_MEMORY_USED, REDIS_MEMORY_MAX, REDIS_MEMORY_HEADROOM)
 SHARED_GAUGES = (
