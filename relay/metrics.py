@@ -2,22 +2,17 @@
 
 Counters and histograms count what this process did (the API: submissions and its upstream
 calls; a worker: polls, upstream calls and deliveries). Gauges about shared state (outstanding
-jobs, due work, poll lag, queue depth) are read from Redis when scraped, by whoever is scraped,
-so they are right whichever process serves them; so are Redis's memory figures, and
-`relay_redis_data_lost`, which relay.redis_watch keeps in step with a shared key. Each process
-serves its own /metrics: the API on its port, each worker on RELAY_WORKER_HTTP_PORT.
+jobs, due work, poll lag, queue depth) are read from Redis when scraped, by whoever is scraped
+(relay.redis.shared_state), so they are right whichever process serves them; so are Redis's
+memory figures, and `relay_redis_data_lost`, which relay.redis.watch keeps in step with a shared
+key. Each process serves its own /metrics: the API on its port, each worker on
+RELAY_WORKER_HTTP_PORT. Defined here, below every stage, so that any module may count.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
-from starlette.responses import Response
-
-from relay import keys, lua
 
 JOBS_SUBMITTED = Counter(
     "relay_jobs_submitted", "Jobs accepted by Chamelaion and tracked by the relay"
@@ -78,29 +73,6 @@ FIRST_ATTEMPTS_WAITING = Gauge(
 )
 
 
-@dataclass(frozen=True)
-class SharedState:
-    outstanding: int
-    due: int  # polls and deliveries due now
-    poll_lag: float
-    queued_deliveries: int
-    backed_off: int  # destinations backed off now
-
-
-async def read_shared_state(redis: Redis) -> SharedState:
-    """The relay-wide figures every process reports, in one round trip (the console too)."""
-    script = lua.register(redis, "relay", "shared_state")
-    reply = await script(keys=[keys.POLLS, keys.ARQ_QUEUE, keys.BACKED_OFF])
-    outstanding, due_polls, lag, queued, due_deliveries, backed_off = reply
-    return SharedState(
-        int(outstanding),
-        int(due_polls) + int(due_deliveries),
-        float(lag),
-        int(queued),
-        int(backed_off),
-    )
-
-
 REDIS_MEMORY_USED = Gauge("relay_redis_memory_used_bytes", "Redis used_memory")
 REDIS_MEMORY_MAX = Gauge("relay_redis_memory_max_bytes", "Redis maxmemory (0: no limit)")
 REDIS_MEMORY_HEADROOM = Gauge(
@@ -114,16 +86,6 @@ MEMORY_GAUGES = (REDIS_MEMORY_USED, REDIS_MEMORY_MAX, REDIS_MEMORY_HEADROOM)
 UPLOADS_IN_PROGRESS = Gauge("relay_uploads_in_progress", "Uploads this API process is running")
 
 
-async def refresh_shared_gauges(redis: Redis) -> None:
-    """Read the shared gauges from Redis in one round trip."""
-    shared = await read_shared_state(redis)
-    OUTSTANDING.set(shared.outstanding)
-    DUE_WORK.set(shared.due)
-    POLL_LAG.set(shared.poll_lag)
-    QUEUE_DEPTH.set(shared.queued_deliveries)
-    BACKED_OFF.set(shared.backed_off)
-
-
 async def read_memory(redis: Redis) -> tuple[int, int]:
     """Redis used_memory and maxmemory (0: no limit), also setting the memory gauges."""
     info = await redis.info("memory")
@@ -132,15 +94,3 @@ async def read_memory(redis: Redis) -> tuple[int, int]:
     REDIS_MEMORY_MAX.set(maximum)
     REDIS_MEMORY_HEADROOM.set(max(0.0, 1 - used / maximum) if maximum else 1.0)
     return used, maximum
-
-
-async def metrics_response(redis: Redis) -> Response:
-    """The Prometheus exposition of this process, with the shared gauges freshly read."""
-    try:
-        await refresh_shared_gauges(redis)
-        await read_memory(redis)
-    except RedisError:
-        # Shared gauges go unknown; this process's own counters are still worth serving.
-        for gauge in (OUTSTANDING, DUE_WORK, POLL_LAG, QUEUE_DEPTH, BACKED_OFF, *MEMORY_GAUGES):
-            gauge.set(float("nan"))
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -20,7 +20,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from relay import keys
 from relay.api import deliveries, test_events, watches, webhook_keys
 from relay.api.auth import ApiKeyMiddleware, KeyRing
 from relay.api.budget import ApiBudget
@@ -36,18 +35,20 @@ from relay.api.uploads import generate_with_media
 from relay.console.views import create_console
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.control import Redeliverer
+from relay.delivery.netpolicy import callback_policy
 from relay.delivery.queue import DeliveryQueue
-from relay.delivery.signing import Signer
 from relay.delivery.transport import make_callback_client
 from relay.errors import ApiError
 from relay.jobs.intents import Intents
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
-from relay.metrics import metrics_response
-from relay.redis_conn import close as close_redis
-from relay.redis_conn import connect
-from relay.redis_watch import RedisWatch, readiness
+from relay.redis import keys
+from relay.redis.conn import close as close_redis
+from relay.redis.conn import connect
+from relay.redis.shared_state import metrics_response
+from relay.redis.watch import RedisWatch, readiness
 from relay.settings import Settings
+from relay.signing import Signer
 from relay.upstream import Upstream
 
 
@@ -82,7 +83,7 @@ def create_app(settings: Settings) -> Starlette:
         )
         budget = ApiBudget(schedule, max_wait=settings.api_budget_wait)
         upstream = Upstream.from_settings(settings, budget=budget)
-        policy = settings.callback_policy()
+        policy = callback_policy(settings)
         signer = Signer(settings.webhook_secrets) if settings.webhook_secrets else None
         callback_client = make_callback_client(policy, settings.delivery_timeout)
         store = JobStore(

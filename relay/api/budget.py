@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 from relay.jobs.poller import DEFAULT_PAUSE_ON_429
 from relay.jobs.schedule import PollSchedule, took
 from relay.metrics import API_BUDGET_REFUSED
-from relay.redis_batch import ScriptCall
+from relay.redis.batch import ScriptCall
 from relay.upstream import BudgetRefused
 
 log = logging.getLogger(__name__)

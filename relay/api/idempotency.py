@@ -33,12 +33,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message
 
-from relay import keys, lua
 from relay.api.body import read_body
 from relay.api.responses import error_content
 from relay.api.state import AppState, app_state
 from relay.api.submit import OutcomeUnknown
 from relay.errors import ApiError
+from relay.redis import keys, scripts
 
 HEADER = "idempotency-key"
 MAX_KEY_LENGTH = 255
@@ -128,7 +128,7 @@ def idempotent(endpoint: Endpoint, *, buffered: bool) -> Endpoint:
 
 async def _claim(state: AppState, redis_key: str, fingerprint: str) -> Response | None:
     in_flight_ttl = int(state.settings.upstream_timeout) + 60
-    script = lua.register(state.redis, __package__, "idempotency")
+    script = scripts.register(state.redis, __name__)
     try:
         reply = await script(keys=[redis_key], args=[fingerprint, in_flight_ttl])
     except RedisError:

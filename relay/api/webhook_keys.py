@@ -12,9 +12,9 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from relay import keys
 from relay.api.state import app_state
 from relay.jobs.events import iso
+from relay.redis import keys
 
 PATH = "/api/relay/v1/webhook-keys"
 

@@ -23,8 +23,8 @@ from relay.api.state import AppState, app_state
 from relay.console import queries
 from relay.console.chart import chart_svg
 from relay.console.session import Session, Sessions, clear, csrf_ok
-from relay.delivery import stats
 from relay.errors import ApiError
+from relay.redis import stats
 from relay.settings import Settings
 
 HERE = Path(__file__).parent

@@ -16,12 +16,12 @@ import asyncio
 import logging
 import secrets
 
-from relay import keys, lua
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.destinations import destination_of
 from relay.delivery.queue import DeliveryQueue
-from relay.leased import run_leased
 from relay.metrics import STRANDED_REQUEUED, STRANDED_SWEEPS
+from relay.redis import keys, scripts
+from relay.redis.leased import run_leased
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class StrandedSweep:
         self.attempt_log = attempt_log
         self.interval = interval
         self.grace = grace
-        self._find = lua.register(self.redis, __package__, "stranded")
+        self._find = scripts.register(self.redis, __name__)
         self._token = secrets.token_hex(8)
 
     async def sweep_once(self) -> int:

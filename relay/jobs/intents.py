@@ -13,7 +13,7 @@ reference_id is not unique upstream, so a row is adopted only when it can be thi
 and no other's:
 - created no earlier than the intent was opened (less CLOCK_MARGIN: created_at has whole
   seconds, and Chamelaion's clock is not Redis's) and no later than the create could have run;
-- not tracked (adopting is tracking, and create.lua tracks an id once, so a row is never
+- not tracked (adopting is tracking, and store.create.lua tracks an id once, so a row is never
   adopted twice);
 - the only such row, while no other open intent with that reference_id is left (another
   submission in flight could own it; one with the same Idempotency-Key is the same
@@ -39,11 +39,11 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from relay import keys, lua
 from relay.errors import UpstreamError
 from relay.jobs.store import JobStore
 from relay.jobs.sweep import CLOCK_MARGIN, created_time
-from relay.redis_batch import Call, batcher
+from relay.redis import keys, scripts
+from relay.redis.batch import Call, batcher
 from relay.settings import Settings
 from relay.upstream import Upstream, check, json_object
 
@@ -133,9 +133,9 @@ class Intents:
         self.ttl = int(self.stale_after + self.window + 3600)
         self.idempotency_ttl = settings.idempotency_ttl
         self.poll_in = settings.poll_min_interval
-        self._open = lua.register(redis, __package__, "open_intent")
-        self._hand_over = lua.register(redis, __package__, "hand_over")
-        self._settle = lua.register(redis, __package__, "settle_intent")
+        self._open = scripts.register(redis, __name__, "open")
+        self._hand_over = scripts.register(redis, __name__, "hand_over")
+        self._settle = scripts.register(redis, __name__, "settle")
 
     def _keys(self, intent_id: str, reference_id: str | None, idem: str | None) -> list[str]:
         own = keys.intent(intent_id)

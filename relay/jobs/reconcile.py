@@ -27,13 +27,13 @@ import secrets
 import orjson
 from redis.asyncio import Redis
 
-from relay import keys
 from relay.errors import UpstreamError
 from relay.jobs.intents import Intent, Intents
 from relay.jobs.poller import DEFAULT_PAUSE_ON_429
 from relay.jobs.schedule import PollSchedule
-from relay.leased import run_leased
 from relay.metrics import INTENTS
+from relay.redis import keys
+from relay.redis.leased import run_leased
 from relay.upstream import BudgetRefused, Upstream
 
 log = logging.getLogger(__name__)

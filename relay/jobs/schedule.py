@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from relay import keys, lua
-from relay.delivery import stats
-from relay.redis_batch import ScriptCall, batcher
+from relay.redis import keys, scripts, stats
+from relay.redis.batch import ScriptCall, batcher
 
 
 @dataclass(frozen=True)
@@ -50,11 +49,11 @@ class PollSchedule:
         self.burst = max(1, math.floor(rate / 10))
         self.lease = lease
         self.max_pause = max_pause
-        self._claim = lua.register(redis, __package__, "claim")
-        self._pause = lua.register(redis, __package__, "pause")
-        self._hand_back = lua.register(redis, __package__, "hand_back")
-        self._reserve = lua.register(redis, __package__, "reserve")
-        self._take = lua.register(redis, __package__, "take")
+        self._claim = scripts.register(redis, __name__, "claim")
+        self._pause = scripts.register(redis, __name__, "pause")
+        self._hand_back = scripts.register(redis, __name__, "hand_back")
+        self._reserve = scripts.register(redis, __name__, "reserve")
+        self._take = scripts.register(redis, __name__, "take")
 
     async def claim(self, limit: int) -> Claim:
         reply = await self._claim(

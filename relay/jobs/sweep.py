@@ -14,7 +14,7 @@ comes back: the order from `created_at` (newest-first pages are read from offset
 is older than the window; oldest-first ones from the window's start, found by bisection once
 and remembered), the page size from the rows actually returned. A list in neither order, a
 failing list or a 429 ends the sweep early; jobs then fall due for per-id polls, so nothing is
-lost, and end.lua makes sure nothing ends twice.
+lost, and store.end.lua makes sure nothing ends twice.
 
 One sweep runs at a time across all workers: whoever takes the lease (`relay:sweep:lease`, a
 token SET NX with a TTL of RELAY_POLL_LEASE, renewed before every page) sweeps; a worker that
@@ -42,12 +42,12 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from relay import keys, lua
 from relay.errors import UpstreamError
 from relay.jobs.poller import DEFAULT_PAUSE_ON_429, Poller
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import Job, JobStore, PollRecord
 from relay.metrics import SWEEP_ORDER, SWEEP_PAGES, SWEEP_ROWS, SWEEPS
+from relay.redis import keys, scripts
 from relay.settings import Settings
 from relay.upstream import Upstream, json_object, parse_retry_after
 
@@ -159,8 +159,8 @@ class Sweeper:
         self.upstream = upstream
         self.settings = settings
         self.lease = settings.poll_lease
-        self._window = lua.register(redis, __package__, "window")
-        self._lease = lua.register(redis, __package__, "sweep_lease")
+        self._window = scripts.register(redis, __name__, "window")
+        self._lease = scripts.register(redis, __name__, "lease")
         self._stopping = asyncio.Event()
 
     # -- the loop every worker runs --------------------------------------------------------

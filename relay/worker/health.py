@@ -14,8 +14,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from relay.api.auth import ApiKeyMiddleware, KeyRing
-from relay.metrics import metrics_response
-from relay.redis_watch import RedisWatch, readiness
+from relay.redis.shared_state import metrics_response
+from relay.redis.watch import RedisWatch, readiness
 
 
 def create_worker_http_app(

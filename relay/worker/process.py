@@ -2,7 +2,7 @@
 intent reconcile and arq's deliveries onto one event loop.
 
 Every "now" arq compares with, and every delivery a worker queues, is on Redis's clock
-(relay.clock), so a worker whose own clock is off neither makes a deferred attempt early nor
+(relay.redis.clock), so a worker whose own clock is off neither makes a deferred attempt early nor
 leaves it waiting.
 
 Stopping (SIGTERM): stop claiming, sweeping and picking deliveries, let in-flight polls and
@@ -25,14 +25,14 @@ from arq.connections import ArqRedis
 from arq.worker import Worker, func
 from redis.exceptions import RedisError
 
-from relay import keys
 from relay.api.auth import KeyRing
-from relay.clock import RedisClock
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.deliverer import Deliverer
 from relay.delivery.destinations import Destinations
+from relay.delivery.first_attempts import FirstAttempts
+from relay.delivery.netpolicy import callback_policy
 from relay.delivery.queue import DeliveryQueue
-from relay.delivery.signing import Signer
+from relay.delivery.store import Breaker, DeliveryStore
 from relay.delivery.stranded import StrandedSweep
 from relay.delivery.transport import CallbackClient, make_callback_client
 from relay.jobs.intents import Intents, lookup_timeout
@@ -42,14 +42,17 @@ from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
 from relay.jobs.sweep import Sweeper
 from relay.metrics import DELIVERIES_IN_FLIGHT, DELIVERIES_WAITING, FIRST_ATTEMPTS_WAITING
-from relay.redis_conn import arq_pool
-from relay.redis_watch import RedisWatch
+from relay.redis import keys
+from relay.redis.clock import RedisClock
+from relay.redis.conn import arq_pool
+from relay.redis.watch import RedisWatch
 from relay.serving import embedded_server
 from relay.settings import Settings
+from relay.signing import Signer
 from relay.upstream import Upstream
 from relay.worker.dispatcher import Dispatcher
 from relay.worker.health import create_worker_http_app
-from relay.worker.tasks import ARQ_SLOT_WAIT, FirstAttempts, deliver
+from relay.worker.tasks import ARQ_SLOT_WAIT, deliver
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +92,15 @@ async def build_state(settings: Settings) -> WorkerState:
     upstream = Upstream.from_settings(settings)
     queue = DeliveryQueue(redis, settings.delivery_retry_schedule, clock)
     attempt_log = AttemptLog(redis, retention=settings.job_retention)
+    deliveries = DeliveryStore(redis)
     client = make_callback_client(
-        settings.callback_policy(),
+        callback_policy(settings),
         settings.delivery_timeout,
         max_connections=settings.delivery_concurrency,
     )
     deliverer = Deliverer(
         store=store,
+        deliveries=deliveries,
         signer=Signer(settings.webhook_secrets, clock=clock.now),
         client=client,
         schedule=settings.delivery_retry_schedule,
@@ -105,7 +110,7 @@ async def build_state(settings: Settings) -> WorkerState:
             per_destination=settings.destination_concurrency,
             total=settings.delivery_concurrency,
         ),
-        breaker=settings.breaker(),
+        breaker=Breaker.from_settings(settings),
         attempt_log=attempt_log,
         timeout=settings.delivery_timeout,
     )
@@ -122,7 +127,8 @@ async def build_state(settings: Settings) -> WorkerState:
         schedule=schedule,
         upstream=upstream,
         settings=settings,
-        enqueue_delivery=first_attempts.hand_over,
+        hand_over=first_attempts.hand_over,
+        emit=deliveries.emit,
     )
     dispatcher = Dispatcher(
         schedule=schedule, poller=poller, concurrency=settings.worker_concurrency
@@ -182,7 +188,9 @@ def arq_on_redis_clock(clock: RedisClock) -> Iterator[None]:
     modules = (arq.worker, arq.connections)
     saved = [getattr(module, ARQ_CLOCK, None) for module in modules]
     if not all(callable(original) for original in saved):
-        raise RuntimeError(f"arq no longer reads the time through {ARQ_CLOCK}(); see relay.clock")
+        raise RuntimeError(
+            f"arq no longer reads the time through {ARQ_CLOCK}(); see relay.redis.clock"
+        )
     for module in modules:
         setattr(module, ARQ_CLOCK, clock.now_ms)
     try:

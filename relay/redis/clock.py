@@ -1,7 +1,7 @@
 """The one clock, read from Python: Redis TIME, without a round trip per reading.
 
 Every decision about a job's fate is made on Redis's clock: scripts read it themselves
-(relay/clock.lua), readers get it with the record (`Job.read_at`). Some comparisons happen in
+(scripts.clock.lua), readers get it with the record (`Job.read_at`). Some comparisons happen in
 Python instead, the main one inside arq, whose worker picks the deliveries that are due by
 comparing `arq:queue` scores with its own `timestamp_ms()` (relay.worker.process points that at
 this clock). A worker whose own clock is minutes off would otherwise make a deferred attempt at

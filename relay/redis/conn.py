@@ -15,7 +15,7 @@ from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
-from relay import keys
+from relay.redis import keys
 
 SENTINEL_SCHEME = "redis+sentinel"
 

@@ -23,8 +23,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.responses import JSONResponse
 
-from relay import keys, lua
 from relay.metrics import REDIS_DATA_LOST, read_memory
+from relay.redis import keys, scripts
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class RedisWatch:
         self.epoch = ""
         # The loss record while one is unacknowledged, else None.
         self.data_lost: str | None = None
-        self._check = lua.register(redis, "relay", "epoch")
+        self._check = scripts.register(redis, __name__, "epoch")
 
     async def check(self) -> None:
         """Check the epoch marker and memory once; raises RedisError when Redis is unreachable."""
