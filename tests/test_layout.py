@@ -28,6 +28,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "relay.errors",
             "relay.http_urls",
             "relay.jitter",
+            "relay.lifecycle",
             "relay.logs",
             "relay.metrics",
             "relay.signing",

@@ -21,7 +21,6 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from relay.jobs.poller import DEFAULT_PAUSE_ON_429
 from relay.jobs.schedule import PollSchedule, took
 from relay.metrics import API_BUDGET_REFUSED
 from relay.redis.batch import ScriptCall
@@ -66,9 +65,8 @@ class ApiBudget:
             await asyncio.sleep(wait)
 
     async def rate_limited(self, retry_after: float | None) -> None:
-        log.warning("upstream rate limit met by the API: pausing all upstream calls")
         with contextlib.suppress(RedisError):
-            await self.schedule.pause_upstream(retry_after or DEFAULT_PAUSE_ON_429)
+            await self.schedule.pause_for_429(retry_after, met_by="the API")
 
 
 def _unreadable(exc: RedisError) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from relay.delivery.deliverer import Deliverer, next_delay
 from relay.delivery.destinations import destination_of
 from relay.delivery.queue import DeliveryQueue
+from relay.lifecycle import Service, wait_for_tasks
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,11 @@ GUARD_MARGIN = 10.0
 
 
 @dataclass
-class FirstAttempts:
-    """Hands an ended job's first delivery attempt over: guarded in arq, made here."""
+class FirstAttempts(Service):
+    """Takes a delivery handed over by the job that ended: its first attempt, guarded in arq,
+    made here."""
+
+    name = "first-attempts"
 
     queue: DeliveryQueue
     deliverer: Deliverer
@@ -104,9 +108,18 @@ class FirstAttempts:
             self.in_flight.pop(request_id, None)
             self._start_waiting()
 
-    def stop(self) -> None:
-        """Start no more attempts here: what still waits is handed to arq (`hand_back`)."""
+    async def run(self, stop: asyncio.Event) -> None:
+        """Once `stop` is set, start no more attempts here: later hand-overs go to arq, and
+        what still waits is handed to it by `drain`."""
+        await stop.wait()
         self._stopping = True
+
+    async def drain(self, deadline: float) -> None:
+        """Let the attempts in flight finish until `deadline`, then hand the rest to arq."""
+        if self.in_flight:
+            log.info("draining first attempts", extra={"deliveries": len(self.in_flight)})
+        await wait_for_tasks(lambda: self.in_flight.values(), deadline)
+        await self.hand_back()
 
     async def hand_back(self) -> None:
         """Cancel first attempts still running or waiting, and make their guards due now."""

@@ -19,6 +19,7 @@ import secrets
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.destinations import destination_of
 from relay.delivery.queue import DeliveryQueue
+from relay.lifecycle import Service
 from relay.metrics import STRANDED_REQUEUED, STRANDED_SWEEPS
 from relay.redis import keys, scripts
 from relay.redis.leased import run_leased
@@ -28,7 +29,9 @@ log = logging.getLogger(__name__)
 BATCH = 500
 
 
-class StrandedSweep:
+class StrandedSweep(Service):
+    name = "stranded"
+
     def __init__(
         self, queue: DeliveryQueue, attempt_log: AttemptLog, *, interval: float, grace: float
     ) -> None:

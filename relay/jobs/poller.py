@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 # A LipsyncRequest is a few hundred bytes; refusing huge bodies keeps Redis memory per job bounded.
 MAX_BODY_BYTES = 64 * 1024
 BACKOFF = 1.5
-DEFAULT_PAUSE_ON_429 = 5.0
 
 POLL_RESULTS = {200: "answered", 404: "not_found", 429: "rate_limited"}
 
@@ -106,9 +105,9 @@ class Poller:
         elif status == 404:
             await self._not_found(job)
         elif status == 429:
-            pause = parse_retry_after(response.headers) or DEFAULT_PAUSE_ON_429
-            log.warning("upstream rate limit: pausing all polls", extra={"seconds": pause})
-            await self.schedule.pause_upstream(pause)
+            pause = await self.schedule.pause_for_429(
+                parse_retry_after(response.headers), met_by="a poll"
+            )
             await self.store.record_poll(
                 request_id,
                 next_in=pause,

@@ -25,7 +25,6 @@ ahead of per-id polls, and a 429 pauses everyone as a poll's does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import math
@@ -40,12 +39,12 @@ from typing import Any
 import httpx
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from relay.errors import UpstreamError
-from relay.jobs.poller import DEFAULT_PAUSE_ON_429, Poller
+from relay.jobs.poller import Poller
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import Job, JobStore, PollRecord
+from relay.lifecycle import Service, repeat
 from relay.metrics import SWEEP_ORDER, SWEEP_PAGES, SWEEP_ROWS, SWEEPS
 from relay.redis import keys, scripts
 from relay.settings import Settings
@@ -141,7 +140,9 @@ class Run:
             await task
 
 
-class Sweeper:
+class Sweeper(Service):
+    name = "sweeper"
+
     def __init__(
         self,
         *,
@@ -165,28 +166,23 @@ class Sweeper:
 
     # -- the loop every worker runs --------------------------------------------------------
 
-    async def run(self) -> None:
-        """Take the sweep whenever it is free and due, until stopped."""
-        while not self._stopping.is_set():
-            idle = min(self.settings.sweep_interval, 0.5)
-            try:
-                await self.sweep_once()
-                # The lease is held until the next sweep is due (see _finish): waking just as
-                # it frees keeps sweeps sweep_interval apart, so an end is seen within about
-                # one interval, not up to half an idle tick later. At most an interval: a
-                # sweep in progress elsewhere renews its lease, then shortens it when done.
-                frees_in = await self.redis.pttl(keys.SWEEP_LEASE)
-                if frees_in > 0:
-                    idle = min(frees_in / 1000, self.settings.sweep_interval) + LEASE_SLACK
-            except RedisError as exc:
-                log.warning("sweep hit a Redis error: %s", type(exc).__name__)
-            except Exception:
-                log.exception("sweep failed unexpectedly")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=idle)
+    async def run(self, stop: asyncio.Event) -> None:
+        """Take the sweep whenever it is free and due, until `stop`."""
+        self._stopping = stop  # a sweep in progress stops before its next page
+        await repeat(
+            self._turn, every=min(self.settings.sweep_interval, 0.5), stop=stop, what="sweep"
+        )
 
-    def stop(self) -> None:
-        self._stopping.set()
+    async def _turn(self) -> float | None:
+        await self.sweep_once()
+        # The lease is held until the next sweep is due (see _finish): waking just as it frees
+        # keeps sweeps sweep_interval apart, so an end is seen within about one interval, not
+        # up to half an idle tick later. At most an interval: a sweep in progress elsewhere
+        # renews its lease, then shortens it when done.
+        frees_in: int = await self.redis.pttl(keys.SWEEP_LEASE)
+        if frees_in > 0:
+            return min(frees_in / 1000, self.settings.sweep_interval) + LEASE_SLACK
+        return None
 
     async def sweep_once(self) -> str | None:
         """Run one sweep if this worker gets the lease; its outcome, or None if not run."""
@@ -367,9 +363,9 @@ class Sweeper:
         except UpstreamError as exc:
             raise SweepEnded("unreachable", exc.message) from exc
         if response.status_code == 429:
-            pause = parse_retry_after(response.headers) or DEFAULT_PAUSE_ON_429
-            log.warning("upstream rate limit: pausing all polls", extra={"seconds": pause})
-            await self.schedule.pause_upstream(pause)
+            pause = await self.schedule.pause_for_429(
+                parse_retry_after(response.headers), met_by="a sweep"
+            )
             raise SweepEnded("rate_limited", f"429 for {pause} s")
         if response.status_code != 200:
             raise SweepEnded("error", f"HTTP {response.status_code}")

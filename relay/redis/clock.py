@@ -17,12 +17,12 @@ not move it. It is sampled again every REFRESH seconds, so drift and a change of
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+
+from relay.lifecycle import Service, repeat
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,9 @@ REFRESH = 10.0
 MAX_ROUND_TRIP = 0.2
 
 
-class RedisClock:
+class RedisClock(Service):
+    name = "redis-clock"
+
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self._redis_at: float | None = None  # Redis TIME at the sample...
@@ -61,12 +63,4 @@ class RedisClock:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sample again every REFRESH seconds until `stop`; a failed sample keeps the last."""
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=REFRESH)
-            if stop.is_set():
-                return
-            try:
-                await self.sync()
-            except RedisError as exc:
-                log.warning("could not read the Redis clock: %s", type(exc).__name__)
+        await repeat(self.sync, every=REFRESH, first_after=REFRESH, stop=stop, what="clock sample")

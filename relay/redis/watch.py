@@ -15,7 +15,6 @@ with maxmemory and logs a warning above MEMORY_WARNING (the metrics report the s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 
@@ -23,6 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.responses import JSONResponse
 
+from relay.lifecycle import Service, repeat
 from relay.metrics import REDIS_DATA_LOST, read_memory
 from relay.redis import keys, scripts
 
@@ -33,7 +33,9 @@ CHECK_INTERVAL = 10.0
 MEMORY_WARNING = 0.8
 
 
-class RedisWatch:
+class RedisWatch(Service):
+    name = "redis-watch"
+
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self.epoch = ""
@@ -69,13 +71,7 @@ class RedisWatch:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Check every CHECK_INTERVAL seconds until `stop` is set."""
-        while not stop.is_set():
-            try:
-                await self.check()
-            except RedisError as exc:
-                log.warning("could not check Redis: %s", type(exc).__name__)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=CHECK_INTERVAL)
+        await repeat(self.check, every=CHECK_INTERVAL, stop=stop, what="Redis check")
 
 
 async def readiness(watch: RedisWatch) -> JSONResponse:
