@@ -97,7 +97,7 @@ async def due_intent(intents: Intents, reference_id: str) -> Intent:
         events=None,
         metadata=None,
     )
-    await intents.hand_over(intent, after=0)
+    await intents.leave_to_reconcile(intent, after=0)
     return intent
 
 

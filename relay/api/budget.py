@@ -43,10 +43,10 @@ class ApiBudget:
         await self._use(booked, wait)
 
     def take_call(self) -> ScriptCall:
-        """The booking, to make along with other calls in one round trip (then `settle`)."""
+        """The booking, to make along with other calls in one round trip (then `use_booking`)."""
         return self.schedule.take_call(self.max_wait)
 
-    async def settle(self, reply: Any) -> None:
+    async def use_booking(self, reply: Any) -> None:
         """Act on `take_call`'s reply (or its error): return once the call may be made."""
         if isinstance(reply, RedisError):
             _unreadable(reply)

@@ -23,6 +23,7 @@ from relay.api.state import AppState, app_state
 from relay.console import queries
 from relay.console.chart import chart_svg
 from relay.console.session import Session, Sessions, clear, csrf_ok
+from relay.delivery.store import DeliveryId
 from relay.errors import ApiError
 from relay.redis import stats
 from relay.settings import Settings
@@ -178,7 +179,7 @@ class Console:
             rows += [
                 {
                     "delivery_id": delivery_id,
-                    "request_id": delivery_id.partition("#")[0],
+                    "request_id": DeliveryId.parse(delivery_id).request_id,
                     "state": wanted,
                     "since": since,
                 }

@@ -32,7 +32,7 @@ from arq import Retry
 from relay.delivery.attempt_log import EXCERPT_CHARS, AttemptLog
 from relay.delivery.destinations import Destinations, destination_of
 from relay.delivery.failure import FailureClass, failure_class
-from relay.delivery.store import Breaker, DeliveryState, DeliveryStore
+from relay.delivery.store import Breaker, DeliveryId, DeliveryState, DeliveryStore
 from relay.delivery.transport import CallbackClient
 from relay.errors import DestinationRefused
 from relay.jitter import jittered
@@ -193,15 +193,16 @@ class Deliverer:
         if not (job.callback_url and job.event and job.event_id):
             return "stale"
         started = time.monotonic()
-        if "#" in request_id:
+        delivery = DeliveryId.parse(request_id)
+        if delivery.early is not None:
             # An early event: sent only while its job runs, never after the final one.
-            if not await self.deliveries.claim_send(request_id, hold=self.timeout + SEND_MARGIN):
+            if not await self.deliveries.claim_send(delivery, hold=self.timeout + SEND_MARGIN):
                 log.info("early event dropped as stale: the job ended", extra={"id": request_id})
                 return "stale"
             try:
                 outcome = await self._post(job.callback_url, job.event_id, job.event)
             finally:
-                await self.deliveries.release_send(request_id)
+                await self.deliveries.release_send(delivery)
         else:
             if PROCESSING in job.events:
                 # Only a job whose callback asked for an early event can have one in flight.

@@ -22,6 +22,35 @@ from relay.redis.batch import Call, batcher
 from relay.settings import Settings
 
 DeliveryState = Literal["pending", "delivered", "gone", "failed", "none", "stale"]
+# The events sent before a job ends, each its own delivery (`lipsync.processing`).
+EARLY_KINDS = ("processing",)
+
+
+@dataclass(frozen=True)
+class DeliveryId:
+    """Which delivery: one event of one job.
+
+    As text (`str()`), it names the delivery's Redis records and arq jobs: the request id itself
+    for the job's final event, `{request_id}#{kind}` for an early one (`r1#processing`). Written
+    and read here only, and never changed: a running deployment's records use it.
+    """
+
+    request_id: str
+    early: str | None = None  # the early event's kind; None: the job's final event
+
+    def __str__(self) -> str:
+        return self.request_id if self.early is None else f"{self.request_id}#{self.early}"
+
+    @classmethod
+    def parse(cls, text: str) -> DeliveryId:
+        request_id, separator, kind = text.partition("#")
+        return cls(request_id, kind if separator else None)
+
+    @staticmethod
+    def names_early(text: str) -> bool:
+        """Whether `text` holds an early event's delivery id (so it is no request id)."""
+        return any(str(DeliveryId("", kind)) in text for kind in EARLY_KINDS)
+
 
 # The first back-off of a destination that keeps failing, doubled with each further failure.
 BREAKER_BASE = 5.0
@@ -64,25 +93,25 @@ class DeliveryStore:
         """Create the delivery record of an event sent before the job ends; its id, or None
         when it already exists or the job has ended."""
         assert job.callback_url is not None
-        delivery_id = f"{job.request_id}#{kind}"
+        delivery_id = str(DeliveryId(job.request_id, kind))
         created = await self._emit(
             keys=[keys.job(job.request_id), keys.job(delivery_id), keys.deliveries("pending")],
             args=[delivery_id, job.callback_url, event_id, event, int(retention)],
         )
         return delivery_id if created else None
 
-    async def claim_send(self, delivery_id: str, *, hold: float) -> bool:
+    async def claim_send(self, delivery: DeliveryId, *, hold: float) -> bool:
         """May this early event be sent now (the job has not ended)? Holds the job's sending
         key for `hold` seconds if so; see store.claim_send.lua."""
-        request_id = delivery_id.partition("#")[0]
+        request_id, delivery_id = delivery.request_id, str(delivery)
         claimed = await self._claim_send(
             keys=[keys.job(request_id), keys.job(delivery_id), keys.sending(request_id)],
             args=[keys.DELIVERIES_PREFIX, delivery_id, int(hold * 1000)],
         )
         return bool(claimed)
 
-    async def release_send(self, delivery_id: str) -> None:
-        await self.redis.delete(keys.sending(delivery_id.partition("#")[0]))
+    async def release_send(self, delivery: DeliveryId) -> None:
+        await self.redis.delete(keys.sending(delivery.request_id))
 
     async def sending(self, request_id: str) -> bool:
         """Is an early event of this job on its way right now?"""

@@ -20,10 +20,10 @@ and no other's:
   submission, so it does not count).
 Anything else cannot be told apart, and the relay says so rather than guess.
 
-The API resolves its own lost answers at once (relay.api.submit). Intents it handed over, and
-those of API processes that died or could not record their job, are reconciled by one worker
-(relay.jobs.reconcile): adopted when found (the job is then polled and called back like any
-other), dropped once RELAY_INTENT_WINDOW has passed with nothing to adopt.
+The API resolves its own lost answers at once (relay.api.submit). Intents it left to the
+reconcile, and those of API processes that died or could not record their job, are reconciled
+by one worker (relay.jobs.reconcile): adopted when found (the job is then polled and called
+back like any other), dropped once RELAY_INTENT_WINDOW has passed with nothing to adopt.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ class Intents:
         self.idempotency_ttl = settings.idempotency_ttl
         self.poll_in = settings.poll_min_interval
         self._open = scripts.register(redis, __name__, "open")
-        self._hand_over = scripts.register(redis, __name__, "hand_over")
+        self._leave = scripts.register(redis, __name__, "leave")
         self._settle = scripts.register(redis, __name__, "settle")
 
     def _keys(self, intent_id: str, reference_id: str | None, idem: str | None) -> list[str]:
@@ -196,10 +196,10 @@ class Intents:
             calls.append(("ZREM", keys.intents_by_ref(intent.reference_id), intent.id))
         await batcher(self.redis).run(calls)
 
-    async def hand_over(self, intent: Intent, *, after: float) -> None:
+    async def leave_to_reconcile(self, intent: Intent, *, after: float) -> None:
         """Leave the intent to the reconcile, first looked at in `after` seconds; its
         Idempotency-Key stays held until the reconcile settles it."""
-        await self._hand_over(
+        await self._leave(
             keys=[
                 keys.intent(intent.id),
                 keys.INTENTS,

@@ -81,7 +81,7 @@ class Poller:
             # Expired or removed: nothing left to poll for.
             await self.schedule.unschedule(request_id)
             return
-        if await self.settle(job):
+        if await self.wrap_up(job):
             return
         try:
             # One deadline for the whole call (the client's timeouts are per operation), which
@@ -121,17 +121,18 @@ class Poller:
                 log.warning("poll got an error", extra={"request_id": request_id, "status": status})
             await self._retry_later(job)
 
-    def needs_settling(self, job: Job) -> bool:
+    def needs_wrap_up(self, job: Job) -> bool:
         """True when the job needs more than a status recorded (it ended, or is past its
-        maximum age): `settle` it, then `observe` what upstream says."""
+        maximum age): `wrap_up` it, then `observe` what upstream says."""
         return job.ended or self._overdue(job) > 0
 
     def _overdue(self, job: Job) -> float:
         """Seconds the job is past its maximum age (negative: not yet)."""
         return job.read_at - job.created - self.settings.max_job_age
 
-    async def settle(self, job: Job) -> bool:
-        """Finish what needs no upstream answer; True when the job needs no status any more."""
+    async def wrap_up(self, job: Job) -> bool:
+        """Finish what needs no upstream answer (a job that ended is handed over, one past its
+        age and grace given up); True when the job needs no status any more."""
         if job.ended:
             # A worker ended it but died before handing the delivery over: finish that part.
             await self._finish_end(job, deliver=job.delivery == "pending")

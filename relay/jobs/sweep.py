@@ -134,7 +134,7 @@ class Run:
     handling: asyncio.Task[None] | None = None
 
     async def handled(self) -> None:
-        """Wait for the rows handed over so far."""
+        """Wait until the rows read so far are handled."""
         if self.handling is not None:
             task, self.handling = self.handling, None
             await task
@@ -410,7 +410,7 @@ class Sweeper(Service):
         run.matched += len(by_id)
         SWEEP_ROWS.inc(len(by_id))
         # Rows that only move a job along are stored in one round trip; rows that end a job
-        # (or a job to settle) take the poller's whole path, one by one.
+        # (or a job to wrap up) take the poller's whole path, one by one.
         records: list[PollRecord] = []
         slow: list[tuple[Job, bytes]] = []
         for job in jobs:
@@ -418,7 +418,7 @@ class Sweeper(Service):
                 continue
             raw = orjson.dumps(by_id[job.request_id])
             record = None
-            if not self.poller.needs_settling(job):
+            if not self.poller.needs_wrap_up(job):
                 record = self.poller.plan(job, raw, hold=run.hold)
             if record is None:
                 slow.append((job, raw))
@@ -429,7 +429,7 @@ class Sweeper(Service):
         await asyncio.gather(*(self._observe(run, job, raw) for job, raw in slow))
 
     async def _observe(self, run: Run, job: Job, raw: bytes) -> None:
-        if await self.poller.settle(job):
+        if await self.poller.wrap_up(job):
             return
         await self.poller.observe(job, raw, hold=run.hold)
 

@@ -87,9 +87,9 @@ class Dispatcher(Service):
         if self.in_flight:
             log.info("draining polls", extra={"polls": len(self.in_flight)})
         await wait_for_tasks(lambda: self.in_flight.values(), deadline)
-        await self.hand_back_unfinished()
+        await self.hand_back()
 
-    async def hand_back_unfinished(self) -> None:
+    async def hand_back(self) -> None:
         """Cancel the polls still running and make them due now for another worker."""
         left = list(self.in_flight)
         for task in list(self.in_flight.values()):
