@@ -1,12 +1,14 @@
 """Prometheus metrics, defined once per process.
 
-Counters and histograms count what this process did (the API: submissions and its upstream
-calls; a worker: polls, upstream calls and deliveries). Gauges about shared state (outstanding
-jobs, due work, poll lag, queue depth) are read from Redis when scraped, by whoever is scraped
-(relay.redis.shared_state), so they are right whichever process serves them; so are Redis's
-memory figures, and `relay_redis_data_lost`, which relay.redis.watch keeps in step with a shared
-key. Each process serves its own /metrics: the API on its port, each worker on
-RELAY_WORKER_HTTP_PORT. Defined here, below every stage, so that any module may count.
+Counters and histograms count what this process did (the API: submissions, its responses and
+its upstream calls; a worker: polls, upstream calls and deliveries). Gauges about shared state
+(outstanding jobs, due work, how late polls and deliveries are, the upstream pause, workers
+alive) are read from Redis when scraped, by whoever is scraped (relay.redis.shared_state), so
+they are right whichever process serves them, even when no worker is left to scrape; so are
+Redis's memory figures, and `relay_redis_data_lost`, which relay.redis.watch keeps in step with
+a shared key. Each process serves its own /metrics: the API on its port, each worker on
+RELAY_WORKER_HTTP_PORT. No label takes a value from a request (an id, a URL, a caller's path):
+every label set is bounded. Defined here, below every stage, so that any module may count.
 """
 
 from __future__ import annotations
@@ -54,6 +56,17 @@ DELIVERY_LATENCY = Histogram(
     "From the job's end being seen to its callback being accepted",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200, 86400),
 )
+HTTP_RESPONSES = Counter(
+    "relay_http_responses",
+    "API responses by status class (1xx to 5xx), uvicorn's own 503s past "
+    "RELAY_HTTP_MAX_CONCURRENCY included; probes and /metrics are not counted",
+    ["status_class"],
+)
+UPSTREAM_RATE_LIMIT = Gauge(
+    "relay_upstream_rate_limit",
+    "The shared upstream budget in calls per second (RELAY_UPSTREAM_RATE_LIMIT): every call "
+    "counted in relay_upstream_calls_total spends it",
+)
 OUTSTANDING = Gauge("relay_outstanding_jobs", "Jobs being polled")
 DUE_WORK = Gauge("relay_due_work", "Polls due now plus deliveries due now (not parked future work)")
 POLL_LAG = Gauge("relay_poll_lag_seconds", "How overdue the most overdue poll is")
@@ -61,6 +74,23 @@ QUEUE_DEPTH = Gauge("relay_delivery_queue_depth", "Delivery attempts queued, due
 BACKED_OFF = Gauge(
     "relay_destinations_backed_off",
     "Callback destinations backed off now because they kept failing (shared state)",
+)
+DELIVERY_LAG = Gauge(
+    "relay_delivery_lag_seconds",
+    "How overdue the most overdue queued delivery attempt is (retries waiting on their schedule "
+    "or on a backed-off destination are not due)",
+)
+PENDING_DELIVERY_AGE = Gauge(
+    "relay_pending_delivery_age_seconds",
+    "Age of the oldest delivery still waiting for its first attempt, from its job's end (or its "
+    "redelivery); one held for a backed-off destination counts",
+)
+UPSTREAM_PAUSED = Gauge(
+    "relay_upstream_paused_seconds",
+    "Seconds every upstream call stays paused after Chamelaion answered 429 (0: not paused)",
+)
+WORKERS_ALIVE = Gauge(
+    "relay_workers_alive", "Workers whose heartbeat is current (relay.worker.heartbeat)"
 )
 # This worker's own: set as functions of its live state when the worker starts.
 DELIVERIES_IN_FLIGHT = Gauge("relay_deliveries_in_flight", "Callback attempts being sent now")
@@ -83,6 +113,17 @@ REDIS_DATA_LOST = Gauge(
     "relay_redis_data_lost", "1 while an unacknowledged loss of the relay's Redis data is recorded"
 )
 MEMORY_GAUGES = (REDIS_MEMORY_USED, REDIS_MEMORY_MAX, REDIS_MEMORY_HEADROOM)
+SHARED_GAUGES = (
+    OUTSTANDING,
+    DUE_WORK,
+    POLL_LAG,
+    QUEUE_DEPTH,
+    BACKED_OFF,
+    DELIVERY_LAG,
+    PENDING_DELIVERY_AGE,
+    UPSTREAM_PAUSED,
+    WORKERS_ALIVE,
+)
 UPLOADS_IN_PROGRESS = Gauge("relay_uploads_in_progress", "Uploads this API process is running")
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from relay.api.response_counts import count_response, counted
 from relay.settings import Settings
 
 
@@ -46,7 +47,8 @@ class ProcessServer(uvicorn.Server):
 
 
 class HeaderTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, closing connections that are slow to send headers."""
+    """uvicorn's httptools protocol, closing connections that are slow to send headers and
+    counting the 503s uvicorn answers itself past its concurrency limit."""
 
     header_timeout = 10.0  # set per server by `_with_header_timeout`
     _header_timer: asyncio.TimerHandle | None = None
@@ -61,7 +63,14 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm_header_timer()
+        # uvicorn's own test, made before it starts the request (it answers 503 instead);
+        # a new cycle means a request was started (an upgrade is handed off instead).
+        limit = self.limit_concurrency
+        over = limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit)
+        cycle = self.cycle
         super().on_headers_complete()
+        if over and self.cycle is not cycle and counted(self.scope):
+            count_response(503)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()

@@ -2,8 +2,8 @@
 of /metrics and the console's overview.
 
 Counters and histograms count what one process did (relay.metrics); these figures are about
-shared state (outstanding jobs, due work, poll lag, queue depth, destinations backed off), so
-every process reads them fresh from Redis, in one round trip, when it is scraped.
+shared state (outstanding jobs, due work, how late polls and deliveries are, the upstream pause,
+workers alive), so every process reads them fresh from Redis, in one round trip, when scraped.
 """
 
 from __future__ import annotations
@@ -17,11 +17,16 @@ from starlette.responses import Response
 
 from relay.metrics import (
     BACKED_OFF,
+    DELIVERY_LAG,
     DUE_WORK,
     MEMORY_GAUGES,
     OUTSTANDING,
+    PENDING_DELIVERY_AGE,
     POLL_LAG,
     QUEUE_DEPTH,
+    SHARED_GAUGES,
+    UPSTREAM_PAUSED,
+    WORKERS_ALIVE,
     read_memory,
 )
 from relay.redis import keys, scripts
@@ -34,19 +39,37 @@ class SharedState:
     poll_lag: float
     queued_deliveries: int
     backed_off: int  # destinations backed off now
+    delivery_lag: float  # how overdue the most overdue queued attempt is
+    pending_age: float  # age of the oldest delivery waiting for its first attempt
+    paused_for: float  # seconds every upstream call stays paused after a 429
+    workers: int  # workers whose heartbeat is current
 
 
 async def read_shared_state(redis: Redis) -> SharedState:
     """The relay-wide figures every process reports, in one round trip (the console too)."""
     script = scripts.register(redis, __name__)
-    reply = await script(keys=[keys.POLLS, keys.ARQ_QUEUE, keys.BACKED_OFF])
-    outstanding, due_polls, lag, queued, due_deliveries, backed_off = reply
+    reply = await script(
+        keys=[
+            keys.POLLS,
+            keys.ARQ_QUEUE,
+            keys.BACKED_OFF,
+            keys.deliveries("pending"),
+            keys.UPSTREAM_PAUSED,
+            keys.WORKERS,
+        ]
+    )
+    outstanding, due_polls, lag, queued, due_deliveries, backed_off, *rest = reply
+    delivery_lag, pending_age, paused_for, workers = rest
     return SharedState(
         int(outstanding),
         int(due_polls) + int(due_deliveries),
         float(lag),
         int(queued),
         int(backed_off),
+        float(delivery_lag),
+        float(pending_age),
+        float(paused_for),
+        int(workers),
     )
 
 
@@ -58,6 +81,10 @@ async def refresh_shared_gauges(redis: Redis) -> None:
     POLL_LAG.set(shared.poll_lag)
     QUEUE_DEPTH.set(shared.queued_deliveries)
     BACKED_OFF.set(shared.backed_off)
+    DELIVERY_LAG.set(shared.delivery_lag)
+    PENDING_DELIVERY_AGE.set(shared.pending_age)
+    UPSTREAM_PAUSED.set(shared.paused_for)
+    WORKERS_ALIVE.set(shared.workers)
 
 
 async def metrics_response(redis: Redis) -> Response:
@@ -67,6 +94,6 @@ async def metrics_response(redis: Redis) -> Response:
         await read_memory(redis)
     except RedisError:
         # Shared gauges go unknown; this process's own counters are still worth serving.
-        for gauge in (OUTSTANDING, DUE_WORK, POLL_LAG, QUEUE_DEPTH, BACKED_OFF, *MEMORY_GAUGES):
+        for gauge in (*SHARED_GAUGES, *MEMORY_GAUGES):
             gauge.set(float("nan"))
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,6 +1,6 @@
 """The worker process: wires the poll dispatcher, the sweeper, the stranded-delivery sweep, the
-intent reconcile, first attempts and arq's deliveries onto one event loop, as services that one
-supervisor starts and stops (relay.lifecycle; the order: SHUTDOWN_ORDER).
+intent reconcile, first attempts, arq's deliveries and the heartbeat onto one event loop, as
+services that one supervisor starts and stops (relay.lifecycle; the order: SHUTDOWN_ORDER).
 
 Every "now" arq compares with, and every delivery a worker queues, is on Redis's clock
 (relay.redis.clock), so a worker whose own clock is off neither makes a deferred attempt early
@@ -32,7 +32,12 @@ from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
 from relay.jobs.sweep import Sweeper
 from relay.lifecycle import Service, supervise
-from relay.metrics import DELIVERIES_IN_FLIGHT, DELIVERIES_WAITING, FIRST_ATTEMPTS_WAITING
+from relay.metrics import (
+    DELIVERIES_IN_FLIGHT,
+    DELIVERIES_WAITING,
+    FIRST_ATTEMPTS_WAITING,
+    UPSTREAM_RATE_LIMIT,
+)
 from relay.redis.clock import RedisClock
 from relay.redis.conn import arq_pool
 from relay.redis.watch import RedisWatch
@@ -41,6 +46,7 @@ from relay.signing import Signer
 from relay.upstream import Upstream
 from relay.worker.dispatcher import Dispatcher
 from relay.worker.health import HealthPort, create_worker_http_app
+from relay.worker.heartbeat import Heartbeat
 from relay.worker.tasks import ArqLoop, arq_on_redis_clock, arq_worker
 
 log = logging.getLogger(__name__)
@@ -107,6 +113,7 @@ async def build_state(settings: Settings) -> WorkerState:
     DELIVERIES_IN_FLIGHT.set_function(lambda: destinations.in_flight)
     DELIVERIES_WAITING.set_function(lambda: destinations.waiting)
     FIRST_ATTEMPTS_WAITING.set_function(lambda: len(first_attempts.waiting))
+    UPSTREAM_RATE_LIMIT.set(settings.upstream_rate_limit)
     poller = Poller(
         store=store,
         schedule=schedule,
@@ -159,13 +166,13 @@ async def build_state(settings: Settings) -> WorkerState:
 
 # How a worker stops, written once (relay.lifecycle.supervise). First, together, everything
 # that takes new work stops taking it: claiming polls, sweeping, picking deliveries, making first
-# attempts here, the stranded sweep and the reconcile; what they started drains for up to
-# RELAY_SHUTDOWN_TIMEOUT, and what is unfinished then is handed back, due now, to the other
-# workers (polls and first attempts; arq's own jobs run again once their in-progress keys
-# expire). Then what the others leaned on while draining: the Redis watch, Redis's clock, and
-# last the health port, so probes are answered until the end.
+# attempts here, the stranded sweep and the reconcile; and the heartbeat counts the worker out.
+# What they started drains for up to RELAY_SHUTDOWN_TIMEOUT, and what is unfinished then is
+# handed back, due now, to the other workers (polls and first attempts; arq's own jobs run again
+# once their in-progress keys expire). Then what the others leaned on while draining: the Redis
+# watch, Redis's clock, and last the health port, so probes are answered until the end.
 SHUTDOWN_ORDER: tuple[tuple[str, ...], ...] = (
-    ("dispatcher", "sweeper", "first-attempts", "arq", "stranded", "reconcile"),
+    ("dispatcher", "sweeper", "first-attempts", "arq", "stranded", "reconcile", "heartbeat"),
     ("redis-watch",),
     ("redis-clock",),
     ("worker-http",),
@@ -179,6 +186,10 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
         worker = arq_worker(settings, state.redis, {"relay": state})
         arq = ArqLoop(worker)
         watch = RedisWatch(state.redis)
+
+        def healthy() -> bool:
+            return state.dispatcher.healthy() and arq.running
+
         services: list[Service] = [
             state.clock,
             watch,
@@ -187,17 +198,13 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
             arq,
             state.stranded,
             state.reconciler,
+            Heartbeat(state.redis, healthy),
         ]
         if settings.sweep_interval > 0:
             services.append(state.sweeper)
         if http_port is not None:
             metrics_keys = KeyRing(settings.api_keys) if settings.metrics_auth else None
-            app = create_worker_http_app(
-                lambda: state.dispatcher.healthy() and arq.running,
-                state.redis,
-                watch,
-                metrics_keys=metrics_keys,
-            )
+            app = create_worker_http_app(healthy, state.redis, watch, metrics_keys=metrics_keys)
             services.append(HealthPort(app, http_port))
         log.info(
             "worker started",
