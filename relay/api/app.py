@@ -12,7 +12,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from arq.connections import ArqRedis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -44,9 +43,8 @@ from relay.jobs.intents import Intents
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
 from relay.metrics import UPSTREAM_RATE_LIMIT
-from relay.redis import keys
+from relay.redis.conn import arq_view, connect
 from relay.redis.conn import close as close_redis
-from relay.redis.conn import connect
 from relay.redis.shared_state import metrics_response
 from relay.redis.watch import RedisWatch, readiness
 from relay.settings import Settings
@@ -97,7 +95,7 @@ def create_app(settings: Settings) -> Starlette:
         attempt_log = AttemptLog(redis, retention=settings.job_retention)
         # arq's client on the same connections: the API queues redeliveries. No clock: the
         # queue's script scores them on Redis's, whatever this process's own clock says.
-        arq = ArqRedis(redis.connection_pool, default_queue_name=keys.ARQ_QUEUE)
+        arq = arq_view(redis)
         queue = DeliveryQueue(arq, settings.delivery_retry_schedule, clock=None)
         watch = RedisWatch(redis)
         stop_watching = asyncio.Event()

@@ -26,6 +26,7 @@ from relay.console.session import Session, Sessions, clear, csrf_ok
 from relay.delivery.store import DeliveryId
 from relay.errors import ApiError
 from relay.redis import stats
+from relay.redis.clock import redis_now
 from relay.settings import Settings
 
 HERE = Path(__file__).parent
@@ -186,7 +187,7 @@ class Console:
                 for delivery_id, since in found
             ]
         rows.sort(key=lambda row: row["since"], reverse=True)
-        seconds, _ = await state.redis.time()
+        seconds = int(await redis_now(state.redis))
         return self._page(
             request,
             "failed.html",

@@ -18,7 +18,7 @@ from arq.connections import ArqRedis
 from arq.jobs import serialize_job
 
 from relay.redis import keys, scripts
-from relay.redis.clock import RedisClock
+from relay.redis.clock import RedisClock, redis_now
 
 
 class DeliveryQueue:
@@ -89,8 +89,7 @@ class DeliveryQueue:
     async def make_due(self, request_ids: list[str], *, attempt: int) -> None:
         """Make attempt `attempt` of each of `request_ids` due now, where it is still queued
         (a stopping worker hands its unfinished first attempts' guards to the others)."""
-        seconds, micros = await self.redis.time()
-        now_ms = seconds * 1000 + micros // 1000
+        now_ms = int(await redis_now(self.redis) * 1000)
         async with self.redis.pipeline(transaction=False) as pipe:
             for request_id in request_ids:
                 job_id = keys.delivery_job_id(request_id, attempt)

@@ -22,6 +22,7 @@ from relay.delivery.queue import DeliveryQueue
 from relay.lifecycle import Service
 from relay.metrics import STRANDED_REQUEUED, STRANDED_SWEEPS
 from relay.redis import keys, scripts
+from relay.redis.clock import redis_now
 from relay.redis.leased import run_leased
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,7 @@ class StrandedSweep(Service):
             ],
         )
         requeued = 0
-        seconds, micros = await self.redis.time()
-        now = seconds + micros / 1e6
+        now = await redis_now(self.redis)
         for i in range(0, len(found), 3):
             delivery_id, attempt = found[i].decode(), int(found[i + 1])
             destination = destination_of(found[i + 2].decode())

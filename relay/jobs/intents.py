@@ -44,6 +44,7 @@ from relay.jobs.store import JobStore
 from relay.jobs.sweep import CLOCK_MARGIN, created_time
 from relay.redis import keys, scripts
 from relay.redis.batch import Call, batcher
+from relay.redis.clock import redis_now
 from relay.settings import Settings
 from relay.upstream import Upstream, check, json_object
 
@@ -209,13 +210,13 @@ class Intents:
         )
 
     async def postpone(self, intent: Intent, *, after: float) -> None:
-        seconds, micros = await self.redis.time()
+        now = await redis_now(self.redis)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hincrby(keys.intent(intent.id), "looks", 1)
             # Should the intent have been closed meanwhile, the count recreated a stray hash:
             # it expires like any intent's safety net.
             pipe.expire(keys.intent(intent.id), self.ttl)
-            pipe.zadd(keys.INTENTS, {intent.id: seconds + micros / 1e6 + after}, xx=True)
+            pipe.zadd(keys.INTENTS, {intent.id: now + after}, xx=True)
             await pipe.execute()
 
     async def settle(self, intent: Intent, *, status: int, body: bytes = b"") -> None:
@@ -227,8 +228,7 @@ class Intents:
 
     async def due(self, limit: int) -> tuple[list[Intent], float]:
         """Intents a worker should look at now (oldest due first), and the Redis clock."""
-        seconds, micros = await self.redis.time()
-        now = seconds + micros / 1e6
+        now = await redis_now(self.redis)
         ids = [
             raw.decode()
             for raw in await self.redis.zrangebyscore(keys.INTENTS, "-inf", now, start=0, num=limit)

@@ -64,3 +64,10 @@ class RedisClock(Service):
     async def run(self, stop: asyncio.Event) -> None:
         """Sample again every REFRESH seconds until `stop`; a failed sample keeps the last."""
         await repeat(self.sync, every=REFRESH, first_after=REFRESH, stop=stop, what="clock sample")
+
+
+async def redis_now(redis: Redis) -> float:
+    """Redis's clock read once (a round trip), in seconds since the epoch: for a process that
+    keeps no RedisClock (the API), or a reading that must be Redis's own."""
+    seconds, micros = await redis.time()
+    return float(seconds + micros / 1e6)

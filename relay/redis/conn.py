@@ -105,6 +105,11 @@ async def arq_pool(url: str, *, timeout: float) -> ArqRedis:
     return pool
 
 
+def arq_view(redis: Redis) -> ArqRedis:
+    """arq's client on `redis`'s own connections (the API queues redeliveries with it)."""
+    return ArqRedis(redis.connection_pool, default_queue_name=keys.ARQ_QUEUE)
+
+
 def redacted(url: str) -> str:
     """`url` fit to print: any password in it replaced by `***`."""
     parts = urlsplit(url)

@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from relay.redis import keys, scripts
 from relay.redis.batch import ScriptCall
+from relay.redis.clock import redis_now
 
 KEEP_SECONDS = 7200
 # What the chart draws: settled deliveries, and attempts that failed (retry or given up).
@@ -32,8 +33,7 @@ async def last_hour(redis: Redis, outcomes: tuple[str, ...] = OUTCOMES) -> dict[
     Besides delivery outcomes, `rate_limited` counts the upstream's 429s
     (relay.jobs.schedule's pause).
     """
-    seconds, _ = await redis.time()
-    minute = int(seconds) // 60
+    minute = int(await redis_now(redis)) // 60
     minutes = range(minute - 59, minute + 1)
     names = [keys.stats(outcome, m) for outcome in outcomes for m in minutes]
     values = await redis.mget(names)
