@@ -5,10 +5,11 @@ its upstream calls; a worker: polls, upstream calls and deliveries). Gauges abou
 (outstanding jobs, due work, how late polls and deliveries are, the upstream pause, workers
 alive) are read from Redis when scraped, by whoever is scraped (relay.redis.shared_state), so
 they are right whichever process serves them, even when no worker is left to scrape; so are
-Redis's memory figures, and `relay_redis_data_lost`, which relay.redis.watch keeps in step with
-a shared key. Each process serves its own /metrics: the API on its port, each worker on
-RELAY_WORKER_HTTP_PORT. No label takes a value from a request (an id, a URL, a caller's path):
-every label set is bounded. Defined here, below every stage, so that any module may count.
+Redis's memory figures, and `relay_redis_data_lost` and `relay_redis_writable`, which
+relay.redis.watch keeps up to date. Each process serves its own /metrics: the API on its port,
+each worker on RELAY_WORKER_HTTP_PORT. No label takes a value from a request (an id, a URL, a
+caller's path): every label set is bounded. Defined here, below every stage, so that any module
+may count.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ API_BUDGET_REFUSED = Counter(
     "relay_api_budget_refused",
     "API calls answered 429 because the shared upstream budget had no slot soon enough (or a "
     "429 pause was on)",
+)
+IDEMPOTENCY_KEYS_REFUSED = Counter(
+    "relay_idempotency_keys_refused",
+    "Submissions answered 429 because their caller already held RELAY_IDEMPOTENCY_MAX_KEYS "
+    "Idempotency-Key records",
 )
 DELIVERY_LATENCY = Histogram(
     "relay_delivery_latency_seconds",
@@ -111,6 +117,11 @@ REDIS_MEMORY_HEADROOM = Gauge(
 )
 REDIS_DATA_LOST = Gauge(
     "relay_redis_data_lost", "1 while an unacknowledged loss of the relay's Redis data is recorded"
+)
+REDIS_WRITABLE = Gauge(
+    "relay_redis_writable",
+    "1 while Redis took this process's last check write (every 10 s and each /readyz), 0 while "
+    "it refuses writes (full under noeviction, a read-only replica, a failed snapshot)",
 )
 MEMORY_GAUGES = (REDIS_MEMORY_USED, REDIS_MEMORY_MAX, REDIS_MEMORY_HEADROOM)
 SHARED_GAUGES = (

@@ -185,6 +185,11 @@ class Settings(BaseSettings):
     stranded_after: float = Field(120.0, ge=0, validation_alias="RELAY_STRANDED_AFTER")
     # How long an Idempotency-Key and its first answer are kept.
     idempotency_ttl: float = Field(86400.0, ge=60, validation_alias="RELAY_IDEMPOTENCY_TTL")
+    # Idempotency-Key records one caller key may hold at once (429 beyond): each is at most
+    # ~1.5 KB in Redis, so the default bounds a caller's share to ~15 MB.
+    idempotency_max_keys: int = Field(
+        10_000, ge=1, le=10_000_000, validation_alias="RELAY_IDEMPOTENCY_MAX_KEYS"
+    )
     worker_http_port: int = Field(9100, ge=0, le=65535, validation_alias="RELAY_WORKER_HTTP_PORT")
     # Every Redis call (connect, then each reply) fails after this long instead of hanging.
     redis_timeout: float = Field(2.0, gt=0, le=30, validation_alias="RELAY_REDIS_TIMEOUT")

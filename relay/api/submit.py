@@ -39,9 +39,18 @@ log = logging.getLogger(__name__)
 LOOK_AGAIN = 5.0
 
 
+# The longest field name an error repeats: unknown fields are named by the caller, any length.
+MAX_FIELD_CHARS = 100
+
+
+def _field(location: tuple[int | str, ...]) -> str:
+    name = ".".join(str(part) for part in location) or "body"
+    return name if len(name) <= MAX_FIELD_CHARS else name[: MAX_FIELD_CHARS - 1] + "…"
+
+
 def validation_error(exc: ValidationError) -> ApiError:
     details = [
-        {"field": ".".join(str(part) for part in error["loc"]) or "body", "message": error["msg"]}
+        {"field": _field(error["loc"]), "message": error["msg"]}
         for error in exc.errors(include_url=False, include_input=False)
     ]
     first = details[0]

@@ -38,6 +38,9 @@ from relay.upstream import BudgetRefused, Upstream
 
 log = logging.getLogger(__name__)
 
+# Candidate request ids an ambiguous intent's answer lists at most.
+LISTED_CANDIDATES = 5
+
 BATCH = 100
 MAX_SPACING = 300.0  # seconds: the longest wait between two lookups of one intent
 
@@ -147,7 +150,15 @@ class Reconciler(Service):
                     "error": "the job's outcome was lost and Chamelaion holds several requests "
                     "with its reference_id that it could be; none is tracked",
                     "details": [
-                        {"code": "upstream_outcome_ambiguous", "request_ids": found.candidates}
+                        {
+                            "code": "upstream_outcome_ambiguous",
+                            # Kept as the Idempotency-Key's answer for a day: a few ids, not
+                            # the up to 1,000 a lookup reads.
+                            "request_ids": found.candidates[:LISTED_CANDIDATES],
+                            "request_ids_omitted": max(
+                                0, len(found.candidates) - LISTED_CANDIDATES
+                            ),
+                        }
                     ],
                 }
             )
