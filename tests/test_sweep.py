@@ -21,8 +21,8 @@ import redis
 from chamelaion import Chamelaion, RateLimitError
 from standardwebhooks import Webhook
 
-from relay import keys
 from relay.jobs.sweep import NEWEST_FIRST, OLDEST_FIRST, UNUSABLE, Tally, created_time
+from relay.redis import keys
 from relay.sandbox import SandboxConfig
 from tests.stack import RELAY_KEY, SANDBOX_KEY, Stack, eventually, is_up, job_field, relay_stack
 from tests.test_end_to_end import submit

@@ -1,8 +1,9 @@
--- Book a slot of the upstream budget (GCRA, the same keys as claim.lua) for one status read
--- that is not a queued poll, such as a list page: a slot of the status reads' own share, now or
--- ahead; or a slot of the shared part, but only one free now: the API books that part ahead,
--- and a read never takes a slot the API could have booked. Booking ahead in its own share,
--- rather than claiming only a free slot as polls do, puts the read ahead of per-id polls.
+-- Book a slot of the upstream budget (GCRA, the same keys as schedule.claim.lua) for one
+-- status read that is not a queued poll, such as a list page: a slot of the status reads' own
+-- share, now or ahead; or a slot of the shared part, but only one free now: the API books that
+-- part ahead, and a read never takes a slot the API could have booked. Booking ahead in its
+-- own share, rather than claiming only a free slot as polls do, puts the read ahead of per-id
+-- polls.
 -- Returns {1, seconds to wait before calling} once booked, {0, seconds until the 429 pause
 -- ends} when nobody may call now, or {2, seconds until a shared slot may be free} when nothing
 -- was booked yet: ask again then.
@@ -17,8 +18,8 @@ local reads_burst = tonumber(ARGV[4])
 local paused = tonumber(redis.call('GET', paused_key) or '0')
 if paused > now then return {0, tostring(paused - now)} end
 
--- When a bucket's next slot comes (claim.lua allows a call once now >= tat + p - b * p), and
--- its arrival time.
+-- When a bucket's next slot comes (schedule.claim.lua allows a call once
+-- now >= tat + p - b * p), and its arrival time.
 local function slot(key, p, b)
   local tat = tonumber(redis.call('GET', key) or '0')
   if tat < now then tat = now end

@@ -1,7 +1,7 @@
--- Book the next slot of the budget's shared part (GCRA, the same key as claim.lua and
--- reserve.lua; never the status reads' own share) for an API call, but only when that slot
--- comes within `max_wait` seconds; during a 429 pause the first slot is at the pause's end (a
--- caller waits out a short pause rather than hear 429).
+-- Book the next slot of the budget's shared part (GCRA, the same key as schedule.claim.lua
+-- and schedule.reserve.lua; never the status reads' own share) for an API call, but only when
+-- that slot comes within `max_wait` seconds; during a 429 pause the first slot is at the
+-- pause's end (a caller waits out a short pause rather than hear 429).
 -- Returns {1, seconds to wait before calling} once booked, else {0, seconds until a slot (or
 -- the end of the pause)}: nothing is booked then, so a refused caller costs the budget nothing.
 local tat_key = KEYS[1]
