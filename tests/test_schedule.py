@@ -109,8 +109,10 @@ async def test_api_bookings_never_hold_a_status_read_back_past_a_slot_of_its_sha
     waits = [(await schedule.take(max_wait=5.0))[1] for _ in range(45)]
     assert max(waits) > 4.5, "a flood of submissions books the shared part 5 s ahead"
     assert not (await schedule.take(max_wait=5.0))[0], "and is refused past its wait"
+    api_booked = await redis.get(keys.UPSTREAM_TAT)
     booked, wait = await schedule.reserve()
     assert booked and wait <= 0.5, f"a sweep's page waited {wait:.2f} s behind them"
+    assert await redis.get(keys.UPSTREAM_TAT) == api_booked, "and took none of their slots"
     # Its share is its own: the next reads wait a slot of it (2/s), not the API's 5 s.
     booked, wait = await schedule.reserve()
     assert booked and 0.4 < wait <= 0.5
@@ -136,7 +138,7 @@ async def test_status_reads_take_what_the_api_leaves_free_and_only_that(redis_ur
         [part] = [key for key, was, now in zip(parts, before, after, strict=True) if was != now]
         booked_in[part] += 1
         if part == keys.UPSTREAM_TAT:
-            assert wait == 0, "a read took a slot of the API's part ahead of time"
+            assert wait <= schedule.shared_period, "a read booked the API's part ahead"
         await asyncio.sleep(wait)
     # The API is idle: most pages went out in its part (9/s), not at the 1/s of the reads' share.
     assert booked_in[keys.UPSTREAM_TAT] >= 6
@@ -152,8 +154,7 @@ async def test_claims_use_free_slots_of_both_parts(redis_url: str) -> None:
     schedule = PollSchedule(redis, rate=100, lease=30, read_share=0.5)
     await due_jobs(redis, 40)
     claimed = (await schedule.claim(40)).ids
-    # A burst of a tenth of a second in each part: 5 + 5.
+    # A burst of a tenth of a second in each part: 5 + 5, booked in both.
     assert len(claimed) == 10
-    again = await schedule.claim(40)
-    assert again.ids == [] and again.wait is not None and 0 < again.wait <= 0.02
+    assert await redis.exists(keys.UPSTREAM_TAT, keys.UPSTREAM_READS_TAT) == 2
     await redis.aclose()

@@ -14,11 +14,11 @@ rate, is the API's to book: its calls (creates, uploads, proxied reads, lookups)
 `take`, ahead of time but never further off than the API is willing to keep its caller waiting;
 status reads use whatever of it the API leaves free. Status reads are list pages read by sweeps
 (relay.jobs.sweep) and by the intent reconcile's lookups (relay.jobs.reconcile), booked through
-`reserve` (their own share, ahead if need be, or a free shared slot), and per-id polls, which
-`claim` only free slots of either. So however many submissions arrive, a sweep's page waits at
-most about a slot of the reads' share; however many pages the sweeps want, submissions keep the
-rest; and when one side is idle, the other uses the whole rate. An upstream 429 sets a pause
-that every caller honours.
+`reserve` (their own share, ahead if need be, or the shared part's next slot while no API call
+waits for it), and per-id polls, which `claim` only free slots of either. So however many
+submissions arrive, a sweep's page waits at most about a slot of the reads' share; however many
+pages the sweeps want, submissions keep the rest; and when one side is idle, the other uses the
+whole rate. An upstream 429 sets a pause that every caller honours.
 """
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ class PollSchedule:
 
     async def reserve(self) -> tuple[bool, float]:
         """Book a slot for one status read outside the poll queue (a list page): of the reads'
-        own share, ahead if need be, or a free one of the shared part (never one ahead: those
-        are the API's to book).
+        own share, ahead if need be, or the shared part's next one while no API call waits for
+        it (the API books that part ahead: a read never takes its slots).
 
         Returns (True, seconds to wait before making the call) once booked, or (False, seconds
         until a 429 pause ends) when nobody may call now. Booking ahead, rather than claiming
