@@ -467,13 +467,17 @@ class Sweeper(Service):
         booking: asyncio.Task[None] | None = None
         gaps: list[int] = []  # offsets a short page left unread
         ended: SweepEnded | None = None
-        stopped = False
-        failed = 0
+        enough = False  # a page said no more are needed
+        failed = 0  # pages that failed in a row
         try:
             while True:
+                if booking is not None and (enough or ended is not None):
+                    booking.cancel()  # the slot goes unused
+                    await asyncio.gather(booking, return_exceptions=True)
+                    booking = None
                 more = gaps or offset < run.total
                 room = len(fetches) < self.settings.sweep_concurrency
-                if booking is None and more and room and not stopped and ended is None:
+                if booking is None and more and room and not enough and ended is None:
                     booking = asyncio.create_task(self._take_budget())
                 waiting: set[asyncio.Task[Any]] = set(fetches)
                 if booking is not None:
@@ -481,21 +485,12 @@ class Sweeper(Service):
                 if not waiting:
                     break
                 finished, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if booking is not None and booking in finished:
-                    finished.discard(booking)
-                    slot, booking = booking, None
-                    slot.result()  # raises SweepEnded("stopped") when the worker stops
-                    if not stopped and ended is None:  # else the slot goes unused
-                        if gaps:
-                            at = gaps.pop()
-                        else:
-                            at, offset = offset, offset + step
-                        fetches.add(asyncio.create_task(self._fetch(run, at)))
-                for task in finished:
+                # Pages first: one that ends the sweep (a 429) must stop the next page going out.
+                for task in finished - {booking}:
                     fetches.discard(task)
                     try:
                         page = task.result()
-                        stopped = stop(page) or stopped
+                        enough = stop(page) or enough
                     except SweepEnded as exc:
                         if exc.outcome in SKIPPABLE and failed + 1 < FAILED_PAGES:
                             failed += 1
@@ -507,6 +502,15 @@ class Sweeper(Service):
                     failed = 0
                     if page.size < step and not page.last_of_list:
                         gaps.append(page.end)  # a short page: read what it left out
+                if booking is not None and booking in finished:
+                    slot, booking = booking, None
+                    slot.result()  # raises SweepEnded("stopped") when the worker stops
+                    if not enough and ended is None:
+                        if gaps:
+                            at = gaps.pop()
+                        else:
+                            at, offset = offset, offset + step
+                        fetches.add(asyncio.create_task(self._fetch(run, at)))
         finally:
             leftovers = [*fetches, *([booking] if booking is not None else [])]
             for task in leftovers:
