@@ -28,7 +28,9 @@ does once Chamelaion accepted a job), so the run measures polling and callbacks,
 - fallback: the same with the list failing (HTTP 500), then answering in no usable order: every
   job is still called back, by per-id polls.
 - scale: many outstanding jobs that stay queued; every 10 s, the oldest status refresh among them
-  (Redis's `polled` field, or the job's creation when never refreshed); Redis memory per job.
+  (Redis's `polled` field, or the job's creation when never refreshed), and how long the last
+  whole sweep took; Redis memory per job. scale-live: the same in the live conditions (150 ms a
+  call, whole seconds, both orders), the jobs made over the last 10 minutes.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import math
 import multiprocessing
 import os
 import signal
@@ -178,13 +181,20 @@ def upstream_calls(sandbox_url: str) -> dict[str, int]:
 
 
 def create_upstream(
-    sandbox_url: str, count: int, *, queued: float, processing: tuple[float, float]
+    sandbox_url: str,
+    count: int,
+    *,
+    queued: float,
+    processing: tuple[float, float],
+    spread_over: float = 0.0,
 ) -> tuple[list[str], list[float]]:
-    response = httpx.post(
-        sandbox_url + "/_sandbox/requests",
-        json={"count": count, "queued_seconds": queued, "processing_seconds": list(processing)},
-        timeout=120,
-    )
+    body = {
+        "count": count,
+        "queued_seconds": queued,
+        "processing_seconds": list(processing),
+        "spread_over": spread_over,
+    }
+    response = httpx.post(sandbox_url + "/_sandbox/requests", json=body, timeout=120)
     response.raise_for_status()
     body = response.json()
     return body["ids"], body["finishes"]
@@ -290,20 +300,40 @@ async def used_memory(redis_url: str) -> int:
     return int(info["used_memory"])
 
 
-def scale_run(count: int, seconds: float) -> None:
+async def sweep_state(redis_url: str) -> dict[str, str]:
+    redis = Redis.from_url(redis_url)
+    try:
+        raw = await redis.hgetall(keys.SWEEP_STATE)
+    finally:
+        await redis.aclose()
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def scale_run(count: int, seconds: float, upstream: live.Upstream | None = None) -> None:
+    """`upstream`: the live conditions (and jobs made over the last 10 minutes); None: the
+    quiet ones (no latency, newest first, jobs made at one instant)."""
     receiver = Receiver()
     with (
         embedded_redis() as redis_url,
-        sandbox("newest_first") as sandbox_url,
+        live.sandbox(upstream) if upstream else sandbox("newest_first") as sandbox_url,
         serve(receiver.app()) as receiver_url,
     ):
         empty = asyncio.run(used_memory(redis_url))
-        ids, _ = create_upstream(sandbox_url, count, queued=86_400.0, processing=(1.0, 1.0))
+        ids, _ = create_upstream(
+            sandbox_url,
+            count,
+            queued=86_400.0,
+            processing=(1.0, 1.0),
+            spread_over=600.0 if upstream else 0.0,
+        )
         asyncio.run(track(redis_url, ids, receiver_url + "/hook"))
-        print(f"\n{count:,} outstanding jobs (queued upstream all along), newest_first list")
+        conditions = upstream.describe() if upstream else "newest_first, no latency"
+        print(f"\n{count:,} outstanding jobs (queued upstream all along), {conditions}")
+        print(f"   {live.load()} at the start", flush=True)
         with worker(redis_url, sandbox_url):
             started = time.monotonic()
             samples: list[tuple[float, float, int]] = []
+            durations: list[float] = []
             while (elapsed := time.monotonic() - started) < seconds:
                 time.sleep(10)
 
@@ -316,12 +346,17 @@ def scale_run(count: int, seconds: float) -> None:
 
                 oldest, never = asyncio.run(sample())
                 samples.append((time.monotonic() - started, oldest, never))
+                state = asyncio.run(sweep_state(redis_url))
+                last = float(state.get("duration", "nan"))
+                if last == last and (not durations or durations[-1] != last):  # not NaN, new
+                    durations.append(last)
                 print(
                     f"  t={samples[-1][0]:5.0f} s: oldest refresh {oldest:6.1f} s ago, "
-                    f"never refreshed {never:,}",
+                    f"never refreshed {never:,}; last whole sweep {state.get('duration', '-')} s",
                     flush=True,
                 )
             calls = upstream_calls(sandbox_url)
+            load_end = live.load()
         used = asyncio.run(used_memory(redis_url)) - empty
     steady = [oldest for at, oldest, never in samples if never == 0]
     print(
@@ -333,6 +368,13 @@ def scale_run(count: int, seconds: float) -> None:
             f"  once every job had been refreshed: oldest refresh at most {max(steady):.1f} s ago"
         )
     print(f"  redis memory: {used / 2**20:.1f} MiB, {used / count:.0f} bytes per job")
+    # A sweep reads the window's (count + margin rows) / 100 pages; the budget allows 10 a second.
+    pages = math.ceil(count / 100)
+    print(
+        f"  whole sweeps took {', '.join(f'{d:.1f}' for d in durations) or '-'} s; "
+        f"the budget allows ~{pages} pages in {pages / 10:.0f} s (target <= {pages / 10 * 1.1:.0f}"
+        f" s); {load_end} at the end"
+    )
 
 
 def gaps(times: list[float]) -> list[float]:
@@ -452,6 +494,12 @@ def main() -> None:
         lag_run(args.jobs // 5, "shuffled")
     if "scale" in parts:
         scale_run(args.scale_jobs, args.scale_seconds)
+    if "scale-live" in parts:
+        for name in args.orders.split(","):
+            conditions = live.Upstream(
+                order=cast(ListOrder, name), precision=args.precision, latency=args.latency
+            )
+            scale_run(args.scale_jobs, args.scale_seconds, conditions)
 
 
 if __name__ == "__main__":

@@ -723,6 +723,12 @@ def test_list_knobs_order_page_cap_history_and_bulk_jobs(order: str) -> None:
         assert times == sorted(times, reverse=order == "newest_first")
         fresh = sdk.lipsync.requests.retrieve(created["ids"][0])
         assert fresh.status in ("queued", "processing")
+        # Made over the last hour, oldest first: as many submissions would have been.
+        body = {"count": 3, "spread_over": 3600, "queued_seconds": 7200}
+        spread = httpx.post(url + "/_sandbox/requests", json=body).json()
+        made = [sdk.lipsync.requests.retrieve(rid).created_at for rid in spread["ids"]]
+        assert made == sorted(made) and (made[2] - made[0]).total_seconds() >= 2399
+        assert spread["finishes"][0] < spread["finishes"][2] - 2399
 
 
 def test_times_in_microseconds_and_a_network_latency_per_call() -> None:

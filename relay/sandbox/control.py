@@ -37,7 +37,7 @@ _FAULT_FIELDS = frozenset(
 )
 _FINISH_FIELDS = frozenset({"ids"})
 _STATUS_FIELDS = frozenset({"status", "extra", "drop"})
-_CREATE_FIELDS = frozenset({"count", "queued_seconds", "processing_seconds"})
+_CREATE_FIELDS = frozenset({"count", "queued_seconds", "processing_seconds", "spread_over"})
 _MAX_CREATE = 200_000
 
 
@@ -148,6 +148,8 @@ class SandboxControl:
         """Create `count` jobs at once (as many generate calls would, minus the rate limit).
 
         `processing_seconds` is a number or `[low, high]`: each job draws its own from the range.
+        `spread_over`: the jobs were made evenly over that many seconds up to now, oldest first
+        (as many submissions over time would have; default 0: all now).
         """
         body = await _json_object(request, _CREATE_FIELDS)
         count = body.get("count", 1)
@@ -163,13 +165,15 @@ class SandboxControl:
         high = _number({"processing_seconds": spread[1]}, "processing_seconds", 0.0) or 0.0
         if high < low:
             raise SandboxError(400, "processing_seconds: high must be >= low")
+        over = _number(body, "spread_over", 0.0) or 0.0
         jobs = [
             self._state.create_job(
                 reference_id=None,
                 fails=False,
                 durations=(queued, low + random.random() * (high - low)),  # noqa: S311
+                age=over * (1 - n / count),
             )
-            for _ in range(count)
+            for n in range(count)
         ]
         # When each job finishes, on the sandbox's clock (time.monotonic unless a test set one).
         finishes = [job.created_monotonic + sum(job.durations or (0, 0)) for job in jobs]

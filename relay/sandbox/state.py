@@ -255,11 +255,13 @@ class SandboxState:
         json_body: bytes | None = None,
         uploads: dict[str, Any] | None = None,
         durations: tuple[float, float] | None = None,
+        age: float = 0.0,
     ) -> UpstreamJob:
+        """A new request, `age` seconds old (made earlier, by another client)."""
         job = UpstreamJob(
             id=str(uuid.uuid4()),
-            created_at=datetime.now(UTC),
-            created_monotonic=self._clock(),
+            created_at=datetime.now(UTC) - timedelta(seconds=age),
+            created_monotonic=self._clock() - age,
             reference_id=reference_id,
             fails=fails,
             json_body=json_body,
