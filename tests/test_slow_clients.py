@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from tests.helpers import BOUNDARY, MULTIPART, UPLOAD, audio, form, video
 from tests.stack import RELAY_KEY, Stack, eventually, relay_stack
-from tests.test_uploads import BOUNDARY, MULTIPART, UPLOAD, audio, form, video
 
 OTHER_KEY = "another-caller-key-0123456789"
 
