@@ -94,7 +94,9 @@ async def build_state(settings: Settings) -> WorkerState:
     )
     upstream = Upstream.from_settings(settings)
     queue = DeliveryQueue(redis, settings.delivery_retry_schedule, clock)
-    attempt_log = AttemptLog(redis, retention=settings.job_retention)
+    attempt_log = AttemptLog(
+        redis, retention=settings.job_retention, excerpts=settings.attempt_log_excerpt
+    )
     client = make_callback_client(
         settings.callback_policy(),
         settings.delivery_timeout,
