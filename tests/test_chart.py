@@ -27,6 +27,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from relay.delivery.netpolicy import callback_policy
 from relay.settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -513,7 +514,7 @@ def test_the_default_config_closes_the_clusters_control_plane(chart: helm.Chart)
     assert "10.0.0.0/20" in data["RELAY_CALLBACK_DENIED_NETWORKS"].split(",")
     # What the chart renders is what the relay accepts, and its policy refuses those targets.
     settings = load_settings(CHAMELAION_API_KEY="x", **data)
-    policy = settings.callback_policy()
+    policy = callback_policy(settings)
     assert policy.check_address(ip_address("10.96.0.1")) is not None
     assert policy.check_address(ip_address("10.0.3.4")) is not None
     assert policy.check_port(10250) is not None
@@ -531,7 +532,7 @@ def test_the_receivers_networks_must_be_asked_for(chart: helm.Chart) -> None:
                                   "callbackAllowAnyNetwork": True}})  # fmt: skip
     data = find(render(chart), "ConfigMap", FULLNAME)["data"]
     assert data["RELAY_CALLBACK_ALLOWED_NETWORKS"] == RECEIVERS
-    policy = load_settings(CHAMELAION_API_KEY="x", **data).callback_policy()
+    policy = callback_policy(load_settings(CHAMELAION_API_KEY="x", **data))
     assert policy.check_address(ip_address("10.20.70.5")) is None  # a receiver
     for elsewhere in ("10.96.12.34", "10.244.1.7", "172.20.5.5", "192.168.1.10"):
         assert policy.check_address(ip_address(elsewhere)) is not None, elsewhere
@@ -539,7 +540,7 @@ def test_the_receivers_networks_must_be_asked_for(chart: helm.Chart) -> None:
     broad = render(chart, {"config": {"callbackAllowAnyNetwork": True}})
     data = find(broad, "ConfigMap", FULLNAME)["data"]
     assert "RELAY_CALLBACK_ALLOWED_NETWORKS" not in data
-    policy = load_settings(CHAMELAION_API_KEY="x", **data).callback_policy()
+    policy = callback_policy(load_settings(CHAMELAION_API_KEY="x", **data))
     assert policy.check_address(ip_address("10.244.1.7")) is None
     assert policy.check_address(ip_address("10.96.0.1")) is not None  # the API server still
 

@@ -39,13 +39,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message
 
-from relay import keys, lua
 from relay.api.body import read_body
 from relay.api.responses import error_content
 from relay.api.state import AppState, app_state
 from relay.api.submit import OutcomeUnknown
 from relay.errors import ApiError
 from relay.metrics import IDEMPOTENCY_KEYS_REFUSED
+from relay.redis import keys, scripts
 
 HEADER = "idempotency-key"
 MAX_KEY_LENGTH = 255
@@ -182,7 +182,7 @@ async def _claim(
     # after at most the longest in-flight hold (an open intent's).
     counted_for = int(settings.idempotency_ttl + state.intents.ttl)
     limit = settings.idempotency_max_keys
-    script = lua.register(state.redis, __package__, "idempotency")
+    script = scripts.register(state.redis, __name__)
     try:
         reply = await script(
             keys=[redis_key, count_key], args=[fingerprint, in_flight_ttl, limit, counted_for]

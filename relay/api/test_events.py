@@ -21,7 +21,6 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from relay import keys, lua
 from relay.api.body import read_body
 from relay.api.models import CallbackUrl
 from relay.api.state import AppState, app_state
@@ -29,6 +28,7 @@ from relay.api.submit import check_callback_url, validation_error
 from relay.delivery.failure import failure_class
 from relay.errors import ApiError
 from relay.jobs.events import build_event
+from relay.redis import keys, scripts
 from relay.upstream import USER_AGENT
 
 PATH = "/api/relay/v1/test-events"
@@ -81,7 +81,7 @@ async def send_test_event(request: Request) -> Response:
 async def _count(state: AppState, caller: str) -> None:
     """Count a test event against the caller's minute; 429 past its allowance."""
     per_minute = state.settings.test_events_per_minute
-    script = lua.register(state.redis, __package__, "test_event_limit")
+    script = scripts.register(state.redis, __name__, "limit")
     try:
         wait_ms = int(await script(keys=[keys.test_events(caller)], args=[per_minute]))
     except RedisError:

@@ -20,8 +20,8 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from relay import keys, lua
-from relay.redis_batch import ScriptCall, batcher
+from relay.redis import keys, scripts
+from relay.redis.batch import ScriptCall, batcher
 
 MAX_ENTRIES = 100
 EXCERPT_CHARS = 512
@@ -34,7 +34,7 @@ class AttemptLog:
         self.retention = retention
         # Keep and show the start of receivers' answers (RELAY_ATTEMPT_LOG_EXCERPT).
         self.excerpts = excerpts
-        self._log = lua.register(redis, __package__, "log_attempt")
+        self._log = scripts.register(redis, __name__, "record")
 
     async def record(self, delivery_id: str, **entry: Any) -> None:
         await batcher(self.redis).run([self.record_call(delivery_id, **entry)])

@@ -27,13 +27,13 @@ import secrets
 import orjson
 from redis.asyncio import Redis
 
-from relay import keys
 from relay.errors import UpstreamError
 from relay.jobs.intents import Intent, Intents
-from relay.jobs.poller import DEFAULT_PAUSE_ON_429
 from relay.jobs.schedule import PollSchedule
-from relay.leased import run_leased
+from relay.lifecycle import Service
 from relay.metrics import INTENTS
+from relay.redis import keys
+from relay.redis.leased import run_leased
 from relay.upstream import BudgetRefused, Upstream
 
 log = logging.getLogger(__name__)
@@ -59,15 +59,12 @@ class LookupBudget:
             await asyncio.sleep(wait)
 
     async def rate_limited(self, retry_after: float | None) -> None:
-        pause = retry_after or DEFAULT_PAUSE_ON_429
-        log.warning(
-            "upstream rate limit met by the intent reconcile: pausing all upstream calls",
-            extra={"seconds": pause},
-        )
-        await self.schedule.pause_upstream(pause)
+        await self.schedule.pause_for_429(retry_after, met_by="the intent reconcile")
 
 
-class Reconciler:
+class Reconciler(Service):
+    name = "reconcile"
+
     def __init__(
         self,
         redis: Redis,

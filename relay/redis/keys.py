@@ -23,7 +23,7 @@ relay:test-events:{caller}  string test events the caller sent in its current mi
 relay:stats:{outcome}:{minute}
                             string callbacks delivered / failed in that minute (kept 2 h)
 relay:api:write_check       string written before each round of submissions: Redis takes writes
-relay:ready:write_check     string written by every Redis check (relay.redis_watch): readiness
+relay:ready:write_check     string written by every Redis check (relay.redis.watch): readiness
                                    fails while Redis refuses it
 relay:destination:{dest}   hash   a callback destination's breaker: consecutive failures
                                    (dest = scheme://host:port; expires a day after the last)

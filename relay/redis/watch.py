@@ -18,7 +18,6 @@ or recorded, so readiness fails and `relay_redis_writable` is 0.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 
@@ -26,8 +25,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.responses import JSONResponse
 
-from relay import keys, lua
+from relay.lifecycle import Service, repeat
 from relay.metrics import REDIS_DATA_LOST, REDIS_WRITABLE, read_memory
+from relay.redis import keys, scripts
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,9 @@ CHECK_INTERVAL = 10.0
 MEMORY_WARNING = 0.8
 
 
-class RedisWatch:
+class RedisWatch(Service):
+    name = "redis-watch"
+
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self.epoch = ""
@@ -44,7 +46,7 @@ class RedisWatch:
         self.data_lost: str | None = None
         # Why Redis refused the last check's write (its error), else None.
         self.writes_refused: str | None = None
-        self._check = lua.register(redis, "relay", "epoch")
+        self._check = scripts.register(redis, __name__, "epoch")
 
     async def check(self) -> None:
         """Check the epoch marker and memory once; raises RedisError when Redis is unreachable."""
@@ -86,13 +88,7 @@ class RedisWatch:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Check every CHECK_INTERVAL seconds until `stop` is set."""
-        while not stop.is_set():
-            try:
-                await self.check()
-            except RedisError as exc:
-                log.warning("could not check Redis: %s", type(exc).__name__)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=CHECK_INTERVAL)
+        await repeat(self.check, every=CHECK_INTERVAL, stop=stop, what="Redis check")
 
 
 async def readiness(watch: RedisWatch) -> JSONResponse:
