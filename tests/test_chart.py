@@ -29,6 +29,7 @@ import yaml
 
 from relay.delivery.netpolicy import callback_policy
 from relay.settings import load_settings
+from tests.chart_values import RECEIVERS, with_receivers
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "chamelaion-relay"
@@ -54,19 +55,6 @@ CRD_MODELS = (
 )  # fmt: skip
 
 Manifest = dict[str, Any]
-
-# The receivers' networks: the one value the chart will not render without.
-RECEIVERS = "10.20.64.0/20"
-
-
-def with_receivers(values: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`values` plus the receivers' networks, unless they choose otherwise."""
-    merged = copy.deepcopy(values or {})
-    config = merged.setdefault("config", {})
-    if not config.get("callbackAllowAnyNetwork"):
-        config.setdefault("callbackAllowedNetworks", RECEIVERS)
-    return merged
-
 
 SMALL_INSTALL: dict[str, Any] = {
     "secrets": {
