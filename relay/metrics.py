@@ -111,6 +111,13 @@ REDIS_DATA_LOST = Gauge(
     "relay_redis_data_lost", "1 while an unacknowledged loss of the relay's Redis data is recorded"
 )
 MEMORY_GAUGES = (REDIS_MEMORY_USED, REDIS_MEMORY_MAX, REDIS_MEMORY_HEADROOM)
+HTTP_CONNECTIONS_CLOSED = Counter(
+    "relay_http_connections_closed",
+    "API connections the relay closed to protect itself, by reason (idle_evicted: the longest "
+    "idle, to make room past a connection cap; refused: new, past a cap with every connection "
+    "busy; headers_too_large: answered 431)",
+    ["reason"],
+)
 UPLOADS_IN_PROGRESS = Gauge("relay_uploads_in_progress", "Uploads this API process is running")
 
 
