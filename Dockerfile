@@ -32,9 +32,10 @@ WORKDIR /app
 
 # Dependencies first, from the lock only, so this layer is reused until uv.lock changes.
 # --no-default-groups leaves out every dependency group (dev, deploy): runtime deps only.
+# Bind targets are absolute: buildah and podman before 1.29 (Debian 12's) refuse relative ones.
 RUN --mount=type=cache,target=/root/.cache/uv \
-    --mount=type=bind,source=uv.lock,target=uv.lock \
-    --mount=type=bind,source=pyproject.toml,target=pyproject.toml \
+    --mount=type=bind,source=uv.lock,target=/app/uv.lock \
+    --mount=type=bind,source=pyproject.toml,target=/app/pyproject.toml \
     uv sync --frozen --no-default-groups --no-install-project --no-editable
 
 # Then the project itself, installed as a regular (non-editable) package into the venv, so the

@@ -1,4 +1,4 @@
-"""Redis memory per outstanding job and per ended job, for sizing Redis (README: Sizing Redis).
+"""Redis memory per outstanding job and per ended job, for sizing Redis (docs/operations.md: Redis).
 
 Run: uv run python bench/redis_memory.py [--jobs 20000] [--output-url-bytes 400]
 

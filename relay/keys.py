@@ -40,6 +40,7 @@ relay:epoch                 string the marker every process checks to notice an 
 relay:data-lost             string why the relay believes Redis lost its data (until acknowledged)
 relay:arq:queue             zset   arq's queue: deliveries only
 relay:arq:health            string arq's health check record
+relay:workers               zset   worker (host:pid) -> Redis-clock time its heartbeat lasts until
 arq:job:{job id}            string a queued arq job (arq's own prefix, not configurable)
 arq:in-progress:{job id}    string an arq job being run (expires after its timeout + 10 s)
 arq:result:{job id}         string an arq job's result, kept `keep_result` seconds
@@ -77,6 +78,7 @@ STRANDED_LEASE = PREFIX + "stranded:lease"
 INTENTS = PREFIX + "intents"
 RECONCILE_LEASE = PREFIX + "reconcile:lease"
 ARQ_HEALTH = PREFIX + "arq:health"
+WORKERS = PREFIX + "workers"
 ARQ_JOB_PREFIX = job_key_prefix
 ARQ_IN_PROGRESS_PREFIX = in_progress_key_prefix
 ARQ_RESULT_PREFIX = result_key_prefix

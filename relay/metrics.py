@@ -1,11 +1,13 @@
 """Prometheus metrics, defined once per process.
 
-Counters and histograms count what this process did (the API: submissions and its upstream
-calls; a worker: polls, upstream calls and deliveries). Gauges about shared state (outstanding
-jobs, due work, poll lag, queue depth) are read from Redis when scraped, by whoever is scraped,
-so they are right whichever process serves them; so are Redis's memory figures, and
+Counters and histograms count what this process did (the API: submissions, its responses and
+its upstream calls; a worker: polls, upstream calls and deliveries). Gauges about shared state
+(outstanding jobs, due work, how late polls and deliveries are, the upstream pause, workers
+alive) are read from Redis when scraped, by whoever is scraped, so they are right whichever
+process serves them, even when no worker is left to scrape; so are Redis's memory figures, and
 `relay_redis_data_lost`, which relay.redis_watch keeps in step with a shared key. Each process
-serves its own /metrics: the API on its port, each worker on RELAY_WORKER_HTTP_PORT.
+serves its own /metrics: the API on its port, each worker on RELAY_WORKER_HTTP_PORT. No label
+takes a value from a request (an id, a URL, a caller's path): every label set is bounded.
 """
 
 from __future__ import annotations
@@ -59,6 +61,17 @@ DELIVERY_LATENCY = Histogram(
     "From the job's end being seen to its callback being accepted",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200, 86400),
 )
+HTTP_RESPONSES = Counter(
+    "relay_http_responses",
+    "API responses by status class (1xx to 5xx), uvicorn's own 503s past "
+    "RELAY_HTTP_MAX_CONCURRENCY included; probes and /metrics are not counted",
+    ["status_class"],
+)
+UPSTREAM_RATE_LIMIT = Gauge(
+    "relay_upstream_rate_limit",
+    "The shared upstream budget in calls per second (RELAY_UPSTREAM_RATE_LIMIT): every call "
+    "counted in relay_upstream_calls_total spends it",
+)
 OUTSTANDING = Gauge("relay_outstanding_jobs", "Jobs being polled")
 DUE_WORK = Gauge("relay_due_work", "Polls due now plus deliveries due now (not parked future work)")
 POLL_LAG = Gauge("relay_poll_lag_seconds", "How overdue the most overdue poll is")
@@ -66,6 +79,23 @@ QUEUE_DEPTH = Gauge("relay_delivery_queue_depth", "Delivery attempts queued, due
 BACKED_OFF = Gauge(
     "relay_destinations_backed_off",
     "Callback destinations backed off now because they kept failing (shared state)",
+)
+DELIVERY_LAG = Gauge(
+    "relay_delivery_lag_seconds",
+    "How overdue the most overdue queued delivery attempt is (retries waiting on their schedule "
+    "or on a backed-off destination are not due)",
+)
+PENDING_DELIVERY_AGE = Gauge(
+    "relay_pending_delivery_age_seconds",
+    "Age of the oldest delivery still waiting for its first attempt, from its job's end (or its "
+    "redelivery); one held for a backed-off destination counts",
+)
+UPSTREAM_PAUSED = Gauge(
+    "relay_upstream_paused_seconds",
+    "Seconds every upstream call stays paused after Chamelaion answered 429 (0: not paused)",
+)
+WORKERS_ALIVE = Gauge(
+    "relay_workers_alive", "Workers whose heartbeat is current (relay.worker.heartbeat)"
 )
 # This worker's own: set as functions of its live state when the worker starts.
 DELIVERIES_IN_FLIGHT = Gauge("relay_deliveries_in_flight", "Callback attempts being sent now")
@@ -85,19 +115,37 @@ class SharedState:
     poll_lag: float
     queued_deliveries: int
     backed_off: int  # destinations backed off now
+    delivery_lag: float  # how overdue the most overdue queued attempt is
+    pending_age: float  # age of the oldest delivery waiting for its first attempt
+    paused_for: float  # seconds every upstream call stays paused after a 429
+    workers: int  # workers whose heartbeat is current
 
 
 async def read_shared_state(redis: Redis) -> SharedState:
     """The relay-wide figures every process reports, in one round trip (the console too)."""
     script = lua.register(redis, "relay", "shared_state")
-    reply = await script(keys=[keys.POLLS, keys.ARQ_QUEUE, keys.BACKED_OFF])
-    outstanding, due_polls, lag, queued, due_deliveries, backed_off = reply
+    reply = await script(
+        keys=[
+            keys.POLLS,
+            keys.ARQ_QUEUE,
+            keys.BACKED_OFF,
+            keys.deliveries("pending"),
+            keys.UPSTREAM_PAUSED,
+            keys.WORKERS,
+        ]
+    )
+    outstanding, due_polls, lag, queued, due_deliveries, backed_off, *rest = reply
+    delivery_lag, pending_age, paused_for, workers = rest
     return SharedState(
         int(outstanding),
         int(due_polls) + int(due_deliveries),
         float(lag),
         int(queued),
         int(backed_off),
+        float(delivery_lag),
+        float(pending_age),
+        float(paused_for),
+        int(workers),
     )
 
 
@@ -111,6 +159,17 @@ REDIS_DATA_LOST = Gauge(
     "relay_redis_data_lost", "1 while an unacknowledged loss of the relay's Redis data is recorded"
 )
 MEMORY_GAUGES = (REDIS_MEMORY_USED, REDIS_MEMORY_MAX, REDIS_MEMORY_HEADROOM)
+SHARED_GAUGES = (
+    OUTSTANDING,
+    DUE_WORK,
+    POLL_LAG,
+    QUEUE_DEPTH,
+    BACKED_OFF,
+    DELIVERY_LAG,
+    PENDING_DELIVERY_AGE,
+    UPSTREAM_PAUSED,
+    WORKERS_ALIVE,
+)
 HTTP_CONNECTIONS_CLOSED = Counter(
     "relay_http_connections_closed",
     "API connections the relay closed to protect itself, by reason (idle_evicted: the longest "
@@ -129,6 +188,10 @@ async def refresh_shared_gauges(redis: Redis) -> None:
     POLL_LAG.set(shared.poll_lag)
     QUEUE_DEPTH.set(shared.queued_deliveries)
     BACKED_OFF.set(shared.backed_off)
+    DELIVERY_LAG.set(shared.delivery_lag)
+    PENDING_DELIVERY_AGE.set(shared.pending_age)
+    UPSTREAM_PAUSED.set(shared.paused_for)
+    WORKERS_ALIVE.set(shared.workers)
 
 
 async def read_memory(redis: Redis) -> tuple[int, int]:
@@ -148,6 +211,6 @@ async def metrics_response(redis: Redis) -> Response:
         await read_memory(redis)
     except RedisError:
         # Shared gauges go unknown; this process's own counters are still worth serving.
-        for gauge in (OUTSTANDING, DUE_WORK, POLL_LAG, QUEUE_DEPTH, BACKED_OFF, *MEMORY_GAUGES):
+        for gauge in (*SHARED_GAUGES, *MEMORY_GAUGES):
             gauge.set(float("nan"))
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

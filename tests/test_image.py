@@ -248,7 +248,8 @@ def replay_builder(stage: Stage, context: Path, root: Path) -> None:
             for mount in instruction.flags.get("mount", []):
                 options = dict(option.split("=", 1) for option in mount.split(","))
                 if options["type"] == "bind":
-                    target = workdir / options["target"]
+                    target = Path(in_root(root, options["target"]))
+                    assert target.is_relative_to(root), f"bind target outside /app: {mount}"
                     shutil.copy2(context / options["source"], target)
                     mounted.append(target)
                 else:
@@ -451,6 +452,25 @@ def test_build_context_holds_only_what_the_image_needs(tmp_path: Path) -> None:
         "pyproject.toml", "uv.lock", "README.md", "relay",
     }  # fmt: skip
     assert not [path for path in sent if "__pycache__" in path or path.endswith(".pyc")]
+
+
+def bind_mounts(stage: Stage) -> list[dict[str, str]]:
+    return [
+        options
+        for run in stage.all("RUN")
+        for mount in run.flags.get("mount", [])
+        if (options := dict(option.split("=", 1) for option in mount.split(",")))["type"] == "bind"
+    ]
+
+
+def test_bind_mount_targets_are_absolute(stages: list[Stage]) -> None:
+    """Buildah and podman before 1.29 (Debian 12's) refuse a relative bind-mount target at the
+    first RUN: `invalid container path "uv.lock", must be an absolute path`."""
+    builder, _ = stages
+    mounts = bind_mounts(builder)
+    assert mounts, "the dependency layer is installed from bind-mounted lock files"
+    for mount in mounts:
+        assert mount["target"].startswith("/"), mount
 
 
 def test_images_are_pinned_and_the_user_is_not_root(stages: list[Stage]) -> None:

@@ -27,6 +27,7 @@ from relay.api.budget import ApiBudget
 from relay.api.idempotency import idempotent
 from relay.api.limits import UploadSlots
 from relay.api.openapi import openapi_document
+from relay.api.response_counts import ResponseCounter
 from relay.api.responses import api_error, http_error, unexpected_error
 from relay.api.state import AppState, app_state
 from relay.api.status import get_request, list_requests
@@ -43,7 +44,7 @@ from relay.errors import ApiError
 from relay.jobs.intents import Intents
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
-from relay.metrics import metrics_response
+from relay.metrics import UPSTREAM_RATE_LIMIT, metrics_response
 from relay.redis_conn import close as close_redis
 from relay.redis_conn import connect
 from relay.redis_watch import RedisWatch, readiness
@@ -81,6 +82,7 @@ def create_app(settings: Settings) -> Starlette:
             max_pause=settings.max_upstream_pause,
         )
         budget = ApiBudget(schedule, max_wait=settings.api_budget_wait)
+        UPSTREAM_RATE_LIMIT.set(settings.upstream_rate_limit)
         upstream = Upstream.from_settings(settings, budget=budget)
         policy = settings.callback_policy()
         signer = Signer(settings.webhook_secrets) if settings.webhook_secrets else None
@@ -162,12 +164,14 @@ def create_app(settings: Settings) -> Starlette:
         routes=routes,
         lifespan=lifespan,
         middleware=[
+            # Outermost of the app's own layers: it sees every answer, a 401 included.
+            Middleware(ResponseCounter),
             Middleware(
                 ApiKeyMiddleware,
                 keys=KeyRing(settings.api_keys),
                 metrics_auth=settings.metrics_auth,
                 public=(webhook_keys.PATH,),
-            )
+            ),
         ],
         exception_handlers={
             ApiError: api_error,

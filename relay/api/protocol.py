@@ -29,6 +29,7 @@ import orjson
 from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from relay.api.response_counts import count_response, counted
 from relay.metrics import HTTP_CONNECTIONS_CLOSED
 
 log = logging.getLogger(__name__)
@@ -209,11 +210,14 @@ class ApiProtocol(HttpToolsProtocol):
         if len(self.tasks) >= self.limits.max_requests:
             log.warning("requests in flight at the limit: answered 503")
             app = _over_capacity
+            if counted(cycle.scope):
+                count_response(503)  # no app runs to count it
         super()._start_asgi_task(cycle, app)
 
     def _head_too_large(self) -> None:
         log.warning("request headers larger than %d bytes: answered 431", self.max_head_bytes)
         HTTP_CONNECTIONS_CLOSED.labels("headers_too_large").inc()
+        count_response(431)
         body = orjson.dumps(
             {"error": f"request headers are larger than {self.max_head_bytes} bytes"}
         )

@@ -61,14 +61,10 @@ async def overview(redis: Redis, budget_rate: float) -> Overview:
     async with redis.pipeline(transaction=False) as pipe:
         for raw in head:
             pipe.hget(keys.job(raw.decode()), "status")
-        pipe.get(keys.UPSTREAM_PAUSED)
         for state in STATES:
             pipe.zcard(keys.deliveries(state))
-        pipe.time()
-        *statuses, paused = (replies := await pipe.execute())[: len(head) + 1]
-        counts = replies[len(head) + 1 : -1]
-        seconds, micros = replies[-1]
-    now = seconds + micros / 1e6
+        replies = await pipe.execute()
+    statuses, counts = replies[: len(head)], replies[len(head) :]
     counted = Counter((status or b"submitted").decode() for status in statuses)
     return Overview(
         outstanding=shared.outstanding,
@@ -77,7 +73,7 @@ async def overview(redis: Redis, budget_rate: float) -> Overview:
         queued_deliveries=shared.queued_deliveries,
         statuses=dict(counted.most_common()),
         sampled=len(head),
-        paused_for=max(0.0, float(paused) - now) if paused else 0.0,
+        paused_for=shared.paused_for,
         budget_rate=budget_rate,
         deliveries=dict(zip(STATES, (int(count) for count in counts), strict=True)),
         backed_off=shared.backed_off,

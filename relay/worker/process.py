@@ -1,5 +1,5 @@
 """The worker process: wires the poll dispatcher, the sweeper, the stranded-delivery sweep, the
-intent reconcile and arq's deliveries onto one event loop.
+intent reconcile, arq's deliveries and the heartbeat onto one event loop.
 
 Every "now" arq compares with, and every delivery a worker queues, is on Redis's clock
 (relay.clock), so a worker whose own clock is off neither makes a deferred attempt early nor
@@ -41,7 +41,12 @@ from relay.jobs.reconcile import Reconciler
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
 from relay.jobs.sweep import Sweeper
-from relay.metrics import DELIVERIES_IN_FLIGHT, DELIVERIES_WAITING, FIRST_ATTEMPTS_WAITING
+from relay.metrics import (
+    DELIVERIES_IN_FLIGHT,
+    DELIVERIES_WAITING,
+    FIRST_ATTEMPTS_WAITING,
+    UPSTREAM_RATE_LIMIT,
+)
 from relay.redis_conn import arq_pool
 from relay.redis_watch import RedisWatch
 from relay.serving import embedded_server
@@ -49,6 +54,7 @@ from relay.settings import Settings
 from relay.upstream import Upstream
 from relay.worker.dispatcher import Dispatcher
 from relay.worker.health import create_worker_http_app
+from relay.worker.heartbeat import Heartbeat
 from relay.worker.tasks import ARQ_SLOT_WAIT, FirstAttempts, deliver
 
 log = logging.getLogger(__name__)
@@ -117,6 +123,7 @@ async def build_state(settings: Settings) -> WorkerState:
     DELIVERIES_IN_FLIGHT.set_function(lambda: destinations.in_flight)
     DELIVERIES_WAITING.set_function(lambda: destinations.waiting)
     FIRST_ATTEMPTS_WAITING.set_function(lambda: len(first_attempts.waiting))
+    UPSTREAM_RATE_LIMIT.set(settings.upstream_rate_limit)
     poller = Poller(
         store=store,
         schedule=schedule,
@@ -289,6 +296,12 @@ async def _serve(
     def healthy() -> bool:
         return state.dispatcher.healthy() and not arq_task.done()
 
+    # Counted out as soon as it stops taking work, not once it has drained.
+    stop_beating = asyncio.Event()
+    heartbeat_task = asyncio.create_task(
+        Heartbeat(state.redis, healthy).run(stop_beating), name="heartbeat"
+    )
+
     http = None
     if http_port is not None:
         metrics_keys = KeyRing(settings.api_keys) if settings.metrics_auth else None
@@ -307,6 +320,7 @@ async def _serve(
         await stop.wait()
     finally:
         state.dispatcher.stop()
+        stop_beating.set()
         stranded_stop.set()
         state.sweeper.stop()
         state.first_attempts.stop()
@@ -336,6 +350,7 @@ async def _serve(
             await arq_task
         await stranded_task
         await reconcile_task
+        await heartbeat_task
         stop_watching.set()
         await watch_task
         clock_stop.set()
