@@ -39,9 +39,9 @@ from aiohttp import web
 from aioserve import post_app, serve_forever
 from store_reads import ended_at
 
-from relay import keys
 from relay.devtools.embedded_redis import embedded_redis, free_port
 from relay.jobs.store import JobStore
+from relay.redis import keys
 
 FAST_PORTS = 4
 # The stand-in's largest list page (Chamelaion documents none; the relay reads what it gets).

@@ -24,11 +24,12 @@ import uuid
 import orjson
 from redis.asyncio import Redis
 
-from relay import keys
 from relay.delivery.attempt_log import AttemptLog
+from relay.delivery.store import Breaker, DeliveryStore
 from relay.devtools.embedded_redis import embedded_redis
 from relay.jobs.events import build_event, webhook_id
-from relay.jobs.store import Breaker, JobStore
+from relay.jobs.store import JobStore
+from relay.redis import keys
 
 CALLBACK_URL = "https://receiver.internal.example/hooks/lipsync"
 
@@ -80,6 +81,7 @@ async def main(jobs: int, url_bytes: int, listpack_value: int) -> None:
     with embedded_redis() as url:
         redis = Redis.from_url(url)
         store = JobStore(redis)
+        deliveries = DeliveryStore(redis)
         attempt_log = AttemptLog(redis, retention=7 * 86400)
         ids = [str(uuid.uuid4()) for _ in range(jobs)]
         refs = [f"dub-episode-{n}" for n in range(jobs)]
@@ -116,7 +118,7 @@ async def main(jobs: int, url_bytes: int, listpack_value: int) -> None:
                 deliver=True,
             )
             await redis.zrem(keys.POLLS, ids[n])
-            await store.update_delivery(
+            await deliveries.record_outcome(
                 ids[n],
                 attempt=0,
                 next_attempt=0,

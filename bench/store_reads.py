@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from relay import keys
+from relay.redis import keys
 
 
 async def ended_at(redis_url: str, ids: list[str]) -> dict[str, float]:

@@ -43,9 +43,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 from store_reads import ended_at
 
-from relay import keys
 from relay.devtools.embedded_redis import embedded_redis, free_port
 from relay.jobs.store import JobStore
+from relay.redis import keys
 from relay.sandbox import SandboxConfig, create_sandbox_app
 from relay.sandbox.state import ListOrder
 from relay.serving import EmbeddedServer

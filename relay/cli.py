@@ -66,8 +66,8 @@ def _run_worker() -> None:
 
 
 def _ack_data_loss() -> int:
-    from relay.redis_conn import close, connect
-    from relay.redis_watch import acknowledge
+    from relay.redis.conn import close, connect
+    from relay.redis.watch import acknowledge
 
     settings = load_settings()
 

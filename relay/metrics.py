@@ -3,23 +3,19 @@
 Counters and histograms count what this process did (the API: submissions, its responses and
 its upstream calls; a worker: polls, upstream calls and deliveries). Gauges about shared state
 (outstanding jobs, due work, how late polls and deliveries are, the upstream pause, workers
-alive) are read from Redis when scraped, by whoever is scraped, so they are right whichever
-process serves them, even when no worker is left to scrape; so are Redis's memory figures, and
-`relay_redis_data_lost`, which relay.redis_watch keeps in step with a shared key. Each process
-serves its own /metrics: the API on its port, each worker on RELAY_WORKER_HTTP_PORT. No label
-takes a value from a request (an id, a URL, a caller's path): every label set is bounded.
+alive) are read from Redis when scraped, by whoever is scraped (relay.redis.shared_state), so
+they are right whichever process serves them, even when no worker is left to scrape; so are
+Redis's memory figures, and `relay_redis_data_lost` and `relay_redis_writable`, which
+relay.redis.watch keeps up to date. Each process serves its own /metrics: the API on its port,
+each worker on RELAY_WORKER_HTTP_PORT. No label takes a value from a request (an id, a URL, a
+caller's path): every label set is bounded. Defined here, below every stage, so that any module
+may count.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
-from starlette.responses import Response
-
-from relay import keys, lua
 
 JOBS_SUBMITTED = Counter(
     "relay_jobs_submitted", "Jobs accepted by Chamelaion and tracked by the relay"
@@ -55,6 +51,11 @@ API_BUDGET_REFUSED = Counter(
     "relay_api_budget_refused",
     "API calls answered 429 because the shared upstream budget had no slot soon enough (or a "
     "429 pause was on)",
+)
+IDEMPOTENCY_KEYS_REFUSED = Counter(
+    "relay_idempotency_keys_refused",
+    "Submissions answered 429 because their caller already held RELAY_IDEMPOTENCY_MAX_KEYS "
+    "Idempotency-Key records",
 )
 DELIVERY_LATENCY = Histogram(
     "relay_delivery_latency_seconds",
@@ -108,47 +109,6 @@ FIRST_ATTEMPTS_WAITING = Gauge(
 )
 
 
-@dataclass(frozen=True)
-class SharedState:
-    outstanding: int
-    due: int  # polls and deliveries due now
-    poll_lag: float
-    queued_deliveries: int
-    backed_off: int  # destinations backed off now
-    delivery_lag: float  # how overdue the most overdue queued attempt is
-    pending_age: float  # age of the oldest delivery waiting for its first attempt
-    paused_for: float  # seconds every upstream call stays paused after a 429
-    workers: int  # workers whose heartbeat is current
-
-
-async def read_shared_state(redis: Redis) -> SharedState:
-    """The relay-wide figures every process reports, in one round trip (the console too)."""
-    script = lua.register(redis, "relay", "shared_state")
-    reply = await script(
-        keys=[
-            keys.POLLS,
-            keys.ARQ_QUEUE,
-            keys.BACKED_OFF,
-            keys.deliveries("pending"),
-            keys.UPSTREAM_PAUSED,
-            keys.WORKERS,
-        ]
-    )
-    outstanding, due_polls, lag, queued, due_deliveries, backed_off, *rest = reply
-    delivery_lag, pending_age, paused_for, workers = rest
-    return SharedState(
-        int(outstanding),
-        int(due_polls) + int(due_deliveries),
-        float(lag),
-        int(queued),
-        int(backed_off),
-        float(delivery_lag),
-        float(pending_age),
-        float(paused_for),
-        int(workers),
-    )
-
-
 REDIS_MEMORY_USED = Gauge("relay_redis_memory_used_bytes", "Redis used_memory")
 REDIS_MEMORY_MAX = Gauge("relay_redis_memory_max_bytes", "Redis maxmemory (0: no limit)")
 REDIS_MEMORY_HEADROOM = Gauge(
@@ -157,6 +117,11 @@ REDIS_MEMORY_HEADROOM = Gauge(
 )
 REDIS_DATA_LOST = Gauge(
     "relay_redis_data_lost", "1 while an unacknowledged loss of the relay's Redis data is recorded"
+)
+REDIS_WRITABLE = Gauge(
+    "relay_redis_writable",
+    "1 while Redis took this process's last check write (every 10 s and each /readyz), 0 while "
+    "it refuses writes (full under noeviction, a read-only replica, a failed snapshot)",
 )
 MEMORY_GAUGES = (REDIS_MEMORY_USED, REDIS_MEMORY_MAX, REDIS_MEMORY_HEADROOM)
 SHARED_GAUGES = (
@@ -180,20 +145,6 @@ HTTP_CONNECTIONS_CLOSED = Counter(
 UPLOADS_IN_PROGRESS = Gauge("relay_uploads_in_progress", "Uploads this API process is running")
 
 
-async def refresh_shared_gauges(redis: Redis) -> None:
-    """Read the shared gauges from Redis in one round trip."""
-    shared = await read_shared_state(redis)
-    OUTSTANDING.set(shared.outstanding)
-    DUE_WORK.set(shared.due)
-    POLL_LAG.set(shared.poll_lag)
-    QUEUE_DEPTH.set(shared.queued_deliveries)
-    BACKED_OFF.set(shared.backed_off)
-    DELIVERY_LAG.set(shared.delivery_lag)
-    PENDING_DELIVERY_AGE.set(shared.pending_age)
-    UPSTREAM_PAUSED.set(shared.paused_for)
-    WORKERS_ALIVE.set(shared.workers)
-
-
 async def read_memory(redis: Redis) -> tuple[int, int]:
     """Redis used_memory and maxmemory (0: no limit), also setting the memory gauges."""
     info = await redis.info("memory")
@@ -202,15 +153,3 @@ async def read_memory(redis: Redis) -> tuple[int, int]:
     REDIS_MEMORY_MAX.set(maximum)
     REDIS_MEMORY_HEADROOM.set(max(0.0, 1 - used / maximum) if maximum else 1.0)
     return used, maximum
-
-
-async def metrics_response(redis: Redis) -> Response:
-    """The Prometheus exposition of this process, with the shared gauges freshly read."""
-    try:
-        await refresh_shared_gauges(redis)
-        await read_memory(redis)
-    except RedisError:
-        # Shared gauges go unknown; this process's own counters are still worth serving.
-        for gauge in (*SHARED_GAUGES, *MEMORY_GAUGES):
-            gauge.set(float("nan"))
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -3,26 +3,24 @@
 Every field is bound to the exact environment variable operators set (the Chamelaion ones use
 the names the official SDK reads). A missing or bad value becomes a ConfigError that names the
 variable, so a misconfigured pod says what to fix instead of crashing later.
+
+Plain data, below every stage: settings import no stage. The stages build what they need from
+them (`callback_policy` in relay.delivery.netpolicy, `Breaker.from_settings`), and the formats
+checked here at load time are read the same way there (`parse_networks`, `parse_ports` below;
+relay.signing for webhook secrets, relay.redis.conn for Redis URLs).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from relay.delivery.netpolicy import (
-    DEFAULT_ALLOWED_PORTS,
-    NetworkPolicy,
-    parse_networks,
-    parse_ports,
-)
-from relay.delivery.signing import check_secret
 from relay.errors import ConfigError
-from relay.jobs.store import Breaker
-from relay.redis_conn import check_redis_url
+from relay.redis.conn import check_redis_url
+from relay.signing import check_secret
 
 # The Standard Webhooks example schedule: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h,
 # 20 h, 24 h. Each number is the wait before that attempt.
@@ -39,8 +37,8 @@ DEFAULT_RETRY_SCHEDULE = (
     86400.0,
 )
 
-# The first back-off of a destination that keeps failing, doubled with each further failure.
-BREAKER_BASE = 5.0
+# Callback ports, when the operator sets none (RELAY_CALLBACK_ALLOWED_PORTS): the web ports.
+DEFAULT_ALLOWED_PORTS = "80,443,8080,8443"
 
 # The part of a claimed poll's lease its upstream call may take; the rest is room to record the
 # answer (a few Redis writes).
@@ -50,6 +48,37 @@ Role = Literal["api", "worker"]
 
 # Caller keys are bearer secrets: long enough that guessing one is out of the question.
 MIN_API_KEY_LENGTH = 16
+
+
+def parse_networks(text: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    """Parse comma-separated CIDRs (a bare address is a /32 or /128); raise naming the bad one."""
+    networks: list[IPv4Network | IPv6Network] = []
+    for entry in (item.strip() for item in text.split(",")):
+        if not entry:
+            continue
+        try:
+            # strict: `10.0.0.1/8` is almost always a typo for 10.0.0.0/8 or 10.0.0.1/32.
+            networks.append(ip_network(entry, strict=True))
+        except ValueError as exc:
+            raise ValueError(f"{entry!r} is not a CIDR network: {exc}") from exc
+    return tuple(networks)
+
+
+def parse_ports(text: str) -> frozenset[int]:
+    """Parse comma-separated ports and ranges (`80,443,8000-8999`); raise naming the bad one."""
+    ports: set[int] = set()
+    for entry in (item.strip() for item in text.split(",")):
+        if not entry:
+            continue
+        low, dash, high = entry.partition("-")
+        try:
+            first, last = int(low), int(high if dash else low)
+        except ValueError:
+            raise ValueError(f"{entry!r} is not a port or a port range") from None
+        if not 0 < first <= last < 65536:
+            raise ValueError(f"{entry!r} is not a port or a range within 1-65535")
+        ports.update(range(first, last + 1))
+    return frozenset(ports)
 
 
 def _split(value: object) -> object:
@@ -164,6 +193,11 @@ class Settings(BaseSettings):
     stranded_after: float = Field(120.0, ge=0, validation_alias="RELAY_STRANDED_AFTER")
     # How long an Idempotency-Key and its first answer are kept.
     idempotency_ttl: float = Field(86400.0, ge=60, validation_alias="RELAY_IDEMPOTENCY_TTL")
+    # Idempotency-Key records one caller key may hold at once (429 beyond): each is at most
+    # ~1.5 KB in Redis, so the default bounds a caller's share to ~15 MB.
+    idempotency_max_keys: int = Field(
+        10_000, ge=1, le=10_000_000, validation_alias="RELAY_IDEMPOTENCY_MAX_KEYS"
+    )
     worker_http_port: int = Field(9100, ge=0, le=65535, validation_alias="RELAY_WORKER_HTTP_PORT")
     # Every Redis call (connect, then each reply) fails after this long instead of hanging.
     redis_timeout: float = Field(2.0, gt=0, le=30, validation_alias="RELAY_REDIS_TIMEOUT")
@@ -205,13 +239,6 @@ class Settings(BaseSettings):
         """
         return max(self.poll_lease, self.upstream_timeout / POLL_SHARE)
 
-    def breaker(self) -> Breaker:
-        return Breaker(
-            threshold=self.destination_failures,
-            base=min(BREAKER_BASE, self.destination_max_backoff),
-            max_backoff=self.destination_max_backoff,
-        )
-
     @field_validator("callback_allowed_ports")
     @classmethod
     def _ports(cls, value: str) -> str:
@@ -229,17 +256,6 @@ class Settings(BaseSettings):
                     "use long random keys (e.g. `openssl rand -hex 24`)"
                 )
         return value
-
-    def callback_policy(self) -> NetworkPolicy:
-        policy = NetworkPolicy.from_strings(
-            self.callback_allowed_networks, self.callback_denied_networks
-        )
-        return replace(
-            policy,
-            allowed_ports=parse_ports(self.callback_allowed_ports),
-            # The relay's own ports: a callback must not reach its API or a worker's metrics.
-            denied_ports=frozenset(port for port in (self.api_port, self.worker_http_port) if port),
-        )
 
     @field_validator("chamelaion_base_url")
     @classmethod

@@ -31,9 +31,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from relay import keys
 from relay.api.app import create_app
 from relay.devtools.embedded_redis import free_port
+from relay.redis import keys
 from relay.sandbox import SandboxConfig, create_sandbox_app
 from relay.serving import api_options
 from relay.settings import load_settings

@@ -27,8 +27,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from relay import keys
 from relay.devtools.embedded_redis import free_port
+from relay.redis import keys
 from relay.sandbox import SandboxConfig
 from tests.servers import serve
 from tests.stack import RELAY_KEY, SANDBOX_KEY, Stack, eventually, job_field, relay_stack

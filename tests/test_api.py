@@ -17,11 +17,10 @@ import redis
 from starlette.routing import Route
 
 from relay.api.app import create_app
-from relay.delivery.netpolicy import DEFAULT_ALLOWED_PORTS
 from relay.devtools.embedded_redis import free_port
 from relay.sandbox import SandboxConfig, create_sandbox_app
 from relay.serving import api_options
-from relay.settings import load_settings
+from relay.settings import DEFAULT_ALLOWED_PORTS, load_settings
 from tests.servers import serve
 from tests.stack import (
     RELAY_KEY,

@@ -13,7 +13,7 @@ import orjson
 import redis
 from arq.jobs import deserialize_result
 
-from relay import keys
+from relay.redis import keys
 from tests.servers import serve
 from tests.stack import Receiver, Stack, eventually, job_field, relay_stack
 from tests.test_end_to_end import AUDIO, VIDEO, verified

@@ -27,6 +27,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from relay.delivery.netpolicy import callback_policy
 from relay.settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -499,7 +500,7 @@ def test_the_default_config_closes_the_clusters_control_plane(chart: helm.Chart)
     assert "10.0.0.0/20" in data["RELAY_CALLBACK_DENIED_NETWORKS"].split(",")
     # What the chart renders is what the relay accepts, and its policy refuses those targets.
     settings = load_settings(CHAMELAION_API_KEY="x", **data)
-    policy = settings.callback_policy()
+    policy = callback_policy(settings)
     assert policy.check_address(ip_address("10.96.0.1")) is not None
     assert policy.check_address(ip_address("10.0.3.4")) is not None
     assert policy.check_port(10250) is not None

@@ -20,8 +20,8 @@ import httpx
 import pytest
 import redis
 
-from relay import keys
 from relay.devtools.embedded_redis import free_port
+from relay.redis import keys
 from tests.stack import RELAY_KEY, Stack, eventually, is_up, job_field, relay_stack
 from tests.test_end_to_end import submit, verified
 
@@ -91,7 +91,7 @@ def test_the_relay_clock_of_a_skewed_process_is_redis_time(redis_url: str, offse
         f"""
         import asyncio, time
         from redis.asyncio import Redis
-        from relay.clock import RedisClock
+        from relay.redis.clock import RedisClock
 
         async def main():
             client = Redis.from_url({redis_url!r})

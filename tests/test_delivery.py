@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from relay import keys
+from relay.redis import keys
 from relay.settings import load_settings
 from relay.worker.process import WorkerState, build_state
 from relay.worker.tasks import deliver

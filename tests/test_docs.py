@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
-from relay import keys, metrics
+from relay import metrics
+from relay.redis import keys
 from relay.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ import orjson
 import redis
 from standardwebhooks import Webhook
 
-from relay import keys
+from relay.redis import keys
 from tests.stack import Callback, Receiver, Stack, eventually, job_field, job_fields, relay_stack
 
 VIDEO = "https://cdn.example.com/episodes/42.mp4"

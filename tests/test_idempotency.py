@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import threading
+from typing import Any, cast
 
 import httpx
 import pytest
+import redis
 
+from relay.devtools.embedded_redis import embedded_redis
 from tests.stack import RELAY_KEY, Stack, eventually, relay_stack
 from tests.test_end_to_end import AUDIO, VIDEO
 
@@ -138,3 +141,167 @@ def test_uploads_replay_by_key_once_the_first_completed(redis_url: str) -> None:
         assert second.headers["idempotent-replayed"] == "true"
         assert first.json() == second.json()
         assert upstream_jobs(stack) == 1
+
+
+# --- Issue #24, finding 1: one caller's Idempotency-Keys must not fill Redis ----------------
+
+OTHER_KEY = "another-relay-key-0123456789"
+# redis-server arguments of the production setting that turned a full Redis into an outage.
+SMALL_REDIS = ("--maxmemory", "40mb", "--maxmemory-policy", "noeviction")
+
+
+def unknown_fields(count: int) -> dict[str, object]:
+    """A body near RELAY_MAX_BODY_BYTES whose every field but the inputs is unknown (a 422)."""
+    return {**BODY, **{f"u{i}": 0 for i in range(count)}}
+
+
+def used_memory(redis_url: str) -> int:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        info: dict[str, Any] = client.info("memory")  # type: ignore[assignment]
+        return int(info["used_memory"])
+    finally:
+        client.close()
+
+
+def kept_bytes(redis_url: str) -> int:
+    """MEMORY USAGE of every Idempotency-Key record and every caller's count of them."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        found = [k for p in ("relay:idem:*", "relay:idem-held:*") for k in client.scan_iter(p)]
+        return sum(cast(int, client.memory_usage(key)) for key in found)
+    finally:
+        client.close()
+
+
+def test_a_flood_of_large_refusals_under_fresh_keys_keeps_redis_small() -> None:
+    # The issue's attack, test-sized: 1 MB bodies of unknown fields, each under a new key. A
+    # whole 422 kept per key (5 MB each) filled a 40 MB Redis in a handful of requests, and
+    # then every caller's submit was 503.
+    body = unknown_fields(80_000)
+    sent = 30
+    with (
+        embedded_redis(options=SMALL_REDIS) as redis_url,
+        relay_stack(
+            redis_url, workers=0, env={"RELAY_API_KEYS": f"{RELAY_KEY},{OTHER_KEY}"}
+        ) as stack,
+    ):
+        assert post(stack, "warm-up").status_code == 200  # scripts loaded, pools open
+        before = used_memory(redis_url)
+        answers = [post(stack, f"flood-{n}", body) for n in range(sent)]
+        grown = used_memory(redis_url) - before
+        assert [a.status_code for a in answers] == [422] * sent
+        # Everyone else still submits.
+        assert post(stack, "other-caller", api_key=OTHER_KEY).status_code == 200
+        assert post(stack, "same-caller").status_code == 200
+        assert httpx.get(stack.api_url + "/readyz").status_code == 200
+        # Each kept refusal is a fingerprint, a status and at most KEPT_BODY_LIMIT bytes of
+        # error: with Redis's own overhead, and the caller's count, under 2 KiB a key.
+        assert 0 < kept_bytes(redis_url) < sent * 2048
+        # used_memory also moves with buffers and caches; before, it grew by a full 40 MB.
+        assert grown < 2_000_000, grown
+        content = answers[-1].json()
+        assert len(content["details"]) == 20
+        assert content["details_omitted"] == 80_000 - 20
+        assert len(answers[-1].content) < 4096
+        replay = post(stack, "flood-3", body)
+        assert replay.status_code == 422 and replay.headers["idempotent-replayed"] == "true"
+        assert replay.json()["error"] == content["error"]
+
+
+def test_error_details_are_capped_on_every_route(redis_url: str) -> None:
+    with relay_stack(redis_url, workers=0) as stack:
+        headers = {"x-api-key": RELAY_KEY}
+        junk = {f"u{i}": 0 for i in range(5000)}
+        for path, body in [
+            ("/api/v1/lipsync/generate", unknown_fields(5000)),
+            ("/api/relay/v1/test-events", {"url": "http://127.0.0.1:9/", **junk}),
+            ("/api/relay/v1/watches", {"request_id": "r", **junk}),
+        ]:
+            answer = httpx.post(stack.api_url + path, json=body, headers=headers)
+            assert answer.status_code == 422, (path, answer.text[:200])
+            assert len(answer.json()["details"]) == 20
+            assert answer.json()["details_omitted"] >= 5000 - 20
+
+
+def test_a_long_field_name_is_shortened_in_the_error(redis_url: str) -> None:
+    with relay_stack(redis_url, workers=0) as stack:
+        answer = post(stack, None, {**BODY, "x" * 100_000: 1})
+        assert answer.status_code == 422
+        assert len(answer.content) < 1024
+        assert answer.json()["details"][0]["field"].startswith("xxx")
+
+
+def test_each_caller_holds_a_bounded_number_of_keys(redis_url: str) -> None:
+    env = {"RELAY_API_KEYS": f"{RELAY_KEY},{OTHER_KEY}", "RELAY_IDEMPOTENCY_MAX_KEYS": "3"}
+    with relay_stack(redis_url, workers=0, env=env) as stack:
+        bad: dict[str, object] = {"inputs": []}
+        assert [post(stack, f"k{n}", bad).status_code for n in range(3)] == [422] * 3
+        refused = post(stack, "k3", bad)
+        assert refused.status_code == 429
+        assert "RELAY_IDEMPOTENCY_MAX_KEYS" in refused.json()["error"]
+        assert "3" in refused.json()["error"]
+        # Until its oldest key stops counting: a day (RELAY_IDEMPOTENCY_TTL) and a bit.
+        assert 86400 < int(refused.headers["retry-after"]) < 2 * 86400
+        # A key already held still replays, a request without a key still runs, and another
+        # caller has its own allowance.
+        assert post(stack, "k1", bad).headers["idempotent-replayed"] == "true"
+        assert post(stack, None).status_code == 200
+        assert post(stack, "k3", api_key=OTHER_KEY).status_code == 200
+        metrics = httpx.get(stack.api_url + "/metrics").text
+        assert "relay_idempotency_keys_refused_total 1.0" in metrics
+        # A released key (a retryable failure) frees its place.
+        stack.upstream(
+            "POST", "/_sandbox/faults", json={"paths": "generate", "status": 500, "count": 1}
+        )
+        assert post(stack, "retry", api_key=OTHER_KEY).status_code == 502
+        assert post(stack, "k4", api_key=OTHER_KEY).status_code == 200
+        assert post(stack, "k5", api_key=OTHER_KEY).status_code == 200
+        assert post(stack, "k6", api_key=OTHER_KEY).status_code == 429
+
+
+def set_maxmemory(redis_url: str, limit: int | None = None) -> int:
+    """Set Redis's maxmemory (None: half of what it uses now, so it is full); returns the old."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        config: dict[str, str] = client.config_get("maxmemory")  # type: ignore[assignment]
+        old = int(config["maxmemory"])
+        if limit is None:
+            limit = used_memory(redis_url) // 2
+        client.config_set("maxmemory", limit)
+        return old
+    finally:
+        client.close()
+
+
+def writable_metric(base_url: str) -> str:
+    for line in httpx.get(base_url + "/metrics").text.splitlines():
+        if line.startswith("relay_redis_writable "):
+            return line.split()[1]
+    raise AssertionError("no relay_redis_writable in /metrics")
+
+
+def test_readiness_fails_while_redis_refuses_writes() -> None:
+    # Full under noeviction, Redis still answers reads: /readyz said 200 while every submit
+    # was refused.
+    with (
+        embedded_redis(options=SMALL_REDIS) as redis_url,
+        relay_stack(redis_url, workers=1) as stack,
+    ):
+        probes = [stack.api_url, stack.worker_urls[0]]
+        assert [httpx.get(url + "/readyz").status_code for url in probes] == [200, 200]
+        # Full: data past maxmemory. (Filled with keys, Redis stays just under the limit
+        # once the refused write's own buffer is freed; this is the state an outage ends in.)
+        limit = set_maxmemory(redis_url)
+        try:
+            assert post(stack, None).status_code == 503  # no submit can be recorded
+            for url in probes:
+                ready = httpx.get(url + "/readyz")
+                assert ready.status_code == 503
+                assert "refuses writes" in ready.json()["error"]
+                assert "maxmemory" in ready.json()["error"]
+                assert writable_metric(url) == "0.0"
+        finally:
+            set_maxmemory(redis_url, limit)
+        assert [httpx.get(url + "/readyz").status_code for url in probes] == [200, 200]
+        assert [writable_metric(url) for url in probes] == ["1.0", "1.0"]

@@ -406,7 +406,7 @@ def test_venv_is_self_contained(image: Image) -> None:
     # and asking for them says so instead of failing with a traceback.
     assert not (package / "sandbox").exists()
     assert not (package / "devtools").exists()
-    assert (package / "jobs" / "claim.lua").is_file(), "the Redis scripts must ship"
+    assert (package / "jobs" / "schedule.claim.lua").is_file(), "the Redis scripts must ship"
     dev = subprocess.run(
         [str(image.venv / "bin" / "relay"), "dev"],
         env=image.env, cwd=image.root, capture_output=True, text=True, check=False,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
-from relay import keys
 from relay.jobs.intents import Intent, Intents
 from relay.jobs.store import JobStore
+from relay.redis import keys
 from relay.settings import Settings
 
 

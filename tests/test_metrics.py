@@ -24,12 +24,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from relay import keys
 from relay.api.response_counts import ResponseCounter
 from relay.delivery.queue import DeliveryQueue
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
-from relay.metrics import read_shared_state
+from relay.redis import keys
+from relay.redis.shared_state import read_shared_state
 from relay.worker.heartbeat import Heartbeat
 from tests.stack import RELAY_KEY, Stack, eventually, relay_stack
 

@@ -20,11 +20,10 @@ from relay.delivery.netpolicy import (
     NetworkPolicy,
     ParsedCallbackUrl,
     parse_callback_url,
-    parse_networks,
-    parse_ports,
     resolve_and_check,
 )
 from relay.errors import ApiError, CallbackUrlRejected
+from relay.settings import parse_networks, parse_ports
 
 DEFAULT = NetworkPolicy()
 ALLOW_LOOPBACK = NetworkPolicy.from_strings("127.0.0.0/8", "")

@@ -10,7 +10,7 @@ import orjson
 import redis
 from standardwebhooks import Webhook
 
-from relay import keys
+from relay.redis import keys
 from relay.sandbox import SandboxConfig
 from tests.stack import RELAY_KEY, SANDBOX_KEY, Receiver, Stack, eventually, job_field, relay_stack
 from tests.test_end_to_end import submit

@@ -13,11 +13,11 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from relay import keys
 from relay.api.budget import ApiBudget
 from relay.jobs.intents import Intent, Intents
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
+from relay.redis import keys
 from relay.sandbox import SandboxConfig, create_sandbox_app
 from relay.settings import load_settings
 from relay.upstream import Upstream
@@ -97,7 +97,7 @@ async def due_intent(intents: Intents, reference_id: str) -> Intent:
         events=None,
         metadata=None,
     )
-    await intents.hand_over(intent, after=0)
+    await intents.leave_to_reconcile(intent, after=0)
     return intent
 
 

@@ -1,4 +1,4 @@
-"""Coalesced round trips (relay.redis_batch) on a real Redis: many callers, one pipeline, and
+"""Coalesced round trips (relay.redis.batch) on a real Redis: many callers, one pipeline, and
 each caller still gets exactly its own results and errors."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from relay import lua, redis_batch
 from relay.devtools.embedded_redis import find_redis_server, free_port
-from relay.redis_batch import MAX_BATCH, batcher
+from relay.redis import batch, scripts
+from relay.redis.batch import MAX_BATCH, batcher
 from tests.test_worker_health import own_redis
 
 # Returns its argument, or fails when told to: one failing call among many.
@@ -28,7 +28,7 @@ async def connected_clients(redis: Redis) -> int:
 
 
 async def test_concurrent_calls_share_round_trips_and_connections(redis: Redis) -> None:
-    script = lua.Script(redis, ECHO)
+    script = scripts.Script(redis, ECHO)
     before = await connected_clients(redis)
     results = await asyncio.gather(*(script(keys=[], args=[str(n)]) for n in range(2000)))
     assert results == [str(n).encode() for n in range(2000)]
@@ -38,7 +38,7 @@ async def test_concurrent_calls_share_round_trips_and_connections(redis: Redis) 
 
 
 async def test_each_caller_gets_its_own_result_or_error(redis: Redis) -> None:
-    script = lua.Script(redis, ECHO)
+    script = scripts.Script(redis, ECHO)
     b = batcher(redis)
 
     async def reads(n: int) -> list[object]:
@@ -65,12 +65,12 @@ async def test_calls_run_in_the_order_made(redis: Redis) -> None:
 
 
 async def test_scripts_are_loaded_again_after_redis_forgets_them(redis: Redis) -> None:
-    script = lua.Script(redis, ECHO)
+    script = scripts.Script(redis, ECHO)
     assert await script(keys=[], args=["x"]) == b"x"
     await redis.script_flush()
     # A NOSCRIPT call never ran: it is run again once the script is loaded, and only once.
     b = batcher(redis)
-    counted = lua.Script(redis, "return redis.call('INCR', KEYS[1])")
+    counted = scripts.Script(redis, "return redis.call('INCR', KEYS[1])")
     await redis.script_flush()
     results = await asyncio.gather(
         script(keys=[], args=["y"]), counted(keys=["runs"]), b.run([("INCR", "runs")])
@@ -80,7 +80,7 @@ async def test_scripts_are_loaded_again_after_redis_forgets_them(redis: Redis) -
 
 
 async def test_a_cancelled_caller_does_not_disturb_the_others(redis: Redis) -> None:
-    script = lua.Script(redis, ECHO)
+    script = scripts.Script(redis, ECHO)
     first = asyncio.ensure_future(script(keys=[], args=["gone"]))
     second = asyncio.ensure_future(script(keys=[], args=["kept"]))
     await asyncio.sleep(0)
@@ -93,7 +93,7 @@ async def test_a_cancelled_caller_does_not_disturb_the_others(redis: Redis) -> N
 async def test_a_connection_error_reaches_every_caller_of_the_batch() -> None:
     # Nothing listens on port 1: the whole pipeline fails, and every caller hears it.
     client = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
-    script = lua.Script(client, ECHO)
+    script = scripts.Script(client, ECHO)
     outcomes = await asyncio.gather(
         *(script(keys=[], args=[str(n)]) for n in range(5)), return_exceptions=True
     )
@@ -103,7 +103,7 @@ async def test_a_connection_error_reaches_every_caller_of_the_batch() -> None:
 
 def test_a_client_can_be_used_from_one_event_loop_after_another(redis_url: str) -> None:
     client = Redis.from_url(redis_url)
-    script = lua.Script(client, ECHO)
+    script = scripts.Script(client, ECHO)
 
     async def once(value: str) -> object:
         result = await script(keys=[], args=[value])
@@ -117,7 +117,7 @@ def test_a_client_can_be_used_from_one_event_loop_after_another(redis_url: str) 
 async def test_a_stalled_redis_fails_calls_within_the_timeout_and_they_recover() -> None:
     with own_redis() as (redis_url, redis_proc):
         client = Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        script = lua.Script(client, ECHO)
+        script = scripts.Script(client, ECHO)
         deadline = time.monotonic() + 10
         while True:  # the server may still be starting
             try:
@@ -147,7 +147,7 @@ async def test_a_stalled_redis_fails_calls_within_the_timeout_and_they_recover()
         await client.aclose()
 
 
-async def delayed(script: lua.Script, value: str) -> object:
+async def delayed(script: scripts.Script, value: str) -> object:
     await asyncio.sleep(0.1)  # made while the first call's round trip is on the line
     return await script(keys=[], args=[value])
 
@@ -155,7 +155,7 @@ async def delayed(script: lua.Script, value: str) -> object:
 async def test_a_held_connection_closed_by_redis_while_idle_is_replaced_before_use(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(redis_batch, "IDLE_CHECK", 0.2)
+    monkeypatch.setattr(batch, "IDLE_CHECK", 0.2)
     port = free_port()
 
     def start() -> subprocess.Popen[bytes]:
@@ -166,7 +166,7 @@ async def test_a_held_connection_closed_by_redis_while_idle_is_replaced_before_u
 
     proc = start()
     client = Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=2)
-    script = lua.Script(client, ECHO)
+    script = scripts.Script(client, ECHO)
     try:
         await until_answered(script)
         proc.terminate()  # a restart while the line sits idle: its socket is dead
@@ -181,7 +181,7 @@ async def test_a_held_connection_closed_by_redis_while_idle_is_replaced_before_u
         proc.wait(timeout=10)
 
 
-async def until_answered(script: lua.Script) -> int:
+async def until_answered(script: scripts.Script) -> int:
     """Call until Redis answers (it may still be starting); how many tries it took."""
     for tries in range(1, 200):
         try:

@@ -16,10 +16,11 @@ import redis
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
-from relay import cli, keys
+from relay import cli
 from relay.api.app import create_app
 from relay.devtools.embedded_redis import find_redis_server, free_port
-from relay.redis_watch import RedisWatch
+from relay.redis import keys
+from relay.redis.watch import RedisWatch
 from relay.settings import load_settings
 from relay.worker import process
 from tests.servers import serve
@@ -78,7 +79,7 @@ def test_a_flushed_redis_fails_readiness_until_acknowledged(
         assert data_lost_metric(api_url) == 0
 
         client.flushall()
-        with caplog.at_level(logging.ERROR, logger="relay.redis_watch"):
+        with caplog.at_level(logging.ERROR, logger="relay.redis.watch"):
             answer = ready(api_url)
         assert answer.status_code == 503
         assert answer.json()["status"] == "data lost"
@@ -171,7 +172,7 @@ async def test_memory_headroom_is_reported_and_warned_about_before_redis_is_full
     used = int((await client.info("memory"))["used_memory"])
     await client.config_set("maxmemory", int(used / 0.85))
     try:
-        with caplog.at_level(logging.WARNING, logger="relay.redis_watch"):
+        with caplog.at_level(logging.WARNING, logger="relay.redis.watch"):
             await watch.check()
         headroom_now = headroom()
         assert headroom_now is not None and 0 < headroom_now < 0.2

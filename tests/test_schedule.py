@@ -7,10 +7,10 @@ import time
 
 from redis.asyncio import Redis
 
-from relay import keys
-from relay.delivery.stats import last_hour
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
+from relay.redis import keys
+from relay.redis.stats import last_hour
 
 
 async def due_jobs(redis: Redis, count: int) -> list[str]:

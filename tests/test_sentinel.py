@@ -14,7 +14,7 @@ import redis
 
 from relay.devtools.embedded_redis import find_redis_server, free_port
 from relay.errors import ConfigError
-from relay.redis_conn import SentinelTarget, parse_sentinel_url, redacted
+from relay.redis.conn import SentinelTarget, parse_sentinel_url, redacted
 from relay.settings import load_settings
 from tests.stack import relay_stack
 from tests.test_end_to_end import submit, verified

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from relay.delivery.signing import Signer
+from relay.signing import Signer
 
 secrets_ = st.lists(
     st.binary(min_size=24, max_size=64).map(lambda raw: "whsec_" + base64.b64encode(raw).decode()),

@@ -10,8 +10,9 @@ from typing import Any, cast
 import pytest
 from redis.asyncio import Redis
 
-from relay import keys
-from relay.jobs.store import Breaker, Job, JobStore
+from relay.delivery.store import Breaker, DeliveryStore
+from relay.jobs.store import Job, JobStore
+from relay.redis import keys
 
 HOOK = "https://receiver.example/hook"
 RETENTION = 600
@@ -322,12 +323,12 @@ async def test_end_expires_the_reference_only_while_it_points_at_the_job(
     assert RETENTION - 5 < await redis.ttl(keys.ref("order-7")) <= RETENTION
 
 
-# update_delivery
+# a delivery's outcome (relay.delivery.store), written into the job's hash
 
 
 async def update(store: JobStore, request_id: str, **fields: Any) -> bool:
-    """update_delivery for a receiver that answered (its breaker stays closed)."""
-    result = await store.update_delivery(
+    """record_outcome for a receiver that answered (its breaker stays closed)."""
+    result = await DeliveryStore(store.redis).record_outcome(
         request_id,
         destination="http://receiver.example:80",
         answered=True,
@@ -337,7 +338,7 @@ async def update(store: JobStore, request_id: str, **fields: Any) -> bool:
     return result.recorded
 
 
-async def test_update_delivery_applies_only_to_the_awaited_attempt(
+async def test_record_outcome_applies_only_to_the_awaited_attempt(
     redis: Redis, store: JobStore
 ) -> None:
     await ended(store, await tracked(store, "r1"))
@@ -376,7 +377,7 @@ async def test_update_delivery_applies_only_to_the_awaited_attempt(
     assert await snapshot() == done
 
 
-async def test_update_delivery_needs_a_pending_delivery(redis: Redis, store: JobStore) -> None:
+async def test_record_outcome_needs_a_pending_delivery(redis: Redis, store: JobStore) -> None:
     running = await tracked(store, "running")
     no_callback = await ended(store, await tracked(store, "quiet", callback_url=None))
     for job in (running, no_callback):
@@ -392,7 +393,7 @@ async def test_update_delivery_needs_a_pending_delivery(redis: Redis, store: Job
     assert await redis.exists(keys.job("unknown")) == 0
 
 
-async def test_update_delivery_keeps_the_job_at_least_keep_for_and_never_shortens(
+async def test_record_outcome_keeps_the_job_at_least_keep_for_and_never_shortens(
     redis: Redis, store: JobStore
 ) -> None:
     await ended(store, await tracked(store, "r1"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import redis
 
-from relay import keys
+from relay.redis import keys
 from tests.stack import Receiver, eventually, job_field, relay_stack
 from tests.test_deliveries import attempts
 from tests.test_end_to_end import submit, verified

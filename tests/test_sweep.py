@@ -20,8 +20,8 @@ import pytest
 import redis
 from standardwebhooks import Webhook
 
-from relay import keys
 from relay.jobs.sweep import created_time, direction
+from relay.redis import keys
 from relay.sandbox import SandboxConfig
 from tests.stack import SANDBOX_KEY, Stack, eventually, is_up, job_field, relay_stack
 from tests.test_end_to_end import submit

@@ -22,9 +22,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from standardwebhooks import Webhook
 
-from relay import keys
 from relay.api.multipart import MediaForm
 from relay.errors import ApiError
+from relay.redis import keys
 from tests.stack import RELAY_KEY, Stack, eventually, job_field, relay_stack
 
 UPLOAD = "/api/v1/lipsync/generate-with-media"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from relay import keys
 from relay.jobs.schedule import PollSchedule
+from relay.redis import keys
 from relay.settings import load_settings
 from relay.worker.process import build_state
 from tests.stack import SANDBOX_KEY, new_secret

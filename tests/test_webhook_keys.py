@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pydantic import SecretStr
 from standardwebhooks import Webhook
 
-from relay.delivery.signing import Signer, check_secret
 from relay.errors import ConfigError
 from relay.settings import load_settings
+from relay.signing import Signer, check_secret
 from tests.stack import Callback, new_secret, relay_stack
 from tests.test_end_to_end import submit
 

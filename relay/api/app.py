@@ -12,7 +12,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from arq.connections import ArqRedis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -20,7 +19,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from relay import keys
 from relay.api import deliveries, test_events, watches, webhook_keys
 from relay.api.auth import ApiKeyMiddleware, KeyRing
 from relay.api.budget import ApiBudget
@@ -37,18 +35,20 @@ from relay.api.uploads import generate_with_media
 from relay.console.views import create_console
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.control import Redeliverer
+from relay.delivery.netpolicy import callback_policy
 from relay.delivery.queue import DeliveryQueue
-from relay.delivery.signing import Signer
 from relay.delivery.transport import make_callback_client
 from relay.errors import ApiError
 from relay.jobs.intents import Intents
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
-from relay.metrics import UPSTREAM_RATE_LIMIT, metrics_response
-from relay.redis_conn import close as close_redis
-from relay.redis_conn import connect
-from relay.redis_watch import RedisWatch, readiness
+from relay.metrics import UPSTREAM_RATE_LIMIT
+from relay.redis.conn import arq_view, connect
+from relay.redis.conn import close as close_redis
+from relay.redis.shared_state import metrics_response
+from relay.redis.watch import RedisWatch, readiness
 from relay.settings import Settings
+from relay.signing import Signer
 from relay.upstream import Upstream
 
 
@@ -84,7 +84,7 @@ def create_app(settings: Settings) -> Starlette:
         budget = ApiBudget(schedule, max_wait=settings.api_budget_wait)
         UPSTREAM_RATE_LIMIT.set(settings.upstream_rate_limit)
         upstream = Upstream.from_settings(settings, budget=budget)
-        policy = settings.callback_policy()
+        policy = callback_policy(settings)
         signer = Signer(settings.webhook_secrets) if settings.webhook_secrets else None
         callback_client = make_callback_client(policy, settings.delivery_timeout)
         store = JobStore(
@@ -95,7 +95,7 @@ def create_app(settings: Settings) -> Starlette:
         attempt_log = AttemptLog(redis, retention=settings.job_retention)
         # arq's client on the same connections: the API queues redeliveries. No clock: the
         # queue's script scores them on Redis's, whatever this process's own clock says.
-        arq = ArqRedis(redis.connection_pool, default_queue_name=keys.ARQ_QUEUE)
+        arq = arq_view(redis)
         queue = DeliveryQueue(arq, settings.delivery_retry_schedule, clock=None)
         watch = RedisWatch(redis)
         stop_watching = asyncio.Event()

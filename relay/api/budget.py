@@ -21,10 +21,9 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from relay.jobs.poller import DEFAULT_PAUSE_ON_429
 from relay.jobs.schedule import PollSchedule, took
 from relay.metrics import API_BUDGET_REFUSED
-from relay.redis_batch import ScriptCall
+from relay.redis.batch import ScriptCall
 from relay.upstream import BudgetRefused
 
 log = logging.getLogger(__name__)
@@ -44,10 +43,10 @@ class ApiBudget:
         await self._use(booked, wait)
 
     def take_call(self) -> ScriptCall:
-        """The booking, to make along with other calls in one round trip (then `settle`)."""
+        """The booking, to make along with other calls in one round trip (then `use_booking`)."""
         return self.schedule.take_call(self.max_wait)
 
-    async def settle(self, reply: Any) -> None:
+    async def use_booking(self, reply: Any) -> None:
         """Act on `take_call`'s reply (or its error): return once the call may be made."""
         if isinstance(reply, RedisError):
             _unreadable(reply)
@@ -66,9 +65,8 @@ class ApiBudget:
             await asyncio.sleep(wait)
 
     async def rate_limited(self, retry_after: float | None) -> None:
-        log.warning("upstream rate limit met by the API: pausing all upstream calls")
         with contextlib.suppress(RedisError):
-            await self.schedule.pause_upstream(retry_after or DEFAULT_PAUSE_ON_429)
+            await self.schedule.pause_for_429(retry_after, met_by="the API")
 
 
 def _unreadable(exc: RedisError) -> None:

@@ -20,6 +20,7 @@ from relay.api.models import MAX_ID_LENGTH
 from relay.api.state import AppState, app_state
 from relay.api.submit import validation_error
 from relay.delivery.attempt_log import STATES
+from relay.delivery.store import DeliveryId
 from relay.errors import ApiError
 from relay.jobs.events import event_type_of
 from relay.jobs.events import iso as event_iso
@@ -28,8 +29,6 @@ from relay.jobs.store import Job
 PREFIX = "/api/relay/v1"
 MAX_PAGE = 200
 MAX_RECOVER = 1000
-# A job's event deliveries: the final event's id is the request id itself.
-PROCESSING_SUFFIX = "#processing"
 
 State = Literal["pending", "failing", "delivered", "gone", "failed"]
 
@@ -66,7 +65,7 @@ def request_id_param(request: Request) -> str:
     request_id: str = request.path_params["id"]
     if not 1 <= len(request_id) <= MAX_ID_LENGTH or request_id in (".", ".."):
         raise ApiError(400, f"id must be 1 to {MAX_ID_LENGTH} characters, not a dot segment")
-    if PROCESSING_SUFFIX in request_id:
+    if DeliveryId.names_early(request_id):
         raise ApiError(400, "id must be a request id")
     return request_id
 
@@ -91,7 +90,7 @@ async def _delivery(state: AppState, delivery_id: str, job: Job) -> dict[str, An
 async def deliveries_of(state: AppState, job: Job) -> list[dict[str, Any]]:
     """A job's deliveries in the order they go out (early events first), with their logs."""
     deliveries = []
-    processing = await state.store.get(job.request_id + PROCESSING_SUFFIX)
+    processing = await state.store.get(str(DeliveryId(job.request_id, "processing")))
     if processing is not None and processing.event is not None:
         deliveries.append(await _delivery(state, processing.request_id, processing))
     if job.event is not None:
@@ -143,12 +142,12 @@ async def list_deliveries(request: Request) -> Response:
     page = found[:limit]
     data = []
     for delivery_id, entered in page:
-        request_id, _, kind = delivery_id.partition("#")
+        delivery = DeliveryId.parse(delivery_id)
         data.append(
             {
                 "delivery_id": delivery_id,
-                "request_id": request_id,
-                "event": "lipsync.processing" if kind == "processing" else "final",
+                "request_id": delivery.request_id,
+                "event": "lipsync.processing" if delivery.early == "processing" else "final",
                 "state": wanted,
                 "since": iso(entered),
             }

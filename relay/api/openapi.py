@@ -14,6 +14,7 @@ from typing import Any
 from relay.api.deliveries import MAX_PAGE, RecoverRequest
 from relay.api.idempotency import MAX_KEY_LENGTH
 from relay.api.models import MAX_ID_LENGTH, MAX_REFERENCE_ID_LENGTH, GenerateRequest
+from relay.api.responses import MAX_DETAILS
 from relay.api.test_events import TestEventRequest
 from relay.api.watches import WatchRequest
 from relay.delivery.netpolicy import MAX_URL_LENGTH
@@ -202,7 +203,14 @@ def openapi_document() -> dict[str, Any]:
             "Error": {
                 "type": "object",
                 "required": ["error"],
-                "properties": {"error": {"type": "string"}, "details": {"type": "array"}},
+                "properties": {
+                    "error": {"type": "string"},
+                    "details": {"type": "array", "maxItems": MAX_DETAILS},
+                    "details_omitted": {
+                        "type": "integer",
+                        "description": "How many details were left out of `details`",
+                    },
+                },
             },
             "Status": {
                 "type": "object",
@@ -259,6 +267,10 @@ def openapi_document() -> dict[str, Any]:
     idempotency_errors = {
         "409": _error("A request with this Idempotency-Key is still in progress"),
         "422": _error("Invalid field, or Idempotency-Key reused with another body"),
+        "429": _error(
+            "Chamelaion's rate limit, or this API key holds RELAY_IDEMPOTENCY_MAX_KEYS "
+            "Idempotency-Keys already; see Retry-After"
+        ),
     }
     relay_body = {
         "413": _error("Body over the configured limit"),
@@ -295,8 +307,9 @@ def openapi_document() -> dict[str, Any]:
                         "408": _error("The upload stalled or arrived below the minimum rate"),
                         "415": _error("Not multipart/form-data"),
                         "429": _error(
-                            "Too many uploads in progress (for this key or in all), or "
-                            "Chamelaion's rate limit; see Retry-After"
+                            "Too many uploads in progress (for this key or in all), "
+                            "Chamelaion's rate limit, or this API key holds "
+                            "RELAY_IDEMPOTENCY_MAX_KEYS Idempotency-Keys already; see Retry-After"
                         ),
                     },
                     security=secured,

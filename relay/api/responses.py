@@ -19,10 +19,19 @@ def json_bytes(body: bytes) -> Response:
     return Response(body, media_type="application/json")
 
 
+# Entries of `details` an error answer lists at most: a body of 80,000 unknown fields is
+# 80,000 validation errors, and naming them all made a 5 MB answer from a 1 MB request.
+MAX_DETAILS = 20
+
+
 def error_content(exc: ApiError) -> dict[str, Any]:
+    """`{"error": ..., "details": [...]}`, with at most MAX_DETAILS details and, when there
+    were more, how many were left out (`details_omitted`)."""
     content: dict[str, Any] = {"error": exc.message}
     if exc.details:
-        content["details"] = exc.details
+        content["details"] = exc.details[:MAX_DETAILS]
+        if len(exc.details) > MAX_DETAILS:
+            content["details_omitted"] = len(exc.details) - MAX_DETAILS
     return content
 
 

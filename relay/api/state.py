@@ -13,12 +13,12 @@ from relay.api.store_check import WriteCheck
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.control import Redeliverer
 from relay.delivery.netpolicy import NetworkPolicy
-from relay.delivery.signing import Signer
 from relay.delivery.transport import CallbackClient
 from relay.jobs.intents import Intents
 from relay.jobs.store import JobStore
-from relay.redis_watch import RedisWatch
+from relay.redis.watch import RedisWatch
 from relay.settings import Settings
+from relay.signing import Signer
 from relay.upstream import Upstream
 
 

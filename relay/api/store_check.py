@@ -13,7 +13,7 @@ import asyncio
 
 from redis.asyncio import Redis
 
-from relay import keys
+from relay.redis import keys
 
 # The check key's lifetime: it only needs to exist for as long as it is being written.
 CHECK_TTL_MS = 60_000

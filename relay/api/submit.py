@@ -39,9 +39,18 @@ log = logging.getLogger(__name__)
 LOOK_AGAIN = 5.0
 
 
+# The longest field name an error repeats: unknown fields are named by the caller, any length.
+MAX_FIELD_CHARS = 100
+
+
+def _field(location: tuple[int | str, ...]) -> str:
+    name = ".".join(str(part) for part in location) or "body"
+    return name if len(name) <= MAX_FIELD_CHARS else name[: MAX_FIELD_CHARS - 1] + "…"
+
+
 def validation_error(exc: ValidationError) -> ApiError:
     details = [
-        {"field": ".".join(str(part) for part in error["loc"]) or "body", "message": error["msg"]}
+        {"field": _field(error["loc"]), "message": error["msg"]}
         for error in exc.errors(include_url=False, include_input=False)
     ]
     first = details[0]
@@ -167,7 +176,7 @@ class Submission:
             raise ApiError(503, "the relay's job store is unavailable; try again") from None
         if book:
             try:
-                await budget.settle(booking[0])
+                await budget.use_booking(booking[0])
             except BudgetRefused:
                 await self._close()  # nothing was sent
                 raise
@@ -285,7 +294,9 @@ class Submission:
                 intent, self.state.upstream, timeout=lookup_timeout(self.state.settings)
             )
         except UpstreamError as exc:
-            return await self._hand_over(reason, f"looking for the job failed too ({exc.message})")
+            return await self._leave_to_reconcile(
+                reason, f"looking for the job failed too ({exc.message})"
+            )
         if found.adoptable is not None:
             try:
                 adopted = await self.state.intents.adopt(intent, found.adoptable)
@@ -319,7 +330,7 @@ class Submission:
                 request_ids=found.candidates,
             )
         if found.candidates:
-            return await self._hand_over(
+            return await self._leave_to_reconcile(
                 reason,
                 "a job was found, but another submission with the same reference_id is in flight "
                 "and the relay cannot tell yet whose it is",
@@ -329,20 +340,20 @@ class Submission:
             # retry is safe. The intent stays with the reconcile all the same, in case the job
             # shows up late (a gateway's 5xx while Chamelaion carried on).
             with contextlib.suppress(RedisError):
-                await self.state.intents.hand_over(intent, after=LOOK_AGAIN)
+                await self.state.intents.leave_to_reconcile(intent, after=LOOK_AGAIN)
             raise UpstreamError(
                 502,
                 f"{reason} (no job with reference_id {intent.reference_id!r} was created; a "
                 "retry will not duplicate one)",
             )
-        return await self._hand_over(reason, "no job was found yet")
+        return await self._leave_to_reconcile(reason, "no job was found yet")
 
-    async def _hand_over(self, reason: str, detail: str) -> Response:
+    async def _leave_to_reconcile(self, reason: str, detail: str) -> Response:
         intent = self.intent
         assert intent is not None
         with contextlib.suppress(RedisError):  # it falls due for the reconcile anyway
-            await self.state.intents.hand_over(intent, after=LOOK_AGAIN)
-        INTENTS.labels("handed_over").inc()
+            await self.state.intents.leave_to_reconcile(intent, after=LOOK_AGAIN)
+        INTENTS.labels("handed_over").inc()  # the label predates the verb: dashboards use it
         raise OutcomeUnknown(
             502,
             f"{reason}; {detail}. The job may exist at Chamelaion: the relay keeps looking for "

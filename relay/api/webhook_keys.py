@@ -12,9 +12,10 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from relay import keys
 from relay.api.state import app_state
 from relay.jobs.events import iso
+from relay.redis import keys
+from relay.redis.clock import redis_now
 
 PATH = "/api/relay/v1/webhook-keys"
 
@@ -26,7 +27,7 @@ async def webhook_keys(request: Request) -> Response:
     for key in published:
         created: str | None = None
         try:
-            seconds, _ = await state.redis.time()
+            seconds = int(await redis_now(state.redis))
             redis_key = keys.webhook_key(key.key_id)
             await state.redis.set(redis_key, seconds, nx=True)
             first = await state.redis.get(redis_key)

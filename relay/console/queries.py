@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from relay import keys
 from relay.delivery.attempt_log import STATES
-from relay.delivery.stats import last_hour
-from relay.metrics import read_shared_state
+from relay.redis import keys
+from relay.redis.shared_state import read_shared_state
+from relay.redis.stats import last_hour
 
 STATUS_SAMPLE = 2000
 PAGE_SIZE = 25

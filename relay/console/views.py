@@ -23,8 +23,10 @@ from relay.api.state import AppState, app_state
 from relay.console import queries
 from relay.console.chart import chart_svg
 from relay.console.session import Session, Sessions, clear, csrf_ok
-from relay.delivery import stats
+from relay.delivery.store import DeliveryId
 from relay.errors import ApiError
+from relay.redis import stats
+from relay.redis.clock import redis_now
 from relay.settings import Settings
 
 HERE = Path(__file__).parent
@@ -178,14 +180,14 @@ class Console:
             rows += [
                 {
                     "delivery_id": delivery_id,
-                    "request_id": delivery_id.partition("#")[0],
+                    "request_id": DeliveryId.parse(delivery_id).request_id,
                     "state": wanted,
                     "since": since,
                 }
                 for delivery_id, since in found
             ]
         rows.sort(key=lambda row: row["since"], reverse=True)
-        seconds, _ = await state.redis.time()
+        seconds = int(await redis_now(state.redis))
         return self._page(
             request,
             "failed.html",

@@ -18,8 +18,8 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from relay import keys, lua
-from relay.redis_batch import ScriptCall, batcher
+from relay.redis import keys, scripts
+from relay.redis.batch import ScriptCall, batcher
 
 MAX_ENTRIES = 100
 EXCERPT_CHARS = 512
@@ -30,7 +30,7 @@ class AttemptLog:
     def __init__(self, redis: Redis, *, retention: float) -> None:
         self.redis = redis
         self.retention = retention
-        self._log = lua.register(redis, __package__, "log_attempt")
+        self._log = scripts.register(redis, __name__, "record")
 
     async def record(self, delivery_id: str, **entry: Any) -> None:
         await batcher(self.redis).run([self.record_call(delivery_id, **entry)])

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay import keys, lua
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.destinations import destination_of
 from relay.delivery.queue import DeliveryQueue
 from relay.jobs.store import JobStore
+from relay.redis import keys, scripts
 
 KEEP_AFTER_REDELIVERY = 4 * 86400.0
 REFUSALS = {-1: "unknown", -2: "not_ended", -3: "no_callback"}
@@ -34,7 +34,7 @@ class Redeliverer:
         self.redis = queue.redis
         self.store = store
         self.attempt_log = attempt_log
-        self._redeliver = lua.register(self.redis, __package__, "redeliver")
+        self._redeliver = scripts.register(self.redis, __name__, "redeliver")
 
     async def redeliver(self, delivery_id: str, *, note: str) -> Redelivered:
         attempt = int(

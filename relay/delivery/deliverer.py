@@ -29,18 +29,19 @@ from typing import Literal
 import httpx
 from arq import Retry
 
-from relay.delivery import stats
 from relay.delivery.attempt_log import EXCERPT_CHARS, AttemptLog
 from relay.delivery.destinations import Destinations, destination_of
 from relay.delivery.failure import FailureClass, failure_class
-from relay.delivery.signing import Signer
+from relay.delivery.store import Breaker, DeliveryId, DeliveryState, DeliveryStore
 from relay.delivery.transport import CallbackClient
 from relay.errors import DestinationRefused
 from relay.jitter import jittered
 from relay.jobs.events import PROCESSING, event_type_of
-from relay.jobs.store import Breaker, DeliveryState, Job, JobStore
+from relay.jobs.store import Job, JobStore
 from relay.metrics import DELIVERIES, DELIVERY_LATENCY
-from relay.redis_batch import ScriptCall
+from relay.redis import stats
+from relay.redis.batch import ScriptCall
+from relay.signing import Signer
 from relay.upstream import USER_AGENT, parse_retry_after
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ class Deliverer:
         self,
         *,
         store: JobStore,
+        deliveries: DeliveryStore,
         signer: Signer,
         client: CallbackClient,
         schedule: tuple[float, ...],
@@ -143,6 +145,7 @@ class Deliverer:
         self.attempt_log = attempt_log
         self.timeout = timeout
         self.store = store
+        self.deliveries = deliveries
         self.signer = signer
         self.client = client
         self.schedule = schedule
@@ -190,15 +193,16 @@ class Deliverer:
         if not (job.callback_url and job.event and job.event_id):
             return "stale"
         started = time.monotonic()
-        if "#" in request_id:
+        delivery = DeliveryId.parse(request_id)
+        if delivery.early is not None:
             # An early event: sent only while its job runs, never after the final one.
-            if not await self.store.claim_send(request_id, hold=self.timeout + SEND_MARGIN):
+            if not await self.deliveries.claim_send(delivery, hold=self.timeout + SEND_MARGIN):
                 log.info("early event dropped as stale: the job ended", extra={"id": request_id})
                 return "stale"
             try:
                 outcome = await self._post(job.callback_url, job.event_id, job.event)
             finally:
-                await self.store.release_send(request_id)
+                await self.deliveries.release_send(delivery)
         else:
             if PROCESSING in job.events:
                 # Only a job whose callback asked for an early event can have one in flight.
@@ -257,7 +261,7 @@ class Deliverer:
         it; bounded by that attempt's own timeout (the key expires if its worker died)."""
         deadline = time.monotonic() + self.timeout + SEND_MARGIN
         # Polled: the condition lives in Redis, shared by every worker.
-        while await self.store.sending(request_id) and time.monotonic() < deadline:  # noqa: ASYNC110
+        while await self.deliveries.sending(request_id) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
 
     def _entry(
@@ -298,7 +302,7 @@ class Deliverer:
     ) -> None:
         """Record the outcome, then the `then` calls (its log entry and count), in one round
         trip: a burst's attempts each wait for Redis once, not three times."""
-        update = await self.store.update_delivery(
+        update = await self.deliveries.record_outcome(
             request_id,
             attempt=attempt,
             next_attempt=next_attempt,

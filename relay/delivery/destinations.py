@@ -3,8 +3,8 @@
 A destination is a callback URL's (scheme, host, port). Each has its own cap on attempts in
 flight in this worker, under one cap for the whole worker, so a receiver that hangs holds only
 its own slots. Whether a destination is backed off (it kept failing: circuit-breaker style) is
-shared state in Redis, written with each attempt's outcome (relay.jobs.update_delivery.lua);
-this worker keeps what Redis last told it, so a breaker costs no extra round trip per attempt.
+shared state in Redis, written with each attempt's outcome (store.record_outcome.lua); this
+worker keeps what Redis last told it, so a breaker costs no extra round trip per attempt.
 Entries for idle destinations are dropped, so memory follows what is in flight, not history.
 """
 

@@ -35,7 +35,7 @@ import re
 import socket
 import unicodedata
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import (
     IPv4Address,
     IPv4Network,
@@ -49,6 +49,7 @@ from typing import TypeAlias
 import idna
 
 from relay.errors import CallbackUrlRejected
+from relay.settings import Settings, parse_networks, parse_ports
 
 IPAddress: TypeAlias = IPv4Address | IPv6Address
 IPNetwork: TypeAlias = IPv4Network | IPv6Network
@@ -193,9 +194,6 @@ _METADATA_HOST_PATTERN = re.compile(
 # answered with the API server's address by CoreDNS, like the plain name.
 _SERVICE_LABELS = re.compile(r"(?:_[a-z0-9-]*\.)+")
 
-# Callback ports, when the operator sets none (RELAY_CALLBACK_ALLOWED_PORTS): the web ports.
-DEFAULT_ALLOWED_PORTS = "80,443,8080,8443"
-
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(.*)", re.DOTALL)
 _PORT = re.compile(r"[0-9]{1,5}")
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
@@ -215,43 +213,12 @@ class ParsedCallbackUrl:
     ip: IPAddress | None  # set when the host is an IP literal, which is never resolved
 
 
-def parse_networks(text: str) -> tuple[IPNetwork, ...]:
-    """Parse comma-separated CIDRs (a bare address is a /32 or /128); raise naming the bad one."""
-    networks: list[IPNetwork] = []
-    for entry in (item.strip() for item in text.split(",")):
-        if not entry:
-            continue
-        try:
-            # strict: `10.0.0.1/8` is almost always a typo for 10.0.0.0/8 or 10.0.0.1/32.
-            networks.append(ip_network(entry, strict=True))
-        except ValueError as exc:
-            raise ValueError(f"{entry!r} is not a CIDR network: {exc}") from exc
-    return tuple(networks)
-
-
-def parse_ports(text: str) -> frozenset[int]:
-    """Parse comma-separated ports and ranges (`80,443,8000-8999`); raise naming the bad one."""
-    ports: set[int] = set()
-    for entry in (item.strip() for item in text.split(",")):
-        if not entry:
-            continue
-        low, dash, high = entry.partition("-")
-        try:
-            first, last = int(low), int(high if dash else low)
-        except ValueError:
-            raise ValueError(f"{entry!r} is not a port or a port range") from None
-        if not 0 < first <= last < 65536:
-            raise ValueError(f"{entry!r} is not a port or a range within 1-65535")
-        ports.update(range(first, last + 1))
-    return frozenset(ports)
-
-
 @dataclass(frozen=True)
 class NetworkPolicy:
     """Which addresses and ports callbacks may reach.
 
     The default instance applies the address defaults and admits any port; the production
-    default (Settings.callback_policy) also limits ports to RELAY_CALLBACK_ALLOWED_PORTS and
+    default (`callback_policy`) also limits ports to RELAY_CALLBACK_ALLOWED_PORTS and
     refuses the relay's own ports.
     """
 
@@ -324,6 +291,21 @@ class NetworkPolicy:
                 if inner is not None:
                     return f"{ip} embeds {embedded} ({mechanism}): {inner}"
         return reason
+
+
+def callback_policy(settings: Settings) -> NetworkPolicy:
+    """The policy the relay runs with, from RELAY_CALLBACK_* (checked when settings load)."""
+    policy = NetworkPolicy.from_strings(
+        settings.callback_allowed_networks, settings.callback_denied_networks
+    )
+    return replace(
+        policy,
+        allowed_ports=parse_ports(settings.callback_allowed_ports),
+        # The relay's own ports: a callback must not reach its API or a worker's metrics.
+        denied_ports=frozenset(
+            port for port in (settings.api_port, settings.worker_http_port) if port
+        ),
+    )
 
 
 def _match(ip: IPAddress, table: Iterable[tuple[IPNetwork, str]]) -> str | None:

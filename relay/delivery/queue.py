@@ -1,9 +1,10 @@
 """The delivery queue: every delivery attempt that is not made at once is an arq job.
 
-Through one script (enqueue.lua) rather than arq's enqueue_job, which takes three round trips
-and a WATCHed connection per job (bursts enqueue a job per ended job), and which scores the job
-on the calling process's own clock. The script scores it on Redis's (relay.clock), which workers
-compare with: a process whose clock is off queues an attempt neither early nor late.
+Through one script (queue.enqueue.lua) rather than arq's enqueue_job, which takes three round
+trips and a WATCHed connection per job (bursts enqueue a job per ended job), and which scores
+the job on the calling process's own clock. The script scores it on Redis's (relay.redis.clock),
+which workers compare with: a process whose clock is off queues an attempt neither early nor
+late.
 
 Each job has a fixed id, so enqueueing one twice (a retry after a crash) is a no-op: the script,
 like arq, refuses a job id that is queued, running or kept as a result.
@@ -16,8 +17,8 @@ import time
 from arq.connections import ArqRedis
 from arq.jobs import serialize_job
 
-from relay import keys, lua
-from relay.clock import RedisClock
+from relay.redis import keys, scripts
+from relay.redis.clock import RedisClock, redis_now
 
 
 class DeliveryQueue:
@@ -35,7 +36,7 @@ class DeliveryQueue:
         self.redis = redis
         self.schedule = schedule
         self.clock = clock
-        self._enqueue = lua.register(redis, __package__, "enqueue")
+        self._enqueue = scripts.register(redis, __name__, "enqueue")
 
     def _now_ms(self) -> int:
         return self.clock.now_ms() if self.clock is not None else int(time.time() * 1000)
@@ -84,3 +85,13 @@ class DeliveryQueue:
             {keys.delivery_job_id(request_id, attempt): now_ms + round(delay * 1000)},
             xx=True,
         )
+
+    async def make_due(self, request_ids: list[str], *, attempt: int) -> None:
+        """Make attempt `attempt` of each of `request_ids` due now, where it is still queued
+        (a stopping worker hands its unfinished first attempts' guards to the others)."""
+        now_ms = int(await redis_now(self.redis) * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request_id in request_ids:
+                job_id = keys.delivery_job_id(request_id, attempt)
+                pipe.zadd(keys.ARQ_QUEUE, {job_id: now_ms}, xx=True)
+            await pipe.execute()

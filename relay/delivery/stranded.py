@@ -16,19 +16,23 @@ import asyncio
 import logging
 import secrets
 
-from relay import keys, lua
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.destinations import destination_of
 from relay.delivery.queue import DeliveryQueue
-from relay.leased import run_leased
+from relay.lifecycle import Service
 from relay.metrics import STRANDED_REQUEUED, STRANDED_SWEEPS
+from relay.redis import keys, scripts
+from relay.redis.clock import redis_now
+from relay.redis.leased import run_leased
 
 log = logging.getLogger(__name__)
 
 BATCH = 500
 
 
-class StrandedSweep:
+class StrandedSweep(Service):
+    name = "stranded"
+
     def __init__(
         self, queue: DeliveryQueue, attempt_log: AttemptLog, *, interval: float, grace: float
     ) -> None:
@@ -37,7 +41,7 @@ class StrandedSweep:
         self.attempt_log = attempt_log
         self.interval = interval
         self.grace = grace
-        self._find = lua.register(self.redis, __package__, "stranded")
+        self._find = scripts.register(self.redis, __name__)
         self._token = secrets.token_hex(8)
 
     async def sweep_once(self) -> int:
@@ -53,8 +57,7 @@ class StrandedSweep:
             ],
         )
         requeued = 0
-        seconds, micros = await self.redis.time()
-        now = seconds + micros / 1e6
+        now = await redis_now(self.redis)
         for i in range(0, len(found), 3):
             delivery_id, attempt = found[i].decode(), int(found[i + 1])
             destination = destination_of(found[i + 2].decode())

@@ -19,7 +19,7 @@ from relay.api.app import create_app
 from relay.devtools.embedded_redis import embedded_redis
 from relay.devtools.inbox import create_inbox_app
 from relay.logs import configure_logging
-from relay.redis_conn import redacted
+from relay.redis.conn import redacted
 from relay.serving import EmbeddedServer, embedded_server
 from relay.settings import Settings, load_settings
 from relay.worker.process import serve_worker

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 from relay.errors import ConfigError
@@ -52,8 +52,10 @@ def free_port(avoid: Collection[int] = ()) -> int:
 
 
 @contextlib.contextmanager
-def embedded_redis(avoid: Collection[int] = ()) -> Iterator[str]:
-    """Run a throwaway redis-server on loopback and yield its URL; stop it on exit."""
+def embedded_redis(avoid: Collection[int] = (), options: Sequence[str] = ()) -> Iterator[str]:
+    """Run a throwaway redis-server on loopback and yield its URL; stop it on exit.
+
+    `options` are further redis-server arguments (`("--maxmemory", "20mb")`)."""
     binary = find_redis_server()
     port = free_port(avoid)
     with tempfile.TemporaryDirectory(prefix="relay-redis-") as workdir:
@@ -72,6 +74,7 @@ def embedded_redis(avoid: Collection[int] = ()) -> Iterator[str]:
                 workdir,
                 "--protected-mode",
                 "yes",
+                *options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -13,17 +13,17 @@ reference_id is not unique upstream, so a row is adopted only when it can be thi
 and no other's:
 - created no earlier than the intent was opened (less CLOCK_MARGIN: created_at has whole
   seconds, and Chamelaion's clock is not Redis's) and no later than the create could have run;
-- not tracked (adopting is tracking, and create.lua tracks an id once, so a row is never
+- not tracked (adopting is tracking, and store.create.lua tracks an id once, so a row is never
   adopted twice);
 - the only such row, while no other open intent with that reference_id is left (another
   submission in flight could own it; one with the same Idempotency-Key is the same
   submission, so it does not count).
 Anything else cannot be told apart, and the relay says so rather than guess.
 
-The API resolves its own lost answers at once (relay.api.submit). Intents it handed over, and
-those of API processes that died or could not record their job, are reconciled by one worker
-(relay.jobs.reconcile): adopted when found (the job is then polled and called back like any
-other), dropped once RELAY_INTENT_WINDOW has passed with nothing to adopt.
+The API resolves its own lost answers at once (relay.api.submit). Intents it left to the
+reconcile, and those of API processes that died or could not record their job, are reconciled
+by one worker (relay.jobs.reconcile): adopted when found (the job is then polled and called
+back like any other), dropped once RELAY_INTENT_WINDOW has passed with nothing to adopt.
 """
 
 from __future__ import annotations
@@ -39,11 +39,12 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from relay import keys, lua
 from relay.errors import UpstreamError
 from relay.jobs.store import JobStore
 from relay.jobs.sweep import CLOCK_MARGIN, created_time
-from relay.redis_batch import Call, batcher
+from relay.redis import keys, scripts
+from relay.redis.batch import Call, batcher
+from relay.redis.clock import redis_now
 from relay.settings import Settings
 from relay.upstream import Upstream, check, json_object
 
@@ -133,9 +134,9 @@ class Intents:
         self.ttl = int(self.stale_after + self.window + 3600)
         self.idempotency_ttl = settings.idempotency_ttl
         self.poll_in = settings.poll_min_interval
-        self._open = lua.register(redis, __package__, "open_intent")
-        self._hand_over = lua.register(redis, __package__, "hand_over")
-        self._settle = lua.register(redis, __package__, "settle_intent")
+        self._open = scripts.register(redis, __name__, "open")
+        self._leave = scripts.register(redis, __name__, "leave")
+        self._settle = scripts.register(redis, __name__, "settle")
 
     def _keys(self, intent_id: str, reference_id: str | None, idem: str | None) -> list[str]:
         own = keys.intent(intent_id)
@@ -196,10 +197,10 @@ class Intents:
             calls.append(("ZREM", keys.intents_by_ref(intent.reference_id), intent.id))
         await batcher(self.redis).run(calls)
 
-    async def hand_over(self, intent: Intent, *, after: float) -> None:
+    async def leave_to_reconcile(self, intent: Intent, *, after: float) -> None:
         """Leave the intent to the reconcile, first looked at in `after` seconds; its
         Idempotency-Key stays held until the reconcile settles it."""
-        await self._hand_over(
+        await self._leave(
             keys=[
                 keys.intent(intent.id),
                 keys.INTENTS,
@@ -209,13 +210,13 @@ class Intents:
         )
 
     async def postpone(self, intent: Intent, *, after: float) -> None:
-        seconds, micros = await self.redis.time()
+        now = await redis_now(self.redis)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hincrby(keys.intent(intent.id), "looks", 1)
             # Should the intent have been closed meanwhile, the count recreated a stray hash:
             # it expires like any intent's safety net.
             pipe.expire(keys.intent(intent.id), self.ttl)
-            pipe.zadd(keys.INTENTS, {intent.id: seconds + micros / 1e6 + after}, xx=True)
+            pipe.zadd(keys.INTENTS, {intent.id: now + after}, xx=True)
             await pipe.execute()
 
     async def settle(self, intent: Intent, *, status: int, body: bytes = b"") -> None:
@@ -227,8 +228,7 @@ class Intents:
 
     async def due(self, limit: int) -> tuple[list[Intent], float]:
         """Intents a worker should look at now (oldest due first), and the Redis clock."""
-        seconds, micros = await self.redis.time()
-        now = seconds + micros / 1e6
+        now = await redis_now(self.redis)
         ids = [
             raw.decode()
             for raw in await self.redis.zrangebyscore(keys.INTENTS, "-inf", now, start=0, num=limit)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import orjson
@@ -36,11 +36,21 @@ log = logging.getLogger(__name__)
 # A LipsyncRequest is a few hundred bytes; refusing huge bodies keeps Redis memory per job bounded.
 MAX_BODY_BYTES = 64 * 1024
 BACKOFF = 1.5
-DEFAULT_PAUSE_ON_429 = 5.0
 
 POLL_RESULTS = {200: "answered", 404: "not_found", 429: "rate_limited"}
 
-EnqueueDelivery = Callable[[str, str], Awaitable[None]]
+# (delivery id, callback URL): hand a delivery over to the delivery stage (relay.delivery),
+# which makes its first attempt. Wired in by the worker: jobs sit below the delivery stage.
+HandOver = Callable[[str, str], Awaitable[None]]
+
+
+class Emit(Protocol):
+    """Create the delivery of an early event while its job runs; its id, or None when it
+    exists already or the job has ended (relay.delivery.store.DeliveryStore.emit)."""
+
+    async def __call__(
+        self, job: Job, *, kind: str, event_id: str, event: bytes, retention: float
+    ) -> str | None: ...
 
 
 class Poller:
@@ -51,13 +61,15 @@ class Poller:
         schedule: PollSchedule,
         upstream: Upstream,
         settings: Settings,
-        enqueue_delivery: EnqueueDelivery,
+        hand_over: HandOver,
+        emit: Emit,
     ) -> None:
         self.store = store
         self.schedule = schedule
         self.upstream = upstream
         self.settings = settings
-        self.enqueue_delivery = enqueue_delivery
+        self.hand_over = hand_over
+        self.emit = emit
 
     def _longer(self, interval: float) -> float:
         low, high = self.settings.poll_min_interval, self.settings.poll_max_interval
@@ -69,7 +81,7 @@ class Poller:
             # Expired or removed: nothing left to poll for.
             await self.schedule.unschedule(request_id)
             return
-        if await self.settle(job):
+        if await self.wrap_up(job):
             return
         try:
             # One deadline for the whole call (the client's timeouts are per operation), which
@@ -93,9 +105,9 @@ class Poller:
         elif status == 404:
             await self._not_found(job)
         elif status == 429:
-            pause = parse_retry_after(response.headers) or DEFAULT_PAUSE_ON_429
-            log.warning("upstream rate limit: pausing all polls", extra={"seconds": pause})
-            await self.schedule.pause_upstream(pause)
+            pause = await self.schedule.pause_for_429(
+                parse_retry_after(response.headers), met_by="a poll"
+            )
             await self.store.record_poll(
                 request_id,
                 next_in=pause,
@@ -109,20 +121,21 @@ class Poller:
                 log.warning("poll got an error", extra={"request_id": request_id, "status": status})
             await self._retry_later(job)
 
-    def needs_settling(self, job: Job) -> bool:
+    def needs_wrap_up(self, job: Job) -> bool:
         """True when the job needs more than a status recorded (it ended, or is past its
-        maximum age): `settle` it, then `observe` what upstream says."""
+        maximum age): `wrap_up` it, then `observe` what upstream says."""
         return job.ended or self._overdue(job) > 0
 
     def _overdue(self, job: Job) -> float:
         """Seconds the job is past its maximum age (negative: not yet)."""
         return job.read_at - job.created - self.settings.max_job_age
 
-    async def settle(self, job: Job) -> bool:
-        """Finish what needs no upstream answer; True when the job needs no status any more."""
+    async def wrap_up(self, job: Job) -> bool:
+        """Finish what needs no upstream answer (a job that ended is handed over, one past its
+        age and grace given up); True when the job needs no status any more."""
         if job.ended:
             # A worker ended it but died before handing the delivery over: finish that part.
-            await self._hand_over(job, deliver=job.delivery == "pending")
+            await self._finish_end(job, deliver=job.delivery == "pending")
             return True
         overdue = self._overdue(job)
         if overdue > self.settings.not_found_grace:
@@ -215,7 +228,7 @@ class Poller:
     async def _emit_processing(self, job: Job, data: dict[str, Any]) -> None:
         """Start delivering `lipsync.processing` (once: a repeated sighting creates nothing)."""
         assert job.callback_url is not None
-        delivery_id = await self.store.emit(
+        delivery_id = await self.emit(
             job,
             kind="processing",
             event_id=webhook_id(job.request_id, PROCESSING),
@@ -224,7 +237,7 @@ class Poller:
         )
         # Not created: already emitted, or the job ended meanwhile.
         if delivery_id is not None:
-            await self.enqueue_delivery(delivery_id, job.callback_url)
+            await self.hand_over(delivery_id, job.callback_url)
 
     async def _not_found(self, job: Job) -> None:
         now = job.read_at
@@ -268,17 +281,18 @@ class Poller:
             JOBS_ENDED.labels(status).inc()
             # The common case, counted in metrics: not a line each unless RELAY_LOG_LEVEL=debug.
             log.debug("job ended", extra={"request_id": job.request_id, "status": status})
-        # Out of the poll queue already (end.lua): should this worker die before the hand-over,
-        # the stranded-delivery sweep queues the attempt (the delivery is filed as pending).
+        # Out of the poll queue already (store.end.lua): should this worker die before the
+        # hand-over, the stranded-delivery sweep queues the attempt (the delivery is filed as
+        # pending).
         # Only the call that ended the job hands it over: two workers that saw the end at once
         # (a sweep and a poll) would otherwise both send the first attempt.
         if ended and deliver and job.callback_url:
-            await self.enqueue_delivery(job.request_id, job.callback_url)
+            await self.hand_over(job.request_id, job.callback_url)
 
-    async def _hand_over(self, job: Job, *, deliver: bool) -> None:
+    async def _finish_end(self, job: Job, *, deliver: bool) -> None:
         """Finish ending a job whose end was recorded while it stayed in the poll queue."""
         # Enqueue before unscheduling: a crash in between leaves the job claimable, and the
         # enqueue is idempotent (fixed arq job id), so the retry cannot duplicate the delivery.
         if deliver and job.callback_url:
-            await self.enqueue_delivery(job.request_id, job.callback_url)
+            await self.hand_over(job.request_id, job.callback_url)
         await self.schedule.unschedule(job.request_id)

@@ -27,16 +27,19 @@ import secrets
 import orjson
 from redis.asyncio import Redis
 
-from relay import keys
 from relay.errors import UpstreamError
 from relay.jobs.intents import Intent, Intents
-from relay.jobs.poller import DEFAULT_PAUSE_ON_429
 from relay.jobs.schedule import PollSchedule
-from relay.leased import run_leased
+from relay.lifecycle import Service
 from relay.metrics import INTENTS
+from relay.redis import keys
+from relay.redis.leased import run_leased
 from relay.upstream import BudgetRefused, Upstream
 
 log = logging.getLogger(__name__)
+
+# Candidate request ids an ambiguous intent's answer lists at most.
+LISTED_CANDIDATES = 5
 
 BATCH = 100
 MAX_SPACING = 300.0  # seconds: the longest wait between two lookups of one intent
@@ -56,15 +59,12 @@ class LookupBudget:
             await asyncio.sleep(wait)
 
     async def rate_limited(self, retry_after: float | None) -> None:
-        pause = retry_after or DEFAULT_PAUSE_ON_429
-        log.warning(
-            "upstream rate limit met by the intent reconcile: pausing all upstream calls",
-            extra={"seconds": pause},
-        )
-        await self.schedule.pause_upstream(pause)
+        await self.schedule.pause_for_429(retry_after, met_by="the intent reconcile")
 
 
-class Reconciler:
+class Reconciler(Service):
+    name = "reconcile"
+
     def __init__(
         self,
         redis: Redis,
@@ -150,7 +150,15 @@ class Reconciler:
                     "error": "the job's outcome was lost and Chamelaion holds several requests "
                     "with its reference_id that it could be; none is tracked",
                     "details": [
-                        {"code": "upstream_outcome_ambiguous", "request_ids": found.candidates}
+                        {
+                            "code": "upstream_outcome_ambiguous",
+                            # Kept as the Idempotency-Key's answer for a day: a few ids, not
+                            # the up to 1,000 a lookup reads.
+                            "request_ids": found.candidates[:LISTED_CANDIDATES],
+                            "request_ids_omitted": max(
+                                0, len(found.candidates) - LISTED_CANDIDATES
+                            ),
+                        }
                     ],
                 }
             )

@@ -17,14 +17,19 @@ than the API is willing to keep its caller waiting.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from relay import keys, lua
-from relay.delivery import stats
-from relay.redis_batch import ScriptCall, batcher
+from relay.redis import keys, scripts, stats
+from relay.redis.batch import ScriptCall, batcher
+
+log = logging.getLogger(__name__)
+
+# How long a 429 without a usable Retry-After pauses every upstream call.
+DEFAULT_PAUSE_ON_429 = 5.0
 
 
 @dataclass(frozen=True)
@@ -50,11 +55,11 @@ class PollSchedule:
         self.burst = max(1, math.floor(rate / 10))
         self.lease = lease
         self.max_pause = max_pause
-        self._claim = lua.register(redis, __package__, "claim")
-        self._pause = lua.register(redis, __package__, "pause")
-        self._hand_back = lua.register(redis, __package__, "hand_back")
-        self._reserve = lua.register(redis, __package__, "reserve")
-        self._take = lua.register(redis, __package__, "take")
+        self._claim = scripts.register(redis, __name__, "claim")
+        self._pause = scripts.register(redis, __name__, "pause")
+        self._hand_back = scripts.register(redis, __name__, "hand_back")
+        self._reserve = scripts.register(redis, __name__, "reserve")
+        self._take = scripts.register(redis, __name__, "take")
 
     async def claim(self, limit: int) -> Claim:
         reply = await self._claim(
@@ -91,6 +96,19 @@ class PollSchedule:
         return self._take.call(
             keys=[keys.UPSTREAM_TAT, keys.UPSTREAM_PAUSED], args=[self.period, self.burst, max_wait]
         )
+
+    async def pause_for_429(self, retry_after: float | None, *, met_by: str) -> float:
+        """Chamelaion answered 429 to `met_by` (a poll, a sweep, the reconcile, the API): pause
+        everyone's upstream calls for its Retry-After, or DEFAULT_PAUSE_ON_429 without one.
+        Returns the pause asked for (before the cap of `max_pause`)."""
+        pause = retry_after or DEFAULT_PAUSE_ON_429
+        log.warning(
+            "upstream rate limit met by %s: pausing all upstream calls",
+            met_by,
+            extra={"seconds": pause},
+        )
+        await self.pause_upstream(pause)
+        return pause
 
     async def pause_upstream(self, seconds: float) -> None:
         # Capped: one Retry-After of days must not stop every poll for days.

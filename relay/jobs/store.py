@@ -2,11 +2,13 @@
 
 A job's life: `create` (API, after Chamelaion accepted it) → `record_poll` after each poll that
 did not end it → `end` exactly once when it completes or fails (fixes the callback payload and
-its webhook-id) → `update_delivery` per delivery attempt. Every write is a Lua script so that a
-slow or crashed worker can never overwrite newer state: a poll result is dropped once the job has
-ended, and a delivery update is dropped unless it is for the attempt the job is waiting on.
-Times come from the Redis clock (TIME inside the scripts, and `Job.read_at` for readers), so
-worker clocks need not agree.
+its webhook-id, and files its delivery as pending). Every write is a Lua script so that a slow
+or crashed worker can never overwrite newer state: a poll result is dropped once the job has
+ended. Times come from the Redis clock (TIME inside the scripts, and `Job.read_at` for
+readers), so worker clocks need not agree.
+
+What follows the end is the delivery stage's (relay.delivery.store): it keeps a delivery's
+state, attempt and breaker in the same hash, and reads the job from here.
 
 The poll queue (`relay:polls`) belongs to relay.jobs.schedule, which claims, hands back and
 removes its entries; `create` and `record_poll` write a job's entry too, in the same script as
@@ -18,34 +20,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 from redis.asyncio import Redis
 
-from relay import keys, lua
 from relay.errors import NotReplicated
 from relay.jobs.events import DEFAULT_EVENTS
-from relay.redis_batch import Call, batcher
+from relay.redis import keys, scripts
+from relay.redis.batch import Call, batcher
 
 log = logging.getLogger(__name__)
-
-DeliveryState = Literal["pending", "delivered", "gone", "failed", "none", "stale"]
-
-
-@dataclass(frozen=True)
-class Breaker:
-    """When a destination is backed off: after `threshold` failures in a row, for `base`
-    seconds, doubling with each further failure up to `max_backoff`."""
-
-    threshold: int
-    base: float
-    max_backoff: float
-
-
-@dataclass(frozen=True)
-class DeliveryUpdate:
-    recorded: bool
-    backed_off_for: float  # seconds the destination is backed off for; 0 when it is not
 
 
 @dataclass(frozen=True)
@@ -62,7 +45,8 @@ class Job:
     not_found_since: float | None
     event_id: str | None
     event: bytes | None
-    delivery: DeliveryState | None
+    # The delivery's fields, as relay.delivery.store writes them (its DeliveryState, ...).
+    delivery: str | None
     attempt: int
     attempts_made: int
     last_result: str | None
@@ -123,7 +107,6 @@ def _timeline(text: str | None) -> tuple[tuple[str, float], ...]:
 
 
 def _decode(request_id: str, raw: dict[bytes, bytes], read_at: float) -> Job:
-    delivery = _text(raw, "delivery")
     return Job(
         request_id=request_id,
         created=_number(raw, "created") or 0.0,
@@ -135,7 +118,7 @@ def _decode(request_id: str, raw: dict[bytes, bytes], read_at: float) -> Job:
         not_found_since=_number(raw, "not_found_since"),
         event_id=_text(raw, "event_id"),
         event=_event(raw),
-        delivery=delivery,  # type: ignore[arg-type]  # only the script writes it, from the Literal
+        delivery=_text(raw, "delivery"),
         attempt=int(raw.get(b"attempt") or 0),
         attempts_made=int(raw.get(b"attempts_made") or 0),
         last_result=_text(raw, "last_result"),
@@ -176,12 +159,9 @@ class JobStore:
         # Replicas that must confirm a new job before `create` returns (Redis WAIT).
         self.wait_replicas = wait_replicas
         self.wait_timeout = wait_timeout
-        self._create = lua.register(redis, __package__, "create")
-        self._record_poll = lua.register(redis, __package__, "record_poll")
-        self._end = lua.register(redis, __package__, "end")
-        self._update_delivery = lua.register(redis, __package__, "update_delivery")
-        self._emit = lua.register(redis, __package__, "emit")
-        self._claim_send = lua.register(redis, __package__, "claim_send")
+        self._create = scripts.register(redis, __name__, "create")
+        self._record_poll = scripts.register(redis, __name__, "record_poll")
+        self._end = scripts.register(redis, __name__, "end")
 
     async def create(
         self,
@@ -304,7 +284,7 @@ class JobStore:
         """
         has_ref = job.reference_id is not None
         ref_key = keys.ref(job.reference_id) if job.reference_id else keys.job(job.request_id)
-        delivery: DeliveryState = "pending" if deliver else "none"
+        delivery = "pending" if deliver else "none"
         ended = await self._end(
             keys=[
                 keys.job(job.request_id),
@@ -325,80 +305,3 @@ class JobStore:
             ],
         )
         return int(ended) == 1
-
-    async def emit(
-        self, job: Job, *, kind: str, event_id: str, event: bytes, retention: float
-    ) -> str | None:
-        """Create the delivery record of an event sent before the job ends; its id, or None
-        when it already exists or the job has ended."""
-        assert job.callback_url is not None
-        delivery_id = f"{job.request_id}#{kind}"
-        created = await self._emit(
-            keys=[keys.job(job.request_id), keys.job(delivery_id), keys.deliveries("pending")],
-            args=[delivery_id, job.callback_url, event_id, event, int(retention)],
-        )
-        return delivery_id if created else None
-
-    async def claim_send(self, delivery_id: str, *, hold: float) -> bool:
-        """May this early event be sent now (the job has not ended)? Holds the job's sending
-        key for `hold` seconds if so; see claim_send.lua."""
-        request_id = delivery_id.partition("#")[0]
-        claimed = await self._claim_send(
-            keys=[keys.job(request_id), keys.job(delivery_id), keys.sending(request_id)],
-            args=[keys.DELIVERIES_PREFIX, delivery_id, int(hold * 1000)],
-        )
-        return bool(claimed)
-
-    async def release_send(self, delivery_id: str) -> None:
-        await self.redis.delete(keys.sending(delivery_id.partition("#")[0]))
-
-    async def sending(self, request_id: str) -> bool:
-        """Is an early event of this job on its way right now?"""
-        (found,) = await batcher(self.redis).run([("EXISTS", keys.sending(request_id))])
-        return bool(found)
-
-    async def update_delivery(
-        self,
-        request_id: str,
-        *,
-        attempt: int,
-        next_attempt: int,
-        state: DeliveryState,
-        result: str,
-        destination: str,
-        answered: bool,
-        breaker: Breaker,
-        keep_for: float = 0,
-        then: Sequence[Call] = (),
-    ) -> DeliveryUpdate:
-        """Record an attempt's outcome, only if the job is still waiting on that attempt, and
-        tell the destination's breaker whether the receiver `answered`.
-
-        `keep_for`: the job hash lives at least this many seconds more (never shortened).
-        `then`: calls made right after, in the same round trip (the attempt's log entry, its
-        count); they are made whatever this one's outcome.
-        """
-        update = self._update_delivery.call(
-            keys=[
-                keys.job(request_id),
-                keys.destination(destination),
-                keys.BACKED_OFF,
-                keys.ARQ_QUEUE,
-                keys.ARQ_JOB_PREFIX + keys.delivery_job_id(request_id, attempt),
-            ],
-            args=[
-                attempt,
-                next_attempt,
-                state,
-                result,
-                int(keep_for),
-                destination,
-                "1" if answered else "0",
-                breaker.threshold,
-                breaker.base,
-                breaker.max_backoff,
-                keys.delivery_job_id(request_id, attempt),
-            ],
-        )
-        (recorded, backed_off_for), *_ = await batcher(self.redis).run([update, *then])
-        return DeliveryUpdate(bool(recorded), float(backed_off_for))

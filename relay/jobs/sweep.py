@@ -14,7 +14,7 @@ comes back: the order from `created_at` (newest-first pages are read from offset
 is older than the window; oldest-first ones from the window's start, found by bisection once
 and remembered), the page size from the rows actually returned. A list in neither order, a
 failing list or a 429 ends the sweep early; jobs then fall due for per-id polls, so nothing is
-lost, and end.lua makes sure nothing ends twice.
+lost, and store.end.lua makes sure nothing ends twice.
 
 One sweep runs at a time across all workers: whoever takes the lease (`relay:sweep:lease`, a
 token SET NX with a TTL of RELAY_POLL_LEASE, renewed before every page) sweeps; a worker that
@@ -25,7 +25,6 @@ ahead of per-id polls, and a 429 pauses everyone as a poll's does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import math
@@ -40,14 +39,14 @@ from typing import Any
 import httpx
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from relay import keys, lua
 from relay.errors import UpstreamError
-from relay.jobs.poller import DEFAULT_PAUSE_ON_429, Poller
+from relay.jobs.poller import Poller
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import Job, JobStore, PollRecord
+from relay.lifecycle import Service, repeat
 from relay.metrics import SWEEP_ORDER, SWEEP_PAGES, SWEEP_ROWS, SWEEPS
+from relay.redis import keys, scripts
 from relay.settings import Settings
 from relay.upstream import Upstream, json_object, parse_retry_after
 
@@ -135,13 +134,15 @@ class Run:
     handling: asyncio.Task[None] | None = None
 
     async def handled(self) -> None:
-        """Wait for the rows handed over so far."""
+        """Wait until the rows read so far are handled."""
         if self.handling is not None:
             task, self.handling = self.handling, None
             await task
 
 
-class Sweeper:
+class Sweeper(Service):
+    name = "sweeper"
+
     def __init__(
         self,
         *,
@@ -159,34 +160,29 @@ class Sweeper:
         self.upstream = upstream
         self.settings = settings
         self.lease = settings.poll_lease
-        self._window = lua.register(redis, __package__, "window")
-        self._lease = lua.register(redis, __package__, "sweep_lease")
+        self._window = scripts.register(redis, __name__, "window")
+        self._lease = scripts.register(redis, __name__, "lease")
         self._stopping = asyncio.Event()
 
     # -- the loop every worker runs --------------------------------------------------------
 
-    async def run(self) -> None:
-        """Take the sweep whenever it is free and due, until stopped."""
-        while not self._stopping.is_set():
-            idle = min(self.settings.sweep_interval, 0.5)
-            try:
-                await self.sweep_once()
-                # The lease is held until the next sweep is due (see _finish): waking just as
-                # it frees keeps sweeps sweep_interval apart, so an end is seen within about
-                # one interval, not up to half an idle tick later. At most an interval: a
-                # sweep in progress elsewhere renews its lease, then shortens it when done.
-                frees_in = await self.redis.pttl(keys.SWEEP_LEASE)
-                if frees_in > 0:
-                    idle = min(frees_in / 1000, self.settings.sweep_interval) + LEASE_SLACK
-            except RedisError as exc:
-                log.warning("sweep hit a Redis error: %s", type(exc).__name__)
-            except Exception:
-                log.exception("sweep failed unexpectedly")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=idle)
+    async def run(self, stop: asyncio.Event) -> None:
+        """Take the sweep whenever it is free and due, until `stop`."""
+        self._stopping = stop  # a sweep in progress stops before its next page
+        await repeat(
+            self._turn, every=min(self.settings.sweep_interval, 0.5), stop=stop, what="sweep"
+        )
 
-    def stop(self) -> None:
-        self._stopping.set()
+    async def _turn(self) -> float | None:
+        await self.sweep_once()
+        # The lease is held until the next sweep is due (see _finish): waking just as it frees
+        # keeps sweeps sweep_interval apart, so an end is seen within about one interval, not
+        # up to half an idle tick later. At most an interval: a sweep in progress elsewhere
+        # renews its lease, then shortens it when done.
+        frees_in: int = await self.redis.pttl(keys.SWEEP_LEASE)
+        if frees_in > 0:
+            return min(frees_in / 1000, self.settings.sweep_interval) + LEASE_SLACK
+        return None
 
     async def sweep_once(self) -> str | None:
         """Run one sweep if this worker gets the lease; its outcome, or None if not run."""
@@ -367,9 +363,9 @@ class Sweeper:
         except UpstreamError as exc:
             raise SweepEnded("unreachable", exc.message) from exc
         if response.status_code == 429:
-            pause = parse_retry_after(response.headers) or DEFAULT_PAUSE_ON_429
-            log.warning("upstream rate limit: pausing all polls", extra={"seconds": pause})
-            await self.schedule.pause_upstream(pause)
+            pause = await self.schedule.pause_for_429(
+                parse_retry_after(response.headers), met_by="a sweep"
+            )
             raise SweepEnded("rate_limited", f"429 for {pause} s")
         if response.status_code != 200:
             raise SweepEnded("error", f"HTTP {response.status_code}")
@@ -414,7 +410,7 @@ class Sweeper:
         run.matched += len(by_id)
         SWEEP_ROWS.inc(len(by_id))
         # Rows that only move a job along are stored in one round trip; rows that end a job
-        # (or a job to settle) take the poller's whole path, one by one.
+        # (or a job to wrap up) take the poller's whole path, one by one.
         records: list[PollRecord] = []
         slow: list[tuple[Job, bytes]] = []
         for job in jobs:
@@ -422,7 +418,7 @@ class Sweeper:
                 continue
             raw = orjson.dumps(by_id[job.request_id])
             record = None
-            if not self.poller.needs_settling(job):
+            if not self.poller.needs_wrap_up(job):
                 record = self.poller.plan(job, raw, hold=run.hold)
             if record is None:
                 slow.append((job, raw))
@@ -433,7 +429,7 @@ class Sweeper:
         await asyncio.gather(*(self._observe(run, job, raw) for job, raw in slow))
 
     async def _observe(self, run: Run, job: Job, raw: bytes) -> None:
-        if await self.poller.settle(job):
+        if await self.poller.wrap_up(job):
             return
         await self.poller.observe(job, raw, hold=run.hold)
 

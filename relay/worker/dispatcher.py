@@ -9,7 +9,6 @@ most RELAY_WORKER_CONCURRENCY at a time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from redis.exceptions import RedisError
 
 from relay.jobs.poller import Poller
 from relay.jobs.schedule import PollSchedule
+from relay.lifecycle import Service, sleep_until_stopped, wait_for_tasks
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +28,18 @@ STALE_AFTER = 30.0
 
 
 @dataclass
-class Dispatcher:
+class Dispatcher(Service):
+    name = "dispatcher"
+
     schedule: PollSchedule
     poller: Poller
     concurrency: int
     heartbeat: float = field(default_factory=time.monotonic)
     in_flight: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def run(self) -> None:
-        while not self._stopping.is_set():
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim and start due polls until `stop`; the polls started run on (see `drain`)."""
+        while not stop.is_set():
             self.heartbeat = time.monotonic()
             free = self.concurrency - len(self.in_flight)
             if free <= 0:
@@ -51,7 +53,7 @@ class Dispatcher:
                 claim = await self.schedule.claim(free)
             except RedisError as exc:
                 log.warning("could not claim polls: %s", type(exc).__name__)
-                await self._sleep(1.0)
+                await sleep_until_stopped(stop, 1.0)
                 continue
             for request_id in claim.ids:
                 if request_id in self.in_flight:
@@ -59,7 +61,8 @@ class Dispatcher:
                 task = asyncio.create_task(self._poll(request_id), name=f"poll:{request_id}")
                 self.in_flight[request_id] = task
             if not claim.ids:
-                await self._sleep(min(claim.wait if claim.wait is not None else MAX_IDLE, MAX_IDLE))
+                wait = claim.wait if claim.wait is not None else MAX_IDLE
+                await sleep_until_stopped(stop, min(wait, MAX_IDLE))
 
     async def _poll(self, request_id: str) -> None:
         try:
@@ -79,14 +82,14 @@ class Dispatcher:
         finally:
             self.in_flight.pop(request_id, None)
 
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+    async def drain(self, deadline: float) -> None:
+        """Let the polls in flight finish until `deadline`, then hand the rest back."""
+        if self.in_flight:
+            log.info("draining polls", extra={"polls": len(self.in_flight)})
+        await wait_for_tasks(lambda: self.in_flight.values(), deadline)
+        await self.hand_back()
 
-    def stop(self) -> None:
-        self._stopping.set()
-
-    async def hand_back_unfinished(self) -> None:
+    async def hand_back(self) -> None:
         """Cancel the polls still running and make them due now for another worker."""
         left = list(self.in_flight)
         for task in list(self.in_flight.values()):

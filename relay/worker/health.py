@@ -4,6 +4,7 @@ metrics."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from redis.asyncio import Redis
@@ -14,8 +15,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from relay.api.auth import ApiKeyMiddleware, KeyRing
-from relay.metrics import metrics_response
-from relay.redis_watch import RedisWatch, readiness
+from relay.lifecycle import Service
+from relay.redis.shared_state import metrics_response
+from relay.redis.watch import RedisWatch, readiness
+from relay.serving import embedded_server
 
 
 def create_worker_http_app(
@@ -49,3 +52,21 @@ def create_worker_http_app(
         ],
         middleware=middleware,
     )
+
+
+class HealthPort(Service):
+    """The port as a worker service: it answers until the worker's last step of stopping."""
+
+    name = "worker-http"
+
+    def __init__(self, app: Starlette, port: int) -> None:
+        # All interfaces: the kubelet's probes and Prometheus reach the pod from outside.
+        self.server = embedded_server(app, host="0.0.0.0", port=port)  # noqa: S104
+
+    async def run(self, stop: asyncio.Event) -> None:
+        serving = asyncio.create_task(self.server.serve(), name="worker-http-serve")
+        try:
+            await stop.wait()
+        finally:
+            self.server.should_exit = True
+            await serving

@@ -8,7 +8,6 @@ health check failing) lets its stamp run out within LASTS.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -17,7 +16,8 @@ from collections.abc import Callable
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from relay import keys, lua
+from relay.lifecycle import Service, repeat
+from relay.redis import keys, scripts
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +26,14 @@ INTERVAL = 10.0
 LASTS = 3 * INTERVAL
 
 
-class Heartbeat:
+class Heartbeat(Service):
+    name = "heartbeat"
+
     def __init__(self, redis: Redis, healthy: Callable[[], bool]) -> None:
         self.healthy = healthy
         # The pod's name in Kubernetes, and the pid for several workers on one host.
         self.member = f"{socket.gethostname()}:{os.getpid()}"
-        self._stamp = lua.register(redis, __package__, "heartbeat")
+        self._stamp = scripts.register(redis, __name__)
 
     async def beat(self) -> None:
         """Stamp this worker alive if it is healthy; raises RedisError."""
@@ -47,11 +49,5 @@ class Heartbeat:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Beat every INTERVAL seconds until `stop` is set, then leave."""
-        while not stop.is_set():
-            try:
-                await self.beat()
-            except RedisError as exc:
-                log.warning("could not stamp the heartbeat: %s", type(exc).__name__)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=INTERVAL)
+        await repeat(self.beat, every=INTERVAL, stop=stop, what="heartbeat")
         await self.leave()

@@ -1,38 +1,37 @@
-"""Deliveries: first attempts made in-process, every other attempt an arq job.
+"""arq's side of the worker: the delivery job, the arq worker that runs it, and its loop as a
+service of the worker (relay.lifecycle).
 
-When a job ends, the worker that saw it makes the first attempt itself, at once, through the
-per-destination caps (relay.delivery.destinations): arq's per-job round trips (about 2 ms of a
-worker's CPU each) and poll delay would otherwise bound a burst of callbacks. A guard for that
-attempt is enqueued in arq first, deferred past the attempt's timeout; recording the attempt's
-outcome removes the guard (relay.jobs.update_delivery.lua), so it only runs if this worker died
-first. Past a limit of attempts running at once, the rest of a burst waits its turn in memory as
-ids; one that waited long has its guard pushed back before it is made, and one whose guard is
-about due is left to arq, so the guard never runs while the attempt is being sent.
+A first attempt is made in-process (relay.delivery.first_attempts) with a guard queued in case
+its worker dies; every other attempt, and a guard that falls due, runs as `deliver`, queued by
+relay.delivery.queue.
 
-Every other attempt, and the guard, goes through relay.delivery.queue (one fixed id per job,
-so enqueueing one twice is a no-op).
+Every "now" arq compares with is on Redis's clock (`arq_on_redis_clock`), so a worker whose own
+clock is off neither makes a deferred attempt early nor leaves it waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import Any
 
+import arq.connections
+import arq.worker
 from arq import Retry
+from arq.connections import ArqRedis
+from arq.worker import Worker, func
 from redis.exceptions import RedisError
 
-from relay import keys
-from relay.delivery.deliverer import Deliverer, next_delay
-from relay.delivery.destinations import DestinationBusy, destination_of
-from relay.delivery.queue import DeliveryQueue
+from relay.delivery.deliverer import Deliverer
+from relay.delivery.destinations import DestinationBusy
 from relay.jitter import jittered
+from relay.lifecycle import Service, wait_for_tasks
 from relay.metrics import DELIVERIES
-
-if TYPE_CHECKING:
-    from relay.worker.process import WorkerState
+from relay.redis import keys
+from relay.redis.clock import RedisClock
+from relay.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -40,113 +39,19 @@ log = logging.getLogger(__name__)
 # again a little later): arq's job slots are shared by every destination.
 ARQ_SLOT_WAIT = 1.0
 BUSY_RETRY = 3.0
-# The guard of an in-process first attempt waits this long past the attempt's own timeout: a
-# crash is recovered about as soon as arq recovers its own jobs (in-progress expiry).
-GUARD_MARGIN = 10.0
-
-
-@dataclass
-class FirstAttempts:
-    """Hands an ended job's first delivery attempt over: guarded in arq, made here."""
-
-    queue: DeliveryQueue
-    deliverer: Deliverer
-    timeout: float
-    # First attempts running here at most (sending, or waiting for their destination's slot).
-    # Past it a burst's attempts wait their turn as ids, a few hundred bytes each, rather than
-    # as tasks holding the job: memory stays flat however large the burst.
-    limit: int
-    in_flight: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    # (request_id, destination, when handed over on the loop's clock), oldest first.
-    waiting: deque[tuple[str, str, float]] = field(default_factory=deque)
-    _queued: set[str] = field(default_factory=set)
-    _stopping: bool = False
-
-    @property
-    def guard_delay(self) -> float:
-        return self.timeout + GUARD_MARGIN
-
-    async def hand_over(self, request_id: str, callback_url: str) -> None:
-        destination = destination_of(callback_url)
-        first_wait = next_delay(self.queue.schedule, 0, None)
-        if first_wait > 0 or self._stopping:
-            # The schedule asks to wait before the first attempt (arq keeps that time), or
-            # this worker is stopping: arq makes it.
-            await self.queue.enqueue_attempt(request_id, 0, first_wait, destination)
-            return
-        await self.queue.enqueue_attempt(request_id, 0, self.guard_delay, destination)
-        if request_id in self.in_flight or request_id in self._queued:
-            return
-        if len(self.in_flight) < self.limit:
-            self._start(request_id, destination, waited=0.0)
-        else:
-            loop = asyncio.get_running_loop()
-            self.waiting.append((request_id, destination, loop.time()))
-            self._queued.add(request_id)
-
-    def _start(self, request_id: str, destination: str, *, waited: float) -> None:
-        self.in_flight[request_id] = asyncio.create_task(
-            self._attempt(request_id, destination, waited), name=f"deliver:{request_id}:0"
-        )
-
-    def _start_waiting(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self.waiting and not self._stopping and len(self.in_flight) < self.limit:
-            request_id, destination, handed_at = self.waiting.popleft()
-            self._queued.discard(request_id)
-            waited = loop.time() - handed_at
-            if waited < self.guard_delay - GUARD_MARGIN / 2:
-                self._start(request_id, destination, waited=waited)
-            # else its guard is (nearly) due: arq makes the attempt, never both at once.
-
-    async def _attempt(self, request_id: str, destination: str, waited: float) -> None:
-        try:
-            if waited > GUARD_MARGIN / 2:
-                # Waited its turn long enough that its guard could fall due while it is sent:
-                # pushed back first, so the guard only runs if this worker dies meanwhile.
-                await self.queue.defer(request_id, 0, self.guard_delay)
-            await self.deliverer.attempt(request_id, 0, destination)
-        except Exception as exc:
-            # The guard in arq makes the attempt when it falls due; nothing is lost.
-            log.warning(
-                "in-process delivery of %s failed; its guard will retry it: %s",
-                request_id,
-                type(exc).__name__,
-            )
-        finally:
-            self.in_flight.pop(request_id, None)
-            self._start_waiting()
-
-    def stop(self) -> None:
-        """Start no more attempts here: what still waits is handed to arq (`hand_back`)."""
-        self._stopping = True
-
-    async def hand_back(self) -> None:
-        """Cancel first attempts still running or waiting, and make their guards due now."""
-        self._stopping = True
-        left = [*self.in_flight, *(request_id for request_id, _, _ in self.waiting)]
-        self.waiting.clear()
-        self._queued.clear()
-        for task in list(self.in_flight.values()):
-            task.cancel()
-        if not left:
-            return
-        seconds, micros = await self.queue.redis.time()
-        now_ms = seconds * 1000 + micros // 1000
-        async with self.queue.redis.pipeline(transaction=False) as pipe:
-            for request_id in left:
-                pipe.zadd(keys.ARQ_QUEUE, {keys.delivery_job_id(request_id, 0): now_ms}, xx=True)
-            await pipe.execute()
-        log.info("handed %d unfinished first deliveries to arq", len(left))
+REDIS_RETRY_DELAY = 1.0
+# The function arq's modules read the time through (arq.utils.timestamp_ms, imported by name).
+ARQ_CLOCK = "timestamp_ms"
 
 
 async def deliver(
     ctx: dict[str, Any], request_id: str, attempt: int, destination: str | None = None
 ) -> str:
     """arq job: one delivery attempt."""
-    state: WorkerState = ctx["relay"]
+    # The worker's state (relay.worker.process.WorkerState), read for its deliverer only.
+    deliverer: Deliverer = ctx["relay"].deliverer
     try:
-        return await state.deliverer.attempt(request_id, attempt, destination, wait=ARQ_SLOT_WAIT)
+        return await deliverer.attempt(request_id, attempt, destination, wait=ARQ_SLOT_WAIT)
     except Retry:
         raise
     except DestinationBusy as exc:
@@ -161,3 +66,113 @@ async def deliver(
         # A bug must not strand the delivery either; arq's max_tries bounds the retries.
         log.exception("delivery attempt failed unexpectedly, retrying it")
         raise Retry(defer=30) from exc
+
+
+def arq_worker(settings: Settings, redis: ArqRedis, ctx: dict[str, Any]) -> Worker:
+    """arq's worker for `deliver`, on the worker's one Redis pool; `ctx["relay"]` is the
+    worker's state (relay.worker.process.WorkerState), read for its deliverer."""
+    return Worker(
+        functions=[
+            # A crashed attempt runs again after its in-progress key expires (timeout + 10 s),
+            # which the delivery timeout keeps well inside a minute. The timeout leaves room
+            # for the attempt's Redis calls to fail on their own (RELAY_REDIS_TIMEOUT) and be
+            # retried: arq cancelling one half-way would strand the delivery. Tries are counted
+            # by arq also when an attempt steps aside for a busy destination (a few seconds).
+            func(
+                deliver,
+                name="deliver",
+                timeout=settings.delivery_timeout + ARQ_SLOT_WAIT + 5 + 2 * settings.redis_timeout,
+                max_tries=1000,
+            ),
+        ],
+        queue_name=keys.ARQ_QUEUE,
+        redis_pool=redis,
+        handle_signals=False,
+        ctx=ctx,
+        max_jobs=settings.worker_concurrency,
+        keep_result=3600,
+        poll_delay=0.2,
+        health_check_interval=10,
+        health_check_key=keys.ARQ_HEALTH,
+        log_results=False,
+    )
+
+
+class ArqLoop(Service):
+    """arq's loop as a worker service: it picks due deliveries until stopped; the ones running
+    then finish, until the drain's deadline, and the rest are cancelled (a cancelled attempt
+    runs again elsewhere once arq's in-progress key expires)."""
+
+    name = "arq"
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self._loop: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def running(self) -> bool:
+        return self._loop is not None and not self._loop.done()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        # arq's own loop goes on while the deliveries drain (its heartbeat, its bookkeeping);
+        # stopping only stops it picking new ones.
+        self._loop = asyncio.create_task(self._main(), name="arq-main")
+        try:
+            await stop.wait()
+        except asyncio.CancelledError:
+            self._loop.cancel()
+            raise
+        self._stopping = True
+        self.worker.allow_pick_jobs = False
+
+    async def drain(self, deadline: float) -> None:
+        if self.worker.tasks:
+            log.info("draining deliveries", extra={"deliveries": len(self.worker.tasks)})
+        await wait_for_tasks(lambda: self.worker.tasks.values(), deadline)
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+
+    async def _main(self) -> None:
+        """arq's loop, started again after a Redis error: arq's own loop ends at the first
+        one. A job cut off by the error keeps its in-progress key until that expires, then
+        runs again."""
+        while True:
+            try:
+                await self.worker.main()
+                return
+            except RedisError as exc:
+                if self._stopping:
+                    return  # stopping: a Redis error raised by the cancellation itself
+                log.warning("delivery queue unreachable (%s); retrying in 1 s", type(exc).__name__)
+                await asyncio.sleep(REDIS_RETRY_DELAY)
+
+
+@contextlib.contextmanager
+def arq_on_redis_clock(clock: RedisClock) -> Iterator[None]:
+    """Make arq read `clock` wherever it asks for the time, while the worker runs.
+
+    arq compares `arq:queue` scores with its own `timestamp_ms()`: to pick due jobs, to re-check
+    one before starting it, to score a Retry, and (in enqueue_job, which the relay no longer
+    calls: relay.delivery.queue scores on Redis TIME) to score a new job. Its modules import
+    that function by name, so replacing the name in each is the one place arq can be pointed at
+    another clock without copying its worker loop. Process-wide, which is right: every arq
+    client in a worker process talks to the one Redis whose clock this is. Checked, so an arq
+    that reads time some other way fails at start-up rather than quietly going back to the
+    local clock.
+    """
+    modules = (arq.worker, arq.connections)
+    saved = [getattr(module, ARQ_CLOCK, None) for module in modules]
+    if not all(callable(original) for original in saved):
+        raise RuntimeError(
+            f"arq no longer reads the time through {ARQ_CLOCK}(); see relay.redis.clock"
+        )
+    for module in modules:
+        setattr(module, ARQ_CLOCK, clock.now_ms)
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, saved, strict=True):
+            setattr(module, ARQ_CLOCK, original)

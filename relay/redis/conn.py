@@ -15,7 +15,7 @@ from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
-from relay import keys
+from relay.redis import keys
 
 SENTINEL_SCHEME = "redis+sentinel"
 
@@ -103,6 +103,11 @@ async def arq_pool(url: str, *, timeout: float) -> ArqRedis:
     pool = _client(ArqRedis, url, timeout)
     pool.default_queue_name = keys.ARQ_QUEUE
     return pool
+
+
+def arq_view(redis: Redis) -> ArqRedis:
+    """arq's client on `redis`'s own connections (the API queues redeliveries with it)."""
+    return ArqRedis(redis.connection_pool, default_queue_name=keys.ARQ_QUEUE)
 
 
 def redacted(url: str) -> str:

@@ -16,10 +16,14 @@ relay:upstream:paused       string Redis-clock time until which nobody polls (af
 relay:idem:{caller}:{route}:{key}
                             hash   one Idempotency-Key's claim and first answer (caller: a
                                    digest of the caller's API key; route: the submit path)
+relay:idem-held:{caller}    zset   the Idempotency-Key records a caller holds -> Redis-clock
+                                   time each stops counting (RELAY_IDEMPOTENCY_MAX_KEYS)
 relay:webhook-key:{key id}  string when the relay first published that ed25519 public key
 relay:stats:{outcome}:{minute}
                             string callbacks delivered / failed in that minute (kept 2 h)
 relay:api:write_check       string written before each round of submissions: Redis takes writes
+relay:ready:write_check     string written by every Redis check (relay.redis.watch): readiness
+                                   fails while Redis refuses it
 relay:destination:{dest}   hash   a callback destination's breaker: consecutive failures
                                    (dest = scheme://host:port; expires a day after the last)
 relay:destinations:backed_off zset destination -> Redis-clock time it is backed off until
@@ -68,6 +72,7 @@ SWEEP_STATE = PREFIX + "sweep:state"
 UPSTREAM_TAT = PREFIX + "upstream:tat"
 UPSTREAM_PAUSED = PREFIX + "upstream:paused"
 WRITE_CHECK = PREFIX + "api:write_check"
+READY_WRITE_CHECK = PREFIX + "ready:write_check"
 BACKED_OFF = PREFIX + "destinations:backed_off"
 EPOCH = PREFIX + "epoch"
 DATA_LOST = PREFIX + "data-lost"
@@ -103,6 +108,10 @@ def delivery_job_id(request_id: str, attempt: int) -> str:
 
 def idempotency(caller: str, route: str, key: str) -> str:
     return f"{PREFIX}idem:{caller}:{route}:{key}"
+
+
+def idempotency_held(caller: str) -> str:
+    return f"{PREFIX}idem-held:{caller}"
 
 
 def webhook_key(key_id: str) -> str:

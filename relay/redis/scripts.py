@@ -1,11 +1,14 @@
 """Redis scripts: `.lua` files beside the module that runs them, registered once per client.
 
-Every script starts with relay/clock.lua, which defines `now` from Redis `TIME`: all decisions
+A script is named after its module: `schedule.claim.lua` beside `schedule.py` (or `stranded.lua`
+for a module's one script), registered there with `register(redis, __name__, "claim")`.
+
+Every script starts with scripts.clock.lua, which defines `now` from Redis `TIME`: all decisions
 about a job's fate use that one clock. Scripts name their keys and arguments in locals at the
 top (`local job_key = KEYS[1]`), so a reader never counts positions.
 
 A script call joins the other Redis calls made in the same event-loop turn in one round trip
-(relay.redis_batch); given a pipeline (`client=`), it is queued there instead.
+(relay.redis.batch); given a pipeline (`client=`), it is queued there instead.
 """
 
 from __future__ import annotations
@@ -19,14 +22,17 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 
-from relay.redis_batch import Arg, ScriptCall, batcher
+from relay.redis.batch import Arg, ScriptCall, batcher
 
 
 @cache
-def source(package: str, name: str) -> str:
-    """The text Redis runs for `package`'s `name`.lua: the clock preamble, then the script."""
-    clock = resources.files("relay").joinpath("clock.lua").read_text()
-    return clock + resources.files(package).joinpath(f"{name}.lua").read_text()
+def source(module: str, name: str | None = None) -> str:
+    """The text Redis runs for `module`'s script `name` (`module.name.lua` beside it, or
+    `module.lua` without a name): the clock preamble, then the script."""
+    package, _, owner = module.rpartition(".")
+    clock = resources.files(__package__).joinpath("scripts.clock.lua").read_text()
+    filename = f"{owner}.{name}.lua" if name else f"{owner}.lua"
+    return clock + resources.files(package).joinpath(filename).read_text()
 
 
 class Script:
@@ -49,5 +55,6 @@ class Script:
         return ScriptCall(self.script, keys, args)
 
 
-def register(redis: Redis, package: str, name: str) -> Script:
-    return Script(redis, source(package, name))
+def register(redis: Redis, module: str, name: str | None = None) -> Script:
+    """The script `name` of `module` (pass `__name__`), registered on this client."""
+    return Script(redis, source(module, name))

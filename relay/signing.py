@@ -85,7 +85,7 @@ class Signer:
         self, secrets: tuple[SecretStr, ...], clock: Callable[[], float] = time.time
     ) -> None:
         # `clock`: seconds since the epoch for webhook-timestamp. Workers pass Redis's
-        # (relay.clock): receivers refuse a timestamp more than 5 minutes off their own clock,
+        # (relay.redis.clock): receivers refuse a timestamp more than 5 minutes off their own clock,
         # so whether a callback is taken must not depend on which worker's clock signed it.
         self._clock = clock
         if not secrets:

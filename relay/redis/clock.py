@@ -1,7 +1,7 @@
 """The one clock, read from Python: Redis TIME, without a round trip per reading.
 
 Every decision about a job's fate is made on Redis's clock: scripts read it themselves
-(relay/clock.lua), readers get it with the record (`Job.read_at`). Some comparisons happen in
+(scripts.clock.lua), readers get it with the record (`Job.read_at`). Some comparisons happen in
 Python instead, the main one inside arq, whose worker picks the deliveries that are due by
 comparing `arq:queue` scores with its own `timestamp_ms()` (relay.worker.process points that at
 this clock). A worker whose own clock is minutes off would otherwise make a deferred attempt at
@@ -17,12 +17,12 @@ not move it. It is sampled again every REFRESH seconds, so drift and a change of
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+
+from relay.lifecycle import Service, repeat
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,9 @@ REFRESH = 10.0
 MAX_ROUND_TRIP = 0.2
 
 
-class RedisClock:
+class RedisClock(Service):
+    name = "redis-clock"
+
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self._redis_at: float | None = None  # Redis TIME at the sample...
@@ -61,12 +63,11 @@ class RedisClock:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sample again every REFRESH seconds until `stop`; a failed sample keeps the last."""
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=REFRESH)
-            if stop.is_set():
-                return
-            try:
-                await self.sync()
-            except RedisError as exc:
-                log.warning("could not read the Redis clock: %s", type(exc).__name__)
+        await repeat(self.sync, every=REFRESH, first_after=REFRESH, stop=stop, what="clock sample")
+
+
+async def redis_now(redis: Redis) -> float:
+    """Redis's clock read once (a round trip), in seconds since the epoch: for a process that
+    keeps no RedisClock (the API), or a reading that must be Redis's own."""
+    seconds, micros = await redis.time()
+    return float(seconds + micros / 1e6)

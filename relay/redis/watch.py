@@ -10,12 +10,14 @@ happen (every process restarted along with Redis) cannot be told from a first st
 
 Memory: Redis under `noeviction` refuses writes when full, so every check compares used_memory
 with maxmemory and logs a warning above MEMORY_WARNING (the metrics report the same figures).
+And every check makes a small write: while Redis refuses it (full, a read-only replica, a failed
+snapshot with stop-writes-on-bgsave-error) it still answers reads, yet no job can be submitted
+or recorded, so readiness fails and `relay_redis_writable` is 0.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 
@@ -23,8 +25,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.responses import JSONResponse
 
-from relay import keys, lua
-from relay.metrics import REDIS_DATA_LOST, read_memory
+from relay.lifecycle import Service, repeat
+from relay.metrics import REDIS_DATA_LOST, REDIS_WRITABLE, read_memory
+from relay.redis import keys, scripts
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +36,37 @@ CHECK_INTERVAL = 10.0
 MEMORY_WARNING = 0.8
 
 
-class RedisWatch:
+class RedisWatch(Service):
+    name = "redis-watch"
+
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self.epoch = ""
         # The loss record while one is unacknowledged, else None.
         self.data_lost: str | None = None
-        self._check = lua.register(redis, "relay", "epoch")
+        # Why Redis refused the last check's write (its error), else None.
+        self.writes_refused: str | None = None
+        self._check = scripts.register(redis, __name__, "epoch")
 
     async def check(self) -> None:
         """Check the epoch marker and memory once; raises RedisError when Redis is unreachable."""
-        reply = await self._check(
-            keys=[keys.EPOCH, keys.DATA_LOST], args=[self.epoch, uuid.uuid4().hex]
-        )
+        try:
+            reply = await self._check(
+                keys=[keys.EPOCH, keys.DATA_LOST, keys.READY_WRITE_CHECK],
+                args=[self.epoch, uuid.uuid4().hex],
+            )
+        except RedisError:
+            REDIS_WRITABLE.set(0)  # unreachable takes no writes either
+            raise
         self.epoch = reply[0].decode()
         lost = reply[1].decode() or None
+        refused = reply[2].decode() or None
+        if refused and not self.writes_refused:
+            log.error("Redis refuses writes: %s. No job can be submitted or recorded.", refused)
+        elif self.writes_refused and not refused:
+            log.warning("Redis takes writes again")
+        self.writes_refused = refused
+        REDIS_WRITABLE.set(0 if refused else 1)
         if lost and lost != self.data_lost:
             log.error(
                 "%s. Jobs outstanding and deliveries queued then are gone; their callers get no "
@@ -69,21 +88,21 @@ class RedisWatch:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Check every CHECK_INTERVAL seconds until `stop` is set."""
-        while not stop.is_set():
-            try:
-                await self.check()
-            except RedisError as exc:
-                log.warning("could not check Redis: %s", type(exc).__name__)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=CHECK_INTERVAL)
+        await repeat(self.check, every=CHECK_INTERVAL, stop=stop, what="Redis check")
 
 
 async def readiness(watch: RedisWatch) -> JSONResponse:
-    """/readyz for every process: Redis reachable and no unacknowledged loss of its data."""
+    """/readyz for every process: Redis reachable, taking writes, and no unacknowledged loss of
+    its data."""
     try:
         await watch.check()
     except RedisError:
         return JSONResponse({"status": "unavailable", "error": "redis unreachable"}, 503)
+    if watch.writes_refused:
+        return JSONResponse(
+            {"status": "unavailable", "error": f"redis refuses writes: {watch.writes_refused}"},
+            503,
+        )
     if watch.data_lost:
         return JSONResponse({"status": "data lost", "error": watch.data_lost}, 503)
     return JSONResponse({"status": "ok"})
