@@ -57,6 +57,23 @@ IDEMPOTENCY_KEYS_REFUSED = Counter(
     "Submissions answered 429 because their caller already held RELAY_IDEMPOTENCY_MAX_KEYS "
     "Idempotency-Key records",
 )
+# Known label values start at 0: a series born at 1 has no earlier sample, so rate() and
+# increase() miss its first event (the one callback given up that an alert is waiting for).
+DELIVERY_OUTCOMES = ("delivered", "retry", "gone", "failed", "postponed", "busy")
+SWEEP_OUTCOMES = (
+    "complete",
+    "stopped",
+    "lost_lease",
+    "unusable_order",
+    "unreachable",
+    "rate_limited",
+    "error",
+    "bad_body",
+)
+for _outcome in DELIVERY_OUTCOMES:
+    DELIVERIES.labels(_outcome)
+for _outcome in SWEEP_OUTCOMES:
+    SWEEPS.labels(_outcome)
 DELIVERY_LATENCY = Histogram(
     "relay_delivery_latency_seconds",
     "From the job's end being seen to its callback being accepted",

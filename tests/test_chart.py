@@ -63,7 +63,11 @@ SMALL_INSTALL: dict[str, Any] = {
     },
     "redis": {"standalone": {"enabled": True}},
     "worker": {"keda": {"enabled": True}},
-    "metrics": {"serviceMonitor": {"enabled": True}},
+    "metrics": {
+        "serviceMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True, "runbookUrl": "https://docs.example.com/ops.md"},
+        "grafanaDashboard": {"enabled": True},
+    },
     "networkPolicy": {"enabled": True},
 }
 
@@ -173,6 +177,10 @@ def test_schema_accepts_the_shipped_values(chart: helm.Chart, variant: str) -> N
         {"image": {"digest": "latest"}},
         {"redis": {"url": "http://redis:6379"}},
         {"api": {"resources": {"limits": {"gpu": 1}}}},
+        {"metrics": {"prometheusRule": {"runbookUrl": "docs/operations.md"}}},
+        {"metrics": {"prometheusRule": {"thresholds": {"apiErrorRatio": 5}}}},
+        {"metrics": {"prometheusRule": {"disabled": ["RelayCallbackLate"]}}},
+        {"metrics": {"grafanaDashboard": {"label": "grafana_dashboard"}}},
     ],
     ids=lambda values: json.dumps(values, separators=(",", ":")),
 )
@@ -189,6 +197,7 @@ def test_schema_rejects_typos_and_bad_values(chart: helm.Chart, values: dict[str
 CUSTOM_KINDS = {
     ("keda.sh/v1alpha1", "ScaledObject"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
 }
 
 # Reads a JSON list of manifests, prints a JSON list of errors (null where valid). The models
@@ -196,8 +205,12 @@ CUSTOM_KINDS = {
 CRD_CHECK = """
 import json, sys
 from cloudcoil.models.keda.v1alpha1 import ScaledObject
-from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
-models = {"ScaledObject": ScaledObject, "ServiceMonitor": ServiceMonitor}
+from cloudcoil.models.prometheus_operator.v1 import PrometheusRule, ServiceMonitor
+models = {
+    "ScaledObject": ScaledObject,
+    "ServiceMonitor": ServiceMonitor,
+    "PrometheusRule": PrometheusRule,
+}
 errors = []
 for manifest in json.load(sys.stdin):
     try:
@@ -250,6 +263,7 @@ def test_custom_resources_match_their_crds(custom_resource_errors: dict[str, str
         f"ScaledObject/{FULLNAME}-worker",
         f"ServiceMonitor/{FULLNAME}-api",
         f"ServiceMonitor/{FULLNAME}-worker",
+        f"PrometheusRule/{FULLNAME}",
     }
     assert {name: error for name, error in custom_resource_errors.items() if error} == {}
 
