@@ -197,8 +197,10 @@ class Settings(BaseSettings):
     )
     # The slowest average a caller may send an upload at, bytes/s (after a first stall window).
     upload_min_rate: int = Field(16 * 1024, ge=1, validation_alias="RELAY_UPLOAD_MIN_RATE")
-    # uvicorn: time to send a request's headers, idle time between requests, JSON body time,
-    # and connections plus requests in flight per process (503 beyond).
+    # The API's HTTP limits (relay.api.protocol): time to send a request's headers, idle time
+    # between requests, JSON body time, requests in flight per process (503 beyond), and open
+    # connections per process, in all and per peer address (past either cap the longest idle
+    # connection is closed to make room; a new one is closed when all are busy).
     http_header_timeout: float = Field(
         10.0, gt=0, le=300, validation_alias="RELAY_HTTP_HEADER_TIMEOUT"
     )
@@ -208,6 +210,12 @@ class Settings(BaseSettings):
     http_body_timeout: float = Field(30.0, gt=0, le=600, validation_alias="RELAY_HTTP_BODY_TIMEOUT")
     http_max_concurrency: int = Field(
         1000, ge=1, le=100_000, validation_alias="RELAY_HTTP_MAX_CONCURRENCY"
+    )
+    http_max_connections: int = Field(
+        2048, ge=1, le=100_000, validation_alias="RELAY_HTTP_MAX_CONNECTIONS"
+    )
+    http_max_connections_per_peer: int = Field(
+        512, ge=1, le=100_000, validation_alias="RELAY_HTTP_MAX_CONNECTIONS_PER_PEER"
     )
     max_body_bytes: int = Field(1024 * 1024, ge=1024, validation_alias="RELAY_MAX_BODY_BYTES")
     max_upload_bytes: int = Field(5 * 1024**3, ge=1024, validation_alias="RELAY_MAX_UPLOAD_BYTES")

@@ -455,7 +455,8 @@ CONTRACT_ENV = {
     "RELAY_CALLBACK_ALLOWED_PORTS", "RELAY_METRICS_AUTH",
     "RELAY_MAX_UPLOADS", "RELAY_MAX_UPLOADS_PER_KEY", "RELAY_UPLOAD_MIN_RATE",
     "RELAY_HTTP_HEADER_TIMEOUT", "RELAY_HTTP_KEEPALIVE_TIMEOUT", "RELAY_HTTP_BODY_TIMEOUT",
-    "RELAY_HTTP_MAX_CONCURRENCY", "RELAY_API_PORT",
+    "RELAY_HTTP_MAX_CONCURRENCY", "RELAY_HTTP_MAX_CONNECTIONS",
+    "RELAY_HTTP_MAX_CONNECTIONS_PER_PEER", "RELAY_API_PORT",
 }  # fmt: skip
 SECRET_ENV = {"CHAMELAION_API_KEY", "RELAY_API_KEYS", "RELAY_WEBHOOK_SECRETS", "RELAY_REDIS_URL"}
 
@@ -472,12 +473,15 @@ def test_configmap_carries_the_non_secret_settings(chart: helm.Chart) -> None:
                 "sweepPageSize": 500,
                 "redisWaitReplicas": 1,
                 "redisTimeout": 3,
+                "httpMaxConnectionsPerPeer": 2048,
             }
         },
     )
     data: dict[str, str] = find(manifests, "ConfigMap", FULLNAME)["data"]
     assert data["RELAY_REDIS_WAIT_REPLICAS"] == "1"
     assert data["RELAY_REDIS_TIMEOUT"] == "3"
+    assert data["RELAY_HTTP_MAX_CONNECTIONS_PER_PEER"] == "2048"
+    assert "RELAY_HTTP_MAX_CONNECTIONS" not in data
     assert "RELAY_MAX_UPSTREAM_PAUSE" not in data
     assert data.keys() <= CONTRACT_ENV - SECRET_ENV
     assert data["RELAY_LOG_FORMAT"] == "json"

@@ -26,6 +26,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "base",
         (
             "relay.errors",
+            "relay.http_client",
             "relay.http_urls",
             "relay.jitter",
             "relay.lifecycle",

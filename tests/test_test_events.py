@@ -76,3 +76,21 @@ def test_an_api_without_secrets_says_so(redis_url: str) -> None:
     with relay_stack(redis_url, workers=0, env={"RELAY_WEBHOOK_SECRETS": ""}) as stack:
         answer = send(stack, {"url": stack.callback_url})
         assert answer.status_code == 503
+
+
+def test_an_answer_that_breaks_http_is_a_protocol_failure_not_an_error_500(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Finding 8 of #24: aiohttp's error for 300 headers escaped the transport: a 500 and a
+    # traceback in the log.
+    receiver = Receiver(extra_headers={f"x-padding-{number}": "x" for number in range(300)})
+    with relay_stack(redis_url, workers=0, receiver=receiver) as stack:
+        answer = send(stack, {"url": stack.callback_url})
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {
+        **answer.json(),
+        "delivered": False,
+        "status": None,
+        "error": "protocol",
+    }
+    assert [record.getMessage() for record in caplog.records if record.exc_info] == []

@@ -92,7 +92,7 @@ def openapi_document() -> dict[str, Any]:
                     "status": {"type": ["integer", "null"]},
                     "error": {
                         "type": ["string", "null"],
-                        "enum": ["timeout", "refused", "tls", "policy", "error", None],
+                        "enum": ["timeout", "refused", "tls", "policy", "protocol", "error", None],
                     },
                     "duration_ms": {"type": "number"},
                     "response_excerpt": {"type": "string"},

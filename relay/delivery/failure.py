@@ -1,10 +1,12 @@
 """What kind of failure a callback attempt met, in words a receiver's team acts on.
 
-timeout  no answer within the delivery timeout
-refused  the connection was refused, reset or the host did not resolve
-tls      the TLS handshake or certificate check failed
-policy   the callback network policy refused the destination (no connection was made)
-error    anything else the HTTP client raised
+timeout   no answer within the delivery timeout
+refused   the connection was refused, reset or the host did not resolve
+tls       the TLS handshake or certificate check failed
+policy    the callback network policy refused the destination (no connection was made)
+protocol  the receiver's answer broke HTTP (a bad status line, too many or too long headers,
+          a body cut short)
+error     anything else the HTTP client raised
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ from typing import Literal
 import httpx
 
 from relay.errors import DestinationRefused
-from relay.upstream import timed_out
 
-FailureClass = Literal["timeout", "refused", "tls", "policy", "error"]
+FailureClass = Literal["timeout", "refused", "tls", "policy", "protocol", "error"]
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -32,13 +33,13 @@ def _chain(exc: BaseException) -> list[BaseException]:
 def failure_class(exc: BaseException) -> FailureClass:
     if isinstance(exc, DestinationRefused):
         return "policy"
-    if isinstance(exc, TimeoutError) or (isinstance(exc, httpx.HTTPError) and timed_out(exc)):
+    if isinstance(exc, TimeoutError | httpx.TimeoutException):
         return "timeout"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return "protocol"
     chain = _chain(exc)
     if any(isinstance(link, ssl.SSLError | ssl.CertificateError) for link in chain):
         return "tls"
     if any(isinstance(link, OSError) for link in chain) or isinstance(exc, httpx.ConnectError):
         return "refused"
-    if isinstance(exc, httpx.TimeoutException):
-        return "timeout"
     return "error"

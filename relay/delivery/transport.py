@@ -30,10 +30,10 @@ from ipaddress import ip_address
 import aiohttp
 import httpx
 from aiohttp.abc import AbstractResolver, ResolveResult
-from httpx_aiohttp import AiohttpTransport
 
 from relay.delivery.netpolicy import NetworkPolicy, parse_callback_url
 from relay.errors import CallbackUrlRejected, DestinationRefused
+from relay.http_client import AiohttpTransport
 from relay.http_urls import parsed_url
 
 MAX_CONNECTIONS = 100
@@ -109,8 +109,8 @@ class PolicyTransport(httpx.AsyncBaseTransport):
 
 
 def _find_refusal(exc: BaseException) -> _AddressRefused | None:
-    # httpx_aiohttp maps aiohttp's error to an httpx one `from` it, and aiohttp raised its
-    # DNS error `from` ours: follow the causes down.
+    # relay.http_client maps aiohttp's error to an httpx one `from` it, and aiohttp raised
+    # its DNS error `from` ours: follow the causes down.
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
