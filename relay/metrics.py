@@ -168,6 +168,13 @@ SHARED_GAUGES = (
     UPSTREAM_PAUSED,
     WORKERS_ALIVE,
 )
+HTTP_CONNECTIONS_CLOSED = Counter(
+    "relay_http_connections_closed",
+    "API connections the relay closed to protect itself, by reason (idle_evicted: the longest "
+    "idle, to make room past a connection cap; refused: new, past a cap with every connection "
+    "busy; headers_too_large: answered 431)",
+    ["reason"],
+)
 UPLOADS_IN_PROGRESS = Gauge("relay_uploads_in_progress", "Uploads this API process is running")
 
 

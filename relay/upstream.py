@@ -2,8 +2,9 @@
 
 The aiohttp transport is used because httpx's default transport collapses under concurrency on
 this workload (measured: ~1,270 req/s at 4 concurrent forwards, ~360 at 32, against ~2,700 at
-both on aiohttp; see bench/). Network failures are mapped here, at the boundary, to UpstreamError;
-`check` turns Chamelaion's error answers into the error the relay's own caller should see.
+both on aiohttp; see bench/); relay.http_client maps its errors to httpx's. Those are mapped
+here, at the boundary, to UpstreamError; `check` turns Chamelaion's error answers into the
+error the relay's own caller should see.
 
 Every answer is read up to a cap (`answer_cap`: the largest page anyone asks for, plus room):
 Chamelaion's answers are small, and one that is not (a proxy's error page, a runaway body) is
@@ -23,13 +24,12 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
-import aiohttp
 import httpx
 import orjson
-from httpx_aiohttp import AiohttpTransport
 from prometheus_client import Counter
 
 from relay.errors import UpstreamError
+from relay.http_client import NOTHING_SENT, AiohttpTransport
 from relay.http_urls import parsed_url
 from relay.metrics import UPSTREAM_ANSWERS_CUT, UPSTREAM_CALLS
 from relay.settings import Settings
@@ -89,27 +89,21 @@ def endpoint_name(path: str) -> str:
     return path
 
 
-def timed_out(exc: httpx.HTTPError) -> bool:
-    """Whether a transport error is a real timeout.
-
-    httpx-aiohttp maps every aiohttp.ClientConnectionError (refused, reset, hung up) to
-    httpx.ConnectTimeout; the aiohttp error it chains says what really happened.
-    """
-    if not isinstance(exc, httpx.TimeoutException):
-        return False
-    cause = exc.__cause__
-    return cause is None or isinstance(cause, TimeoutError)
-
-
 @contextlib.contextmanager
 def _map_transport_errors(failures: Counter) -> Iterator[None]:
     try:
         yield
     except httpx.HTTPError as exc:
         failures.inc()
-        if timed_out(exc):
+        if isinstance(exc, httpx.TimeoutException):
             raise UpstreamError(504, "Chamelaion did not answer in time") from exc
-        raise UpstreamError(502, "could not reach Chamelaion") from exc
+        if isinstance(exc, NOTHING_SENT):
+            raise UpstreamError(502, "could not reach Chamelaion") from exc
+        if isinstance(exc, httpx.RemoteProtocolError):
+            raise UpstreamError(
+                502, "Chamelaion's answer could not be read (not valid HTTP)"
+            ) from exc
+        raise UpstreamError(502, "the connection to Chamelaion was lost") from exc
 
 
 class BudgetRefused(UpstreamError):
@@ -132,17 +126,12 @@ def may_have_arrived(exc: UpstreamError) -> bool:
     """Whether the request behind `exc` may have reached Chamelaion, and so done its work.
 
     Only a refusal before sending and a connection that was never made are sure not to have;
-    a timeout or a connection lost after sending may hide a job that exists.
+    a timeout, a connection lost after sending or an answer that could not be read may hide a
+    job that exists.
     """
     if isinstance(exc, BudgetRefused):
         return False
-    cause = exc.__cause__
-    if not isinstance(cause, httpx.HTTPError):
-        return True
-    inner = cause.__cause__
-    if isinstance(inner, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
-        return False
-    return not (inner is None and isinstance(cause, httpx.ConnectError | httpx.ConnectTimeout))
+    return not isinstance(exc.__cause__, NOTHING_SENT)
 
 
 def check(response: httpx.Response) -> httpx.Response:

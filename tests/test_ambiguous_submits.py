@@ -30,10 +30,9 @@ from starlette.routing import Route
 from relay.devtools.embedded_redis import free_port
 from relay.redis import keys
 from relay.sandbox import SandboxConfig
-from tests.servers import serve
+from tests.helpers import verified
+from tests.servers import own_redis, serve
 from tests.stack import RELAY_KEY, SANDBOX_KEY, Stack, eventually, job_field, relay_stack
-from tests.test_end_to_end import verified
-from tests.test_worker_health import own_redis
 
 INPUTS = [
     {"type": "video", "url": "https://cdn.example.com/v.mp4"},
@@ -64,12 +63,17 @@ class LateAnswers:
         self.after = 0.0
         self.armed = False
         self.blank = False
+        self.headers = 0
         self._late: set[asyncio.Task[httpx.Response]] = set()
 
-    def arm(self, *, before: float = 0.0, after: float = 0.0, blank: bool = False) -> None:
+    def arm(
+        self, *, before: float = 0.0, after: float = 0.0, blank: bool = False, headers: int = 0
+    ) -> None:
         """`blank`: answer 200 without a request_id at once, and create the job `before`
-        seconds later (an answer that says success but cannot be used)."""
+        seconds later (an answer that says success but cannot be used). `headers`: pass the
+        answer on with that many more headers (more than an HTTP client takes)."""
         self.before, self.after, self.armed, self.blank = before, after, True, blank
+        self.headers = headers
 
     def app(self) -> Starlette:
         async def send(request: Request, body: bytes) -> httpx.Response:
@@ -111,6 +115,8 @@ class LateAnswers:
                 for name, value in answer.headers.items()
                 if name in ("content-type", "retry-after")
             }
+            if late:
+                passed |= {f"x-padding-{number}": "x" for number in range(self.headers)}
             return Response(answer.content, answer.status_code, headers=passed)
 
         return Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST"])])
@@ -301,6 +307,36 @@ def test_a_success_without_a_request_id_is_never_retried_into_a_second_job(
         called_back_once(stack, redis_url, row["id"])
         assert generate_calls(stack) == 1, "the SDK retried into a second job"
         assert tracked(redis_url) == [row["id"]]
+
+
+def test_a_created_job_whose_answer_cannot_be_parsed_is_adopted_not_created_again(
+    redis_url: str,
+) -> None:
+    # Finding 8 of #24: an answer with 300 headers became a bare 500, which the SDK retried
+    # into three upstream jobs.
+    with late_stack(redis_url) as (stack, hop):
+        hop.arm(headers=300)
+        request_id = generate(client(stack), stack, reference_id="framing-1")
+        [row] = upstream_jobs(stack, "framing-1")
+        assert row["id"] == request_id
+        assert generate_calls(stack) == 1
+        assert tracked(redis_url) == [request_id]
+        called_back_once(stack, redis_url, request_id)
+
+
+def test_an_unparsable_answer_to_a_create_without_a_handle_says_the_job_may_exist(
+    redis_url: str,
+) -> None:
+    with late_stack(redis_url) as (stack, hop):
+        hop.arm(headers=300)
+        with pytest.raises(APIStatusError) as caught:
+            generate(client(stack), stack)
+        assert caught.value.status_code == 502
+        assert caught.value.response.headers["x-should-retry"] == "false"
+        assert error_code(caught.value) == "upstream_outcome_unknown"
+        assert "could not be read" in caught.value.response.json()["error"]
+        assert generate_calls(stack) == 1
+        assert len(upstream_jobs(stack)) == 1
 
 
 def test_requests_sharing_the_reference_id_are_not_adopted_by_guess(redis_url: str) -> None:

@@ -26,6 +26,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "base",
         (
             "relay.errors",
+            "relay.http_client",
             "relay.http_urls",
             "relay.jitter",
             "relay.lifecycle",
@@ -34,8 +35,8 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "relay.signing",
         ),
     ),
-    ("redis", ("relay.redis",)),
     ("settings", ("relay.settings",)),
+    ("redis", ("relay.redis",)),
     ("upstream", ("relay.upstream",)),
     ("jobs", ("relay.jobs",)),
     ("delivery", ("relay.delivery",)),

@@ -182,17 +182,22 @@ def test_api_responses_are_counted_by_status_class_without_probes(redis_url: str
         assert {c: after[c] - before[c] for c in after} == {"2xx": 1, "4xx": 1, "5xx": 1}
 
 
-def test_the_503s_uvicorn_answers_past_the_concurrency_limit_are_counted(redis_url: str) -> None:
-    env = {"RELAY_HTTP_MAX_CONCURRENCY": "4", "RELAY_HTTP_HEADER_TIMEOUT": "30"}
+def test_the_503s_past_the_concurrency_limit_are_counted(redis_url: str) -> None:
+    env = {"RELAY_HTTP_MAX_CONCURRENCY": "4", "RELAY_HTTP_BODY_TIMEOUT": "10"}
     with relay_stack(redis_url, workers=0, env=env) as stack:
         url = urlsplit(stack.api_url)
         assert url.hostname is not None and url.port is not None
         before = responses(stack, "5xx")
         refused = 0
         with contextlib.ExitStack() as held:
-            for _ in range(4):
+            stalled = []
+            for _ in range(4):  # requests in flight: bodies never sent
                 sock = held.enter_context(socket.create_connection((url.hostname, url.port)))
-                sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # a head never finished
+                sock.sendall(
+                    b"POST /api/v1/lipsync/generate HTTP/1.1\r\nHost: relay\r\n"
+                    + f"x-api-key: {RELAY_KEY}\r\ncontent-length: 100\r\n\r\n".encode()
+                )
+                stalled.append(sock)
 
             def turned_away() -> bool:
                 nonlocal refused
@@ -203,6 +208,9 @@ def test_the_503s_uvicorn_answers_past_the_concurrency_limit_are_counted(redis_u
             eventually(turned_away)
             # Probes turned away the same way are not counted.
             assert httpx.get(stack.api_url + "/healthz").status_code == 503
+            for sock in stalled:  # each ends as the 408 its body timeout brings (a 4xx)
+                sock.settimeout(30)
+                assert sock.recv(65536).startswith(b"HTTP/1.1 408 ")
         eventually(lambda: httpx.get(stack.api_url + "/healthz").status_code == 200)
         assert responses(stack, "5xx") - before == refused >= 1
 

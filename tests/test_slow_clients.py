@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import socket
 from collections.abc import Iterator
 from urllib.parse import urlsplit
@@ -14,8 +15,9 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from relay.api.protocol import peer_of
+from tests.helpers import BOUNDARY, MULTIPART, UPLOAD, audio, form, video
 from tests.stack import RELAY_KEY, Stack, eventually, relay_stack
-from tests.test_uploads import BOUNDARY, MULTIPART, UPLOAD, audio, form, video
 
 OTHER_KEY = "another-caller-key-0123456789"
 
@@ -188,12 +190,217 @@ def test_a_stalled_json_body_after_auth_is_answered_408_and_closed(strict: Stack
         assert b"request body not received within 1 s" in answer
 
 
-def test_connections_beyond_the_concurrency_limit_get_503(redis_url: str) -> None:
-    env = {"RELAY_HTTP_MAX_CONCURRENCY": "4", "RELAY_HTTP_HEADER_TIMEOUT": "30"}
+def stall_json_body(sock: socket.socket) -> None:
+    """Start a JSON submission that never sends its body: a request in flight until the body
+    timeout ends it."""
+    sock.sendall(
+        b"POST /api/v1/lipsync/generate HTTP/1.1\r\nHost: relay\r\n"
+        + f"x-api-key: {RELAY_KEY}\r\n".encode()
+        + b"content-type: application/json\r\ncontent-length: 100\r\n\r\n{"
+    )
+
+
+def test_requests_in_flight_beyond_the_limit_get_503(redis_url: str) -> None:
+    env = {"RELAY_HTTP_MAX_CONCURRENCY": "2", "RELAY_HTTP_BODY_TIMEOUT": "60"}
     with relay_stack(redis_url, workers=0, env=env) as stack:
         with contextlib.ExitStack() as held:
-            for _ in range(4):
-                held.enter_context(connection(stack)).sendall(b"GET /healthz HTTP/1.1\r\n")
-            # The fifth connection is over the limit: uvicorn answers it 503.
-            eventually(lambda: httpx.get(stack.api_url + "/healthz").status_code == 503)
+            for _ in range(2):
+                stall_json_body(held.enter_context(connection(stack)))
+            over = eventually(lambda: over_limit(stack))
+            assert over.json()["error"].startswith("the relay is handling as many requests")
+            assert over.headers["retry-after"] == "1"
         eventually(lambda: httpx.get(stack.api_url + "/healthz").status_code == 200)
+
+
+def over_limit(stack: Stack) -> httpx.Response | None:
+    answer = httpx.get(stack.api_url + "/healthz")
+    return answer if answer.status_code == 503 else None
+
+
+def connect_from(stack: Stack, source: str) -> socket.socket:
+    """A connection from another loopback address: another peer, as the server sees it."""
+    return socket.create_connection(address(stack), timeout=10, source_address=(source, 0))
+
+
+def healthz_on(sock: socket.socket) -> bytes:
+    """GET /healthz on `sock`; the whole answer (its head, and a body of content-length)."""
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+    sock.settimeout(10)
+    answer = b""
+    while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < length(answer):
+        data = sock.recv(65536)
+        assert data, f"closed after {answer!r}"
+        answer += data
+    return answer
+
+
+def length(answer: bytes) -> int:
+    found = re.search(rb"content-length: (\d+)", answer.lower())
+    return int(found.group(1)) if found else 0
+
+
+def test_idle_connections_never_turn_requests_away(redis_url: str) -> None:
+    # Finding 3 of #24: 55 connections that sent nothing made every real request get 503,
+    # because uvicorn's limit counted connections, not requests.
+    env = {"RELAY_HTTP_MAX_CONCURRENCY": "4", "RELAY_HTTP_HEADER_TIMEOUT": "60"}
+    with relay_stack(redis_url, workers=0, env=env) as stack, contextlib.ExitStack() as held:
+        idle = [
+            held.enter_context(contextlib.closing(connect_from(stack, "127.0.0.2")))
+            for _ in range(12)
+        ]
+        idle[0].sendall(b"GET /healthz HTTP/1.1\r\n")  # headers begun, never ended
+        for _ in range(10):
+            assert httpx.get(stack.api_url + "/healthz").status_code == 200
+        sdk = stack.sdk()
+        assert sdk.lipsync.requests.list().data is not None
+
+
+def test_a_peer_over_its_connection_cap_loses_its_longest_idle_connection(redis_url: str) -> None:
+    env = {"RELAY_HTTP_MAX_CONNECTIONS_PER_PEER": "3", "RELAY_HTTP_HEADER_TIMEOUT": "60"}
+    with relay_stack(redis_url, workers=0, env=env) as stack, contextlib.ExitStack() as held:
+        first, second, third = (
+            held.enter_context(contextlib.closing(connect_from(stack, "127.0.0.2")))
+            for _ in range(3)
+        )
+        # Idle again after a request each, in this order: `second` has been idle longest.
+        for sock in (second, third, first):
+            assert healthz_on(sock).startswith(b"HTTP/1.1 200")
+        fourth = held.enter_context(contextlib.closing(connect_from(stack, "127.0.0.2")))
+        assert closed_by_server(second) == b""
+        assert healthz_on(fourth).startswith(b"HTTP/1.1 200")
+        assert healthz_on(first).startswith(b"HTTP/1.1 200")
+        # Another peer is not this one's business.
+        assert httpx.get(stack.api_url + "/healthz").status_code == 200
+        assert healthz_on(third).startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize(
+    ("host", "peer"),
+    [
+        ("10.1.2.3", "10.1.2.3"),
+        ("::ffff:10.1.2.3", "10.1.2.3"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:bbbb::9", "2001:db8:1:2::/64"),
+        ("fe80::1%eth0", "fe80::/64"),
+        (None, ""),
+    ],
+)
+def test_an_ipv6_client_counts_as_one_peer_per_64(host: str | None, peer: str) -> None:
+    assert peer_of(host) == peer
+
+
+def test_past_the_connection_cap_the_longest_idle_connection_makes_room(redis_url: str) -> None:
+    env = {"RELAY_HTTP_MAX_CONNECTIONS": "4", "RELAY_HTTP_HEADER_TIMEOUT": "60"}
+    with relay_stack(redis_url, workers=0, env=env) as stack, contextlib.ExitStack() as held:
+        idle = [
+            held.enter_context(contextlib.closing(connect_from(stack, f"127.0.0.{peer}")))
+            for peer in range(2, 6)
+        ]
+        idle[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n")  # never ended
+        for sock in idle[1:]:  # idle again after a request: more recently than idle[0]
+            assert healthz_on(sock).startswith(b"HTTP/1.1 200")
+        assert httpx.get(stack.api_url + "/healthz").status_code == 200
+        assert closed_by_server(idle[0]) == b""
+        assert healthz_on(idle[1]).startswith(b"HTTP/1.1 200")
+
+
+def test_past_the_connection_cap_with_every_connection_busy_a_new_one_is_closed(
+    redis_url: str,
+) -> None:
+    env = {"RELAY_HTTP_MAX_CONNECTIONS": "2", "RELAY_HTTP_BODY_TIMEOUT": "60"}
+    with relay_stack(redis_url, workers=0, env=env) as stack:
+        with contextlib.ExitStack() as held:
+            for _ in range(2):
+                stall_json_body(held.enter_context(connection(stack)))
+            eventually(lambda: refused(stack))
+        eventually(lambda: httpx.get(stack.api_url + "/healthz").status_code == 200)
+
+
+def refused(stack: Stack) -> bool:
+    try:
+        return httpx.get(stack.api_url + "/healthz").status_code == 0
+    except httpx.TransportError:
+        return True
+
+
+# The head of a request (request line and headers) the API reads before answering 431.
+MAX_HEAD = 64 * 1024
+
+
+def send_until_answered(sock: socket.socket, head: bytes, filler: bytes, limit: int) -> bytes:
+    """Send `head`, then `filler` over and over up to `limit` bytes in all, until the server
+    answers or closes; return what it answered. Fails when it took it all in silence."""
+    sock.sendall(head)
+    sent = len(head)
+    sock.setblocking(False)
+    while sent < limit:
+        try:
+            sent += sock.send(filler)
+        except BlockingIOError:
+            pass
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        try:
+            answer = sock.recv(65536)
+        except BlockingIOError:
+            continue
+        except ConnectionResetError:
+            break
+        return answer + closed_by_server(sock)
+    try:
+        return closed_by_server(sock, rounds=50)
+    except AssertionError:
+        raise AssertionError(f"the server took {sent} bytes of headers in silence") from None
+
+
+@pytest.fixture
+def api(redis_url: str) -> Iterator[Stack]:
+    with relay_stack(redis_url, workers=0, env={"RELAY_HTTP_HEADER_TIMEOUT": "60"}) as stack:
+        yield stack
+
+
+def test_an_endless_header_is_answered_431_and_closed(api: Stack) -> None:
+    # Finding 4 of #24: one header value streamed for 10 s was taken in up to 115 MB.
+    with connection(api) as sock:
+        head = b"GET /healthz HTTP/1.1\r\nHost: relay\r\nX-Endless: "
+        answer = send_until_answered(sock, head, b"a" * 4096, limit=64 * 2**20)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b"connection: close" in answer.lower()
+    assert b"request headers are larger than 65536 bytes" in answer
+    assert httpx.get(api.api_url + "/healthz").status_code == 200
+
+
+def test_an_endless_request_line_is_answered_431(api: Stack) -> None:
+    with connection(api) as sock:
+        answer = send_until_answered(sock, b"GET /", b"a" * 4096, limit=64 * 2**20)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+
+
+def test_many_headers_in_all_past_the_limit_are_answered_431(api: Stack) -> None:
+    with connection(api) as sock:
+        head = b"GET /healthz HTTP/1.1\r\nHost: relay\r\n"
+        answer = send_until_answered(sock, head, b"X-Many: " + b"b" * 1000 + b"\r\n", 2**20)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+
+
+def test_heads_up_to_the_limit_pass_on_one_connection_one_after_another(api: Stack) -> None:
+    request_line = b"GET /healthz HTTP/1.1\r\n"
+    end = b"Host: relay\r\n\r\n"
+    filler = MAX_HEAD - len(request_line) - len(end) - len(b"X-Big: \r\n")
+    head = request_line + b"X-Big: " + b"c" * filler + b"\r\n" + end
+    assert len(head) == MAX_HEAD
+    with connection(api) as sock:
+        # Twice on one connection: each request's head is counted from its own start; then
+        # two pipelined in one send.
+        for payload in (head, head, head + head):
+            sock.sendall(payload)
+            answers = b""
+            while answers.count(b"HTTP/1.1 200") < payload.count(b"GET /healthz"):
+                data = sock.recv(65536)
+                assert data, answers
+                answers += data
+            assert b"431" not in answers
+    with connection(api) as sock:
+        over = head.replace(b"X-Big: ", b"X-Big: d")
+        answer = send_until_answered(sock, over, b"", limit=len(over))
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]

@@ -24,13 +24,19 @@ from standardwebhooks import Webhook
 from relay.jobs.sweep import NEWEST_FIRST, OLDEST_FIRST, UNUSABLE, Tally, created_time
 from relay.redis import keys
 from relay.sandbox import SandboxConfig
+from tests.helpers import (
+    CREATE_ROUTE,
+    LIST_ROUTE,
+    POLL_ROUTE,
+    pin,
+    read_times,
+    relay_view,
+    submit,
+)
 from tests.stack import RELAY_KEY, SANDBOX_KEY, Stack, eventually, is_up, job_field, relay_stack
-from tests.test_end_to_end import submit
-from tests.test_polling import LIST_ROUTE, POLL_ROUTE, pin, read_times, relay_view
 
 ORDERS = ["newest_first", "oldest_first"]
 MALFORMED = ["html", "truncated", "wrong_types", "no_ids", "negative_total", "padding"]
-CREATE_ROUTE = "POST /v1/lipsync/generate"
 SWEEPS_ONLY = {
     "RELAY_POLL_MIN_INTERVAL": "10",
     "RELAY_POLL_MAX_INTERVAL": "10",

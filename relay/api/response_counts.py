@@ -2,8 +2,9 @@
 ratio: what the relay's callers got, so probes and scrapes are left out.
 
 Counted where the status is sent, outside every route and error handler: a request whose
-handler raised is counted 5xx here, as Starlette's outermost layer then answers 500. uvicorn
-answers past RELAY_HTTP_MAX_CONCURRENCY itself, before any app runs; relay.serving counts those.
+handler raised is counted 5xx here, as Starlette's outermost layer then answers 500. The 503s
+past RELAY_HTTP_MAX_CONCURRENCY and the 431s for oversized headers are answered before any app
+runs; relay.api.protocol counts those.
 """
 
 from __future__ import annotations
