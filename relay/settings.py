@@ -6,20 +6,21 @@ variable, so a misconfigured pod says what to fix instead of crashing later.
 
 Plain data, below every stage: settings import no stage. The stages build what they need from
 them (`callback_policy` in relay.delivery.netpolicy, `Breaker.from_settings`), and the formats
-checked here at load time are read the same way there (`parse_networks`, `parse_ports` below;
-relay.signing for webhook secrets, relay.redis.conn for Redis URLs).
+checked here at load time are read the same way there (`parse_networks`, `parse_ports` and
+`parse_sentinel_url` below; relay.signing for webhook secrets).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from relay.errors import ConfigError
-from relay.redis.conn import check_redis_url
 from relay.signing import check_secret
 
 # The Standard Webhooks example schedule: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h,
@@ -79,6 +80,46 @@ def parse_ports(text: str) -> frozenset[int]:
             raise ValueError(f"{entry!r} is not a port or a range within 1-65535")
         ports.update(range(first, last + 1))
     return frozenset(ports)
+
+
+SENTINEL_SCHEME = "redis+sentinel"
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    db: int
+    password: str | None
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """Raise ValueError (without echoing the URL, which may hold a password) when malformed."""
+    parts = urlsplit(url)
+    if parts.scheme != SENTINEL_SCHEME:
+        raise ValueError(f"must start with {SENTINEL_SCHEME}://")
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    sentinels: list[tuple[str, int]] = []
+    for entry in hosts.split(","):
+        host, _, port = entry.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError("each sentinel must be host:port")
+        sentinels.append((host.strip("[]"), int(port)))
+    path = [segment for segment in parts.path.split("/") if segment]
+    if not 1 <= len(path) <= 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ValueError("the path must be /master-name or /master-name/db")
+    password = unquote(credentials.partition(":")[2]) if credentials else None
+    return SentinelTarget(
+        tuple(sentinels), path[0], int(path[1]) if len(path) == 2 else 0, password or None
+    )
+
+
+def check_redis_url(url: str) -> None:
+    """Raise ValueError unless `url` is one RELAY_REDIS_URL may be (relay.redis.conn)."""
+    if url.startswith(SENTINEL_SCHEME + "://"):
+        parse_sentinel_url(url)
+    elif not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"must be a redis://, rediss://, unix:// or {SENTINEL_SCHEME}:// URL")
 
 
 def _split(value: object) -> object:
@@ -199,6 +240,12 @@ class Settings(BaseSettings):
     stranded_after: float = Field(120.0, ge=0, validation_alias="RELAY_STRANDED_AFTER")
     # How long an Idempotency-Key and its first answer are kept.
     idempotency_ttl: float = Field(86400.0, ge=60, validation_alias="RELAY_IDEMPOTENCY_TTL")
+    # Keep the start of receivers' answers in the attempt log (any caller key can read it).
+    attempt_log_excerpt: bool = Field(False, validation_alias="RELAY_ATTEMPT_LOG_EXCERPT")
+    # Test events one caller key may send per minute (429 beyond).
+    test_events_per_minute: int = Field(
+        10, ge=1, le=10_000, validation_alias="RELAY_TEST_EVENTS_PER_MINUTE"
+    )
     # Idempotency-Key records one caller key may hold at once (429 beyond): each is at most
     # ~1.5 KB in Redis, so the default bounds a caller's share to ~15 MB.
     idempotency_max_keys: int = Field(

@@ -29,13 +29,26 @@ def attempts(stack: Stack, request_id: str) -> list[dict[str, object]]:
     return found
 
 
+def test_the_attempt_log_keeps_no_answer_by_default(redis_url: str) -> None:
+    # Issue #24, finding 2: any key reads any job's attempt log, and a callback_url pointing at
+    # an internal service put that service's answer in it.
+    receiver = Receiver(answers={200: b'{"db_password": "hunter2"}'})
+    with relay_stack(redis_url, receiver=receiver) as stack:
+        request_id = submit(stack)
+        [entry] = eventually(lambda: attempts(stack, request_id))
+        assert entry["status"] == 200
+        assert not entry.get("excerpt")
+        assert "hunter2" not in get(stack, f"/jobs/{request_id}/deliveries").text
+
+
 def test_the_attempt_log_tells_each_attempt(redis_url: str) -> None:
     receiver = Receiver(
         script=[500, 503, 204],
         extra_headers={"content-type": "text/plain"},
         answers={500: b"database on fire" + b"." * 600, 503: b"back soon"},
     )
-    with relay_stack(redis_url, receiver=receiver) as stack:
+    env = {"RELAY_ATTEMPT_LOG_EXCERPT": "true"}
+    with relay_stack(redis_url, receiver=receiver, env=env) as stack:
         request_id = submit(stack)
         receiver.wait_for(3)
         log = eventually(

@@ -14,8 +14,8 @@ import redis
 
 from relay.devtools.embedded_redis import find_redis_server, free_port
 from relay.errors import ConfigError
-from relay.redis.conn import SentinelTarget, parse_sentinel_url, redacted
-from relay.settings import load_settings
+from relay.redis.conn import redacted
+from relay.settings import SentinelTarget, load_settings, parse_sentinel_url
 from tests.stack import relay_stack
 from tests.test_end_to_end import submit, verified
 

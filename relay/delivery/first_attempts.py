@@ -48,7 +48,7 @@ class FirstAttempts(Service):
     # as tasks holding the job: memory stays flat however large the burst.
     limit: int
     in_flight: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    # (request_id, destination, when handed over on the loop's clock), oldest first.
+    # (delivery_id, destination, when handed over on the loop's clock), oldest first.
     waiting: deque[tuple[str, str, float]] = field(default_factory=deque)
     _queued: set[str] = field(default_factory=set)
     _stopping: bool = False
@@ -57,55 +57,57 @@ class FirstAttempts(Service):
     def guard_delay(self) -> float:
         return self.timeout + GUARD_MARGIN
 
-    async def hand_over(self, request_id: str, callback_url: str) -> None:
+    async def hand_over(self, delivery_id: str, callback_url: str) -> None:
+        """Take over a delivery (a job's final event, or an early one) from the job: its first
+        attempt is guarded in arq, then made here at once, or after its turn."""
         destination = destination_of(callback_url)
         first_wait = next_delay(self.queue.schedule, 0, None)
         if first_wait > 0 or self._stopping:
             # The schedule asks to wait before the first attempt (arq keeps that time), or
             # this worker is stopping: arq makes it.
-            await self.queue.enqueue_attempt(request_id, 0, first_wait, destination)
+            await self.queue.enqueue_attempt(delivery_id, 0, first_wait, destination)
             return
-        await self.queue.enqueue_attempt(request_id, 0, self.guard_delay, destination)
-        if request_id in self.in_flight or request_id in self._queued:
+        await self.queue.enqueue_attempt(delivery_id, 0, self.guard_delay, destination)
+        if delivery_id in self.in_flight or delivery_id in self._queued:
             return
         if len(self.in_flight) < self.limit:
-            self._start(request_id, destination, waited=0.0)
+            self._start(delivery_id, destination, waited=0.0)
         else:
             loop = asyncio.get_running_loop()
-            self.waiting.append((request_id, destination, loop.time()))
-            self._queued.add(request_id)
+            self.waiting.append((delivery_id, destination, loop.time()))
+            self._queued.add(delivery_id)
 
-    def _start(self, request_id: str, destination: str, *, waited: float) -> None:
-        self.in_flight[request_id] = asyncio.create_task(
-            self._attempt(request_id, destination, waited), name=f"deliver:{request_id}:0"
+    def _start(self, delivery_id: str, destination: str, *, waited: float) -> None:
+        self.in_flight[delivery_id] = asyncio.create_task(
+            self._attempt(delivery_id, destination, waited), name=f"deliver:{delivery_id}:0"
         )
 
     def _start_waiting(self) -> None:
         loop = asyncio.get_running_loop()
         while self.waiting and not self._stopping and len(self.in_flight) < self.limit:
-            request_id, destination, handed_at = self.waiting.popleft()
-            self._queued.discard(request_id)
+            delivery_id, destination, handed_at = self.waiting.popleft()
+            self._queued.discard(delivery_id)
             waited = loop.time() - handed_at
             if waited < self.guard_delay - GUARD_MARGIN / 2:
-                self._start(request_id, destination, waited=waited)
+                self._start(delivery_id, destination, waited=waited)
             # else its guard is (nearly) due: arq makes the attempt, never both at once.
 
-    async def _attempt(self, request_id: str, destination: str, waited: float) -> None:
+    async def _attempt(self, delivery_id: str, destination: str, waited: float) -> None:
         try:
             if waited > GUARD_MARGIN / 2:
                 # Waited its turn long enough that its guard could fall due while it is sent:
                 # pushed back first, so the guard only runs if this worker dies meanwhile.
-                await self.queue.defer(request_id, 0, self.guard_delay)
-            await self.deliverer.attempt(request_id, 0, destination)
+                await self.queue.defer(delivery_id, 0, self.guard_delay)
+            await self.deliverer.attempt(delivery_id, 0, destination)
         except Exception as exc:
             # The guard in arq makes the attempt when it falls due; nothing is lost.
             log.warning(
                 "in-process delivery of %s failed; its guard will retry it: %s",
-                request_id,
+                delivery_id,
                 type(exc).__name__,
             )
         finally:
-            self.in_flight.pop(request_id, None)
+            self.in_flight.pop(delivery_id, None)
             self._start_waiting()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -124,7 +126,7 @@ class FirstAttempts(Service):
     async def hand_back(self) -> None:
         """Cancel first attempts still running or waiting, and make their guards due now."""
         self._stopping = True
-        left = [*self.in_flight, *(request_id for request_id, _, _ in self.waiting)]
+        left = [*self.in_flight, *(delivery_id for delivery_id, _, _ in self.waiting)]
         self.waiting.clear()
         self._queued.clear()
         for task in list(self.in_flight.values()):

@@ -86,12 +86,12 @@ class DeliveryQueue:
             xx=True,
         )
 
-    async def make_due(self, request_ids: list[str], *, attempt: int) -> None:
-        """Make attempt `attempt` of each of `request_ids` due now, where it is still queued
+    async def make_due(self, delivery_ids: list[str], *, attempt: int) -> None:
+        """Make attempt `attempt` of each of `delivery_ids` due now, where it is still queued
         (a stopping worker hands its unfinished first attempts' guards to the others)."""
         now_ms = int(await redis_now(self.redis) * 1000)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for request_id in request_ids:
-                job_id = keys.delivery_job_id(request_id, attempt)
+            for delivery_id in delivery_ids:
+                job_id = keys.delivery_job_id(delivery_id, attempt)
                 pipe.zadd(keys.ARQ_QUEUE, {job_id: now_ms}, xx=True)
             await pipe.execute()

@@ -1,61 +1,21 @@
-"""Connecting to Redis from RELAY_REDIS_URL: standalone, TLS, unix socket or Sentinel.
-
-Sentinel is written `redis+sentinel://[:password@]host:port[,host:port...]/master-name[/db]`:
-the sentinels to ask, the name of the monitored master, and the database. The password is the
-master's. Redis Cluster is not supported: arq needs its queue's keys on one node.
+"""Connecting to Redis from RELAY_REDIS_URL: standalone, TLS, unix socket or Sentinel (its URL
+is read by relay.settings.parse_sentinel_url). Redis Cluster is not supported: arq needs its
+queue's keys on one node.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 from relay.redis import keys
-
-SENTINEL_SCHEME = "redis+sentinel"
+from relay.settings import SENTINEL_SCHEME, parse_sentinel_url
 
 R = TypeVar("R", bound=Redis)
-
-
-@dataclass(frozen=True)
-class SentinelTarget:
-    sentinels: tuple[tuple[str, int], ...]
-    master: str
-    db: int
-    password: str | None
-
-
-def parse_sentinel_url(url: str) -> SentinelTarget:
-    """Raise ValueError (without echoing the URL, which may hold a password) when malformed."""
-    parts = urlsplit(url)
-    if parts.scheme != SENTINEL_SCHEME:
-        raise ValueError(f"must start with {SENTINEL_SCHEME}://")
-    credentials, _, hosts = parts.netloc.rpartition("@")
-    sentinels: list[tuple[str, int]] = []
-    for entry in hosts.split(","):
-        host, _, port = entry.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError("each sentinel must be host:port")
-        sentinels.append((host.strip("[]"), int(port)))
-    path = [segment for segment in parts.path.split("/") if segment]
-    if not 1 <= len(path) <= 2 or (len(path) == 2 and not path[1].isdigit()):
-        raise ValueError("the path must be /master-name or /master-name/db")
-    password = unquote(credentials.partition(":")[2]) if credentials else None
-    return SentinelTarget(
-        tuple(sentinels), path[0], int(path[1]) if len(path) == 2 else 0, password or None
-    )
-
-
-def check_redis_url(url: str) -> None:
-    if url.startswith(SENTINEL_SCHEME + "://"):
-        parse_sentinel_url(url)
-    elif not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError(f"must be a redis://, rediss://, unix:// or {SENTINEL_SCHEME}:// URL")
 
 
 def _client(redis_class: type[R], url: str, timeout: float) -> R:

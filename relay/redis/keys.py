@@ -22,6 +22,7 @@ relay:webhook-key:{key id}  string when the relay first published that ed25519 p
 relay:console:session:{digest}
                             string a console session (the key that signed in, its CSRF token),
                                    named by a digest of its id; sign-out deletes it, 8 h at most
+relay:test-events:{caller}  string test events the caller sent in its current minute (expires)
 relay:stats:{outcome}:{minute}
                             string callbacks delivered / failed in that minute (kept 2 h)
 relay:api:write_check       string written before each round of submissions: Redis takes writes
@@ -115,6 +116,10 @@ def idempotency(caller: str, route: str, key: str) -> str:
 
 def idempotency_held(caller: str) -> str:
     return f"{PREFIX}idem-held:{caller}"
+
+
+def test_events(caller: str) -> str:
+    return f"{PREFIX}test-events:{caller}"
 
 
 def webhook_key(key_id: str) -> str:
