@@ -11,8 +11,8 @@ import pytest
 
 from relay.errors import ConfigError
 from relay.settings import load_settings
+from tests.helpers import submit
 from tests.stack import RELAY_KEY, Receiver, Stack, eventually, relay_stack
-from tests.test_end_to_end import submit
 
 
 def sign_in(stack: Stack, key: str = RELAY_KEY) -> httpx.Client:

@@ -16,9 +16,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
+from tests.helpers import submit, verified
 from tests.servers import serve
 from tests.stack import RELAY_KEY, Stack, eventually, relay_stack
-from tests.test_end_to_end import submit, verified
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(

@@ -10,8 +10,8 @@ import pytest
 import redis
 
 from relay.devtools.embedded_redis import embedded_redis
+from tests.helpers import AUDIO, VIDEO
 from tests.stack import RELAY_KEY, Stack, eventually, relay_stack
-from tests.test_end_to_end import AUDIO, VIDEO
 
 BODY = {
     "inputs": [{"type": "video", "url": VIDEO}, {"type": "audio", "url": AUDIO}],

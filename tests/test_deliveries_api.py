@@ -2,31 +2,11 @@
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
 from relay.delivery.attempt_log import EXCERPT_CHARS
-from tests.stack import RELAY_KEY, Receiver, Stack, eventually, relay_stack
-from tests.test_end_to_end import submit, verified
-
-API = "/api/relay/v1"
-
-
-def get(stack: Stack, path: str, **params: str) -> httpx.Response:
-    return httpx.get(stack.api_url + API + path, params=params, headers={"x-api-key": RELAY_KEY})
-
-
-def post(stack: Stack, path: str, body: object = None) -> httpx.Response:
-    return httpx.post(stack.api_url + API + path, json=body, headers={"x-api-key": RELAY_KEY})
-
-
-def attempts(stack: Stack, request_id: str) -> list[dict[str, object]]:
-    deliveries = get(stack, f"/jobs/{request_id}/deliveries").json()["deliveries"]
-    if not deliveries:
-        return []  # the job has not ended yet
-    [delivery] = deliveries
-    found: list[dict[str, object]] = delivery["attempts"]
-    return found
+from tests.helpers import attempts, get, post, submit, verified
+from tests.stack import Receiver, eventually, relay_stack
 
 
 def test_the_attempt_log_keeps_no_answer_by_default(redis_url: str) -> None:
