@@ -125,6 +125,7 @@ async def supervise(
         await stop.wait()
         deadline = loop.time() + drain_timeout
         for step in steps:
+            log.info("stopping %s", ", ".join(step))
             for name in step:
                 stops[name].set()
             step_runs = [runs[name] for name in step]
