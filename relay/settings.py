@@ -234,6 +234,12 @@ class Settings(BaseSettings):
     stranded_after: float = Field(120.0, ge=0, validation_alias="RELAY_STRANDED_AFTER")
     # How long an Idempotency-Key and its first answer are kept.
     idempotency_ttl: float = Field(86400.0, ge=60, validation_alias="RELAY_IDEMPOTENCY_TTL")
+    # Keep the start of receivers' answers in the attempt log (any caller key can read it).
+    attempt_log_excerpt: bool = Field(False, validation_alias="RELAY_ATTEMPT_LOG_EXCERPT")
+    # Test events one caller key may send per minute (429 beyond).
+    test_events_per_minute: int = Field(
+        10, ge=1, le=10_000, validation_alias="RELAY_TEST_EVENTS_PER_MINUTE"
+    )
     # Idempotency-Key records one caller key may hold at once (429 beyond): each is at most
     # ~1.5 KB in Redis, so the default bounds a caller's share to ~15 MB.
     idempotency_max_keys: int = Field(

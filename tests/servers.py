@@ -1,8 +1,12 @@
-"""Real servers on loopback for the tests: any ASGI app under uvicorn in a background thread."""
+"""Real servers on loopback for the tests: any ASGI app under uvicorn in a background thread, and
+a redis-server of a test's own (to stop, hang or kill)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -11,7 +15,7 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp
 
-from relay.devtools.embedded_redis import free_port
+from relay.devtools.embedded_redis import find_redis_server, free_port
 from relay.serving import EmbeddedServer
 
 
@@ -42,3 +46,19 @@ def serve(app: ASGIApp, *, port: int | None = None, **options: Any) -> Iterator[
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def own_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A redis-server of the test's own, not the session's: yields its URL and its process."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [find_redis_server(), "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        yield f"redis://127.0.0.1:{port}/0", proc
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -22,6 +22,7 @@ import pytest
 import yaml
 from redis import Redis
 
+from tests.chart_values import with_receivers
 from tests.metric_check import Exported, exported, unknown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +48,7 @@ def chart() -> Iterator[helm.Chart]:
 
 
 def render(chart: helm.Chart, values: dict[str, Any]) -> dict[str, str]:
-    return chart.render(values, name="relay", namespace="relay", is_install=True)
+    return chart.render(with_receivers(values), name="relay", namespace="relay", is_install=True)
 
 
 def rule_groups(chart: helm.Chart, values: dict[str, Any] = ENABLED) -> list[dict[str, Any]]:

@@ -30,10 +30,9 @@ from starlette.routing import Route
 from relay.devtools.embedded_redis import free_port
 from relay.redis import keys
 from relay.sandbox import SandboxConfig
-from tests.servers import serve
+from tests.helpers import verified
+from tests.servers import own_redis, serve
 from tests.stack import RELAY_KEY, SANDBOX_KEY, Stack, eventually, job_field, relay_stack
-from tests.test_end_to_end import verified
-from tests.test_worker_health import own_redis
 
 INPUTS = [
     {"type": "video", "url": "https://cdn.example.com/v.mp4"},

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import http.client
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import chamelaion
 import httpx
@@ -18,9 +16,9 @@ from starlette.routing import Route
 
 from relay.api.app import create_app
 from relay.devtools.embedded_redis import free_port
-from relay.sandbox import SandboxConfig, create_sandbox_app
 from relay.serving import api_options
 from relay.settings import DEFAULT_ALLOWED_PORTS, load_settings
+from tests.helpers import Api, running_api
 from tests.servers import serve
 from tests.stack import (
     RELAY_KEY,
@@ -28,7 +26,6 @@ from tests.stack import (
     eventually,
     is_up,
     job_fields,
-    new_secret,
     relay_stack,
 )
 
@@ -38,49 +35,6 @@ GOOD = {
         {"type": "audio", "url": "https://cdn.example.com/a.wav"},
     ]
 }
-
-
-@dataclass
-class Api:
-    url: str
-    sandbox_url: str
-    redis_url: str
-
-    def post(
-        self, body: object = None, *, content: bytes | None = None, **headers: str
-    ) -> httpx.Response:
-        return httpx.post(
-            self.url + "/api/v1/lipsync/generate",
-            json=body if content is None else None,
-            content=content,
-            headers={"x-api-key": RELAY_KEY, **headers},
-        )
-
-    def upstream_calls(self, route: str) -> int:
-        calls: dict[str, int] = httpx.get(self.sandbox_url + "/_sandbox/stats").json()["calls"]
-        return calls.get(route, 0)
-
-    def tracked(self) -> list[bytes]:
-        return list(redis.Redis.from_url(self.redis_url).scan_iter("relay:job:*"))
-
-
-@contextlib.contextmanager
-def running_api(redis_url: str, **overrides: str) -> Iterator[Api]:
-    with serve(create_sandbox_app(SandboxConfig(api_keys=(SANDBOX_KEY,)))) as sandbox_url:
-        settings = load_settings(
-            CHAMELAION_BASE_URL=sandbox_url + "/api",
-            CHAMELAION_API_KEY=SANDBOX_KEY,
-            RELAY_REDIS_URL=redis_url,
-            RELAY_API_KEYS=f"other-key-0123456789,{RELAY_KEY}",
-            RELAY_WEBHOOK_SECRETS=new_secret(),
-            **{
-                "RELAY_CALLBACK_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128",
-                "RELAY_CALLBACK_ALLOWED_PORTS": "1-65535",
-                **overrides,
-            },
-        )
-        with serve(create_app(settings), **api_options(settings)) as url:
-            yield Api(url, sandbox_url, redis_url)
 
 
 @pytest.fixture

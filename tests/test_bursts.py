@@ -14,10 +14,9 @@ import redis
 from arq.jobs import deserialize_result
 
 from relay.redis import keys
+from tests.helpers import AUDIO, SLOW, VIDEO, pin, verified
 from tests.servers import serve
 from tests.stack import Receiver, Stack, eventually, job_field, relay_stack
-from tests.test_end_to_end import AUDIO, VIDEO, verified
-from tests.test_polling import SLOW, pin
 
 
 def submit_many(stack: Stack, callback_url: str, count: int) -> list[str]:

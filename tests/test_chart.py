@@ -29,6 +29,7 @@ import yaml
 
 from relay.delivery.netpolicy import callback_policy
 from relay.settings import load_settings
+from tests.chart_values import RECEIVERS, with_receivers
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "chamelaion-relay"
@@ -69,6 +70,7 @@ SMALL_INSTALL: dict[str, Any] = {
         "grafanaDashboard": {"enabled": True},
     },
     "networkPolicy": {"enabled": True},
+    "config": {"callbackAllowedNetworks": RECEIVERS},
 }
 
 
@@ -78,7 +80,7 @@ def production_values() -> dict[str, Any]:
 
 
 VARIANTS: dict[str, Any] = {
-    "default": dict,
+    "default": with_receivers,
     "production": production_values,
     "small": lambda: copy.deepcopy(SMALL_INSTALL),
 }
@@ -90,8 +92,12 @@ def chart() -> Iterator[helm.Chart]:
         yield loaded
 
 
-def render_raw(chart: helm.Chart, values: dict[str, Any] | None = None) -> dict[str, str]:
-    return chart.render(values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+def render_raw(
+    chart: helm.Chart, values: dict[str, Any] | None = None, *, receivers: bool = True
+) -> dict[str, str]:
+    """`receivers`: add the receivers' networks every install must set (`with_receivers`)."""
+    values = with_receivers(values) if receivers else values or {}
+    return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
 
 
 def render(chart: helm.Chart, values: dict[str, Any] | None = None) -> list[Manifest]:
@@ -497,7 +503,7 @@ def test_configmap_carries_the_non_secret_settings(chart: helm.Chart) -> None:
     assert "RELAY_SWEEP_INTERVAL" not in data
     # Unset values are left out so that the application's own defaults apply.
     assert "RELAY_MAX_BODY_BYTES" not in data
-    assert "RELAY_CALLBACK_ALLOWED_NETWORKS" not in data
+    assert data["RELAY_CALLBACK_ALLOWED_NETWORKS"] == RECEIVERS
 
 
 def test_the_default_config_closes_the_clusters_control_plane(chart: helm.Chart) -> None:
@@ -520,6 +526,29 @@ def test_the_default_config_closes_the_clusters_control_plane(chart: helm.Chart)
     assert policy.check_port(10250) is not None
     assert policy.check_port(8000) is not None
     assert policy.check_port(443) is None
+
+
+def test_the_receivers_networks_must_be_asked_for(chart: helm.Chart) -> None:
+    # Issue #24, finding 2: with the chart's defaults only the API server's address was
+    # refused, so any caller key could point a test event at every Service and Pod.
+    with pytest.raises(helm.HelmRenderError, match=re.escape("config.callbackAllowedNetworks")):
+        render_raw(chart, {}, receivers=False)
+    with pytest.raises(helm.HelmRenderError, match="not both"):
+        render(chart, {"config": {"callbackAllowedNetworks": RECEIVERS,
+                                  "callbackAllowAnyNetwork": True}})  # fmt: skip
+    data = find(render(chart), "ConfigMap", FULLNAME)["data"]
+    assert data["RELAY_CALLBACK_ALLOWED_NETWORKS"] == RECEIVERS
+    policy = callback_policy(load_settings(CHAMELAION_API_KEY="x", **data))
+    assert policy.check_address(ip_address("10.20.70.5")) is None  # a receiver
+    for elsewhere in ("10.96.12.34", "10.244.1.7", "172.20.5.5", "192.168.1.10"):
+        assert policy.check_address(ip_address(elsewhere)) is not None, elsewhere
+    # The broad default only when asked for by name.
+    broad = render(chart, {"config": {"callbackAllowAnyNetwork": True}})
+    data = find(broad, "ConfigMap", FULLNAME)["data"]
+    assert "RELAY_CALLBACK_ALLOWED_NETWORKS" not in data
+    policy = callback_policy(load_settings(CHAMELAION_API_KEY="x", **data))
+    assert policy.check_address(ip_address("10.244.1.7")) is None
+    assert policy.check_address(ip_address("10.96.0.1")) is not None  # the API server still
 
 
 def relay_env(manifest: Manifest) -> dict[str, Any]:

@@ -22,15 +22,14 @@ import redis
 
 from relay.devtools.embedded_redis import free_port
 from relay.redis import keys
+from tests.helpers import POLL_ROUTE, submit, verified
 from tests.stack import RELAY_KEY, Stack, eventually, is_up, job_field, relay_stack
-from tests.test_end_to_end import submit, verified
 
 LIBFAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))), None)
 pytestmark = pytest.mark.skipif(
     LIBFAKETIME is None, reason="needs Debian's faketime (apt-get install faketime)"
 )
 
-POLL_ROUTE = "GET /v1/lipsync/requests/{id}"
 SKEWS = {"fast": "+10m", "slow": "-10m"}
 
 

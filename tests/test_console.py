@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from tests.helpers import submit
 from tests.stack import RELAY_KEY, Receiver, Stack, eventually, relay_stack
-from tests.test_end_to_end import submit
 
 
 def sign_in(stack: Stack, key: str = RELAY_KEY) -> httpx.Client:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from tests.helpers import submit, verified
 from tests.stack import RELAY_KEY, Stack, eventually, relay_stack
-from tests.test_end_to_end import submit, verified
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(

@@ -18,6 +18,7 @@ import pytest
 import yaml
 from redis import Redis
 
+from tests.chart_values import with_receivers
 from tests.metric_check import Exported, exported, selectors, unknown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ def chart() -> Iterator[helm.Chart]:
 
 
 def render(chart: helm.Chart, values: dict[str, Any]) -> dict[str, str]:
-    return chart.render(values, name="relay", namespace="relay", is_install=True)
+    return chart.render(with_receivers(values), name="relay", namespace="relay", is_install=True)
 
 
 @pytest.fixture(scope="module")

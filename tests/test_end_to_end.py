@@ -9,37 +9,10 @@ import time
 import httpx
 import orjson
 import redis
-from standardwebhooks import Webhook
 
 from relay.redis import keys
-from tests.stack import Callback, Receiver, Stack, eventually, job_field, job_fields, relay_stack
-
-VIDEO = "https://cdn.example.com/episodes/42.mp4"
-AUDIO = "https://cdn.example.com/dubs/42-japanese.wav"
-
-
-def submit(stack: Stack, *, video: str = VIDEO, reference_id: str | None = None) -> str:
-    extra: dict[str, object] = {"callback_url": stack.callback_url}
-    kwargs: dict[str, object] = {"reference_id": reference_id} if reference_id else {}
-    result = stack.sdk().lipsync.generate(
-        inputs=[{"type": "video", "url": video}, {"type": "audio", "url": AUDIO}],
-        extra_body=extra,
-        **kwargs,  # type: ignore[arg-type]
-    )
-    assert result.status == "success"
-    return result.request_id
-
-
-def verified(stack: Stack, callback: Callback) -> dict[str, object]:
-    """Verify with every configured secret, as receivers do during a rotation."""
-    payloads = [
-        Webhook(secret).verify(callback.body, callback.headers) for secret in stack.webhook_secrets
-    ]
-    assert all(payload == payloads[0] for payload in payloads)
-    assert callback.headers["content-type"] == "application/json"
-    assert len(callback.headers["webhook-signature"].split(" ")) == len(stack.webhook_secrets)
-    payload: dict[str, object] = payloads[0]
-    return payload
+from tests.helpers import submit, verified
+from tests.stack import Receiver, eventually, job_field, job_fields, relay_stack
 
 
 def test_completed_job_calls_back_with_the_upstream_final_state(redis_url: str) -> None:

@@ -12,8 +12,8 @@ from starlette.routing import Route
 from relay.api.app import create_app
 from relay.api.openapi import openapi_document
 from relay.settings import load_settings
+from tests.helpers import running_api
 from tests.stack import RELAY_KEY
-from tests.test_api import running_api
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 

@@ -5,41 +5,13 @@ from __future__ import annotations
 import itertools
 import time
 
-import httpx
 import orjson
 import redis
 from standardwebhooks import Webhook
 
 from relay.redis import keys
-from relay.sandbox import SandboxConfig
-from tests.stack import RELAY_KEY, SANDBOX_KEY, Receiver, Stack, eventually, job_field, relay_stack
-from tests.test_end_to_end import submit
-
-POLL_ROUTE = "GET /v1/lipsync/requests/{id}"
-LIST_ROUTE = "GET /v1/lipsync/requests"
-
-
-def read_times(stack: Stack) -> list[float]:
-    """When the relay asked upstream for statuses: per-id polls and list pages alike."""
-    stamps = stack.upstream("GET", "/_sandbox/stats").json()["timestamps"]
-    return sorted(stamps.get(POLL_ROUTE, []) + stamps.get(LIST_ROUTE, []))
-
-
-SLOW = SandboxConfig(api_keys=(SANDBOX_KEY,), queued_seconds=60, processing_seconds=60)
-
-
-def relay_view(stack: Stack, request_id: str) -> dict[str, object]:
-    response = httpx.get(
-        f"{stack.api_url}/api/v1/lipsync/requests/{request_id}", headers={"x-api-key": RELAY_KEY}
-    )
-    assert response.status_code == 200
-    body: dict[str, object] = response.json()
-    return body
-
-
-def pin(stack: Stack, request_id: str, **body: object) -> None:
-    response = stack.upstream("POST", f"/_sandbox/requests/{request_id}/status", json=body)
-    assert response.status_code == 200, response.text
+from tests.helpers import SLOW, pin, read_times, relay_view, submit
+from tests.stack import Receiver, eventually, job_field, relay_stack
 
 
 def test_unknown_status_and_odd_fields_never_break_a_poll(redis_url: str) -> None:

@@ -22,9 +22,9 @@ from relay.sandbox import SandboxConfig, create_sandbox_app
 from relay.settings import load_settings
 from relay.upstream import Upstream
 from relay.worker.process import WorkerState
+from tests.helpers import worker_state
 from tests.servers import serve
 from tests.stack import SANDBOX_KEY
-from tests.test_delivery import worker_state
 
 RATE = 4.0  # upstream calls per second: slow enough to tell slots apart, quick enough to test
 PAGE_CAP = 2  # the most rows the sandbox lists per page, so a few rows take several pages

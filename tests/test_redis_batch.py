@@ -16,7 +16,7 @@ from redis.exceptions import RedisError, ResponseError
 from relay.devtools.embedded_redis import find_redis_server, free_port
 from relay.redis import batch, scripts
 from relay.redis.batch import MAX_BATCH, batcher
-from tests.test_worker_health import own_redis
+from tests.servers import own_redis
 
 # Returns its argument, or fails when told to: one failing call among many.
 ECHO = "if ARGV[1] == 'fail' then return redis.error_reply('told to fail') end return ARGV[1]"

@@ -21,7 +21,8 @@ from starlette.routing import Route
 
 from relay.api.app import create_app
 from relay.settings import load_settings
-from tests.servers import serve
+from tests.helpers import submit, verified
+from tests.servers import own_redis, serve
 from tests.stack import (
     RELAY_KEY,
     SANDBOX_KEY,
@@ -31,8 +32,6 @@ from tests.stack import (
     job_field,
     relay_stack,
 )
-from tests.test_end_to_end import submit, verified
-from tests.test_worker_health import own_redis
 
 BODY = {
     "inputs": [

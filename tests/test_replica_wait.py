@@ -19,8 +19,8 @@ from relay.devtools.embedded_redis import find_redis_server, free_port
 from relay.errors import NotReplicated
 from relay.jobs.store import JobStore
 from relay.redis import keys
+from tests.helpers import AUDIO, VIDEO
 from tests.stack import RELAY_KEY, eventually, relay_stack
-from tests.test_end_to_end import AUDIO, VIDEO
 
 
 @contextlib.contextmanager

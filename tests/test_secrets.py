@@ -10,8 +10,8 @@ import httpx
 import pytest
 from standardwebhooks import Webhook
 
+from tests.helpers import AUDIO, VIDEO
 from tests.stack import RELAY_KEY, SANDBOX_KEY, Receiver, relay_stack
-from tests.test_end_to_end import AUDIO, VIDEO
 
 
 def test_no_configured_secret_appears_in_logs_errors_or_callbacks(

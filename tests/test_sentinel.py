@@ -16,8 +16,8 @@ from relay.devtools.embedded_redis import find_redis_server, free_port
 from relay.errors import ConfigError
 from relay.redis.conn import redacted
 from relay.settings import SentinelTarget, load_settings, parse_sentinel_url
+from tests.helpers import submit, verified
 from tests.stack import relay_stack
-from tests.test_end_to_end import submit, verified
 
 
 def test_sentinel_urls_parse() -> None:

@@ -12,8 +12,8 @@ import httpx
 import orjson
 
 from relay.devtools.embedded_redis import free_port
+from tests.helpers import submit
 from tests.stack import RELAY_KEY, Receiver, eventually, job_field, relay_stack
-from tests.test_end_to_end import submit
 
 BODY = {
     "inputs": [

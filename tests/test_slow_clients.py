@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from relay.api.protocol import peer_of
+from tests.helpers import BOUNDARY, MULTIPART, UPLOAD, audio, form, video
 from tests.stack import RELAY_KEY, Stack, eventually, relay_stack
-from tests.test_uploads import BOUNDARY, MULTIPART, UPLOAD, audio, form, video
 
 OTHER_KEY = "another-caller-key-0123456789"
 

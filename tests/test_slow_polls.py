@@ -11,8 +11,8 @@ import orjson
 import pytest
 
 from relay.sandbox import SandboxConfig
+from tests.helpers import submit
 from tests.stack import SANDBOX_KEY, Stack, relay_stack
-from tests.test_end_to_end import submit
 
 POLL_ROUTE = "GET /v1/lipsync/requests/{id}"
 

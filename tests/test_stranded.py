@@ -6,9 +6,8 @@ import httpx
 import redis
 
 from relay.redis import keys
+from tests.helpers import attempts, submit, verified
 from tests.stack import Receiver, eventually, job_field, relay_stack
-from tests.test_deliveries import attempts
-from tests.test_end_to_end import submit, verified
 
 SWEEP = {
     "RELAY_STRANDED_SWEEP_INTERVAL": "0.3",

@@ -23,9 +23,8 @@ from standardwebhooks import Webhook
 from relay.jobs.sweep import created_time, direction
 from relay.redis import keys
 from relay.sandbox import SandboxConfig
+from tests.helpers import LIST_ROUTE, POLL_ROUTE, pin, read_times, relay_view, submit
 from tests.stack import SANDBOX_KEY, Stack, eventually, is_up, job_field, relay_stack
-from tests.test_end_to_end import submit
-from tests.test_polling import LIST_ROUTE, POLL_ROUTE, pin, read_times, relay_view
 
 ORDERS = ["newest_first", "oldest_first"]
 SWEEPS_ONLY = {

@@ -25,12 +25,10 @@ from standardwebhooks import Webhook
 from relay.api.multipart import MediaForm
 from relay.errors import ApiError
 from relay.redis import keys
+from tests.helpers import BOUNDARY, MULTIPART, UPLOAD, audio, closing, form, part, video
 from tests.stack import RELAY_KEY, Stack, eventually, job_field, relay_stack
 
-UPLOAD = "/api/v1/lipsync/generate-with-media"
 UPSTREAM_CALL = "POST /v1/lipsync/generate-with-media"
-BOUNDARY = "relay-upload-test-9c1e"
-MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
 MiB = 1024 * 1024
 # Data that starts like a delimiter but is not one: a parser that splits on a prefix, or loses
 # bytes when a match fails across chunks, changes the hash. Each ends in a byte that no
@@ -41,18 +39,6 @@ TRAPS = (
     b"\r\n-X",
     b"\r\n--" + BOUNDARY.encode()[:-1] + b"\r",
 )
-
-
-def part(
-    name: str, value: bytes, *, filename: str | None = None, content_type: str | None = None
-) -> bytes:
-    disposition = f'form-data; name="{name}"'
-    if filename is not None:
-        disposition += f'; filename="{filename}"'
-    head = f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n"
-    if content_type is not None:
-        head += f"Content-Type: {content_type}\r\n"
-    return head.encode() + b"\r\n" + value + b"\r\n"
 
 
 def raw_part(dispositions: list[str], value: bytes) -> bytes:
@@ -66,22 +52,6 @@ def raw_part(dispositions: list[str], value: bytes) -> bytes:
         + value
         + b"\r\n"
     )
-
-
-def closing() -> bytes:
-    return f"--{BOUNDARY}--\r\n".encode()
-
-
-def form(*parts: bytes) -> bytes:
-    return b"".join(parts) + closing()
-
-
-def video(size: int = 64 * 1024) -> bytes:
-    return part("video", os.urandom(size), filename="episode.mp4", content_type="video/mp4")
-
-
-def audio(size: int = 16 * 1024) -> bytes:
-    return part("audio", os.urandom(size), filename="dub.wav", content_type="audio/wav")
 
 
 def callback(url: str) -> bytes:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from tests.helpers import AUDIO, VIDEO, verified
 from tests.stack import RELAY_KEY, Stack, relay_stack
-from tests.test_end_to_end import AUDIO, VIDEO, verified
 
 WATCHES = "/api/relay/v1/watches"
 

@@ -16,8 +16,8 @@ from standardwebhooks import Webhook
 from relay.errors import ConfigError
 from relay.settings import load_settings
 from relay.signing import Signer, check_secret
+from tests.helpers import submit
 from tests.stack import Callback, new_secret, relay_stack
-from tests.test_end_to_end import submit
 
 
 def new_ed25519_key(*, with_public: bool = False) -> tuple[str, bytes]:

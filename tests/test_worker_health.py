@@ -6,31 +6,15 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from relay.devtools.embedded_redis import find_redis_server, free_port
+from relay.devtools.embedded_redis import free_port
 from relay.settings import load_settings
 from relay.worker import dispatcher, process
+from tests.servers import own_redis
 from tests.stack import SANDBOX_KEY, new_secret
-
-
-@contextlib.contextmanager
-def own_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [find_redis_server(), "--port", str(port), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        yield f"redis://127.0.0.1:{port}/0", proc
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 async def status(url: str) -> int:

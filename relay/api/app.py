@@ -92,7 +92,9 @@ def create_app(settings: Settings) -> Starlette:
             wait_replicas=settings.redis_wait_replicas,
             wait_timeout=settings.redis_wait_timeout,
         )
-        attempt_log = AttemptLog(redis, retention=settings.job_retention)
+        attempt_log = AttemptLog(
+            redis, retention=settings.job_retention, excerpts=settings.attempt_log_excerpt
+        )
         # arq's client on the same connections: the API queues redeliveries. No clock: the
         # queue's script scores them on Redis's, whatever this process's own clock says.
         arq = arq_view(redis)

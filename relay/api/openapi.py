@@ -17,6 +17,7 @@ from relay.api.models import MAX_ID_LENGTH, MAX_REFERENCE_ID_LENGTH, GenerateReq
 from relay.api.responses import MAX_DETAILS
 from relay.api.test_events import TestEventRequest
 from relay.api.watches import WatchRequest
+from relay.delivery.failure import FAILURE_CLASSES
 from relay.delivery.netpolicy import MAX_URL_LENGTH
 
 _REF = "#/components/schemas/{model}"
@@ -92,10 +93,9 @@ def openapi_document() -> dict[str, Any]:
                     "status": {"type": ["integer", "null"]},
                     "error": {
                         "type": ["string", "null"],
-                        "enum": ["timeout", "refused", "tls", "policy", "protocol", "error", None],
+                        "enum": [*FAILURE_CLASSES, None],
                     },
                     "duration_ms": {"type": "number"},
-                    "response_excerpt": {"type": "string"},
                 },
             },
             "RecoverRequest": RecoverRequest.model_json_schema(ref_template=_REF),

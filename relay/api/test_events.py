@@ -2,28 +2,33 @@
 
 For a team checking its endpoint before going live: the URL passes the same network policy as
 a callback, the event is signed like every callback, and the answer says what the receiver did
-(status, time taken, the start of its reply) or what kind of failure it met.
+(status, time taken) or what kind of failure it met. Never what the receiver answered: any
+caller could then read whatever internal service the network policy lets callbacks reach. A
+caller key sends at most RELAY_TEST_EVENTS_PER_MINUTE (429 beyond), so outcomes and timings
+cannot map the network at any useful speed either.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from relay.api.body import read_body
 from relay.api.models import CallbackUrl
-from relay.api.state import app_state
+from relay.api.state import AppState, app_state
 from relay.api.submit import check_callback_url, validation_error
-from relay.delivery.deliverer import read_excerpt
 from relay.delivery.failure import failure_class
 from relay.errors import ApiError
 from relay.jobs.events import build_event
+from relay.redis import keys, scripts
 from relay.upstream import USER_AGENT
 
 PATH = "/api/relay/v1/test-events"
@@ -44,6 +49,8 @@ async def send_test_event(request: Request) -> Response:
         raise validation_error(exc) from None
     if state.signer is None:
         raise ApiError(503, "this API process has no RELAY_WEBHOOK_SECRETS to sign with")
+    # The auth middleware names the caller's key (a digest, never the key).
+    await _count(state, request.scope["state"]["caller_id"])
     await check_callback_url(state, wanted.url)
     webhook_id = "msg_" + uuid.uuid4().hex
     event = build_event("relay.test", {"message": "a test event from chamelaion-relay"})
@@ -59,14 +66,30 @@ async def send_test_event(request: Request) -> Response:
             asyncio.timeout(state.settings.delivery_timeout),
             state.callback_client.post(wanted.url, event, headers) as response,
         ):
-            excerpt = await read_excerpt(response)
+            # The answer's body is never read: its status is all a caller learns.
             result |= {
                 "delivered": 200 <= response.status_code < 300,
                 "status": response.status_code,
                 "error": None,
-                "response_excerpt": excerpt,
             }
     except (httpx.HTTPError, TimeoutError, OSError) as exc:
         result |= {"delivered": False, "status": None, "error": failure_class(exc)}
     result["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
     return JSONResponse(result)
+
+
+async def _count(state: AppState, caller: str) -> None:
+    """Count a test event against the caller's minute; 429 past its allowance."""
+    per_minute = state.settings.test_events_per_minute
+    script = scripts.register(state.redis, __name__, "limit")
+    try:
+        wait_ms = int(await script(keys=[keys.test_events(caller)], args=[per_minute]))
+    except RedisError:
+        raise ApiError(503, "the relay's job store is unavailable; try again") from None
+    if wait_ms:
+        raise ApiError(
+            429,
+            f"this API key sent {per_minute} test events in the last minute, the most "
+            "RELAY_TEST_EVENTS_PER_MINUTE allows; see Retry-After",
+            headers={"retry-after": str(math.ceil(wait_ms / 1000))},
+        )

@@ -1,9 +1,11 @@
 """Every delivery attempt, kept as long as its job, and every delivery filed by its state.
 
 An entry says when (Redis clock), which event and attempt, how long it took, the receiver's
-HTTP status or the kind of failure (relay.delivery.failure), the start of its answer, when the
-next try is due, and the state the delivery is in after it. Redelivery requests and deliveries
-requeued by the stranded-delivery sweep are entries too (`note`).
+HTTP status or the kind of failure (relay.delivery.failure), when the next try is due, and the
+state the delivery is in after it; with RELAY_ATTEMPT_LOG_EXCERPT, also the start of the
+receiver's answer. Off by default: any caller key reads any job's log, and a callback_url
+pointing at an internal service would put that service's answer in it. Redelivery requests
+and deliveries requeued by the stranded-delivery sweep are entries too (`note`).
 
 The state index (`relay:deliveries:{state}`, one sorted set per state scored by when the
 delivery got there) answers "what is failing since the outage" without a scan. States:
@@ -27,9 +29,11 @@ STATES = ("pending", "failing", "delivered", "gone", "failed")
 
 
 class AttemptLog:
-    def __init__(self, redis: Redis, *, retention: float) -> None:
+    def __init__(self, redis: Redis, *, retention: float, excerpts: bool = False) -> None:
         self.redis = redis
         self.retention = retention
+        # Keep and show the start of receivers' answers (RELAY_ATTEMPT_LOG_EXCERPT).
+        self.excerpts = excerpts
         self._log = scripts.register(redis, __name__, "record")
 
     async def record(self, delivery_id: str, **entry: Any) -> None:
@@ -37,6 +41,8 @@ class AttemptLog:
 
     def record_call(self, delivery_id: str, **entry: Any) -> ScriptCall:
         """The call that records `entry`, to make with others in one round trip."""
+        if not self.excerpts:
+            entry.pop("excerpt", None)
         return self._log.call(
             keys=[keys.job(delivery_id), keys.attempts(delivery_id)],
             args=[
@@ -50,7 +56,11 @@ class AttemptLog:
 
     async def entries(self, delivery_id: str) -> list[dict[str, Any]]:
         raw = await self.redis.lrange(keys.attempts(delivery_id), 0, -1)  # type: ignore[misc]
-        return [orjson.loads(item) for item in raw]
+        entries: list[dict[str, Any]] = [orjson.loads(item) for item in raw]
+        if not self.excerpts:
+            for entry in entries:  # kept while the setting was on
+                entry.pop("excerpt", None)
+        return entries
 
     async def page(
         self, state: str, *, since: float, until: float, limit: int

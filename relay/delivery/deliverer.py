@@ -58,7 +58,11 @@ SETTLED_LOG_LEVEL = {"delivered": logging.INFO, "gone": logging.WARNING, "failed
 # How much longer than an attempt's timeout its early event's sending key is held.
 SEND_MARGIN = 5.0
 
-_DETAIL = {"timeout": "timed out", "refused": "could not connect (refused)"}
+_DETAIL = {
+    "timeout": "timed out",
+    "refused": "could not connect (refused)",
+    "reset": "the connection was reset or closed before an answer",
+}
 
 EnqueueAttempt = Callable[[str, int, float, str], Awaitable[None]]
 # (request_id, attempt, delay, destination): enqueue a postponed run of that attempt.
@@ -329,8 +333,10 @@ class Deliverer:
                 asyncio.timeout(self.timeout),
                 self.client.post(url, event, headers) as response,
             ):
-                # Only the start is read, for the attempt log: a reply may be huge.
-                return classify(response, await read_excerpt(response))
+                # Only the start is read, for the attempt log, and only when it keeps it: a
+                # reply may be huge, or an internal service's secrets.
+                excerpt = await read_excerpt(response) if self.attempt_log.excerpts else ""
+                return classify(response, excerpt)
         except TimeoutError as exc:
             return Outcome("retry", "timed out", error=failure_class(exc))
         except DestinationRefused as exc:

@@ -22,6 +22,9 @@ that trusts the pod's network position. The checks, in the order a URL meets the
      are internal services.
 3. `resolve_and_check`: every address the host resolves to must pass; one denied address
    refuses the URL, because a name that mixes good and bad answers is how rebinding starts.
+   A refused name is refused in the same words whether it does not resolve or resolves into a
+   refused network, and its addresses are never named (`refused_name`): the caller would
+   otherwise learn which names exist inside the cluster and where they point. The log has it.
 
 The delivery side repeats these checks at connect time and connects only to the addresses it
 checked (`relay.delivery.transport`).
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import re
 import socket
 import unicodedata
@@ -50,6 +54,8 @@ import idna
 
 from relay.errors import CallbackUrlRejected
 from relay.settings import Settings, parse_networks, parse_ports
+
+log = logging.getLogger(__name__)
 
 IPAddress: TypeAlias = IPv4Address | IPv6Address
 IPNetwork: TypeAlias = IPv4Network | IPv6Network
@@ -528,11 +534,18 @@ def _parse_whatwg_ipv4(labels: list[str]) -> IPv4Address | None:
     return IPv4Address(value)
 
 
+def refused_name(host: str, why: str) -> str:
+    """Why the host name `host` is refused, as callers are told: the same words whatever `why`
+    (it did not resolve, or resolved into a refused network), which only the log gets."""
+    log.info("callback host %r refused: %s", host, why)
+    return f"host {host!r} is unknown or in a refused network"
+
+
 async def resolve_and_check(
     url: ParsedCallbackUrl, policy: NetworkPolicy, *, timeout: float = DEFAULT_RESOLVE_TIMEOUT
 ) -> list[IPAddress]:
     """Resolve the host (literals are not resolved) and return its addresses if all may be
-    reached; raise CallbackUrlRejected naming the host and the first refused address."""
+    reached; raise CallbackUrlRejected (for a name, in `refused_name`'s words)."""
     port_reason = policy.check_port(url.port)
     if port_reason is not None:
         raise CallbackUrlRejected(port_reason)
@@ -544,7 +557,7 @@ async def resolve_and_check(
     addresses = await _resolve(url.host, url.port, timeout)
     reason = policy.check_addresses(addresses)
     if reason is not None:
-        raise CallbackUrlRejected(f"host {url.host!r} resolves to a refused address: {reason}")
+        raise CallbackUrlRejected(refused_name(url.host, reason))
     return addresses
 
 
@@ -558,9 +571,11 @@ async def _resolve(host: str, port: int, timeout: float) -> list[IPAddress]:
                 host, port, type=socket.SOCK_STREAM, flags=socket.AI_ADDRCONFIG
             )
     except socket.gaierror as exc:
-        raise CallbackUrlRejected(f"host {host!r} could not be resolved ({exc.strerror})") from exc
+        raise CallbackUrlRejected(refused_name(host, f"did not resolve ({exc.strerror})")) from exc
     except TimeoutError as exc:
-        raise CallbackUrlRejected(f"host {host!r} did not resolve within {timeout:g} s") from exc
+        raise CallbackUrlRejected(
+            refused_name(host, f"did not resolve within {timeout:g} s")
+        ) from exc
     addresses: list[IPAddress] = []
     for *_, sockaddr in infos:
         # Scope ids (fe80::1%eth0) carry no policy meaning; the address decides.
@@ -568,5 +583,5 @@ async def _resolve(host: str, port: int, timeout: float) -> list[IPAddress]:
         if ip not in addresses:
             addresses.append(ip)
     if not addresses:
-        raise CallbackUrlRejected(f"host {host!r} has no addresses")
+        raise CallbackUrlRejected(refused_name(host, "has no addresses"))
     return addresses

@@ -31,7 +31,7 @@ import aiohttp
 import httpx
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from relay.delivery.netpolicy import NetworkPolicy, parse_callback_url
+from relay.delivery.netpolicy import NetworkPolicy, parse_callback_url, refused_name
 from relay.errors import CallbackUrlRejected, DestinationRefused
 from relay.http_client import AiohttpTransport
 from relay.http_urls import parsed_url
@@ -66,10 +66,11 @@ class PolicyResolver(AbstractResolver):
             # Scope ids (fe80::1%eth0) carry no policy meaning; the address decides.
             addresses = [ip_address(result["host"].partition("%")[0]) for result in results]
         except ValueError as exc:
-            raise _AddressRefused(f"host {host!r} resolved to a non-address ({exc})") from exc
+            raise _AddressRefused(refused_name(host, f"resolved to a non-address ({exc})")) from exc
         reason = self._policy.check_addresses(addresses)
         if reason is not None:
-            raise _AddressRefused(f"host {host!r} resolves to a refused address: {reason}")
+            # In the attempt log, which any caller key reads: the same words as at submission.
+            raise _AddressRefused(refused_name(host, reason))
         return results
 
     async def close(self) -> None:

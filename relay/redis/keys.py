@@ -19,6 +19,7 @@ relay:idem:{caller}:{route}:{key}
 relay:idem-held:{caller}    zset   the Idempotency-Key records a caller holds -> Redis-clock
                                    time each stops counting (RELAY_IDEMPOTENCY_MAX_KEYS)
 relay:webhook-key:{key id}  string when the relay first published that ed25519 public key
+relay:test-events:{caller}  string test events the caller sent in its current minute (expires)
 relay:stats:{outcome}:{minute}
                             string callbacks delivered / failed in that minute (kept 2 h)
 relay:api:write_check       string written before each round of submissions: Redis takes writes
@@ -112,6 +113,10 @@ def idempotency(caller: str, route: str, key: str) -> str:
 
 def idempotency_held(caller: str) -> str:
     return f"{PREFIX}idem-held:{caller}"
+
+
+def test_events(caller: str) -> str:
+    return f"{PREFIX}test-events:{caller}"
 
 
 def webhook_key(key_id: str) -> str:

@@ -82,7 +82,9 @@ async def build_state(settings: Settings) -> WorkerState:
     )
     upstream = Upstream.from_settings(settings)
     queue = DeliveryQueue(redis, settings.delivery_retry_schedule, clock)
-    attempt_log = AttemptLog(redis, retention=settings.job_retention)
+    attempt_log = AttemptLog(
+        redis, retention=settings.job_retention, excerpts=settings.attempt_log_excerpt
+    )
     deliveries = DeliveryStore(redis)
     client = make_callback_client(
         callback_policy(settings),

@@ -202,6 +202,14 @@ Render-time checks that the schema cannot express.
 {{- if and .Values.api.autoscaling.enabled (gt (int .Values.api.autoscaling.minReplicas) (int .Values.api.autoscaling.maxReplicas)) }}
 {{- fail "api.autoscaling.minReplicas must not exceed api.autoscaling.maxReplicas" }}
 {{- end }}
+{{- /* Callers choose where callbacks go: the receivers' networks are asked for, never assumed. */}}
+{{- $c := .Values.config }}
+{{- if and $c.callbackAllowedNetworks $c.callbackAllowAnyNetwork }}
+{{- fail "config: set config.callbackAllowedNetworks or config.callbackAllowAnyNetwork, not both" }}
+{{- end }}
+{{- if not (or $c.callbackAllowedNetworks $c.callbackAllowAnyNetwork) }}
+{{- fail "config.callbackAllowedNetworks is required: the comma-separated CIDRs your webhook receivers live in, e.g. --set config.callbackAllowedNetworks=10.20.30.0/24. Callbacks and test events reach only those. To let them reach every network but the special-purpose ones (every Service and Pod of the cluster included), set config.callbackAllowAnyNetwork=true instead" }}
+{{- end }}
 {{- end }}
 
 {{/*

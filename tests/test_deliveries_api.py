@@ -2,31 +2,23 @@
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
 from relay.delivery.attempt_log import EXCERPT_CHARS
-from tests.stack import RELAY_KEY, Receiver, Stack, eventually, relay_stack
-from tests.test_end_to_end import submit, verified
-
-API = "/api/relay/v1"
+from tests.helpers import attempts, get, post, submit, verified
+from tests.stack import Receiver, eventually, relay_stack
 
 
-def get(stack: Stack, path: str, **params: str) -> httpx.Response:
-    return httpx.get(stack.api_url + API + path, params=params, headers={"x-api-key": RELAY_KEY})
-
-
-def post(stack: Stack, path: str, body: object = None) -> httpx.Response:
-    return httpx.post(stack.api_url + API + path, json=body, headers={"x-api-key": RELAY_KEY})
-
-
-def attempts(stack: Stack, request_id: str) -> list[dict[str, object]]:
-    deliveries = get(stack, f"/jobs/{request_id}/deliveries").json()["deliveries"]
-    if not deliveries:
-        return []  # the job has not ended yet
-    [delivery] = deliveries
-    found: list[dict[str, object]] = delivery["attempts"]
-    return found
+def test_the_attempt_log_keeps_no_answer_by_default(redis_url: str) -> None:
+    # Issue #24, finding 2: any key reads any job's attempt log, and a callback_url pointing at
+    # an internal service put that service's answer in it.
+    receiver = Receiver(answers={200: b'{"db_password": "hunter2"}'})
+    with relay_stack(redis_url, receiver=receiver) as stack:
+        request_id = submit(stack)
+        [entry] = eventually(lambda: attempts(stack, request_id))
+        assert entry["status"] == 200
+        assert not entry.get("excerpt")
+        assert "hunter2" not in get(stack, f"/jobs/{request_id}/deliveries").text
 
 
 def test_the_attempt_log_tells_each_attempt(redis_url: str) -> None:
@@ -35,7 +27,8 @@ def test_the_attempt_log_tells_each_attempt(redis_url: str) -> None:
         extra_headers={"content-type": "text/plain"},
         answers={500: b"database on fire" + b"." * 600, 503: b"back soon"},
     )
-    with relay_stack(redis_url, receiver=receiver) as stack:
+    env = {"RELAY_ATTEMPT_LOG_EXCERPT": "true"}
+    with relay_stack(redis_url, receiver=receiver, env=env) as stack:
         request_id = submit(stack)
         receiver.wait_for(3)
         log = eventually(

@@ -6,20 +6,11 @@ import httpx
 import pytest
 
 from relay.sandbox import SandboxConfig
+from tests.helpers import AUDIO, VIDEO, get, submit, verified
 from tests.stack import RELAY_KEY, SANDBOX_KEY, Receiver, Stack, eventually, relay_stack
-from tests.test_deliveries import get
-from tests.test_end_to_end import AUDIO, VIDEO, verified
 
-SLOW = SandboxConfig(api_keys=(SANDBOX_KEY,), queued_seconds=0.3, processing_seconds=4.0)
+SLOW_PROCESSING = SandboxConfig(api_keys=(SANDBOX_KEY,), queued_seconds=0.3, processing_seconds=4.0)
 METADATA = {"episode": 42, "language": "ja", "route": {"team": "dubbing"}}
-
-
-def submit(stack: Stack, **extra: object) -> str:
-    result = stack.sdk().lipsync.generate(
-        inputs=[{"type": "video", "url": VIDEO}, {"type": "audio", "url": AUDIO}],
-        extra_body={"callback_url": stack.callback_url, **extra},
-    )
-    return result.request_id
 
 
 def deliveries(stack: Stack, request_id: str) -> list[dict[str, object]]:
@@ -30,7 +21,7 @@ def deliveries(stack: Stack, request_id: str) -> list[dict[str, object]]:
 
 
 def test_processing_then_completed_in_order_with_metadata(redis_url: str) -> None:
-    with relay_stack(redis_url, sandbox=SLOW) as stack:
+    with relay_stack(redis_url, sandbox=SLOW_PROCESSING) as stack:
         request_id = submit(
             stack,
             callback_events=["lipsync.processing", "lipsync.completed"],
@@ -51,7 +42,7 @@ def test_processing_then_completed_in_order_with_metadata(redis_url: str) -> Non
 
 
 def test_the_default_is_the_final_events_only(redis_url: str) -> None:
-    with relay_stack(redis_url, sandbox=SLOW) as stack:
+    with relay_stack(redis_url, sandbox=SLOW_PROCESSING) as stack:
         request_id = submit(stack)
         [callback] = stack.receiver.wait_for(1)
         assert verified(stack, callback)["type"] == "lipsync.completed"
@@ -81,7 +72,7 @@ def test_a_processing_event_still_pending_when_the_job_ends_is_dropped(redis_url
     with relay_stack(
         redis_url,
         receiver=receiver,
-        sandbox=SLOW,
+        sandbox=SLOW_PROCESSING,
         env={"RELAY_DELIVERY_RETRY_SCHEDULE": "0,8,8"},
     ) as stack:
         request_id = submit(stack, callback_events=["lipsync.processing", "lipsync.completed"])

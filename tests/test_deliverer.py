@@ -7,7 +7,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import orjson
 import pytest
@@ -18,35 +18,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from relay.redis import keys
-from relay.settings import load_settings
-from relay.worker.process import WorkerState, build_state
+from relay.worker.process import WorkerState
 from relay.worker.tasks import deliver
+from tests.helpers import worker_state
 from tests.servers import serve
-from tests.stack import SANDBOX_KEY, Receiver, new_secret
-
-
-@contextlib.asynccontextmanager
-async def worker_state(redis_url: str, **env: str) -> AsyncIterator[WorkerState]:
-    """A worker's parts, built in this process as `relay worker` builds them; `env` overrides
-    any setting (by default its upstream is unreachable: delivery needs none)."""
-    settings = load_settings(
-        **{
-            "CHAMELAION_API_KEY": SANDBOX_KEY,
-            "CHAMELAION_BASE_URL": "http://127.0.0.1:9/api",
-            "RELAY_REDIS_URL": redis_url,
-            "RELAY_WEBHOOK_SECRETS": new_secret(),
-            "RELAY_CALLBACK_ALLOWED_NETWORKS": "127.0.0.0/8",
-            "RELAY_CALLBACK_ALLOWED_PORTS": "1-65535",
-            **env,
-        }
-    )
-    state = await build_state(settings)
-    try:
-        yield state
-    finally:
-        await state.upstream.aclose()
-        await state.callback_client.aclose()
-        await state.redis.aclose()
+from tests.stack import Receiver
 
 
 async def ended_job(state: WorkerState, request_id: str, callback_url: str) -> None:

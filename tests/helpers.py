@@ -1,0 +1,221 @@
+"""What many test files share, beside the stack (tests/stack.py) and the servers (tests/servers.py):
+submitting through a stack and verifying its callbacks, steering the sandbox, the relay's own API,
+a worker's parts built in the test's process, a lone API, and multipart upload bodies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import httpx
+import redis
+from standardwebhooks import Webhook
+
+from relay.api.app import create_app
+from relay.sandbox import SandboxConfig, create_sandbox_app
+from relay.serving import api_options
+from relay.settings import load_settings
+from relay.worker.process import WorkerState, build_state
+from tests.servers import serve
+from tests.stack import RELAY_KEY, SANDBOX_KEY, Callback, Stack, new_secret
+
+# --- Submitting through a stack, and its callbacks ---------------------------------------------
+
+VIDEO = "https://cdn.example.com/episodes/42.mp4"
+AUDIO = "https://cdn.example.com/dubs/42-japanese.wav"
+
+
+def submit(
+    stack: Stack, *, video: str = VIDEO, reference_id: str | None = None, **extra: object
+) -> str:
+    """Submit one job with the official SDK, calling back to the stack's receiver; `extra` goes
+    into the body (the relay's own fields: callback_events, callback_metadata...)."""
+    kwargs: dict[str, object] = {"reference_id": reference_id} if reference_id else {}
+    result = stack.sdk().lipsync.generate(
+        inputs=[{"type": "video", "url": video}, {"type": "audio", "url": AUDIO}],
+        extra_body={"callback_url": stack.callback_url, **extra},
+        **kwargs,  # type: ignore[arg-type]
+    )
+    assert result.status == "success"
+    return result.request_id
+
+
+def verified(stack: Stack, callback: Callback) -> dict[str, object]:
+    """Verify with every configured secret, as receivers do during a rotation."""
+    payloads = [
+        Webhook(secret).verify(callback.body, callback.headers) for secret in stack.webhook_secrets
+    ]
+    assert all(payload == payloads[0] for payload in payloads)
+    assert callback.headers["content-type"] == "application/json"
+    assert len(callback.headers["webhook-signature"].split(" ")) == len(stack.webhook_secrets)
+    payload: dict[str, object] = payloads[0]
+    return payload
+
+
+# --- The sandbox upstream -----------------------------------------------------------------------
+
+POLL_ROUTE = "GET /v1/lipsync/requests/{id}"
+LIST_ROUTE = "GET /v1/lipsync/requests"
+# Jobs that stay queued until a test pins their status.
+SLOW = SandboxConfig(api_keys=(SANDBOX_KEY,), queued_seconds=60, processing_seconds=60)
+
+
+def read_times(stack: Stack) -> list[float]:
+    """When the relay asked upstream for statuses: per-id polls and list pages alike."""
+    stamps = stack.upstream("GET", "/_sandbox/stats").json()["timestamps"]
+    return sorted(stamps.get(POLL_ROUTE, []) + stamps.get(LIST_ROUTE, []))
+
+
+def pin(stack: Stack, request_id: str, **body: object) -> None:
+    """Set what the sandbox answers for a job from now on (its status, fields added or dropped)."""
+    response = stack.upstream("POST", f"/_sandbox/requests/{request_id}/status", json=body)
+    assert response.status_code == 200, response.text
+
+
+# --- The relay's API ----------------------------------------------------------------------------
+
+RELAY_API = "/api/relay/v1"
+
+
+def relay_view(stack: Stack, request_id: str) -> dict[str, object]:
+    """A job as the relay's status route shows it."""
+    response = httpx.get(
+        f"{stack.api_url}/api/v1/lipsync/requests/{request_id}", headers={"x-api-key": RELAY_KEY}
+    )
+    assert response.status_code == 200
+    body: dict[str, object] = response.json()
+    return body
+
+
+def get(stack: Stack, path: str, **params: str) -> httpx.Response:
+    """GET a path of the relay's own routes (deliveries, watches...)."""
+    return httpx.get(
+        stack.api_url + RELAY_API + path, params=params, headers={"x-api-key": RELAY_KEY}
+    )
+
+
+def post(stack: Stack, path: str, body: object = None) -> httpx.Response:
+    """POST to a path of the relay's own routes."""
+    return httpx.post(stack.api_url + RELAY_API + path, json=body, headers={"x-api-key": RELAY_KEY})
+
+
+def attempts(stack: Stack, request_id: str) -> list[dict[str, object]]:
+    """The attempt log of a job's one delivery; empty while the job has not ended."""
+    deliveries = get(stack, f"/jobs/{request_id}/deliveries").json()["deliveries"]
+    if not deliveries:
+        return []
+    [delivery] = deliveries
+    found: list[dict[str, object]] = delivery["attempts"]
+    return found
+
+
+# --- A worker's parts in this process -----------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def worker_state(redis_url: str, **env: str) -> AsyncIterator[WorkerState]:
+    """A worker's parts, built in this process as `relay worker` builds them; `env` overrides
+    any setting (by default its upstream is unreachable: delivery needs none)."""
+    settings = load_settings(
+        **{
+            "CHAMELAION_API_KEY": SANDBOX_KEY,
+            "CHAMELAION_BASE_URL": "http://127.0.0.1:9/api",
+            "RELAY_REDIS_URL": redis_url,
+            "RELAY_WEBHOOK_SECRETS": new_secret(),
+            "RELAY_CALLBACK_ALLOWED_NETWORKS": "127.0.0.0/8",
+            "RELAY_CALLBACK_ALLOWED_PORTS": "1-65535",
+            **env,
+        }
+    )
+    state = await build_state(settings)
+    try:
+        yield state
+    finally:
+        await state.upstream.aclose()
+        await state.callback_client.aclose()
+        await state.redis.aclose()
+
+
+# --- The API alone, in front of a sandbox -------------------------------------------------------
+
+
+@dataclass
+class Api:
+    url: str
+    sandbox_url: str
+    redis_url: str
+
+    def post(
+        self, body: object = None, *, content: bytes | None = None, **headers: str
+    ) -> httpx.Response:
+        return httpx.post(
+            self.url + "/api/v1/lipsync/generate",
+            json=body if content is None else None,
+            content=content,
+            headers={"x-api-key": RELAY_KEY, **headers},
+        )
+
+    def upstream_calls(self, route: str) -> int:
+        calls: dict[str, int] = httpx.get(self.sandbox_url + "/_sandbox/stats").json()["calls"]
+        return calls.get(route, 0)
+
+    def tracked(self) -> list[bytes]:
+        return list(redis.Redis.from_url(self.redis_url).scan_iter("relay:job:*"))
+
+
+@contextlib.contextmanager
+def running_api(redis_url: str, **overrides: str) -> Iterator[Api]:
+    """The relay's API (no worker) in front of a sandbox; `overrides` are settings."""
+    with serve(create_sandbox_app(SandboxConfig(api_keys=(SANDBOX_KEY,)))) as sandbox_url:
+        settings = load_settings(
+            CHAMELAION_BASE_URL=sandbox_url + "/api",
+            CHAMELAION_API_KEY=SANDBOX_KEY,
+            RELAY_REDIS_URL=redis_url,
+            RELAY_API_KEYS=f"other-key-0123456789,{RELAY_KEY}",
+            RELAY_WEBHOOK_SECRETS=new_secret(),
+            **{
+                "RELAY_CALLBACK_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128",
+                "RELAY_CALLBACK_ALLOWED_PORTS": "1-65535",
+                **overrides,
+            },
+        )
+        with serve(create_app(settings), **api_options(settings)) as url:
+            yield Api(url, sandbox_url, redis_url)
+
+
+# --- Multipart bodies for generate-with-media ---------------------------------------------------
+
+UPLOAD = "/api/v1/lipsync/generate-with-media"
+BOUNDARY = "relay-upload-test-9c1e"
+MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def part(
+    name: str, value: bytes, *, filename: str | None = None, content_type: str | None = None
+) -> bytes:
+    disposition = f'form-data; name="{name}"'
+    if filename is not None:
+        disposition += f'; filename="{filename}"'
+    head = f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n"
+    if content_type is not None:
+        head += f"Content-Type: {content_type}\r\n"
+    return head.encode() + b"\r\n" + value + b"\r\n"
+
+
+def closing() -> bytes:
+    return f"--{BOUNDARY}--\r\n".encode()
+
+
+def form(*parts: bytes) -> bytes:
+    return b"".join(parts) + closing()
+
+
+def video(size: int = 64 * 1024) -> bytes:
+    return part("video", os.urandom(size), filename="episode.mp4", content_type="video/mp4")
+
+
+def audio(size: int = 16 * 1024) -> bytes:
+    return part("audio", os.urandom(size), filename="dub.wav", content_type="audio/wav")
