@@ -22,8 +22,8 @@ from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 
-# How long a stopping service's run may take to return at the least, whatever the drain
-# timeout (RELAY_SHUTDOWN_TIMEOUT may be 0): a sweep finishing its page, a loop waking up.
+# How long a step's stopping services may take to return at the least, whatever is left of the
+# drain timeout (RELAY_SHUTDOWN_TIMEOUT may be 0): a sweep finishing its page, a loop waking up.
 MIN_STOP_WAIT = 1.0
 # How often a drain looks again at what is in flight (new work may still be starting).
 DRAIN_STEP = 0.2
@@ -123,14 +123,16 @@ async def supervise(
             for name, service in by_name.items()
         }
         await stop.wait()
-        stopped_at = loop.time()
-        deadline = stopped_at + drain_timeout
+        deadline = loop.time() + drain_timeout
         for step in steps:
+            log.info("stopping %s", ", ".join(step))
             for name in step:
                 stops[name].set()
             step_runs = [runs[name] for name in step]
+            # Within the drain timeout, and never less than MIN_STOP_WAIT for a step: a later
+            # step still stops cleanly when an earlier one used up the timeout.
             _, late = await asyncio.wait(
-                step_runs, timeout=max(deadline, stopped_at + MIN_STOP_WAIT) - loop.time()
+                step_runs, timeout=max(deadline - loop.time(), MIN_STOP_WAIT)
             )
             for task in late:
                 # Stuck past its bound (a sweep in a page that never answers): cut off. What

@@ -97,8 +97,8 @@ DELIVERY_LATENCY = Histogram(
 )
 HTTP_RESPONSES = Counter(
     "relay_http_responses",
-    "API responses by status class (1xx to 5xx), uvicorn's own 503s past "
-    "RELAY_HTTP_MAX_CONCURRENCY included; probes and /metrics are not counted",
+    "API responses by status class (1xx to 5xx), the 503s past RELAY_HTTP_MAX_CONCURRENCY "
+    "and 431s for oversized headers included; probes and /metrics are not counted",
     ["status_class"],
 )
 UPSTREAM_RATE_LIMIT = Gauge(

@@ -49,6 +49,9 @@ def api_options(settings: Settings) -> dict[str, Any]:
             )
         ),
         "timeout_keep_alive": settings.http_keepalive_timeout,
+        # X-Forwarded-Proto and -For count only from these (the console's Secure cookies).
+        "proxy_headers": True,
+        "forwarded_allow_ips": settings.forwarded_allow_ips,
         # In-flight requests get RELAY_SHUTDOWN_TIMEOUT to finish, then are cancelled. A create
         # cut off then (or by SIGKILL) is not lost: its intent, written before the upstream
         # call, is reconciled by a worker (relay.jobs.intents), so the grace need not cover

@@ -13,7 +13,7 @@ checked here at load time are read the same way there (`parse_networks`, `parse_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
@@ -231,6 +231,12 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(20.0, ge=0, validation_alias="RELAY_SHUTDOWN_TIMEOUT")
     # Signs console sessions; derived from RELAY_API_KEYS when unset (see relay.console.session).
     console_secret: SecretStr | None = Field(None, validation_alias="RELAY_CONSOLE_SECRET")
+    # The console's cookies are always Secure (behind a TLS proxy not in
+    # RELAY_FORWARDED_ALLOW_IPS); otherwise Secure when the request came over https.
+    console_secure_cookies: bool = Field(False, validation_alias="RELAY_CONSOLE_SECURE_COOKIES")
+    # The proxies whose X-Forwarded-Proto and X-Forwarded-For the API believes (uvicorn's
+    # forwarded_allow_ips): comma-separated addresses and networks, or `*` for any.
+    forwarded_allow_ips: str = Field("127.0.0.1,::1", validation_alias="RELAY_FORWARDED_ALLOW_IPS")
     # How often one worker looks for pending deliveries whose queued attempt is gone, and how
     # long a delivery must have waited before it counts as stranded.
     stranded_sweep_interval: float = Field(
@@ -307,6 +313,26 @@ class Settings(BaseSettings):
                     f"key #{position} is shorter than {MIN_API_KEY_LENGTH} characters; "
                     "use long random keys (e.g. `openssl rand -hex 24`)"
                 )
+        return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _trusted_proxies(cls, value: str) -> str:
+        # uvicorn takes anything it cannot parse as a name it will never see: say so instead.
+        entries = [entry.strip() for entry in value.split(",") if entry.strip()]
+        if entries == ["*"]:
+            return value
+        for entry in entries:
+            try:
+                if "/" in entry:
+                    ip_network(entry)
+                else:
+                    ip_address(entry)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an address or a network (address/prefix, host bits "
+                    "zero), nor a lone `*`"
+                ) from None
         return value
 
     @field_validator("chamelaion_base_url")

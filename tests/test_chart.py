@@ -463,7 +463,8 @@ CONTRACT_ENV = {
     "RELAY_MAX_UPLOADS", "RELAY_MAX_UPLOADS_PER_KEY", "RELAY_UPLOAD_MIN_RATE",
     "RELAY_HTTP_HEADER_TIMEOUT", "RELAY_HTTP_KEEPALIVE_TIMEOUT", "RELAY_HTTP_BODY_TIMEOUT",
     "RELAY_HTTP_MAX_CONCURRENCY", "RELAY_HTTP_MAX_CONNECTIONS",
-    "RELAY_HTTP_MAX_CONNECTIONS_PER_PEER", "RELAY_API_PORT",
+    "RELAY_HTTP_MAX_CONNECTIONS_PER_PEER", "RELAY_API_PORT", "RELAY_FORWARDED_ALLOW_IPS",
+    "RELAY_CONSOLE_SECURE_COOKIES",
 }  # fmt: skip
 SECRET_ENV = {"CHAMELAION_API_KEY", "RELAY_API_KEYS", "RELAY_WEBHOOK_SECRETS", "RELAY_REDIS_URL"}
 
@@ -773,3 +774,31 @@ def test_console_ingress_is_off_by_default_and_publishes_only_the_console(
     assert [p["path"] for p in rule["http"]["paths"]] == ["/console"]
     assert rule["http"]["paths"][0]["backend"]["service"]["name"] == FULLNAME
     assert ingress["spec"]["tls"][0]["secretName"] == "console-tls"
+
+
+def configmap_data(chart: helm.Chart, values: dict[str, Any] | None = None) -> dict[str, str]:
+    data: dict[str, str] = find(render(chart, values), "ConfigMap", FULLNAME)["data"]
+    return data
+
+
+def test_behind_the_console_ingress_with_tls_the_cookies_are_secure(chart: helm.Chart) -> None:
+    # Finding 6 of #24: behind the chart's TLS Ingress the API saw plain http from an address
+    # it does not trust, and set the session cookie without Secure.
+    ingress = {"enabled": True, "host": "relay-console.example.com"}
+    with_tls = {"console": {"ingress": {**ingress, "tls": [{"secretName": "console-tls"}]}}}
+    assert configmap_data(chart, with_tls)["RELAY_CONSOLE_SECURE_COOKIES"] == "true"
+    assert configmap_data(chart, {"console": {"ingress": ingress}}).get(
+        "RELAY_CONSOLE_SECURE_COOKIES"
+    ) in (None, "false")
+    assert configmap_data(chart).get("RELAY_CONSOLE_SECURE_COOKIES") in (None, "false")
+    # Said outright, either way, it wins.
+    forced_off = {"console": {**with_tls["console"], "secureCookies": False}}
+    assert configmap_data(chart, forced_off)["RELAY_CONSOLE_SECURE_COOKIES"] == "false"
+    forced_on = {"console": {"secureCookies": True}}
+    assert configmap_data(chart, forced_on)["RELAY_CONSOLE_SECURE_COOKIES"] == "true"
+
+
+def test_trusted_proxies_reach_the_api(chart: helm.Chart) -> None:
+    assert "RELAY_FORWARDED_ALLOW_IPS" not in configmap_data(chart)
+    values = {"config": {"forwardedAllowIps": "10.244.0.0/16"}}
+    assert configmap_data(chart, values)["RELAY_FORWARDED_ALLOW_IPS"] == "10.244.0.0/16"

@@ -11,8 +11,13 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse
+from starlette.routing import Route
 
 from tests.helpers import submit, verified
+from tests.servers import serve
 from tests.stack import RELAY_KEY, Stack, eventually, relay_stack
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -52,6 +57,9 @@ def test_sign_in_find_a_job_and_open_it(redis_url: str, browser: Browser, tmp_pa
         request_id = submit(stack, reference_id="episode-42-ja")
         stack.receiver.wait_for(1)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
+        # The console's Content-Security-Policy refuses nothing the console itself uses.
+        refused: list[str] = []
+        page.on("console", lambda message: refused.append(message.text))
         sign_in(page, stack)
         expect(page.get_by_role("heading", name="Overview", level=1)).to_be_visible()
         expect(page.locator("#callbacks + p")).to_contain_text("1 delivered, 0 failed")
@@ -89,6 +97,7 @@ def test_sign_in_find_a_job_and_open_it(redis_url: str, browser: Browser, tmp_pa
             "redelivery requested"
         )
         page.screenshot(path=tmp_path / "job.png", full_page=True)
+        assert not [text for text in refused if "Content Security Policy" in text], refused
 
         # A phone-sized screen still reads.
         phone = browser.new_page(viewport={"width": 390, "height": 844})
@@ -127,3 +136,66 @@ def test_a_forged_post_from_the_page_is_refused(redis_url: str, browser: Browser
         assert status == 403
         page.goto(stack.api_url + "/console/")
         expect(page.get_by_role("heading", name="Overview", level=1)).to_be_visible()
+
+
+def framing_site(target: str) -> Starlette:
+    """Another site, whose page puts `target` in a frame (clickjacking)."""
+
+    async def page(request: Request) -> HTMLResponse:
+        return HTMLResponse(f'<h1>Win a prize</h1><iframe src="{target}"></iframe>')
+
+    return Starlette(routes=[Route("/", page)])
+
+
+def test_another_site_cannot_frame_the_console(redis_url: str, browser: Browser) -> None:
+    # Finding 6 of #24: no frame-ancestors / X-Frame-Options on console pages.
+    with (
+        relay_stack(redis_url, workers=0) as stack,
+        serve(framing_site(stack.api_url + "/console/login")) as site,
+    ):
+        page = browser.new_page()
+        refused: list[str] = []
+        page.on("console", lambda message: refused.append(message.text))
+        page.goto(site)
+        expect(page.get_by_role("heading", name="Win a prize")).to_be_visible()
+        # The frame is not the console's: the browser refused to render it there.
+        eventually(lambda: any("frame-ancestors" in text for text in refused))
+        expect(page.frame_locator("iframe").get_by_label("API key")).to_have_count(0)
+
+
+def test_a_session_copied_before_sign_out_is_dead_after_it(
+    redis_url: str, browser: Browser
+) -> None:
+    with relay_stack(redis_url, workers=0) as stack:
+        mine = browser.new_context()
+        page = mine.new_page()
+        sign_in(page, stack)
+        expect(page.get_by_role("heading", name="Overview", level=1)).to_be_visible()
+        thief = browser.new_context()
+        thief.add_cookies(
+            [
+                {"name": c["name"], "value": c["value"], "domain": c["domain"], "path": c["path"]}
+                for c in mine.cookies()
+            ]
+        )
+        stolen = thief.new_page()
+        stolen.goto(stack.api_url + "/console/")
+        expect(stolen.get_by_role("heading", name="Overview", level=1)).to_be_visible()
+
+        page.get_by_role("button", name="Sign out").click()
+        expect(page).to_have_url(stack.api_url + "/console/login")
+        stolen.goto(stack.api_url + "/console/")
+        expect(stolen).to_have_url(stack.api_url + "/console/login")
+        mine.close()
+        thief.close()
+
+
+def test_secure_cookies_still_sign_in_over_a_port_forward(redis_url: str, browser: Browser) -> None:
+    # The chart requires Secure cookies behind its TLS Ingress; `kubectl port-forward` serves
+    # plain http on 127.0.0.1, which browsers hold to be secure enough for them.
+    env = {"RELAY_CONSOLE_SECURE_COOKIES": "true"}
+    with relay_stack(redis_url, workers=0, env=env) as stack:
+        page = browser.new_page()
+        sign_in(page, stack)
+        expect(page.get_by_role("heading", name="Overview", level=1)).to_be_visible()
+        assert all(cookie["secure"] for cookie in page.context.cookies())

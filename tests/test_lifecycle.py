@@ -109,6 +109,17 @@ async def test_a_run_that_will_not_stop_is_cut_off_and_the_next_step_goes_on(
     assert events[-4:] == ["stuck drained", "after stopping", "after stopped", "after drained"]
 
 
+async def test_a_later_step_still_stops_cleanly_when_an_earlier_one_ran_out_the_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("relay.lifecycle.MIN_STOP_WAIT", 0.5)
+    events: list[str] = []
+    services = [Recorder("slow", events, work=60), Recorder("port", events, work=0.2)]
+    await supervise(services, (("slow",), ("port",)), await stopped_after(0), drain_timeout=0)
+    assert "slow stopped" not in events
+    assert events[-3:] == ["port stopping", "port stopped", "port drained"]
+
+
 async def test_drains_share_one_deadline_counted_from_the_stop() -> None:
     deadlines: list[float] = []
 

@@ -1,24 +1,34 @@
-"""Console sign-in: one of RELAY_API_KEYS, then a signed, expiring session cookie.
+"""Console sign-in: one of RELAY_API_KEYS, then a server-side session named by a signed cookie.
 
-The cookie holds no key: only a short digest naming which configured key signed in (so removing
-that key from RELAY_API_KEYS ends its sessions) and the session's CSRF token, signed with
-itsdangerous and checked for age on every request. It is HttpOnly, SameSite=Strict, and Secure
-when the console is served over https. Every state-changing form carries the CSRF token; the
-sign-in form carries one too, from a short-lived cookie of its own (double submit).
+The session lives in Redis for eight hours at most and holds a short digest naming which
+configured key signed in (so removing that key from RELAY_API_KEYS ends its sessions) and the
+session's CSRF token. The cookie holds only the session's random id, signed with itsdangerous
+and checked for age on every request; signing out deletes the session, so a cookie copied
+before then is worth nothing after. Redis holds a digest of the id, not the id itself.
+
+Cookies are HttpOnly, SameSite=Strict, on /console only, and Secure when the console was
+reached over https (behind a proxy, as its X-Forwarded-Proto says when the proxy is one of
+RELAY_FORWARDED_ALLOW_IPS), or always with RELAY_CONSOLE_SECURE_COOKIES. Every state-changing
+form carries the CSRF token; the sign-in form carries one too, from a short-lived cookie of
+its own (double submit).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from itsdangerous import BadSignature, URLSafeTimedSerializer
+from redis.asyncio import Redis
 from starlette.requests import Request
 from starlette.responses import Response
 
 from relay.api.auth import KeyRing, key_name
+from relay.redis import keys
 from relay.settings import Settings
 
 SESSION_COOKIE = "relay_console"
@@ -29,49 +39,84 @@ LOGIN_SECONDS = 600
 
 @dataclass(frozen=True)
 class Session:
+    id: str
     key_id: str
     csrf: str
 
 
 class Sessions:
     def __init__(self, settings: Settings) -> None:
-        keys = [key.get_secret_value() for key in settings.api_keys]
+        keys_ = [key.get_secret_value() for key in settings.api_keys]
         configured = settings.console_secret
         # Without its own secret the console derives one from the API keys, so every API
         # replica signs alike and rotating the keys ends every session.
         secret = (
             configured.get_secret_value()
             if configured is not None
-            else hmac.new(b"relay-console", "\n".join(sorted(keys)).encode(), "sha256").hexdigest()
+            else hmac.new(b"relay-console", "\n".join(sorted(keys_)).encode(), "sha256").hexdigest()
         )
         self._sessions = URLSafeTimedSerializer(secret, salt="relay-console-session")
         self._logins = URLSafeTimedSerializer(secret, salt="relay-console-login")
         self._ring = KeyRing(settings.api_keys)
-        self._key_ids = {key_name(key.encode()) for key in keys}
+        self._key_ids = {key_name(key.encode()) for key in keys_}
+        self._always_secure = settings.console_secure_cookies
 
-    def sign_in(self, candidate: str) -> Session | None:
+    async def sign_in(self, redis: Redis, candidate: str) -> Session | None:
+        """A new session for `candidate`, if it is one of the keys; stored before it is used."""
         if not self._ring.accepts(candidate):
             return None
-        return Session(key_name(candidate.encode()), secrets.token_urlsafe(32))
+        session = Session(
+            secrets.token_urlsafe(32), key_name(candidate.encode()), secrets.token_urlsafe(32)
+        )
+        record = orjson.dumps({"k": session.key_id, "c": session.csrf})
+        await redis.set(_key(session.id), record, ex=SESSION_SECONDS)
+        return session
 
-    def read(self, request: Request) -> Session | None:
-        data = _signed(request, SESSION_COOKIE, self._sessions, SESSION_SECONDS)
-        if not isinstance(data, dict) or data.get("k") not in self._key_ids:
+    async def read(self, redis: Redis, request: Request) -> Session | None:
+        session_id = _signed(request, SESSION_COOKIE, self._sessions, SESSION_SECONDS)
+        if not isinstance(session_id, str):
             return None
-        csrf = data.get("c")
-        return Session(data["k"], csrf) if isinstance(csrf, str) else None
+        record = await redis.get(_key(session_id))
+        if record is None:
+            return None  # signed out, or expired
+        data = orjson.loads(record)
+        if data.get("k") not in self._key_ids:
+            return None
+        return Session(session_id, data["k"], data["c"])
+
+    async def end(self, redis: Redis, session: Session) -> None:
+        await redis.delete(_key(session.id))
 
     def set(self, response: Response, request: Request, session: Session) -> None:
-        value = self._sessions.dumps({"k": session.key_id, "c": session.csrf})
-        _cookie(response, request, SESSION_COOKIE, value, SESSION_SECONDS)
+        value = self._sessions.dumps(session.id)
+        self._cookie(response, request, SESSION_COOKIE, value, SESSION_SECONDS)
 
     def set_login_token(self, response: Response, request: Request, token: str) -> None:
         """The sign-in form's token, in its own short-lived cookie (double submit)."""
-        _cookie(response, request, LOGIN_COOKIE, self._logins.dumps(token), LOGIN_SECONDS)
+        value = self._logins.dumps(token)
+        self._cookie(response, request, LOGIN_COOKIE, value, LOGIN_SECONDS)
 
     def login_token_ok(self, request: Request, submitted: str) -> bool:
         token = _signed(request, LOGIN_COOKIE, self._logins, LOGIN_SECONDS)
         return isinstance(token, str) and hmac.compare_digest(token, submitted)
+
+    def _cookie(
+        self, response: Response, request: Request, name: str, value: str, max_age: int
+    ) -> None:
+        response.set_cookie(
+            name,
+            value,
+            max_age=max_age,
+            path="/console",
+            httponly=True,
+            samesite="strict",
+            secure=self._always_secure or request.url.scheme == "https",
+        )
+
+
+def _key(session_id: str) -> str:
+    # Redis holds a digest: whoever reads Redis cannot present the cookie.
+    return keys.console_session(hashlib.sha256(session_id.encode()).hexdigest())
 
 
 def _signed(request: Request, name: str, serializer: URLSafeTimedSerializer, max_age: int) -> Any:
@@ -87,18 +132,6 @@ def _signed(request: Request, name: str, serializer: URLSafeTimedSerializer, max
 
 def csrf_ok(session: Session, submitted: str) -> bool:
     return hmac.compare_digest(session.csrf.encode(), submitted.encode())
-
-
-def _cookie(response: Response, request: Request, name: str, value: str, max_age: int) -> None:
-    response.set_cookie(
-        name,
-        value,
-        max_age=max_age,
-        path="/console",
-        httponly=True,
-        samesite="strict",
-        secure=request.url.scheme == "https",
-    )
 
 
 def clear(response: Response) -> None:

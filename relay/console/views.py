@@ -3,15 +3,19 @@ chart's refresh."""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
 import orjson
+from jinja2 import pass_context
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
+from starlette.datastructures import URL
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -22,6 +26,7 @@ from relay.api.deliveries import deliveries_of, iso, parse_time
 from relay.api.state import AppState, app_state
 from relay.console import queries
 from relay.console.chart import chart_svg
+from relay.console.headers import ConsoleHeaders
 from relay.console.session import Session, Sessions, clear, csrf_ok
 from relay.delivery.store import DeliveryId
 from relay.errors import ApiError
@@ -35,7 +40,24 @@ FORM_LIMIT = 4096
 templates = Jinja2Templates(directory=HERE / "templates")
 
 
+def _path(url: URL) -> str:
+    """`url` without its scheme and host: a redirect or link that stays on whatever scheme
+    and host the browser used (behind a TLS proxy, https), whatever the API was told."""
+    return f"{url.path}?{url.query}" if url.query else url.path
+
+
+@pass_context
+def _url_for(context: dict[str, Any], name: str, /, **path_params: Any) -> str:
+    request: Request = context["request"]
+    return _path(request.url_for(name, **path_params))
+
+
 templates.env.filters["iso"] = iso
+templates.env.globals["url_for"] = _url_for
+
+
+def _redirect(url: URL) -> Response:
+    return RedirectResponse(_path(url), 303)
 
 
 async def _form(request: Request) -> dict[str, str]:
@@ -56,11 +78,17 @@ class Console:
         self.sessions = Sessions(settings)
         self.settings = settings
 
-    def _session(self, request: Request) -> Session:
-        session = self.sessions.read(request)
+    async def _session(self, request: Request) -> Session:
+        session = await self.sessions.read(app_state(request).redis, request)
         if session is None:
             raise _SignIn()
         return session
+
+    async def _session_if_any(self, request: Request) -> Session | None:
+        """For error pages: the session when it can be read, else none (the store may be down)."""
+        with contextlib.suppress(RedisError):
+            return await self.sessions.read(app_state(request).redis, request)
+        return None
 
     def _page(
         self, request: Request, template: str, session: Session | None, **context: Any
@@ -84,8 +112,8 @@ class Console:
         return page
 
     async def login_form(self, request: Request) -> Response:
-        if self.sessions.read(request) is not None:
-            return RedirectResponse(request.url_for("overview"), 303)
+        if await self.sessions.read(app_state(request).redis, request) is not None:
+            return _redirect(request.url_for("overview"))
         return self._login_page(request, error=None, status=200)
 
     async def login(self, request: Request) -> Response:
@@ -94,26 +122,27 @@ class Console:
             return self._login_page(
                 request, error="The sign-in form expired; try again.", status=403
             )
-        session = self.sessions.sign_in(form.get("key", ""))
+        session = await self.sessions.sign_in(app_state(request).redis, form.get("key", ""))
         if session is None:
             return self._login_page(
                 request, error="That key is not one of RELAY_API_KEYS.", status=401
             )
-        response = RedirectResponse(request.url_for("overview"), 303)
+        response = _redirect(request.url_for("overview"))
         self.sessions.set(response, request, session)
         return response
 
     async def logout(self, request: Request) -> Response:
-        session = self._session(request)
+        session = await self._session(request)
         form = await _form(request)
         if not csrf_ok(session, form.get("csrf", "")):
             raise HTTPException(403, "missing or wrong CSRF token")
-        response = RedirectResponse(request.url_for("login"), 303)
+        await self.sessions.end(app_state(request).redis, session)
+        response = _redirect(request.url_for("login"))
         clear(response)
         return response
 
     async def overview(self, request: Request) -> Response:
-        session = self._session(request)
+        session = await self._session(request)
         state = app_state(request)
         data = await queries.overview(state.redis, self.settings.upstream_rate_limit)
         chart = await stats.last_hour(state.redis)
@@ -127,14 +156,14 @@ class Console:
         )
 
     async def chart(self, request: Request) -> Response:
-        self._session(request)
+        await self._session(request)
         chart = await stats.last_hour(app_state(request).redis)
         return Response(
             chart_svg(chart), media_type="image/svg+xml", headers={"cache-control": "no-store"}
         )
 
     async def jobs(self, request: Request) -> Response:
-        session = self._session(request)
+        session = await self._session(request)
         state = app_state(request)
         query = request.query_params.get("q", "").strip()
         status = request.query_params.get("status") or None
@@ -165,7 +194,7 @@ class Console:
         )
 
     async def failed(self, request: Request) -> Response:
-        session = self._session(request)
+        session = await self._session(request)
         return await self._failed_page(request, session, outcome=None)
 
     async def _failed_page(
@@ -198,7 +227,7 @@ class Console:
         )
 
     async def recover(self, request: Request) -> Response:
-        session = self._session(request)
+        session = await self._session(request)
         form = await _form(request)
         if not csrf_ok(session, form.get("csrf", "")):
             raise HTTPException(403, "missing or wrong CSRF token")
@@ -216,7 +245,7 @@ class Console:
         return await self._failed_page(request, session, outcome=outcome)
 
     async def job(self, request: Request) -> Response:
-        session = self._session(request)
+        session = await self._session(request)
         state: AppState = app_state(request)
         job = await state.store.get(request.path_params["id"][:256])
         if job is None:
@@ -234,7 +263,7 @@ class Console:
         )
 
     async def redeliver(self, request: Request) -> Response:
-        session = self._session(request)
+        session = await self._session(request)
         form = await _form(request)
         if not csrf_ok(session, form.get("csrf", "")):
             raise HTTPException(403, "missing or wrong CSRF token")
@@ -250,7 +279,7 @@ class Console:
         url = request.url_for("job", id=job.request_id).include_query_params(
             redelivered=done.attempt
         )
-        return RedirectResponse(url, 303)
+        return _redirect(url)
 
 
 class _SignIn(Exception):
@@ -261,21 +290,20 @@ def create_console(settings: Settings) -> Mount:
     console = Console(settings)
 
     async def to_sign_in(request: Request, exc: Exception) -> Response:
-        return RedirectResponse(request.url_for("login"), 303)
+        return _redirect(request.url_for("login"))
 
     async def error_page(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        session = console.sessions.read(request)
+        session = await console._session_if_any(request)
         page = console._page(request, "error.html", session, message=exc.detail)
         page.status_code = exc.status_code
         return page
 
     async def store_down(request: Request, exc: Exception) -> Response:
-        session = console.sessions.read(request)
         page = console._page(
             request,
             "error.html",
-            session,
+            None,
             message="Redis is unreachable; the relay's state cannot be read.",
         )
         page.status_code = 503
@@ -300,5 +328,6 @@ def create_console(settings: Settings) -> Mount:
             HTTPException: error_page,
             RedisError: store_down,
         },
+        middleware=[Middleware(ConsoleHeaders)],
     )
     return Mount("/console", app=app)

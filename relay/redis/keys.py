@@ -21,6 +21,9 @@ relay:idem:{caller}:{route}:{key}
 relay:idem-held:{caller}    zset   the Idempotency-Key records a caller holds -> Redis-clock
                                    time each stops counting (RELAY_IDEMPOTENCY_MAX_KEYS)
 relay:webhook-key:{key id}  string when the relay first published that ed25519 public key
+relay:console:session:{digest}
+                            string a console session (the key that signed in, its CSRF token),
+                                   named by a digest of its id; sign-out deletes it, 8 h at most
 relay:test-events:{caller}  string test events the caller sent in its current minute (expires)
 relay:stats:{outcome}:{minute}
                             string callbacks delivered / failed in that minute (kept 2 h)
@@ -124,6 +127,10 @@ def test_events(caller: str) -> str:
 
 def webhook_key(key_id: str) -> str:
     return f"{PREFIX}webhook-key:{key_id}"
+
+
+def console_session(digest: str) -> str:
+    return f"{PREFIX}console:session:{digest}"
 
 
 def stats(outcome: str, minute: int) -> str:
