@@ -2,6 +2,10 @@
 -- The log lives as long as the job (same TTL), keeps its newest `max_entries`, and each entry
 -- gets the Redis-clock time. The state index holds every delivery once, in the set of its
 -- current state, scored by when it got there; entries older than `retention` are dropped.
+-- A postponement (`postponed_attempt` set) is logged only while the delivery still waits on
+-- that attempt, with the state it is in and when it is tried next; it leaves the state index
+-- alone (nothing changed), and a postponement again of the same attempt updates its entry
+-- (`postponed` counts them) rather than adding one, so a long outage does not fill the log.
 local job_key = KEYS[1]
 local log_key = KEYS[2]
 local index_prefix = ARGV[1]   -- 'relay:deliveries:'
@@ -9,6 +13,8 @@ local delivery_id = ARGV[2]
 local entry = ARGV[3]          -- JSON object without its time: '{...}'
 local max_entries = tonumber(ARGV[4])
 local retention = tonumber(ARGV[5])
+local postponed_attempt = ARGV[6] or ''   -- '' unless this entry is a postponement of that attempt
+local next_in = tonumber(ARGV[7] or '0')   -- a postponement's wait, in seconds
 
 local delivery = redis.call('HGET', job_key, 'delivery')
 if not delivery then return 0 end
@@ -18,10 +24,32 @@ local base = tonumber(redis.call('HGET', job_key, 'schedule_base') or '0')
 local state = delivery
 if delivery == 'pending' and attempt > base then state = 'failing' end
 
+local ttl = redis.call('TTL', job_key)
+if postponed_attempt ~= '' then
+  if delivery ~= 'pending' or attempt ~= tonumber(postponed_attempt) then return 0 end
+  local fields = cjson.decode(entry)
+  fields['at'] = now
+  fields['state'] = state
+  fields['next_at'] = now + next_in
+  fields['postponed'] = 1
+  local last = redis.call('LINDEX', log_key, -1)
+  if last then
+    local previous = cjson.decode(last)
+    if previous['postponed'] and previous['attempt'] == attempt then
+      fields['postponed'] = previous['postponed'] + 1
+      redis.call('LSET', log_key, -1, cjson.encode(fields))
+      return 1
+    end
+  end
+  redis.call('RPUSH', log_key, cjson.encode(fields))
+  redis.call('LTRIM', log_key, -max_entries, -1)
+  if ttl > 0 then redis.call('EXPIRE', log_key, ttl) end
+  return 1
+end
+
 local stamped = '{"at":' .. string.format('%.6f', now) .. ',' .. string.sub(entry, 2)
 redis.call('RPUSH', log_key, stamped)
 redis.call('LTRIM', log_key, -max_entries, -1)
-local ttl = redis.call('TTL', job_key)
 if ttl > 0 then redis.call('EXPIRE', log_key, ttl) end
 
 for _, name in ipairs({'pending', 'failing', 'delivered', 'gone', 'failed'}) do
