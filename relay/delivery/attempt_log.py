@@ -26,6 +26,9 @@ from relay.redis import keys, scripts
 from relay.redis.batch import ScriptCall, batcher
 
 MAX_ENTRIES = 100
+# A trimmed log keeps this many of its first entries, then a count of those left out, then the
+# newest: however many redeliveries are asked for, the delivery's first attempts stay.
+KEEP_FIRST = 10
 POSTPONED_NOTE = "postponed: the destination is backed off after failing"
 EXCERPT_CHARS = 512
 STATES = ("pending", "failing", "delivered", "gone", "failed")
@@ -54,6 +57,7 @@ class AttemptLog:
                 orjson.dumps(entry),
                 MAX_ENTRIES,
                 int(self.retention),
+                KEEP_FIRST,
             ],
         )
 
@@ -70,6 +74,7 @@ class AttemptLog:
                 orjson.dumps(entry),
                 MAX_ENTRIES,
                 int(self.retention),
+                KEEP_FIRST,
                 attempt,
                 round(next_in, 3),
             ],
