@@ -68,7 +68,7 @@ def test_worker_sigterm_loses_and_duplicates_nothing(redis_url: str) -> None:
     receiver = Receiver(delay=1.0)  # deliveries are in flight when the signal comes
     # A generous delivery timeout: a slow answer must not look like a failure under CI load.
     env = {"RELAY_SHUTDOWN_TIMEOUT": "8", "RELAY_DELIVERY_TIMEOUT": "10"}
-    with relay_stack(redis_url, receiver=receiver, env=env) as stack:
+    with relay_stack(redis_url, receiver=receiver, env=env, processes=True) as stack:
         request_ids = [submit(stack) for _ in range(6)]
         receiver.wait_for(1)
         first = stack.workers[0]
