@@ -62,6 +62,9 @@ class Callback:
     headers: dict[str, str]
     body: bytes
     at: float
+    # How many callbacks the receiver had answered when this one came: the order of events,
+    # where comparing times would race the machine's load.
+    answered_before: int = 0
 
 
 @dataclass
@@ -86,7 +89,9 @@ class Receiver:
 
             body = await request.body()
             with self.lock:
-                self.received.append(Callback(dict(request.headers), body, time.monotonic()))
+                self.received.append(
+                    Callback(dict(request.headers), body, time.monotonic(), self.answered)
+                )
                 status = self.script.pop(0) if self.script else self.default
                 self.in_flight += 1
                 self.max_in_flight = max(self.max_in_flight, self.in_flight)

@@ -424,7 +424,6 @@ def api_process(
         api = subprocess.Popen(
             [sys.executable, "-m", "relay.cli", "api", "--port", str(port)],
             env={**stack.env, "RELAY_SHUTDOWN_TIMEOUT": "1"},
-            stderr=subprocess.DEVNULL,
         )
         url = f"http://127.0.0.1:{port}"
         try:

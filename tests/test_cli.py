@@ -109,7 +109,6 @@ def test_relay_dev_runs_everything_and_its_inbox_verifies_callbacks() -> None:
         [sys.executable, "-m", "relay.cli", "dev", "--port", str(port)],
         env=clean_env(),
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
     )
     try:
         banner = read_until(proc, "Ctrl-C", timeout=20)
@@ -191,7 +190,6 @@ def test_relay_dev_never_prints_a_key_from_the_environment() -> None:
         [sys.executable, "-m", "relay.cli", "dev", "--port", str(port)],
         env=clean_env(RELAY_API_KEYS=LONG_KEY),
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
     )
     try:
         banner = read_until(proc, "Ctrl-C", timeout=20)
