@@ -346,8 +346,11 @@ def relay_stack(
                 # Up before the test starts: on a loaded machine a worker process may take
                 # seconds to import, and a test of timing (a status window, a lease) must not
                 # race that.
-                for url in stack.worker_urls:
-                    eventually(functools.partial(is_up, url), timeout=60)
+                for worker, url in zip(stack.workers, stack.worker_urls, strict=True):
+                    if isinstance(worker, InProcessWorker):
+                        eventually(functools.partial(is_up, url))
+                    else:
+                        serving(worker, url)
                 yield stack
                 # Workers the test did not stop must still be up, and must stop cleanly.
                 died = [w for w in stack.running_workers() if not worker_running(w)]
@@ -380,7 +383,7 @@ def stop_cleanly(stack: Stack) -> None:
             worker.stop()
         else:
             # One started late may still be importing: SIGTERM then is no clean stop.
-            eventually(functools.partial(is_up, stack.worker_urls[stack.workers.index(worker)]))
+            serving(worker, stack.worker_urls[stack.workers.index(worker)])
             worker.send_signal(signal.SIGTERM)
     codes = [w.wait(timeout=30) for w in running if isinstance(w, subprocess.Popen)]
     assert codes == [0] * len(codes), f"workers stopped with {codes}"
@@ -388,6 +391,27 @@ def stop_cleanly(stack: Stack) -> None:
 
 def is_up(base_url: str) -> bool:
     return httpx.get(base_url + "/healthz").status_code == 200
+
+
+# How long a relay process may take to start answering /healthz: it bounds a hang, not a race
+# (a cold start imports for seconds of CPU, which a machine loaded tenfold stretches tenfold).
+START_TIMEOUT = 60.0
+
+
+def serving(proc: subprocess.Popen[bytes], base_url: str) -> None:
+    """Wait until the process `proc` answers /healthz at `base_url`; should it exit first, fail
+    at once with its exit code (its stderr is in the test's output)."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        code = proc.poll()
+        if code is not None:
+            raise AssertionError(f"{proc.args!r} exited with {code} before it answered /healthz")
+        with contextlib.suppress(httpx.TransportError):
+            if is_up(base_url):
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{proc.args!r} did not answer /healthz in {START_TIMEOUT} s")
+        time.sleep(0.05)
 
 
 def eventually(check: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05) -> Any:

@@ -24,7 +24,7 @@ import redis
 from relay.devtools.embedded_redis import free_port
 from relay.redis import keys
 from tests.helpers import POLL_ROUTE, submit, verified
-from tests.stack import RELAY_KEY, Stack, eventually, is_up, job_field, relay_stack
+from tests.stack import RELAY_KEY, Stack, eventually, job_field, relay_stack, serving
 
 # The library the `libfaketime` wheel bundles (a dev dependency), so these tests run wherever
 # `uv run pytest` does; a checkout without it fails here, loudly, rather than skipping.
@@ -52,22 +52,23 @@ def redis_now(redis_url: str) -> float:
 
 def start_skewed_worker(stack: Stack, offset: str) -> None:
     stack.start_worker(**skewed(offset))
-    eventually(lambda: is_up(stack.worker_urls[-1]), timeout=60)
+    worker = stack.workers[-1]
+    assert isinstance(worker, subprocess.Popen)
+    serving(worker, stack.worker_urls[-1])
 
 
 @contextlib.contextmanager
 def skewed_api(stack: Stack, offset: str) -> Iterator[str]:
     """A second API process, `offset` off the real clock, beside the stack's; yields its URL."""
     port = free_port()
-    with (stack.log_dir / "skewed-api.log").open("wb") as log_file:
-        api = subprocess.Popen(
-            [sys.executable, "-m", "relay.cli", "api", "--port", str(port)],
-            env={**stack.env, **skewed(offset)},
-            stderr=log_file,
-        )
+    # Its stderr goes to the test's output, shown when the test fails.
+    api = subprocess.Popen(
+        [sys.executable, "-m", "relay.cli", "api", "--port", str(port)],
+        env={**stack.env, **skewed(offset)},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
-        eventually(lambda: is_up(url), timeout=60)
+        serving(api, url)
         yield url
     finally:
         api.terminate()
