@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from relay.api import deliveries, test_events, watches, webhook_keys
-from relay.api.auth import ApiKeyMiddleware, KeyRing
+from relay.api.auth import ApiKeyMiddleware
 from relay.api.budget import ApiBudget
 from relay.api.idempotency import idempotent
 from relay.api.limits import UploadSlots
@@ -32,6 +32,7 @@ from relay.api.status import get_request, list_requests
 from relay.api.store_check import WriteCheck
 from relay.api.submit import generate
 from relay.api.uploads import generate_with_media
+from relay.callers.source import CallerSource
 from relay.console.views import create_console
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.control import Redeliverer
@@ -70,6 +71,8 @@ async def openapi(request: Request) -> Response:
 
 def create_app(settings: Settings) -> Starlette:
     settings.require("api")
+    # Read once here (a bad callers file stops the start-up), then kept current by itself.
+    callers = CallerSource.from_settings(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -107,6 +110,7 @@ def create_app(settings: Settings) -> Starlette:
             yield {
                 "relay": AppState(
                     settings=settings,
+                    callers=callers,
                     redis=redis,
                     store=store,
                     upstream=upstream,
@@ -157,7 +161,7 @@ def create_app(settings: Settings) -> Starlette:
             methods=["POST"],
             name="api_recover",
         ),
-        create_console(settings),
+        create_console(settings, callers),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
@@ -171,7 +175,7 @@ def create_app(settings: Settings) -> Starlette:
             Middleware(ResponseCounter),
             Middleware(
                 ApiKeyMiddleware,
-                keys=KeyRing(settings.api_keys),
+                callers=callers,
                 metrics_auth=settings.metrics_auth,
                 public=(webhook_keys.PATH,),
             ),

@@ -16,8 +16,8 @@ relay:upstream:tat          string theoretical arrival time of the upstream budg
 relay:upstream:tat:reads    string the same for the status reads' own share of the budget
 relay:upstream:paused       string Redis-clock time until which nobody polls (after a 429)
 relay:idem:{caller}:{route}:{key}
-                            hash   one Idempotency-Key's claim and first answer (caller: a
-                                   digest of the caller's API key; route: the submit path)
+                            hash   one Idempotency-Key's claim and first answer (caller: the
+                                   caller's name, relay.callers; route: the submit path)
 relay:idem-held:{caller}    zset   the Idempotency-Key records a caller holds -> Redis-clock
                                    time each stops counting (RELAY_IDEMPOTENCY_MAX_KEYS)
 relay:webhook-key:{key id}  string when the relay first published that ed25519 public key
