@@ -94,9 +94,10 @@ def test_a_caller_cannot_watch_a_job_submitted_elsewhere(stack: Stack) -> None:
         refused = watch(stack, B_KEY, **name)
         assert refused.status_code == 404, refused.text
         assert refused.json() == NOT_FOUND
-    assert call(stack, ADMIN_KEY, "GET", f"/api/v1/lipsync/requests/{request_id}").json()[
-        "id"
-    ] == request_id
+    assert (
+        call(stack, ADMIN_KEY, "GET", f"/api/v1/lipsync/requests/{request_id}").json()["id"]
+        == request_id
+    )
     # An admin may watch it (for itself, or for the caller it belongs to).
     watched = watch(stack, ADMIN_KEY, request_id=request_id, caller="team-a")
     assert watched.status_code == 201, watched.text
@@ -159,10 +160,12 @@ def test_every_route_answers_another_callers_job_as_a_missing_one(stack: Stack) 
     mine = submit_as(stack, RELAY_KEY, "shared-ref")
     stack.receiver.wait_for(1)
     eventually(
-        lambda: call(stack, RELAY_KEY, "GET", f"{RELAY_API}/jobs/{mine}/deliveries").json()[
-            "deliveries"
-        ][0]["state"]
-        == "delivered"
+        lambda: (
+            call(stack, RELAY_KEY, "GET", f"{RELAY_API}/jobs/{mine}/deliveries").json()[
+                "deliveries"
+            ][0]["state"]
+            == "delivered"
+        )
     )
     routes = [
         ("GET", "/api/v1/lipsync/requests/{}"),

@@ -95,6 +95,7 @@ def create_app(settings: Settings) -> Starlette:
             redis,
             wait_replicas=settings.redis_wait_replicas,
             wait_timeout=settings.redis_wait_timeout,
+            lifetime=settings.max_job_age + settings.job_retention,
         )
         attempt_log = AttemptLog(
             redis, retention=settings.job_retention, excerpts=settings.attempt_log_excerpt

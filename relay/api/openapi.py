@@ -17,6 +17,7 @@ from relay.api.models import MAX_ID_LENGTH, MAX_REFERENCE_ID_LENGTH, GenerateReq
 from relay.api.responses import MAX_DETAILS
 from relay.api.test_events import TestEventRequest
 from relay.api.watches import WatchRequest
+from relay.callers.model import NAME_PATTERN
 from relay.delivery.failure import FAILURE_CLASSES
 from relay.delivery.netpolicy import MAX_URL_LENGTH
 
@@ -256,6 +257,13 @@ def openapi_document() -> dict[str, Any]:
             "schema": {"type": "string", "minLength": 1, "maxLength": MAX_REFERENCE_ID_LENGTH},
         },
     ]
+    caller_filter = {
+        "name": "caller",
+        "in": "query",
+        "description": "An admin's caller filter: only that caller's jobs",
+        "schema": {"type": "string", "pattern": NAME_PATTERN},
+    }
+    not_yours = _error("A caller named another caller (only an admin may)")
     secured: list[dict[str, list[str]]] = [{"apiKey": []}, {"bearer": []}]
     idempotency_key = {
         "name": "Idempotency-Key",
@@ -326,7 +334,8 @@ def openapi_document() -> dict[str, Any]:
                     {
                         "200": {"description": "The request", "content": _json("LipsyncRequest")},
                         "400": _error("Id too long, a dot segment, or with a slash"),
-                        "404": _error("lipsync request not found"),
+                        "404": _error("Not found: unknown, or another caller's job"),
+                        "503": _error("The relay's job store is unavailable"),
                         **_UPSTREAM_ERRORS,
                         **_ERRORS_ANY,
                     },
@@ -336,15 +345,17 @@ def openapi_document() -> dict[str, Any]:
             },
             "/api/v1/lipsync/requests": {
                 "get": _operation(
-                    "List requests (proxied to Chamelaion)",
+                    "List the caller's requests (an admin: Chamelaion's whole list, proxied)",
                     {
                         "200": {"description": "A page", "content": _json("LipsyncRequestList")},
-                        "400": _error("Bad limit, offset or reference_id"),
+                        "400": _error("Bad limit, offset, reference_id or caller"),
+                        "403": not_yours,
+                        "503": _error("The relay's job store is unavailable"),
                         **_UPSTREAM_ERRORS,
                         **_ERRORS_ANY,
                     },
                     security=secured,
-                    parameters=list_params,
+                    parameters=[*list_params, caller_filter],
                 )
             },
             "/api/relay/v1/webhook-keys": {
@@ -375,8 +386,15 @@ def openapi_document() -> dict[str, Any]:
                     {
                         "200": {"description": "Already watched", "content": _json("Watch")},
                         "201": {"description": "Now watched", "content": _json("Watch")},
-                        "404": _error("Chamelaion does not know this request"),
-                        "409": _error("Already tracked with a different callback_url"),
+                        "403": _error("A caller named another caller (only an admin may)"),
+                        "404": _error(
+                            "Not found: unknown, another caller's job, or (for a caller that is "
+                            "not an admin) not one of its own"
+                        ),
+                        "409": _error(
+                            "Already tracked with a different callback_url, or a submission "
+                            "with its reference_id is being settled"
+                        ),
                         "503": _error("The relay's job store is unavailable"),
                         **relay_body,
                         **_UPSTREAM_ERRORS,
@@ -392,7 +410,7 @@ def openapi_document() -> dict[str, Any]:
                     {
                         "200": {"description": "The deliveries", "content": _json("JobDeliveries")},
                         "400": _error("Bad id"),
-                        "404": _error("No tracked job has this id or reference_id"),
+                        "404": _error("No tracked job of the caller's has this id or reference_id"),
                         **_ERRORS_ANY,
                     },
                     security=secured,
@@ -405,7 +423,7 @@ def openapi_document() -> dict[str, Any]:
                     {
                         "202": {"description": "Requeued", "content": _json("Redelivered")},
                         "400": _error("Bad id"),
-                        "404": _error("No tracked job has this id or reference_id"),
+                        "404": _error("No tracked job of the caller's has this id or reference_id"),
                         "409": _error("The job has not ended, or has no callback_url"),
                         **_ERRORS_ANY,
                     },
@@ -418,7 +436,8 @@ def openapi_document() -> dict[str, Any]:
                     "Deliveries in a state, newest first",
                     {
                         "200": {"description": "A page", "content": _json("DeliveryPage")},
-                        "400": _error("Bad state, time, cursor or limit"),
+                        "400": _error("Bad state, time, cursor, limit or caller"),
+                        "403": not_yours,
                         **_ERRORS_ANY,
                     },
                     security=secured,
@@ -438,6 +457,7 @@ def openapi_document() -> dict[str, Any]:
                             "in": "query",
                             "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
                         },
+                        caller_filter,
                     ],
                 )
             },
@@ -446,6 +466,7 @@ def openapi_document() -> dict[str, Any]:
                     "Redeliver every delivery that failed since a time (capped)",
                     {
                         "200": {"description": "What was requeued", "content": _json("Recovered")},
+                        "403": not_yours,
                         **relay_body,
                         **_ERRORS_ANY,
                     },

@@ -30,7 +30,8 @@ Role = Literal["caller", "admin"]
 ROLES: tuple[Role, ...] = ("caller", "admin")
 
 # Names go into Redis keys, log lines and metric labels: short, and no separator of any.
-NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+NAME = re.compile(NAME_PATTERN)
 DIGEST_PREFIX = "sha256:"
 DIGEST = re.compile(r"[0-9a-f]{64}")
 # A callback host pattern: a DNS name or address, with `*` standing for one or more labels.

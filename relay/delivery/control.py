@@ -14,10 +14,14 @@ from dataclasses import dataclass
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.destinations import destination_of
 from relay.delivery.queue import DeliveryQueue
+from relay.delivery.store import DeliveryId
 from relay.jobs.store import JobStore
 from relay.redis import keys, scripts
 
 KEEP_AFTER_REDELIVERY = 4 * 86400.0
+# A caller's deliveries are picked out of every caller's: read in batches, up to a bound.
+SCAN_BATCH = 500
+MAX_SCAN = 5000
 REFUSALS = {-1: "unknown", -2: "not_ended", -3: "no_callback"}
 
 
@@ -51,24 +55,52 @@ class Redeliverer:
         return Redelivered(delivery_id, attempt)
 
     async def recover(
-        self, *, states: tuple[str, ...], since: float, limit: int
+        self, *, states: tuple[str, ...], since: float, limit: int, owner: str | None = None
     ) -> tuple[int, bool]:
         """Redeliver up to `limit` deliveries that entered `states` after `since`, oldest
-        first; returns how many were requeued and whether more are left."""
+        first; returns how many were requeued and whether more are left. `owner`: only the
+        deliveries of that caller's jobs (None: everyone's)."""
         candidates: list[tuple[float, str]] = []
+        more = False
         for state in states:
-            found = await self.redis.zrangebyscore(
-                keys.deliveries(state),
-                f"({since}",
-                "+inf",
-                start=0,
-                num=limit + 1,
-                withscores=True,
-            )
-            candidates += [(float(score), member.decode()) for member, score in found]
+            found, capped = await self._candidates(state, since, limit, owner)
+            candidates += found
+            more |= capped
         candidates.sort()
         requeued = 0
         for _, delivery_id in candidates[:limit]:
             done = await self.redeliver(delivery_id, note="recovered in bulk")
             requeued += done.attempt is not None
-        return requeued, len(candidates) > limit
+        return requeued, more or len(candidates) > limit
+
+    async def _candidates(
+        self, state: str, since: float, limit: int, owner: str | None
+    ) -> tuple[list[tuple[float, str]], bool]:
+        """Up to `limit` + 1 deliveries in `state` after `since`, oldest first, and whether the
+        search stopped short. Of `owner`'s jobs only, they are read in batches out of every
+        caller's, at most MAX_SCAN entries (a later call goes on from where this one ends)."""
+        found: list[tuple[float, str]] = []
+        offset = 0
+        batch = limit + 1 if owner is None else SCAN_BATCH
+        while len(found) <= limit:
+            if offset >= MAX_SCAN:
+                return found, True
+            rows = await self.redis.zrangebyscore(
+                keys.deliveries(state),
+                f"({since}",
+                "+inf",
+                start=offset,
+                num=batch,
+                withscores=True,
+            )
+            entries = [(float(score), member.decode()) for member, score in rows]
+            if owner is None:
+                return entries, False
+            owners = await self.store.callers_of(
+                [DeliveryId.parse(delivery_id).request_id for _, delivery_id in entries]
+            )
+            found += [entry for entry, mine in zip(entries, owners, strict=True) if mine == owner]
+            offset += len(entries)
+            if len(entries) < batch:
+                break
+        return found[: limit + 1], False

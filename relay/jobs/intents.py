@@ -301,6 +301,16 @@ class Intents:
                 break
         return rows
 
+    async def open_for(self, reference_id: str) -> bool:
+        """Whether a submission with this reference_id is still open: its job, once found, is
+        that submission's, so nothing else may take a job with it meanwhile (a watch)."""
+        index = keys.intents_by_ref(reference_id)
+        members = [member.decode() for member in await self.redis.zrange(index, 0, -1)]
+        if not members:
+            return False
+        live = await batcher(self.redis).run([("EXISTS", keys.intent(m)) for m in members])
+        return any(live)
+
     async def _rivals(self, intent: Intent) -> int:
         """Other open intents with this reference_id, not of the same Idempotency-Key."""
         assert intent.reference_id is not None

@@ -30,6 +30,9 @@ from relay.redis.batch import Call, batcher
 
 log = logging.getLogger(__name__)
 
+# RELAY_MAX_JOB_AGE + RELAY_JOB_RETENTION by default (relay.settings).
+DEFAULT_LIFETIME = 14 * 86400.0
+
 
 @dataclass(frozen=True)
 class Job:
@@ -158,8 +161,18 @@ class PollRecord:
 
 
 class JobStore:
-    def __init__(self, redis: Redis, *, wait_replicas: int = 0, wait_timeout: float = 1.0) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
+        lifetime: float = DEFAULT_LIFETIME,
+    ) -> None:
         self.redis = redis
+        # How long a job can be kept at most (RELAY_MAX_JOB_AGE + RELAY_JOB_RETENTION): how
+        # long its callers' indexes hold it.
+        self.lifetime = lifetime
         # Replicas that must confirm a new job before `create` returns (Redis WAIT).
         self.wait_replicas = wait_replicas
         self.wait_timeout = wait_timeout
@@ -191,8 +204,12 @@ class JobStore:
         job_key = keys.job(request_id)
         ref_key = keys.ref(reference_id) if reference_id else job_key
         script_keys = [job_key, keys.POLLS, ref_key, keys.CREATED, job_key, job_key, job_key]
+        script_keys += [
+            keys.caller_jobs(caller) if caller else job_key,
+            keys.caller_ref(caller, reference_id) if caller and reference_id else job_key,
+        ]
         if intent_id is not None:
-            script_keys[4:] = [
+            script_keys[4:7] = [
                 keys.intent(intent_id),
                 keys.INTENTS,
                 keys.intents_by_ref(reference_id) if reference_id else job_key,
@@ -206,6 +223,7 @@ class JobStore:
             metadata or b"",
             intent_id or "",
             caller or "",
+            int(self.lifetime),
         ]
         if not self.wait_replicas:
             return bool(await self._create(keys=script_keys, args=args))
@@ -244,6 +262,46 @@ class JobStore:
             return job
         request_id = await self.redis.get(keys.ref(id_or_reference))
         return await self.get(request_id.decode()) if request_id else None
+
+    async def find_owned(self, id_or_reference: str, owner: str | None) -> Job | None:
+        """`find`, among `owner`'s jobs only (None: anyone's): a job of another caller is
+        not found, and a reference_id is looked up among the owner's own."""
+        if owner is None:
+            return await self.find(id_or_reference)
+        job = await self.get(id_or_reference)
+        if job is not None and job.caller == owner:
+            return job
+        newest = await self.redis.zrevrange(keys.caller_ref(owner, id_or_reference), 0, 0)
+        if not newest:
+            return None
+        job = await self.get(newest[0].decode())
+        return job if job is not None and job.caller == owner else None
+
+    async def callers_of(self, request_ids: list[str]) -> list[str | None]:
+        """Whose each job is, in one round trip (None: untracked, or from before callers)."""
+        calls: list[Call] = [("HGET", keys.job(request_id), "caller") for request_id in request_ids]
+        found = await batcher(self.redis).run(calls)
+        return [value.decode() if value else None for value in found]
+
+    async def page(
+        self, owner: str, *, offset: int, limit: int, reference_id: str | None = None
+    ) -> tuple[list[Job], int]:
+        """A page of `owner`'s jobs, newest first (with `reference_id`: those with it), and
+        how many there are. Entries of jobs that expired are dropped on the way."""
+        index = keys.caller_ref(owner, reference_id) if reference_id else keys.caller_jobs(owner)
+        for _ in range(3):  # each round drops what expired; a page is then read whole
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zcard(index)
+                pipe.zrevrange(index, offset, offset + limit - 1)
+                total, members = await pipe.execute()
+            ids = [member.decode() for member in members]
+            found = await self.get_many(ids) if ids else []
+            gone = [rid for rid, job in zip(ids, found, strict=True) if job is None]
+            if not gone:
+                break
+            await self.redis.zrem(index, *gone)
+        jobs = [job for job in found if job is not None and job.caller == owner]
+        return jobs, int(total) - len(gone)
 
     async def record_poll(
         self,

@@ -2,6 +2,13 @@
 
 relay:job:{request_id}      hash   one tracked job (fields: see relay.jobs.store.Job)
 relay:ref:{reference_id}    string request id of the newest tracked job with that reference_id
+relay:caller-jobs:{caller}  zset   request id -> when it was tracked (Redis clock): a caller's jobs,
+                                   for its list route; entries older than RELAY_MAX_JOB_AGE +
+                                   RELAY_JOB_RETENTION are trimmed, those of expired jobs dropped
+                                   when read
+relay:caller-ref:{caller}:{reference_id}
+                            zset   the same, for that caller's jobs with that reference_id (two
+                                   callers may use one reference_id)
 relay:polls                 zset   request id -> when it is next due (Redis clock, seconds);
                                    a claimed id is pushed a lease into the future, so a worker
                                    that dies simply lets its claims fall due again
@@ -103,6 +110,14 @@ def job(request_id: str) -> str:
 
 def ref(reference_id: str) -> str:
     return f"{PREFIX}ref:{reference_id}"
+
+
+def caller_jobs(caller: str) -> str:
+    return f"{PREFIX}caller-jobs:{caller}"
+
+
+def caller_ref(caller: str, reference_id: str) -> str:
+    return f"{PREFIX}caller-ref:{caller}:{reference_id}"
 
 
 def destination(dest: str) -> str:

@@ -73,7 +73,7 @@ async def build_state(settings: Settings) -> WorkerState:
     redis = await arq_pool(settings.redis_url, timeout=settings.redis_timeout)
     clock = RedisClock(redis)
     await clock.sync()
-    store = JobStore(redis)
+    store = JobStore(redis, lifetime=settings.max_job_age + settings.job_retention)
     schedule = PollSchedule(
         redis,
         rate=settings.upstream_rate_limit,
