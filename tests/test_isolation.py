@@ -243,3 +243,6 @@ def test_deliveries_and_recover_touch_only_the_callers_own(stack: Stack) -> None
         entry.get("note") != "recovered in bulk"
         for entry in attempts_of_a["deliveries"][0]["attempts"]
     )
+    assert attempts_of_a["audit"] == []
+    audit_of_b = call(stack, B_KEY, "GET", f"{RELAY_API}/jobs/{b_job}/deliveries").json()["audit"]
+    assert [(entry["caller"], entry["action"]) for entry in audit_of_b] == [("team-b", "recover")]

@@ -38,8 +38,10 @@ from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.control import Redeliverer
 from relay.delivery.netpolicy import callback_policy
 from relay.delivery.queue import DeliveryQueue
+from relay.delivery.signers import CallerSigners
 from relay.delivery.transport import make_callback_client
 from relay.errors import ApiError
+from relay.jobs.audit import Audit
 from relay.jobs.intents import Intents
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
@@ -49,7 +51,6 @@ from relay.redis.conn import close as close_redis
 from relay.redis.shared_state import metrics_response
 from relay.redis.watch import RedisWatch, readiness
 from relay.settings import Settings
-from relay.signing import Signer
 from relay.upstream import Upstream
 
 
@@ -89,7 +90,6 @@ def create_app(settings: Settings) -> Starlette:
         UPSTREAM_RATE_LIMIT.set(settings.upstream_rate_limit)
         upstream = Upstream.from_settings(settings, budget=budget)
         policy = callback_policy(settings)
-        signer = Signer(settings.webhook_secrets) if settings.webhook_secrets else None
         callback_client = make_callback_client(policy, settings.delivery_timeout)
         store = JobStore(
             redis,
@@ -104,6 +104,7 @@ def create_app(settings: Settings) -> Starlette:
         # queue's script scores them on Redis's, whatever this process's own clock says.
         arq = arq_view(redis)
         queue = DeliveryQueue(arq, settings.delivery_retry_schedule, clock=None)
+        audit = Audit(redis, retention=settings.job_retention)
         watch = RedisWatch(redis)
         stop_watching = asyncio.Event()
         watching = asyncio.create_task(watch.run(stop_watching), name="redis-watch")
@@ -119,12 +120,13 @@ def create_app(settings: Settings) -> Starlette:
                     policy=policy,
                     write_check=WriteCheck(redis),
                     watch=watch,
-                    signer=signer,
+                    signers=CallerSigners(callers, settings.webhook_secrets),
                     callback_client=callback_client,
                     attempt_log=attempt_log,
-                    redeliverer=Redeliverer(queue, store, attempt_log),
+                    redeliverer=Redeliverer(queue, store, attempt_log, audit),
                     uploads=UploadSlots(settings.max_uploads, settings.max_uploads_per_key),
                     intents=Intents(redis, store, settings),
+                    audit=audit,
                 )
             }
         finally:

@@ -22,6 +22,7 @@ from pydantic import (
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from relay.api.auth import request_caller
 from relay.api.body import read_body
 from relay.api.models import MAX_ID_LENGTH
 from relay.api.scoping import list_owner, owned_job
@@ -126,6 +127,11 @@ async def job_deliveries(request: Request) -> Response:
             "callback": job.callback_url is not None,
             "status": job.status,
             "deliveries": deliveries,
+            # Who steered it (relay.jobs.audit), newest first.
+            "audit": [
+                {**entry, "at": iso(entry.get("at"))}
+                for entry in await state.audit.entries(job.request_id)
+            ],
         }
     )
 
@@ -203,7 +209,9 @@ async def _owned_page(
 async def redeliver(request: Request) -> Response:
     state = app_state(request)
     job = await tracked_job(state, request)
-    done = await state.redeliverer.redeliver(job.request_id, note="redelivery requested")
+    done = await state.redeliverer.redeliver(
+        job.request_id, note="redelivery requested", by=request_caller(request).name
+    )
     if done.refused == "not_ended":
         raise ApiError(409, "the job has not ended yet: its callback goes out when it does")
     if done.refused == "no_callback":
@@ -256,5 +264,6 @@ async def recover(request: Request) -> Response:
         since=since,
         limit=wanted.limit,
         owner=list_owner(request, wanted.caller),
+        by=request_caller(request).name,
     )
     return JSONResponse({"requeued": requeued, "more": more, "since": iso(since)})

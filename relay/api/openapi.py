@@ -139,6 +139,20 @@ def openapi_document() -> dict[str, Any]:
                             },
                         },
                     },
+                    "audit": {
+                        "type": "array",
+                        "description": "Who steered the job, newest first (at most 50)",
+                        "items": {
+                            "type": "object",
+                            "required": ["at", "caller", "action"],
+                            "properties": {
+                                "at": {"type": "string"},
+                                "caller": {"type": "string"},
+                                "action": {"enum": ["redeliver", "recover", "watch"]},
+                                "detail": {"type": "string"},
+                            },
+                        },
+                    },
                 },
             },
             "DeliveryPage": {
@@ -172,6 +186,11 @@ def openapi_document() -> dict[str, Any]:
                                 "algorithm": {"const": "ed25519"},
                                 "public_key": {"type": "string", "pattern": "^whpk_"},
                                 "created": {"type": ["string", "null"]},
+                                "caller": {
+                                    "type": ["string", "null"],
+                                    "description": "The caller whose own key it is; null: "
+                                    "the global key, for every caller without its own",
+                                },
                             },
                         },
                     }

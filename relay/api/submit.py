@@ -28,8 +28,9 @@ from relay.api.body import read_body
 from relay.api.models import MAX_ID_LENGTH, GenerateRequest
 from relay.api.responses import json_bytes
 from relay.api.state import AppState, app_state
+from relay.callers.model import Caller
 from relay.delivery.netpolicy import parse_callback_url, resolve_and_check
-from relay.errors import ApiError, NotReplicated, UpstreamError
+from relay.errors import ApiError, CallbackUrlRejected, NotReplicated, UpstreamError
 from relay.jobs.intents import Intent, created_answer, lookup_timeout
 from relay.metrics import INTENTS, JOBS_SUBMITTED
 from relay.upstream import BudgetRefused, check, json_object, may_have_arrived
@@ -71,7 +72,7 @@ async def generate(request: Request) -> Response:
         job = GenerateRequest.model_validate(parsed)
     except ValidationError as exc:
         raise validation_error(exc) from None
-    await check_callback_url(state, job.callback_url)
+    await check_callback_url(state, job.callback_url, request_caller(request))
     body = job.upstream_body()
     idempotency_key = held_idempotency_key(request)
     if job.reference_id is None and idempotency_key is not None:
@@ -370,15 +371,24 @@ class Submission:
         )
 
 
-async def check_callback_url(state: AppState, callback_url: str | None) -> None:
-    """Refuse (422) a callback URL whose host is, or resolves into, a refused network.
+async def check_callback_url(
+    state: AppState, callback_url: str | None, caller: Caller, *, field: str = "callback_url"
+) -> None:
+    """Refuse (422) a callback URL whose host is not one of the caller's `callback_hosts`, or
+    is, or resolves into, a refused network.
 
-    This is early feedback for the caller; delivery checks again at connect time, since DNS
-    answers can change in between.
+    This is early feedback for the caller; delivery checks both again, since DNS answers and
+    the callers file can change in between.
     """
     if callback_url is not None:
+        parsed = parse_callback_url(callback_url)
+        if not caller.allows_host(parsed.host):
+            raise CallbackUrlRejected(
+                f"its host is not one of this caller's callback_hosts "
+                f"({', '.join(caller.callback_hosts)})"
+            )
         # An IP literal is checked without resolving; a name is resolved every time.
-        await resolve_and_check(parse_callback_url(callback_url), state.policy)
+        await resolve_and_check(parsed, state.policy)
 
 
 async def ensure_store(state: AppState) -> None:

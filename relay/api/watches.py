@@ -78,7 +78,8 @@ async def watch(request: Request) -> Response:
     segment = path_segment(name, field)  # 400 before anything is asked
     caller = request_caller(request)
     owner = _owner(state, caller, wanted.caller)
-    await check_callback_url(state, wanted.callback_url)
+    # The callback goes out as the owner's: its callback_hosts apply.
+    await check_callback_url(state, wanted.callback_url, owner)
     if not caller.admin:
         # A caller may watch only a job it may see: one of its own, already tracked.
         job = await state.store.find_owned(name, caller.name)
@@ -112,31 +113,34 @@ async def watch(request: Request) -> Response:
         first_poll_in=0,
         events=wanted.callback_events,
         metadata=orjson.dumps(wanted.callback_metadata) if wanted.callback_metadata else None,
-        caller=owner,
+        caller=owner.name,
     )
     if not created:
         tracked = await state.store.get(request_id)
         if tracked is None:
             raise ApiError(409, "this request is already tracked with a different callback_url")
         return _again(tracked, wanted.callback_url)
-    log.info(
-        "watching a job submitted elsewhere",
-        extra={"request_id": request_id, "caller": caller.name, "owner": owner},
+    await state.audit.record(
+        request_id,
+        caller=caller.name,
+        action="watch",
+        detail=None if owner is caller else f"for {owner.name}",
     )
     return JSONResponse(
         {"request_id": request_id, "watching": True, "created": True}, status_code=201
     )
 
 
-def _owner(state: AppState, caller: Caller, named: str | None) -> str:
+def _owner(state: AppState, caller: Caller, named: str | None) -> Caller:
     """Whose job a watch makes it: the caller's own, or (an admin's choice) a named caller's."""
     if named is None or named == caller.name:
-        return caller.name
+        return caller
     if not caller.admin:
         raise ApiError(403, "only an admin caller may watch a job for another caller")
-    if state.callers.book.named(named) is None:
+    owner = state.callers.book.named(named)
+    if owner is None:
         raise ApiError(422, "invalid request: caller: no caller has this name")
-    return named
+    return owner
 
 
 def _again(job: Job, callback_url: str) -> Response:

@@ -92,6 +92,11 @@ class Sessions:
             return None
         return Session(session_id, data["k"], data["c"])
 
+    def caller_name(self, session: Session) -> str | None:
+        """The name of the caller whose key signed the session in (for the audit)."""
+        caller = self._callers.book.by_key_id(session.key_id)
+        return caller.name if caller is not None else None
+
     async def end(self, redis: Redis, session: Session) -> None:
         await redis.delete(_key(session.id))
 

@@ -240,7 +240,10 @@ class Console:
         if not (limit_text.isascii() and limit_text.isdigit()) or not 1 <= int(limit_text) <= 1000:
             raise HTTPException(400, "The limit must be a whole number from 1 to 1000.")
         requeued, more = await app_state(request).redeliverer.recover(
-            states=("failing", "failed"), since=since, limit=int(limit_text)
+            states=("failing", "failed"),
+            since=since,
+            limit=int(limit_text),
+            by=self.sessions.caller_name(session),
         )
         outcome = {"requeued": requeued, "more": more, "since": iso(since)}
         return await self._failed_page(request, session, outcome=outcome)
@@ -260,6 +263,7 @@ class Console:
             job=job,
             body=pretty,
             deliveries=await deliveries_of(state, job),
+            audit=await state.audit.entries(job.request_id),
             redelivered=request.query_params.get("redelivered"),
         )
 
@@ -274,7 +278,9 @@ class Console:
         job = await state.store.get(request.path_params["id"][:256])
         if job is None:
             raise HTTPException(404, "No tracked job has this id. It may have expired.")
-        done = await state.redeliverer.redeliver(job.request_id, note="redelivery requested")
+        done = await state.redeliverer.redeliver(
+            job.request_id, note="redelivery requested", by=self.sessions.caller_name(session)
+        )
         if done.refused is not None:
             raise HTTPException(409, "This job has no callback to send again yet.")
         url = request.url_for("job", id=job.request_id).include_query_params(

@@ -15,6 +15,7 @@ from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.destinations import destination_of
 from relay.delivery.queue import DeliveryQueue
 from relay.delivery.store import DeliveryId
+from relay.jobs.audit import Audit
 from relay.jobs.store import JobStore
 from relay.redis import keys, scripts
 
@@ -33,14 +34,25 @@ class Redelivered:
 
 
 class Redeliverer:
-    def __init__(self, queue: DeliveryQueue, store: JobStore, attempt_log: AttemptLog) -> None:
+    def __init__(
+        self,
+        queue: DeliveryQueue,
+        store: JobStore,
+        attempt_log: AttemptLog,
+        audit: Audit | None = None,
+    ) -> None:
         self.queue = queue
+        # Who steered each job (relay.jobs.audit), when a caller is named.
+        self.audit = audit
         self.redis = queue.redis
         self.store = store
         self.attempt_log = attempt_log
         self._redeliver = scripts.register(self.redis, __name__, "redeliver")
 
-    async def redeliver(self, delivery_id: str, *, note: str) -> Redelivered:
+    async def redeliver(
+        self, delivery_id: str, *, note: str, by: str | None = None, action: str = "redeliver"
+    ) -> Redelivered:
+        """Queue the delivery's event again now; `by`: the caller who asked, for the audit."""
         attempt = int(
             await self._redeliver(keys=[keys.job(delivery_id)], args=[int(KEEP_AFTER_REDELIVERY)])
         )
@@ -52,10 +64,23 @@ class Redeliverer:
         await self.attempt_log.record(delivery_id, attempt=attempt, note=note, state="pending")
         # If this enqueue is lost (a crash right here), the stranded-delivery sweep queues it.
         await self.queue.enqueue_attempt(delivery_id, attempt, 0.0, destination)
+        if by is not None and self.audit is not None:
+            await self.audit.record(
+                DeliveryId.parse(delivery_id).request_id,
+                caller=by,
+                action=action,
+                detail=f"{delivery_id} attempt {attempt}",
+            )
         return Redelivered(delivery_id, attempt)
 
     async def recover(
-        self, *, states: tuple[str, ...], since: float, limit: int, owner: str | None = None
+        self,
+        *,
+        states: tuple[str, ...],
+        since: float,
+        limit: int,
+        owner: str | None = None,
+        by: str | None = None,
     ) -> tuple[int, bool]:
         """Redeliver up to `limit` deliveries that entered `states` after `since`, oldest
         first; returns how many were requeued and whether more are left. `owner`: only the
@@ -69,7 +94,9 @@ class Redeliverer:
         candidates.sort()
         requeued = 0
         for _, delivery_id in candidates[:limit]:
-            done = await self.redeliver(delivery_id, note="recovered in bulk")
+            done = await self.redeliver(
+                delivery_id, note="recovered in bulk", by=by, action="recover"
+            )
             requeued += done.attempt is not None
         return requeued, more or len(candidates) > limit
 

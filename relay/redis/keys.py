@@ -9,6 +9,9 @@ relay:caller-jobs:{caller}  zset   request id -> when it was tracked (Redis cloc
 relay:caller-ref:{caller}:{reference_id}
                             zset   the same, for that caller's jobs with that reference_id (two
                                    callers may use one reference_id)
+relay:audit:{request_id}    list   who steered the job: JSON entries (time, caller, action:
+                                   redeliver, recover, watch), newest first, at most 50; expires
+                                   with the job
 relay:polls                 zset   request id -> when it is next due (Redis clock, seconds);
                                    a claimed id is pushed a lease into the future, so a worker
                                    that dies simply lets its claims fall due again
@@ -118,6 +121,10 @@ def caller_jobs(caller: str) -> str:
 
 def caller_ref(caller: str, reference_id: str) -> str:
     return f"{PREFIX}caller-ref:{caller}:{reference_id}"
+
+
+def audit(request_id: str) -> str:
+    return f"{PREFIX}audit:{request_id}"
 
 
 def destination(dest: str) -> str:
