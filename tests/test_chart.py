@@ -383,6 +383,10 @@ def test_drain_times_fit_the_grace_periods(chart: helm.Chart, variant: str) -> N
         ),
         ({"worker": {"terminationGracePeriodSeconds": 30}}, "worker.terminationGracePeriodSeconds"),
         ({"redis": {"url": "redis://r:6379/0", "standalone": {"enabled": True}}}, "only one of"),
+        (
+            {"secrets": {"apiKeys": ["key-one"]}, "callers": {"existingSecret": "relay-callers"}},
+            "set callers.existingSecret or secrets.apiKeys, not both",
+        ),
         ({"api": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}}, "minReplicas"),
     ],
 )
@@ -597,6 +601,32 @@ def test_existing_secrets_replace_the_charts(chart: helm.Chart) -> None:
         "secretKeyRef": {"name": "chamelaion-relay-redis", "key": "url"}
     }
     assert "WARNING" not in notes(chart, production_values())
+
+
+def test_the_callers_file_is_mounted_from_its_secret(chart: helm.Chart) -> None:
+    values = copy.deepcopy(SMALL_INSTALL)
+    values["secrets"]["apiKeys"] = []
+    values["callers"] = {"existingSecret": "relay-callers", "key": "teams.json"}
+    manifests = render(chart, values)
+    assert configmap_data(chart, values)["RELAY_CALLERS_FILE"] == "/etc/relay/callers/teams.json"
+    for component in ("api", "worker"):
+        deployment = find(manifests, "Deployment", f"{FULLNAME}-{component}")
+        [volume] = [v for v in pod_spec(deployment)["volumes"] if v["name"] == "callers"]
+        assert volume["secret"] == {
+            "secretName": "relay-callers",
+            "items": [{"key": "teams.json", "path": "teams.json"}],
+        }
+        [mount] = [m for m in container(deployment)["volumeMounts"] if m["name"] == "callers"]
+        # A directory, never a subPath: Kubernetes updates only whole mounted Secrets, and the
+        # relay re-reads the changed file without a restart.
+        assert mount == {"name": "callers", "mountPath": "/etc/relay/callers", "readOnly": True}
+    assert "RELAY_API_KEYS" not in find(manifests, "Secret", FULLNAME)["data"]
+    assert "secrets.apiKeys" not in notes(chart, values)
+    # Without it, nothing is mounted and the variable is not set.
+    plain = render(chart, copy.deepcopy(SMALL_INSTALL))
+    api = find(plain, "Deployment", f"{FULLNAME}-api")
+    assert all(v["name"] != "callers" for v in pod_spec(api)["volumes"])
+    assert "RELAY_CALLERS_FILE" not in configmap_data(chart, copy.deepcopy(SMALL_INSTALL))
 
 
 def test_missing_configuration_is_reported_not_fatal(chart: helm.Chart) -> None:

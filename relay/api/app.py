@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from relay.api import deliveries, test_events, watches, webhook_keys
-from relay.api.auth import ApiKeyMiddleware, KeyRing
+from relay.api.auth import ApiKeyMiddleware
 from relay.api.budget import ApiBudget
 from relay.api.idempotency import idempotent
 from relay.api.limits import UploadSlots
@@ -32,13 +32,16 @@ from relay.api.status import get_request, list_requests
 from relay.api.store_check import WriteCheck
 from relay.api.submit import generate
 from relay.api.uploads import generate_with_media
+from relay.callers.source import CallerSource
 from relay.console.views import create_console
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.control import Redeliverer
 from relay.delivery.netpolicy import callback_policy
 from relay.delivery.queue import DeliveryQueue
+from relay.delivery.signers import CallerSigners
 from relay.delivery.transport import make_callback_client
 from relay.errors import ApiError
+from relay.jobs.audit import Audit
 from relay.jobs.intents import Intents
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
@@ -48,7 +51,6 @@ from relay.redis.conn import close as close_redis
 from relay.redis.shared_state import metrics_response
 from relay.redis.watch import RedisWatch, readiness
 from relay.settings import Settings
-from relay.signing import Signer
 from relay.upstream import Upstream
 
 
@@ -70,6 +72,8 @@ async def openapi(request: Request) -> Response:
 
 def create_app(settings: Settings) -> Starlette:
     settings.require("api")
+    # Read once here (a bad callers file stops the start-up), then kept current by itself.
+    callers = CallerSource.from_settings(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -86,12 +90,12 @@ def create_app(settings: Settings) -> Starlette:
         UPSTREAM_RATE_LIMIT.set(settings.upstream_rate_limit)
         upstream = Upstream.from_settings(settings, budget=budget)
         policy = callback_policy(settings)
-        signer = Signer(settings.webhook_secrets) if settings.webhook_secrets else None
         callback_client = make_callback_client(policy, settings.delivery_timeout)
         store = JobStore(
             redis,
             wait_replicas=settings.redis_wait_replicas,
             wait_timeout=settings.redis_wait_timeout,
+            lifetime=settings.max_job_age + settings.job_retention,
         )
         attempt_log = AttemptLog(
             redis, retention=settings.job_retention, excerpts=settings.attempt_log_excerpt
@@ -100,6 +104,7 @@ def create_app(settings: Settings) -> Starlette:
         # queue's script scores them on Redis's, whatever this process's own clock says.
         arq = arq_view(redis)
         queue = DeliveryQueue(arq, settings.delivery_retry_schedule, clock=None)
+        audit = Audit(redis, retention=settings.job_retention)
         watch = RedisWatch(redis)
         stop_watching = asyncio.Event()
         watching = asyncio.create_task(watch.run(stop_watching), name="redis-watch")
@@ -107,6 +112,7 @@ def create_app(settings: Settings) -> Starlette:
             yield {
                 "relay": AppState(
                     settings=settings,
+                    callers=callers,
                     redis=redis,
                     store=store,
                     upstream=upstream,
@@ -114,12 +120,13 @@ def create_app(settings: Settings) -> Starlette:
                     policy=policy,
                     write_check=WriteCheck(redis),
                     watch=watch,
-                    signer=signer,
+                    signers=CallerSigners(callers, settings.webhook_secrets),
                     callback_client=callback_client,
                     attempt_log=attempt_log,
-                    redeliverer=Redeliverer(queue, store, attempt_log),
+                    redeliverer=Redeliverer(queue, store, attempt_log, audit),
                     uploads=UploadSlots(settings.max_uploads, settings.max_uploads_per_key),
                     intents=Intents(redis, store, settings),
+                    audit=audit,
                 )
             }
         finally:
@@ -157,7 +164,7 @@ def create_app(settings: Settings) -> Starlette:
             methods=["POST"],
             name="api_recover",
         ),
-        create_console(settings),
+        create_console(settings, callers),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
@@ -171,7 +178,7 @@ def create_app(settings: Settings) -> Starlette:
             Middleware(ResponseCounter),
             Middleware(
                 ApiKeyMiddleware,
-                keys=KeyRing(settings.api_keys),
+                callers=callers,
                 metrics_auth=settings.metrics_auth,
                 public=(webhook_keys.PATH,),
             ),

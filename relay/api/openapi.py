@@ -17,6 +17,7 @@ from relay.api.models import MAX_ID_LENGTH, MAX_REFERENCE_ID_LENGTH, GenerateReq
 from relay.api.responses import MAX_DETAILS
 from relay.api.test_events import TestEventRequest
 from relay.api.watches import WatchRequest
+from relay.callers.model import NAME_PATTERN
 from relay.delivery.failure import FAILURE_CLASSES
 from relay.delivery.netpolicy import MAX_URL_LENGTH
 
@@ -139,6 +140,20 @@ def openapi_document() -> dict[str, Any]:
                             },
                         },
                     },
+                    "audit": {
+                        "type": "array",
+                        "description": "Who steered the job, newest first (at most 50)",
+                        "items": {
+                            "type": "object",
+                            "required": ["at", "caller", "action"],
+                            "properties": {
+                                "at": {"type": "string"},
+                                "caller": {"type": "string"},
+                                "action": {"enum": ["redeliver", "recover", "watch"]},
+                                "detail": {"type": "string"},
+                            },
+                        },
+                    },
                 },
             },
             "DeliveryPage": {
@@ -172,6 +187,11 @@ def openapi_document() -> dict[str, Any]:
                                 "algorithm": {"const": "ed25519"},
                                 "public_key": {"type": "string", "pattern": "^whpk_"},
                                 "created": {"type": ["string", "null"]},
+                                "caller": {
+                                    "type": ["string", "null"],
+                                    "description": "The caller whose own key it is; null: "
+                                    "the global key, for every caller without its own",
+                                },
                             },
                         },
                     }
@@ -257,6 +277,13 @@ def openapi_document() -> dict[str, Any]:
             "schema": {"type": "string", "minLength": 1, "maxLength": MAX_REFERENCE_ID_LENGTH},
         },
     ]
+    caller_filter = {
+        "name": "caller",
+        "in": "query",
+        "description": "An admin's caller filter: only that caller's jobs",
+        "schema": {"type": "string", "pattern": NAME_PATTERN},
+    }
+    not_yours = _error("A caller named another caller (only an admin may)")
     secured: list[dict[str, list[str]]] = [{"apiKey": []}, {"bearer": []}]
     idempotency_key = {
         "name": "Idempotency-Key",
@@ -269,7 +296,7 @@ def openapi_document() -> dict[str, Any]:
         "409": _error("A request with this Idempotency-Key is still in progress"),
         "422": _error("Invalid field, or Idempotency-Key reused with another body"),
         "429": _error(
-            "Chamelaion's rate limit, or this API key holds RELAY_IDEMPOTENCY_MAX_KEYS "
+            "Chamelaion's rate limit, or this caller holds RELAY_IDEMPOTENCY_MAX_KEYS "
             "Idempotency-Keys already; see Retry-After"
         ),
     }
@@ -308,8 +335,8 @@ def openapi_document() -> dict[str, Any]:
                         "408": _error("The upload stalled or arrived below the minimum rate"),
                         "415": _error("Not multipart/form-data"),
                         "429": _error(
-                            "Too many uploads in progress (for this key or in all), "
-                            "Chamelaion's rate limit, or this API key holds "
+                            "Too many uploads in progress (for this caller or in all), "
+                            "Chamelaion's rate limit, or this caller holds "
                             "RELAY_IDEMPOTENCY_MAX_KEYS Idempotency-Keys already; see Retry-After"
                         ),
                     },
@@ -327,7 +354,8 @@ def openapi_document() -> dict[str, Any]:
                     {
                         "200": {"description": "The request", "content": _json("LipsyncRequest")},
                         "400": _error("Id too long, a dot segment, or with a slash"),
-                        "404": _error("lipsync request not found"),
+                        "404": _error("Not found: unknown, or another caller's job"),
+                        "503": _error("The relay's job store is unavailable"),
                         **_UPSTREAM_ERRORS,
                         **_ERRORS_ANY,
                     },
@@ -337,15 +365,17 @@ def openapi_document() -> dict[str, Any]:
             },
             "/api/v1/lipsync/requests": {
                 "get": _operation(
-                    "List requests (proxied to Chamelaion)",
+                    "List the caller's requests (an admin: Chamelaion's whole list, proxied)",
                     {
                         "200": {"description": "A page", "content": _json("LipsyncRequestList")},
-                        "400": _error("Bad limit, offset or reference_id"),
+                        "400": _error("Bad limit, offset, reference_id or caller"),
+                        "403": not_yours,
+                        "503": _error("The relay's job store is unavailable"),
                         **_UPSTREAM_ERRORS,
                         **_ERRORS_ANY,
                     },
                     security=secured,
-                    parameters=list_params,
+                    parameters=[*list_params, caller_filter],
                 )
             },
             "/api/relay/v1/webhook-keys": {
@@ -376,8 +406,15 @@ def openapi_document() -> dict[str, Any]:
                     {
                         "200": {"description": "Already watched", "content": _json("Watch")},
                         "201": {"description": "Now watched", "content": _json("Watch")},
-                        "404": _error("Chamelaion does not know this request"),
-                        "409": _error("Already tracked with a different callback_url"),
+                        "403": _error("A caller named another caller (only an admin may)"),
+                        "404": _error(
+                            "Not found: unknown, another caller's job, or (for a caller that is "
+                            "not an admin) not one of its own"
+                        ),
+                        "409": _error(
+                            "Already tracked with a different callback_url, or a submission "
+                            "with its reference_id is being settled"
+                        ),
                         "503": _error("The relay's job store is unavailable"),
                         **relay_body,
                         **_UPSTREAM_ERRORS,
@@ -393,7 +430,7 @@ def openapi_document() -> dict[str, Any]:
                     {
                         "200": {"description": "The deliveries", "content": _json("JobDeliveries")},
                         "400": _error("Bad id"),
-                        "404": _error("No tracked job has this id or reference_id"),
+                        "404": _error("No tracked job of the caller's has this id or reference_id"),
                         **_ERRORS_ANY,
                     },
                     security=secured,
@@ -406,7 +443,7 @@ def openapi_document() -> dict[str, Any]:
                     {
                         "202": {"description": "Requeued", "content": _json("Redelivered")},
                         "400": _error("Bad id"),
-                        "404": _error("No tracked job has this id or reference_id"),
+                        "404": _error("No tracked job of the caller's has this id or reference_id"),
                         "409": _error("The job has not ended, or has no callback_url"),
                         "429": _error("RELAY_REDELIVERIES_PER_MINUTE reached; see Retry-After"),
                         **_ERRORS_ANY,
@@ -420,7 +457,8 @@ def openapi_document() -> dict[str, Any]:
                     "Deliveries in a state, newest first",
                     {
                         "200": {"description": "A page", "content": _json("DeliveryPage")},
-                        "400": _error("Bad state, time, cursor or limit"),
+                        "400": _error("Bad state, time, cursor, limit or caller"),
+                        "403": not_yours,
                         **_ERRORS_ANY,
                     },
                     security=secured,
@@ -440,6 +478,7 @@ def openapi_document() -> dict[str, Any]:
                             "in": "query",
                             "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
                         },
+                        caller_filter,
                     ],
                 )
             },
@@ -448,6 +487,7 @@ def openapi_document() -> dict[str, Any]:
                     "Redeliver every delivery that failed since a time (capped)",
                     {
                         "200": {"description": "What was requeued", "content": _json("Recovered")},
+                        "403": not_yours,
                         **relay_body,
                         "429": _error("RELAY_RECOVERS_PER_MINUTE reached; see Retry-After"),
                         **_ERRORS_ANY,

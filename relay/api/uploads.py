@@ -33,6 +33,7 @@ import httpx
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from relay.api.auth import request_caller
 from relay.api.body import declared_length, too_large
 from relay.api.multipart import MediaForm, boundary_of, content_type
 from relay.api.state import app_state
@@ -219,11 +220,13 @@ async def generate_with_media(request: Request) -> Response:
     limit = state.settings.max_upload_bytes
     form = MediaForm(boundary_of(request.headers.get("content-type", "")))
     declared = declared_length(request, limit)
+    caller = request_caller(request)
     submission = Submission(
         state,
         reference_id=None,
         idempotency_key=held_idempotency_key(request),
         callback_url=None,
+        caller=caller.name,
     )
 
     async def before_end(complete: MediaForm) -> None:
@@ -234,7 +237,7 @@ async def generate_with_media(request: Request) -> Response:
         submission.callback_url = complete.callback_url
         await submission.open()
 
-    with state.uploads.hold(request.scope["state"]["caller_id"]):
+    with state.uploads.hold(caller.name):
         # Before a byte is read: a store that cannot record the job refuses the upload whole.
         await ensure_store(state)
         upload = Upload(
@@ -244,7 +247,7 @@ async def generate_with_media(request: Request) -> Response:
             limit=limit,
             stall=state.settings.upstream_timeout,
             min_rate=state.settings.upload_min_rate,
-            check_callback=lambda url: check_callback_url(state, url),
+            check_callback=lambda url: check_callback_url(state, url, caller),
             before_end=before_end,
         )
         return await submission.send(lambda: upload.send(state.upstream))

@@ -25,6 +25,7 @@ from starlette.templating import Jinja2Templates
 from relay.api.deliveries import deliveries_of, iso, parse_time
 from relay.api.state import AppState, app_state
 from relay.api.steering_limits import RECOVER, REDELIVER, SteeringLimits, allowance
+from relay.callers.source import CallerSource
 from relay.console import queries
 from relay.console.chart import chart_svg
 from relay.console.headers import ConsoleHeaders
@@ -75,8 +76,8 @@ async def _form(request: Request) -> dict[str, str]:
 
 
 class Console:
-    def __init__(self, settings: Settings) -> None:
-        self.sessions = Sessions(settings)
+    def __init__(self, settings: Settings, callers: CallerSource) -> None:
+        self.sessions = Sessions(settings, callers)
         self.settings = settings
 
     async def _session(self, request: Request) -> Session:
@@ -141,6 +142,14 @@ class Console:
         response = _redirect(request.url_for("login"))
         clear(response)
         return response
+
+    async def _count(self, state: AppState, action: str, session: Session) -> None:
+        """Count a redeliver or recover against the caller's allowance, the API's own."""
+        caller = self.sessions.caller_name(session) or session.key_id
+        try:
+            await SteeringLimits(state.redis).count(allowance(state.settings, action), caller)
+        except ApiError as exc:
+            raise HTTPException(exc.status_code, exc.message, headers=exc.headers) from None
 
     async def overview(self, request: Request) -> Response:
         session = await self._session(request)
@@ -240,9 +249,12 @@ class Console:
         if not (limit_text.isascii() and limit_text.isdigit()) or not 1 <= int(limit_text) <= 1000:
             raise HTTPException(400, "The limit must be a whole number from 1 to 1000.")
         state = app_state(request)
-        await _count(state, RECOVER, session)
+        await self._count(state, RECOVER, session)
         done = await state.redeliverer.recover(
-            states=("failing", "failed"), since=since, limit=int(limit_text)
+            states=("failing", "failed"),
+            since=since,
+            limit=int(limit_text),
+            by=self.sessions.caller_name(session),
         )
         outcome = {
             "requeued": done.requeued,
@@ -267,6 +279,7 @@ class Console:
             job=job,
             body=pretty,
             deliveries=await deliveries_of(state, job),
+            audit=await state.audit.entries(job.request_id),
             redelivered=request.query_params.get("redelivered"),
         )
 
@@ -278,11 +291,13 @@ class Console:
         if form.get("confirm") != "yes":
             raise HTTPException(400, "Tick the box to confirm the redelivery.")
         state = app_state(request)
-        await _count(state, REDELIVER, session)
+        await self._count(state, REDELIVER, session)
         job = await state.store.get(request.path_params["id"][:256])
         if job is None:
             raise HTTPException(404, "No tracked job has this id. It may have expired.")
-        done = await state.redeliverer.redeliver(job.request_id, note="redelivery requested")
+        done = await state.redeliverer.redeliver(
+            job.request_id, note="redelivery requested", by=self.sessions.caller_name(session)
+        )
         if done.refused is not None:
             raise HTTPException(409, "This job has no callback to send again yet.")
         url = request.url_for("job", id=job.request_id).include_query_params(
@@ -291,20 +306,12 @@ class Console:
         return _redirect(url)
 
 
-async def _count(state: AppState, action: str, session: Session) -> None:
-    """Count a redeliver or recover against the same per-caller allowance as the API's."""
-    try:
-        await SteeringLimits(state.redis).count(allowance(state.settings, action), session.key_id)
-    except ApiError as exc:
-        raise HTTPException(exc.status_code, exc.message, headers=exc.headers) from None
-
-
 class _SignIn(Exception):
     """Raised by a page that needs a session: answered with a redirect to the sign-in form."""
 
 
-def create_console(settings: Settings) -> Mount:
-    console = Console(settings)
+def create_console(settings: Settings, callers: CallerSource) -> Mount:
+    console = Console(settings, callers)
 
     async def to_sign_in(request: Request, exc: Exception) -> Response:
         return _redirect(request.url_for("login"))

@@ -33,6 +33,8 @@ from arq import Retry
 from relay.delivery.attempt_log import EXCERPT_CHARS, AttemptLog
 from relay.delivery.destinations import Destinations, destination_of
 from relay.delivery.failure import FailureClass, failure_class
+from relay.delivery.netpolicy import parse_callback_url
+from relay.delivery.signers import CallerSigners
 from relay.delivery.store import Breaker, DeliveryId, DeliveryState, DeliveryStore
 from relay.delivery.transport import CallbackClient
 from relay.errors import DestinationRefused
@@ -42,7 +44,6 @@ from relay.jobs.store import Job, JobStore
 from relay.metrics import DELIVERIES, DELIVERY_LATENCY
 from relay.redis import stats
 from relay.redis.batch import ScriptCall
-from relay.signing import Signer
 from relay.upstream import USER_AGENT, parse_retry_after
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ class Deliverer:
         *,
         store: JobStore,
         deliveries: DeliveryStore,
-        signer: Signer,
+        signers: CallerSigners,
         client: CallbackClient,
         schedule: tuple[float, ...],
         enqueue_attempt: EnqueueAttempt,
@@ -158,7 +159,7 @@ class Deliverer:
         self.timeout = timeout
         self.store = store
         self.deliveries = deliveries
-        self.signer = signer
+        self.signers = signers
         self.client = client
         self.schedule = schedule
         self.enqueue_attempt = enqueue_attempt
@@ -216,14 +217,14 @@ class Deliverer:
                 log.info("early event dropped as stale: the job ended", extra={"id": request_id})
                 return "stale"
             try:
-                outcome = await self._post(job.callback_url, job.event_id, job.event)
+                outcome = await self._post(job.callback_url, job.event_id, job.event, job.caller)
             finally:
                 await self.deliveries.release_send(delivery)
         else:
             if PROCESSING in job.events:
                 # Only a job whose callback asked for an early event can have one in flight.
                 await self._after_early_events(request_id)
-            outcome = await self._post(job.callback_url, job.event_id, job.event)
+            outcome = await self._post(job.callback_url, job.event_id, job.event, job.caller)
         duration = time.monotonic() - started
         log_extra = {"request_id": request_id, "attempt": attempt, "result": outcome.detail}
         if outcome.kind == "delivered" and job.ended_at is not None:
@@ -332,11 +333,22 @@ class Deliverer:
         )
         self.destinations.record(destination, update.backed_off_for)
 
-    async def _post(self, url: str, event_id: str, event: bytes) -> Outcome:
+    async def _post(self, url: str, event_id: str, event: bytes, caller: str | None) -> Outcome:
+        # The caller's own callback_hosts, on top of the network policy: checked again here, as
+        # the callers file may have changed since the job was submitted.
+        owner = self.signers.caller(caller)
+        if owner is not None and not owner.allows_host(parse_callback_url(url).host):
+            return Outcome(
+                "retry",
+                f"refused: the host is not one of caller {owner.name}'s callback_hosts",
+                error="policy",
+            )
+        signer = self.signers.signer(caller)
+        assert signer is not None, "a worker always has RELAY_WEBHOOK_SECRETS"
         headers = {
             "content-type": "application/json",
             "user-agent": USER_AGENT,
-            **self.signer.headers(event_id, event),
+            **signer.headers(event_id, event),
         }
         try:
             # One deadline for the whole attempt: the transport's timeouts are per operation,

@@ -14,6 +14,9 @@ if redis.call('HEXISTS', job_key, 'event') == 1 then return 0 end
 if redis.call('EXISTS', delivery_key) == 1 then return 0 end
 redis.call('HSET', delivery_key, 'created', now, 'ended', now, 'callback_url', callback_url,
            'event_id', event_id, 'event', event, 'delivery', 'pending', 'attempt', 0)
+-- Whose it is: its callback is signed for that caller (relay.delivery.signers).
+local caller = redis.call('HGET', job_key, 'caller')
+if caller then redis.call('HSET', delivery_key, 'caller', caller) end
 redis.call('EXPIRE', delivery_key, retention)
 redis.call('ZADD', pending_key, now, delivery_id)
 return 1

@@ -2,6 +2,16 @@
 
 relay:job:{request_id}      hash   one tracked job (fields: see relay.jobs.store.Job)
 relay:ref:{reference_id}    string request id of the newest tracked job with that reference_id
+relay:caller-jobs:{caller}  zset   request id -> when it was tracked (Redis clock): a caller's jobs,
+                                   for its list route; entries older than RELAY_MAX_JOB_AGE +
+                                   RELAY_JOB_RETENTION are trimmed, those of expired jobs dropped
+                                   when read
+relay:caller-ref:{caller}:{reference_id}
+                            zset   the same, for that caller's jobs with that reference_id (two
+                                   callers may use one reference_id)
+relay:audit:{request_id}    list   who steered the job: JSON entries (time, caller, action:
+                                   redeliver, recover, watch), newest first, at most 50; expires
+                                   with the job
 relay:polls                 zset   request id -> when it is next due (Redis clock, seconds);
                                    a claimed id is pushed a lease into the future, so a worker
                                    that dies simply lets its claims fall due again
@@ -16,8 +26,8 @@ relay:upstream:tat          string theoretical arrival time of the upstream budg
 relay:upstream:tat:reads    string the same for the status reads' own share of the budget
 relay:upstream:paused       string Redis-clock time until which nobody polls (after a 429)
 relay:idem:{caller}:{route}:{key}
-                            hash   one Idempotency-Key's claim and first answer (caller: a
-                                   digest of the caller's API key; route: the submit path)
+                            hash   one Idempotency-Key's claim and first answer (caller: the
+                                   caller's name, relay.callers; route: the submit path)
 relay:idem-held:{caller}    zset   the Idempotency-Key records a caller holds -> Redis-clock
                                    time each stops counting (RELAY_IDEMPOTENCY_MAX_KEYS)
 relay:webhook-key:{key id}  string when the relay first published that ed25519 public key
@@ -108,6 +118,18 @@ def job(request_id: str) -> str:
 
 def ref(reference_id: str) -> str:
     return f"{PREFIX}ref:{reference_id}"
+
+
+def caller_jobs(caller: str) -> str:
+    return f"{PREFIX}caller-jobs:{caller}"
+
+
+def caller_ref(caller: str, reference_id: str) -> str:
+    return f"{PREFIX}caller-ref:{caller}:{reference_id}"
+
+
+def audit(request_id: str) -> str:
+    return f"{PREFIX}audit:{request_id}"
 
 
 def destination(dest: str) -> str:

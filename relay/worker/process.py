@@ -15,13 +15,14 @@ from dataclasses import dataclass
 
 from arq.connections import ArqRedis
 
-from relay.api.auth import KeyRing
+from relay.callers.source import CallerSource
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.deliverer import Deliverer
 from relay.delivery.destinations import Destinations
 from relay.delivery.first_attempts import FirstAttempts
 from relay.delivery.netpolicy import callback_policy
 from relay.delivery.queue import DeliveryQueue
+from relay.delivery.signers import CallerSigners
 from relay.delivery.store import Breaker, DeliveryStore
 from relay.delivery.stranded import StrandedSweep
 from relay.delivery.transport import CallbackClient, make_callback_client
@@ -42,7 +43,6 @@ from relay.redis.clock import RedisClock
 from relay.redis.conn import arq_pool, close
 from relay.redis.watch import RedisWatch
 from relay.settings import Settings
-from relay.signing import Signer
 from relay.upstream import Upstream
 from relay.worker.dispatcher import Dispatcher
 from relay.worker.health import HealthPort, create_worker_http_app
@@ -67,13 +67,14 @@ class WorkerState:
     sweeper: Sweeper
     clock: RedisClock
     reconciler: Reconciler
+    callers: CallerSource
 
 
 async def build_state(settings: Settings) -> WorkerState:
     redis = await arq_pool(settings.redis_url, timeout=settings.redis_timeout)
     clock = RedisClock(redis)
     await clock.sync()
-    store = JobStore(redis)
+    store = JobStore(redis, lifetime=settings.max_job_age + settings.job_retention)
     schedule = PollSchedule(
         redis,
         rate=settings.upstream_rate_limit,
@@ -87,6 +88,8 @@ async def build_state(settings: Settings) -> WorkerState:
         redis, retention=settings.job_retention, excerpts=settings.attempt_log_excerpt
     )
     deliveries = DeliveryStore(redis)
+    # Kept current with RELAY_CALLERS_FILE: whose secrets sign a callback, and its hosts.
+    callers = CallerSource.from_settings(settings)
     client = make_callback_client(
         callback_policy(settings),
         settings.delivery_timeout,
@@ -95,7 +98,7 @@ async def build_state(settings: Settings) -> WorkerState:
     deliverer = Deliverer(
         store=store,
         deliveries=deliveries,
-        signer=Signer(settings.webhook_secrets, clock=clock.now),
+        signers=CallerSigners(callers, settings.webhook_secrets, clock=clock.now),
         client=client,
         schedule=settings.delivery_retry_schedule,
         enqueue_attempt=queue.enqueue_attempt,
@@ -164,6 +167,7 @@ async def build_state(settings: Settings) -> WorkerState:
         sweeper,
         clock,
         reconciler,
+        callers,
     )
 
 
@@ -206,8 +210,8 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
         if settings.sweep_interval > 0:
             services.append(state.sweeper)
         if http_port is not None:
-            metrics_keys = KeyRing(settings.api_keys) if settings.metrics_auth else None
-            app = create_worker_http_app(healthy, state.redis, watch, metrics_keys=metrics_keys)
+            callers = state.callers if settings.metrics_auth else None
+            app = create_worker_http_app(healthy, state.redis, watch, metrics_callers=callers)
             services.append(HealthPort(app, http_port))
         log.info(
             "worker started",
