@@ -487,7 +487,9 @@ def openapi_document() -> dict[str, Any]:
                     "Redeliver every delivery that failed since a time (capped)",
                     {
                         "200": {"description": "What was requeued", "content": _json("Recovered")},
-                        "403": not_yours,
+                        "403": _error(
+                            "A caller named another caller, or asked for states gone (admins only)"
+                        ),
                         **relay_body,
                         "429": _error("RELAY_RECOVERS_PER_MINUTE reached; see Retry-After"),
                         **_ERRORS_ANY,
