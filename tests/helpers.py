@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import redis
+from chamelaion import Chamelaion
 from standardwebhooks import Webhook
 
 from relay.api.app import create_app
@@ -90,6 +91,32 @@ def callers_env(path: Path, *callers: dict[str, object]) -> dict[str, str]:
     """Settings for a relay whose callers are `callers`, written to the callers file `path`."""
     path.write_text(json.dumps({"callers": list(callers)}))
     return {"RELAY_CALLERS_FILE": str(path), "RELAY_API_KEYS": ""}
+
+
+B_KEY = "team-b-key-0123456789abcdef"
+ADMIN_KEY = "oncall-admin-key-0123456789"
+
+
+def three_callers(path: Path) -> dict[str, str]:
+    """Settings for a relay with callers `team-a` (the stack's own key), `team-b` (B_KEY) and
+    an admin, `oncall` (ADMIN_KEY)."""
+    return callers_env(
+        path,
+        {"name": "team-a", "keys": [RELAY_KEY]},
+        {"name": "team-b", "keys": [B_KEY]},
+        {"name": "oncall", "keys": [ADMIN_KEY], "role": "admin"},
+    )
+
+
+def submit_as(stack: Stack, key: str, reference_id: str) -> str:
+    """Submit one job as the caller whose key is `key`, calling back to the stack's receiver."""
+    sdk = Chamelaion(api_key=key, base_url=stack.api_url + "/api", max_retries=0)
+    result = sdk.lipsync.generate(
+        inputs=[{"type": "video", "url": VIDEO}, {"type": "audio", "url": AUDIO}],
+        reference_id=reference_id,
+        extra_body={"callback_url": stack.callback_url},
+    )
+    return result.request_id
 
 
 def two_teams(path: Path, other_key: str) -> dict[str, str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 
 from relay.delivery.attempt_log import MAX_ENTRIES
-from tests.helpers import RELAY_API, attempts, callers_env, post, submit
+from tests.helpers import ADMIN_KEY, B_KEY, RELAY_API, attempts, post, submit, three_callers
 from tests.stack import RELAY_KEY, Receiver, Stack, eventually, job_field, relay_stack
 
 # The entries a trimmed attempt log keeps from its start (the rest: its newest).
@@ -70,29 +70,13 @@ def test_the_attempt_log_keeps_its_first_attempts_when_trimmed(redis_url: str) -
         assert log[-1].get("note") == "redelivery requested" or log[-1].get("status") == 200
 
 
-B_KEY = "team-b-key-0123456789abcdef"
-ADMIN_KEY = "oncall-admin-key-0123456789"
-
-
-def teams(path: Path, **env: str) -> dict[str, str]:
-    return {
-        **callers_env(
-            path,
-            {"name": "team-a", "keys": [RELAY_KEY]},
-            {"name": "team-b", "keys": [B_KEY]},
-            {"name": "oncall", "keys": [ADMIN_KEY], "role": "admin"},
-        ),
-        **env,
-    }
-
-
 def post_as(stack: Stack, key: str, path: str, body: object = None) -> httpx.Response:
     return httpx.post(stack.api_url + RELAY_API + path, json=body, headers={"x-api-key": key})
 
 
 def test_recovering_gone_deliveries_is_for_admins(redis_url: str, tmp_path: Path) -> None:
     # A receiver that answered 410 asked for no more; a caller cannot overrule that.
-    with relay_stack(redis_url, workers=0, env=teams(tmp_path / "callers.json")) as stack:
+    with relay_stack(redis_url, workers=0, env=three_callers(tmp_path / "callers.json")) as stack:
         refused = post_as(stack, RELAY_KEY, "/deliveries/recover", {"since": 0, "states": ["gone"]})
         assert refused.status_code == 403
         assert "admin" in refused.json()["error"]
@@ -103,7 +87,7 @@ def test_recovering_gone_deliveries_is_for_admins(redis_url: str, tmp_path: Path
 
 
 def test_one_callers_allowance_is_its_own(redis_url: str, tmp_path: Path) -> None:
-    env = teams(tmp_path / "callers.json", RELAY_RECOVERS_PER_MINUTE="1")
+    env = {**three_callers(tmp_path / "callers.json"), "RELAY_RECOVERS_PER_MINUTE": "1"}
     with relay_stack(redis_url, workers=0, env=env) as stack:
         assert post_as(stack, RELAY_KEY, "/deliveries/recover", {"since": 0}).status_code == 200
         assert post_as(stack, RELAY_KEY, "/deliveries/recover", {"since": 0}).status_code == 429

@@ -1,5 +1,5 @@
-"""Console sign-in: an admin caller's key (relay.callers), then a server-side session named by
-a signed cookie.
+"""Console sign-in: a caller's key (relay.callers), then a server-side session named by a signed
+cookie. A caller's session sees its own jobs and deliveries; an admin's sees everyone's.
 
 The session lives in Redis for eight hours at most and holds a short digest naming which
 configured key signed in (so removing that key from the callers ends its sessions) and the
@@ -62,20 +62,18 @@ class Sessions:
         self._logins = URLSafeTimedSerializer(secret, salt="relay-console-login")
         self._always_secure = settings.console_secure_cookies
 
-    def _allowed(self, caller: Caller | None) -> bool:
-        # The console shows every caller's jobs: admins only, until it is scoped per caller.
-        return caller is not None and caller.admin
-
-    async def sign_in(self, redis: Redis, candidate: str) -> Session | None:
-        """A new session for `candidate`, if it is an admin's key; stored before it is used."""
-        if not self._allowed(self._callers.book.resolve(candidate)):
+    async def sign_in(self, redis: Redis, candidate: str) -> tuple[Session, Caller] | None:
+        """A new session for `candidate`, if it is a caller's key, and that caller; stored
+        before it is used. A caller's session shows its own jobs; an admin's, everyone's."""
+        caller = self._callers.book.resolve(candidate)
+        if caller is None:
             return None
         session = Session(
             secrets.token_urlsafe(32), key_id(key_digest(candidate)), secrets.token_urlsafe(32)
         )
         record = orjson.dumps({"k": session.key_id, "c": session.csrf})
         await redis.set(_key(session.id), record, ex=SESSION_SECONDS)
-        return session
+        return session, caller
 
     async def read(self, redis: Redis, request: Request) -> Session | None:
         session_id = _signed(request, SESSION_COOKIE, self._sessions, SESSION_SECONDS)
@@ -85,16 +83,23 @@ class Sessions:
         if record is None:
             return None  # signed out, or expired
         data = orjson.loads(record)
-        # A key removed from the callers (or its caller no longer an admin) ends its sessions.
-        if not isinstance(data.get("k"), str) or not self._allowed(
-            self._callers.book.by_key_id(data["k"])
-        ):
+        # A key removed from the callers ends its sessions.
+        if not isinstance(data.get("k"), str) or self._callers.book.by_key_id(data["k"]) is None:
             return None
         return Session(session_id, data["k"], data["c"])
 
+    def caller(self, session: Session) -> Caller | None:
+        """The caller whose key signed the session in, as the callers file says now (its role
+        may have changed since); None once the key is gone."""
+        return self._callers.book.by_key_id(session.key_id)
+
+    def caller_names(self) -> tuple[str, ...]:
+        """Every caller's name, for an admin's caller filter."""
+        return self._callers.book.names
+
     def caller_name(self, session: Session) -> str | None:
         """The name of the caller whose key signed the session in (for the audit)."""
-        caller = self._callers.book.by_key_id(session.key_id)
+        caller = self.caller(session)
         return caller.name if caller is not None else None
 
     async def end(self, redis: Redis, session: Session) -> None:
