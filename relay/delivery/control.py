@@ -3,8 +3,9 @@
 A redelivery keeps the event's `webhook-id` (receivers deduplicate on it), starts the retry
 schedule afresh at a new attempt number (so no arq job id is reused) and is written in the
 attempt log. It is queued through relay.delivery.queue, on Redis's clock: an API process whose
-own clock is off neither delays it nor makes it early. Bulk recovery is capped per call and
-says how many it requeued and whether more are left.
+own clock is off neither delays it nor makes it early. Bulk recovery is capped per call, leaves
+deliveries still pending to their schedule, and says how many it requeued, how many it left
+pending and whether more are left.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ KEEP_AFTER_REDELIVERY = 4 * 86400.0
 # A caller's deliveries are picked out of every caller's: read in batches, up to a bound.
 SCAN_BATCH = 500
 MAX_SCAN = 5000
-REFUSALS = {-1: "unknown", -2: "not_ended", -3: "no_callback"}
+REFUSALS = {-1: "unknown", -2: "not_ended", -3: "no_callback", -4: "pending"}
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,13 @@ class Redelivered:
     delivery_id: str
     attempt: int | None  # None: refused, see `refused`
     refused: str | None = None
+
+
+@dataclass(frozen=True)
+class Recovered:
+    requeued: int
+    already_pending: int  # left to their schedule
+    more: bool  # more deliveries matched than the limit took
 
 
 class Redeliverer:
@@ -50,11 +58,21 @@ class Redeliverer:
         self._redeliver = scripts.register(self.redis, __name__, "redeliver")
 
     async def redeliver(
-        self, delivery_id: str, *, note: str, by: str | None = None, action: str = "redeliver"
+        self,
+        delivery_id: str,
+        *,
+        note: str,
+        leave_pending: bool = False,
+        by: str | None = None,
+        action: str = "redeliver",
     ) -> Redelivered:
-        """Queue the delivery's event again now; `by`: the caller who asked, for the audit."""
+        """Send the delivery's event again now; `leave_pending`: not if it is still pending;
+        `by`: the caller who asked, for the audit."""
         attempt = int(
-            await self._redeliver(keys=[keys.job(delivery_id)], args=[int(KEEP_AFTER_REDELIVERY)])
+            await self._redeliver(
+                keys=[keys.job(delivery_id)],
+                args=[int(KEEP_AFTER_REDELIVERY), "1" if leave_pending else "0"],
+            )
         )
         if attempt < 0:
             return Redelivered(delivery_id, None, REFUSALS[attempt])
@@ -81,10 +99,12 @@ class Redeliverer:
         limit: int,
         owner: str | None = None,
         by: str | None = None,
-    ) -> tuple[int, bool]:
+    ) -> Recovered:
         """Redeliver up to `limit` deliveries that entered `states` after `since`, oldest
-        first; returns how many were requeued and whether more are left. `owner`: only the
-        deliveries of that caller's jobs (None: everyone's)."""
+        first. One still pending (failing: retrying on its schedule) is left to its schedule:
+        recovering it would restart the schedule and send it at once, each time asked.
+        `owner`: only the deliveries of that caller's jobs (None: everyone's); `by`: the
+        caller who asked, for the audit."""
         candidates: list[tuple[float, str]] = []
         more = False
         for state in states:
@@ -92,13 +112,14 @@ class Redeliverer:
             candidates += found
             more |= capped
         candidates.sort()
-        requeued = 0
+        requeued = pending = 0
         for _, delivery_id in candidates[:limit]:
             done = await self.redeliver(
-                delivery_id, note="recovered in bulk", by=by, action="recover"
+                delivery_id, note="recovered in bulk", leave_pending=True, by=by, action="recover"
             )
             requeued += done.attempt is not None
-        return requeued, more or len(candidates) > limit
+            pending += done.refused == "pending"
+        return Recovered(requeued, pending, more=more or len(candidates) > limit)
 
     async def _candidates(
         self, state: str, since: float, limit: int, owner: str | None
