@@ -62,12 +62,12 @@ class Redeliverer:
         delivery_id: str,
         *,
         note: str,
+        leave_pending: bool = False,
         by: str | None = None,
         action: str = "redeliver",
-        leave_pending: bool = False,
     ) -> Redelivered:
-        """Queue the delivery's event again now; `by`: the caller who asked, for the audit;
-        `leave_pending`: not if it is still pending."""
+        """Send the delivery's event again now; `leave_pending`: not if it is still pending;
+        `by`: the caller who asked, for the audit."""
         attempt = int(
             await self._redeliver(
                 keys=[keys.job(delivery_id)],
@@ -101,9 +101,10 @@ class Redeliverer:
         by: str | None = None,
     ) -> Recovered:
         """Redeliver up to `limit` deliveries that entered `states` after `since`, oldest
-        first. `owner`: only the deliveries of that caller's jobs (None: everyone's). One still
-        pending (failing: retrying on its schedule) is left to its schedule: recovering it
-        would restart the schedule and send it at once, each time asked."""
+        first. One still pending (failing: retrying on its schedule) is left to its schedule:
+        recovering it would restart the schedule and send it at once, each time asked.
+        `owner`: only the deliveries of that caller's jobs (None: everyone's); `by`: the
+        caller who asked, for the audit."""
         candidates: list[tuple[float, str]] = []
         more = False
         for state in states:
@@ -114,7 +115,7 @@ class Redeliverer:
         requeued = pending = 0
         for _, delivery_id in candidates[:limit]:
             done = await self.redeliver(
-                delivery_id, note="recovered in bulk", by=by, action="recover", leave_pending=True
+                delivery_id, note="recovered in bulk", leave_pending=True, by=by, action="recover"
             )
             requeued += done.attempt is not None
             pending += done.refused == "pending"
