@@ -80,17 +80,27 @@ def _one_of_each(inputs: list[MediaInput]) -> list[MediaInput]:
     return inputs
 
 
-class GenerateRequest(BaseModel):
+class CallbackOptions(BaseModel):
+    """The relay's own fields, the same on both submit routes: the JSON body has them beside
+    Chamelaion's, the upload form (relay.api.multipart) collects them from its parts."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    callback_url: CallbackUrl | None = None
+    callback_events: CallbackEvents | None = None
+    callback_metadata: CallbackMetadata | None = None
+
+    def stored_metadata(self) -> bytes | None:
+        """The metadata as the job keeps it (JSON object bytes), None when there is none."""
+        return orjson.dumps(self.callback_metadata) if self.callback_metadata else None
+
+
+class GenerateRequest(CallbackOptions):
     inputs: Annotated[
         list[MediaInput], Field(min_length=2, max_length=2), AfterValidator(_one_of_each)
     ]
     disable_active_speaker_detection: StrictBool | None = None
     reference_id: ReferenceId | None = None
-    callback_url: CallbackUrl | None = None
-    callback_events: CallbackEvents | None = None
-    callback_metadata: CallbackMetadata | None = None
 
     def upstream_body(self) -> dict[str, Any]:
         """Exactly the fields Chamelaion documents, as the caller set them."""
