@@ -15,6 +15,9 @@ and reads the job only once it holds one, so two runs of one attempt in one work
 send. An attempt for a destination that is backed off (its receiver kept failing to answer) is
 not made and not counted: it is postponed, as a new arq job, to when the destination may be
 tried again, so no event is lost however long the receiver is down.
+
+An attempt at `lipsync.completed` made long after its job ended sends the job as Chamelaion
+answers for it now, for a fresh output_url (relay.delivery.refresh), under the same webhook-id.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from arq import Retry
 from relay.delivery.attempt_log import EXCERPT_CHARS, AttemptLog
 from relay.delivery.destinations import Destinations, destination_of
 from relay.delivery.failure import FailureClass, failure_class
+from relay.delivery.refresh import Refresher
 from relay.delivery.store import Breaker, DeliveryId, DeliveryState, DeliveryStore
 from relay.delivery.transport import CallbackClient
 from relay.errors import DestinationRefused
@@ -145,8 +149,11 @@ class Deliverer:
         breaker: Breaker,
         attempt_log: AttemptLog,
         timeout: float,
+        refresher: Refresher | None = None,
     ) -> None:
         self.attempt_log = attempt_log
+        # Re-reads late final events (RELAY_REFRESH_AFTER); None: never.
+        self.refresher = refresher
         self.timeout = timeout
         self.store = store
         self.deliveries = deliveries
@@ -196,27 +203,34 @@ class Deliverer:
             return "stale"
         if not (job.callback_url and job.event and job.event_id):
             return "stale"
-        started = time.monotonic()
         delivery = DeliveryId.parse(request_id)
+        event, refreshed = job.event, {}
+        began = time.monotonic()
+        if delivery.early is None and self.refresher is not None:
+            fresh = await self.refresher.event(job)
+            event, refreshed = fresh.event, fresh.entry
+        started = time.monotonic()
+        # The Redis clock when the POST began: the record's read time plus any re-read.
+        sent_at = job.read_at + (started - began)
         if delivery.early is not None:
             # An early event: sent only while its job runs, never after the final one.
             if not await self.deliveries.claim_send(delivery, hold=self.timeout + SEND_MARGIN):
                 log.info("early event dropped as stale: the job ended", extra={"id": request_id})
                 return "stale"
             try:
-                outcome = await self._post(job.callback_url, job.event_id, job.event)
+                outcome = await self._post(job.callback_url, job.event_id, event)
             finally:
                 await self.deliveries.release_send(delivery)
         else:
             if PROCESSING in job.events:
                 # Only a job whose callback asked for an early event can have one in flight.
                 await self._after_early_events(request_id)
-            outcome = await self._post(job.callback_url, job.event_id, job.event)
+            outcome = await self._post(job.callback_url, job.event_id, event)
         duration = time.monotonic() - started
         log_extra = {"request_id": request_id, "attempt": attempt, "result": outcome.detail}
         if outcome.kind == "delivered" and job.ended_at is not None:
             # On the Redis clock, like `ended_at`: the record's read time plus the attempt.
-            DELIVERY_LATENCY.observe(max(0.0, job.read_at + duration - job.ended_at))
+            DELIVERY_LATENCY.observe(max(0.0, sent_at + duration - job.ended_at))
         following = attempt + 1
         # A redelivery starts the schedule again from its own attempt number.
         step = following - job.schedule_base
@@ -229,7 +243,9 @@ class Deliverer:
         DELIVERIES.labels(settled or "retry").inc()
         counted = self.outcomes.count_call("delivered" if settled == "delivered" else "failed")
         if settled is not None:
-            logged = self._entry(job, attempt, outcome, duration, settled, next_in=None)
+            logged = self._entry(
+                job, attempt, outcome, duration, settled, next_in=None, sent_at=sent_at, **refreshed
+            )
             await self._record(
                 request_id, attempt, attempt, settled, outcome, destination, then=[logged, counted]
             )
@@ -255,7 +271,19 @@ class Deliverer:
             outcome,
             destination,
             keep_for=delay + KEEP_AFTER_LAST_ATTEMPT,
-            then=[self._entry(job, attempt, outcome, duration, "failing", next_in=delay), counted],
+            then=[
+                self._entry(
+                    job,
+                    attempt,
+                    outcome,
+                    duration,
+                    "failing",
+                    next_in=delay,
+                    sent_at=sent_at,
+                    **refreshed,
+                ),
+                counted,
+            ],
         )
         log.warning("callback failed, retrying in %.0f s", delay, extra=log_extra)
         return "retry"
@@ -277,8 +305,11 @@ class Deliverer:
         state: str,
         *,
         next_in: float | None,
+        sent_at: float,
+        **more: str,
     ) -> ScriptCall:
-        """The attempt log's entry for this attempt, recorded along with its outcome."""
+        """The attempt log's entry for this attempt, recorded along with its outcome; `more`:
+        what it says of a re-read (relay.delivery.refresh)."""
         return self.attempt_log.record_call(
             job.request_id,
             event=event_type_of(job.event),
@@ -288,8 +319,9 @@ class Deliverer:
             error=outcome.error,
             detail=outcome.detail,
             excerpt=outcome.excerpt,
-            next_at=None if next_in is None else round(job.read_at + duration + next_in, 3),
+            next_at=None if next_in is None else round(sent_at + duration + next_in, 3),
             state=state,
+            **more,
         )
 
     async def _record(

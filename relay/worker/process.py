@@ -22,13 +22,14 @@ from relay.delivery.destinations import Destinations
 from relay.delivery.first_attempts import FirstAttempts
 from relay.delivery.netpolicy import callback_policy
 from relay.delivery.queue import DeliveryQueue
+from relay.delivery.refresh import Refresher, refresh_timeout
 from relay.delivery.store import Breaker, DeliveryStore
 from relay.delivery.stranded import StrandedSweep
 from relay.delivery.transport import CallbackClient, make_callback_client
 from relay.jobs.intents import Intents, lookup_timeout
 from relay.jobs.poller import Poller
 from relay.jobs.reconcile import Reconciler
-from relay.jobs.schedule import PollSchedule
+from relay.jobs.schedule import PollSchedule, StatusReadBudget
 from relay.jobs.store import JobStore
 from relay.jobs.sweep import Sweeper
 from relay.lifecycle import Service, supervise
@@ -92,6 +93,15 @@ async def build_state(settings: Settings) -> WorkerState:
         settings.delivery_timeout,
         max_connections=settings.delivery_concurrency,
     )
+    refresher = (
+        Refresher(
+            upstream.with_budget(StatusReadBudget(schedule, met_by="a late delivery's re-read")),
+            after=settings.refresh_after,
+            timeout=refresh_timeout(settings),
+        )
+        if settings.refresh_after
+        else None
+    )
     deliverer = Deliverer(
         store=store,
         deliveries=deliveries,
@@ -107,10 +117,15 @@ async def build_state(settings: Settings) -> WorkerState:
         breaker=Breaker.from_settings(settings),
         attempt_log=attempt_log,
         timeout=settings.delivery_timeout,
+        refresher=refresher,
     )
     # Twice the attempts that may be in flight keep the slots busy; the rest wait as ids.
+    # Its guard waits out the longest attempt: a late one re-reads its job before sending.
     first_attempts = FirstAttempts(
-        queue, deliverer, settings.delivery_timeout, limit=2 * settings.delivery_concurrency
+        queue,
+        deliverer,
+        settings.delivery_timeout + refresh_timeout(settings),
+        limit=2 * settings.delivery_concurrency,
     )
     destinations = deliverer.destinations
     DELIVERIES_IN_FLIGHT.set_function(lambda: destinations.in_flight)
