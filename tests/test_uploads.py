@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import os
 import socket
@@ -644,6 +645,14 @@ def test_metadata_as_one_json_part_keeps_its_types(stack: Stack, redis_url: str)
     assert job_field(redis_url, request_id, "events") == b"lipsync.failed"
 
 
+def nested(depth: int) -> dict[str, object]:
+    value: dict[str, object] = {"a": "x"}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
+DEEP = nested(300)
 # name: (JSON body fields, the same as form parts)
 BAD_OPTIONS: dict[str, tuple[dict[str, object], list[bytes]]] = {
     "unknown event": (
@@ -661,6 +670,15 @@ BAD_OPTIONS: dict[str, tuple[dict[str, object], list[bytes]]] = {
     "metadata too large as JSON": (
         {"callback_metadata": {"blob": "x" * 5000}},
         [part("callback_metadata", orjson.dumps({"blob": "x" * 5000}))],
+    ),
+    # Deeper than orjson writes (its limit is 255 levels): a 500 on the JSON route before.
+    "metadata nested too deeply": (
+        {"callback_metadata": DEEP},
+        [part("callback_metadata" + "[a]" * 300, b"x")],
+    ),
+    "metadata nested too deeply as JSON": (
+        {"callback_metadata": DEEP},
+        [part("callback_metadata", json.dumps(DEEP).encode())],
     ),
     "metadata not an object": (
         {"callback_metadata": ["not", "an", "object"]},

@@ -44,7 +44,12 @@ def _events(value: list[str]) -> list[str]:
 
 
 def _metadata(value: dict[str, Any]) -> dict[str, Any]:
-    if len(orjson.dumps(value)) > MAX_METADATA_BYTES:
+    try:
+        encoded = orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        # Nested deeper than orjson writes (255 levels), which its reader (1,024) still takes.
+        raise ValueError("is nested too deeply") from None
+    if len(encoded) > MAX_METADATA_BYTES:
         raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
     return value
 
