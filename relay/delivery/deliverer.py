@@ -174,11 +174,13 @@ class Deliverer:
         destination: str | None = None,
         *,
         wait: float | None = None,
+        refresh: bool = True,
     ) -> str:
         """Make delivery attempt number `attempt` (0-based); returns what happened, for arq.
 
         `destination`: the callback URL's, when the caller knows it (read from the job if not).
         `wait`: how long to queue for a slot at most (DestinationBusy after); None: no limit.
+        `refresh`: a late final event may re-read its job first (relay.delivery.refresh).
         """
         if destination is None:
             job = await self.store.get(request_id)
@@ -192,9 +194,11 @@ class Deliverer:
             DELIVERIES.labels("postponed").inc()
             return "postponed"
         async with self.destinations.slot(destination, wait=wait):
-            return await self._attempt(request_id, attempt, destination)
+            return await self._attempt(request_id, attempt, destination, refresh=refresh)
 
-    async def _attempt(self, request_id: str, attempt: int, destination: str) -> str:
+    async def _attempt(
+        self, request_id: str, attempt: int, destination: str, *, refresh: bool
+    ) -> str:
         job = await self.store.get(request_id)
         if job is not None and job.delivery == "pending" and job.attempt == attempt - 1:
             # The previous attempt enqueued this one but has not recorded its outcome yet (it
@@ -207,7 +211,7 @@ class Deliverer:
         delivery = DeliveryId.parse(request_id)
         event, refreshed = job.event, {}
         began = time.monotonic()
-        if delivery.early is None and self.refresher is not None:
+        if refresh and delivery.early is None and self.refresher is not None:
             fresh = await self.refresher.event(job)
             event, refreshed = fresh.event, fresh.entry
         started = time.monotonic()

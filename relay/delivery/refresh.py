@@ -9,10 +9,11 @@ receivers still deduplicate on it. The answer is not stored: a later late attemp
 
 The re-read is a status read like any other: it books a slot of the shared upstream budget
 (relay.jobs.schedule.StatusReadBudget), none is made while a 429 pause is on, and a 429 it
-meets pauses everyone. It is bounded by `refresh_timeout`, which the attempt's own time limits
-(arq's job timeout, a first attempt's guard) include. Whatever goes wrong (a pause, no slot in
-time, a failure, an answer that is not this job as it ended) the stored object is sent, and
-the attempt log says why (`refresh: failed`, `refresh_error`).
+meets pauses everyone. It is bounded by `refresh_timeout`, which arq's job timeout includes. A
+first attempt made in-process (relay.delivery.first_attempts) is made as its job ends, so never
+late: it does not re-read, and its guard in arq keeps its timing. Whatever goes wrong (a pause,
+no slot in time, a failure, an answer that is not this job as it ended) the stored object is
+sent, and the attempt log says why (`refresh: failed`, `refresh_error`).
 
 Why 600 s by default: Chamelaion does not say how long its links last. Signed storage links
 commonly last an hour (boto3's default for presigned S3 URLs) or more, so one sent within ten

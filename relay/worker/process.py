@@ -120,12 +120,9 @@ async def build_state(settings: Settings) -> WorkerState:
         refresher=refresher,
     )
     # Twice the attempts that may be in flight keep the slots busy; the rest wait as ids.
-    # Its guard waits out the longest attempt: a late one re-reads its job before sending.
+    # Twice the attempts that may be in flight keep the slots busy; the rest wait as ids.
     first_attempts = FirstAttempts(
-        queue,
-        deliverer,
-        settings.delivery_timeout + refresh_timeout(settings),
-        limit=2 * settings.delivery_concurrency,
+        queue, deliverer, settings.delivery_timeout, limit=2 * settings.delivery_concurrency
     )
     destinations = deliverer.destinations
     DELIVERIES_IN_FLIGHT.set_function(lambda: destinations.in_flight)
