@@ -231,7 +231,14 @@ class Deliverer:
         if settled is not None:
             logged = self._entry(job, attempt, outcome, duration, settled, next_in=None)
             await self._record(
-                request_id, attempt, attempt, settled, outcome, destination, then=[logged, counted]
+                request_id,
+                attempt,
+                attempt,
+                settled,
+                outcome,
+                destination,
+                event_type=event_type_of(job.event) or "",
+                then=[logged, counted],
             )
             # A first-try success is the common case, counted in metrics: not a line each.
             level = logging.DEBUG if settled == "delivered" and following == 1 else None
@@ -254,6 +261,7 @@ class Deliverer:
             "pending",
             outcome,
             destination,
+            event_type=event_type_of(job.event) or "",
             keep_for=delay + KEEP_AFTER_LAST_ATTEMPT,
             then=[self._entry(job, attempt, outcome, duration, "failing", next_in=delay), counted],
         )
@@ -301,6 +309,7 @@ class Deliverer:
         outcome: Outcome,
         destination: str,
         *,
+        event_type: str,
         keep_for: float = 0,
         then: Sequence[ScriptCall] = (),
     ) -> None:
@@ -315,6 +324,7 @@ class Deliverer:
             destination=destination,
             answered=outcome.answered,
             breaker=self.breaker,
+            event_type=event_type,
             keep_for=keep_for,
             then=then,
         )
