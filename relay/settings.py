@@ -274,6 +274,10 @@ class Settings(BaseSettings):
     # How long an API call may wait for a slot of the shared upstream budget before the caller
     # is answered 429 instead.
     api_budget_wait: float = Field(2.0, ge=0, le=60, validation_alias="RELAY_API_BUDGET_WAIT")
+    # The longest a request may be held open for a job's events (`Prefer: wait`, a feed read's
+    # `wait`), and the time between keepalive comments on an event stream.
+    max_wait: int = Field(60, ge=0, le=3600, validation_alias="RELAY_MAX_WAIT")
+    events_keepalive: float = Field(15.0, gt=0, le=300, validation_alias="RELAY_EVENTS_KEEPALIVE")
 
     @field_validator("api_keys", "webhook_secrets", "delivery_retry_schedule", mode="before")
     @classmethod

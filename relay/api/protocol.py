@@ -44,6 +44,14 @@ MAX_HEAD_BYTES = 64 * 1024
 # before the 431 does and destroy it.
 LINGER_SECONDS = 2.0
 
+# The app's lifespan state may name functions under this key for the server to call as it
+# starts shutting down, before it waits for requests in flight (requests that wait for a
+# job's events answer then, rather than being cut off at the end of the grace period).
+SHUTDOWN_HOOKS = "relay.shutdown_hooks"
+# ... and under this one a function that says how many requests are parked: held open for a
+# job's events, using no CPU until one comes. They do not count as requests in flight.
+PARKED = "relay.parked"
+
 # An IPv6 client usually holds a whole /64: its addresses count as one peer.
 IPV6_PEER_PREFIX = 64
 
@@ -189,6 +197,12 @@ class ApiProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._arm_header_timer()
 
+    def shutdown(self) -> None:
+        # Called for each open connection once the server stops taking new ones.
+        for hook in self.app_state.get(SHUTDOWN_HOOKS, ()):
+            hook()
+        super().shutdown()
+
     def on_headers_complete(self) -> None:
         self._head_bytes = None
         self._disarm_header_timer()
@@ -207,7 +221,9 @@ class ApiProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         # uvicorn's own limit is off: this one counts requests in flight only.
-        if len(self.tasks) >= self.limits.max_requests:
+        parked = self.app_state.get(PARKED)
+        in_flight = len(self.tasks) - (parked() if parked is not None else 0)
+        if in_flight >= self.limits.max_requests:
             log.warning("requests in flight at the limit: answered 503")
             app = _over_capacity
             if counted(cycle.scope):
