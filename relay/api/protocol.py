@@ -51,6 +51,9 @@ SHUTDOWN_HOOKS = "relay.shutdown_hooks"
 # ... and under this one a function that says how many requests are parked: held open for a
 # job's events, using no CPU until one comes. They do not count as requests in flight.
 PARKED = "relay.parked"
+# A request's state holds this key (None) under this protocol: a request that waits may put a
+# function there, called if its client hangs up before the answer (no task needs to listen).
+HANG_UP = "relay.hang_up"
 
 # An IPv6 client usually holds a whole /64: its addresses count as one peer.
 IPV6_PEER_PREFIX = 64
@@ -173,7 +176,13 @@ class ApiProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.table.remove(self)
         self._disarm_header_timer()
+        cycle = self.cycle
+        hang_up = None
+        if cycle is not None and not cycle.response_complete:
+            hang_up = cycle.scope.get("state", {}).get(HANG_UP)
         super().connection_lost(exc)
+        if hang_up is not None:
+            hang_up()
 
     def data_received(self, data: bytes) -> None:
         # Fed in pieces no longer than the room left for the head: the parser never holds
@@ -195,6 +204,7 @@ class ApiProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope["state"][HANG_UP] = None
         self._arm_header_timer()
 
     def shutdown(self) -> None:

@@ -55,8 +55,11 @@ async def get_request(request: Request) -> Response:
     headers: dict[str, str] = {}
     if job is not None and wait is not None:
         # Only a tracked job can be waited on: its end is announced in Redis.
-        job = await wait_for_end(state, request, job, wait)
         headers = prefer.applied(wait)
+        if not job.ended and wait > 0:
+            # Held by nothing while it waits (thousands may): what it says is read afresh.
+            request_id, job = job.request_id, None
+            job = await wait_for_end(state, request, request_id, wait)
     if job is not None and job.body is not None:
         return json_bytes(job.body, headers=headers)
     response = check(await state.upstream.request("GET", f"v1/lipsync/requests/{segment}"))

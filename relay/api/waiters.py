@@ -20,24 +20,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from starlette.types import Receive
+from starlette.requests import Request
 
+from relay.api.protocol import HANG_UP
 from relay.jobs.history import ENDS, LAST, Announcement
 from relay.metrics import WAITING
 from relay.redis import keys
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # What woke a waiter: an announcement's own flags (relay.jobs.history), with EVENT; or
 # UNKNOWN: anything may have happened (the subscription came back after a break, or the server
 # is draining), so it reads again whatever it waits for.
 EVENT = 0x100
-UNKNOWN = EVENT | ENDS | LAST
+RESYNC = 0x200
+UNKNOWN = RESYNC | EVENT | ENDS | LAST
 # Seconds between attempts to subscribe again after a break.
 RESUBSCRIBE_AFTER = 1.0
 
@@ -76,6 +81,9 @@ class Watch:
 @dataclass
 class _Topic:
     watches: set[Watch] = field(default_factory=set)
+    # Bumped at every wake: a read started since the last one is as fresh as any.
+    generation: int = 0
+    reading: tuple[int, asyncio.Task[Any]] | None = None
 
 
 class Waiters:
@@ -125,11 +133,22 @@ class Waiters:
                         del table[name]
 
     @contextlib.asynccontextmanager
-    async def listening(self, waiter: Watch, receive: Receive) -> AsyncIterator[None]:
+    async def listening(self, waiter: Watch, request: Request) -> AsyncIterator[None]:
         """While the block runs, a client that hangs up wakes `waiter` with `hung_up` set.
 
-        Reads the request's remaining messages: only for a request whose body was read.
+        Under the API's own protocol (relay.api.protocol) the connection says so itself, for
+        nothing; elsewhere a task reads the request's remaining messages (only for a request
+        whose body was read).
         """
+        state = request.scope.get("state", {})
+        if HANG_UP in state:
+            state[HANG_UP] = waiter.hang_up
+            try:
+                yield
+            finally:
+                state[HANG_UP] = None
+            return
+        receive = request.receive
 
         async def until_hung_up() -> None:
             while (await receive())["type"] != "http.disconnect":
@@ -144,11 +163,31 @@ class Waiters:
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
 
+    def read_once(self, request_id: str, read: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+        """`read()`, shared by the waiters of `request_id` that ask for it after the same
+        wake (so the thousands its end wakes read it once). Call it while registered."""
+        topic = self._jobs.get(request_id)
+        if topic is None:
+            return read()
+        if topic.reading is None or topic.reading[0] != topic.generation:
+
+            async def reading() -> T:
+                return await read()
+
+            topic.reading = (topic.generation, asyncio.ensure_future(reading()))
+        # Shielded: a waiter whose client hangs up must not cancel the others' read.
+        return asyncio.shield(topic.reading[1])
+
+    @staticmethod
+    def _wake(topic: _Topic, flags: int) -> None:
+        topic.generation += 1
+        for waiter in topic.watches:
+            waiter.wake(flags)
+
     def _wake_all(self) -> None:
         for table in (self._jobs, self._callers):
             for topic in table.values():
-                for waiter in topic.watches:
-                    waiter.wake(UNKNOWN)
+                self._wake(topic, UNKNOWN)
 
     def announce(self, raw: bytes) -> None:
         """Wake the waiters of the job and the caller an announcement names."""
@@ -161,8 +200,7 @@ class Waiters:
         ):
             topic = table.get(name)
             if topic is not None:
-                for waiter in topic.watches:
-                    waiter.wake(announcement.flags | EVENT)
+                self._wake(topic, announcement.flags | EVENT)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Hold the process's one subscription until `stop`, subscribing again after a break."""

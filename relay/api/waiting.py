@@ -24,6 +24,7 @@ from starlette.responses import Response
 
 from relay.api import prefer
 from relay.api.state import AppState, app_state
+from relay.api.waiters import RESYNC
 from relay.jobs.history import ENDS
 from relay.jobs.store import Job
 
@@ -32,28 +33,37 @@ log = logging.getLogger(__name__)
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-async def wait_for_end(state: AppState, request: Request, job: Job, seconds: int) -> Job:
-    """`job` once it has ended, or as it stands after `seconds` (sooner when the server
-    drains or the client hangs up)."""
-    if job.ended or seconds <= 0 or state.waiters.draining:
-        return job
+async def wait_for_end(
+    state: AppState, request: Request, request_id: str, seconds: int
+) -> Job | None:
+    """The job once it has ended, or as it stands after `seconds` (sooner when the server
+    drains or the client hangs up); None when it is no longer tracked.
+
+    Nothing of the job is held while the wait lasts (thousands may wait), and the waiters of
+    one job woken by its end share one read of it.
+    """
     waiters = state.waiters
+    store = state.store
     deadline = asyncio.get_running_loop().time() + seconds
     try:
-        with waiters.watch("wait", job=job.request_id) as waiter:
-            async with waiters.listening(waiter, request.receive):
-                # Read again now the waiter is registered: an end since the first read would
-                # otherwise go unheard.
-                job = await state.store.get(job.request_id) or job
-                while not (job.ended or waiter.hung_up or waiters.draining):
+        with waiters.watch("wait", job=request_id) as waiter:
+            async with waiters.listening(waiter, request):
+                # Asked once the waiter is registered: an end since the caller's own read
+                # would otherwise go unheard.
+                ended = await store.has_ended(request_id)
+                while not (ended or waiter.hung_up or waiters.draining) and seconds > 0:
                     remaining = deadline - asyncio.get_running_loop().time()
                     if remaining <= 0:
                         break
-                    if await waiter.next(remaining) & ENDS:
-                        job = await state.store.get(job.request_id) or job
+                    woken = await waiter.next(remaining)
+                    if woken & RESYNC:
+                        ended = await store.has_ended(request_id)
+                    elif woken & ENDS:
+                        ended = True  # announced by the script that ended it
+                return await waiters.read_once(request_id, lambda: store.get(request_id))
     except RedisError:
-        log.warning("job store unavailable during a wait: answering with the job as it was")
-    return job
+        log.warning("job store unavailable during a wait: answering without it")
+        return None
 
 
 def waiting(endpoint: Endpoint) -> Endpoint:
@@ -74,7 +84,8 @@ def waiting(endpoint: Endpoint) -> Endpoint:
             return response
         if job is None:
             return response  # not tracked here (nothing to wait on): the answer as it was
-        job = await wait_for_end(state, request, job, seconds)
+        if not job.ended and seconds > 0:
+            job = await wait_for_end(state, request, job.request_id, seconds) or job
         if job.body is not None:
             answer["request"] = orjson.Fragment(job.body)
         headers = {

@@ -244,6 +244,11 @@ class JobStore:
             for request_id, raw in zip(request_ids, raws, strict=True)
         ]
 
+    async def has_ended(self, request_id: str) -> bool:
+        """Whether the job has ended (False too when it is not tracked): one small read."""
+        (ended,) = await batcher(self.redis).run([("HEXISTS", keys.job(request_id), "event")])
+        return bool(ended)
+
     async def find(self, id_or_reference: str) -> Job | None:
         """A job by request id, else by reference_id (the newest tracked one with it)."""
         job = await self.get(id_or_reference)
