@@ -39,7 +39,7 @@ from relay.metrics import (
     UPSTREAM_RATE_LIMIT,
 )
 from relay.redis.clock import RedisClock
-from relay.redis.conn import arq_pool
+from relay.redis.conn import arq_pool, close
 from relay.redis.watch import RedisWatch
 from relay.settings import Settings
 from relay.signing import Signer
@@ -220,6 +220,8 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
             await supervise(services, SHUTDOWN_ORDER, stop, drain_timeout=settings.shutdown_timeout)
         finally:
             await worker.close()
+            # arq closed the pool, but not a Sentinel's own clients (relay.redis.conn.close).
+            await close(state.redis)
             await state.upstream.aclose()
             await state.callback_client.aclose()
         log.info("worker stopped")
