@@ -73,7 +73,7 @@ async def build_state(settings: Settings) -> WorkerState:
     redis = await arq_pool(settings.redis_url, timeout=settings.redis_timeout)
     clock = RedisClock(redis)
     await clock.sync()
-    store = JobStore(redis)
+    store = JobStore(redis, retention=settings.job_retention)
     schedule = PollSchedule(
         redis,
         rate=settings.upstream_rate_limit,
@@ -86,7 +86,7 @@ async def build_state(settings: Settings) -> WorkerState:
     attempt_log = AttemptLog(
         redis, retention=settings.job_retention, excerpts=settings.attempt_log_excerpt
     )
-    deliveries = DeliveryStore(redis)
+    deliveries = DeliveryStore(redis, retention=settings.job_retention)
     client = make_callback_client(
         callback_policy(settings),
         settings.delivery_timeout,
