@@ -26,6 +26,8 @@ from typing import Any, Protocol
 
 import httpx
 import orjson
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter
 
 from relay.errors import UpstreamError
@@ -33,6 +35,7 @@ from relay.http_client import NOTHING_SENT, AiohttpTransport
 from relay.http_urls import parsed_url
 from relay.metrics import UPSTREAM_ANSWERS_CUT, UPSTREAM_CALLS
 from relay.settings import Settings
+from relay.tracing import setup, spans
 
 USER_AGENT = "chamelaion-relay/0.1"
 # The largest list page anyone asks Chamelaion for through the relay's own API (sweeps ask for
@@ -206,6 +209,7 @@ class Upstream:
         self.budget = budget
         self.max_answer_bytes = max_answer_bytes
         self.base_url = base_url.rstrip("/") + "/"
+        self.url = httpx.URL(self.base_url)
         self.headers = {"x-api-key": api_key, "user-agent": USER_AGENT}
         self.timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
         self.transport = AiohttpTransport(limits=httpx.Limits(max_connections=200))
@@ -251,6 +255,49 @@ class Upstream:
         caller booked it along with another write)."""
         if self.budget is not None and not spent:
             await self.budget.spend()
+        tracer = setup.active()
+        if tracer is None or not trace.get_current_span().is_recording():
+            return await self._send(method, path, json, params, content, headers, timeout, upload)
+        # Within a traced submission: the call is its child span (a worker's poll or sweep
+        # page makes its own span, only once it knows the call moved a job).
+        url = self.url
+        with tracer.start_as_current_span(
+            method,
+            kind=SpanKind.CLIENT,
+            attributes={
+                **spans.client_attributes(method, url.scheme, url.host, url.port),
+                "url.template": "/v1/" + endpoint_name(path),
+            },
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            headers = {**(headers or {}), **spans.headers(span)}
+            try:
+                response = await self._send(
+                    method, path, json, params, content, headers, timeout, upload
+                )
+            except UpstreamError as exc:
+                cause = exc.__cause__
+                span.set_attribute("error.type", type(cause or exc).__qualname__)
+                span.set_status(Status(StatusCode.ERROR))
+                raise
+            span.set_attribute("http.response.status_code", response.status_code)
+            if response.status_code >= 400:
+                span.set_attribute("error.type", str(response.status_code))
+                span.set_status(Status(StatusCode.ERROR))
+            return response
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        json: Any,
+        params: Mapping[str, str] | None,
+        content: Any,
+        headers: Mapping[str, str] | None,
+        timeout: httpx.Timeout | None,
+        upload: bool,
+    ) -> httpx.Response:
         counter = UPSTREAM_CALLS.labels(endpoint_name(path), "unreachable")
         if json is not None:
             content = orjson.dumps(json)

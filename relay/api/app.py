@@ -31,6 +31,7 @@ from relay.api.state import AppState, app_state
 from relay.api.status import get_request, list_requests
 from relay.api.store_check import WriteCheck
 from relay.api.submit import generate
+from relay.api.traced import traced
 from relay.api.uploads import generate_with_media
 from relay.console.views import create_console
 from relay.delivery.attempt_log import AttemptLog
@@ -50,6 +51,9 @@ from relay.redis.watch import RedisWatch, readiness
 from relay.settings import Settings
 from relay.signing import Signer
 from relay.upstream import Upstream
+
+GENERATE = "/api/v1/lipsync/generate"
+GENERATE_WITH_MEDIA = "/api/v1/lipsync/generate-with-media"
 
 
 async def healthz(request: Request) -> Response:
@@ -130,10 +134,14 @@ def create_app(settings: Settings) -> Starlette:
             await close_redis(redis)
 
     routes = [
-        Route("/api/v1/lipsync/generate", idempotent(generate, buffered=True), methods=["POST"]),
         Route(
-            "/api/v1/lipsync/generate-with-media",
-            idempotent(generate_with_media, buffered=False),
+            GENERATE,
+            traced(idempotent(generate, buffered=True), GENERATE),
+            methods=["POST"],
+        ),
+        Route(
+            GENERATE_WITH_MEDIA,
+            traced(idempotent(generate_with_media, buffered=False), GENERATE_WITH_MEDIA),
             methods=["POST"],
         ),
         Route("/api/v1/lipsync/requests/{id}", get_request, methods=["GET"]),

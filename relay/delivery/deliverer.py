@@ -28,6 +28,7 @@ from typing import Literal
 
 import httpx
 from arq import Retry
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from relay.delivery.attempt_log import EXCERPT_CHARS, AttemptLog
 from relay.delivery.destinations import Destinations, destination_of
@@ -35,6 +36,7 @@ from relay.delivery.failure import FailureClass, failure_class
 from relay.delivery.store import Breaker, DeliveryId, DeliveryState, DeliveryStore
 from relay.delivery.transport import CallbackClient
 from relay.errors import DestinationRefused
+from relay.http_urls import parsed_url
 from relay.jitter import jittered
 from relay.jobs.events import PROCESSING, event_type_of
 from relay.jobs.store import Job, JobStore
@@ -42,6 +44,7 @@ from relay.metrics import DELIVERIES, DELIVERY_LATENCY
 from relay.redis import stats
 from relay.redis.batch import ScriptCall
 from relay.signing import Signer
+from relay.tracing import setup, spans
 from relay.upstream import USER_AGENT, parse_retry_after
 
 log = logging.getLogger(__name__)
@@ -198,20 +201,22 @@ class Deliverer:
             return "stale"
         started = time.monotonic()
         delivery = DeliveryId.parse(request_id)
+        tracer = setup.active()
+        span = _attempt_span(tracer, job, attempt) if tracer is not None and job.trace else None
         if delivery.early is not None:
             # An early event: sent only while its job runs, never after the final one.
             if not await self.deliveries.claim_send(delivery, hold=self.timeout + SEND_MARGIN):
                 log.info("early event dropped as stale: the job ended", extra={"id": request_id})
                 return "stale"
             try:
-                outcome = await self._post(job.callback_url, job.event_id, job.event)
+                outcome = await self._post(job.callback_url, job.event_id, job.event, span)
             finally:
                 await self.deliveries.release_send(delivery)
         else:
             if PROCESSING in job.events:
                 # Only a job whose callback asked for an early event can have one in flight.
                 await self._after_early_events(request_id)
-            outcome = await self._post(job.callback_url, job.event_id, job.event)
+            outcome = await self._post(job.callback_url, job.event_id, job.event, span)
         duration = time.monotonic() - started
         log_extra = {"request_id": request_id, "attempt": attempt, "result": outcome.detail}
         if outcome.kind == "delivered" and job.ended_at is not None:
@@ -227,6 +232,8 @@ class Deliverer:
             settled = "failed"
         # One sample per attempt: the last failing one counts as failed, not also as retry.
         DELIVERIES.labels(settled or "retry").inc()
+        if span is not None:
+            _end_attempt_span(span, outcome, settled or "retry")
         counted = self.outcomes.count_call("delivered" if settled == "delivered" else "failed")
         if settled is not None:
             logged = self._entry(job, attempt, outcome, duration, settled, next_in=None)
@@ -320,12 +327,17 @@ class Deliverer:
         )
         self.destinations.record(destination, update.backed_off_for)
 
-    async def _post(self, url: str, event_id: str, event: bytes) -> Outcome:
+    async def _post(
+        self, url: str, event_id: str, event: bytes, span: Span | None = None
+    ) -> Outcome:
         headers = {
             "content-type": "application/json",
             "user-agent": USER_AGENT,
             **self.signer.headers(event_id, event),
         }
+        if span is not None:
+            # The receiver's spans continue the job's trace, under this attempt.
+            headers.update(spans.headers(span))
         try:
             # One deadline for the whole attempt: the transport's timeouts are per operation,
             # and arq cancels (and records as failed) a job that outlives its own timeout.
@@ -351,3 +363,33 @@ class Deliverer:
             # record like any other: raised, arq would re-run the attempt over and over.
             log.exception("callback attempt failed unexpectedly")
             return Outcome("retry", f"unexpected error: {type(exc).__name__}", error="error")
+
+
+def _attempt_span(tracer: Tracer, job: Job, attempt: int) -> Span:
+    """One attempt's span in its job's trace: where it went (scheme, host, port: never the
+    callback URL's path or query, which may hold a receiver's token)."""
+    assert job.callback_url is not None
+    url = parsed_url(job.callback_url)
+    return tracer.start_span(
+        "POST",
+        context=spans.restore(job.trace),
+        kind=SpanKind.CLIENT,
+        attributes={
+            **spans.client_attributes("POST", url.scheme, url.host, url.port),
+            "relay.job.id": DeliveryId.parse(job.request_id).request_id,
+            "relay.event.type": event_type_of(job.event) or "",
+            "relay.delivery.attempt": attempt,
+        },
+    )
+
+
+def _end_attempt_span(span: Span, outcome: Outcome, result: str) -> None:
+    """Its outcome on the attempt's span (`result`: delivered, gone, failed or retry)."""
+    span.set_attribute("relay.delivery.outcome", result)
+    if outcome.status is not None:
+        span.set_attribute("http.response.status_code", outcome.status)
+    if outcome.kind != "delivered":
+        # Client spans: a status of 400 or more, or no answer, is an error.
+        span.set_attribute("error.type", outcome.error or str(outcome.status))
+        span.set_status(Status(StatusCode.ERROR, outcome.detail))
+    span.end()

@@ -9,11 +9,13 @@ local callback_url = ARGV[2]
 local event_id = ARGV[3]
 local event = ARGV[4]
 local retention = ARGV[5]
+local trace = ARGV[6]           -- the job's trace context, for the attempts' spans; '' = none
 
 if redis.call('HEXISTS', job_key, 'event') == 1 then return 0 end
 if redis.call('EXISTS', delivery_key) == 1 then return 0 end
 redis.call('HSET', delivery_key, 'created', now, 'ended', now, 'callback_url', callback_url,
            'event_id', event_id, 'event', event, 'delivery', 'pending', 'attempt', 0)
+if trace ~= '' then redis.call('HSET', delivery_key, 'trace', trace) end
 redis.call('EXPIRE', delivery_key, retention)
 redis.call('ZADD', pending_key, now, delivery_id)
 return 1

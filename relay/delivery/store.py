@@ -96,7 +96,7 @@ class DeliveryStore:
         delivery_id = str(DeliveryId(job.request_id, kind))
         created = await self._emit(
             keys=[keys.job(job.request_id), keys.job(delivery_id), keys.deliveries("pending")],
-            args=[delivery_id, job.callback_url, event_id, event, int(retention)],
+            args=[delivery_id, job.callback_url, event_id, event, int(retention), job.trace or ""],
         )
         return delivery_id if created else None
 

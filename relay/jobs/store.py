@@ -59,6 +59,8 @@ class Job:
     metadata: bytes | None
     # The attempt a redelivery restarted the retry schedule at (0: never redelivered).
     schedule_base: int
+    # The submission's trace context (relay.tracing.spans.keep), when it was traced.
+    trace: str | None
     # The Redis clock when this record was read: what the job's age and grace periods are
     # measured against, never the reader's own clock.
     read_at: float
@@ -127,6 +129,7 @@ def _decode(request_id: str, raw: dict[bytes, bytes], read_at: float) -> Job:
         events=tuple(events.split(",")) if (events := _text(raw, "events")) else DEFAULT_EVENTS,
         metadata=raw.get(b"metadata") or None,
         schedule_base=int(raw.get(b"schedule_base") or 0),
+        trace=_text(raw, "trace"),
         read_at=read_at,
     )
 
@@ -173,12 +176,14 @@ class JobStore:
         events: Sequence[str] | None = None,
         metadata: bytes | None = None,
         intent_id: str | None = None,
+        trace: str | None = None,
     ) -> bool:
         """Start tracking; False when the id is already tracked (nothing is changed then).
 
         `events`: which events the callback gets (None: the final ones); `metadata`: a JSON
         object echoed in every callback; `intent_id`: the submission intent (with this
-        reference_id) that the job settles, closed in the same step, tracked or not. With
+        reference_id) that the job settles, closed in the same step, tracked or not; `trace`: the
+        submission's trace context (relay.tracing.spans.keep), kept for the job's spans. With
         `wait_replicas`, returns only once that many replicas hold the job, else raises
         NotReplicated (the job stays recorded on the primary and is tracked from there).
         """
@@ -199,6 +204,7 @@ class JobStore:
             ",".join(events or ()),
             metadata or b"",
             intent_id or "",
+            trace or "",
         ]
         if not self.wait_replicas:
             return bool(await self._create(keys=script_keys, args=args))
