@@ -274,6 +274,9 @@ class Settings(BaseSettings):
     # How long an API call may wait for a slot of the shared upstream budget before the caller
     # is answered 429 instead.
     api_budget_wait: float = Field(2.0, ge=0, le=60, validation_alias="RELAY_API_BUDGET_WAIT")
+    # Where operational events go (relay.delivery.ops_events), signed with their own secret.
+    ops_webhook_url: str | None = Field(None, validation_alias="RELAY_OPS_WEBHOOK_URL")
+    ops_webhook_secret: SecretStr | None = Field(None, validation_alias="RELAY_OPS_WEBHOOK_SECRET")
 
     @field_validator("api_keys", "webhook_secrets", "delivery_retry_schedule", mode="before")
     @classmethod
@@ -342,6 +345,22 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL")
         return value.rstrip("/")
 
+    @field_validator("ops_webhook_url")
+    @classmethod
+    def _ops_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL")
+        return value or None
+
+    @field_validator("ops_webhook_secret")
+    @classmethod
+    def _ops_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            problem = check_secret(value.get_secret_value())
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
@@ -401,6 +420,9 @@ class Settings(BaseSettings):
             needed["RELAY_API_KEYS"] = bool(self.api_keys)
         if role == "worker":
             needed["RELAY_WEBHOOK_SECRETS"] = bool(self.webhook_secrets)
+            if self.ops_webhook_url:
+                # Its receiver must be able to tell the relay's events from forgeries.
+                needed["RELAY_OPS_WEBHOOK_SECRET"] = self.ops_webhook_secret is not None
         for variable, present in needed.items():
             if not present:
                 raise ConfigError(variable, "is required and not set")

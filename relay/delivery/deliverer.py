@@ -33,6 +33,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from relay.delivery.attempt_log import EXCERPT_CHARS, AttemptLog
 from relay.delivery.destinations import Destinations, destination_of
 from relay.delivery.failure import FailureClass, failure_class
+from relay.delivery.ops_events import OpsEvents, last_attempt
 from relay.delivery.store import Breaker, DeliveryId, DeliveryState, DeliveryStore
 from relay.delivery.transport import CallbackClient
 from relay.errors import DestinationRefused
@@ -148,7 +149,10 @@ class Deliverer:
         breaker: Breaker,
         attempt_log: AttemptLog,
         timeout: float,
+        ops: OpsEvents | None = None,
     ) -> None:
+        # Where operational events go (RELAY_OPS_WEBHOOK_URL); None: nowhere.
+        self.ops = ops
         self.attempt_log = attempt_log
         self.timeout = timeout
         self.store = store
@@ -237,9 +241,19 @@ class Deliverer:
         counted = self.outcomes.count_call("delivered" if settled == "delivered" else "failed")
         if settled is not None:
             logged = self._entry(job, attempt, outcome, duration, settled, next_in=None)
-            await self._record(
+            recorded = await self._record(
                 request_id, attempt, attempt, settled, outcome, destination, then=[logged, counted]
             )
+            if settled == "failed" and recorded and self.ops is not None:
+                self.ops.exhausted(
+                    job_id=delivery.request_id,
+                    delivery_id=request_id,
+                    event_type=event_type_of(job.event),
+                    webhook_id=job.event_id,
+                    destination=destination,
+                    attempts=job.attempts_made + 1,
+                    last=self._last(attempt, outcome),
+                )
             # A first-try success is the common case, counted in metrics: not a line each.
             level = logging.DEBUG if settled == "delivered" and following == 1 else None
             log.log(
@@ -310,9 +324,10 @@ class Deliverer:
         *,
         keep_for: float = 0,
         then: Sequence[ScriptCall] = (),
-    ) -> None:
+    ) -> bool:
         """Record the outcome, then the `then` calls (its log entry and count), in one round
-        trip: a burst's attempts each wait for Redis once, not three times."""
+        trip: a burst's attempts each wait for Redis once, not three times. True when the
+        outcome was recorded (the delivery still waited on this attempt)."""
         update = await self.deliveries.record_outcome(
             request_id,
             attempt=attempt,
@@ -325,7 +340,29 @@ class Deliverer:
             keep_for=keep_for,
             then=then,
         )
+        was_backed_off = self.destinations.backed_off_for(destination) > 0
         self.destinations.record(destination, update.backed_off_for)
+        if update.backed_off_for > 0 and not was_backed_off and self.ops is not None:
+            # Once per back-off as this worker sees it: the attempts that fail while it lasts
+            # (already in flight when it began) extend nothing worth another notice.
+            self.ops.backed_off(
+                destination=destination,
+                seconds=update.backed_off_for,
+                job_id=DeliveryId.parse(request_id).request_id,
+                delivery_id=request_id,
+                last=self._last(attempt, outcome),
+            )
+        return update.recorded
+
+    def _last(self, attempt: int, outcome: Outcome) -> dict[str, object]:
+        assert self.ops is not None
+        return last_attempt(
+            attempt,
+            status=outcome.status,
+            error=outcome.error,
+            detail=outcome.detail,
+            at=self.ops.clock(),
+        )
 
     async def _post(
         self, url: str, event_id: str, event: bytes, span: Span | None = None
