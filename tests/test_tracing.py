@@ -96,7 +96,8 @@ def test_one_jobs_trace_runs_from_the_callers_traceparent_to_the_callbacks(
     assert submission.resource["service.name"] == "relay-under-test"
     assert submission.resource["relay.process"] == "api"
 
-    create = one(spans, "POST", **{"url.template": "/v1/lipsync/generate"})
+    create_url = stack.sandbox_url + "/api/v1/lipsync/generate"
+    create = one(spans, "POST", **{"url.full": create_url})
     assert create.parent_id == submission.span_id
     assert create.span.kind == Span.SPAN_KIND_CLIENT
     assert create.attributes["http.response.status_code"] == 200
@@ -200,3 +201,78 @@ def test_without_an_endpoint_nothing_is_traced_or_sent(redis_url: str) -> None:
 )
 def test_tracing_is_on_only_with_an_otlp_endpoint(environ: dict[str, str], wanted: bool) -> None:
     assert setup.wanted(environ) is wanted
+
+
+def test_the_relays_encoder_writes_what_the_official_one_does() -> None:
+    # Every kind of field a span can hold: remote and local parents, a tracestate, links,
+    # events, an error status, every attribute type (and True and 1 under one key).
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import (
+        encode_spans as official,
+    )
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        SimpleSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+    from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+    from opentelemetry.util.types import AttributeValue
+
+    from relay.tracing import otlp, spans
+
+    class Kept(SpanExporter):
+        def __init__(self) -> None:
+            self.spans: list[ReadableSpan] = []
+
+        def export(self, batch: object) -> SpanExportResult:
+            assert isinstance(batch, tuple | list)
+            self.spans.extend(batch)
+            return SpanExportResult.SUCCESS
+
+    kept = Kept()
+    provider = TracerProvider(resource=Resource.create({"service.name": "s", "n": 3}))
+    provider.add_span_processor(SimpleSpanProcessor(kept))
+    tracer = provider.get_tracer("relay", "1.0", schema_url="https://opentelemetry.io/schemas/1")
+    caller = spans.incoming(
+        {
+            "traceparent": f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01",
+            "tracestate": "a=1,b=2",
+        }
+    )
+    values: dict[str, AttributeValue] = {
+        "s": "text",
+        "i": -5,
+        "big": 2**40,
+        "f": 1.5,
+        "b": False,
+        "bytes": b"\x00\x01",
+        "list": ["x", "y"],
+        "ints": [1, 2],
+    }
+    for round_ in range(2):  # the second round's pairs come from the encoder's cache
+        with tracer.start_as_current_span(
+            "server", context=caller, kind=SpanKind.SERVER, attributes=values
+        ) as server:
+            server.add_event("e", {"k": "v", "flag": True})
+            with tracer.start_as_current_span("client", kind=SpanKind.CLIENT) as client:
+                client.set_attribute("same", True if round_ else 1)
+                client.set_status(Status(StatusCode.ERROR, "broke"))
+        tracer.start_span(
+            "linked",
+            context=spans.ROOT,
+            links=[Link(server.get_span_context(), {"relay.job.id": "j1"})],
+            kind=SpanKind.CONSUMER,
+        ).end()
+    other = TracerProvider(resource=Resource.create({"service.name": "other"}))
+    other.add_span_processor(SimpleSpanProcessor(kept))
+    other.get_tracer("x").start_span("elsewhere", kind=SpanKind.PRODUCER).end()
+
+    assert len(kept.spans) == 7
+    ours = ExportTraceServiceRequest.FromString(otlp.encode_spans(kept.spans))
+    theirs = ExportTraceServiceRequest.FromString(official(kept.spans).SerializeToString())
+    assert ours == theirs
+    assert len(ours.resource_spans) == 2

@@ -46,10 +46,11 @@ def start(process: str) -> bool:
     global _tracer, _provider
     if _tracer is not None or not wanted():
         return _tracer is not None
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from relay.tracing.otlp import SpanExporter
 
     # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over these defaults (Resource.create).
     defaults = {"service.name": SERVICE_NAME, "relay.process": process}
@@ -58,7 +59,7 @@ def start(process: str) -> bool:
     provider = TracerProvider(resource=Resource.create(defaults))  # sampler: OTEL_TRACES_SAMPLER
     # Spans are exported from the processor's own thread, in batches (OTEL_BSP_*): a span
     # costs its caller a queue append, never a network round trip.
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    provider.add_span_processor(BatchSpanProcessor(SpanExporter()))
     _provider = provider
     _tracer = provider.get_tracer("relay")
     log.info("tracing on: spans go to the OTLP endpoint", extra={"relay_process": process})

@@ -32,15 +32,16 @@ def incoming(headers: Mapping[str, str]) -> Context:
 
 def keep(span: Span | None = None) -> str | None:
     """`span`'s context (default: the current span's) as text to store with a job; None when
-    there is none to keep."""
+    there is none to keep. Written directly (on every traced submission), in the form the
+    propagator reads back."""
     span = span if span is not None else trace.get_current_span()
-    if not span.get_span_context().is_valid:
+    context = span.get_span_context()
+    if not context.is_valid:
         return None
-    carrier: dict[str, str] = {}
-    _W3C.inject(carrier, context=trace.set_span_in_context(span))
-    if "tracestate" in carrier:
-        return f"{carrier['traceparent']}\n{carrier['tracestate']}"
-    return carrier["traceparent"]
+    kept = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+    if context.trace_state:
+        return f"{kept}\n{context.trace_state.to_header()}"
+    return kept
 
 
 def restore(kept: str | None) -> Context | None:
