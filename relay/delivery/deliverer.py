@@ -24,11 +24,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import httpx
 from arq import Retry
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from relay.delivery.attempt_log import EXCERPT_CHARS, AttemptLog
 from relay.delivery.destinations import Destinations, destination_of
@@ -47,6 +47,9 @@ from relay.redis.batch import ScriptCall
 from relay.signing import Signer
 from relay.tracing import setup, spans
 from relay.upstream import USER_AGENT, parse_retry_after
+
+if TYPE_CHECKING:  # the SDK is imported only once tracing starts
+    from relay.tracing.tracer import Tracer
 
 log = logging.getLogger(__name__)
 

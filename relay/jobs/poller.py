@@ -18,13 +18,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 import httpx
 import orjson
 from opentelemetry import trace
-from opentelemetry.trace import Link, SpanKind, Tracer
+from opentelemetry.trace import Link, SpanKind
 
 from relay.errors import UpstreamError
 from relay.jitter import jittered
@@ -35,6 +35,9 @@ from relay.metrics import JOBS_ENDED, POLLS
 from relay.settings import Settings
 from relay.tracing import setup, spans
 from relay.upstream import Upstream, json_object, parse_retry_after
+
+if TYPE_CHECKING:  # the SDK is imported only once tracing starts
+    from relay.tracing.tracer import Tracer
 
 log = logging.getLogger(__name__)
 

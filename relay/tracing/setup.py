@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
-from opentelemetry.trace import Tracer
+if TYPE_CHECKING:  # the SDK is imported only once tracing starts
+    from relay.tracing.tracer import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ def start(process: str) -> bool:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     from relay.tracing.otlp import SpanExporter
+    from relay.tracing.tracer import Tracer
 
     # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over these defaults (Resource.create).
     defaults = {"service.name": SERVICE_NAME, "relay.process": process}
@@ -59,9 +62,10 @@ def start(process: str) -> bool:
     provider = TracerProvider(resource=Resource.create(defaults))  # sampler: OTEL_TRACES_SAMPLER
     # Spans are exported from the processor's own thread, in batches (OTEL_BSP_*): a span
     # costs its caller a queue append, never a network round trip.
-    provider.add_span_processor(BatchSpanProcessor(SpanExporter()))
+    processor = BatchSpanProcessor(SpanExporter())
+    provider.add_span_processor(processor)  # so that the provider's shutdown flushes it
     _provider = provider
-    _tracer = provider.get_tracer("relay")
+    _tracer = Tracer(provider, processor)
     log.info("tracing on: spans go to the OTLP endpoint", extra={"relay_process": process})
     return True
 
