@@ -15,7 +15,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -26,7 +26,7 @@ from relay.api.idempotency import idempotent
 from relay.api.limits import UploadSlots
 from relay.api.openapi import openapi_document
 from relay.api.response_counts import ResponseCounter
-from relay.api.responses import api_error, http_error, unexpected_error
+from relay.api.responses import api_error, client_disconnected, http_error, unexpected_error
 from relay.api.state import AppState, app_state
 from relay.api.status import get_request, list_requests
 from relay.api.store_check import WriteCheck
@@ -187,6 +187,7 @@ def create_app(settings: Settings) -> Starlette:
         exception_handlers={
             ApiError: api_error,
             HTTPException: http_error,
+            ClientDisconnect: client_disconnected,
             Exception: unexpected_error,
         },
     )
