@@ -191,3 +191,11 @@ async def read_memory(redis: Redis) -> tuple[int, int]:
     REDIS_MEMORY_MAX.set(maximum)
     REDIS_MEMORY_HEADROOM.set(max(0.0, 1 - used / maximum) if maximum else 1.0)
     return used, maximum
+
+
+WAITING = Gauge(
+    "relay_api_waiting",
+    "Requests this API process holds open for job events, by kind (wait: Prefer: wait; stream: "
+    "a job's event stream; feed: a caller's feed read waiting for its next event)",
+    ["kind"],
+)

@@ -251,6 +251,13 @@ class Settings(BaseSettings):
     test_events_per_minute: int = Field(
         10, ge=1, le=10_000, validation_alias="RELAY_TEST_EVENTS_PER_MINUTE"
     )
+    # Redeliver and recover requests one caller may make per minute (429 beyond).
+    redeliveries_per_minute: int = Field(
+        60, ge=1, le=100_000, validation_alias="RELAY_REDELIVERIES_PER_MINUTE"
+    )
+    recovers_per_minute: int = Field(
+        6, ge=1, le=10_000, validation_alias="RELAY_RECOVERS_PER_MINUTE"
+    )
     # Idempotency-Key records one caller key may hold at once (429 beyond): each is at most
     # ~1.5 KB in Redis, so the default bounds a caller's share to ~15 MB.
     idempotency_max_keys: int = Field(
@@ -274,6 +281,10 @@ class Settings(BaseSettings):
     # How long an API call may wait for a slot of the shared upstream budget before the caller
     # is answered 429 instead.
     api_budget_wait: float = Field(2.0, ge=0, le=60, validation_alias="RELAY_API_BUDGET_WAIT")
+    # The longest a request may be held open for a job's events (`Prefer: wait`, a feed read's
+    # `wait`), and the time between keepalive comments on an event stream.
+    max_wait: int = Field(60, ge=0, le=3600, validation_alias="RELAY_MAX_WAIT")
+    events_keepalive: float = Field(15.0, gt=0, le=300, validation_alias="RELAY_EVENTS_KEEPALIVE")
     # Where operational events go (relay.delivery.ops_events), signed with their own secret.
     ops_webhook_url: str | None = Field(None, validation_alias="RELAY_OPS_WEBHOOK_URL")
     ops_webhook_secret: SecretStr | None = Field(None, validation_alias="RELAY_OPS_WEBHOOK_SECRET")

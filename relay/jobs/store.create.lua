@@ -32,6 +32,7 @@ if created then
   redis.call('ZADD', polls_key, now + first_poll_in, request_id)
   redis.call('ZADD', created_key, now, request_id)
   if reference_id ~= '' then redis.call('SET', ref_key, request_id) end
+  history_append(job_key, request_id, '{"type":"status","status":"submitted"}', false, false)
 end
 if intent_id ~= '' then
   redis.call('DEL', intent_key)

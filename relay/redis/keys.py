@@ -25,6 +25,9 @@ relay:console:session:{digest}
                             string a console session (the key that signed in, its CSRF token),
                                    named by a digest of its id; sign-out deletes it, 8 h at most
 relay:test-events:{caller}  string test events the caller sent in its current minute (expires)
+relay:steering:{action}:{caller}
+                            string redeliver / recover requests the caller made in its current
+                                   minute (expires)
 relay:stats:{outcome}:{minute}
                             string callbacks delivered / failed in that minute (kept 2 h)
 relay:api:write_check       string written before each round of submissions: Redis takes writes
@@ -33,13 +36,21 @@ relay:ready:write_check     string written by every Redis check (relay.redis.wat
 relay:destination:{dest}   hash   a callback destination's breaker: consecutive failures
                                    (dest = scheme://host:port; expires a day after the last)
 relay:destinations:backed_off zset destination -> Redis-clock time it is backed off until
-relay:attempts:{delivery id} list   a delivery's attempt log (JSON entries, newest last)
+relay:attempts:{delivery id} list   a delivery's attempt log (JSON entries, oldest first; once
+                                   trimmed: the first entries, a count of those left out, the
+                                   newest)
 relay:deliveries:{state}    zset   delivery id -> when it entered that state (pending, failing,
                                    delivered, gone, failed); a delivery id is the request id for
                                    the final event, {request_id}#processing for the other
 relay:sending:{request_id}  string held while an early event (lipsync.processing) is being sent;
                                    the final event's attempts wait for it
 relay:stranded:lease       string which worker runs the stranded-delivery sweep this interval
+relay:history:{request_id}  list   a job's events (JSON, one per sequence number, oldest first),
+                                   kept as long as the job (relay.jobs.history)
+relay:feed:{caller}         stream a caller's job events as pointers (request id, sequence),
+                                   cursor = stream id; trimmed to RELAY_JOB_RETENTION
+relay:events                channel every job event announced as [request id, caller, sequence,
+                                   flags] (pub/sub: wakes the API's waiters; never stored)
 relay:intent:{intent id}   hash   a submission's intent, written before its upstream create and
                                    removed once the job is tracked (relay.jobs.intents)
 relay:intents               zset   intent id -> Redis-clock time a worker should look for its job
@@ -90,6 +101,9 @@ STRANDED_LEASE = PREFIX + "stranded:lease"
 INTENTS = PREFIX + "intents"
 RECONCILE_LEASE = PREFIX + "reconcile:lease"
 ARQ_HEALTH = PREFIX + "arq:health"
+HISTORY_PREFIX = PREFIX + "history:"
+FEED_PREFIX = PREFIX + "feed:"
+EVENTS_CHANNEL = PREFIX + "events"
 WORKERS = PREFIX + "workers"
 ARQ_JOB_PREFIX = job_key_prefix
 ARQ_IN_PROGRESS_PREFIX = in_progress_key_prefix
@@ -125,6 +139,10 @@ def test_events(caller: str) -> str:
     return f"{PREFIX}test-events:{caller}"
 
 
+def steering(action: str, caller: str) -> str:
+    return f"{PREFIX}steering:{action}:{caller}"
+
+
 def webhook_key(key_id: str) -> str:
     return f"{PREFIX}webhook-key:{key_id}"
 
@@ -151,6 +169,14 @@ def deliveries(state: str) -> str:
 
 def sending(request_id: str) -> str:
     return f"{PREFIX}sending:{request_id}"
+
+
+def history(request_id: str) -> str:
+    return f"{HISTORY_PREFIX}{request_id}"
+
+
+def feed(caller: str) -> str:
+    return f"{FEED_PREFIX}{caller}"
 
 
 def intent(intent_id: str) -> str:

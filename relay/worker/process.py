@@ -40,7 +40,7 @@ from relay.metrics import (
     UPSTREAM_RATE_LIMIT,
 )
 from relay.redis.clock import RedisClock
-from relay.redis.conn import arq_pool
+from relay.redis.conn import arq_pool, close
 from relay.redis.watch import RedisWatch
 from relay.settings import Settings
 from relay.signing import Signer
@@ -74,7 +74,7 @@ async def build_state(settings: Settings) -> WorkerState:
     redis = await arq_pool(settings.redis_url, timeout=settings.redis_timeout)
     clock = RedisClock(redis)
     await clock.sync()
-    store = JobStore(redis)
+    store = JobStore(redis, retention=settings.job_retention)
     schedule = PollSchedule(
         redis,
         rate=settings.upstream_rate_limit,
@@ -87,7 +87,7 @@ async def build_state(settings: Settings) -> WorkerState:
     attempt_log = AttemptLog(
         redis, retention=settings.job_retention, excerpts=settings.attempt_log_excerpt
     )
-    deliveries = DeliveryStore(redis)
+    deliveries = DeliveryStore(redis, retention=settings.job_retention)
     client = make_callback_client(
         callback_policy(settings),
         settings.delivery_timeout,
@@ -236,6 +236,8 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
             await supervise(services, SHUTDOWN_ORDER, stop, drain_timeout=settings.shutdown_timeout)
         finally:
             await worker.close()
+            # arq closed the pool, but not a Sentinel's own clients (relay.redis.conn.close).
+            await close(state.redis)
             await state.upstream.aclose()
             await state.callback_client.aclose()
             if state.deliverer.ops is not None:
