@@ -9,9 +9,10 @@ from collections import Counter
 import pytest
 from standardwebhooks import Webhook
 
+from relay.devtools.embedded_redis import free_port
 from relay.errors import ConfigError
 from relay.settings import load_settings
-from tests.helpers import submit
+from tests.helpers import AUDIO, VIDEO
 from tests.servers import serve
 from tests.stack import Callback, Receiver, eventually, new_secret, relay_stack
 
@@ -23,7 +24,9 @@ def events(ops: Receiver, hook: Webhook) -> list[tuple[Callback, dict[str, objec
 
 
 def of_type(got: list[tuple[Callback, dict[str, object]]], type_: str) -> list[dict[str, object]]:
-    return [payload for _, payload in got if payload["type"] == type_]
+    """The events of `type_`, each once (a retried one comes again with its webhook-id)."""
+    unique = {callback.headers["webhook-id"]: payload for callback, payload in got}
+    return [payload for payload in unique.values() if payload["type"] == type_]
 
 
 def test_a_delivery_that_gives_up_and_a_backed_off_destination_are_told_signed(
@@ -32,7 +35,9 @@ def test_a_delivery_that_gives_up_and_a_backed_off_destination_are_told_signed(
     secret = new_secret()
     hook = Webhook(secret)
     ops = Receiver(script=[503])  # the first event is refused once: it comes again
-    callbacks = Receiver(default=500)  # every attempt fails
+    # Nothing listens there: every attempt is refused, which backs its destination off (a
+    # receiver's own 5xx does not: relay.delivery.destinations).
+    dead_port = free_port()
     with serve(ops.app()) as ops_url:
         env = {
             "RELAY_OPS_WEBHOOK_URL": ops_url + "/hook",
@@ -41,53 +46,53 @@ def test_a_delivery_that_gives_up_and_a_backed_off_destination_are_told_signed(
             "RELAY_DESTINATION_FAILURES": "2",
             "RELAY_DESTINATION_MAX_BACKOFF": "1",
         }
-        with relay_stack(redis_url, receiver=callbacks, env=env) as stack:
-            request_id = submit(stack)
+        with relay_stack(redis_url, env=env, processes=True) as stack:
+            job = stack.sdk().lipsync.generate(
+                inputs=[{"type": "video", "url": VIDEO}, {"type": "audio", "url": AUDIO}],
+                extra_body={"callback_url": f"http://127.0.0.1:{dead_port}/hook?token=s3cret"},
+            )
             got = eventually(
                 lambda: (
                     (found := events(ops, hook))
                     and of_type(found, "relay.delivery.exhausted")
+                    and of_type(found, "relay.destination.backed_off")
                     and found
                 ),
                 timeout=60,
             )
-            callback_port = stack.callback_url.split(":")[2].split("/")[0]
-            made = len(callbacks.wait_for(4))
 
-    assert made == 4  # the whole schedule (RELAY_DELIVERY_RETRY_SCHEDULE has four steps)
     (exhausted,) = of_type(got, "relay.delivery.exhausted")
     data = exhausted["data"]
     assert isinstance(data, dict)
-    assert data["job_id"] == request_id
-    assert data["delivery_id"] == request_id
+    assert data["job_id"] == job.request_id
+    assert data["delivery_id"] == job.request_id
     assert data["event_type"] == "lipsync.completed"
-    assert data["attempts"] == 4
-    assert data["destination"] == f"http://127.0.0.1:{callback_port}"  # never the URL's path
+    assert data["attempts"] == 4  # the whole RELAY_DELIVERY_RETRY_SCHEDULE (four steps)
+    assert data["destination"] == f"http://127.0.0.1:{dead_port}"  # never the URL's path
     last = data["last_attempt"]
     assert isinstance(last, dict)
     assert last["attempt"] == 3
-    assert last["status_code"] == 500
-    assert last["detail"] == "HTTP 500"
+    assert last["status_code"] is None
+    assert last["error"] == "refused"
     assert str(last["timestamp"]).endswith("Z")
 
-    backed_off = of_type(got, "relay.destination.backed_off")
-    assert backed_off, [payload["type"] for _, payload in got]
-    first = backed_off[0]["data"]
+    first = of_type(got, "relay.destination.backed_off")[0]["data"]
     assert isinstance(first, dict)
-    assert first["destination"] == f"http://127.0.0.1:{callback_port}"
-    assert first["job_id"] == request_id
+    assert first["destination"] == f"http://127.0.0.1:{dead_port}"
+    assert first["job_id"] == job.request_id
     assert 0 < float(str(first["backed_off_for"])) <= 1
     assert isinstance(first["last_attempt"], dict)
-    assert first["last_attempt"]["status_code"] == 500
+    assert first["last_attempt"]["error"] == "refused"
 
     # The refused event came again, with the same webhook-id (so a receiver deduplicates it),
     # freshly signed; every other one came once.
     ids = Counter(callback.headers["webhook-id"] for callback, _ in got)
     assert got[0][0].headers["webhook-id"] == got[1][0].headers["webhook-id"]
     assert sorted(ids.values())[-1] == 2 and list(ids.values()).count(2) == 1
-    # Nothing of the callback's secrets or body in them.
+    # Nothing of the callback's URL beyond its destination, its secrets or its body.
     for callback, _ in got:
-        assert b"whsec_" not in callback.body and b"output_url" not in callback.body
+        assert b"s3cret" not in callback.body and b"whsec_" not in callback.body
+        assert b"output_url" not in callback.body
 
 
 def test_an_ops_url_needs_its_own_secret() -> None:

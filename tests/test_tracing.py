@@ -67,7 +67,7 @@ def test_one_jobs_trace_runs_from_the_callers_traceparent_to_the_callbacks(
     callbacks = Receiver(script=[503])  # the first attempt fails, the second is delivered
     with (
         traced_api(monkeypatch, endpoint),
-        relay_stack(redis_url, receiver=callbacks, env=otel_env(endpoint)) as stack,
+        relay_stack(redis_url, receiver=callbacks, env=otel_env(endpoint), processes=True) as stack,
     ):
         job = stack.sdk().lipsync.generate(
             inputs=[{"type": "video", "url": VIDEO}, {"type": "audio", "url": AUDIO}],
@@ -156,7 +156,7 @@ def test_a_submission_without_traceparent_starts_a_trace(
     callbacks = Receiver()
     with (
         traced_api(monkeypatch, endpoint),
-        relay_stack(redis_url, receiver=callbacks, env=otel_env(endpoint)) as stack,
+        relay_stack(redis_url, receiver=callbacks, env=otel_env(endpoint), processes=True) as stack,
     ):
         job = stack.sdk().lipsync.generate(
             inputs=[{"type": "video", "url": VIDEO}, {"type": "audio", "url": AUDIO}],
@@ -176,7 +176,7 @@ def test_a_submission_without_traceparent_starts_a_trace(
 def test_without_an_endpoint_nothing_is_traced_or_sent(redis_url: str) -> None:
     assert setup.active() is None
     callbacks = Receiver()
-    with relay_stack(redis_url, receiver=callbacks) as stack:
+    with relay_stack(redis_url, receiver=callbacks, processes=True) as stack:
         job = stack.sdk().lipsync.generate(
             inputs=[{"type": "video", "url": VIDEO}, {"type": "audio", "url": AUDIO}],
             extra_body={"callback_url": stack.callback_url},
