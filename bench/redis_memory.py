@@ -168,7 +168,8 @@ async def main(jobs: int, url_bytes: int, listpack_value: int) -> None:
         # Stamped with its sequence number first (relay.jobs.history), else byte for byte.
         stamped = re.sub(rb'^\{"sequence":\d+,', b"{", job.event or b"")
         assert stamped == sent[0], "the stored event must come back byte for byte"
-        assert job.body is not None and job.event is not None
+        assert job.body is not None
+        assert job.event is not None
         print(f"  callback event {len(job.event)} bytes, status body {len(job.body)} bytes")
         await redis.aclose()
 
