@@ -52,6 +52,11 @@ SWEEP_ORDER = Counter(
     "relay_sweep_order", "Sweeps by the list order they found (or `unusable`)", ["order"]
 )
 DELIVERIES = Counter("relay_deliveries", "Callback delivery attempts, by outcome", ["outcome"])
+OPS_EVENTS = Counter(
+    "relay_ops_events",
+    "Operational events for RELAY_OPS_WEBHOOK_URL, by type and what became of them",
+    ["type", "outcome"],
+)
 STRANDED_SWEEPS = Counter("relay_stranded_sweeps", "Stranded-delivery sweeps run by this worker")
 STRANDED_REQUEUED = Counter(
     "relay_stranded_requeued", "Pending deliveries whose lost attempt the sweep queued again"

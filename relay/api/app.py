@@ -32,6 +32,7 @@ from relay.api.state import AppState, app_state
 from relay.api.status import get_request, list_requests
 from relay.api.store_check import WriteCheck
 from relay.api.submit import generate
+from relay.api.traced import traced
 from relay.api.uploads import generate_with_media
 from relay.api.waiters import Waiters
 from relay.api.waiting import waiting
@@ -54,6 +55,9 @@ from relay.redis.watch import RedisWatch, readiness
 from relay.settings import Settings
 from relay.signing import Signer
 from relay.upstream import Upstream
+
+GENERATE = "/api/v1/lipsync/generate"
+GENERATE_WITH_MEDIA = "/api/v1/lipsync/generate-with-media"
 
 
 async def healthz(request: Request) -> Response:
@@ -147,13 +151,13 @@ def create_app(settings: Settings) -> Starlette:
     routes = [
         # `Prefer: wait` around the idempotent answer: a replay waits like the first answer.
         Route(
-            "/api/v1/lipsync/generate",
-            waiting(idempotent(generate, buffered=True)),
+            GENERATE,
+            traced(waiting(idempotent(generate, buffered=True)), GENERATE),
             methods=["POST"],
         ),
         Route(
-            "/api/v1/lipsync/generate-with-media",
-            waiting(idempotent(generate_with_media, buffered=False)),
+            GENERATE_WITH_MEDIA,
+            traced(waiting(idempotent(generate_with_media, buffered=False)), GENERATE_WITH_MEDIA),
             methods=["POST"],
         ),
         Route("/api/v1/lipsync/requests/{id}", get_request, methods=["GET"]),

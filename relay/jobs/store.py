@@ -62,6 +62,8 @@ class Job:
     schedule_base: int
     # The number of the job's newest event (relay.jobs.history); 0 before its first.
     sequence: int
+    # The submission's trace context (relay.tracing.spans.keep), when it was traced.
+    trace: str | None
     # The Redis clock when this record was read: what the job's age and grace periods are
     # measured against, never the reader's own clock.
     read_at: float
@@ -131,6 +133,7 @@ def _decode(request_id: str, raw: dict[bytes, bytes], read_at: float) -> Job:
         metadata=raw.get(b"metadata") or None,
         schedule_base=int(raw.get(b"schedule_base") or 0),
         sequence=int(raw.get(b"sequence") or 0),
+        trace=_text(raw, "trace"),
         read_at=read_at,
     )
 
@@ -187,12 +190,14 @@ class JobStore:
         events: Sequence[str] | None = None,
         metadata: bytes | None = None,
         intent_id: str | None = None,
+        trace: str | None = None,
     ) -> bool:
         """Start tracking; False when the id is already tracked (nothing is changed then).
 
         `events`: which events the callback gets (None: the final ones); `metadata`: a JSON
         object echoed in every callback; `intent_id`: the submission intent (with this
-        reference_id) that the job settles, closed in the same step, tracked or not. With
+        reference_id) that the job settles, closed in the same step, tracked or not; `trace`: the
+        submission's trace context (relay.tracing.spans.keep), kept for the job's spans. With
         `wait_replicas`, returns only once that many replicas hold the job, else raises
         NotReplicated (the job stays recorded on the primary and is tracked from there).
         """
@@ -213,6 +218,7 @@ class JobStore:
             ",".join(events or ()),
             metadata or b"",
             intent_id or "",
+            trace or "",
         ]
         if not self.wait_replicas:
             return bool(await self._create(keys=script_keys, args=args))
