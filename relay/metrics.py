@@ -52,6 +52,17 @@ SWEEP_ORDER = Counter(
     "relay_sweep_order", "Sweeps by the list order they found (or `unusable`)", ["order"]
 )
 DELIVERIES = Counter("relay_deliveries", "Callback delivery attempts, by outcome", ["outcome"])
+OUTPUT_REFRESHES = Counter(
+    "relay_output_refreshes",
+    "Late attempts at lipsync.completed that re-read their job from Chamelaion first, by "
+    "outcome (refreshed; failed: the stored object was sent)",
+    ["outcome"],
+)
+OPS_EVENTS = Counter(
+    "relay_ops_events",
+    "Operational events for RELAY_OPS_WEBHOOK_URL, by type and what became of them",
+    ["type", "outcome"],
+)
 STRANDED_SWEEPS = Counter("relay_stranded_sweeps", "Stranded-delivery sweeps run by this worker")
 STRANDED_REQUEUED = Counter(
     "relay_stranded_requeued", "Pending deliveries whose lost attempt the sweep queued again"
@@ -186,3 +197,11 @@ async def read_memory(redis: Redis) -> tuple[int, int]:
     REDIS_MEMORY_MAX.set(maximum)
     REDIS_MEMORY_HEADROOM.set(max(0.0, 1 - used / maximum) if maximum else 1.0)
     return used, maximum
+
+
+WAITING = Gauge(
+    "relay_api_waiting",
+    "Requests this API process holds open for job events, by kind (wait: Prefer: wait; stream: "
+    "a job's event stream; feed: a caller's feed read waiting for its next event)",
+    ["kind"],
+)

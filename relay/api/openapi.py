@@ -13,7 +13,14 @@ from typing import Any
 
 from relay.api.deliveries import MAX_PAGE, RecoverRequest
 from relay.api.idempotency import MAX_KEY_LENGTH
-from relay.api.models import MAX_ID_LENGTH, MAX_REFERENCE_ID_LENGTH, GenerateRequest
+from relay.api.job_events import EVENT_STREAM
+from relay.api.models import (
+    EVENT_TYPES,
+    MAX_ID_LENGTH,
+    MAX_METADATA_BYTES,
+    MAX_REFERENCE_ID_LENGTH,
+    GenerateRequest,
+)
 from relay.api.responses import MAX_DETAILS
 from relay.api.test_events import TestEventRequest
 from relay.api.watches import WatchRequest
@@ -67,6 +74,26 @@ _MEDIA_FORM: dict[str, Any] = {
             "maxLength": MAX_URL_LENGTH,
             "description": "http(s) URL",
         },
+        # As the official SDK flattens a JSON body's lists and objects into form fields.
+        "callback_events[]": {
+            "type": "array",
+            "items": {"type": "string", "enum": list(EVENT_TYPES)},
+            "minItems": 1,
+            "maxItems": len(EVENT_TYPES),
+            "uniqueItems": True,
+            "description": "one part per event (`callback_events` is taken too)",
+        },
+        "callback_metadata": {
+            "type": "string",
+            "description": f"a JSON object of at most {MAX_METADATA_BYTES} bytes, echoed in "
+            "every callback with its types; or send callback_metadata[key] fields instead",
+        },
+    },
+    "patternProperties": {
+        r"^callback_metadata(\[[^\[\]]+\])+(\[\])?$": {
+            "type": "string",
+            "description": "one text value of the metadata (`[key][]`: an item of a list)",
+        },
     },
     "additionalProperties": False,
 }
@@ -100,6 +127,26 @@ def openapi_document() -> dict[str, Any]:
                 },
             },
             "RecoverRequest": RecoverRequest.model_json_schema(ref_template=_REF),
+            "JobEvent": {
+                "type": "object",
+                "required": ["sequence", "request_id", "at", "type"],
+                "properties": {
+                    "sequence": {"type": "integer", "minimum": 1},
+                    "request_id": {"type": "string"},
+                    "at": {"type": "string"},
+                    "type": {"type": "string", "enum": ["status", "delivery"]},
+                    "last": {"type": "boolean"},
+                    "status": {"type": "string"},
+                    "data": {"$ref": "#/components/schemas/LipsyncRequest"},
+                    "event": {"type": "string"},
+                    "attempt": {"type": "integer"},
+                    "outcome": {
+                        "type": "string",
+                        "enum": ["delivered", "failing", "failed", "gone"],
+                    },
+                    "result": {"type": "string"},
+                },
+            },
             "Recovered": {
                 "type": "object",
                 "required": ["requeued", "already_pending", "more", "since"],
@@ -200,7 +247,11 @@ def openapi_document() -> dict[str, Any]:
             "LipsyncGenerate": {
                 "type": "object",
                 "required": ["status", "request_id"],
-                "properties": {"status": {"const": "success"}, "request_id": {"type": "string"}},
+                "properties": {
+                    "status": {"const": "success"},
+                    "request_id": {"type": "string"},
+                    "request": {"$ref": "#/components/schemas/LipsyncRequest"},
+                },
             },
             "LipsyncRequest": _LIPSYNC_REQUEST,
             "LipsyncRequestList": {
@@ -242,10 +293,13 @@ def openapi_document() -> dict[str, Any]:
     )
     submitted = {
         "200": {
-            "description": "Accepted by Chamelaion and tracked",
+            "description": (
+                "Accepted by Chamelaion and tracked; with Prefer: wait, also the job as "
+                "`request` once the relay has read it"
+            ),
             "content": _json("LipsyncGenerate"),
         },
-        "400": _error("Malformed body, or refused by Chamelaion as sent"),
+        "400": _error("Malformed body or Prefer: wait, or refused by Chamelaion as sent"),
         "408": _error("The body did not arrive in time"),
         "413": _error("Body over the configured limit"),
         "422": _error("Invalid field (named in the message and details)"),
@@ -300,6 +354,23 @@ def openapi_document() -> dict[str, Any]:
             "Idempotency-Keys already; see Retry-After"
         ),
     }
+    prefer = {
+        "name": "Prefer",
+        "in": "header",
+        "required": False,
+        "description": (
+            "wait=N (RFC 7240): answer when the job ends, or after N seconds (at most "
+            "RELAY_MAX_WAIT) with the job as it stands; Preference-Applied says so"
+        ),
+        # Any text: preferences the relay does not know are ignored (RFC 7240).
+        "schema": {"type": "string"},
+    }
+    applied = {
+        "Preference-Applied": {
+            "description": "wait=N when the answer waited (up to N seconds) for the job's end",
+            "schema": {"type": "string"},
+        }
+    }
     relay_body = {
         "413": _error("Body over the configured limit"),
         "422": _error("Invalid field (named in the message and details)"),
@@ -321,7 +392,7 @@ def openapi_document() -> dict[str, Any]:
                     "Start a lip-sync job from URLs, with an optional callback",
                     {**submitted, **idempotency_errors},
                     security=secured,
-                    parameters=[idempotency_key],
+                    parameters=[idempotency_key, prefer],
                     requestBody={"required": True, "content": _json("GenerateRequest")},
                 )
             },
@@ -341,7 +412,7 @@ def openapi_document() -> dict[str, Any]:
                         ),
                     },
                     security=secured,
-                    parameters=[idempotency_key],
+                    parameters=[idempotency_key, prefer],
                     requestBody={
                         "required": True,
                         "content": {"multipart/form-data": {"schema": _MEDIA_FORM}},
@@ -352,15 +423,19 @@ def openapi_document() -> dict[str, Any]:
                 "get": _operation(
                     "A request's status: the relay's own state when tracked, else Chamelaion's",
                     {
-                        "200": {"description": "The request", "content": _json("LipsyncRequest")},
-                        "400": _error("Id too long, a dot segment, or with a slash"),
+                        "200": {
+                            "description": "The request",
+                            "content": _json("LipsyncRequest"),
+                            "headers": applied,
+                        },
+                        "400": _error("Id too long, a dot segment, or with a slash; bad Prefer"),
                         "404": _error("Not found: unknown, or another caller's job"),
                         "503": _error("The relay's job store is unavailable"),
                         **_UPSTREAM_ERRORS,
                         **_ERRORS_ANY,
                     },
                     security=secured,
-                    parameters=[lipsync_id],
+                    parameters=[lipsync_id, prefer],
                 )
             },
             "/api/v1/lipsync/requests": {
@@ -435,6 +510,33 @@ def openapi_document() -> dict[str, Any]:
                     },
                     security=secured,
                     parameters=[lipsync_id],
+                )
+            },
+            "/api/relay/v1/jobs/{id}/events": {
+                "get": _operation(
+                    "The job's events as server-sent events (id: sequence), until its last",
+                    {
+                        "200": {
+                            "description": "An event stream",
+                            "content": {EVENT_STREAM: {"schema": {"type": "string"}}},
+                        },
+                        "400": _error("Bad id or Last-Event-ID"),
+                        "404": _error("No tracked job has this id or reference_id"),
+                        "406": _error("The client does not accept text/event-stream"),
+                        "503": _error("The relay's job store is unavailable"),
+                        **_ERRORS_ANY,
+                    },
+                    security=secured,
+                    parameters=[
+                        lipsync_id,
+                        {
+                            "name": "Last-Event-ID",
+                            "in": "header",
+                            "required": False,
+                            "description": "Resume after this event (its sequence number)",
+                            "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                        },
+                    ],
                 )
             },
             "/api/relay/v1/jobs/{id}/redeliver": {

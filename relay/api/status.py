@@ -16,10 +16,12 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from relay.api import prefer
 from relay.api.models import MAX_ID_LENGTH, MAX_REFERENCE_ID_LENGTH
 from relay.api.responses import json_bytes
 from relay.api.scoping import list_owner, not_found, request_owner
 from relay.api.state import app_state
+from relay.api.waiting import wait_for_end
 from relay.errors import ApiError
 from relay.jobs.events import iso
 from relay.jobs.store import Job
@@ -54,6 +56,7 @@ async def get_request(request: Request) -> Response:
         raise ApiError(400, f"id is longer than {MAX_ID_LENGTH} characters")
     segment = path_segment(id_or_reference, "id")
     owner = request_owner(request)
+    wait = prefer.wait_seconds(request.headers, state.settings.max_wait)
     try:
         job = await state.store.find_owned(id_or_reference, owner)
     except RedisError:
@@ -62,15 +65,23 @@ async def get_request(request: Request) -> Response:
             raise ApiError(503, "the relay's job store is unavailable; try again") from None
         log.warning("job store unavailable: answering from Chamelaion")
         job = None
+    headers: dict[str, str] = {}
+    if job is not None and wait is not None:
+        # Only a tracked job can be waited on: its end is announced in Redis.
+        headers = prefer.applied(wait)
+        if not job.ended and wait > 0:
+            # Held by nothing while it waits (thousands may): what it says is read afresh.
+            request_id, job = job.request_id, None
+            job = await wait_for_end(state, request, request_id, wait)
     if job is not None and job.body is not None:
-        return json_bytes(job.body)
+        return json_bytes(job.body, headers=headers)
     if owner is not None:
         if job is None:
             raise not_found()
         segment = quote(job.request_id, safe="")  # its own job, not polled yet
     response = check(await state.upstream.request("GET", f"v1/lipsync/requests/{segment}"))
     decode_object(response)
-    return json_bytes(response.content)
+    return json_bytes(response.content, headers=headers)
 
 
 # Chamelaion's own default page size.

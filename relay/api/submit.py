@@ -33,6 +33,7 @@ from relay.delivery.netpolicy import parse_callback_url, resolve_and_check
 from relay.errors import ApiError, CallbackUrlRejected, NotReplicated, UpstreamError
 from relay.jobs.intents import Intent, created_answer, lookup_timeout
 from relay.metrics import INTENTS, JOBS_SUBMITTED
+from relay.tracing import setup, spans
 from relay.upstream import BudgetRefused, check, json_object, may_have_arrived
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ async def generate(request: Request) -> Response:
         idempotency_key=idempotency_key,
         callback_url=job.callback_url,
         events=job.callback_events,
-        metadata=orjson.dumps(job.callback_metadata) if job.callback_metadata else None,
+        metadata=job.stored_metadata(),
         caller=request_caller(request).name,
     )
     # The intent is the write that proves the store takes writes (no separate check); the
@@ -237,6 +238,8 @@ class Submission:
                 metadata=self.metadata,
                 intent_id=self.intent.id if self.intent is not None else None,
                 caller=self.caller,
+                # The submission span's context (relay.api.traced), for the job's own spans.
+                trace=spans.keep() if setup.active() is not None else None,
             )
         except NotReplicated:
             raise  # recorded on the primary (its intent closed with it): tracked from there

@@ -19,8 +19,9 @@ local first_poll_in = tonumber(ARGV[4])
 local events = ARGV[5]         -- comma-separated event types; '' = the final ones
 local metadata = ARGV[6]       -- JSON object echoed in callbacks; '' = none
 local intent_id = ARGV[7]      -- '' when none
-local caller = ARGV[8]         -- the caller that submitted or watched it; '' when unknown
-local index_ttl = tonumber(ARGV[9]) -- how long a caller's index keeps a job: its whole life
+local trace = ARGV[8]          -- the submission's trace context (relay.tracing.spans); '' = none
+local caller = ARGV[9]         -- the caller that submitted or watched it; '' when unknown
+local index_ttl = tonumber(ARGV[10]) -- how long a caller's index keeps a job: its whole life
 
 local created = redis.call('EXISTS', job_key) == 0
 if created then
@@ -31,6 +32,7 @@ if created then
              'timeline', string.format('submitted@%.3f', now))
   if events ~= '' then redis.call('HSET', job_key, 'events', events) end
   if metadata ~= '' then redis.call('HSET', job_key, 'metadata', metadata) end
+  if trace ~= '' then redis.call('HSET', job_key, 'trace', trace) end
   if caller ~= '' then redis.call('HSET', job_key, 'caller', caller) end
   redis.call('ZADD', polls_key, now + first_poll_in, request_id)
   redis.call('ZADD', created_key, now, request_id)
@@ -46,6 +48,7 @@ if created then
       redis.call('EXPIRE', caller_ref_key, index_ttl)
     end
   end
+  history_append(job_key, request_id, '{"type":"status","status":"submitted"}', false, false)
 end
 if intent_id ~= '' then
   redis.call('DEL', intent_key)

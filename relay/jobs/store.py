@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from relay.errors import NotReplicated
+from relay.jobs import history
 from relay.jobs.events import DEFAULT_EVENTS
 from relay.redis import keys, scripts
 from relay.redis.batch import Call, batcher
@@ -62,6 +63,10 @@ class Job:
     metadata: bytes | None
     # The attempt a redelivery restarted the retry schedule at (0: never redelivered).
     schedule_base: int
+    # The number of the job's newest event (relay.jobs.history); 0 before its first.
+    sequence: int
+    # The submission's trace context (relay.tracing.spans.keep), when it was traced.
+    trace: str | None
     # The Redis clock when this record was read: what the job's age and grace periods are
     # measured against, never the reader's own clock.
     read_at: float
@@ -133,6 +138,8 @@ def _decode(request_id: str, raw: dict[bytes, bytes], read_at: float) -> Job:
         events=tuple(events.split(",")) if (events := _text(raw, "events")) else DEFAULT_EVENTS,
         metadata=raw.get(b"metadata") or None,
         schedule_base=int(raw.get(b"schedule_base") or 0),
+        sequence=int(raw.get(b"sequence") or 0),
+        trace=_text(raw, "trace"),
         read_at=read_at,
         caller=_text(raw, "caller"),
     )
@@ -167,6 +174,7 @@ class JobStore:
         *,
         wait_replicas: int = 0,
         wait_timeout: float = 1.0,
+        retention: float = history.DEFAULT_RETENTION,
         lifetime: float = DEFAULT_LIFETIME,
     ) -> None:
         self.redis = redis
@@ -176,9 +184,12 @@ class JobStore:
         # Replicas that must confirm a new job before `create` returns (Redis WAIT).
         self.wait_replicas = wait_replicas
         self.wait_timeout = wait_timeout
-        self._create = scripts.register(redis, __name__, "create")
-        self._record_poll = scripts.register(redis, __name__, "record_poll")
-        self._end = scripts.register(redis, __name__, "end")
+        # Every change of a job's status is one of its events (relay.jobs.history): the scripts
+        # that make one emit it, with `retention` as its feed's.
+        events = history.prelude(retention)
+        self._create = scripts.register(redis, __name__, "create", prelude=events)
+        self._record_poll = scripts.register(redis, __name__, "record_poll", prelude=events)
+        self._end = scripts.register(redis, __name__, "end", prelude=events)
 
     async def create(
         self,
@@ -190,13 +201,15 @@ class JobStore:
         events: Sequence[str] | None = None,
         metadata: bytes | None = None,
         intent_id: str | None = None,
+        trace: str | None = None,
         caller: str | None = None,
     ) -> bool:
         """Start tracking; False when the id is already tracked (nothing is changed then).
 
         `events`: which events the callback gets (None: the final ones); `metadata`: a JSON
         object echoed in every callback; `intent_id`: the submission intent (with this
-        reference_id) that the job settles, closed in the same step, tracked or not;
+        reference_id) that the job settles, closed in the same step, tracked or not; `trace`: the
+        submission's trace context (relay.tracing.spans.keep), kept for the job's spans;
         `caller`: whose job it is (relay.callers). With
         `wait_replicas`, returns only once that many replicas hold the job, else raises
         NotReplicated (the job stays recorded on the primary and is tracked from there).
@@ -222,6 +235,7 @@ class JobStore:
             ",".join(events or ()),
             metadata or b"",
             intent_id or "",
+            trace or "",
             caller or "",
             int(self.lifetime),
         ]
@@ -254,6 +268,11 @@ class JobStore:
             _decode(request_id, raw, read_at) if raw else None
             for request_id, raw in zip(request_ids, raws, strict=True)
         ]
+
+    async def has_ended(self, request_id: str) -> bool:
+        """Whether the job has ended (False too when it is not tracked): one small read."""
+        (ended,) = await batcher(self.redis).run([("HEXISTS", keys.job(request_id), "event")])
+        return bool(ended)
 
     async def find(self, id_or_reference: str) -> Job | None:
         """A job by request id, else by reference_id (the newest tracked one with it)."""
