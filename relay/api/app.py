@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from relay.api import deliveries, job_events, test_events, watches, webhook_keys
+from relay.api import deliveries, feed, job_events, test_events, watches, webhook_keys
 from relay.api.auth import ApiKeyMiddleware, KeyRing
 from relay.api.budget import ApiBudget
 from relay.api.idempotency import idempotent
@@ -172,6 +172,7 @@ def create_app(settings: Settings) -> Starlette:
         ),
         Route(f"{deliveries.PREFIX}/deliveries", deliveries.list_deliveries),
         Route(f"{deliveries.PREFIX}/jobs/{{id}}/events", job_events.job_events, methods=["GET"]),
+        Route(f"{deliveries.PREFIX}/events", feed.feed, methods=["GET"]),
         Route(
             f"{deliveries.PREFIX}/deliveries/recover",
             deliveries.recover,
