@@ -52,6 +52,12 @@ SWEEP_ORDER = Counter(
     "relay_sweep_order", "Sweeps by the list order they found (or `unusable`)", ["order"]
 )
 DELIVERIES = Counter("relay_deliveries", "Callback delivery attempts, by outcome", ["outcome"])
+OUTPUT_REFRESHES = Counter(
+    "relay_output_refreshes",
+    "Late attempts at lipsync.completed that re-read their job from Chamelaion first, by "
+    "outcome (refreshed; failed: the stored object was sent)",
+    ["outcome"],
+)
 OPS_EVENTS = Counter(
     "relay_ops_events",
     "Operational events for RELAY_OPS_WEBHOOK_URL, by type and what became of them",

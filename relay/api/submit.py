@@ -84,7 +84,7 @@ async def generate(request: Request) -> Response:
         idempotency_key=idempotency_key,
         callback_url=job.callback_url,
         events=job.callback_events,
-        metadata=orjson.dumps(job.callback_metadata) if job.callback_metadata else None,
+        metadata=job.stored_metadata(),
     )
     # The intent is the write that proves the store takes writes (no separate check); the
     # create's budget slot is booked with it.
