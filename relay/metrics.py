@@ -14,11 +14,15 @@ may count.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio import Redis
 
 JOBS_SUBMITTED = Counter(
-    "relay_jobs_submitted", "Jobs accepted by Chamelaion and tracked by the relay"
+    "relay_jobs_submitted",
+    "Jobs accepted by Chamelaion and tracked by the relay, by caller",
+    ["caller"],
 )
 JOBS_ENDED = Counter(
     "relay_jobs_ended", "Tracked jobs that reached a final status, by status", ["status"]
@@ -65,8 +69,22 @@ INTENTS = Counter(
 )
 API_BUDGET_REFUSED = Counter(
     "relay_api_budget_refused",
-    "API calls answered 429 because the shared upstream budget had no slot soon enough (or a "
-    "429 pause was on)",
+    "API calls answered 429 because the shared upstream budget had no slot soon enough for "
+    "their caller (or a 429 pause was on), by caller",
+    ["caller"],
+)
+API_BUDGET_WAIT = Histogram(
+    "relay_api_budget_wait_seconds",
+    "How long API calls waited for their slot of the shared upstream budget, by caller (the "
+    "fair share among callers decides it)",
+    ["caller"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
+CALLER_LIMITED = Counter(
+    "relay_caller_limited",
+    "Submissions answered 429 for their caller's own limit, by caller and limit "
+    "(max_outstanding, submit_rate)",
+    ["caller", "limit"],
 )
 IDEMPOTENCY_KEYS_REFUSED = Counter(
     "relay_idempotency_keys_refused",
@@ -86,6 +104,26 @@ SWEEP_OUTCOMES = (
     "error",
     "bad_body",
 )
+# Callers' names label a few metrics; bounded by the callers file. A name it does not hold (a
+# job of a caller since removed) is counted under this one.
+UNKNOWN_CALLER = "unknown"
+
+
+def caller_label(name: str | None, known: Collection[str]) -> str:
+    return name if name is not None and name in known else UNKNOWN_CALLER
+
+
+def know_callers(names: Iterable[str]) -> None:
+    """Start every per-caller series at 0 for these callers (see DELIVERY_OUTCOMES on why)."""
+    for name in names:
+        JOBS_SUBMITTED.labels(name)
+        API_BUDGET_REFUSED.labels(name)
+        API_BUDGET_WAIT.labels(name)
+        for limit in LIMITS:
+            CALLER_LIMITED.labels(name, limit)
+
+
+LIMITS = ("max_outstanding", "submit_rate")
 for _outcome in DELIVERY_OUTCOMES:
     DELIVERIES.labels(_outcome)
 for _outcome in SWEEP_OUTCOMES:
