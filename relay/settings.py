@@ -144,6 +144,9 @@ class Settings(BaseSettings):
     webhook_secrets: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
         (), validation_alias="RELAY_WEBHOOK_SECRETS"
     )
+    # The callers (relay.callers): their keys, roles, own secrets and limits; re-read when it
+    # changes. Unset: RELAY_API_KEYS are one caller, `default`, an admin.
+    callers_file: str | None = Field(None, min_length=1, validation_alias="RELAY_CALLERS_FILE")
     poll_min_interval: float = Field(2.0, gt=0, validation_alias="RELAY_POLL_MIN_INTERVAL")
     poll_max_interval: float = Field(60.0, gt=0, validation_alias="RELAY_POLL_MAX_INTERVAL")
     # How long a worker holds a claimed poll before another may take it over (crash recovery).
@@ -401,7 +404,12 @@ class Settings(BaseSettings):
     def require(self, role: Role) -> Settings:
         """Check what a role cannot start without; returns self so calls chain."""
         needed: dict[str, bool] = {"CHAMELAION_API_KEY": self.chamelaion_api_key is not None}
-        if role == "api" or self.metrics_auth:
+        if self.callers_file is not None and self.api_keys:
+            raise ConfigError(
+                "RELAY_API_KEYS",
+                "must not be set beside RELAY_CALLERS_FILE: give those keys a caller in the file",
+            )
+        if (role == "api" or self.metrics_auth) and self.callers_file is None:
             needed["RELAY_API_KEYS"] = bool(self.api_keys)
         if role == "worker":
             needed["RELAY_WEBHOOK_SECRETS"] = bool(self.webhook_secrets)

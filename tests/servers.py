@@ -3,13 +3,14 @@ a redis-server of a test's own (to stop, hang or kill)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -62,3 +63,45 @@ def own_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         os.kill(proc.pid, signal.SIGCONT)
         proc.terminate()
         proc.wait(timeout=10)
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def raw_server(handler: Handler) -> AsyncIterator[str]:
+    """A raw HTTP server on loopback: `handler` answers (or not) once the request head is in."""
+    handling: set[asyncio.Task[None]] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handling.add(task)
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            await handler(reader, writer)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    listening = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = listening.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        listening.close()
+        for task in handling:
+            task.cancel()
+        await asyncio.gather(*handling, return_exceptions=True)
+        await listening.wait_closed()
+
+
+async def answer(writer: asyncio.StreamWriter, raw: bytes) -> None:
+    writer.write(raw)
+    await writer.drain()
+
+
+async def too_many_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    padding = b"".join(b"x-padding-%d: x\r\n" % number for number in range(300))
+    await answer(writer, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n" + padding + b"\r\n{}")

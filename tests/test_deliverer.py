@@ -21,7 +21,7 @@ from relay.redis import keys
 from relay.worker.process import WorkerState
 from relay.worker.tasks import deliver
 from tests.helpers import worker_state
-from tests.servers import serve
+from tests.servers import raw_server, serve, too_many_headers
 from tests.stack import Receiver
 
 
@@ -128,6 +128,17 @@ async def test_a_receiver_that_trickles_its_answer_times_out_as_a_retry(redis_ur
             assert time.monotonic() - started < 3
             job = await state.store.get("r3")
             assert job is not None and job.attempt == 1 and job.last_result == "timed out"
+
+
+async def test_an_answer_that_is_not_http_is_recorded_as_such(redis_url: str) -> None:
+    # A receiver whose answer broke HTTP (here 300 headers) connected fine: the attempt log
+    # must say what went wrong, not that the relay "could not connect".
+    async with raw_server(too_many_headers) as url, worker_state(redis_url) as state:
+        await ended_job(state, "r4", url + "hook")
+        assert await state.deliverer.attempt("r4", 0) == "retry"
+        job = await state.store.get("r4")
+        assert job is not None
+        assert job.last_result == "the answer was not well-formed HTTP"
 
 
 async def test_an_end_seen_by_two_workers_at_once_is_delivered_by_one(redis_url: str) -> None:

@@ -4,9 +4,7 @@ aiohttp error class, end as the httpx error that says what happened."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import aiohttp.client_exceptions
@@ -15,37 +13,7 @@ import pytest
 
 from relay.devtools.embedded_redis import free_port
 from relay.http_client import ERRORS, AiohttpTransport
-
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-@contextlib.asynccontextmanager
-async def server(handler: Handler) -> AsyncIterator[str]:
-    """A raw HTTP server on loopback: `handler` answers (or not) once the request head is in."""
-    handling: set[asyncio.Task[None]] = set()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        handling.add(task)
-        try:
-            await reader.readuntil(b"\r\n\r\n")
-            await handler(reader, writer)
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-
-    listening = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = listening.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        listening.close()
-        for task in handling:
-            task.cancel()
-        await asyncio.gather(*handling, return_exceptions=True)
-        await listening.wait_closed()
+from tests.servers import Handler, answer, raw_server, too_many_headers
 
 
 async def fetch(url: str, timeout: float = 5.0) -> httpx.Response:
@@ -60,16 +28,6 @@ async def fetch(url: str, timeout: float = 5.0) -> httpx.Response:
         return response
     finally:
         await transport.aclose()
-
-
-async def answer(writer: asyncio.StreamWriter, raw: bytes) -> None:
-    writer.write(raw)
-    await writer.drain()
-
-
-async def too_many_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    padding = b"".join(b"x-padding-%d: x\r\n" % number for number in range(300))
-    await answer(writer, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n" + padding + b"\r\n{}")
 
 
 async def bad_status_line(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -101,7 +59,7 @@ async def say_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 async def test_a_misbehaving_server_ends_as_the_httpx_error_for_it(
     handler: Handler, expected: type[httpx.TransportError]
 ) -> None:
-    async with server(handler) as url:
+    async with raw_server(handler) as url:
         with pytest.raises(httpx.TransportError) as caught:
             await fetch(url, timeout=0.5)
     assert type(caught.value) is expected

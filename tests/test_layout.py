@@ -36,6 +36,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     ("settings", ("relay.settings",)),
+    ("callers", ("relay.callers",)),
     ("redis", ("relay.redis",)),
     ("upstream", ("relay.upstream",)),
     ("jobs", ("relay.jobs",)),

@@ -237,3 +237,19 @@ async def test_an_unexpected_error_is_counted_as_the_500_it_becomes() -> None:
 def counted_now(status_class: str) -> float:
     value = REGISTRY.get_sample_value("relay_http_responses_total", {"status_class": status_class})
     return value or 0.0
+
+
+def test_a_caller_hanging_up_mid_body_is_its_4xx_not_a_relay_5xx(redis_url: str) -> None:
+    with relay_stack(redis_url, workers=0) as stack:
+        url = urlsplit(stack.api_url)
+        assert url.hostname is not None and url.port is not None
+        before = {c: responses(stack, c) for c in ("4xx", "5xx")}
+        with socket.create_connection((url.hostname, url.port)) as sock:
+            sock.sendall(
+                b"POST /api/v1/lipsync/generate HTTP/1.1\r\nHost: relay\r\n"
+                + f"x-api-key: {RELAY_KEY}\r\ncontent-length: 100\r\n\r\n".encode()
+                + b'{"inputs": ['
+            )
+        # The hang-up is the caller's: counted as the 400 the relay gives it, never as a 500.
+        eventually(lambda: responses(stack, "4xx") - before["4xx"] == 1)
+        assert responses(stack, "5xx") == before["5xx"]

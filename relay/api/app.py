@@ -15,23 +15,24 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from relay.api import deliveries, test_events, watches, webhook_keys
-from relay.api.auth import ApiKeyMiddleware, KeyRing
+from relay.api.auth import ApiKeyMiddleware
 from relay.api.budget import ANONYMOUS, ActingCaller, ApiBudget
 from relay.api.idempotency import idempotent
 from relay.api.limits import UploadSlots
 from relay.api.openapi import openapi_document
 from relay.api.response_counts import ResponseCounter
-from relay.api.responses import api_error, http_error, unexpected_error
+from relay.api.responses import api_error, client_disconnected, http_error, unexpected_error
 from relay.api.state import AppState, app_state
 from relay.api.status import get_request, list_requests
 from relay.api.store_check import WriteCheck
 from relay.api.submit import generate
 from relay.api.uploads import generate_with_media
+from relay.callers.source import CallerSource
 from relay.console.views import create_console
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.control import Redeliverer
@@ -71,6 +72,8 @@ async def openapi(request: Request) -> Response:
 
 def create_app(settings: Settings) -> Starlette:
     settings.require("api")
+    # Read once here (a bad callers file stops the start-up), then kept current by itself.
+    callers = CallerSource.from_settings(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -114,6 +117,7 @@ def create_app(settings: Settings) -> Starlette:
             yield {
                 "relay": AppState(
                     settings=settings,
+                    callers=callers,
                     redis=redis,
                     store=store,
                     upstream=upstream,
@@ -164,7 +168,7 @@ def create_app(settings: Settings) -> Starlette:
             methods=["POST"],
             name="api_recover",
         ),
-        create_console(settings),
+        create_console(settings, callers),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
@@ -178,7 +182,7 @@ def create_app(settings: Settings) -> Starlette:
             Middleware(ResponseCounter),
             Middleware(
                 ApiKeyMiddleware,
-                keys=KeyRing(settings.api_keys),
+                callers=callers,
                 metrics_auth=settings.metrics_auth,
                 public=(webhook_keys.PATH,),
             ),
@@ -188,6 +192,7 @@ def create_app(settings: Settings) -> Starlette:
         exception_handlers={
             ApiError: api_error,
             HTTPException: http_error,
+            ClientDisconnect: client_disconnected,
             Exception: unexpected_error,
         },
     )

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from relay.errors import ApiError
@@ -43,6 +43,14 @@ async def api_error(request: Request, exc: Exception) -> Response:
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
+
+
+async def client_disconnected(request: Request, exc: Exception) -> Response:
+    # The caller hung up before its body was all sent: its doing, not the relay's, so a 4xx
+    # (which nobody reads) rather than a 500 with a traceback that would page someone.
+    assert isinstance(exc, ClientDisconnect)
+    log.info("caller disconnected mid-body on %s %s", request.method, request.url.path)
+    return JSONResponse({"error": "the caller disconnected before the body was complete"}, 400)
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:

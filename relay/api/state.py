@@ -10,6 +10,7 @@ from starlette.requests import Request
 from relay.api.budget import ApiBudget
 from relay.api.limits import UploadSlots
 from relay.api.store_check import WriteCheck
+from relay.callers.source import CallerSource
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.control import Redeliverer
 from relay.delivery.netpolicy import NetworkPolicy
@@ -25,6 +26,7 @@ from relay.upstream import Upstream
 @dataclass
 class AppState:
     settings: Settings
+    callers: CallerSource  # who may call, and as whom (relay.callers)
     redis: Redis
     store: JobStore
     upstream: Upstream

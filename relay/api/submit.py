@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from relay.api.auth import request_caller
 from relay.api.body import read_body
 from relay.api.budget import acting_caller
 from relay.api.models import MAX_ID_LENGTH, GenerateRequest
@@ -85,6 +86,7 @@ async def generate(request: Request) -> Response:
         callback_url=job.callback_url,
         events=job.callback_events,
         metadata=orjson.dumps(job.callback_metadata) if job.callback_metadata else None,
+        caller=request_caller(request).name,
     )
     # The intent is the write that proves the store takes writes (no separate check); the
     # create's budget slot is booked with it.
@@ -158,6 +160,7 @@ class Submission:
     events: Sequence[str] | None = None
     metadata: bytes | None = None
     intent: Intent | None = None
+    caller: str | None = None  # whose job it becomes (relay.callers)
 
     async def open(self, *, book: bool = False) -> None:
         """Write the intent. `book`: also book the create's slot of the shared upstream budget
@@ -171,6 +174,7 @@ class Submission:
                 callback_url=self.callback_url,
                 events=self.events,
                 metadata=self.metadata,
+                caller=self.caller,
                 along=[budget.take_call(submission=True)] if book else [],
             )
         except RedisError:
@@ -232,6 +236,7 @@ class Submission:
                 events=self.events,
                 metadata=self.metadata,
                 intent_id=self.intent.id if self.intent is not None else None,
+                caller=self.caller,
             )
         except NotReplicated:
             raise  # recorded on the primary (its intent closed with it): tracked from there

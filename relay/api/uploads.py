@@ -33,6 +33,7 @@ import httpx
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from relay.api.auth import request_caller
 from relay.api.body import declared_length, too_large
 from relay.api.budget import SubmissionBudget
 from relay.api.multipart import MediaForm, boundary_of, content_type
@@ -225,6 +226,7 @@ async def generate_with_media(request: Request) -> Response:
         reference_id=None,
         idempotency_key=held_idempotency_key(request),
         callback_url=None,
+        caller=request_caller(request).name,
     )
 
     async def before_end(complete: MediaForm) -> None:
@@ -235,7 +237,7 @@ async def generate_with_media(request: Request) -> Response:
         submission.callback_url = complete.callback_url
         await submission.open()
 
-    with state.uploads.hold(request.scope["state"]["caller_id"]):
+    with state.uploads.hold(request_caller(request).name):
         # Before a byte is read: a store that cannot record the job refuses the upload whole.
         await ensure_store(state)
         upload = Upload(

@@ -62,6 +62,7 @@ _DETAIL = {
     "timeout": "timed out",
     "refused": "could not connect (refused)",
     "reset": "the connection was reset or closed before an answer",
+    "protocol": "the answer was not well-formed HTTP",
 }
 
 EnqueueAttempt = Callable[[str, int, float, str], Awaitable[None]]

@@ -17,6 +17,7 @@ local first_poll_in = tonumber(ARGV[4])
 local events = ARGV[5]         -- comma-separated event types; '' = the final ones
 local metadata = ARGV[6]       -- JSON object echoed in callbacks; '' = none
 local intent_id = ARGV[7]      -- '' when none
+local caller = ARGV[8]         -- the caller that submitted or watched it; '' when unknown
 
 local created = redis.call('EXISTS', job_key) == 0
 if created then
@@ -27,6 +28,7 @@ if created then
              'timeline', string.format('submitted@%.3f', now))
   if events ~= '' then redis.call('HSET', job_key, 'events', events) end
   if metadata ~= '' then redis.call('HSET', job_key, 'metadata', metadata) end
+  if caller ~= '' then redis.call('HSET', job_key, 'caller', caller) end
   redis.call('ZADD', polls_key, now + first_poll_in, request_id)
   redis.call('ZADD', created_key, now, request_id)
   if reference_id ~= '' then redis.call('SET', ref_key, request_id) end

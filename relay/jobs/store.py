@@ -62,6 +62,9 @@ class Job:
     # The Redis clock when this record was read: what the job's age and grace periods are
     # measured against, never the reader's own clock.
     read_at: float
+    # The caller that submitted or watched it (relay.callers); None for a job tracked before
+    # callers were recorded, which only an admin sees.
+    caller: str | None = None
 
     @property
     def ended(self) -> bool:
@@ -128,6 +131,7 @@ def _decode(request_id: str, raw: dict[bytes, bytes], read_at: float) -> Job:
         metadata=raw.get(b"metadata") or None,
         schedule_base=int(raw.get(b"schedule_base") or 0),
         read_at=read_at,
+        caller=_text(raw, "caller"),
     )
 
 
@@ -173,12 +177,14 @@ class JobStore:
         events: Sequence[str] | None = None,
         metadata: bytes | None = None,
         intent_id: str | None = None,
+        caller: str | None = None,
     ) -> bool:
         """Start tracking; False when the id is already tracked (nothing is changed then).
 
         `events`: which events the callback gets (None: the final ones); `metadata`: a JSON
         object echoed in every callback; `intent_id`: the submission intent (with this
-        reference_id) that the job settles, closed in the same step, tracked or not. With
+        reference_id) that the job settles, closed in the same step, tracked or not;
+        `caller`: whose job it is (relay.callers). With
         `wait_replicas`, returns only once that many replicas hold the job, else raises
         NotReplicated (the job stays recorded on the primary and is tracked from there).
         """
@@ -199,6 +205,7 @@ class JobStore:
             ",".join(events or ()),
             metadata or b"",
             intent_id or "",
+            caller or "",
         ]
         if not self.wait_replicas:
             return bool(await self._create(keys=script_keys, args=args))

@@ -25,8 +25,8 @@ relay:caller:{name}:submits string theoretical arrival time of the caller's subm
 relay:caller:{name}:outstanding
                             zset   the caller's jobs not yet ended: request id -> when tracked
 relay:idem:{caller}:{route}:{key}
-                            hash   one Idempotency-Key's claim and first answer (caller: a
-                                   digest of the caller's API key; route: the submit path)
+                            hash   one Idempotency-Key's claim and first answer (caller: the
+                                   caller's name, relay.callers; route: the submit path)
 relay:idem-held:{caller}    zset   the Idempotency-Key records a caller holds -> Redis-clock
                                    time each stops counting (RELAY_IDEMPOTENCY_MAX_KEYS)
 relay:webhook-key:{key id}  string when the relay first published that ed25519 public key

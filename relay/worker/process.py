@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from arq.connections import ArqRedis
 
-from relay.api.auth import KeyRing
+from relay.callers.source import CallerSource
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.deliverer import Deliverer
 from relay.delivery.destinations import Destinations
@@ -206,8 +206,8 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
         if settings.sweep_interval > 0:
             services.append(state.sweeper)
         if http_port is not None:
-            metrics_keys = KeyRing(settings.api_keys) if settings.metrics_auth else None
-            app = create_worker_http_app(healthy, state.redis, watch, metrics_keys=metrics_keys)
+            callers = CallerSource.from_settings(settings) if settings.metrics_auth else None
+            app = create_worker_http_app(healthy, state.redis, watch, metrics_callers=callers)
             services.append(HealthPort(app, http_port))
         log.info(
             "worker started",
