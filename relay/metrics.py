@@ -14,7 +14,7 @@ may count.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio import Redis
@@ -25,7 +25,9 @@ JOBS_SUBMITTED = Counter(
     ["caller"],
 )
 JOBS_ENDED = Counter(
-    "relay_jobs_ended", "Tracked jobs that reached a final status, by status", ["status"]
+    "relay_jobs_ended",
+    "Tracked jobs that reached a final status, by status and caller",
+    ["status", "caller"],
 )
 UPSTREAM_CALLS = Counter("relay_upstream_calls", "Requests to Chamelaion", ["endpoint", "status"])
 UPSTREAM_ANSWERS_CUT = Counter(
@@ -56,6 +58,11 @@ SWEEP_ORDER = Counter(
     "relay_sweep_order", "Sweeps by the list order they found (or `unusable`)", ["order"]
 )
 DELIVERIES = Counter("relay_deliveries", "Callback delivery attempts, by outcome", ["outcome"])
+CALLER_DELIVERIES = Counter(
+    "relay_caller_deliveries",
+    "Callback delivery attempts made, by caller and outcome (delivered, retry, gone, failed)",
+    ["caller", "outcome"],
+)
 STRANDED_SWEEPS = Counter("relay_stranded_sweeps", "Stranded-delivery sweeps run by this worker")
 STRANDED_REQUEUED = Counter(
     "relay_stranded_requeued", "Pending deliveries whose lost attempt the sweep queued again"
@@ -104,25 +111,39 @@ SWEEP_OUTCOMES = (
     "error",
     "bad_body",
 )
-# Callers' names label a few metrics; bounded by the callers file. A name it does not hold (a
-# job of a caller since removed) is counted under this one.
+# Callers' names label a few metrics, bounded by the callers file: a name it does not hold (a
+# job of a caller since removed, or from before callers were recorded) is counted as this one.
 UNKNOWN_CALLER = "unknown"
+_is_caller: Callable[[str], bool] | None = None
 
 
-def caller_label(name: str | None, known: Collection[str]) -> str:
-    return name if name is not None and name in known else UNKNOWN_CALLER
+def bound_callers(is_caller: Callable[[str], bool], names: Iterable[str], *, role: str) -> None:
+    """The wiring names the callers in force (`is_caller`, kept current with the file) and
+    starts `role`'s ("api" or "worker") per-caller series at 0 for `names` (see
+    DELIVERY_OUTCOMES on why)."""
+    global _is_caller
+    _is_caller = is_caller
+    for name in (*names, UNKNOWN_CALLER):
+        if role == "api":
+            JOBS_SUBMITTED.labels(name)
+            API_BUDGET_REFUSED.labels(name)
+            API_BUDGET_WAIT.labels(name)
+            for limit in LIMITS:
+                CALLER_LIMITED.labels(name, limit)
+        else:
+            for status in ("completed", "failed"):
+                JOBS_ENDED.labels(status, name)
+            for outcome in CALLER_DELIVERY_OUTCOMES:
+                CALLER_DELIVERIES.labels(name, outcome)
 
 
-def know_callers(names: Iterable[str]) -> None:
-    """Start every per-caller series at 0 for these callers (see DELIVERY_OUTCOMES on why)."""
-    for name in names:
-        JOBS_SUBMITTED.labels(name)
-        API_BUDGET_REFUSED.labels(name)
-        API_BUDGET_WAIT.labels(name)
-        for limit in LIMITS:
-            CALLER_LIMITED.labels(name, limit)
+def caller_label(name: str | None) -> str:
+    if not name or (_is_caller is not None and not _is_caller(name)):
+        return UNKNOWN_CALLER
+    return name
 
 
+CALLER_DELIVERY_OUTCOMES = ("delivered", "retry", "gone", "failed")
 LIMITS = ("max_outstanding", "submit_rate")
 for _outcome in DELIVERY_OUTCOMES:
     DELIVERIES.labels(_outcome)

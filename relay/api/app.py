@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from relay.api import deliveries, test_events, watches, webhook_keys
 from relay.api.auth import ApiKeyMiddleware
-from relay.api.budget import ANONYMOUS, ActingCaller, ApiBudget
+from relay.api.budget import ActingCaller, ApiBudget
 from relay.api.idempotency import idempotent
 from relay.api.limits import UploadSlots
 from relay.api.openapi import openapi_document
@@ -44,7 +44,7 @@ from relay.jobs.fair_share import FairShare
 from relay.jobs.intents import Intents
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
-from relay.metrics import UPSTREAM_RATE_LIMIT, know_callers
+from relay.metrics import UPSTREAM_RATE_LIMIT, bound_callers
 from relay.redis.conn import arq_view, connect
 from relay.redis.conn import close as close_redis
 from relay.redis.shared_state import metrics_response
@@ -93,7 +93,9 @@ def create_app(settings: Settings) -> Starlette:
             submit_rate=settings.caller_submit_rate,
         )
         UPSTREAM_RATE_LIMIT.set(settings.upstream_rate_limit)
-        know_callers([ANONYMOUS.name])
+        bound_callers(
+            lambda name: callers.book.named(name) is not None, callers.book.names, role="api"
+        )
         upstream = Upstream.from_settings(settings, budget=budget)
         policy = callback_policy(settings)
         signer = Signer(settings.webhook_secrets) if settings.webhook_secrets else None

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from relay.callers.model import DEFAULT_CALLER
 from relay.jobs.fair_share import Booking, FairShare, Limits, booking
 from relay.metrics import API_BUDGET_REFUSED, API_BUDGET_WAIT, CALLER_LIMITED
 from relay.redis.batch import ScriptCall
@@ -58,9 +59,9 @@ class Tenant(Protocol):
 
 @dataclass(frozen=True)
 class Anonymous:
-    """The caller of a request no caller was resolved for: everyone under RELAY_API_KEYS."""
+    """The caller of an upstream call made outside a request's (none are, today)."""
 
-    name: str = "default"
+    name: str = DEFAULT_CALLER
     share: float = 1.0
     max_outstanding: int | None = None
     submit_rate: float | None = None

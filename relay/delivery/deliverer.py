@@ -38,7 +38,7 @@ from relay.errors import DestinationRefused
 from relay.jitter import jittered
 from relay.jobs.events import PROCESSING, event_type_of
 from relay.jobs.store import Job, JobStore
-from relay.metrics import DELIVERIES, DELIVERY_LATENCY
+from relay.metrics import CALLER_DELIVERIES, DELIVERIES, DELIVERY_LATENCY, caller_label
 from relay.redis import stats
 from relay.redis.batch import ScriptCall
 from relay.signing import Signer
@@ -228,6 +228,7 @@ class Deliverer:
             settled = "failed"
         # One sample per attempt: the last failing one counts as failed, not also as retry.
         DELIVERIES.labels(settled or "retry").inc()
+        CALLER_DELIVERIES.labels(caller_label(job.caller), settled or "retry").inc()
         counted = self.outcomes.count_call("delivered" if settled == "delivered" else "failed")
         if settled is not None:
             logged = self._entry(job, attempt, outcome, duration, settled, next_in=None)

@@ -10,6 +10,7 @@ local created_key = KEYS[4]
 local intent_key = KEYS[5]     -- the job key again when there is no intent
 local intents_key = KEYS[6]    -- the job key again when there is no intent
 local intent_ref_key = KEYS[7] -- the job key again without an intent or a reference_id
+local outstanding_key = KEYS[8] -- the caller's jobs not yet ended; the job key again without one
 local request_id = ARGV[1]
 local callback_url = ARGV[2]
 local reference_id = ARGV[3]   -- '' when none
@@ -29,6 +30,8 @@ if created then
   if events ~= '' then redis.call('HSET', job_key, 'events', events) end
   if metadata ~= '' then redis.call('HSET', job_key, 'metadata', metadata) end
   if caller ~= '' then redis.call('HSET', job_key, 'caller', caller) end
+  -- Counted against its caller's max_outstanding until it ends (store.end.lua).
+  if outstanding_key ~= job_key then redis.call('ZADD', outstanding_key, now, request_id) end
   redis.call('ZADD', polls_key, now + first_poll_in, request_id)
   redis.call('ZADD', created_key, now, request_id)
   if reference_id ~= '' then redis.call('SET', ref_key, request_id) end
