@@ -26,7 +26,10 @@ Only ConnectError, ConnectTimeout and UnsupportedProtocol say that nothing reach
 from __future__ import annotations
 
 import contextlib
+import functools
+import ssl
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import aiohttp
 import httpx
@@ -90,8 +93,20 @@ class _MappedStream(httpx.AsyncByteStream):
             await self._stream.aclose()
 
 
+@functools.cache
+def verified_tls() -> ssl.SSLContext:
+    """httpx's default TLS context (certifi's CAs), made once per process and shared: loading
+    the CA bundle costs about 0.1 s of CPU each time, and a context is safe to share."""
+    return httpx.create_ssl_context()
+
+
 class AiohttpTransport(_LibraryTransport):
-    """httpx-aiohttp's transport with every aiohttp error mapped by ERRORS."""
+    """httpx-aiohttp's transport with every aiohttp error mapped by ERRORS, verifying TLS with
+    the process's one context unless given another."""
+
+    def __init__(self, **options: Any) -> None:
+        options.setdefault("verify", verified_tls())
+        super().__init__(**options)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         with mapped_errors():

@@ -61,7 +61,7 @@ def exported(redis_url: str) -> Exported:
         )
         stack.receiver.wait_for(1)
         found.add(httpx.get(stack.api_url + "/metrics").text)
-        found.add(httpx.get(stack.worker_urls[0] + "/metrics").text)
+        found.add(stack.worker_metrics())
     return found
 
 

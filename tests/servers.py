@@ -49,13 +49,18 @@ def serve(app: ASGIApp, *, port: int | None = None, **options: Any) -> Iterator[
         thread.join(timeout=10)
 
 
+# A test's own redis-server: no persistence, and a log of warnings only (on its stdout, which
+# pytest captures and shows when the test fails).
+REDIS_OPTIONS = ("--save", "", "--appendonly", "no", "--loglevel", "warning")
+
+
 @contextlib.contextmanager
 def own_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A redis-server of the test's own, not the session's: yields its URL and its process."""
     port = free_port()
+    # Its log (warnings only) goes to the test's output, shown when the test fails.
     proc = subprocess.Popen(
-        [find_redis_server(), "--port", str(port), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
+        [find_redis_server(), *REDIS_OPTIONS, "--port", str(port)],
     )
     try:
         yield f"redis://127.0.0.1:{port}/0", proc

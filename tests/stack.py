@@ -1,12 +1,19 @@
 """A whole relay on loopback for end-to-end tests.
 
-Real parts only: the sandbox upstream and the relay API under uvicorn in threads, `relay worker`
-as real subprocesses (so they can be SIGKILLed), a real redis-server, and a receiver that
-records every callback and answers with scripted statuses.
+Real parts only: the sandbox upstream and the relay API under uvicorn in threads, workers, a real
+redis-server, and a receiver that records every callback and answers with scripted statuses.
+
+A worker runs in the test's process by default (`InProcessWorker`: `relay worker`'s own
+`serve_worker` on an event loop of its own, in a thread), as arq's own tests run a worker: it
+is up in milliseconds, where a `relay worker` process spends a second or more importing on a
+loaded machine, and a test of timing then races nothing but the relay. Tests that need a process
+boundary (a SIGKILL, a signal, a worker's own clock or its log, metrics of one worker alone)
+ask for `relay worker` subprocesses: `relay_stack(..., processes=True)`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import functools
@@ -18,14 +25,16 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import httpx
 import redis
+import uvloop
 from chamelaion import Chamelaion
+from prometheus_client import generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -36,7 +45,8 @@ from relay.devtools.embedded_redis import free_port
 from relay.redis import keys
 from relay.sandbox import SandboxConfig, create_sandbox_app
 from relay.serving import api_options
-from relay.settings import load_settings
+from relay.settings import Settings, load_settings
+from relay.worker.process import serve_worker
 from tests.servers import serve
 
 SANDBOX_KEY = "sandbox-key"
@@ -52,6 +62,9 @@ class Callback:
     headers: dict[str, str]
     body: bytes
     at: float
+    # How many callbacks the receiver had answered when this one came: the order of events,
+    # where comparing times would race the machine's load.
+    answered_before: int = 0
 
 
 @dataclass
@@ -76,7 +89,9 @@ class Receiver:
 
             body = await request.body()
             with self.lock:
-                self.received.append(Callback(dict(request.headers), body, time.monotonic()))
+                self.received.append(
+                    Callback(dict(request.headers), body, time.monotonic(), self.answered)
+                )
                 status = self.script.pop(0) if self.script else self.default
                 self.in_flight += 1
                 self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -103,6 +118,55 @@ class Receiver:
         raise AssertionError(f"expected {count} callbacks, got {len(self.received)}")
 
 
+class InProcessWorker:
+    """A worker in the test's process: `serve_worker`, as `relay worker` runs it, on a uvloop
+    event loop in a thread of its own, with its health port on `port`. `stop()` does what
+    SIGTERM does to `relay worker`: the worker drains and stops in its shutdown order."""
+
+    def __init__(self, settings: Settings, port: int) -> None:
+        self.settings = settings
+        self.port = port
+        self.error: BaseException | None = None
+        self._started = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name=f"worker:{port}", daemon=True)
+        self._thread.start()
+        self._started.wait()
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            self._started.set()
+            await serve_worker(self.settings, self._stop, http_port=self.port)
+
+        try:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(main())
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self._started.set()
+
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float = 30) -> None:
+        """Stop as on SIGTERM and wait; raises what the worker failed with, if it did."""
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # its loop has closed already
+                self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise AssertionError(f"the in-process worker did not stop within {timeout} s")
+        if self.error is not None:
+            raise AssertionError("the in-process worker failed") from self.error
+
+
+Worker = subprocess.Popen[bytes] | InProcessWorker
+
+
 @dataclass
 class Stack:
     api_url: str
@@ -112,10 +176,15 @@ class Stack:
     env: dict[str, str]
     webhook_secrets: list[str]
     log_dir: Path
-    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    processes: bool = False
+    # This process's metrics when the stack started: an in-process worker shares its counters
+    # with every stack this process ran before (see worker_metrics).
+    metrics_before: str = ""
+    workers: list[Worker] = field(default_factory=list)
     worker_urls: list[str] = field(default_factory=list)
+    # The stderr of each `relay worker` process (in-process workers log to the test's output).
     worker_logs: list[Path] = field(default_factory=list)
-    stopped: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    stopped: list[Worker] = field(default_factory=list)
 
     def sdk(self) -> Chamelaion:
         return Chamelaion(api_key=RELAY_KEY, base_url=self.api_url + "/api", max_retries=0)
@@ -126,25 +195,91 @@ class Stack:
             method, self.sandbox_url + path, headers={"x-api-key": SANDBOX_KEY}, **kwargs
         )
 
-    def stop_worker(self, proc: subprocess.Popen[bytes], sig: signal.Signals) -> int:
-        """Signal a worker and wait for it; returns its exit code."""
-        self.stopped.append(proc)
-        proc.send_signal(sig)
-        return proc.wait(timeout=30)
+    def stop_worker(self, worker: Worker, sig: signal.Signals = signal.SIGTERM) -> int:
+        """Signal a worker and wait for it; returns its exit code. An in-process worker can only
+        be stopped as SIGTERM stops one (0 when it stopped cleanly)."""
+        self.stopped.append(worker)
+        if isinstance(worker, InProcessWorker):
+            if sig not in (signal.SIGTERM, signal.SIGINT):
+                raise TypeError(f"{sig.name} needs a worker process: relay_stack(processes=True)")
+            worker.stop()
+            return 0
+        worker.send_signal(sig)
+        return worker.wait(timeout=30)
 
-    def start_worker(self, **env: str) -> subprocess.Popen[bytes]:
+    def start_worker(self, **env: str) -> Worker:
+        """One more worker, with `env` over the stack's; a `relay worker` process when the stack
+        runs them, or when `env` sets what only a process can have (a fake clock)."""
         port = free_port()
-        log_path = self.log_dir / f"worker-{len(self.workers)}.log"
-        self.worker_logs.append(log_path)
-        with log_path.open("wb") as log_file:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "relay.cli", "worker"],
-                env={**self.env, "RELAY_WORKER_HTTP_PORT": str(port), **env},
-                stderr=log_file,
-            )
-        self.workers.append(proc)
+        worker: Worker
+        if self.processes or "LD_PRELOAD" in env:
+            log_path = self.log_dir / f"worker-{len(self.workers)}.log"
+            self.worker_logs.append(log_path)
+            with log_path.open("wb") as log_file:
+                worker = subprocess.Popen(
+                    [sys.executable, "-m", "relay.cli", "worker"],
+                    env={**self.env, "RELAY_WORKER_HTTP_PORT": str(port), **env},
+                    stderr=log_file,
+                )
+        else:
+            worker = InProcessWorker(relay_settings({**self.env, **env}), port)
+        self.workers.append(worker)
         self.worker_urls.append(f"http://127.0.0.1:{port}")
-        return proc
+        return worker
+
+    def worker_metrics(self, index: int = 0) -> str:
+        """A worker's /metrics, its counters counting this stack alone: an in-process worker
+        shares them with the API and with the stacks this process ran earlier, so what they
+        held at the stack's start is taken off (gauges are as served). With two workers in
+        the process, its counters are theirs together: per-worker counts need processes."""
+        text = httpx.get(self.worker_urls[index] + "/metrics").text
+        if isinstance(self.workers[index], InProcessWorker):
+            return counted_since(text, self.metrics_before)
+        return text
+
+    def running_workers(self) -> list[Worker]:
+        return [worker for worker in self.workers if worker not in self.stopped]
+
+    def show_worker_logs(self) -> None:
+        """Each worker process's stderr (its tail) to the test's output, which pytest shows when
+        the test fails."""
+        for path in self.worker_logs:
+            with contextlib.suppress(OSError):
+                text = path.read_text(errors="replace")
+                print(f"--- {path.name} (its last 20,000 characters) ---", file=sys.stderr)
+                print(text[-20_000:], file=sys.stderr)
+
+
+def counted_since(text: str, before: str) -> str:
+    """A Prometheus exposition with each counter's and histogram's samples less their value in
+    `before` (an earlier exposition of the same process); every other line as it is."""
+
+    def counted(exposition: str) -> Iterator[tuple[str, str | None]]:
+        """Each line, and the series it gives a count of (None for any other line)."""
+        kind = ""
+        for line in exposition.splitlines():
+            if line.startswith("# TYPE "):
+                kind = line.split()[-1]
+            series = line.rpartition(" ")[0]
+            is_count = kind in ("counter", "histogram", "summary") and not line.startswith("#")
+            created = series.split("{")[0].endswith("_created")
+            yield line, series if is_count and not created else None
+
+    earlier = {s: float(line.rpartition(" ")[2]) for line, s in counted(before) if s}
+    lines = [
+        line
+        if series is None
+        else f"{series} {float(line.rpartition(' ')[2]) - earlier.get(series, 0.0)!r}"
+        for line, series in counted(text)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def relay_settings(env: Mapping[str, str]) -> Settings:
+    """The settings a relay process would load from `env`."""
+    return load_settings(
+        **{k: v for k, v in env.items() if k.startswith(("RELAY_", "CHAMELAION_"))}
+    )
 
 
 def relay_env(redis_url: str, sandbox_url: str, webhook_secrets: list[str]) -> dict[str, str]:
@@ -175,10 +310,13 @@ def relay_stack(
     receiver: Receiver | None = None,
     sandbox: SandboxConfig | None = None,
     workers: int = 1,
+    processes: bool = False,
     env: dict[str, str] | None = None,
     log_dir: Path | None = None,
 ) -> Iterator[Stack]:
-    """The whole relay; worker logs go to `log_dir` (kept) or a directory removed afterwards."""
+    """The whole relay. Its workers run in this process, or as `relay worker` processes
+    (`processes`), whose stderr goes to `log_dir` (kept) or to a directory removed afterwards,
+    and to the test's output when the test fails."""
     receiver = receiver or Receiver()
     sandbox = sandbox or SandboxConfig(
         api_keys=(SANDBOX_KEY,), queued_seconds=0.3, processing_seconds=0.5
@@ -186,9 +324,7 @@ def relay_stack(
     secrets_ = [new_secret(), new_secret()]
     with serve(create_sandbox_app(sandbox)) as sandbox_url, serve(receiver.app()) as receiver_url:
         full_env = {**relay_env(redis_url, sandbox_url, secrets_), **(env or {})}
-        settings = load_settings(
-            **{k: v for k, v in full_env.items() if k.startswith(("RELAY_", "CHAMELAION_"))}
-        )
+        settings = relay_settings(full_env)
         with (
             serve(create_app(settings), **api_options(settings)) as api_url,
             tempfile.TemporaryDirectory(prefix="relay-logs-") as own_logs,
@@ -201,36 +337,81 @@ def relay_stack(
                 full_env,
                 secrets_,
                 log_dir or Path(own_logs),
+                processes,
+                generate_latest().decode(),
             )
-            for _ in range(workers):
-                stack.start_worker()
             try:
-                # Up before the test starts: on a loaded machine a worker may take seconds to
-                # import, and a test of timing (a status window, a lease) must not race that.
-                for url in stack.worker_urls:
-                    eventually(functools.partial(is_up, url), timeout=60)
+                for _ in range(workers):
+                    stack.start_worker()
+                # Up before the test starts: on a loaded machine a worker process may take
+                # seconds to import, and a test of timing (a status window, a lease) must not
+                # race that.
+                for worker, url in zip(stack.workers, stack.worker_urls, strict=True):
+                    if isinstance(worker, InProcessWorker):
+                        eventually(functools.partial(is_up, url))
+                    else:
+                        serving(worker, url)
                 yield stack
                 # Workers the test did not stop must still be up, and must stop cleanly.
-                running = [p for p in stack.workers if p not in stack.stopped]
-                died = [p.returncode for p in running if p.poll() is not None]
-                assert not died, f"a worker died during the test (exit codes {died})"
-                for proc in running:
-                    # One started late may still be importing: SIGTERM then is no clean stop.
-                    eventually(
-                        functools.partial(is_up, stack.worker_urls[stack.workers.index(proc)])
-                    )
-                    proc.send_signal(signal.SIGTERM)
-                codes = [proc.wait(timeout=30) for proc in running]
-                assert codes == [0] * len(running), f"workers stopped with {codes}"
+                died = [w for w in stack.running_workers() if not worker_running(w)]
+                assert not died, f"a worker died during the test: {died}"
+                stop_cleanly(stack)
+            except BaseException:
+                stack.show_worker_logs()
+                raise
             finally:
-                for proc in stack.workers:
-                    if proc.poll() is None:
-                        proc.kill()
-                        proc.wait()
+                for worker in stack.workers:
+                    if isinstance(worker, InProcessWorker):
+                        with contextlib.suppress(AssertionError):
+                            worker.stop()
+                    elif worker.poll() is None:
+                        worker.kill()
+                        worker.wait()
+
+
+def worker_running(worker: Worker) -> bool:
+    if isinstance(worker, InProcessWorker):
+        return worker.running()
+    return worker.poll() is None
+
+
+def stop_cleanly(stack: Stack) -> None:
+    """Stop the workers still running as SIGTERM does; each must stop cleanly."""
+    running = stack.running_workers()
+    for worker in running:
+        if isinstance(worker, InProcessWorker):
+            worker.stop()
+        else:
+            # One started late may still be importing: SIGTERM then is no clean stop.
+            serving(worker, stack.worker_urls[stack.workers.index(worker)])
+            worker.send_signal(signal.SIGTERM)
+    codes = [w.wait(timeout=30) for w in running if isinstance(w, subprocess.Popen)]
+    assert codes == [0] * len(codes), f"workers stopped with {codes}"
 
 
 def is_up(base_url: str) -> bool:
     return httpx.get(base_url + "/healthz").status_code == 200
+
+
+# How long a relay process may take to start answering /healthz: it bounds a hang, not a race
+# (a cold start imports for seconds of CPU, which a machine loaded tenfold stretches tenfold).
+START_TIMEOUT = 60.0
+
+
+def serving(proc: subprocess.Popen[bytes], base_url: str) -> None:
+    """Wait until the process `proc` answers /healthz at `base_url`; should it exit first, fail
+    at once with its exit code (its stderr is in the test's output)."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        code = proc.poll()
+        if code is not None:
+            raise AssertionError(f"{proc.args!r} exited with {code} before it answered /healthz")
+        with contextlib.suppress(httpx.TransportError):
+            if is_up(base_url):
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{proc.args!r} did not answer /healthz in {START_TIMEOUT} s")
+        time.sleep(0.05)
 
 
 def eventually(check: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05) -> Any:

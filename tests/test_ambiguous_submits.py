@@ -32,7 +32,7 @@ from relay.redis import keys
 from relay.sandbox import SandboxConfig
 from tests.helpers import verified
 from tests.servers import own_redis, serve
-from tests.stack import RELAY_KEY, SANDBOX_KEY, Stack, eventually, job_field, relay_stack
+from tests.stack import RELAY_KEY, SANDBOX_KEY, Stack, eventually, job_field, relay_stack, serving
 
 INPUTS = [
     {"type": "video", "url": "https://cdn.example.com/v.mp4"},
@@ -424,11 +424,10 @@ def api_process(
         api = subprocess.Popen(
             [sys.executable, "-m", "relay.cli", "api", "--port", str(port)],
             env={**stack.env, "RELAY_SHUTDOWN_TIMEOUT": "1"},
-            stderr=subprocess.DEVNULL,
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            eventually(lambda: httpx.get(url + "/healthz").status_code == 200, timeout=30)
+            serving(api, url)
             yield stack, hop, api, url
         finally:
             if api.poll() is None:

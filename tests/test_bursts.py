@@ -1,6 +1,6 @@
 """Many callbacks at once: slow and failing receivers cost only their own deliveries.
 
-Real parts only: the relay stack (sandbox upstream, API, `relay worker` subprocesses, Redis) and
+Real parts only: the relay stack (sandbox upstream, API, a worker, Redis) and
 receivers on loopback; every callback is verified with `standardwebhooks`.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 
-import httpx
 import orjson
 import redis
 from arq.jobs import deserialize_result
@@ -95,8 +94,7 @@ def test_a_failing_destination_is_backed_off_and_gets_every_event_once_it_recove
         request_ids = submit_many(stack, stack.callback_url, 10)
         client = redis.Redis.from_url(redis_url)
         eventually(lambda: client.zcard(keys.BACKED_OFF) == 1)
-        worker_metrics = stack.worker_urls[0] + "/metrics"
-        eventually(lambda: "relay_destinations_backed_off 1.0" in httpx.get(worker_metrics).text)
+        eventually(lambda: "relay_destinations_backed_off 1.0" in stack.worker_metrics())
         tries_while_failing = len(receiver.received)
         eventually(lambda: len(receiver.received) > tries_while_failing + 3, timeout=20)
         receiver.default = 204
@@ -122,7 +120,7 @@ def test_a_failing_destination_is_backed_off_and_gets_every_event_once_it_recove
             assert 1 <= made <= 4
         # The destination answered again: its breaker is closed.
         eventually(lambda: client.zcard(keys.BACKED_OFF) == 0)
-        text = httpx.get(worker_metrics).text
+        text = stack.worker_metrics()
         postponed = 'relay_deliveries_total{outcome="postponed"} '
         assert any(
             line.startswith(postponed) and float(line.split()[1]) >= 1 for line in text.splitlines()
@@ -147,8 +145,7 @@ def test_a_burst_past_the_in_process_limit_waits_its_turn_and_all_arrive(redis_u
         # loaded machine a sweep could see some before the rest, and the last ones no longer
         # waited long enough to be left to arq.)
         stack.upstream("POST", "/_sandbox/finish", json={"ids": request_ids}).raise_for_status()
-        worker_metrics = stack.worker_urls[0] + "/metrics"
-        eventually(lambda: waiting(worker_metrics) >= 4)  # held as ids, past the two running
+        eventually(lambda: waiting(stack) >= 4)  # held as ids, past the two running
         slow.wait_for(8, timeout=90)
         delivered_once_each(stack, slow, request_ids)
         client = redis.Redis.from_url(redis_url)
@@ -163,11 +160,11 @@ def test_a_burst_past_the_in_process_limit_waits_its_turn_and_all_arrive(redis_u
         # (recording it removed its guard).
         by_arq = [r for r in results if r and deserialize_result(r).result == "delivered"]
         assert 1 <= len(by_arq) < len(request_ids), f"{len(by_arq)} of 8 made by arq"
-        assert waiting(worker_metrics) == 0
+        assert waiting(stack) == 0
 
 
-def waiting(metrics_url: str) -> float:
-    for line in httpx.get(metrics_url).text.splitlines():
+def waiting(stack: Stack) -> float:
+    for line in stack.worker_metrics().splitlines():
         if line.startswith("relay_first_attempts_waiting "):
             return float(line.split()[1])
     raise AssertionError("relay_first_attempts_waiting is not reported")

@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from relay.sandbox import SandboxConfig
-from tests.helpers import AUDIO, VIDEO, get, submit, verified
+from tests.helpers import AUDIO, SLOW, VIDEO, get, pin, submit, verified
 from tests.stack import RELAY_KEY, SANDBOX_KEY, Receiver, Stack, eventually, relay_stack
 
 SLOW_PROCESSING = SandboxConfig(api_keys=(SANDBOX_KEY,), queued_seconds=0.3, processing_seconds=4.0)
@@ -90,15 +90,17 @@ def test_a_processing_event_still_pending_when_the_job_ends_is_dropped(redis_url
 def test_a_processing_event_in_flight_lands_before_the_final_one(redis_url: str) -> None:
     # Every answer takes 1.5 s; the job ends while the processing callback is on the wire.
     receiver = Receiver(delay=1.5)
-    quick = SandboxConfig(api_keys=(SANDBOX_KEY,), queued_seconds=0.3, processing_seconds=0.6)
     with relay_stack(
-        redis_url, receiver=receiver, sandbox=quick, env={"RELAY_DELIVERY_TIMEOUT": "5"}
+        redis_url, receiver=receiver, sandbox=SLOW, env={"RELAY_DELIVERY_TIMEOUT": "5"}
     ) as stack:
-        submit(stack, callback_events=["lipsync.processing", "lipsync.completed"])
+        request_id = submit(stack, callback_events=["lipsync.processing", "lipsync.completed"])
+        pin(stack, request_id, status="processing")
+        receiver.wait_for(1)
+        pin(stack, request_id, status="completed")
         first, second = receiver.wait_for(2, timeout=30)
         assert verified(stack, first)["type"] == "lipsync.processing"
         assert verified(stack, second)["type"] == "lipsync.completed"
-        assert second.at - first.at >= 1.4, "the final event waited for the processing answer"
+        assert second.answered_before == 1, "the final event waited for the processing answer"
 
 
 @pytest.mark.parametrize(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ from chamelaion import Chamelaion
 
 from relay.devtools.embedded_redis import free_port
 from tests.stack import RELAY_KEY as LONG_KEY
-from tests.stack import eventually, new_secret
+from tests.stack import START_TIMEOUT, eventually, new_secret, serving
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -104,15 +106,14 @@ def test_bad_configuration_stops_start_up_naming_the_variable(
 
 
 def test_relay_dev_runs_everything_and_its_inbox_verifies_callbacks() -> None:
-    port = free_port()
+    port = dev_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "relay.cli", "dev", "--port", str(port)],
         env=clean_env(),
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
     )
     try:
-        banner = read_until(proc, "Ctrl-C", timeout=20)
+        banner = read_until(proc, "Ctrl-C")
         key = re.search(r"key: (\S+)\)", banner)
         inbox = re.search(r"inbox\s+(\S+)", banner)
         assert key and inbox, banner
@@ -145,7 +146,23 @@ def test_relay_dev_runs_everything_and_its_inbox_verifies_callbacks() -> None:
     assert code == 0
 
 
-def read_until(proc: subprocess.Popen[bytes], marker: str, timeout: float) -> str:
+def dev_port() -> int:
+    """A port for `relay dev --port`, which also listens on the next two (sandbox, inbox): all
+    three free now. free_port alone checks one: a neighbour taken by another server, or by a
+    client connection's own port, makes relay dev exit before its banner."""
+    while True:
+        port = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for neighbour in (port + 1, port + 2):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", neighbour))
+            except OSError:
+                continue
+        return port
+
+
+def read_until(proc: subprocess.Popen[bytes], marker: str, timeout: float = START_TIMEOUT) -> str:
     # Raw reads: a buffered reader would hide lines it already pulled from the pipe.
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
@@ -173,10 +190,7 @@ def test_worker_stops_cleanly_on_sigterm(redis_url: str) -> None:
         ),
     )
     try:
-        eventually(
-            lambda: httpx.get(f"http://127.0.0.1:{http_port}/healthz").json()["status"] == "ok",
-            timeout=20,
-        )
+        serving(proc, f"http://127.0.0.1:{http_port}")
     except Exception:
         proc.kill()
         raise
@@ -186,15 +200,14 @@ def test_worker_stops_cleanly_on_sigterm(redis_url: str) -> None:
 
 def test_relay_dev_never_prints_a_key_from_the_environment() -> None:
     # Finding 9: the banner shows only a key `relay dev` generated itself.
-    port = free_port()
+    port = dev_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "relay.cli", "dev", "--port", str(port)],
         env=clean_env(RELAY_API_KEYS=LONG_KEY),
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
     )
     try:
-        banner = read_until(proc, "Ctrl-C", timeout=20)
+        banner = read_until(proc, "Ctrl-C")
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)

@@ -1,42 +1,43 @@
 """Workers and APIs whose clocks are wrong: every decision about a job is made on Redis's clock.
 
-A worker (or an API process) runs under libfaketime (Debian's `faketime`), 10 minutes fast or
-slow, next to Redis and the test, which keep the machine's own clock.
+A worker (or an API process) runs under libfaketime (the one the `libfaketime` package bundles),
+10 minutes fast or slow, next to Redis and the test, which keep the machine's own clock.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 from typing import cast
 
 import httpx
+import libfaketime
 import pytest
 import redis
 
 from relay.devtools.embedded_redis import free_port
 from relay.redis import keys
 from tests.helpers import POLL_ROUTE, submit, verified
-from tests.stack import RELAY_KEY, Stack, eventually, is_up, job_field, relay_stack
+from tests.stack import RELAY_KEY, Stack, eventually, job_field, relay_stack, serving
 
-LIBFAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))), None)
-pytestmark = pytest.mark.skipif(
-    LIBFAKETIME is None, reason="needs Debian's faketime (apt-get install faketime)"
-)
+# The library the `libfaketime` wheel bundles (a dev dependency), so these tests run wherever
+# `uv run pytest` does; a checkout without it fails here, loudly, rather than skipping.
+LIBFAKETIME = Path(libfaketime.__file__).parent / "vendor/libfaketime/src/libfaketime.so.1"
+if not LIBFAKETIME.is_file():
+    raise RuntimeError(f"the libfaketime package no longer ships {LIBFAKETIME}")
 
 SKEWS = {"fast": "+10m", "slow": "-10m"}
 
 
 def skewed(offset: str) -> dict[str, str]:
     """Environment that runs a process `offset` off the real clock (e.g. "+10m")."""
-    assert LIBFAKETIME is not None
-    preload = " ".join(filter(None, [LIBFAKETIME, os.environ.get("LD_PRELOAD")]))
+    preload = " ".join(filter(None, [str(LIBFAKETIME), os.environ.get("LD_PRELOAD")]))
     return {"LD_PRELOAD": preload, "FAKETIME": offset}
 
 
@@ -51,22 +52,23 @@ def redis_now(redis_url: str) -> float:
 
 def start_skewed_worker(stack: Stack, offset: str) -> None:
     stack.start_worker(**skewed(offset))
-    eventually(lambda: is_up(stack.worker_urls[-1]), timeout=60)
+    worker = stack.workers[-1]
+    assert isinstance(worker, subprocess.Popen)
+    serving(worker, stack.worker_urls[-1])
 
 
 @contextlib.contextmanager
 def skewed_api(stack: Stack, offset: str) -> Iterator[str]:
     """A second API process, `offset` off the real clock, beside the stack's; yields its URL."""
     port = free_port()
-    with (stack.log_dir / "skewed-api.log").open("wb") as log_file:
-        api = subprocess.Popen(
-            [sys.executable, "-m", "relay.cli", "api", "--port", str(port)],
-            env={**stack.env, **skewed(offset)},
-            stderr=log_file,
-        )
+    # Its stderr goes to the test's output, shown when the test fails.
+    api = subprocess.Popen(
+        [sys.executable, "-m", "relay.cli", "api", "--port", str(port)],
+        env={**stack.env, **skewed(offset)},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
-        eventually(lambda: is_up(url), timeout=60)
+        serving(api, url)
         yield url
     finally:
         api.terminate()

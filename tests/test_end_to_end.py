@@ -110,7 +110,7 @@ def test_a_sigkilled_worker_loses_nothing(redis_url: str) -> None:
     """Kill a worker in the middle of polls and of a delivery; a second one finishes all."""
     receiver = Receiver(delay=5.0)  # the first delivery hangs past the kill
     env = {"RELAY_POLL_LEASE": "3", "RELAY_DELIVERY_TIMEOUT": "1"}
-    with relay_stack(redis_url, receiver=receiver, env=env) as stack:
+    with relay_stack(redis_url, receiver=receiver, env=env, processes=True) as stack:
         request_ids = [submit(stack) for _ in range(5)]
         victim = stack.workers[0]
         receiver.wait_for(1, timeout=20)  # a delivery is in flight now
@@ -153,12 +153,12 @@ def test_metrics_show_submissions_outstanding_work_and_deliveries(redis_url: str
         assert "relay_due_work 0.0" in api
 
         def delivered() -> bool:
-            worker = httpx.get(stack.worker_urls[0] + "/metrics").text
+            worker = stack.worker_metrics()
             return metric(worker, 'relay_deliveries_total{outcome="delivered"}') == 1
 
         eventually(delivered)
-        # A worker is its own process: its counters count this test alone.
-        worker = httpx.get(stack.worker_urls[0] + "/metrics").text
+        # Its counters as this test alone moved them.
+        worker = stack.worker_metrics()
         polled = 'relay_upstream_calls_total{endpoint="lipsync/requests/{id}",status="200"}'
         assert metric(worker, polled) >= 1
         assert metric(worker, "relay_delivery_latency_seconds_count") == 1

@@ -5,7 +5,9 @@ slot of the shared upstream budget, as a sweep's page does; a 429 it meets pause
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -80,18 +82,39 @@ async def redis_now(redis: Redis) -> float:
     return float(seconds) + float(micros) / 1e6
 
 
-async def slots_booked(redis: Redis, since: float, schedule: PollSchedule) -> int:
-    """Slots of the upstream budget booked since `since` (Redis time), when nothing else books,
-    in both its parts: each booking moves a part's GCRA theoretical arrival time a period on,
-    and calls paced by it keep that time ahead of the clock, so no slot is lost to an idle part."""
-    booked = 0.0
-    for key, period in (
-        (keys.UPSTREAM_TAT, schedule.shared_period),
-        (keys.UPSTREAM_READS_TAT, schedule.reads_period),
-    ):
-        tat = float(await redis.get(key) or since)
-        booked += (tat - since) / period if period else 0
-    return round(booked)
+BUDGET_KEYS = (keys.UPSTREAM_TAT, keys.UPSTREAM_READS_TAT)
+END = b"end of the test's bookings"
+
+
+@contextlib.asynccontextmanager
+async def bookings(redis: Redis) -> AsyncIterator[Callable[[], Awaitable[int]]]:
+    """Counts the slots of the upstream budget booked in the block, in both its parts: each
+    booking is one SET of a part's arrival time, which Redis's keyspace notifications tell.
+    (Inferring them from how far the arrival times moved counted an extra slot whenever the
+    first booking came a fraction of a period late, as on a loaded machine.)"""
+    await redis.config_set("notify-keyspace-events", "K$")
+    pubsub = redis.pubsub()
+    channels = [f"__keyspace@0__:{key}" for key in BUDGET_KEYS]
+    await pubsub.subscribe(*channels)
+
+    async def count() -> int:
+        # Redis sends one subscriber its messages in order: all bookings come before this.
+        await redis.publish(channels[0], END)
+        sets = 0
+        async with asyncio.timeout(10):
+            async for message in pubsub.listen():
+                if message["type"] != "message":
+                    continue
+                if message["data"] == END:
+                    return sets
+                sets += message["data"] == b"set"
+        raise AssertionError("unreachable: listen() ends only when the pubsub closes")
+
+    try:
+        yield count
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await redis.config_set("notify-keyspace-events", "")
 
 
 async def due_intent(intents: Intents, reference_id: str) -> Intent:
@@ -112,12 +135,12 @@ async def test_a_reconcile_lookup_spends_one_slot_per_list_page(
 ) -> None:
     create_rows(sandbox_url, "dub-many", ROWS)
     await due_intent(worker.reconciler.intents, "dub-many")
-    since = await redis_now(worker.redis)
-    # Several rows could be its job: nothing is adopted, and the intent waits for a later look.
-    assert await worker.reconciler.reconcile_once() == 0
-    calls, times = list_calls(sandbox_url)
-    assert calls == PAGES
-    assert await slots_booked(worker.redis, since, worker.schedule) == calls
+    async with bookings(worker.redis) as booked:
+        # Several rows could be its job: nothing is adopted; the intent waits for a later look.
+        assert await worker.reconciler.reconcile_once() == 0
+        calls, times = list_calls(sandbox_url)
+        assert calls == PAGES
+        assert await booked() == calls
     # So the pages go out at the budget's pace, not at once (a burst of one in each part).
     assert times[-1] - times[0] >= 0.8 * (calls - 2) / RATE, times
 
@@ -157,12 +180,12 @@ async def test_the_apis_lookup_spends_one_slot_per_list_page(
     intents = Intents(redis, JobStore(redis), settings)
     create_rows(sandbox_url, "dub-api", ROWS)
     intent = await due_intent(intents, "dub-api")
-    since = await redis_now(redis)
-    try:
-        found = await intents.look(intent, upstream, timeout=5)
-    finally:
-        await upstream.aclose()
-    assert len(found.candidates) == ROWS
-    calls, _ = list_calls(sandbox_url)
-    assert calls == PAGES
-    assert await slots_booked(redis, since, schedule) == calls
+    async with bookings(redis) as booked:
+        try:
+            found = await intents.look(intent, upstream, timeout=5)
+        finally:
+            await upstream.aclose()
+        assert len(found.candidates) == ROWS
+        calls, _ = list_calls(sandbox_url)
+        assert calls == PAGES
+        assert await booked() == calls

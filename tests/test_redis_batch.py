@@ -16,7 +16,7 @@ from redis.exceptions import RedisError, ResponseError
 from relay.devtools.embedded_redis import find_redis_server, free_port
 from relay.redis import batch, scripts
 from relay.redis.batch import MAX_BATCH, batcher
-from tests.servers import own_redis
+from tests.servers import REDIS_OPTIONS, own_redis
 
 # Returns its argument, or fails when told to: one failing call among many.
 ECHO = "if ARGV[1] == 'fail' then return redis.error_reply('told to fail') end return ARGV[1]"
@@ -160,8 +160,7 @@ async def test_a_held_connection_closed_by_redis_while_idle_is_replaced_before_u
 
     def start() -> subprocess.Popen[bytes]:
         return subprocess.Popen(
-            [find_redis_server(), "--port", str(port), "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
+            [find_redis_server(), *REDIS_OPTIONS, "--port", str(port)],
         )
 
     proc = start()

@@ -34,9 +34,8 @@ def redis_server(port: int, workdir: Path, *, aof: bool) -> Iterator[subprocess.
         [
             find_redis_server(),
             *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)),
-            *("--save", "", "--appendonly", "yes" if aof else "no"),
+            *("--save", "", "--appendonly", "yes" if aof else "no", "--loglevel", "warning"),
         ],
-        stdout=subprocess.DEVNULL,
     )
     try:
         client = redis.Redis(port=port)

@@ -20,6 +20,7 @@ from relay.errors import NotReplicated
 from relay.jobs.store import JobStore
 from relay.redis import keys
 from tests.helpers import AUDIO, VIDEO
+from tests.servers import REDIS_OPTIONS
 from tests.stack import RELAY_KEY, eventually, relay_stack
 
 
@@ -32,9 +33,8 @@ def redis_node(*extra: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         proc = subprocess.Popen(
             [
                 *(find_redis_server(), "--port", str(port), "--dir", workdir),
-                *("--save", "", "--appendonly", "no", *extra),
+                *(*REDIS_OPTIONS, *extra),
             ],
-            stdout=subprocess.DEVNULL,
         )
         url = f"redis://127.0.0.1:{port}/0"
         try:

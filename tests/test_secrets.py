@@ -19,7 +19,7 @@ def test_no_configured_secret_appears_in_logs_errors_or_callbacks(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     receiver = Receiver(script=[500])  # one retry, so failure paths log too
-    with relay_stack(redis_url, receiver=receiver, log_dir=tmp_path) as stack:
+    with relay_stack(redis_url, receiver=receiver, processes=True, log_dir=tmp_path) as stack:
         token_url = stack.callback_url + "?token=receiver-private-token"
         answers = [
             httpx.post(

@@ -42,13 +42,11 @@ def sentinel_for(redis_url: str, tmp_path: Path) -> Iterator[str]:
     port = free_port()
     config = tmp_path / "sentinel.conf"
     config.write_text(
-        f"port {port}\nbind 127.0.0.1\nsentinel monitor relaymaster 127.0.0.1 {master.port} 1\n"
+        f"port {port}\nbind 127.0.0.1\nloglevel warning\n"
+        f"sentinel monitor relaymaster 127.0.0.1 {master.port} 1\n"
     )
-    proc = subprocess.Popen(
-        [find_redis_server(), str(config), "--sentinel"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    # Its log goes to the test's output, shown when the test fails.
+    proc = subprocess.Popen([find_redis_server(), str(config), "--sentinel"])
     try:
         client = redis.Redis(port=port)
         deadline = time.monotonic() + 10

@@ -13,7 +13,7 @@ import orjson
 
 from relay.devtools.embedded_redis import free_port
 from tests.helpers import submit
-from tests.stack import RELAY_KEY, Receiver, eventually, job_field, relay_stack
+from tests.stack import RELAY_KEY, Receiver, eventually, job_field, relay_stack, serving
 
 BODY = {
     "inputs": [
@@ -30,7 +30,7 @@ def test_api_sigterm_finishes_in_flight_requests_and_exits_0(redis_url: str) -> 
             [sys.executable, "-m", "relay.cli", "api", "--port", str(port)], env=stack.env
         )
         url = f"http://127.0.0.1:{port}"
-        eventually(lambda: httpx.get(url + "/healthz").status_code == 200, timeout=20)
+        serving(api, url)
         # Every submission now takes 3 s upstream, so all of them are in flight at SIGTERM.
         stack.upstream(
             "POST",
@@ -68,7 +68,7 @@ def test_worker_sigterm_loses_and_duplicates_nothing(redis_url: str) -> None:
     receiver = Receiver(delay=1.0)  # deliveries are in flight when the signal comes
     # A generous delivery timeout: a slow answer must not look like a failure under CI load.
     env = {"RELAY_SHUTDOWN_TIMEOUT": "8", "RELAY_DELIVERY_TIMEOUT": "10"}
-    with relay_stack(redis_url, receiver=receiver, env=env) as stack:
+    with relay_stack(redis_url, receiver=receiver, env=env, processes=True) as stack:
         request_ids = [submit(stack) for _ in range(6)]
         receiver.wait_for(1)
         first = stack.workers[0]

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import httpx
 import redis
 
 from relay.redis import keys
 from tests.helpers import attempts, submit, verified
-from tests.stack import Receiver, eventually, job_field, relay_stack
+from tests.stack import Receiver, Stack, eventually, job_field, relay_stack
 
 SWEEP = {
     "RELAY_STRANDED_SWEEP_INTERVAL": "0.3",
@@ -47,19 +46,19 @@ def test_a_deferred_attempt_is_left_alone(redis_url: str) -> None:
         request_id = submit(stack)
         receiver.wait_for(1)
         eventually(lambda: job_field(redis_url, request_id, "attempt") == b"1")
-        start = sweeps(stack.worker_urls[0])
+        start = sweeps(stack)
         # Several sweeps pass after the attempt was queued; none makes it early.
-        eventually(lambda: sweeps(stack.worker_urls[0]) >= start + 3, timeout=10)
+        eventually(lambda: sweeps(stack) >= start + 3, timeout=10)
         assert len(receiver.received) == 1
         assert len(attempts(stack, request_id)) == 1
-        assert sample(stack.worker_urls[0], "relay_stranded_requeued_total") == 0
+        assert sample(stack, "relay_stranded_requeued_total") == 0
 
 
-def sample(worker_url: str, name: str) -> float:
-    text = httpx.get(worker_url + "/metrics").text
+def sample(stack: Stack, name: str) -> float:
+    text = stack.worker_metrics()
     [line] = [line for line in text.splitlines() if line.startswith(name + " ")]
     return float(line.split()[1])
 
 
-def sweeps(worker_url: str) -> float:
-    return sample(worker_url, "relay_stranded_sweeps_total")
+def sweeps(stack: Stack) -> float:
+    return sample(stack, "relay_stranded_sweeps_total")

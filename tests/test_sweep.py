@@ -10,11 +10,11 @@ import functools
 import itertools
 import re
 import signal
+import subprocess
 import threading
 import time
 from typing import Any, cast
 
-import httpx
 import orjson
 import pytest
 import redis
@@ -64,7 +64,7 @@ def calls(stack: Stack, route: str) -> int:
 
 def metric(stack: Stack, worker: int, name: str, **labels: str) -> float:
     """One sample from a worker's /metrics (0 when absent)."""
-    text = httpx.get(stack.worker_urls[worker] + "/metrics").text
+    text = stack.worker_metrics(worker)
     wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
     pattern = re.escape(name) + (r"\{" + re.escape(wanted) + r"\}" if wanted else "") + r" (\S+)$"
     match = re.search("^" + pattern, text, re.MULTILINE)
@@ -219,7 +219,7 @@ def test_a_429_on_a_list_page_pauses_every_upstream_call(redis_url: str) -> None
 def test_a_list_in_no_usable_order_falls_back_with_a_log_and_a_metric(redis_url: str) -> None:
     config = sandbox("shuffled", list_max_limit=50, history=500)
     env = {"RELAY_SWEEP_INTERVAL": "0.3"}
-    with relay_stack(redis_url, sandbox=config, env=env) as stack:
+    with relay_stack(redis_url, processes=True, sandbox=config, env=env) as stack:
         ready(stack)
         ids = [submit(stack) for _ in range(5)]
         assert set(verified_callbacks(stack, 5)) == set(ids)
@@ -231,7 +231,7 @@ def test_a_list_in_no_usable_order_falls_back_with_a_log_and_a_metric(redis_url:
 
 def test_a_worker_killed_mid_sweep_hands_the_sweep_over(redis_url: str) -> None:
     env = {**SWEEPS_ONLY, "RELAY_POLL_LEASE": "4"}
-    with relay_stack(redis_url, sandbox=sandbox(), env=env, workers=2) as stack:
+    with relay_stack(redis_url, processes=True, sandbox=sandbox(), env=env, workers=2) as stack:
         ready(stack)
         submit(stack)
         stack.receiver.wait_for(1, timeout=30)
@@ -240,7 +240,7 @@ def test_a_worker_killed_mid_sweep_hands_the_sweep_over(redis_url: str) -> None:
         eventually(
             lambda: stack.upstream("GET", "/_sandbox/stats").json()["in_flight"].get(LIST_ROUTE)
         )
-        pids = [proc.pid for proc in stack.workers]
+        pids = [proc.pid for proc in stack.workers if isinstance(proc, subprocess.Popen)]
         victim = pids.index(eventually(lambda: lease_holder(redis_url)))
         stack.stop_worker(stack.workers[victim], signal.SIGKILL)
         survivor = pids[1 - victim]
@@ -254,7 +254,7 @@ def test_two_workers_share_the_sweep_one_page_at_a_time(redis_url: str) -> None:
     # One page in flight per sweep: more than one in flight means two sweeps overlapped.
     config = sandbox(list_max_limit=4, queued_seconds=600, processing_seconds=600)
     env = {**SWEEPS_ONLY, "RELAY_SWEEP_CONCURRENCY": "1"}
-    with relay_stack(redis_url, sandbox=config, env=env, workers=2) as stack:
+    with relay_stack(redis_url, processes=True, sandbox=config, env=env, workers=2) as stack:
         ready(stack)
         fault(stack, delay=0.1, count=1000)
         ids = [submit(stack) for _ in range(12)]
@@ -349,7 +349,7 @@ def test_a_newest_first_list_growing_between_page_reads_never_ends_a_sweep(redis
         processing_seconds=600,
         time_precision="microseconds",
     )
-    with relay_stack(redis_url, sandbox=config, env=SWEEPS_ONLY) as stack:
+    with relay_stack(redis_url, processes=True, sandbox=config, env=SWEEPS_ONLY) as stack:
         ready(stack)
         ids = submit_queued(stack, 15)  # three pages and more
         fault(stack, grow=2, count=60)
@@ -370,7 +370,7 @@ def test_whole_second_ties_across_a_page_boundary(redis_url: str, order: str) ->
     # 30 rows of another client created in one instant, then 8 jobs of the relay's: the
     # window's rows share one or two seconds, across several pages, while more arrive.
     config = sandbox(order, list_max_limit=6, queued_seconds=600, processing_seconds=600)
-    with relay_stack(redis_url, sandbox=config, env=SWEEPS_ONLY) as stack:
+    with relay_stack(redis_url, processes=True, sandbox=config, env=SWEEPS_ONLY) as stack:
         ready(stack)
         stack.upstream("POST", "/_sandbox/requests", json={"count": 30, "queued_seconds": 600})
         ids = submit_queued(stack, 8)
@@ -389,7 +389,7 @@ def test_rows_vanishing_mid_sweep_leave_nothing_lost_or_doubled(redis_url: str, 
     # (another client's deleted requests; the oldest history, oldest first): every row behind
     # them moves two places forward, so a sweep can skip a row that crossed a page boundary.
     config = sandbox(order, list_max_limit=5, queued_seconds=600, processing_seconds=600)
-    with relay_stack(redis_url, sandbox=config, env=SWEEPS_ONLY) as stack:
+    with relay_stack(redis_url, processes=True, sandbox=config, env=SWEEPS_ONLY) as stack:
         ready(stack)
         ids: list[str] = []
         for _ in range(10):

@@ -33,7 +33,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from relay.delivery.netpolicy import NetworkPolicy, parse_callback_url, refused_name
 from relay.errors import CallbackUrlRejected, DestinationRefused
-from relay.http_client import AiohttpTransport
+from relay.http_client import AiohttpTransport, verified_tls
 from relay.http_urls import parsed_url
 
 MAX_CONNECTIONS = 100
@@ -172,10 +172,10 @@ def make_callback_client(
 ) -> CallbackClient:
     """The one client that POSTs callbacks: policy-checked, pinned, never redirected.
 
-    `ssl_context` defaults to httpx's (certifi); `resolver` replaces the system resolver
-    underneath the policy check (tests use a fixed table).
+    `ssl_context` defaults to httpx's (certifi), made once per process; `resolver` replaces the
+    system resolver underneath the policy check (tests use a fixed table).
     """
-    context = ssl_context or httpx.create_ssl_context()
+    context = ssl_context or verified_tls()
 
     def session() -> aiohttp.ClientSession:
         # Called on the first request: aiohttp wants a running event loop.

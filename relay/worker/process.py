@@ -41,7 +41,7 @@ from relay.metrics import (
     bound_callers,
 )
 from relay.redis.clock import RedisClock
-from relay.redis.conn import arq_pool
+from relay.redis.conn import arq_pool, close
 from relay.redis.watch import RedisWatch
 from relay.settings import Settings
 from relay.signing import Signer
@@ -231,6 +231,8 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
             await supervise(services, SHUTDOWN_ORDER, stop, drain_timeout=settings.shutdown_timeout)
         finally:
             await worker.close()
+            # arq closed the pool, but not a Sentinel's own clients (relay.redis.conn.close).
+            await close(state.redis)
             await state.upstream.aclose()
             await state.callback_client.aclose()
         log.info("worker stopped")
