@@ -92,11 +92,11 @@ def run(jobs: int, relay_src: str | None, label: str) -> None:
         live.sandbox(upstream) as sandbox_url,
         live.receivers(fast=4, hanging=0) as rx,
     ):
-        extra = {
-            "RELAY_UPSTREAM_RATE_LIMIT": "10",
-            "RELAY_CALLERS_FILE": str(callers_file(Path(logs))),
-            "RELAY_API_KEYS": f"{KEY_A},{KEY_B}",
-        }
+        extra = {"RELAY_UPSTREAM_RATE_LIMIT": "10"}
+        if relay_src is None or (Path(relay_src) / "relay" / "callers").is_dir():
+            extra |= {"RELAY_CALLERS_FILE": str(callers_file(Path(logs))), "RELAY_API_KEYS": ""}
+        else:  # a relay from before callers: both keys are one caller
+            extra["RELAY_API_KEYS"] = f"{KEY_A},{KEY_B}"
         if relay_src:
             extra["PYTHONPATH"] = relay_src
         with live.relay(redis_url, sandbox_url, Path(logs) / "relay", **extra) as relay:
