@@ -14,7 +14,19 @@ import pytest
 from chamelaion import Chamelaion, RateLimitError
 
 from relay.sandbox import SandboxConfig
-from tests.helpers import AUDIO, VIDEO, Api, callers_env, pin, running_api
+from tests.helpers import (
+    AUDIO,
+    MULTIPART,
+    UPLOAD,
+    VIDEO,
+    Api,
+    audio,
+    callers_env,
+    form,
+    pin,
+    running_api,
+    video,
+)
 from tests.stack import RELAY_KEY, SANDBOX_KEY, eventually, relay_stack
 
 OTHER_KEY = "team-b-key-0123456789abcdef"
@@ -118,6 +130,25 @@ def test_submit_rate_answers_429_naming_the_limit(redis_url: str, tmp_path: Path
         b.close()
         # And a refused submission sent nothing upstream.
         assert api.upstream_calls("POST /v1/lipsync/generate") == 4
+
+
+def test_an_upload_is_held_to_its_callers_submit_rate(redis_url: str, tmp_path: Path) -> None:
+    env = teams(tmp_path / "callers.json", submit_rate=1)
+    with running_api(redis_url, **env) as api:
+
+        def upload() -> httpx.Response:
+            return httpx.post(
+                api.url + UPLOAD,
+                content=form(video(), audio()),
+                headers={"x-api-key": OTHER_KEY, "content-type": MULTIPART},
+                timeout=60,
+            )
+
+        assert upload().status_code == 200
+        refused = upload()
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+        assert "submit_rate" in refused.json()["error"]
+        assert api.upstream_calls("POST /v1/lipsync/generate-with-media") == 1
 
 
 def test_max_outstanding_answers_429_until_a_job_ends(redis_url: str, tmp_path: Path) -> None:
