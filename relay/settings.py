@@ -254,6 +254,13 @@ class Settings(BaseSettings):
     test_events_per_minute: int = Field(
         10, ge=1, le=10_000, validation_alias="RELAY_TEST_EVENTS_PER_MINUTE"
     )
+    # Redeliver and recover requests one caller may make per minute (429 beyond).
+    redeliveries_per_minute: int = Field(
+        60, ge=1, le=100_000, validation_alias="RELAY_REDELIVERIES_PER_MINUTE"
+    )
+    recovers_per_minute: int = Field(
+        6, ge=1, le=10_000, validation_alias="RELAY_RECOVERS_PER_MINUTE"
+    )
     # Idempotency-Key records one caller key may hold at once (429 beyond): each is at most
     # ~1.5 KB in Redis, so the default bounds a caller's share to ~15 MB.
     idempotency_max_keys: int = Field(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,31 @@ def submit(
     )
     assert result.status == "success"
     return result.request_id
+
+
+def submit_many(stack: Stack, callback_url: str, count: int) -> list[str]:
+    """Submit `count` jobs at once (8 threads, one SDK client) with this callback URL."""
+    ids: list[str] = []
+    lock = threading.Lock()
+    with stack.sdk() as sdk:
+
+        def some(n: int) -> None:
+            for _ in range(n):
+                result = sdk.lipsync.generate(
+                    inputs=[{"type": "video", "url": VIDEO}, {"type": "audio", "url": AUDIO}],
+                    extra_body={"callback_url": callback_url},
+                )
+                with lock:
+                    ids.append(result.request_id)
+
+        shares = [count // 8 + (1 if i < count % 8 else 0) for i in range(8)]
+        threads = [threading.Thread(target=some, args=(n,)) for n in shares]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert len(ids) == count
+    return ids
 
 
 def verified(stack: Stack, callback: Callback) -> dict[str, object]:

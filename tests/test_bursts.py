@@ -6,41 +6,14 @@ receivers on loopback; every callback is verified with `standardwebhooks`.
 
 from __future__ import annotations
 
-import threading
-
 import orjson
 import redis
 from arq.jobs import deserialize_result
 
 from relay.redis import keys
-from tests.helpers import AUDIO, SLOW, VIDEO, verified
+from tests.helpers import SLOW, submit_many, verified
 from tests.servers import serve
 from tests.stack import Receiver, Stack, eventually, job_field, relay_stack
-
-
-def submit_many(stack: Stack, callback_url: str, count: int) -> list[str]:
-    """Submit `count` jobs at once (8 threads, one SDK client) with this callback URL."""
-    ids: list[str] = []
-    lock = threading.Lock()
-    with stack.sdk() as sdk:
-
-        def some(n: int) -> None:
-            for _ in range(n):
-                result = sdk.lipsync.generate(
-                    inputs=[{"type": "video", "url": VIDEO}, {"type": "audio", "url": AUDIO}],
-                    extra_body={"callback_url": callback_url},
-                )
-                with lock:
-                    ids.append(result.request_id)
-
-        shares = [count // 8 + (1 if i < count % 8 else 0) for i in range(8)]
-        threads = [threading.Thread(target=some, args=(n,)) for n in shares]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    assert len(ids) == count
-    return ids
 
 
 def delivered_once_each(stack: Stack, receiver: Receiver, request_ids: list[str]) -> None:

@@ -464,7 +464,8 @@ CONTRACT_ENV = {
     "RELAY_HTTP_HEADER_TIMEOUT", "RELAY_HTTP_KEEPALIVE_TIMEOUT", "RELAY_HTTP_BODY_TIMEOUT",
     "RELAY_HTTP_MAX_CONCURRENCY", "RELAY_HTTP_MAX_CONNECTIONS",
     "RELAY_HTTP_MAX_CONNECTIONS_PER_PEER", "RELAY_API_PORT", "RELAY_FORWARDED_ALLOW_IPS",
-    "RELAY_CONSOLE_SECURE_COOKIES",
+    "RELAY_CONSOLE_SECURE_COOKIES", "RELAY_IDEMPOTENCY_MAX_KEYS", "RELAY_TEST_EVENTS_PER_MINUTE",
+    "RELAY_ATTEMPT_LOG_EXCERPT", "RELAY_REDELIVERIES_PER_MINUTE", "RELAY_RECOVERS_PER_MINUTE",
 }  # fmt: skip
 SECRET_ENV = {"CHAMELAION_API_KEY", "RELAY_API_KEYS", "RELAY_WEBHOOK_SECRETS", "RELAY_REDIS_URL"}
 
@@ -485,6 +486,9 @@ def test_configmap_carries_the_non_secret_settings(chart: helm.Chart) -> None:
                 "redisWaitReplicas": 1,
                 "redisTimeout": 3,
                 "httpMaxConnectionsPerPeer": 2048,
+                "testEventsPerMinute": 3,
+                "recoversPerMinute": 2,
+                "attemptLogExcerpt": False,
             }
         },
     )
@@ -508,6 +512,11 @@ def test_configmap_carries_the_non_secret_settings(chart: helm.Chart) -> None:
     assert data["RELAY_STATUS_READ_SHARE"] == "0.3"
     assert data["RELAY_CALLER_MAX_OUTSTANDING"] == "20000"
     assert data["RELAY_CALLER_SUBMIT_RATE"] == "50"
+    assert data["RELAY_TEST_EVENTS_PER_MINUTE"] == "3"
+    assert data["RELAY_RECOVERS_PER_MINUTE"] == "2"
+    assert "RELAY_REDELIVERIES_PER_MINUTE" not in data
+    assert data["RELAY_ATTEMPT_LOG_EXCERPT"] == "false"
+    assert "RELAY_IDEMPOTENCY_MAX_KEYS" not in data
     assert "RELAY_SWEEP_INTERVAL" not in data
     # Unset values are left out so that the application's own defaults apply.
     assert "RELAY_MAX_BODY_BYTES" not in data

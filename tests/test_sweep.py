@@ -6,6 +6,7 @@ quickly shows a sweep found the job; the sandbox holds history rows the relay mu
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import re
@@ -18,9 +19,11 @@ from typing import Any, cast
 import orjson
 import pytest
 import redis
+import redis.asyncio
 from chamelaion import Chamelaion, RateLimitError
 from standardwebhooks import Webhook
 
+from relay.jobs.store import JobStore
 from relay.jobs.sweep import NEWEST_FIRST, OLDEST_FIRST, UNUSABLE, Tally, created_time
 from relay.redis import keys
 from relay.sandbox import SandboxConfig
@@ -528,3 +531,43 @@ def test_a_submit_flood_leaves_sweeps_their_share_of_the_budget(redis_url: str) 
         ]
         assert len(pages) >= 3, "sweeps kept running while the flood took the rest"
         assert max(between) <= 12, f"{max(between)} creates went ahead of one list page"
+
+
+def test_jobs_tracked_long_after_they_were_made_are_all_read_by_one_sweep(redis_url: str) -> None:
+    # Jobs the relay began tracking long after Chamelaion made them (a watch, an adopted create,
+    # a relay started on a busy account) sit deeper in a newest-first list than the margin for
+    # clock skew allows. Before, each sweep read a page or so further than the last (the margin
+    # was learned one sweep at a time); the first sweep must read down to all of them.
+    config = sandbox(list_max_limit=5, queued_seconds=600, processing_seconds=600)
+    env = {**SWEEPS_ONLY, "RELAY_SWEEP_INTERVAL": "30"}  # one sweep to look at
+    with relay_stack(redis_url, sandbox=config, env=env, workers=0) as stack:
+        made = stack.upstream(
+            "POST",
+            "/_sandbox/requests",
+            json={
+                "count": 40,
+                "queued_seconds": 600,
+                "processing_seconds": 600,
+                "spread_over": 200,
+            },
+        ).json()["ids"]
+
+        async def track() -> None:
+            client = redis.asyncio.Redis.from_url(redis_url)
+            store = JobStore(client)
+            for request_id in made:
+                await store.create(
+                    request_id,
+                    callback_url=stack.callback_url,
+                    reference_id=None,
+                    first_poll_in=60,
+                )
+            await client.aclose()
+
+        asyncio.run(track())
+        stack.start_worker()
+        ready(stack)
+        eventually(lambda: sweeps(stack) >= 1, timeout=30)
+        unseen = [rid for rid in made if job_field(redis_url, rid, "polled") is None]
+        assert unseen == [], f"{len(unseen)} of 40 not read by the first sweep"
+        assert calls(stack, POLL_ROUTE) == 0

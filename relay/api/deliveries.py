@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from relay.api.body import read_body
 from relay.api.models import MAX_ID_LENGTH
 from relay.api.state import AppState, app_state
+from relay.api.steering_limits import RECOVER, REDELIVER, SteeringLimits, allowance
 from relay.api.submit import validation_error
 from relay.delivery.attempt_log import STATES
 from relay.delivery.store import DeliveryId
@@ -156,8 +157,15 @@ async def list_deliveries(request: Request) -> Response:
     return JSONResponse({"data": data, "next_cursor": next_cursor})
 
 
+def _caller(request: Request) -> str:
+    """The name the auth middleware gave the request's caller, for per-caller limits."""
+    caller: str = request.scope["state"]["caller_id"]
+    return caller
+
+
 async def redeliver(request: Request) -> Response:
     state = app_state(request)
+    await SteeringLimits(state.redis).count(allowance(state.settings, REDELIVER), _caller(request))
     job = await tracked_job(state, request)
     done = await state.redeliverer.redeliver(job.request_id, note="redelivery requested")
     if done.refused == "not_ended":
@@ -199,13 +207,21 @@ class RecoverRequest(BaseModel):
 
 async def recover(request: Request) -> Response:
     state = app_state(request)
+    await SteeringLimits(state.redis).count(allowance(state.settings, RECOVER), _caller(request))
     raw = await read_body(request, state.settings.max_body_bytes)
     try:
         wanted = RecoverRequest.model_validate_json(raw)
     except ValidationError as exc:
         raise validation_error(exc) from None
     since = parse_time(wanted.since, "since")
-    requeued, more = await state.redeliverer.recover(
+    done = await state.redeliverer.recover(
         states=tuple(dict.fromkeys(wanted.states)), since=since, limit=wanted.limit
     )
-    return JSONResponse({"requeued": requeued, "more": more, "since": iso(since)})
+    return JSONResponse(
+        {
+            "requeued": done.requeued,
+            "already_pending": done.already_pending,
+            "more": done.more,
+            "since": iso(since),
+        }
+    )

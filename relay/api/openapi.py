@@ -101,9 +101,10 @@ def openapi_document() -> dict[str, Any]:
             "RecoverRequest": RecoverRequest.model_json_schema(ref_template=_REF),
             "Recovered": {
                 "type": "object",
-                "required": ["requeued", "more", "since"],
+                "required": ["requeued", "already_pending", "more", "since"],
                 "properties": {
                     "requeued": {"type": "integer"},
+                    "already_pending": {"type": "integer"},
                     "more": {"type": "boolean"},
                     "since": {"type": "string"},
                 },
@@ -407,6 +408,7 @@ def openapi_document() -> dict[str, Any]:
                         "400": _error("Bad id"),
                         "404": _error("No tracked job has this id or reference_id"),
                         "409": _error("The job has not ended, or has no callback_url"),
+                        "429": _error("RELAY_REDELIVERIES_PER_MINUTE reached; see Retry-After"),
                         **_ERRORS_ANY,
                     },
                     security=secured,
@@ -447,6 +449,7 @@ def openapi_document() -> dict[str, Any]:
                     {
                         "200": {"description": "What was requeued", "content": _json("Recovered")},
                         **relay_body,
+                        "429": _error("RELAY_RECOVERS_PER_MINUTE reached; see Retry-After"),
                         **_ERRORS_ANY,
                     },
                     security=secured,

@@ -24,6 +24,7 @@ from starlette.templating import Jinja2Templates
 
 from relay.api.deliveries import deliveries_of, iso, parse_time
 from relay.api.state import AppState, app_state
+from relay.api.steering_limits import RECOVER, REDELIVER, SteeringLimits, allowance
 from relay.callers.source import CallerSource
 from relay.console import queries
 from relay.console.chart import chart_svg
@@ -239,10 +240,17 @@ class Console:
         limit_text = form.get("limit", "100")
         if not (limit_text.isascii() and limit_text.isdigit()) or not 1 <= int(limit_text) <= 1000:
             raise HTTPException(400, "The limit must be a whole number from 1 to 1000.")
-        requeued, more = await app_state(request).redeliverer.recover(
+        state = app_state(request)
+        await _count(state, RECOVER, session)
+        done = await state.redeliverer.recover(
             states=("failing", "failed"), since=since, limit=int(limit_text)
         )
-        outcome = {"requeued": requeued, "more": more, "since": iso(since)}
+        outcome = {
+            "requeued": done.requeued,
+            "already_pending": done.already_pending,
+            "more": done.more,
+            "since": iso(since),
+        }
         return await self._failed_page(request, session, outcome=outcome)
 
     async def job(self, request: Request) -> Response:
@@ -271,6 +279,7 @@ class Console:
         if form.get("confirm") != "yes":
             raise HTTPException(400, "Tick the box to confirm the redelivery.")
         state = app_state(request)
+        await _count(state, REDELIVER, session)
         job = await state.store.get(request.path_params["id"][:256])
         if job is None:
             raise HTTPException(404, "No tracked job has this id. It may have expired.")
@@ -281,6 +290,14 @@ class Console:
             redelivered=done.attempt
         )
         return _redirect(url)
+
+
+async def _count(state: AppState, action: str, session: Session) -> None:
+    """Count a redeliver or recover against the same per-caller allowance as the API's."""
+    try:
+        await SteeringLimits(state.redis).count(allowance(state.settings, action), session.key_id)
+    except ApiError as exc:
+        raise HTTPException(exc.status_code, exc.message, headers=exc.headers) from None
 
 
 class _SignIn(Exception):

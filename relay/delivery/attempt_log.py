@@ -4,8 +4,10 @@ An entry says when (Redis clock), which event and attempt, how long it took, the
 HTTP status or the kind of failure (relay.delivery.failure), when the next try is due, and the
 state the delivery is in after it; with RELAY_ATTEMPT_LOG_EXCERPT, also the start of the
 receiver's answer. Off by default: any caller key reads any job's log, and a callback_url
-pointing at an internal service would put that service's answer in it. Redelivery requests
-and deliveries requeued by the stranded-delivery sweep are entries too (`note`).
+pointing at an internal service would put that service's answer in it. Redelivery requests,
+deliveries requeued by the stranded-delivery sweep, and attempts postponed because their
+destination is backed off are entries too (`note`; a postponement counts its repeats in
+`postponed`).
 
 The state index (`relay:deliveries:{state}`, one sorted set per state scored by when the
 delivery got there) answers "what is failing since the outage" without a scan. States:
@@ -24,6 +26,10 @@ from relay.redis import keys, scripts
 from relay.redis.batch import ScriptCall, batcher
 
 MAX_ENTRIES = 100
+# A trimmed log keeps this many of its first entries, then a count of those left out, then the
+# newest: however many redeliveries are asked for, the delivery's first attempts stay.
+KEEP_FIRST = 10
+POSTPONED_NOTE = "postponed: the destination is backed off after failing"
 EXCERPT_CHARS = 512
 STATES = ("pending", "failing", "delivered", "gone", "failed")
 
@@ -51,8 +57,29 @@ class AttemptLog:
                 orjson.dumps(entry),
                 MAX_ENTRIES,
                 int(self.retention),
+                KEEP_FIRST,
             ],
         )
+
+    async def postponed(self, delivery_id: str, *, attempt: int, next_in: float) -> None:
+        """Log that `attempt` was not made now, its destination being backed off, and is due
+        again in `next_in` seconds; a postponement again of the same attempt updates its entry
+        (a count), and one of an attempt the delivery no longer waits on is not logged."""
+        entry = {"attempt": attempt, "note": POSTPONED_NOTE}
+        call = self._log.call(
+            keys=[keys.job(delivery_id), keys.attempts(delivery_id)],
+            args=[
+                keys.DELIVERIES_PREFIX,
+                delivery_id,
+                orjson.dumps(entry),
+                MAX_ENTRIES,
+                int(self.retention),
+                KEEP_FIRST,
+                attempt,
+                round(next_in, 3),
+            ],
+        )
+        await batcher(self.redis).run([call])
 
     async def entries(self, delivery_id: str) -> list[dict[str, Any]]:
         raw = await self.redis.lrange(keys.attempts(delivery_id), 0, -1)  # type: ignore[misc]

@@ -3,8 +3,9 @@
 A redelivery keeps the event's `webhook-id` (receivers deduplicate on it), starts the retry
 schedule afresh at a new attempt number (so no arq job id is reused) and is written in the
 attempt log. It is queued through relay.delivery.queue, on Redis's clock: an API process whose
-own clock is off neither delays it nor makes it early. Bulk recovery is capped per call and
-says how many it requeued and whether more are left.
+own clock is off neither delays it nor makes it early. Bulk recovery is capped per call, leaves
+deliveries still pending to their schedule, and says how many it requeued, how many it left
+pending and whether more are left.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from relay.jobs.store import JobStore
 from relay.redis import keys, scripts
 
 KEEP_AFTER_REDELIVERY = 4 * 86400.0
-REFUSALS = {-1: "unknown", -2: "not_ended", -3: "no_callback"}
+REFUSALS = {-1: "unknown", -2: "not_ended", -3: "no_callback", -4: "pending"}
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,13 @@ class Redelivered:
     delivery_id: str
     attempt: int | None  # None: refused, see `refused`
     refused: str | None = None
+
+
+@dataclass(frozen=True)
+class Recovered:
+    requeued: int
+    already_pending: int  # left to their schedule
+    more: bool  # more deliveries matched than the limit took
 
 
 class Redeliverer:
@@ -36,9 +44,15 @@ class Redeliverer:
         self.attempt_log = attempt_log
         self._redeliver = scripts.register(self.redis, __name__, "redeliver")
 
-    async def redeliver(self, delivery_id: str, *, note: str) -> Redelivered:
+    async def redeliver(
+        self, delivery_id: str, *, note: str, leave_pending: bool = False
+    ) -> Redelivered:
+        """Send the delivery's event again now; `leave_pending`: not if it is still pending."""
         attempt = int(
-            await self._redeliver(keys=[keys.job(delivery_id)], args=[int(KEEP_AFTER_REDELIVERY)])
+            await self._redeliver(
+                keys=[keys.job(delivery_id)],
+                args=[int(KEEP_AFTER_REDELIVERY), "1" if leave_pending else "0"],
+            )
         )
         if attempt < 0:
             return Redelivered(delivery_id, None, REFUSALS[attempt])
@@ -50,11 +64,10 @@ class Redeliverer:
         await self.queue.enqueue_attempt(delivery_id, attempt, 0.0, destination)
         return Redelivered(delivery_id, attempt)
 
-    async def recover(
-        self, *, states: tuple[str, ...], since: float, limit: int
-    ) -> tuple[int, bool]:
+    async def recover(self, *, states: tuple[str, ...], since: float, limit: int) -> Recovered:
         """Redeliver up to `limit` deliveries that entered `states` after `since`, oldest
-        first; returns how many were requeued and whether more are left."""
+        first. One still pending (failing: retrying on its schedule) is left to its schedule:
+        recovering it would restart the schedule and send it at once, each time asked."""
         candidates: list[tuple[float, str]] = []
         for state in states:
             found = await self.redis.zrangebyscore(
@@ -67,8 +80,9 @@ class Redeliverer:
             )
             candidates += [(float(score), member.decode()) for member, score in found]
         candidates.sort()
-        requeued = 0
+        requeued = pending = 0
         for _, delivery_id in candidates[:limit]:
-            done = await self.redeliver(delivery_id, note="recovered in bulk")
+            done = await self.redeliver(delivery_id, note="recovered in bulk", leave_pending=True)
             requeued += done.attempt is not None
-        return requeued, len(candidates) > limit
+            pending += done.refused == "pending"
+        return Recovered(requeued, pending, more=len(candidates) > limit)

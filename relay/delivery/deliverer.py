@@ -11,10 +11,11 @@ everything else (3xx, which is never followed, 4xx, 429, 5xx, timeouts, refused 
 retried on the schedule, waiting at least as long as a Retry-After asks.
 
 Every attempt holds one of its destination's slots while it runs (relay.delivery.destinations),
-and reads the job only once it holds one, so two runs of one attempt in one worker never both
-send. An attempt for a destination that is backed off (its receiver kept failing to answer) is
-not made and not counted: it is postponed, as a new arq job, to when the destination may be
-tried again, so no event is lost however long the receiver is down.
+shared fairly among the jobs' callers, and reads the job only once it holds one, so two runs of
+one attempt in one worker never both send. An attempt for a destination that is backed off (its
+host kept failing to answer: see `Outcome.answered`) is not made and not counted: it is
+postponed, as a new arq job, to when the destination may be tried again, so no event is lost
+however long the receiver is down; the attempt log says so.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ KEEP_AFTER_LAST_ATTEMPT = 86400.0
 # The longest Retry-After honoured: past this the schedule's own timing is kept.
 MAX_RETRY_AFTER = 86400.0
 
+# Answers that speak for the host rather than the path: a gateway with nothing behind it.
+HOST_UNWELL = frozenset({502, 503, 504})
+
 # Given up after every attempt is an operator's problem; a receiver that is gone is its own.
 SETTLED_LOG_LEVEL = {"delivered": logging.INFO, "gone": logging.WARNING, "failed": logging.ERROR}
 
@@ -75,8 +79,10 @@ class Outcome:
     kind: Literal["delivered", "gone", "retry"]
     detail: str
     retry_after: float | None = None
-    # The receiver answered for itself (not a timeout, a refused connection, a 5xx or a 429):
-    # its destination is up, whatever it thought of this one event.
+    # The receiver's host answered for itself: its destination is up, whatever it thought of
+    # this one event (a path's 500 or 4xx is that path's business). Only what says the host
+    # is unwell counts against it: no connection, a timeout, a reset, or a gateway's 502, 503
+    # or 504 (many services sit behind one gateway host).
     answered: bool = False
     # For the attempt log: the receiver's status, or the kind of failure, and its answer's start.
     status: int | None = None
@@ -105,6 +111,7 @@ def classify(response: httpx.Response, excerpt: str = "") -> Outcome:
             "retry",
             f"HTTP {status}",
             parse_retry_after(response.headers),
+            answered=status not in HOST_UNWELL,
             status=status,
             excerpt=excerpt,
         )
@@ -180,11 +187,15 @@ class Deliverer:
             destination = destination_of(job.callback_url)
         backed_off_for = self.destinations.backed_off_for(destination)
         if backed_off_for > 0:
-            # Not made, not counted: the event waits for the destination, however long.
-            await self.postpone(request_id, attempt, jittered(backed_off_for), destination)
+            # Not made, not counted: the event waits for the destination, however long. Its
+            # log says so, or a caller would see nothing happen for minutes.
+            delay = jittered(backed_off_for)
+            await self.postpone(request_id, attempt, delay, destination)
+            await self.attempt_log.postponed(request_id, attempt=attempt, next_in=delay)
             DELIVERIES.labels("postponed").inc()
             return "postponed"
-        async with self.destinations.slot(destination, wait=wait):
+        owner = await self.deliveries.owner(DeliveryId.parse(request_id))
+        async with self.destinations.slot(destination, owner=owner, wait=wait):
             return await self._attempt(request_id, attempt, destination)
 
     async def _attempt(self, request_id: str, attempt: int, destination: str) -> str:

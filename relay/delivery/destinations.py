@@ -2,10 +2,12 @@
 
 A destination is a callback URL's (scheme, host, port). Each has its own cap on attempts in
 flight in this worker, under one cap for the whole worker, so a receiver that hangs holds only
-its own slots. Whether a destination is backed off (it kept failing: circuit-breaker style) is
-shared state in Redis, written with each attempt's outcome (store.record_outcome.lua); this
-worker keeps what Redis last told it, so a breaker costs no extra round trip per attempt.
-Entries for idle destinations are dropped, so memory follows what is in flight, not history.
+its own slots; within a destination, slots are shared fairly among the attempts' owners (their
+callers), as many services often sit behind one gateway host. Whether a destination is backed
+off (its host kept failing: circuit-breaker style) is shared state in Redis, written with each
+attempt's outcome (store.record_outcome.lua); this worker keeps what Redis last told it, so a
+breaker costs no extra round trip per attempt. Entries for idle destinations are dropped, so
+memory follows what is in flight, not history.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -39,10 +42,39 @@ def destination_of(url: str) -> str:
 
 
 @dataclass
+class _Waiter:
+    owner: str
+    granted: asyncio.Future[None]
+
+
+@dataclass
 class _Destination:
-    slots: asyncio.Semaphore
+    free: int
     users: int = 0
     backed_off_until: float = 0.0  # time.monotonic()
+    # Slots held per owner, and the attempts waiting for one in arrival order.
+    held: Counter[str] = field(default_factory=Counter)
+    waiters: list[_Waiter] = field(default_factory=list)
+
+    def take(self, owner: str) -> None:
+        self.free -= 1
+        self.held[owner] += 1
+
+    def give_back(self, owner: str) -> None:
+        self.held[owner] -= 1
+        if self.held[owner] <= 0:
+            del self.held[owner]
+        self.free += 1
+        self.hand_on()
+
+    def hand_on(self) -> None:
+        """Give free slots to waiters: each to the earliest waiter of the owner holding the
+        fewest, so one owner's queue never stands in front of another's first attempt."""
+        while self.free > 0 and self.waiters:
+            chosen = min(self.waiters, key=lambda waiter: self.held[waiter.owner])
+            self.waiters.remove(chosen)
+            self.take(chosen.owner)
+            chosen.granted.set_result(None)
 
 
 @dataclass
@@ -60,7 +92,7 @@ class Destinations:
     def _get(self, destination: str) -> _Destination:
         entry = self._known.get(destination)
         if entry is None:
-            entry = self._known[destination] = _Destination(asyncio.Semaphore(self.per_destination))
+            entry = self._known[destination] = _Destination(self.per_destination)
         return entry
 
     def _release(self, destination: str, entry: _Destination) -> None:
@@ -69,11 +101,36 @@ class Destinations:
             self._known.pop(destination, None)
 
     @contextlib.asynccontextmanager
-    async def slot(self, destination: str, *, wait: float | None) -> AsyncIterator[None]:
+    async def _destination_slot(self, entry: _Destination, owner: str) -> AsyncIterator[None]:
+        if entry.free > 0 and not entry.waiters:
+            entry.take(owner)
+        else:
+            waiter = _Waiter(owner, asyncio.get_running_loop().create_future())
+            entry.waiters.append(waiter)
+            try:
+                await waiter.granted
+            except BaseException:
+                if waiter in entry.waiters:
+                    entry.waiters.remove(waiter)
+                elif waiter.granted.done() and not waiter.granted.cancelled():
+                    entry.give_back(owner)  # granted just as it gave up: pass it on
+                raise
+        try:
+            yield
+        finally:
+            entry.give_back(owner)
+
+    @contextlib.asynccontextmanager
+    async def slot(
+        self, destination: str, *, owner: str, wait: float | None
+    ) -> AsyncIterator[None]:
         """Hold one of the destination's slots (and one of the worker's) while sending.
 
+        `owner`: whose attempt it is (the job's caller, else the job): when the destination's
+        slots are all taken, the next free one goes to the owner holding the fewest, so one
+        caller's flood of slow callbacks to a shared host cannot take every slot.
         `wait`: how long to queue for them at most (DestinationBusy after); None: as long as it
-        takes, in arrival order.
+        takes.
         """
         entry = self._get(destination)
         entry.users += 1
@@ -82,7 +139,7 @@ class Destinations:
                 self.waiting += 1
                 try:
                     async with asyncio.timeout(wait):
-                        await stack.enter_async_context(entry.slots)
+                        await stack.enter_async_context(self._destination_slot(entry, owner))
                         await stack.enter_async_context(self._total)
                 except TimeoutError:
                     raise DestinationBusy(destination) from None

@@ -110,6 +110,14 @@ class DeliveryStore:
         )
         return bool(claimed)
 
+    async def owner(self, delivery: DeliveryId) -> str:
+        """Whose delivery this is, for fairness among a destination's slots: its job's caller,
+        or the job itself where no caller is recorded."""
+        (caller,) = await batcher(self.redis).run(
+            [("HGET", keys.job(delivery.request_id), "caller")]
+        )
+        return f"caller:{caller.decode()}" if caller else f"job:{delivery.request_id}"
+
     async def release_send(self, delivery: DeliveryId) -> None:
         await self.redis.delete(keys.sending(delivery.request_id))
 

@@ -177,6 +177,7 @@ class Run:
     """One sweep in progress."""
 
     token: str
+    oldest: float  # when the oldest outstanding job in the window was tracked (Redis time)
     start: float  # rows created before this (epoch seconds) are outside the window
     hold: float
     window_at: float  # Redis time when the window was read
@@ -318,6 +319,7 @@ class Sweeper(Service):
         margin = CLOCK_MARGIN if lag is None else min(math.ceil(float(lag)) + 1.0, MAX_MARGIN)
         run = Run(
             token=token,
+            oldest=float(oldest),
             start=float(oldest) - margin,
             hold=hold,
             window_at=float(now),
@@ -605,6 +607,13 @@ class Sweeper(Service):
             made = created_time(fresh[rid].get("created_at"))
             if made is not None:
                 run.lag = max(run.lag if run.lag is not None else -math.inf, tracked - made)
+        if run.lag is not None:
+            # A tracked row further behind its tracking than the margin allowed (a watched or
+            # adopted job, a relay started on a busy account): the window reaches back that far
+            # in this sweep already. Learned only for the next one, each sweep read a page or
+            # so deeper than the last, and the jobs below waited sweeps or per-id polls.
+            widened = run.oldest - min(math.ceil(run.lag) + 1.0, MAX_MARGIN)
+            run.start = min(run.start, widened)
         if matched:
             run.matched += len(matched)
             SWEEP_ROWS.inc(len(matched))

@@ -34,6 +34,9 @@ relay:console:session:{digest}
                             string a console session (the key that signed in, its CSRF token),
                                    named by a digest of its id; sign-out deletes it, 8 h at most
 relay:test-events:{caller}  string test events the caller sent in its current minute (expires)
+relay:steering:{action}:{caller}
+                            string redeliver / recover requests the caller made in its current
+                                   minute (expires)
 relay:stats:{outcome}:{minute}
                             string callbacks delivered / failed in that minute (kept 2 h)
 relay:api:write_check       string written before each round of submissions: Redis takes writes
@@ -42,7 +45,9 @@ relay:ready:write_check     string written by every Redis check (relay.redis.wat
 relay:destination:{dest}   hash   a callback destination's breaker: consecutive failures
                                    (dest = scheme://host:port; expires a day after the last)
 relay:destinations:backed_off zset destination -> Redis-clock time it is backed off until
-relay:attempts:{delivery id} list   a delivery's attempt log (JSON entries, newest last)
+relay:attempts:{delivery id} list   a delivery's attempt log (JSON entries, oldest first; once
+                                   trimmed: the first entries, a count of those left out, the
+                                   newest)
 relay:deliveries:{state}    zset   delivery id -> when it entered that state (pending, failing,
                                    delivered, gone, failed); a delivery id is the request id for
                                    the final event, {request_id}#processing for the other
@@ -135,6 +140,10 @@ def idempotency_held(caller: str) -> str:
 
 def test_events(caller: str) -> str:
     return f"{PREFIX}test-events:{caller}"
+
+
+def steering(action: str, caller: str) -> str:
+    return f"{PREFIX}steering:{action}:{caller}"
 
 
 def webhook_key(key_id: str) -> str:
