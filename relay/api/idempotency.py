@@ -197,7 +197,7 @@ async def _claim(
         IDEMPOTENCY_KEYS_REFUSED.inc()
         raise ApiError(
             429,
-            f"this API key already holds {limit} Idempotency-Keys, the most the relay keeps for "
+            f"this caller already holds {limit} Idempotency-Keys, the most the relay keeps for "
             "one caller (RELAY_IDEMPOTENCY_MAX_KEYS; each is kept RELAY_IDEMPOTENCY_TTL); "
             "retry later, or submit without a new key",
             headers={"retry-after": str(max(1, int(reply[1])))},
