@@ -63,6 +63,11 @@ CALLER_DELIVERIES = Counter(
     "Callback delivery attempts made, by caller and outcome (delivered, retry, gone, failed)",
     ["caller", "outcome"],
 )
+OPS_EVENTS = Counter(
+    "relay_ops_events",
+    "Operational events for RELAY_OPS_WEBHOOK_URL, by type and what became of them",
+    ["type", "outcome"],
+)
 STRANDED_SWEEPS = Counter("relay_stranded_sweeps", "Stranded-delivery sweeps run by this worker")
 STRANDED_REQUEUED = Counter(
     "relay_stranded_requeued", "Pending deliveries whose lost attempt the sweep queued again"
@@ -245,3 +250,11 @@ async def read_memory(redis: Redis) -> tuple[int, int]:
     REDIS_MEMORY_MAX.set(maximum)
     REDIS_MEMORY_HEADROOM.set(max(0.0, 1 - used / maximum) if maximum else 1.0)
     return used, maximum
+
+
+WAITING = Gauge(
+    "relay_api_waiting",
+    "Requests this API process holds open for job events, by kind (wait: Prefer: wait; stream: "
+    "a job's event stream; feed: a caller's feed read waiting for its next event)",
+    ["kind"],
+)

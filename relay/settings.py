@@ -288,6 +288,13 @@ class Settings(BaseSettings):
     # its jobs not yet ended, and submissions per second (relay.api.budget).
     caller_max_outstanding: int = Field(0, ge=0, validation_alias="RELAY_CALLER_MAX_OUTSTANDING")
     caller_submit_rate: float = Field(0.0, ge=0, validation_alias="RELAY_CALLER_SUBMIT_RATE")
+    # The longest a request may be held open for a job's events (`Prefer: wait`, a feed read's
+    # `wait`), and the time between keepalive comments on an event stream.
+    max_wait: int = Field(60, ge=0, le=3600, validation_alias="RELAY_MAX_WAIT")
+    events_keepalive: float = Field(15.0, gt=0, le=300, validation_alias="RELAY_EVENTS_KEEPALIVE")
+    # Where operational events go (relay.delivery.ops_events), signed with their own secret.
+    ops_webhook_url: str | None = Field(None, validation_alias="RELAY_OPS_WEBHOOK_URL")
+    ops_webhook_secret: SecretStr | None = Field(None, validation_alias="RELAY_OPS_WEBHOOK_SECRET")
 
     @field_validator("api_keys", "webhook_secrets", "delivery_retry_schedule", mode="before")
     @classmethod
@@ -356,6 +363,22 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL")
         return value.rstrip("/")
 
+    @field_validator("ops_webhook_url")
+    @classmethod
+    def _ops_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL")
+        return value or None
+
+    @field_validator("ops_webhook_secret")
+    @classmethod
+    def _ops_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            problem = check_secret(value.get_secret_value())
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
@@ -420,6 +443,9 @@ class Settings(BaseSettings):
             needed["RELAY_API_KEYS"] = bool(self.api_keys)
         if role == "worker":
             needed["RELAY_WEBHOOK_SECRETS"] = bool(self.webhook_secrets)
+            if self.ops_webhook_url:
+                # Its receiver must be able to tell the relay's events from forgeries.
+                needed["RELAY_OPS_WEBHOOK_SECRET"] = self.ops_webhook_secret is not None
         for variable, present in needed.items():
             if not present:
                 raise ConfigError(variable, "is required and not set")

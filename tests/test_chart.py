@@ -460,10 +460,12 @@ CONTRACT_ENV = {
     "RELAY_REDIS_TIMEOUT", "RELAY_REDIS_WAIT_REPLICAS",
     "RELAY_REDIS_WAIT_TIMEOUT", "RELAY_MAX_UPSTREAM_PAUSE",
     "RELAY_CALLBACK_ALLOWED_PORTS", "RELAY_METRICS_AUTH",
+    "RELAY_OPS_WEBHOOK_URL", "RELAY_OPS_WEBHOOK_SECRET",
     "RELAY_MAX_UPLOADS", "RELAY_MAX_UPLOADS_PER_KEY", "RELAY_UPLOAD_MIN_RATE",
     "RELAY_HTTP_HEADER_TIMEOUT", "RELAY_HTTP_KEEPALIVE_TIMEOUT", "RELAY_HTTP_BODY_TIMEOUT",
     "RELAY_HTTP_MAX_CONCURRENCY", "RELAY_HTTP_MAX_CONNECTIONS",
     "RELAY_HTTP_MAX_CONNECTIONS_PER_PEER", "RELAY_API_PORT", "RELAY_FORWARDED_ALLOW_IPS",
+    "RELAY_MAX_WAIT", "RELAY_EVENTS_KEEPALIVE",
     "RELAY_CONSOLE_SECURE_COOKIES", "RELAY_IDEMPOTENCY_MAX_KEYS", "RELAY_TEST_EVENTS_PER_MINUTE",
     "RELAY_ATTEMPT_LOG_EXCERPT", "RELAY_REDELIVERIES_PER_MINUTE", "RELAY_RECOVERS_PER_MINUTE",
 }  # fmt: skip
@@ -570,6 +572,36 @@ def test_the_receivers_networks_must_be_asked_for(chart: helm.Chart) -> None:
 
 def relay_env(manifest: Manifest) -> dict[str, Any]:
     return {e["name"]: e for e in container(manifest).get("env", [])}
+
+
+def test_tracing_and_operational_events_reach_both_processes(chart: helm.Chart) -> None:
+    ops_secret = "whsec_" + base64.b64encode(b"o" * 32).decode()
+    manifests = render(
+        chart,
+        {
+            "tracing": {
+                "endpoint": "http://otel-collector.observability:4318",
+                "sampler": "parentbased_traceidratio",
+                "samplerArg": "0.25",
+                "env": {"OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod"},
+            },
+            "config": {"opsWebhookUrl": "https://ops.example.com/relay"},
+            "secrets": {**SMALL_INSTALL["secrets"], "opsWebhookSecret": ops_secret},
+        },
+    )
+    data: dict[str, str] = find(manifests, "ConfigMap", FULLNAME)["data"]
+    assert data["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability:4318"
+    assert data["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+    assert data["OTEL_TRACES_SAMPLER_ARG"] == "0.25"
+    assert data["OTEL_RESOURCE_ATTRIBUTES"] == "deployment.environment=prod"
+    assert "OTEL_SERVICE_NAME" not in data  # unset: the relay's own default
+    assert data["RELAY_OPS_WEBHOOK_URL"] == "https://ops.example.com/relay"
+    secret = find(manifests, "Secret", FULLNAME)["data"]
+    assert base64.b64decode(secret["RELAY_OPS_WEBHOOK_SECRET"]).decode() == ops_secret
+    # Off by default: no OTEL_* at all.
+    default = find(render(chart, {}), "ConfigMap", FULLNAME)["data"]
+    assert not [name for name in default if name.startswith("OTEL_")]
+    assert "RELAY_OPS_WEBHOOK_URL" not in default
 
 
 def test_credentials_come_from_a_secret(chart: helm.Chart) -> None:

@@ -33,6 +33,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "relay.logs",
             "relay.metrics",
             "relay.signing",
+            "relay.tracing",
         ),
     ),
     ("settings", ("relay.settings",)),

@@ -19,19 +19,23 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from relay.api import deliveries, test_events, watches, webhook_keys
+from relay.api import deliveries, job_events, test_events, watches, webhook_keys
 from relay.api.auth import ApiKeyMiddleware
 from relay.api.budget import ActingCaller, ApiBudget
 from relay.api.idempotency import idempotent
 from relay.api.limits import UploadSlots
 from relay.api.openapi import openapi_document
+from relay.api.protocol import PARKED, SHUTDOWN_HOOKS
 from relay.api.response_counts import ResponseCounter
 from relay.api.responses import api_error, client_disconnected, http_error, unexpected_error
 from relay.api.state import AppState, app_state
 from relay.api.status import get_request, list_requests
 from relay.api.store_check import WriteCheck
 from relay.api.submit import generate
+from relay.api.traced import traced
 from relay.api.uploads import generate_with_media
+from relay.api.waiters import Waiters
+from relay.api.waiting import waiting
 from relay.callers.source import CallerSource
 from relay.console.views import create_console
 from relay.delivery.attempt_log import AttemptLog
@@ -41,6 +45,7 @@ from relay.delivery.queue import DeliveryQueue
 from relay.delivery.transport import make_callback_client
 from relay.errors import ApiError
 from relay.jobs.fair_share import FairShare
+from relay.jobs.history import History
 from relay.jobs.intents import Intents
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
@@ -52,6 +57,9 @@ from relay.redis.watch import RedisWatch, readiness
 from relay.settings import Settings
 from relay.signing import Signer
 from relay.upstream import Upstream
+
+GENERATE = "/api/v1/lipsync/generate"
+GENERATE_WITH_MEDIA = "/api/v1/lipsync/generate-with-media"
 
 
 async def healthz(request: Request) -> Response:
@@ -104,6 +112,7 @@ def create_app(settings: Settings) -> Starlette:
             redis,
             wait_replicas=settings.redis_wait_replicas,
             wait_timeout=settings.redis_wait_timeout,
+            retention=settings.job_retention,
         )
         attempt_log = AttemptLog(
             redis, retention=settings.job_retention, excerpts=settings.attempt_log_excerpt
@@ -115,6 +124,8 @@ def create_app(settings: Settings) -> Starlette:
         watch = RedisWatch(redis)
         stop_watching = asyncio.Event()
         watching = asyncio.create_task(watch.run(stop_watching), name="redis-watch")
+        waiters = Waiters(redis)
+        listening = asyncio.create_task(waiters.run(stop_watching), name="events-subscription")
         try:
             yield {
                 "relay": AppState(
@@ -133,20 +144,33 @@ def create_app(settings: Settings) -> Starlette:
                     redeliverer=Redeliverer(queue, store, attempt_log),
                     uploads=UploadSlots(settings.max_uploads, settings.max_uploads_per_key),
                     intents=Intents(redis, store, settings),
-                )
+                    waiters=waiters,
+                    history=History(redis),
+                ),
+                # The server calls it as it starts shutting down (relay.api.protocol), while
+                # requests still wait: they answer now rather than being cut off.
+                SHUTDOWN_HOOKS: (waiters.drain,),
+                # Requests waiting for job events are not requests in flight (503s beyond).
+                PARKED: lambda: waiters.parked,
             }
         finally:
             stop_watching.set()
             await watching
+            await listening
             await callback_client.aclose()
             await upstream.aclose()
             await close_redis(redis)
 
     routes = [
-        Route("/api/v1/lipsync/generate", idempotent(generate, buffered=True), methods=["POST"]),
+        # `Prefer: wait` around the idempotent answer: a replay waits like the first answer.
         Route(
-            "/api/v1/lipsync/generate-with-media",
-            idempotent(generate_with_media, buffered=False),
+            GENERATE,
+            traced(waiting(idempotent(generate, buffered=True)), GENERATE),
+            methods=["POST"],
+        ),
+        Route(
+            GENERATE_WITH_MEDIA,
+            traced(waiting(idempotent(generate_with_media, buffered=False)), GENERATE_WITH_MEDIA),
             methods=["POST"],
         ),
         Route("/api/v1/lipsync/requests/{id}", get_request, methods=["GET"]),
@@ -164,6 +188,7 @@ def create_app(settings: Settings) -> Starlette:
             name="api_redeliver",
         ),
         Route(f"{deliveries.PREFIX}/deliveries", deliveries.list_deliveries),
+        Route(f"{deliveries.PREFIX}/jobs/{{id}}/events", job_events.job_events, methods=["GET"]),
         Route(
             f"{deliveries.PREFIX}/deliveries/recover",
             deliveries.recover,

@@ -13,6 +13,7 @@ from typing import Any
 
 from relay.api.deliveries import MAX_PAGE, RecoverRequest
 from relay.api.idempotency import MAX_KEY_LENGTH
+from relay.api.job_events import EVENT_STREAM
 from relay.api.models import MAX_ID_LENGTH, MAX_REFERENCE_ID_LENGTH, GenerateRequest
 from relay.api.responses import MAX_DETAILS
 from relay.api.test_events import TestEventRequest
@@ -99,6 +100,26 @@ def openapi_document() -> dict[str, Any]:
                 },
             },
             "RecoverRequest": RecoverRequest.model_json_schema(ref_template=_REF),
+            "JobEvent": {
+                "type": "object",
+                "required": ["sequence", "request_id", "at", "type"],
+                "properties": {
+                    "sequence": {"type": "integer", "minimum": 1},
+                    "request_id": {"type": "string"},
+                    "at": {"type": "string"},
+                    "type": {"type": "string", "enum": ["status", "delivery"]},
+                    "last": {"type": "boolean"},
+                    "status": {"type": "string"},
+                    "data": {"$ref": "#/components/schemas/LipsyncRequest"},
+                    "event": {"type": "string"},
+                    "attempt": {"type": "integer"},
+                    "outcome": {
+                        "type": "string",
+                        "enum": ["delivered", "failing", "failed", "gone"],
+                    },
+                    "result": {"type": "string"},
+                },
+            },
             "Recovered": {
                 "type": "object",
                 "required": ["requeued", "already_pending", "more", "since"],
@@ -180,7 +201,11 @@ def openapi_document() -> dict[str, Any]:
             "LipsyncGenerate": {
                 "type": "object",
                 "required": ["status", "request_id"],
-                "properties": {"status": {"const": "success"}, "request_id": {"type": "string"}},
+                "properties": {
+                    "status": {"const": "success"},
+                    "request_id": {"type": "string"},
+                    "request": {"$ref": "#/components/schemas/LipsyncRequest"},
+                },
             },
             "LipsyncRequest": _LIPSYNC_REQUEST,
             "LipsyncRequestList": {
@@ -222,10 +247,13 @@ def openapi_document() -> dict[str, Any]:
     )
     submitted = {
         "200": {
-            "description": "Accepted by Chamelaion and tracked",
+            "description": (
+                "Accepted by Chamelaion and tracked; with Prefer: wait, also the job as "
+                "`request` once the relay has read it"
+            ),
             "content": _json("LipsyncGenerate"),
         },
-        "400": _error("Malformed body, or refused by Chamelaion as sent"),
+        "400": _error("Malformed body or Prefer: wait, or refused by Chamelaion as sent"),
         "408": _error("The body did not arrive in time"),
         "413": _error("Body over the configured limit"),
         "422": _error("Invalid field (named in the message and details)"),
@@ -273,6 +301,23 @@ def openapi_document() -> dict[str, Any]:
             "Idempotency-Keys already; see Retry-After"
         ),
     }
+    prefer = {
+        "name": "Prefer",
+        "in": "header",
+        "required": False,
+        "description": (
+            "wait=N (RFC 7240): answer when the job ends, or after N seconds (at most "
+            "RELAY_MAX_WAIT) with the job as it stands; Preference-Applied says so"
+        ),
+        # Any text: preferences the relay does not know are ignored (RFC 7240).
+        "schema": {"type": "string"},
+    }
+    applied = {
+        "Preference-Applied": {
+            "description": "wait=N when the answer waited (up to N seconds) for the job's end",
+            "schema": {"type": "string"},
+        }
+    }
     relay_body = {
         "413": _error("Body over the configured limit"),
         "422": _error("Invalid field (named in the message and details)"),
@@ -294,7 +339,7 @@ def openapi_document() -> dict[str, Any]:
                     "Start a lip-sync job from URLs, with an optional callback",
                     {**submitted, **idempotency_errors},
                     security=secured,
-                    parameters=[idempotency_key],
+                    parameters=[idempotency_key, prefer],
                     requestBody={"required": True, "content": _json("GenerateRequest")},
                 )
             },
@@ -314,7 +359,7 @@ def openapi_document() -> dict[str, Any]:
                         ),
                     },
                     security=secured,
-                    parameters=[idempotency_key],
+                    parameters=[idempotency_key, prefer],
                     requestBody={
                         "required": True,
                         "content": {"multipart/form-data": {"schema": _MEDIA_FORM}},
@@ -325,14 +370,18 @@ def openapi_document() -> dict[str, Any]:
                 "get": _operation(
                     "A request's status: the relay's own state when tracked, else Chamelaion's",
                     {
-                        "200": {"description": "The request", "content": _json("LipsyncRequest")},
-                        "400": _error("Id too long, a dot segment, or with a slash"),
+                        "200": {
+                            "description": "The request",
+                            "content": _json("LipsyncRequest"),
+                            "headers": applied,
+                        },
+                        "400": _error("Id too long, a dot segment, or with a slash; bad Prefer"),
                         "404": _error("lipsync request not found"),
                         **_UPSTREAM_ERRORS,
                         **_ERRORS_ANY,
                     },
                     security=secured,
-                    parameters=[lipsync_id],
+                    parameters=[lipsync_id, prefer],
                 )
             },
             "/api/v1/lipsync/requests": {
@@ -398,6 +447,33 @@ def openapi_document() -> dict[str, Any]:
                     },
                     security=secured,
                     parameters=[lipsync_id],
+                )
+            },
+            "/api/relay/v1/jobs/{id}/events": {
+                "get": _operation(
+                    "The job's events as server-sent events (id: sequence), until its last",
+                    {
+                        "200": {
+                            "description": "An event stream",
+                            "content": {EVENT_STREAM: {"schema": {"type": "string"}}},
+                        },
+                        "400": _error("Bad id or Last-Event-ID"),
+                        "404": _error("No tracked job has this id or reference_id"),
+                        "406": _error("The client does not accept text/event-stream"),
+                        "503": _error("The relay's job store is unavailable"),
+                        **_ERRORS_ANY,
+                    },
+                    security=secured,
+                    parameters=[
+                        lipsync_id,
+                        {
+                            "name": "Last-Event-ID",
+                            "in": "header",
+                            "required": False,
+                            "description": "Resume after this event (its sequence number)",
+                            "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                        },
+                    ],
                 )
             },
             "/api/relay/v1/jobs/{id}/redeliver": {

@@ -10,11 +10,13 @@ from starlette.requests import Request
 from relay.api.budget import ApiBudget
 from relay.api.limits import UploadSlots
 from relay.api.store_check import WriteCheck
+from relay.api.waiters import Waiters
 from relay.callers.source import CallerSource
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.control import Redeliverer
 from relay.delivery.netpolicy import NetworkPolicy
 from relay.delivery.transport import CallbackClient
+from relay.jobs.history import History
 from relay.jobs.intents import Intents
 from relay.jobs.store import JobStore
 from relay.redis.watch import RedisWatch
@@ -41,6 +43,9 @@ class AppState:
     redeliverer: Redeliverer
     uploads: UploadSlots
     intents: Intents
+    # Requests waiting for jobs' events, and where the events are read.
+    waiters: Waiters
+    history: History
 
 
 def app_state(request: Request) -> AppState:

@@ -10,9 +10,11 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from relay.api import prefer
 from relay.api.models import MAX_ID_LENGTH, MAX_REFERENCE_ID_LENGTH
 from relay.api.responses import json_bytes
 from relay.api.state import app_state
+from relay.api.waiting import wait_for_end
 from relay.errors import ApiError
 from relay.upstream import LIST_LIMIT_MAX, check, decode_object
 
@@ -44,16 +46,25 @@ async def get_request(request: Request) -> Response:
     if len(id_or_reference) > MAX_ID_LENGTH:
         raise ApiError(400, f"id is longer than {MAX_ID_LENGTH} characters")
     segment = path_segment(id_or_reference, "id")
+    wait = prefer.wait_seconds(request.headers, state.settings.max_wait)
     try:
         job = await state.store.find(id_or_reference)
     except RedisError:
         log.warning("job store unavailable: answering from Chamelaion")
         job = None
+    headers: dict[str, str] = {}
+    if job is not None and wait is not None:
+        # Only a tracked job can be waited on: its end is announced in Redis.
+        headers = prefer.applied(wait)
+        if not job.ended and wait > 0:
+            # Held by nothing while it waits (thousands may): what it says is read afresh.
+            request_id, job = job.request_id, None
+            job = await wait_for_end(state, request, request_id, wait)
     if job is not None and job.body is not None:
-        return json_bytes(job.body)
+        return json_bytes(job.body, headers=headers)
     response = check(await state.upstream.request("GET", f"v1/lipsync/requests/{segment}"))
     decode_object(response)
-    return json_bytes(response.content)
+    return json_bytes(response.content, headers=headers)
 
 
 async def list_requests(request: Request) -> Response:

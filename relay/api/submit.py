@@ -33,6 +33,7 @@ from relay.delivery.netpolicy import parse_callback_url, resolve_and_check
 from relay.errors import ApiError, NotReplicated, UpstreamError
 from relay.jobs.intents import Intent, created_answer, lookup_timeout
 from relay.metrics import INTENTS, JOBS_SUBMITTED
+from relay.tracing import setup, spans
 from relay.upstream import BudgetRefused, check, json_object, may_have_arrived
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,8 @@ class Submission:
                 metadata=self.metadata,
                 intent_id=self.intent.id if self.intent is not None else None,
                 caller=self.caller,
+                # The submission span's context (relay.api.traced), for the job's own spans.
+                trace=spans.keep() if setup.active() is not None else None,
             )
         except NotReplicated:
             raise  # recorded on the primary (its intent closed with it): tracked from there

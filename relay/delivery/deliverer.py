@@ -25,17 +25,20 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import httpx
 from arq import Retry
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from relay.delivery.attempt_log import EXCERPT_CHARS, AttemptLog
 from relay.delivery.destinations import Destinations, destination_of
 from relay.delivery.failure import FailureClass, failure_class
+from relay.delivery.ops_events import OpsEvents, last_attempt
 from relay.delivery.store import Breaker, DeliveryId, DeliveryState, DeliveryStore
 from relay.delivery.transport import CallbackClient
 from relay.errors import DestinationRefused
+from relay.http_urls import parsed_url
 from relay.jitter import jittered
 from relay.jobs.events import PROCESSING, event_type_of
 from relay.jobs.store import Job, JobStore
@@ -43,7 +46,11 @@ from relay.metrics import CALLER_DELIVERIES, DELIVERIES, DELIVERY_LATENCY, calle
 from relay.redis import stats
 from relay.redis.batch import ScriptCall
 from relay.signing import Signer
+from relay.tracing import setup, spans
 from relay.upstream import USER_AGENT, parse_retry_after
+
+if TYPE_CHECKING:  # the SDK is imported only once tracing starts
+    from relay.tracing.tracer import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +160,10 @@ class Deliverer:
         breaker: Breaker,
         attempt_log: AttemptLog,
         timeout: float,
+        ops: OpsEvents | None = None,
     ) -> None:
+        # Where operational events go (RELAY_OPS_WEBHOOK_URL); None: nowhere.
+        self.ops = ops
         self.attempt_log = attempt_log
         self.timeout = timeout
         self.store = store
@@ -210,20 +220,22 @@ class Deliverer:
             return "stale"
         started = time.monotonic()
         delivery = DeliveryId.parse(request_id)
+        tracer = setup.active()
+        span = _attempt_span(tracer, job, attempt) if tracer is not None and job.trace else None
         if delivery.early is not None:
             # An early event: sent only while its job runs, never after the final one.
             if not await self.deliveries.claim_send(delivery, hold=self.timeout + SEND_MARGIN):
                 log.info("early event dropped as stale: the job ended", extra={"id": request_id})
                 return "stale"
             try:
-                outcome = await self._post(job.callback_url, job.event_id, job.event)
+                outcome = await self._post(job.callback_url, job.event_id, job.event, span)
             finally:
                 await self.deliveries.release_send(delivery)
         else:
             if PROCESSING in job.events:
                 # Only a job whose callback asked for an early event can have one in flight.
                 await self._after_early_events(request_id)
-            outcome = await self._post(job.callback_url, job.event_id, job.event)
+            outcome = await self._post(job.callback_url, job.event_id, job.event, span)
         duration = time.monotonic() - started
         log_extra = {"request_id": request_id, "attempt": attempt, "result": outcome.detail}
         if outcome.kind == "delivered" and job.ended_at is not None:
@@ -240,12 +252,31 @@ class Deliverer:
         # One sample per attempt: the last failing one counts as failed, not also as retry.
         DELIVERIES.labels(settled or "retry").inc()
         CALLER_DELIVERIES.labels(caller_label(job.caller), settled or "retry").inc()
+        if span is not None:
+            _end_attempt_span(span, outcome, settled or "retry")
         counted = self.outcomes.count_call("delivered" if settled == "delivered" else "failed")
         if settled is not None:
             logged = self._entry(job, attempt, outcome, duration, settled, next_in=None)
-            await self._record(
-                request_id, attempt, attempt, settled, outcome, destination, then=[logged, counted]
+            recorded = await self._record(
+                request_id,
+                attempt,
+                attempt,
+                settled,
+                outcome,
+                destination,
+                event_type=event_type_of(job.event) or "",
+                then=[logged, counted],
             )
+            if settled == "failed" and recorded and self.ops is not None:
+                self.ops.exhausted(
+                    job_id=delivery.request_id,
+                    delivery_id=request_id,
+                    event_type=event_type_of(job.event),
+                    webhook_id=job.event_id,
+                    destination=destination,
+                    attempts=job.attempts_made + 1,
+                    last=self._last(attempt, outcome),
+                )
             # A first-try success is the common case, counted in metrics: not a line each.
             level = logging.DEBUG if settled == "delivered" and following == 1 else None
             log.log(
@@ -267,6 +298,7 @@ class Deliverer:
             "pending",
             outcome,
             destination,
+            event_type=event_type_of(job.event) or "",
             keep_for=delay + KEEP_AFTER_LAST_ATTEMPT,
             then=[self._entry(job, attempt, outcome, duration, "failing", next_in=delay), counted],
         )
@@ -314,11 +346,13 @@ class Deliverer:
         outcome: Outcome,
         destination: str,
         *,
+        event_type: str,
         keep_for: float = 0,
         then: Sequence[ScriptCall] = (),
-    ) -> None:
+    ) -> bool:
         """Record the outcome, then the `then` calls (its log entry and count), in one round
-        trip: a burst's attempts each wait for Redis once, not three times."""
+        trip: a burst's attempts each wait for Redis once, not three times. True when the
+        outcome was recorded (the delivery still waited on this attempt)."""
         update = await self.deliveries.record_outcome(
             request_id,
             attempt=attempt,
@@ -328,17 +362,45 @@ class Deliverer:
             destination=destination,
             answered=outcome.answered,
             breaker=self.breaker,
+            event_type=event_type,
             keep_for=keep_for,
             then=then,
         )
+        was_backed_off = self.destinations.backed_off_for(destination) > 0
         self.destinations.record(destination, update.backed_off_for)
+        if update.backed_off_for > 0 and not was_backed_off and self.ops is not None:
+            # Once per back-off as this worker sees it: the attempts that fail while it lasts
+            # (already in flight when it began) extend nothing worth another notice.
+            self.ops.backed_off(
+                destination=destination,
+                seconds=update.backed_off_for,
+                job_id=DeliveryId.parse(request_id).request_id,
+                delivery_id=request_id,
+                last=self._last(attempt, outcome),
+            )
+        return update.recorded
 
-    async def _post(self, url: str, event_id: str, event: bytes) -> Outcome:
+    def _last(self, attempt: int, outcome: Outcome) -> dict[str, object]:
+        assert self.ops is not None
+        return last_attempt(
+            attempt,
+            status=outcome.status,
+            error=outcome.error,
+            detail=outcome.detail,
+            at=self.ops.clock(),
+        )
+
+    async def _post(
+        self, url: str, event_id: str, event: bytes, span: Span | None = None
+    ) -> Outcome:
         headers = {
             "content-type": "application/json",
             "user-agent": USER_AGENT,
             **self.signer.headers(event_id, event),
         }
+        if span is not None:
+            # The receiver's spans continue the job's trace, under this attempt.
+            headers.update(spans.headers(span))
         try:
             # One deadline for the whole attempt: the transport's timeouts are per operation,
             # and arq cancels (and records as failed) a job that outlives its own timeout.
@@ -364,3 +426,33 @@ class Deliverer:
             # record like any other: raised, arq would re-run the attempt over and over.
             log.exception("callback attempt failed unexpectedly")
             return Outcome("retry", f"unexpected error: {type(exc).__name__}", error="error")
+
+
+def _attempt_span(tracer: Tracer, job: Job, attempt: int) -> Span:
+    """One attempt's span in its job's trace: where it went (scheme, host, port: never the
+    callback URL's path or query, which may hold a receiver's token)."""
+    assert job.callback_url is not None
+    url = parsed_url(job.callback_url)
+    return tracer.start_span(
+        "POST",
+        context=spans.restore(job.trace),
+        kind=SpanKind.CLIENT,
+        attributes={
+            **spans.client_attributes("POST", url.scheme, url.host, url.port),
+            "relay.job.id": DeliveryId.parse(job.request_id).request_id,
+            "relay.event.type": event_type_of(job.event) or "",
+            "relay.delivery.attempt": attempt,
+        },
+    )
+
+
+def _end_attempt_span(span: Span, outcome: Outcome, result: str) -> None:
+    """Its outcome on the attempt's span (`result`: delivered, gone, failed or retry)."""
+    span.set_attribute("relay.delivery.outcome", result)
+    if outcome.status is not None:
+        span.set_attribute("http.response.status_code", outcome.status)
+    if outcome.kind != "delivered":
+        # Client spans: a status of 400 or more, or no answer, is an error.
+        span.set_attribute("error.type", outcome.error or str(outcome.status))
+        span.set_status(Status(StatusCode.ERROR, outcome.detail))
+    span.end()

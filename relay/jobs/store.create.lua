@@ -19,6 +19,7 @@ local events = ARGV[5]         -- comma-separated event types; '' = the final on
 local metadata = ARGV[6]       -- JSON object echoed in callbacks; '' = none
 local intent_id = ARGV[7]      -- '' when none
 local caller = ARGV[8]         -- the caller that submitted or watched it; '' when unknown
+local trace = ARGV[9]          -- the submission's trace context (relay.tracing.spans); '' = none
 
 local created = redis.call('EXISTS', job_key) == 0
 if created then
@@ -32,9 +33,11 @@ if created then
   if caller ~= '' then redis.call('HSET', job_key, 'caller', caller) end
   -- Counted against its caller's max_outstanding until it ends (store.end.lua).
   if outstanding_key ~= job_key then redis.call('ZADD', outstanding_key, now, request_id) end
+  if trace ~= '' then redis.call('HSET', job_key, 'trace', trace) end
   redis.call('ZADD', polls_key, now + first_poll_in, request_id)
   redis.call('ZADD', created_key, now, request_id)
   if reference_id ~= '' then redis.call('SET', ref_key, request_id) end
+  history_append(job_key, request_id, '{"type":"status","status":"submitted"}', false, false)
 end
 if intent_id ~= '' then
   redis.call('DEL', intent_key)

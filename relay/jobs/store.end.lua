@@ -3,7 +3,8 @@
 -- leaves the poll queue in the same step.
 -- Ended jobs are kept for days, so the record shrinks to what status reads and delivery need:
 -- the polling fields go, and the event is stored without its data when that is the body
--- (relay.jobs.store puts it back together).
+-- (relay.jobs.store puts it back together). Its event, the job's last when nothing is to be
+-- delivered, carries the body as `data`; the callback body is stamped with its sequence.
 local job_key = KEYS[1]
 local ref_key = KEYS[2]           -- the job key again when there is no reference_id
 local created_key = KEYS[3]
@@ -31,11 +32,16 @@ if redis.call('HEXISTS', job_key, 'event') == 1 then unschedule() return 2 end
 -- script (only a script's first write is checked), leaving the job to be polled again.
 local timeline = redis.call('HGET', job_key, 'timeline') or ''
 redis.call('HSET', job_key, 'status', status, 'body', body, 'event_id', event_id,
-           'event', event, 'delivery', delivery, 'attempt', 0, 'ended', now,
+           'delivery', delivery, 'attempt', 0, 'ended', now,
            'timeline', timeline .. string.format(';%s@%.3f', status, now))
 -- reference_id stays: the console and status reads show it; `created` lives on in the timeline.
 redis.call('HDEL', job_key, 'created', 'interval', 'not_found_since', 'polled')
 redis.call('EXPIRE', job_key, retention)
+local sequence = history_append(
+  job_key, request_id,
+  '{"type":"status","status":' .. cjson.encode(status) .. ',"data":' .. body .. '}',
+  true, delivery ~= 'pending')
+redis.call('HSET', job_key, 'event', history_stamp(event, sequence))
 unschedule()
 if has_ref and redis.call('GET', ref_key) == request_id then
   redis.call('EXPIRE', ref_key, retention)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from relay.errors import NotReplicated
+from relay.jobs import history
 from relay.jobs.events import DEFAULT_EVENTS
 from relay.redis import keys, scripts
 from relay.redis.batch import Call, batcher
@@ -59,6 +60,10 @@ class Job:
     metadata: bytes | None
     # The attempt a redelivery restarted the retry schedule at (0: never redelivered).
     schedule_base: int
+    # The number of the job's newest event (relay.jobs.history); 0 before its first.
+    sequence: int
+    # The submission's trace context (relay.tracing.spans.keep), when it was traced.
+    trace: str | None
     # The Redis clock when this record was read: what the job's age and grace periods are
     # measured against, never the reader's own clock.
     read_at: float
@@ -130,6 +135,8 @@ def _decode(request_id: str, raw: dict[bytes, bytes], read_at: float) -> Job:
         events=tuple(events.split(",")) if (events := _text(raw, "events")) else DEFAULT_EVENTS,
         metadata=raw.get(b"metadata") or None,
         schedule_base=int(raw.get(b"schedule_base") or 0),
+        sequence=int(raw.get(b"sequence") or 0),
+        trace=_text(raw, "trace"),
         read_at=read_at,
         caller=_text(raw, "caller"),
     )
@@ -158,14 +165,24 @@ class PollRecord:
 
 
 class JobStore:
-    def __init__(self, redis: Redis, *, wait_replicas: int = 0, wait_timeout: float = 1.0) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
+        retention: float = history.DEFAULT_RETENTION,
+    ) -> None:
         self.redis = redis
         # Replicas that must confirm a new job before `create` returns (Redis WAIT).
         self.wait_replicas = wait_replicas
         self.wait_timeout = wait_timeout
-        self._create = scripts.register(redis, __name__, "create")
-        self._record_poll = scripts.register(redis, __name__, "record_poll")
-        self._end = scripts.register(redis, __name__, "end")
+        # Every change of a job's status is one of its events (relay.jobs.history): the scripts
+        # that make one emit it, with `retention` as its feed's.
+        events = history.prelude(retention)
+        self._create = scripts.register(redis, __name__, "create", prelude=events)
+        self._record_poll = scripts.register(redis, __name__, "record_poll", prelude=events)
+        self._end = scripts.register(redis, __name__, "end", prelude=events)
 
     async def create(
         self,
@@ -178,6 +195,7 @@ class JobStore:
         metadata: bytes | None = None,
         intent_id: str | None = None,
         caller: str | None = None,
+        trace: str | None = None,
     ) -> bool:
         """Start tracking; False when the id is already tracked (nothing is changed then).
 
@@ -185,6 +203,8 @@ class JobStore:
         object echoed in every callback; `intent_id`: the submission intent (with this
         reference_id) that the job settles, closed in the same step, tracked or not;
         `caller`: whose job it is (relay.callers). With
+        reference_id) that the job settles, closed in the same step, tracked or not; `trace`: the
+        submission's trace context (relay.tracing.spans.keep), kept for the job's spans. With
         `wait_replicas`, returns only once that many replicas hold the job, else raises
         NotReplicated (the job stays recorded on the primary and is tracked from there).
         """
@@ -207,6 +227,7 @@ class JobStore:
             metadata or b"",
             intent_id or "",
             caller or "",
+            trace or "",
         ]
         if not self.wait_replicas:
             return bool(await self._create(keys=script_keys, args=args))
@@ -237,6 +258,11 @@ class JobStore:
             _decode(request_id, raw, read_at) if raw else None
             for request_id, raw in zip(request_ids, raws, strict=True)
         ]
+
+    async def has_ended(self, request_id: str) -> bool:
+        """Whether the job has ended (False too when it is not tracked): one small read."""
+        (ended,) = await batcher(self.redis).run([("HEXISTS", keys.job(request_id), "event")])
+        return bool(ended)
 
     async def find(self, id_or_reference: str) -> Job | None:
         """A job by request id, else by reference_id (the newest tracked one with it)."""

@@ -54,6 +54,12 @@ relay:deliveries:{state}    zset   delivery id -> when it entered that state (pe
 relay:sending:{request_id}  string held while an early event (lipsync.processing) is being sent;
                                    the final event's attempts wait for it
 relay:stranded:lease       string which worker runs the stranded-delivery sweep this interval
+relay:history:{request_id}  list   a job's events (JSON, one per sequence number, oldest first),
+                                   kept as long as the job (relay.jobs.history)
+relay:feed:{caller}         stream a caller's job events as pointers (request id, sequence),
+                                   cursor = stream id; trimmed to RELAY_JOB_RETENTION
+relay:events                channel every job event announced as [request id, caller, sequence,
+                                   flags] (pub/sub: wakes the API's waiters; never stored)
 relay:intent:{intent id}   hash   a submission's intent, written before its upstream create and
                                    removed once the job is tracked (relay.jobs.intents)
 relay:intents               zset   intent id -> Redis-clock time a worker should look for its job
@@ -107,6 +113,9 @@ STRANDED_LEASE = PREFIX + "stranded:lease"
 INTENTS = PREFIX + "intents"
 RECONCILE_LEASE = PREFIX + "reconcile:lease"
 ARQ_HEALTH = PREFIX + "arq:health"
+HISTORY_PREFIX = PREFIX + "history:"
+FEED_PREFIX = PREFIX + "feed:"
+EVENTS_CHANNEL = PREFIX + "events"
 WORKERS = PREFIX + "workers"
 ARQ_JOB_PREFIX = job_key_prefix
 ARQ_IN_PROGRESS_PREFIX = in_progress_key_prefix
@@ -172,6 +181,14 @@ def deliveries(state: str) -> str:
 
 def sending(request_id: str) -> str:
     return f"{PREFIX}sending:{request_id}"
+
+
+def history(request_id: str) -> str:
+    return f"{HISTORY_PREFIX}{request_id}"
+
+
+def feed(caller: str) -> str:
+    return f"{FEED_PREFIX}{caller}"
 
 
 def intent(intent_id: str) -> str:

@@ -22,6 +22,7 @@ from relay.delivery.deliverer import Deliverer
 from relay.delivery.destinations import Destinations
 from relay.delivery.first_attempts import FirstAttempts
 from relay.delivery.netpolicy import callback_policy
+from relay.delivery.ops_events import OpsEvents
 from relay.delivery.queue import DeliveryQueue
 from relay.delivery.store import Breaker, DeliveryStore
 from relay.delivery.stranded import StrandedSweep
@@ -75,7 +76,7 @@ async def build_state(settings: Settings) -> WorkerState:
     redis = await arq_pool(settings.redis_url, timeout=settings.redis_timeout)
     clock = RedisClock(redis)
     await clock.sync()
-    store = JobStore(redis)
+    store = JobStore(redis, retention=settings.job_retention)
     schedule = PollSchedule(
         redis,
         rate=settings.upstream_rate_limit,
@@ -88,12 +89,22 @@ async def build_state(settings: Settings) -> WorkerState:
     attempt_log = AttemptLog(
         redis, retention=settings.job_retention, excerpts=settings.attempt_log_excerpt
     )
-    deliveries = DeliveryStore(redis)
+    deliveries = DeliveryStore(redis, retention=settings.job_retention)
     client = make_callback_client(
         callback_policy(settings),
         settings.delivery_timeout,
         max_connections=settings.delivery_concurrency,
     )
+    ops = None
+    if settings.ops_webhook_url:
+        assert settings.ops_webhook_secret is not None  # Settings.require checked it
+        ops = OpsEvents(
+            settings.ops_webhook_url,
+            Signer((settings.ops_webhook_secret,), clock=clock.now),
+            schedule=settings.delivery_retry_schedule,
+            timeout=settings.delivery_timeout,
+            clock=clock.now,
+        )
     deliverer = Deliverer(
         store=store,
         deliveries=deliveries,
@@ -109,6 +120,7 @@ async def build_state(settings: Settings) -> WorkerState:
         breaker=Breaker.from_settings(settings),
         attempt_log=attempt_log,
         timeout=settings.delivery_timeout,
+        ops=ops,
     )
     # Twice the attempts that may be in flight keep the slots busy; the rest wait as ids.
     first_attempts = FirstAttempts(
@@ -178,6 +190,8 @@ async def build_state(settings: Settings) -> WorkerState:
 # watch, Redis's clock, and last the health port, so probes are answered until the end.
 SHUTDOWN_ORDER: tuple[tuple[str, ...], ...] = (
     ("dispatcher", "sweeper", "first-attempts", "arq", "stranded", "reconcile", "heartbeat"),
+    # The operational events those attempts filed, sent while the rest still stands.
+    ("ops-events",),
     ("redis-watch",),
     ("redis-clock",),
     ("worker-http",),
@@ -216,6 +230,8 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
             )
         else:
             bound_callers(lambda name: True, [DEFAULT_CALLER], role="worker")
+        if state.deliverer.ops is not None:
+            services.append(state.deliverer.ops)
         if http_port is not None:
             callers = CallerSource.from_settings(settings) if settings.metrics_auth else None
             app = create_worker_http_app(healthy, state.redis, watch, metrics_callers=callers)
@@ -235,4 +251,6 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
             await close(state.redis)
             await state.upstream.aclose()
             await state.callback_client.aclose()
+            if state.deliverer.ops is not None:
+                await state.deliverer.ops.aclose()
         log.info("worker stopped")
