@@ -63,6 +63,12 @@ CALLER_DELIVERIES = Counter(
     "Callback delivery attempts made, by caller and outcome (delivered, retry, gone, failed)",
     ["caller", "outcome"],
 )
+OUTPUT_REFRESHES = Counter(
+    "relay_output_refreshes",
+    "Late attempts at lipsync.completed that re-read their job from Chamelaion first, by "
+    "outcome (refreshed; failed: the stored object was sent)",
+    ["outcome"],
+)
 OPS_EVENTS = Counter(
     "relay_ops_events",
     "Operational events for RELAY_OPS_WEBHOOK_URL, by type and what became of them",

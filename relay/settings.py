@@ -157,6 +157,9 @@ class Settings(BaseSettings):
         DEFAULT_RETRY_SCHEDULE, validation_alias="RELAY_DELIVERY_RETRY_SCHEDULE"
     )
     delivery_timeout: float = Field(15.0, gt=0, le=60, validation_alias="RELAY_DELIVERY_TIMEOUT")
+    # A final event's attempt made this long after its job ended first re-reads the job from
+    # Chamelaion, for a fresh output_url (0: never). See relay.delivery.refresh for the default.
+    refresh_after: float = Field(600.0, ge=0, validation_alias="RELAY_REFRESH_AFTER")
     upstream_rate_limit: float = Field(10.0, gt=0, validation_alias="RELAY_UPSTREAM_RATE_LIMIT")
     # The part of that rate only status reads (sweep pages, per-id polls) may use: submissions
     # and the API's other calls cannot take it, however many arrive (relay.jobs.schedule).

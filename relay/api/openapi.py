@@ -14,7 +14,13 @@ from typing import Any
 from relay.api.deliveries import MAX_PAGE, RecoverRequest
 from relay.api.idempotency import MAX_KEY_LENGTH
 from relay.api.job_events import EVENT_STREAM
-from relay.api.models import MAX_ID_LENGTH, MAX_REFERENCE_ID_LENGTH, GenerateRequest
+from relay.api.models import (
+    EVENT_TYPES,
+    MAX_ID_LENGTH,
+    MAX_METADATA_BYTES,
+    MAX_REFERENCE_ID_LENGTH,
+    GenerateRequest,
+)
 from relay.api.responses import MAX_DETAILS
 from relay.api.test_events import TestEventRequest
 from relay.api.watches import WatchRequest
@@ -66,6 +72,26 @@ _MEDIA_FORM: dict[str, Any] = {
             "type": "string",
             "maxLength": MAX_URL_LENGTH,
             "description": "http(s) URL",
+        },
+        # As the official SDK flattens a JSON body's lists and objects into form fields.
+        "callback_events[]": {
+            "type": "array",
+            "items": {"type": "string", "enum": list(EVENT_TYPES)},
+            "minItems": 1,
+            "maxItems": len(EVENT_TYPES),
+            "uniqueItems": True,
+            "description": "one part per event (`callback_events` is taken too)",
+        },
+        "callback_metadata": {
+            "type": "string",
+            "description": f"a JSON object of at most {MAX_METADATA_BYTES} bytes, echoed in "
+            "every callback with its types; or send callback_metadata[key] fields instead",
+        },
+    },
+    "patternProperties": {
+        r"^callback_metadata(\[[^\[\]]+\])+(\[\])?$": {
+            "type": "string",
+            "description": "one text value of the metadata (`[key][]`: an item of a list)",
         },
     },
     "additionalProperties": False,

@@ -86,7 +86,7 @@ async def generate(request: Request) -> Response:
         idempotency_key=idempotency_key,
         callback_url=job.callback_url,
         events=job.callback_events,
-        metadata=orjson.dumps(job.callback_metadata) if job.callback_metadata else None,
+        metadata=job.stored_metadata(),
         caller=request_caller(request).name,
     )
     # The intent is the write that proves the store takes writes (no separate check); the

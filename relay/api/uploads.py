@@ -7,7 +7,8 @@ file size. Once Chamelaion answers, the job is tracked like any other (poll, sig
 
 What can be known before Chamelaion is contacted is checked first: the content type, a declared
 size over RELAY_MAX_UPLOAD_BYTES, and every part before the first file (the official SDK sends
-its fields, `callback_url` included, before the files). A problem found later, mid-stream,
+its fields, the relay's own `callback_url`, `callback_events` and `callback_metadata` included,
+before the files). A problem found later, mid-stream,
 aborts the upstream request before its closing delimiter, so Chamelaion never gets a complete
 body and creates no job; the caller gets the relay's 4xx. So does a caller that disconnects.
 
@@ -230,11 +231,14 @@ async def generate_with_media(request: Request) -> Response:
     )
 
     async def before_end(complete: MediaForm) -> None:
-        # Every field is known once the body is: an upload's reference_id and callback_url may
-        # come after its files. (No reference_id is made up here as for JSON submits: the
-        # multipart body passes through as the caller sent it.)
+        # Every field is known once the body is: an upload's reference_id and the relay's own
+        # fields may come after its files. (No reference_id is made up here as for JSON
+        # submits: the multipart body passes through as the caller sent it.)
+        options = complete.options
         submission.reference_id = complete.reference_id
-        submission.callback_url = complete.callback_url
+        submission.callback_url = options.callback_url
+        submission.events = options.callback_events
+        submission.metadata = options.stored_metadata()
         await submission.open()
 
     with state.uploads.hold(request_caller(request).name):

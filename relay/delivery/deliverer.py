@@ -16,6 +16,9 @@ one attempt in one worker never both send. An attempt for a destination that is 
 host kept failing to answer: see `Outcome.answered`) is not made and not counted: it is
 postponed, as a new arq job, to when the destination may be tried again, so no event is lost
 however long the receiver is down; the attempt log says so.
+
+An attempt at `lipsync.completed` made long after its job ended sends the job as Chamelaion
+answers for it now, for a fresh output_url (relay.delivery.refresh), under the same webhook-id.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from relay.delivery.attempt_log import EXCERPT_CHARS, AttemptLog
 from relay.delivery.destinations import Destinations, destination_of
 from relay.delivery.failure import FailureClass, failure_class
 from relay.delivery.ops_events import OpsEvents, last_attempt
+from relay.delivery.refresh import Refresher
 from relay.delivery.store import Breaker, DeliveryId, DeliveryState, DeliveryStore
 from relay.delivery.transport import CallbackClient
 from relay.errors import DestinationRefused
@@ -160,11 +164,14 @@ class Deliverer:
         breaker: Breaker,
         attempt_log: AttemptLog,
         timeout: float,
+        refresher: Refresher | None = None,
         ops: OpsEvents | None = None,
     ) -> None:
         # Where operational events go (RELAY_OPS_WEBHOOK_URL); None: nowhere.
         self.ops = ops
         self.attempt_log = attempt_log
+        # Re-reads late final events (RELAY_REFRESH_AFTER); None: never.
+        self.refresher = refresher
         self.timeout = timeout
         self.store = store
         self.deliveries = deliveries
@@ -184,11 +191,13 @@ class Deliverer:
         destination: str | None = None,
         *,
         wait: float | None = None,
+        refresh: bool = True,
     ) -> str:
         """Make delivery attempt number `attempt` (0-based); returns what happened, for arq.
 
         `destination`: the callback URL's, when the caller knows it (read from the job if not).
         `wait`: how long to queue for a slot at most (DestinationBusy after); None: no limit.
+        `refresh`: a late final event may re-read its job first (relay.delivery.refresh).
         """
         if destination is None:
             job = await self.store.get(request_id)
@@ -206,9 +215,11 @@ class Deliverer:
             return "postponed"
         owner = await self.deliveries.owner(DeliveryId.parse(request_id))
         async with self.destinations.slot(destination, owner=owner, wait=wait):
-            return await self._attempt(request_id, attempt, destination)
+            return await self._attempt(request_id, attempt, destination, refresh=refresh)
 
-    async def _attempt(self, request_id: str, attempt: int, destination: str) -> str:
+    async def _attempt(
+        self, request_id: str, attempt: int, destination: str, *, refresh: bool
+    ) -> str:
         job = await self.store.get(request_id)
         if job is not None and job.delivery == "pending" and job.attempt == attempt - 1:
             # The previous attempt enqueued this one but has not recorded its outcome yet (it
@@ -218,8 +229,15 @@ class Deliverer:
             return "stale"
         if not (job.callback_url and job.event and job.event_id):
             return "stale"
-        started = time.monotonic()
         delivery = DeliveryId.parse(request_id)
+        event, refreshed = job.event, {}
+        began = time.monotonic()
+        if refresh and delivery.early is None and self.refresher is not None:
+            fresh = await self.refresher.event(job)
+            event, refreshed = fresh.event, fresh.entry
+        started = time.monotonic()
+        # The Redis clock when the POST began: the record's read time plus any re-read.
+        sent_at = job.read_at + (started - began)
         tracer = setup.active()
         span = _attempt_span(tracer, job, attempt) if tracer is not None and job.trace else None
         if delivery.early is not None:
@@ -228,19 +246,19 @@ class Deliverer:
                 log.info("early event dropped as stale: the job ended", extra={"id": request_id})
                 return "stale"
             try:
-                outcome = await self._post(job.callback_url, job.event_id, job.event, span)
+                outcome = await self._post(job.callback_url, job.event_id, event, span)
             finally:
                 await self.deliveries.release_send(delivery)
         else:
             if PROCESSING in job.events:
                 # Only a job whose callback asked for an early event can have one in flight.
                 await self._after_early_events(request_id)
-            outcome = await self._post(job.callback_url, job.event_id, job.event, span)
+            outcome = await self._post(job.callback_url, job.event_id, event, span)
         duration = time.monotonic() - started
         log_extra = {"request_id": request_id, "attempt": attempt, "result": outcome.detail}
         if outcome.kind == "delivered" and job.ended_at is not None:
             # On the Redis clock, like `ended_at`: the record's read time plus the attempt.
-            DELIVERY_LATENCY.observe(max(0.0, job.read_at + duration - job.ended_at))
+            DELIVERY_LATENCY.observe(max(0.0, sent_at + duration - job.ended_at))
         following = attempt + 1
         # A redelivery starts the schedule again from its own attempt number.
         step = following - job.schedule_base
@@ -256,7 +274,9 @@ class Deliverer:
             _end_attempt_span(span, outcome, settled or "retry")
         counted = self.outcomes.count_call("delivered" if settled == "delivered" else "failed")
         if settled is not None:
-            logged = self._entry(job, attempt, outcome, duration, settled, next_in=None)
+            logged = self._entry(
+                job, attempt, outcome, duration, settled, next_in=None, sent_at=sent_at, **refreshed
+            )
             recorded = await self._record(
                 request_id,
                 attempt,
@@ -300,7 +320,19 @@ class Deliverer:
             destination,
             event_type=event_type_of(job.event) or "",
             keep_for=delay + KEEP_AFTER_LAST_ATTEMPT,
-            then=[self._entry(job, attempt, outcome, duration, "failing", next_in=delay), counted],
+            then=[
+                self._entry(
+                    job,
+                    attempt,
+                    outcome,
+                    duration,
+                    "failing",
+                    next_in=delay,
+                    sent_at=sent_at,
+                    **refreshed,
+                ),
+                counted,
+            ],
         )
         log.warning("callback failed, retrying in %.0f s", delay, extra=log_extra)
         return "retry"
@@ -322,8 +354,11 @@ class Deliverer:
         state: str,
         *,
         next_in: float | None,
+        sent_at: float,
+        **more: str,
     ) -> ScriptCall:
-        """The attempt log's entry for this attempt, recorded along with its outcome."""
+        """The attempt log's entry for this attempt, recorded along with its outcome; `more`:
+        what it says of a re-read (relay.delivery.refresh)."""
         return self.attempt_log.record_call(
             job.request_id,
             event=event_type_of(job.event),
@@ -333,8 +368,9 @@ class Deliverer:
             error=outcome.error,
             detail=outcome.detail,
             excerpt=outcome.excerpt,
-            next_at=None if next_in is None else round(job.read_at + duration + next_in, 3),
+            next_at=None if next_in is None else round(sent_at + duration + next_in, 3),
             state=state,
+            **more,
         )
 
     async def _record(

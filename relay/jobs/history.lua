@@ -4,14 +4,15 @@
 -- hash), is appended to the job's history (a list living as long as the job's hash), filed in
 -- its caller's feed as a pointer (request id, sequence), and announced on the events channel,
 -- which wakes the API's waiters. `fields` is the event's own part as a JSON object text
--- ('{"type":"status",...}'); the sequence, the request id and the time go in front of it.
+-- ('{"type":"status",...}'); the sequence and the time go in front of it. What readers know
+-- is not stored again (relay.jobs.history puts it back): the request id (the list's key), and
+-- the job's final body, which an event marked `"with_body":true` carries as `data`.
 -- `ends`: the job ended with this event; `last`: nothing more is to come (nothing left to
 -- deliver). Returns the sequence number, or 0 when the job's hash is gone (nothing written).
 local function history_append(job_key, request_id, fields, ends, last)
   if redis.call('EXISTS', job_key) == 0 then return 0 end
   local sequence = redis.call('HINCRBY', job_key, 'sequence', 1)
-  local head = string.format('{"sequence":%d,"request_id":%s,"at":%.3f',
-                             sequence, cjson.encode(request_id), now)
+  local head = string.format('{"sequence":%d,"at":%.3f', sequence, now)
   if last then head = head .. ',"last":true' end
   local history_key = history_prefix .. request_id
   redis.call('RPUSH', history_key, head .. ',' .. string.sub(fields, 2))

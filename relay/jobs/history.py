@@ -10,7 +10,8 @@ caller's feed (`relay:feed:{caller}`, a stream, trimmed to the job retention) an
 the `relay:events` channel, which wakes the API's waiters (relay.api.waiters): pub/sub
 rather than keyspace notifications, which need a Redis setting managed services may refuse.
 
-An event as stored and shown (JSON):
+An event as shown (JSON; stored without its request id, and with `"with_body": true` in place of
+the job's final body, which is kept once, in the job's hash):
     {"sequence": 3, "request_id": "...", "at": <Redis-clock seconds>, "type": "status",
      "status": "completed", "data": {<the LipsyncRequest, final statuses only>}}
     {"sequence": 4, "request_id": "...", "at": ..., "last": true, "type": "delivery",
@@ -31,11 +32,14 @@ from redis.asyncio import Redis
 
 from relay.jobs.events import iso
 from relay.redis import keys
-from relay.redis.batch import batcher
+from relay.redis.batch import Call, batcher
 from relay.settings import Settings
 
 # The feed's retention unless a store is told the job retention (tests build stores bare).
 DEFAULT_RETENTION: float = Settings.model_fields["job_retention"].default
+
+# How a stored event says it shows the job's final body as `data` (history.lua).
+WITH_BODY = b'"with_body":true'
 
 # Flags of an announcement on the events channel.
 ENDS = 1  # the job ended with this event
@@ -85,12 +89,17 @@ class Announcement:
         return cls(request_id, caller, sequence, flags)
 
 
-def shown(raw: bytes) -> dict[str, Any]:
-    """A stored event as the API shows it: its time in ISO 8601 (UTC)."""
-    event: dict[str, Any] = orjson.loads(raw)
-    at = event.get("at")
-    if isinstance(at, int | float):
-        event["at"] = iso(at)
+def shown(raw: bytes, request_id: str, body: bytes | None) -> dict[str, Any]:
+    """A stored event as the API shows it: with its job's request id, its time in ISO 8601
+    (UTC), and the job's final body as `data` where it is marked to carry it."""
+    stored: dict[str, Any] = orjson.loads(raw)
+    event: dict[str, Any] = {"sequence": stored.pop("sequence", 0), "request_id": request_id}
+    at = stored.pop("at", None)
+    event["at"] = iso(at) if isinstance(at, int | float) else at
+    with_body = stored.pop("with_body", False)
+    event.update(stored)
+    if with_body:
+        event["data"] = orjson.Fragment(body) if body else None
     return event
 
 
@@ -106,8 +115,13 @@ class History:
 
     async def after(self, request_id: str, sequence: int) -> list[dict[str, Any]]:
         """The job's events numbered above `sequence`, oldest first."""
-        (raw,) = await batcher(self.redis).run([("LRANGE", keys.history(request_id), sequence, -1)])
-        return [shown(item) for item in raw]
+        raw, body = await batcher(self.redis).run(
+            [
+                ("LRANGE", keys.history(request_id), sequence, -1),
+                ("HGET", keys.job(request_id), "body"),
+            ]
+        )
+        return [shown(item, request_id, body) for item in raw]
 
     async def feed(self, caller: str, *, after: str, count: int) -> FeedPage:
         """Up to `count` of `caller`'s events filed after the stream id `after` ("0": from the
@@ -122,10 +136,21 @@ class History:
         )
         if not entries:
             return FeedPage([], after)
-        calls = [
-            ("LINDEX", keys.history(fields[b"r"].decode()), int(fields[b"s"]) - 1)
-            for _, fields in entries
+        jobs = [fields[b"r"].decode() for _, fields in entries]
+        calls: list[Call] = [
+            ("LINDEX", keys.history(request_id), int(fields[b"s"]) - 1)
+            for request_id, (_, fields) in zip(jobs, entries, strict=True)
         ]
         found = await batcher(self.redis).run(calls)
-        events = [shown(raw) for raw in found if raw]
+        # The final bodies, for the events that show one (one read each, in one round trip).
+        ended = sorted(
+            {job for job, raw in zip(jobs, found, strict=True) if raw and WITH_BODY in raw}
+        )
+        bodies: dict[str, bytes | None] = {}
+        if ended:
+            read = await batcher(self.redis).run([("HGET", keys.job(job), "body") for job in ended])
+            bodies = dict(zip(ended, read, strict=True))
+        events = [
+            shown(raw, job, bodies.get(job)) for job, raw in zip(jobs, found, strict=True) if raw
+        ]
         return FeedPage(events, entries[-1][0].decode())

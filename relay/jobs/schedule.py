@@ -33,6 +33,7 @@ from redis.asyncio import Redis
 
 from relay.redis import keys, scripts, stats
 from relay.redis.batch import batcher
+from relay.upstream import BudgetRefused
 
 log = logging.getLogger(__name__)
 
@@ -155,3 +156,23 @@ class PollSchedule:
         await batcher(self.redis).run(
             [("ZREM", keys.POLLS, request_id), ("ZREM", keys.CREATED, request_id)]
         )
+
+
+class StatusReadBudget:
+    """What each status read made outside the poll queue spends (relay.upstream.Budget): a slot
+    booked through `reserve`, as a sweep's page is; a 429 it meets pauses everyone. For the
+    intent reconcile's lookups and late deliveries' re-reads, through `Upstream.with_budget`."""
+
+    def __init__(self, schedule: PollSchedule, *, met_by: str) -> None:
+        self.schedule = schedule
+        self.met_by = met_by
+
+    async def spend(self) -> None:
+        booked, wait = await self.schedule.reserve()
+        if not booked:
+            raise BudgetRefused(429, "upstream calls are paused after a 429")
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    async def rate_limited(self, retry_after: float | None) -> None:
+        await self.schedule.pause_for_429(retry_after, met_by=self.met_by)

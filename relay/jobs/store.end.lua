@@ -4,7 +4,8 @@
 -- Ended jobs are kept for days, so the record shrinks to what status reads and delivery need:
 -- the polling fields go, and the event is stored without its data when that is the body
 -- (relay.jobs.store puts it back together). Its event, the job's last when nothing is to be
--- delivered, carries the body as `data`; the callback body is stamped with its sequence.
+-- delivered, is shown with the body as `data` (kept once, in the hash); the callback body is
+-- stamped with its sequence.
 local job_key = KEYS[1]
 local ref_key = KEYS[2]           -- the job key again when there is no reference_id
 local created_key = KEYS[3]
@@ -39,7 +40,7 @@ redis.call('HDEL', job_key, 'created', 'interval', 'not_found_since', 'polled')
 redis.call('EXPIRE', job_key, retention)
 local sequence = history_append(
   job_key, request_id,
-  '{"type":"status","status":' .. cjson.encode(status) .. ',"data":' .. body .. '}',
+  '{"type":"status","status":' .. cjson.encode(status) .. ',"with_body":true}',
   true, delivery ~= 'pending')
 redis.call('HSET', job_key, 'event', history_stamp(event, sequence))
 unschedule()

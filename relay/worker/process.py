@@ -24,13 +24,14 @@ from relay.delivery.first_attempts import FirstAttempts
 from relay.delivery.netpolicy import callback_policy
 from relay.delivery.ops_events import OpsEvents
 from relay.delivery.queue import DeliveryQueue
+from relay.delivery.refresh import Refresher, refresh_timeout
 from relay.delivery.store import Breaker, DeliveryStore
 from relay.delivery.stranded import StrandedSweep
 from relay.delivery.transport import CallbackClient, make_callback_client
 from relay.jobs.intents import Intents, lookup_timeout
 from relay.jobs.poller import Poller
 from relay.jobs.reconcile import Reconciler
-from relay.jobs.schedule import PollSchedule
+from relay.jobs.schedule import PollSchedule, StatusReadBudget
 from relay.jobs.store import JobStore
 from relay.jobs.sweep import Sweeper
 from relay.lifecycle import Service, supervise
@@ -95,6 +96,15 @@ async def build_state(settings: Settings) -> WorkerState:
         settings.delivery_timeout,
         max_connections=settings.delivery_concurrency,
     )
+    refresher = (
+        Refresher(
+            upstream.with_budget(StatusReadBudget(schedule, met_by="a late delivery's re-read")),
+            after=settings.refresh_after,
+            timeout=refresh_timeout(settings),
+        )
+        if settings.refresh_after
+        else None
+    )
     ops = None
     if settings.ops_webhook_url:
         assert settings.ops_webhook_secret is not None  # Settings.require checked it
@@ -120,6 +130,7 @@ async def build_state(settings: Settings) -> WorkerState:
         breaker=Breaker.from_settings(settings),
         attempt_log=attempt_log,
         timeout=settings.delivery_timeout,
+        refresher=refresher,
         ops=ops,
     )
     # Twice the attempts that may be in flight keep the slots busy; the rest wait as ids.
