@@ -144,6 +144,9 @@ class Settings(BaseSettings):
     webhook_secrets: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
         (), validation_alias="RELAY_WEBHOOK_SECRETS"
     )
+    # The callers (relay.callers): their keys, roles, own secrets and limits; re-read when it
+    # changes. Unset: RELAY_API_KEYS are one caller, `default`, an admin.
+    callers_file: str | None = Field(None, min_length=1, validation_alias="RELAY_CALLERS_FILE")
     poll_min_interval: float = Field(2.0, gt=0, validation_alias="RELAY_POLL_MIN_INTERVAL")
     poll_max_interval: float = Field(60.0, gt=0, validation_alias="RELAY_POLL_MAX_INTERVAL")
     # How long a worker holds a claimed poll before another may take it over (crash recovery).
@@ -284,6 +287,10 @@ class Settings(BaseSettings):
     # How long an API call may wait for a slot of the shared upstream budget before the caller
     # is answered 429 instead.
     api_budget_wait: float = Field(2.0, ge=0, le=60, validation_alias="RELAY_API_BUDGET_WAIT")
+    # Each caller's limits on submissions where its callers-file entry sets none (0: no limit):
+    # its jobs not yet ended, and submissions per second (relay.api.budget).
+    caller_max_outstanding: int = Field(0, ge=0, validation_alias="RELAY_CALLER_MAX_OUTSTANDING")
+    caller_submit_rate: float = Field(0.0, ge=0, validation_alias="RELAY_CALLER_SUBMIT_RATE")
     # The longest a request may be held open for a job's events (`Prefer: wait`, a feed read's
     # `wait`), and the time between keepalive comments on an event stream.
     max_wait: int = Field(60, ge=0, le=3600, validation_alias="RELAY_MAX_WAIT")
@@ -430,7 +437,12 @@ class Settings(BaseSettings):
     def require(self, role: Role) -> Settings:
         """Check what a role cannot start without; returns self so calls chain."""
         needed: dict[str, bool] = {"CHAMELAION_API_KEY": self.chamelaion_api_key is not None}
-        if role == "api" or self.metrics_auth:
+        if self.callers_file is not None and self.api_keys:
+            raise ConfigError(
+                "RELAY_API_KEYS",
+                "must not be set beside RELAY_CALLERS_FILE: give those keys a caller in the file",
+            )
+        if (role == "api" or self.metrics_auth) and self.callers_file is None:
             needed["RELAY_API_KEYS"] = bool(self.api_keys)
         if role == "worker":
             needed["RELAY_WEBHOOK_SECRETS"] = bool(self.webhook_secrets)

@@ -37,6 +37,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     ("settings", ("relay.settings",)),
+    ("callers", ("relay.callers",)),
     ("redis", ("relay.redis",)),
     ("upstream", ("relay.upstream",)),
     ("jobs", ("relay.jobs",)),

@@ -20,8 +20,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from relay.api import deliveries, job_events, test_events, watches, webhook_keys
-from relay.api.auth import ApiKeyMiddleware, KeyRing
-from relay.api.budget import ApiBudget
+from relay.api.auth import ApiKeyMiddleware
+from relay.api.budget import ActingCaller, ApiBudget
 from relay.api.idempotency import idempotent
 from relay.api.limits import UploadSlots
 from relay.api.openapi import openapi_document
@@ -36,6 +36,7 @@ from relay.api.traced import traced
 from relay.api.uploads import generate_with_media
 from relay.api.waiters import Waiters
 from relay.api.waiting import waiting
+from relay.callers.source import CallerSource
 from relay.console.views import create_console
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.control import Redeliverer
@@ -43,11 +44,12 @@ from relay.delivery.netpolicy import callback_policy
 from relay.delivery.queue import DeliveryQueue
 from relay.delivery.transport import make_callback_client
 from relay.errors import ApiError
+from relay.jobs.fair_share import FairShare
 from relay.jobs.history import History
 from relay.jobs.intents import Intents
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
-from relay.metrics import UPSTREAM_RATE_LIMIT
+from relay.metrics import UPSTREAM_RATE_LIMIT, bound_callers
 from relay.redis.conn import arq_view, connect
 from relay.redis.conn import close as close_redis
 from relay.redis.shared_state import metrics_response
@@ -78,6 +80,8 @@ async def openapi(request: Request) -> Response:
 
 def create_app(settings: Settings) -> Starlette:
     settings.require("api")
+    # Read once here (a bad callers file stops the start-up), then kept current by itself.
+    callers = CallerSource.from_settings(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -90,8 +94,16 @@ def create_app(settings: Settings) -> Starlette:
             max_pause=settings.max_upstream_pause,
             read_share=settings.status_read_share,
         )
-        budget = ApiBudget(schedule, max_wait=settings.api_budget_wait)
+        budget = ApiBudget(
+            FairShare(redis, schedule),
+            max_wait=settings.api_budget_wait,
+            max_outstanding=settings.caller_max_outstanding,
+            submit_rate=settings.caller_submit_rate,
+        )
         UPSTREAM_RATE_LIMIT.set(settings.upstream_rate_limit)
+        bound_callers(
+            lambda name: callers.book.named(name) is not None, callers.book.names, role="api"
+        )
         upstream = Upstream.from_settings(settings, budget=budget)
         policy = callback_policy(settings)
         signer = Signer(settings.webhook_secrets) if settings.webhook_secrets else None
@@ -118,6 +130,7 @@ def create_app(settings: Settings) -> Starlette:
             yield {
                 "relay": AppState(
                     settings=settings,
+                    callers=callers,
                     redis=redis,
                     store=store,
                     upstream=upstream,
@@ -182,7 +195,7 @@ def create_app(settings: Settings) -> Starlette:
             methods=["POST"],
             name="api_recover",
         ),
-        create_console(settings),
+        create_console(settings, callers),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
@@ -196,10 +209,12 @@ def create_app(settings: Settings) -> Starlette:
             Middleware(ResponseCounter),
             Middleware(
                 ApiKeyMiddleware,
-                keys=KeyRing(settings.api_keys),
+                callers=callers,
                 metrics_auth=settings.metrics_auth,
                 public=(webhook_keys.PATH,),
             ),
+            # Inside the auth: the resolved caller is whose account upstream calls book.
+            Middleware(ActingCaller),
         ],
         exception_handlers={
             ApiError: api_error,

@@ -323,7 +323,7 @@ def openapi_document() -> dict[str, Any]:
         "409": _error("A request with this Idempotency-Key is still in progress"),
         "422": _error("Invalid field, or Idempotency-Key reused with another body"),
         "429": _error(
-            "Chamelaion's rate limit, or this API key holds RELAY_IDEMPOTENCY_MAX_KEYS "
+            "Chamelaion's rate limit, or this caller holds RELAY_IDEMPOTENCY_MAX_KEYS "
             "Idempotency-Keys already; see Retry-After"
         ),
     }
@@ -379,8 +379,8 @@ def openapi_document() -> dict[str, Any]:
                         "408": _error("The upload stalled or arrived below the minimum rate"),
                         "415": _error("Not multipart/form-data"),
                         "429": _error(
-                            "Too many uploads in progress (for this key or in all), "
-                            "Chamelaion's rate limit, or this API key holds "
+                            "Too many uploads in progress (for this caller or in all), "
+                            "Chamelaion's rate limit, or this caller holds "
                             "RELAY_IDEMPOTENCY_MAX_KEYS Idempotency-Keys already; see Retry-After"
                         ),
                     },

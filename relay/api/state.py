@@ -11,6 +11,7 @@ from relay.api.budget import ApiBudget
 from relay.api.limits import UploadSlots
 from relay.api.store_check import WriteCheck
 from relay.api.waiters import Waiters
+from relay.callers.source import CallerSource
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.control import Redeliverer
 from relay.delivery.netpolicy import NetworkPolicy
@@ -27,6 +28,7 @@ from relay.upstream import Upstream
 @dataclass
 class AppState:
     settings: Settings
+    callers: CallerSource  # who may call, and as whom (relay.callers)
     redis: Redis
     store: JobStore
     upstream: Upstream

@@ -23,7 +23,9 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from relay.api.auth import request_caller
 from relay.api.body import read_body
+from relay.api.budget import acting_caller
 from relay.api.models import MAX_ID_LENGTH, GenerateRequest
 from relay.api.responses import json_bytes
 from relay.api.state import AppState, app_state
@@ -85,6 +87,7 @@ async def generate(request: Request) -> Response:
         callback_url=job.callback_url,
         events=job.callback_events,
         metadata=job.stored_metadata(),
+        caller=request_caller(request).name,
     )
     # The intent is the write that proves the store takes writes (no separate check); the
     # create's budget slot is booked with it.
@@ -158,6 +161,7 @@ class Submission:
     events: Sequence[str] | None = None
     metadata: bytes | None = None
     intent: Intent | None = None
+    caller: str | None = None  # whose job it becomes (relay.callers)
 
     async def open(self, *, book: bool = False) -> None:
         """Write the intent. `book`: also book the create's slot of the shared upstream budget
@@ -171,7 +175,8 @@ class Submission:
                 callback_url=self.callback_url,
                 events=self.events,
                 metadata=self.metadata,
-                along=[budget.take_call()] if book else [],
+                caller=self.caller,
+                along=[budget.take_call(submission=True)] if book else [],
             )
         except RedisError:
             raise ApiError(503, "the relay's job store is unavailable; try again") from None
@@ -232,6 +237,7 @@ class Submission:
                 events=self.events,
                 metadata=self.metadata,
                 intent_id=self.intent.id if self.intent is not None else None,
+                caller=self.caller,
                 # The submission span's context (relay.api.traced), for the job's own spans.
                 trace=spans.keep() if setup.active() is not None else None,
             )
@@ -245,7 +251,7 @@ class Submission:
             )
             raise self._unrecorded(request_id) from None
         if created:
-            JOBS_SUBMITTED.inc()
+            JOBS_SUBMITTED.labels(acting_caller().name).inc()
             # The common case, counted in metrics: not a line each unless RELAY_LOG_LEVEL=debug
             # (at a thousand submissions a second, a line each is a sizeable share of the CPU).
             log.debug("job submitted", extra={"request_id": request_id})
@@ -311,7 +317,7 @@ class Submission:
                     "a create's answer was lost; its job was found and is tracked",
                     extra={"request_id": found.adoptable, "reason": reason},
                 )
-                JOBS_SUBMITTED.inc()
+                JOBS_SUBMITTED.labels(acting_caller().name).inc()
                 return json_bytes(created_answer(found.adoptable))
             found = replace(found, rivals=found.rivals + 1)  # tracked meanwhile by another
         if len(found.candidates) > 1 or (found.candidates and not found.rivals):

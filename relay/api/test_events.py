@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from relay.api.auth import request_caller
 from relay.api.body import read_body
 from relay.api.models import CallbackUrl
 from relay.api.state import AppState, app_state
@@ -49,8 +50,7 @@ async def send_test_event(request: Request) -> Response:
         raise validation_error(exc) from None
     if state.signer is None:
         raise ApiError(503, "this API process has no RELAY_WEBHOOK_SECRETS to sign with")
-    # The auth middleware names the caller's key (a digest, never the key).
-    await _count(state, request.scope["state"]["caller_id"])
+    await _count(state, request_caller(request).name)
     await check_callback_url(state, wanted.url)
     webhook_id = "msg_" + uuid.uuid4().hex
     event = build_event("relay.test", {"message": "a test event from chamelaion-relay"})

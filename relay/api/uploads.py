@@ -34,7 +34,9 @@ import httpx
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from relay.api.auth import request_caller
 from relay.api.body import declared_length, too_large
+from relay.api.budget import SubmissionBudget
 from relay.api.multipart import MediaForm, boundary_of, content_type
 from relay.api.state import app_state
 from relay.api.submit import (
@@ -225,6 +227,7 @@ async def generate_with_media(request: Request) -> Response:
         reference_id=None,
         idempotency_key=held_idempotency_key(request),
         callback_url=None,
+        caller=request_caller(request).name,
     )
 
     async def before_end(complete: MediaForm) -> None:
@@ -238,7 +241,7 @@ async def generate_with_media(request: Request) -> Response:
         submission.metadata = options.stored_metadata()
         await submission.open()
 
-    with state.uploads.hold(request.scope["state"]["caller_id"]):
+    with state.uploads.hold(request_caller(request).name):
         # Before a byte is read: a store that cannot record the job refuses the upload whole.
         await ensure_store(state)
         upload = Upload(
@@ -251,4 +254,6 @@ async def generate_with_media(request: Request) -> Response:
             check_callback=lambda url: check_callback_url(state, url),
             before_end=before_end,
         )
-        return await submission.send(lambda: upload.send(state.upstream))
+        # Its create is a submission: held to the caller's limits as it books its slot.
+        upstream = state.upstream.with_budget(SubmissionBudget(state.budget))
+        return await submission.send(lambda: upload.send(upstream))

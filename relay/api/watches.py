@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from relay.api.auth import request_caller
 from relay.api.body import read_body
 from relay.api.models import (
     MAX_ID_LENGTH,
@@ -83,6 +84,7 @@ async def watch(request: Request) -> Response:
         first_poll_in=0,
         events=wanted.callback_events,
         metadata=orjson.dumps(wanted.callback_metadata) if wanted.callback_metadata else None,
+        caller=request_caller(request).name,
     )
     if not created:
         tracked = await state.store.get(request_id)

@@ -25,6 +25,7 @@ from starlette.templating import Jinja2Templates
 from relay.api.deliveries import deliveries_of, iso, parse_time
 from relay.api.state import AppState, app_state
 from relay.api.steering_limits import RECOVER, REDELIVER, SteeringLimits, allowance
+from relay.callers.source import CallerSource
 from relay.console import queries
 from relay.console.chart import chart_svg
 from relay.console.headers import ConsoleHeaders
@@ -75,8 +76,8 @@ async def _form(request: Request) -> dict[str, str]:
 
 
 class Console:
-    def __init__(self, settings: Settings) -> None:
-        self.sessions = Sessions(settings)
+    def __init__(self, settings: Settings, callers: CallerSource) -> None:
+        self.sessions = Sessions(settings, callers)
         self.settings = settings
 
     async def _session(self, request: Request) -> Session:
@@ -303,8 +304,8 @@ class _SignIn(Exception):
     """Raised by a page that needs a session: answered with a redirect to the sign-in form."""
 
 
-def create_console(settings: Settings) -> Mount:
-    console = Console(settings)
+def create_console(settings: Settings, callers: CallerSource) -> Mount:
+    console = Console(settings, callers)
 
     async def to_sign_in(request: Request, exc: Exception) -> Response:
         return _redirect(request.url_for("login"))

@@ -85,6 +85,7 @@ class Intent:
     events: tuple[str, ...] | None
     metadata: bytes | None
     looks: int = 0  # reconcile lookups that settled nothing so far
+    caller: str | None = None  # whose submission it is: its job, once adopted, is theirs
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ def _decode(intent_id: str, raw: dict[bytes, bytes]) -> Intent:
         events=tuple(events.split(",")) if events else None,
         metadata=raw.get(b"metadata") or None,
         looks=int(raw.get(b"looks") or 0),
+        caller=text("caller"),
     )
 
 
@@ -155,6 +157,7 @@ class Intents:
         callback_url: str | None,
         events: Sequence[str] | None,
         metadata: bytes | None,
+        caller: str | None = None,
         along: Sequence[Call] = (),
     ) -> tuple[Intent, list[Any]]:
         """Write the intent; with it, in the same round trip, the `along` calls (the API's
@@ -171,6 +174,7 @@ class Intents:
                 metadata or b"",
                 self.stale_after,
                 self.ttl,
+                caller or "",
             ],
         )
         started, *results = await batcher(self.redis).run([opening, *along], return_exceptions=True)
@@ -184,6 +188,7 @@ class Intents:
             callback_url,
             tuple(events) if events else None,
             metadata,
+            caller=caller,
         )
         return intent, results
 
@@ -328,6 +333,7 @@ class Intents:
             first_poll_in=self.poll_in,
             events=intent.events,
             metadata=intent.metadata,
+            caller=intent.caller,
         )
         if created:
             # Left over on a Redis error, the intent is dropped later: its job is tracked.

@@ -67,6 +67,9 @@ class Job:
     # The Redis clock when this record was read: what the job's age and grace periods are
     # measured against, never the reader's own clock.
     read_at: float
+    # The caller that submitted or watched it (relay.callers); None for a job tracked before
+    # callers were recorded, which only an admin sees.
+    caller: str | None = None
 
     @property
     def ended(self) -> bool:
@@ -135,6 +138,7 @@ def _decode(request_id: str, raw: dict[bytes, bytes], read_at: float) -> Job:
         sequence=int(raw.get(b"sequence") or 0),
         trace=_text(raw, "trace"),
         read_at=read_at,
+        caller=_text(raw, "caller"),
     )
 
 
@@ -190,12 +194,15 @@ class JobStore:
         events: Sequence[str] | None = None,
         metadata: bytes | None = None,
         intent_id: str | None = None,
+        caller: str | None = None,
         trace: str | None = None,
     ) -> bool:
         """Start tracking; False when the id is already tracked (nothing is changed then).
 
         `events`: which events the callback gets (None: the final ones); `metadata`: a JSON
         object echoed in every callback; `intent_id`: the submission intent (with this
+        reference_id) that the job settles, closed in the same step, tracked or not;
+        `caller`: whose job it is (relay.callers). With
         reference_id) that the job settles, closed in the same step, tracked or not; `trace`: the
         submission's trace context (relay.tracing.spans.keep), kept for the job's spans. With
         `wait_replicas`, returns only once that many replicas hold the job, else raises
@@ -210,6 +217,7 @@ class JobStore:
                 keys.INTENTS,
                 keys.intents_by_ref(reference_id) if reference_id else job_key,
             ]
+        script_keys.append(keys.caller_outstanding(caller) if caller else job_key)
         args: list[str | bytes | float] = [
             request_id,
             callback_url or "",
@@ -218,6 +226,7 @@ class JobStore:
             ",".join(events or ()),
             metadata or b"",
             intent_id or "",
+            caller or "",
             trace or "",
         ]
         if not self.wait_replicas:
@@ -317,6 +326,7 @@ class JobStore:
                 keys.CREATED,
                 keys.deliveries("pending"),
                 keys.POLLS,
+                keys.caller_outstanding(job.caller) if job.caller else keys.job(job.request_id),
             ],
             args=[
                 job.request_id,
