@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from relay.api.models import MAX_ID_LENGTH
+from relay.api.scoping import not_found, request_owner
 from relay.api.state import AppState, app_state
 from relay.api.status import path_segment
 from relay.errors import ApiError
@@ -62,16 +63,17 @@ def sse(event: dict[str, Any]) -> bytes:
     )
 
 
-async def _job(state: AppState, id_or_reference: str) -> Job:
+async def _job(state: AppState, request: Request, id_or_reference: str) -> Job:
     if len(id_or_reference) > MAX_ID_LENGTH:
         raise ApiError(400, f"id is longer than {MAX_ID_LENGTH} characters")
     path_segment(id_or_reference, "id")
     try:
-        job = await state.store.find(id_or_reference)
+        # Among the jobs the caller may see (relay.api.scoping): another's is the same 404.
+        job = await state.store.find_owned(id_or_reference, request_owner(request))
     except RedisError:
         raise ApiError(503, "the relay's job store is unavailable; try again") from None
     if job is None:
-        raise ApiError(404, "the relay tracks no job with this id or reference_id")
+        raise not_found()
     return job
 
 
@@ -85,7 +87,7 @@ async def job_events(request: Request) -> Response:
     state = app_state(request)
     if not _accepts_events(request):
         raise ApiError(406, f"this route answers {EVENT_STREAM} only: send Accept: {EVENT_STREAM}")
-    job = await _job(state, request.path_params["id"])
+    job = await _job(state, request, request.path_params["id"])
     after = _last_event_id(request)
     return StreamingResponse(
         _stream(state, job.request_id, after),

@@ -15,10 +15,17 @@ from relay.api.deliveries import MAX_PAGE, RecoverRequest
 from relay.api.feed import MAX_LIMIT as FEED_LIMIT
 from relay.api.idempotency import MAX_KEY_LENGTH
 from relay.api.job_events import EVENT_STREAM
-from relay.api.models import MAX_ID_LENGTH, MAX_REFERENCE_ID_LENGTH, GenerateRequest
+from relay.api.models import (
+    EVENT_TYPES,
+    MAX_ID_LENGTH,
+    MAX_METADATA_BYTES,
+    MAX_REFERENCE_ID_LENGTH,
+    GenerateRequest,
+)
 from relay.api.responses import MAX_DETAILS
 from relay.api.test_events import TestEventRequest
 from relay.api.watches import WatchRequest
+from relay.callers.model import NAME_PATTERN
 from relay.delivery.failure import FAILURE_CLASSES
 from relay.delivery.netpolicy import MAX_URL_LENGTH
 
@@ -67,6 +74,26 @@ _MEDIA_FORM: dict[str, Any] = {
             "type": "string",
             "maxLength": MAX_URL_LENGTH,
             "description": "http(s) URL",
+        },
+        # As the official SDK flattens a JSON body's lists and objects into form fields.
+        "callback_events[]": {
+            "type": "array",
+            "items": {"type": "string", "enum": list(EVENT_TYPES)},
+            "minItems": 1,
+            "maxItems": len(EVENT_TYPES),
+            "uniqueItems": True,
+            "description": "one part per event (`callback_events` is taken too)",
+        },
+        "callback_metadata": {
+            "type": "string",
+            "description": f"a JSON object of at most {MAX_METADATA_BYTES} bytes, echoed in "
+            "every callback with its types; or send callback_metadata[key] fields instead",
+        },
+    },
+    "patternProperties": {
+        r"^callback_metadata(\[[^\[\]]+\])+(\[\])?$": {
+            "type": "string",
+            "description": "one text value of the metadata (`[key][]`: an item of a list)",
         },
     },
     "additionalProperties": False,
@@ -169,6 +196,20 @@ def openapi_document() -> dict[str, Any]:
                             },
                         },
                     },
+                    "audit": {
+                        "type": "array",
+                        "description": "Who steered the job, newest first (at most 50)",
+                        "items": {
+                            "type": "object",
+                            "required": ["at", "caller", "action"],
+                            "properties": {
+                                "at": {"type": "string"},
+                                "caller": {"type": "string"},
+                                "action": {"enum": ["redeliver", "recover", "watch"]},
+                                "detail": {"type": "string"},
+                            },
+                        },
+                    },
                 },
             },
             "DeliveryPage": {
@@ -202,6 +243,11 @@ def openapi_document() -> dict[str, Any]:
                                 "algorithm": {"const": "ed25519"},
                                 "public_key": {"type": "string", "pattern": "^whpk_"},
                                 "created": {"type": ["string", "null"]},
+                                "caller": {
+                                    "type": ["string", "null"],
+                                    "description": "The caller whose own key it is; null: "
+                                    "the global key, for every caller without its own",
+                                },
                             },
                         },
                     }
@@ -294,6 +340,13 @@ def openapi_document() -> dict[str, Any]:
             "schema": {"type": "string", "minLength": 1, "maxLength": MAX_REFERENCE_ID_LENGTH},
         },
     ]
+    caller_filter = {
+        "name": "caller",
+        "in": "query",
+        "description": "An admin's caller filter: only that caller's jobs",
+        "schema": {"type": "string", "pattern": NAME_PATTERN},
+    }
+    not_yours = _error("A caller named another caller (only an admin may)")
     secured: list[dict[str, list[str]]] = [{"apiKey": []}, {"bearer": []}]
     idempotency_key = {
         "name": "Idempotency-Key",
@@ -306,7 +359,7 @@ def openapi_document() -> dict[str, Any]:
         "409": _error("A request with this Idempotency-Key is still in progress"),
         "422": _error("Invalid field, or Idempotency-Key reused with another body"),
         "429": _error(
-            "Chamelaion's rate limit, or this API key holds RELAY_IDEMPOTENCY_MAX_KEYS "
+            "Chamelaion's rate limit, or this caller holds RELAY_IDEMPOTENCY_MAX_KEYS "
             "Idempotency-Keys already; see Retry-After"
         ),
     }
@@ -362,8 +415,8 @@ def openapi_document() -> dict[str, Any]:
                         "408": _error("The upload stalled or arrived below the minimum rate"),
                         "415": _error("Not multipart/form-data"),
                         "429": _error(
-                            "Too many uploads in progress (for this key or in all), "
-                            "Chamelaion's rate limit, or this API key holds "
+                            "Too many uploads in progress (for this caller or in all), "
+                            "Chamelaion's rate limit, or this caller holds "
                             "RELAY_IDEMPOTENCY_MAX_KEYS Idempotency-Keys already; see Retry-After"
                         ),
                     },
@@ -385,7 +438,8 @@ def openapi_document() -> dict[str, Any]:
                             "headers": applied,
                         },
                         "400": _error("Id too long, a dot segment, or with a slash; bad Prefer"),
-                        "404": _error("lipsync request not found"),
+                        "404": _error("Not found: unknown, or another caller's job"),
+                        "503": _error("The relay's job store is unavailable"),
                         **_UPSTREAM_ERRORS,
                         **_ERRORS_ANY,
                     },
@@ -395,15 +449,17 @@ def openapi_document() -> dict[str, Any]:
             },
             "/api/v1/lipsync/requests": {
                 "get": _operation(
-                    "List requests (proxied to Chamelaion)",
+                    "List the caller's requests (an admin: Chamelaion's whole list, proxied)",
                     {
                         "200": {"description": "A page", "content": _json("LipsyncRequestList")},
-                        "400": _error("Bad limit, offset or reference_id"),
+                        "400": _error("Bad limit, offset, reference_id or caller"),
+                        "403": not_yours,
+                        "503": _error("The relay's job store is unavailable"),
                         **_UPSTREAM_ERRORS,
                         **_ERRORS_ANY,
                     },
                     security=secured,
-                    parameters=list_params,
+                    parameters=[*list_params, caller_filter],
                 )
             },
             "/api/relay/v1/webhook-keys": {
@@ -434,8 +490,15 @@ def openapi_document() -> dict[str, Any]:
                     {
                         "200": {"description": "Already watched", "content": _json("Watch")},
                         "201": {"description": "Now watched", "content": _json("Watch")},
-                        "404": _error("Chamelaion does not know this request"),
-                        "409": _error("Already tracked with a different callback_url"),
+                        "403": _error("A caller named another caller (only an admin may)"),
+                        "404": _error(
+                            "Not found: unknown, another caller's job, or (for a caller that is "
+                            "not an admin) not one of its own"
+                        ),
+                        "409": _error(
+                            "Already tracked with a different callback_url, or a submission "
+                            "with its reference_id is being settled"
+                        ),
                         "503": _error("The relay's job store is unavailable"),
                         **relay_body,
                         **_UPSTREAM_ERRORS,
@@ -451,7 +514,7 @@ def openapi_document() -> dict[str, Any]:
                     {
                         "200": {"description": "The deliveries", "content": _json("JobDeliveries")},
                         "400": _error("Bad id"),
-                        "404": _error("No tracked job has this id or reference_id"),
+                        "404": _error("No tracked job of the caller's has this id or reference_id"),
                         **_ERRORS_ANY,
                     },
                     security=secured,
@@ -525,7 +588,7 @@ def openapi_document() -> dict[str, Any]:
                     {
                         "202": {"description": "Requeued", "content": _json("Redelivered")},
                         "400": _error("Bad id"),
-                        "404": _error("No tracked job has this id or reference_id"),
+                        "404": _error("No tracked job of the caller's has this id or reference_id"),
                         "409": _error("The job has not ended, or has no callback_url"),
                         "429": _error("RELAY_REDELIVERIES_PER_MINUTE reached; see Retry-After"),
                         **_ERRORS_ANY,
@@ -539,7 +602,8 @@ def openapi_document() -> dict[str, Any]:
                     "Deliveries in a state, newest first",
                     {
                         "200": {"description": "A page", "content": _json("DeliveryPage")},
-                        "400": _error("Bad state, time, cursor or limit"),
+                        "400": _error("Bad state, time, cursor, limit or caller"),
+                        "403": not_yours,
                         **_ERRORS_ANY,
                     },
                     security=secured,
@@ -559,6 +623,7 @@ def openapi_document() -> dict[str, Any]:
                             "in": "query",
                             "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
                         },
+                        caller_filter,
                     ],
                 )
             },
@@ -567,6 +632,7 @@ def openapi_document() -> dict[str, Any]:
                     "Redeliver every delivery that failed since a time (capped)",
                     {
                         "200": {"description": "What was requeued", "content": _json("Recovered")},
+                        "403": not_yours,
                         **relay_body,
                         "429": _error("RELAY_RECOVERS_PER_MINUTE reached; see Retry-After"),
                         **_ERRORS_ANY,

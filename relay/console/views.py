@@ -25,6 +25,7 @@ from starlette.templating import Jinja2Templates
 from relay.api.deliveries import deliveries_of, iso, parse_time
 from relay.api.state import AppState, app_state
 from relay.api.steering_limits import RECOVER, REDELIVER, SteeringLimits, allowance
+from relay.callers.source import CallerSource
 from relay.console import queries
 from relay.console.chart import chart_svg
 from relay.console.headers import ConsoleHeaders
@@ -75,8 +76,8 @@ async def _form(request: Request) -> dict[str, str]:
 
 
 class Console:
-    def __init__(self, settings: Settings) -> None:
-        self.sessions = Sessions(settings)
+    def __init__(self, settings: Settings, callers: CallerSource) -> None:
+        self.sessions = Sessions(settings, callers)
         self.settings = settings
 
     async def _session(self, request: Request) -> Session:
@@ -240,9 +241,12 @@ class Console:
         if not (limit_text.isascii() and limit_text.isdigit()) or not 1 <= int(limit_text) <= 1000:
             raise HTTPException(400, "The limit must be a whole number from 1 to 1000.")
         state = app_state(request)
-        await _count(state, RECOVER, session)
+        await _count(state, RECOVER, self.sessions.caller_name(session) or session.key_id)
         done = await state.redeliverer.recover(
-            states=("failing", "failed"), since=since, limit=int(limit_text)
+            states=("failing", "failed"),
+            since=since,
+            limit=int(limit_text),
+            by=self.sessions.caller_name(session),
         )
         outcome = {
             "requeued": done.requeued,
@@ -267,6 +271,7 @@ class Console:
             job=job,
             body=pretty,
             deliveries=await deliveries_of(state, job),
+            audit=await state.audit.entries(job.request_id),
             redelivered=request.query_params.get("redelivered"),
         )
 
@@ -278,11 +283,13 @@ class Console:
         if form.get("confirm") != "yes":
             raise HTTPException(400, "Tick the box to confirm the redelivery.")
         state = app_state(request)
-        await _count(state, REDELIVER, session)
+        await _count(state, REDELIVER, self.sessions.caller_name(session) or session.key_id)
         job = await state.store.get(request.path_params["id"][:256])
         if job is None:
             raise HTTPException(404, "No tracked job has this id. It may have expired.")
-        done = await state.redeliverer.redeliver(job.request_id, note="redelivery requested")
+        done = await state.redeliverer.redeliver(
+            job.request_id, note="redelivery requested", by=self.sessions.caller_name(session)
+        )
         if done.refused is not None:
             raise HTTPException(409, "This job has no callback to send again yet.")
         url = request.url_for("job", id=job.request_id).include_query_params(
@@ -291,10 +298,11 @@ class Console:
         return _redirect(url)
 
 
-async def _count(state: AppState, action: str, session: Session) -> None:
-    """Count a redeliver or recover against the same per-caller allowance as the API's."""
+async def _count(state: AppState, action: str, caller: str) -> None:
+    """Count a redeliver or recover against the same per-caller allowance as the API's (the
+    caller whose key signed the session in)."""
     try:
-        await SteeringLimits(state.redis).count(allowance(state.settings, action), session.key_id)
+        await SteeringLimits(state.redis).count(allowance(state.settings, action), caller)
     except ApiError as exc:
         raise HTTPException(exc.status_code, exc.message, headers=exc.headers) from None
 
@@ -303,8 +311,8 @@ class _SignIn(Exception):
     """Raised by a page that needs a session: answered with a redirect to the sign-in form."""
 
 
-def create_console(settings: Settings) -> Mount:
-    console = Console(settings)
+def create_console(settings: Settings, callers: CallerSource) -> Mount:
+    console = Console(settings, callers)
 
     async def to_sign_in(request: Request, exc: Exception) -> Response:
         return _redirect(request.url_for("login"))

@@ -14,6 +14,7 @@ local event = ARGV[4]
 local retention = ARGV[5]
 local request_id = ARGV[6]
 local status = ARGV[7]            -- the job's status the event tells of ('processing')
+local trace = ARGV[8]             -- the job's trace context, for the attempts' spans; '' = none
 
 if redis.call('HEXISTS', job_key, 'event') == 1 then return 0 end
 if redis.call('EXISTS', delivery_key) == 1 then return 0 end
@@ -29,6 +30,10 @@ local sequence = redis.call('HGET', job_key, 'sequence') or '0'
 redis.call('HSET', delivery_key, 'created', now, 'ended', now, 'callback_url', callback_url,
            'event_id', event_id, 'event', history_stamp(event, sequence), 'delivery', 'pending',
            'attempt', 0)
+if trace ~= '' then redis.call('HSET', delivery_key, 'trace', trace) end
+-- Whose it is: its callback is signed for that caller (relay.delivery.signers).
+local caller = redis.call('HGET', job_key, 'caller')
+if caller then redis.call('HSET', delivery_key, 'caller', caller) end
 redis.call('EXPIRE', delivery_key, retention)
 redis.call('ZADD', pending_key, now, delivery_id)
 return 1

@@ -108,6 +108,7 @@ class DeliveryStore:
                 int(retention),
                 job.request_id,
                 kind,
+                job.trace or "",
             ],
         )
         return delivery_id if created else None

@@ -2,6 +2,16 @@
 
 relay:job:{request_id}      hash   one tracked job (fields: see relay.jobs.store.Job)
 relay:ref:{reference_id}    string request id of the newest tracked job with that reference_id
+relay:caller-jobs:{caller}  zset   request id -> when it was tracked (Redis clock): a caller's jobs,
+                                   for its list route; entries older than RELAY_MAX_JOB_AGE +
+                                   RELAY_JOB_RETENTION are trimmed, those of expired jobs dropped
+                                   when read
+relay:caller-ref:{caller}:{reference_id}
+                            zset   the same, for that caller's jobs with that reference_id (two
+                                   callers may use one reference_id)
+relay:audit:{request_id}    list   who steered the job: JSON entries (time, caller, action:
+                                   redeliver, recover, watch), newest first, at most 50; expires
+                                   with the job
 relay:polls                 zset   request id -> when it is next due (Redis clock, seconds);
                                    a claimed id is pushed a lease into the future, so a worker
                                    that dies simply lets its claims fall due again
@@ -15,9 +25,18 @@ relay:upstream:tat          string theoretical arrival time of the upstream budg
                                    (GCRA)
 relay:upstream:tat:reads    string the same for the status reads' own share of the budget
 relay:upstream:paused       string Redis-clock time until which nobody polls (after a 429)
+relay:fair:queue            zset   API calls waiting for a slot of the budget's shared part:
+                                   ticket (sequence|deadline) -> start tag (relay.jobs.fair_share)
+relay:fair:granted          zset   ticket -> Redis-clock time of the slot it was granted, until
+                                   its waiter reads it
+relay:fair:tags             hash   the fair queue's virtual time (v), each caller's last finish
+                                   tag (f:{caller}) and the ticket sequence (seq)
+relay:caller:{name}:submits string theoretical arrival time of the caller's submit_rate (GCRA)
+relay:caller:{name}:outstanding
+                            zset   the caller's jobs not yet ended: request id -> when tracked
 relay:idem:{caller}:{route}:{key}
-                            hash   one Idempotency-Key's claim and first answer (caller: a
-                                   digest of the caller's API key; route: the submit path)
+                            hash   one Idempotency-Key's claim and first answer (caller: the
+                                   caller's name, relay.callers; route: the submit path)
 relay:idem-held:{caller}    zset   the Idempotency-Key records a caller holds -> Redis-clock
                                    time each stops counting (RELAY_IDEMPOTENCY_MAX_KEYS)
 relay:webhook-key:{key id}  string when the relay first published that ed25519 public key
@@ -89,6 +108,9 @@ SWEEP_STATE = PREFIX + "sweep:state"
 UPSTREAM_TAT = PREFIX + "upstream:tat"
 UPSTREAM_READS_TAT = PREFIX + "upstream:tat:reads"
 UPSTREAM_PAUSED = PREFIX + "upstream:paused"
+FAIR_QUEUE = PREFIX + "fair:queue"
+FAIR_GRANTED = PREFIX + "fair:granted"
+FAIR_TAGS = PREFIX + "fair:tags"
 WRITE_CHECK = PREFIX + "api:write_check"
 READY_WRITE_CHECK = PREFIX + "ready:write_check"
 BACKED_OFF = PREFIX + "destinations:backed_off"
@@ -117,6 +139,18 @@ def job(request_id: str) -> str:
 
 def ref(reference_id: str) -> str:
     return f"{PREFIX}ref:{reference_id}"
+
+
+def caller_jobs(caller: str) -> str:
+    return f"{PREFIX}caller-jobs:{caller}"
+
+
+def caller_ref(caller: str, reference_id: str) -> str:
+    return f"{PREFIX}caller-ref:{caller}:{reference_id}"
+
+
+def audit(request_id: str) -> str:
+    return f"{PREFIX}audit:{request_id}"
 
 
 def destination(dest: str) -> str:
@@ -185,3 +219,11 @@ def intent(intent_id: str) -> str:
 
 def intents_by_ref(reference_id: str) -> str:
     return f"{PREFIX}intents:ref:{reference_id}"
+
+
+def caller_submits(caller: str) -> str:
+    return f"{PREFIX}caller:{caller}:submits"
+
+
+def caller_outstanding(caller: str) -> str:
+    return f"{PREFIX}caller:{caller}:outstanding"
