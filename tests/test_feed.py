@@ -8,23 +8,26 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import redis
 
 from relay.devtools.embedded_redis import find_redis_server, free_port
-from tests.helpers import AUDIO, SLOW, VIDEO, pin
+from tests.helpers import AUDIO, SLOW, VIDEO, pin, two_teams
 from tests.stack import RELAY_KEY, Stack, eventually, relay_stack
 
 FEED = "/api/relay/v1/events"
 
 
-def read_feed(stack: Stack, after: str = "0", **params: str) -> dict[str, Any]:
+def read_feed(
+    stack: Stack, after: str = "0", key: str = RELAY_KEY, **params: str
+) -> dict[str, Any]:
     response = httpx.get(
         stack.api_url + FEED,
         params={"after": after, **params},
-        headers={"x-api-key": RELAY_KEY},
+        headers={"x-api-key": key},
         timeout=60,
     )
     assert response.status_code == 200, response.text
@@ -62,6 +65,22 @@ def test_the_feed_holds_the_callers_events_in_order_with_a_cursor(redis_url: str
         one = read_feed(stack, limit="1")
         assert one["events"] == page["events"][:1]
         assert read_feed(stack, one["next_cursor"], limit="1")["events"] == page["events"][1:2]
+
+
+def test_a_callers_feed_holds_its_own_jobs_only(redis_url: str, tmp_path: Path) -> None:
+    other = "team-b-key-0123456789abcdef"
+    with relay_stack(redis_url, sandbox=SLOW, env=two_teams(tmp_path / "c.json", other)) as stack:
+        mine = submit_without_callback(stack)  # as team-a
+        theirs = httpx.post(
+            stack.api_url + "/api/v1/lipsync/generate",
+            json={"inputs": [{"type": "video", "url": VIDEO}, {"type": "audio", "url": AUDIO}]},
+            headers={"x-api-key": other},
+            timeout=30,
+        ).json()["request_id"]
+        a = eventually(lambda: (p := read_feed(stack)) and p["events"] and p)
+        b = eventually(lambda: (p := read_feed(stack, key=other)) and p["events"] and p)
+        assert {e["request_id"] for e in a["events"]} == {mine}
+        assert {e["request_id"] for e in b["events"]} == {theirs}
 
 
 def test_a_feed_read_waits_for_the_next_event(redis_url: str) -> None:
