@@ -149,7 +149,20 @@ def wrk(
     return float(match.group(1))
 
 
-def main(seconds: float, rounds: int, connections: int) -> None:
+def callers_file(directory: Path, count: int) -> Path:
+    """A callers file of `count` callers with two keys each, the bench's key the last one's."""
+    keys = [[f"bench-caller-{n}-key-{k}-0123456789" for k in (1, 2)] for n in range(count)]
+    keys[-1][-1] = KEY
+    callers = [{"name": f"caller-{n}", "keys": pair} for n, pair in enumerate(keys)]
+    path = directory / "callers.json"
+    path.write_text(json.dumps({"callers": callers}))
+    return path
+
+
+def main(seconds: float, rounds: int, connections: int, callers: int = 0) -> None:
+    if callers:
+        compare_callers(seconds, rounds, connections, callers)
+        return
     sandbox_port, api_port, bare_port = free_port(), free_port(), free_port()
     with (
         embedded_redis(avoid=(sandbox_port, api_port, bare_port)) as redis_url,
@@ -277,6 +290,67 @@ def main(seconds: float, rounds: int, connections: int) -> None:
                 proc.wait(timeout=30)
 
 
+def compare_callers(seconds: float, rounds: int, connections: int, count: int) -> None:
+    """Submit CPU of the API with RELAY_API_KEYS (one caller) against the same API with a
+    callers file of `count` callers (every key of every caller compared for each request),
+    alternating, in one run: what authorization by a callers file adds."""
+    sandbox_port, keys_port, file_port = free_port(), free_port(), free_port()
+    with (
+        embedded_redis(avoid=(sandbox_port, keys_port, file_port)) as redis_url,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        upstream = f"http://127.0.0.1:{sandbox_port}/api"
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
+            "CHAMELAION_BASE_URL": upstream,
+            "CHAMELAION_API_KEY": "sandbox-key",
+            "RELAY_REDIS_URL": redis_url,
+            "RELAY_LOG_FORMAT": "json",
+            "RELAY_UPSTREAM_RATE_LIMIT": "1000000",
+        }
+        by_file = {**env, "RELAY_CALLERS_FILE": str(callers_file(Path(tmp), count))}
+        cli = [sys.executable, "-m", "relay.cli"]
+        procs = [start([*cli, "sandbox", "--port", str(sandbox_port)], env, upstream + "/health")]
+        try:
+            servers = {}
+            for name, port, server_env in (
+                ("RELAY_API_KEYS", keys_port, {**env, "RELAY_API_KEYS": KEY}),
+                (f"callers file ({count} callers)", file_port, by_file),
+            ):
+                url = f"http://127.0.0.1:{port}"
+                proc = start([*cli, "api", "--port", str(port)], server_env, url + "/healthz")
+                procs.append(proc)
+                servers[name] = (url, proc)
+            cpu: dict[str, list[float]] = {name: [] for name in servers}
+            for n in range(1, rounds + 1):
+                line = []
+                for name, (url, proc) in servers.items():
+                    used = cpu_seconds(proc.pid)
+                    rate = wrk(
+                        url + "/api/v1/lipsync/generate",
+                        "POST",
+                        seconds,
+                        connections,
+                        Path(tmp),
+                        BODY,
+                    )
+                    cpu[name].append((cpu_seconds(proc.pid) - used) / (rate * seconds))
+                    line.append(
+                        f"{name} {rate:,.0f} req/s ({cpu[name][-1] * 1e6:,.0f} us CPU each)"
+                    )
+                print(f"round {n}: " + "; ".join(line), flush=True)
+            keys_cpu, file_cpu = (statistics.median(values) for values in cpu.values())
+            print(
+                f"API CPU per submission (median of {rounds}): RELAY_API_KEYS "
+                f"{keys_cpu * 1e6:,.0f} us, callers file {file_cpu * 1e6:,.0f} us: "
+                f"{file_cpu / keys_cpu - 1:+.1%} (target <= +5 %)"
+            )
+        finally:
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
+
+
 def main_tracing(seconds: float, rounds: int, connections: int) -> None:
     """The relay with tracing off against the relay with tracing on, alternating rounds."""
     sandbox_port, off_port, on_port, sink_port = (free_port() for _ in range(4))
@@ -375,9 +449,15 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument(
+        "--callers",
+        type=int,
+        default=0,
+        help="instead: submit CPU with RELAY_API_KEYS against a callers file of this many",
+    )
     parser.add_argument("--tracing", action="store_true", help="tracing off vs on (see above)")
     args = parser.parse_args()
     if args.tracing:
         main_tracing(args.seconds, args.rounds, args.connections)
     else:
-        main(args.seconds, args.rounds, args.connections)
+        main(args.seconds, args.rounds, args.connections, args.callers)

@@ -287,6 +287,10 @@ class Settings(BaseSettings):
     # How long an API call may wait for a slot of the shared upstream budget before the caller
     # is answered 429 instead.
     api_budget_wait: float = Field(2.0, ge=0, le=60, validation_alias="RELAY_API_BUDGET_WAIT")
+    # Each caller's limits on submissions where its callers-file entry sets none (0: no limit):
+    # its jobs not yet ended, and submissions per second (relay.api.budget).
+    caller_max_outstanding: int = Field(0, ge=0, validation_alias="RELAY_CALLER_MAX_OUTSTANDING")
+    caller_submit_rate: float = Field(0.0, ge=0, validation_alias="RELAY_CALLER_SUBMIT_RATE")
     # The longest a request may be held open for a job's events (`Prefer: wait`, a feed read's
     # `wait`), and the time between keepalive comments on an event stream.
     max_wait: int = Field(60, ge=0, le=3600, validation_alias="RELAY_MAX_WAIT")

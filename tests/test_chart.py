@@ -460,7 +460,7 @@ CONTRACT_ENV = {
     "RELAY_WORKER_HTTP_PORT", "RELAY_DELIVERY_CONCURRENCY", "RELAY_DESTINATION_CONCURRENCY",
     "RELAY_DESTINATION_FAILURES", "RELAY_DESTINATION_MAX_BACKOFF", "RELAY_SWEEP_INTERVAL",
     "RELAY_SWEEP_PAGE_SIZE", "RELAY_SWEEP_WINDOW", "RELAY_SWEEP_CONCURRENCY",
-    "RELAY_STATUS_READ_SHARE",
+    "RELAY_STATUS_READ_SHARE", "RELAY_CALLER_MAX_OUTSTANDING", "RELAY_CALLER_SUBMIT_RATE",
     "RELAY_REDIS_TIMEOUT", "RELAY_REDIS_WAIT_REPLICAS",
     "RELAY_REDIS_WAIT_TIMEOUT", "RELAY_MAX_UPSTREAM_PAUSE",
     "RELAY_CALLBACK_ALLOWED_PORTS", "RELAY_METRICS_AUTH",
@@ -487,6 +487,8 @@ def test_configmap_carries_the_non_secret_settings(chart: helm.Chart) -> None:
                 "pollMinInterval": 0.5,
                 "sweepPageSize": 500,
                 "statusReadShare": 0.3,
+                "callerMaxOutstanding": 20000,
+                "callerSubmitRate": 50,
                 "redisWaitReplicas": 1,
                 "redisTimeout": 3,
                 "httpMaxConnectionsPerPeer": 2048,
@@ -514,6 +516,8 @@ def test_configmap_carries_the_non_secret_settings(chart: helm.Chart) -> None:
     assert "10.96.0.1/32" in denied  # the cluster's API server, by default
     assert data["RELAY_SWEEP_PAGE_SIZE"] == "500"
     assert data["RELAY_STATUS_READ_SHARE"] == "0.3"
+    assert data["RELAY_CALLER_MAX_OUTSTANDING"] == "20000"
+    assert data["RELAY_CALLER_SUBMIT_RATE"] == "50"
     assert data["RELAY_TEST_EVENTS_PER_MINUTE"] == "3"
     assert data["RELAY_RECOVERS_PER_MINUTE"] == "2"
     assert "RELAY_REDELIVERIES_PER_MINUTE" not in data

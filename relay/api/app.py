@@ -19,9 +19,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from relay.api import deliveries, job_events, test_events, watches, webhook_keys
+from relay.api import deliveries, feed, job_events, test_events, watches, webhook_keys
 from relay.api.auth import ApiKeyMiddleware
-from relay.api.budget import ApiBudget
+from relay.api.budget import ActingCaller, ApiBudget
 from relay.api.idempotency import idempotent
 from relay.api.limits import UploadSlots
 from relay.api.openapi import openapi_document
@@ -46,11 +46,12 @@ from relay.delivery.signers import CallerSigners
 from relay.delivery.transport import make_callback_client
 from relay.errors import ApiError
 from relay.jobs.audit import Audit
+from relay.jobs.fair_share import FairShare
 from relay.jobs.history import History
 from relay.jobs.intents import Intents
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
-from relay.metrics import UPSTREAM_RATE_LIMIT
+from relay.metrics import UPSTREAM_RATE_LIMIT, bound_callers
 from relay.redis.conn import arq_view, connect
 from relay.redis.conn import close as close_redis
 from relay.redis.shared_state import metrics_response
@@ -94,8 +95,16 @@ def create_app(settings: Settings) -> Starlette:
             max_pause=settings.max_upstream_pause,
             read_share=settings.status_read_share,
         )
-        budget = ApiBudget(schedule, max_wait=settings.api_budget_wait)
+        budget = ApiBudget(
+            FairShare(redis, schedule),
+            max_wait=settings.api_budget_wait,
+            max_outstanding=settings.caller_max_outstanding,
+            submit_rate=settings.caller_submit_rate,
+        )
         UPSTREAM_RATE_LIMIT.set(settings.upstream_rate_limit)
+        bound_callers(
+            lambda name: callers.book.named(name) is not None, callers.book.names, role="api"
+        )
         upstream = Upstream.from_settings(settings, budget=budget)
         policy = callback_policy(settings)
         callback_client = make_callback_client(policy, settings.delivery_timeout)
@@ -183,6 +192,7 @@ def create_app(settings: Settings) -> Starlette:
         ),
         Route(f"{deliveries.PREFIX}/deliveries", deliveries.list_deliveries),
         Route(f"{deliveries.PREFIX}/jobs/{{id}}/events", job_events.job_events, methods=["GET"]),
+        Route(f"{deliveries.PREFIX}/events", feed.feed, methods=["GET"]),
         Route(
             f"{deliveries.PREFIX}/deliveries/recover",
             deliveries.recover,
@@ -207,6 +217,8 @@ def create_app(settings: Settings) -> Starlette:
                 metrics_auth=settings.metrics_auth,
                 public=(webhook_keys.PATH,),
             ),
+            # Inside the auth: the resolved caller is whose account upstream calls book.
+            Middleware(ActingCaller),
         ],
         exception_handlers={
             ApiError: api_error,

@@ -12,6 +12,7 @@ from functools import cache
 from typing import Any
 
 from relay.api.deliveries import MAX_PAGE, RecoverRequest
+from relay.api.feed import MAX_LIMIT as FEED_LIMIT
 from relay.api.idempotency import MAX_KEY_LENGTH
 from relay.api.job_events import EVENT_STREAM
 from relay.api.models import (
@@ -145,6 +146,14 @@ def openapi_document() -> dict[str, Any]:
                         "enum": ["delivered", "failing", "failed", "gone"],
                     },
                     "result": {"type": "string"},
+                },
+            },
+            "EventFeed": {
+                "type": "object",
+                "required": ["events", "next_cursor"],
+                "properties": {
+                    "events": {"type": "array", "items": {"$ref": "#/components/schemas/JobEvent"}},
+                    "next_cursor": {"type": "string"},
                 },
             },
             "Recovered": {
@@ -535,6 +544,40 @@ def openapi_document() -> dict[str, Any]:
                             "required": False,
                             "description": "Resume after this event (its sequence number)",
                             "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                        },
+                    ],
+                )
+            },
+            "/api/relay/v1/events": {
+                "get": _operation(
+                    "The caller's job events after a cursor, oldest first (long-polled)",
+                    {
+                        "200": {"description": "A page", "content": _json("EventFeed")},
+                        "400": _error("Bad cursor, wait or limit"),
+                        "503": _error("The relay's job store is unavailable"),
+                        **_ERRORS_ANY,
+                    },
+                    security=secured,
+                    parameters=[
+                        {
+                            "name": "after",
+                            "in": "query",
+                            "description": "The last page's next_cursor; 0 (default): the start",
+                            "schema": {
+                                "type": "string",
+                                "pattern": "^(0|[0-9]{1,15}-[0-9]{1,19})$",
+                            },
+                        },
+                        {
+                            "name": "wait",
+                            "in": "query",
+                            "description": "Seconds to wait for an event (RELAY_MAX_WAIT at most)",
+                            "schema": {"type": "integer", "minimum": 0, "maximum": 3600},
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": FEED_LIMIT},
                         },
                     ],
                 )

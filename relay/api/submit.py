@@ -25,6 +25,7 @@ from starlette.responses import Response
 
 from relay.api.auth import request_caller
 from relay.api.body import read_body
+from relay.api.budget import acting_caller
 from relay.api.models import MAX_ID_LENGTH, GenerateRequest
 from relay.api.responses import json_bytes
 from relay.api.state import AppState, app_state
@@ -176,7 +177,7 @@ class Submission:
                 events=self.events,
                 metadata=self.metadata,
                 caller=self.caller,
-                along=[budget.take_call()] if book else [],
+                along=[budget.take_call(submission=True)] if book else [],
             )
         except RedisError:
             raise ApiError(503, "the relay's job store is unavailable; try again") from None
@@ -251,7 +252,7 @@ class Submission:
             )
             raise self._unrecorded(request_id) from None
         if created:
-            JOBS_SUBMITTED.inc()
+            JOBS_SUBMITTED.labels(acting_caller().name).inc()
             # The common case, counted in metrics: not a line each unless RELAY_LOG_LEVEL=debug
             # (at a thousand submissions a second, a line each is a sizeable share of the CPU).
             log.debug("job submitted", extra={"request_id": request_id})
@@ -317,7 +318,7 @@ class Submission:
                     "a create's answer was lost; its job was found and is tracked",
                     extra={"request_id": found.adoptable, "reason": reason},
                 )
-                JOBS_SUBMITTED.inc()
+                JOBS_SUBMITTED.labels(acting_caller().name).inc()
                 return json_bytes(created_answer(found.adoptable))
             found = replace(found, rivals=found.rivals + 1)  # tracked meanwhile by another
         if len(found.candidates) > 1 or (found.candidates and not found.rivals):

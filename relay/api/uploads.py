@@ -36,6 +36,7 @@ from starlette.responses import Response
 
 from relay.api.auth import request_caller
 from relay.api.body import declared_length, too_large
+from relay.api.budget import SubmissionBudget
 from relay.api.multipart import MediaForm, boundary_of, content_type
 from relay.api.state import app_state
 from relay.api.submit import (
@@ -254,4 +255,6 @@ async def generate_with_media(request: Request) -> Response:
             check_callback=lambda url: check_callback_url(state, url, caller),
             before_end=before_end,
         )
-        return await submission.send(lambda: upload.send(state.upstream))
+        # Its create is a submission: held to the caller's limits as it books its slot.
+        upstream = state.upstream.with_budget(SubmissionBudget(state.budget))
+        return await submission.send(lambda: upload.send(upstream))

@@ -48,7 +48,7 @@ from relay.http_urls import parsed_url
 from relay.jitter import jittered
 from relay.jobs.events import PROCESSING, event_type_of
 from relay.jobs.store import Job, JobStore
-from relay.metrics import DELIVERIES, DELIVERY_LATENCY
+from relay.metrics import CALLER_DELIVERIES, DELIVERIES, DELIVERY_LATENCY, caller_label
 from relay.redis import stats
 from relay.redis.batch import ScriptCall
 from relay.tracing import setup, spans
@@ -270,6 +270,7 @@ class Deliverer:
             settled = "failed"
         # One sample per attempt: the last failing one counts as failed, not also as retry.
         DELIVERIES.labels(settled or "retry").inc()
+        CALLER_DELIVERIES.labels(caller_label(job.caller), settled or "retry").inc()
         if span is not None:
             _end_attempt_span(span, outcome, settled or "retry")
         counted = self.outcomes.count_call("delivered" if settled == "delivered" else "failed")

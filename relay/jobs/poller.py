@@ -31,7 +31,7 @@ from relay.jitter import jittered
 from relay.jobs.events import PROCESSING, build_event, event_type, webhook_id
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import Job, JobStore, PollRecord
-from relay.metrics import JOBS_ENDED, POLLS
+from relay.metrics import JOBS_ENDED, POLLS, caller_label
 from relay.settings import Settings
 from relay.tracing import setup, spans
 from relay.upstream import Upstream, json_object, parse_retry_after
@@ -327,7 +327,7 @@ class Poller:
             deliver=deliver,
         )
         if ended:  # not when another worker's end came first
-            JOBS_ENDED.labels(status).inc()
+            JOBS_ENDED.labels(status, caller_label(job.caller)).inc()
             # The common case, counted in metrics: not a line each unless RELAY_LOG_LEVEL=debug.
             log.debug("job ended", extra={"request_id": job.request_id, "status": status})
             if job.trace and (tracer := setup.active()) is not None:

@@ -12,6 +12,7 @@ local intents_key = KEYS[6]    -- the job key again when there is no intent
 local intent_ref_key = KEYS[7] -- the job key again without an intent or a reference_id
 local caller_jobs_key = KEYS[8] -- the job key again when the caller is unknown
 local caller_ref_key = KEYS[9]  -- the job key again without a caller or a reference_id
+local outstanding_key = KEYS[10] -- the caller's jobs not yet ended; the job key again without one
 local request_id = ARGV[1]
 local callback_url = ARGV[2]
 local reference_id = ARGV[3]   -- '' when none
@@ -32,8 +33,10 @@ if created then
              'timeline', string.format('submitted@%.3f', now))
   if events ~= '' then redis.call('HSET', job_key, 'events', events) end
   if metadata ~= '' then redis.call('HSET', job_key, 'metadata', metadata) end
-  if trace ~= '' then redis.call('HSET', job_key, 'trace', trace) end
   if caller ~= '' then redis.call('HSET', job_key, 'caller', caller) end
+  -- Counted against its caller's max_outstanding until it ends (store.end.lua).
+  if outstanding_key ~= job_key then redis.call('ZADD', outstanding_key, now, request_id) end
+  if trace ~= '' then redis.call('HSET', job_key, 'trace', trace) end
   redis.call('ZADD', polls_key, now + first_poll_in, request_id)
   redis.call('ZADD', created_key, now, request_id)
   if reference_id ~= '' then redis.call('SET', ref_key, request_id) end

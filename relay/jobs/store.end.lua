@@ -11,6 +11,7 @@ local ref_key = KEYS[2]           -- the job key again when there is no referenc
 local created_key = KEYS[3]
 local pending_key = KEYS[4]       -- the delivery state index's pending set
 local polls_key = KEYS[5]
+local outstanding_key = KEYS[6]   -- the caller's jobs not yet ended; the job key again without one
 local request_id = ARGV[1]
 local status = ARGV[2]
 local body = ARGV[3]
@@ -23,6 +24,7 @@ local has_ref = ARGV[8] == '1'
 local function unschedule()
   redis.call('ZREM', polls_key, request_id)
   redis.call('ZREM', created_key, request_id)
+  if outstanding_key ~= job_key then redis.call('ZREM', outstanding_key, request_id) end
 end
 
 if redis.call('EXISTS', job_key) == 0 then unschedule() return 0 end

@@ -227,6 +227,7 @@ class JobStore:
                 keys.INTENTS,
                 keys.intents_by_ref(reference_id) if reference_id else job_key,
             ]
+        script_keys.append(keys.caller_outstanding(caller) if caller else job_key)
         args: list[str | bytes | float] = [
             request_id,
             callback_url or "",
@@ -376,6 +377,7 @@ class JobStore:
                 keys.CREATED,
                 keys.deliveries("pending"),
                 keys.POLLS,
+                keys.caller_outstanding(job.caller) if job.caller else keys.job(job.request_id),
             ],
             args=[
                 job.request_id,

@@ -25,6 +25,15 @@ relay:upstream:tat          string theoretical arrival time of the upstream budg
                                    (GCRA)
 relay:upstream:tat:reads    string the same for the status reads' own share of the budget
 relay:upstream:paused       string Redis-clock time until which nobody polls (after a 429)
+relay:fair:queue            zset   API calls waiting for a slot of the budget's shared part:
+                                   ticket (sequence|deadline) -> start tag (relay.jobs.fair_share)
+relay:fair:granted          zset   ticket -> Redis-clock time of the slot it was granted, until
+                                   its waiter reads it
+relay:fair:tags             hash   the fair queue's virtual time (v), each caller's last finish
+                                   tag (f:{caller}) and the ticket sequence (seq)
+relay:caller:{name}:submits string theoretical arrival time of the caller's submit_rate (GCRA)
+relay:caller:{name}:outstanding
+                            zset   the caller's jobs not yet ended: request id -> when tracked
 relay:idem:{caller}:{route}:{key}
                             hash   one Idempotency-Key's claim and first answer (caller: the
                                    caller's name, relay.callers; route: the submit path)
@@ -99,6 +108,9 @@ SWEEP_STATE = PREFIX + "sweep:state"
 UPSTREAM_TAT = PREFIX + "upstream:tat"
 UPSTREAM_READS_TAT = PREFIX + "upstream:tat:reads"
 UPSTREAM_PAUSED = PREFIX + "upstream:paused"
+FAIR_QUEUE = PREFIX + "fair:queue"
+FAIR_GRANTED = PREFIX + "fair:granted"
+FAIR_TAGS = PREFIX + "fair:tags"
 WRITE_CHECK = PREFIX + "api:write_check"
 READY_WRITE_CHECK = PREFIX + "ready:write_check"
 BACKED_OFF = PREFIX + "destinations:backed_off"
@@ -207,3 +219,11 @@ def intent(intent_id: str) -> str:
 
 def intents_by_ref(reference_id: str) -> str:
     return f"{PREFIX}intents:ref:{reference_id}"
+
+
+def caller_submits(caller: str) -> str:
+    return f"{PREFIX}caller:{caller}:submits"
+
+
+def caller_outstanding(caller: str) -> str:
+    return f"{PREFIX}caller:{caller}:outstanding"

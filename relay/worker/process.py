@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from arq.connections import ArqRedis
 
+from relay.callers.model import DEFAULT_CALLER
 from relay.callers.source import CallerSource
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.deliverer import Deliverer
@@ -40,6 +41,7 @@ from relay.metrics import (
     DELIVERIES_WAITING,
     FIRST_ATTEMPTS_WAITING,
     UPSTREAM_RATE_LIMIT,
+    bound_callers,
 )
 from relay.redis.clock import RedisClock
 from relay.redis.conn import arq_pool, close
@@ -239,6 +241,15 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
         ]
         if settings.sweep_interval > 0:
             services.append(state.sweeper)
+        # Jobs' callers label the ends and deliveries counted: bounded by the callers file
+        # when the worker has it, else as the API recorded them (its callers were its file's).
+        book = CallerSource.from_settings(settings) if settings.callers_file else None
+        if book is not None:
+            bound_callers(
+                lambda name: book.book.named(name) is not None, book.book.names, role="worker"
+            )
+        else:
+            bound_callers(lambda name: True, [DEFAULT_CALLER], role="worker")
         if state.deliverer.ops is not None:
             services.append(state.deliverer.ops)
         if http_port is not None:
