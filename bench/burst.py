@@ -1,6 +1,12 @@
 """Callback bursts: many jobs end at one instant; how fast do their callbacks go out?
 
 Run: uv run python bench/burst.py [--jobs 2000] [--hanging 100] [--hang 10] [--memory 20000]
+     uv run python bench/burst.py --tracing [--jobs 2000] [--rounds 3]
+
+`--tracing`: the quiet case without hanging receivers, `--rounds` times with the worker's tracing
+off and on in turn (OTLP/HTTP to a local receiver, bench/otlp_sink.py, in a process of its own);
+every job carries a submission's trace context in both. Printed: the worker's CPU per ended job
+each way, and their ratio (target <= 1.15).
      uv run python bench/burst.py --live [--jobs 2000] [--orders newest_first,oldest_first]
 
 `--live` is the issue #19 case (bench/live.py): the jobs are submitted through `relay api` by
@@ -35,6 +41,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import secrets
 import signal
 import statistics
 import subprocess
@@ -223,6 +230,7 @@ class Bench:
         self.hang_port = hang_port
         self.profile = ""
         self.per_id = False
+        self.traced = False  # jobs carry a submission's trace context, as a traced API stores
 
     async def create_jobs(self, fast: int, hanging: int) -> dict[str, str]:
         """Track `fast + hanging` jobs, due now; returns request id -> 'fast' | 'hang'."""
@@ -242,6 +250,9 @@ class Bench:
                     callback_url=f"http://127.0.0.1:{port}/hook/{n}",
                     reference_id=None,
                     first_poll_in=0.01,
+                    trace=f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+                    if self.traced
+                    else None,
                 )
 
         await asyncio.gather(
@@ -259,7 +270,8 @@ class Bench:
         await client.aclose()
         return all(values)
 
-    def scenario(self, env: dict[str, str], fast: int, hanging: int, hang: float) -> None:
+    def scenario(self, env: dict[str, str], fast: int, hanging: int, hang: float) -> float:
+        """Run one burst; returns the worker's CPU seconds per ended job."""
         httpx.post(self.receivers + "/reset")
         httpx.post(self.upstream + "/reset")
         kinds = asyncio.run(self.create_jobs(fast, hanging))
@@ -312,6 +324,8 @@ class Bench:
                     break
                 time.sleep(0.2)
             rss_after = rss_kib(proc.pid)
+            if self.traced:
+                time.sleep(1.0)  # the last spans' export counts too (and the same idle second)
             cpu_burst = cpu_seconds(proc.pid) - cpu_before
             if profiler is not None:
                 profiler.wait()
@@ -327,8 +341,9 @@ class Bench:
             f"upstream calls before the finish: {poll_rate:,.0f} per-id polls/s, "
             f"{list_rate:,.1f} list pages/s"
         )
+        cpu_per_job = cpu_burst / len(ids)
         if not fast_times:
-            return
+            return cpu_per_job
         since_finish = [t - finish for t in fast_times.values()]
         drain = max(since_finish)
         print(
@@ -353,6 +368,50 @@ class Bench:
             f"{cpu_burst / len(ids) * 1000:.2f} ms per job (final poll + callback)"
         )
         print(f"median end-to-callback: {statistics.median(since_end) * 1000:.0f} ms")
+        return cpu_per_job
+
+
+def tracing_rounds(bench: Bench, env: dict[str, str], args: argparse.Namespace) -> None:
+    """The worker's CPU per ended job with tracing off and on, in turns."""
+    sink_port = free_port()
+    sink = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "otlp_sink.py"), str(sink_port)],
+        stdout=subprocess.DEVNULL,
+    )
+    sink_url = f"http://127.0.0.1:{sink_port}"
+    try:
+        wait_http(sink_url + "/count")
+        bench.traced = True
+        env = {k: v for k, v in env.items() if not k.startswith("OTEL_")}
+        # Batches go out within 250 ms, so the burst's last one is in the CPU measured (below).
+        traced = {
+            **env,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": sink_url,
+            "OTEL_BSP_SCHEDULE_DELAY": "250",
+        }
+        cpu: dict[str, list[float]] = {"off": [], "on": []}
+        for n in range(1, args.rounds + 1):
+            for name, worker_env in (("off", env), ("on", traced)):
+                print(f"\n-- round {n}, tracing {name} --")
+                cpu[name].append(bench.scenario(worker_env, args.jobs, 0, args.hang))
+        off, on = statistics.median(cpu["off"]), statistics.median(cpu["on"])
+        got = httpx.get(sink_url + "/count").json()
+        spans = got["spans"]
+        print(
+            f"\nworker CPU per ended job (median of {args.rounds}): tracing off "
+            f"{off * 1000:.2f} ms, on {on * 1000:.2f} ms, on/off = {on / off:.2f} "
+            f"(target <= 1.15); per round: off "
+            + ", ".join(f"{c * 1000:.2f}" for c in cpu["off"])
+            + "; on "
+            + ", ".join(f"{c * 1000:.2f}" for c in cpu["on"])
+        )
+        jobs = args.rounds * args.jobs
+        print(
+            f"OTLP receiver: {spans:,} spans from the traced rounds' {jobs:,} jobs: {got['names']}"
+        )
+    finally:
+        sink.terminate()
+        sink.wait()
 
 
 async def all_polled(redis_url: str, ids: list[str]) -> bool:
@@ -484,6 +543,9 @@ def main(args: argparse.Namespace) -> None:
             bench = Bench(url, upstream, receivers, fast_ports, hang_port)
             bench.profile = args.profile
             bench.per_id = args.per_id
+            if args.tracing:
+                tracing_rounds(bench, env, args)
+                return
             fast = args.jobs - args.hanging
             bench.scenario(env, fast, args.hanging, args.hang)
             bench.scenario(env, fast, 0, args.hang)
@@ -508,6 +570,8 @@ if __name__ == "__main__":
     )
     parser.add_argument("--env", action="append", default=[], help="extra VAR=value for workers")
     parser.add_argument("--live", action="store_true", help="the issue #19 case (see above)")
+    parser.add_argument("--tracing", action="store_true", help="tracing off vs on (see above)")
+    parser.add_argument("--rounds", type=int, default=3, help="with --tracing")
     parser.add_argument("--orders", default="newest_first,oldest_first", help="with --live")
     parser.add_argument(
         "--flood", action="store_true", help="with --live: the callers go on submitting"

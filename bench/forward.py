@@ -1,7 +1,11 @@
 """Submit throughput: the relay against a bare forwarder, in one run, to the same upstream.
 
-Run: uv run python bench/forward.py [--seconds 5] [--rounds 2] [--connections 32]
+Run: uv run python bench/forward.py [--seconds 5] [--rounds 2] [--connections 32] [--tracing]
 (needs `wrk`: apt-get install -y wrk)
+
+`--tracing`: the relay with tracing off against the relay with tracing on (OTLP/HTTP to a local
+receiver, bench/otlp_sink.py, in a process of its own), instead of against the bare forwarder;
+every request then carries a caller's `traceparent`, to both. Target: on/off >= 0.9.
 
 Starts a real redis-server, the sandbox upstream (`relay sandbox`), the API (`relay api`) and a
 bare forwarder as separate processes. The bare forwarder is the floor the relay is held to: a
@@ -12,8 +16,9 @@ so the upstream does the same work for both. wrk drives each in turn, alternatin
 `--rounds` rounds, at `--connections` concurrent connections; the figures printed are per
 round, then the medians and their ratio, and each server's CPU time per request (steadier than
 requests per second when other work shares the machine). Also: reads of a tracked job's
-status. On a 2-core machine wrk, the server under test and the sandbox share the cores, so
-figures are a floor, not a ceiling.
+status, and submissions with `Prefer: wait=0` (what honouring the preference costs, without
+the wait: issue #21's target is within 5 % of plain submissions). On a 2-core machine wrk, the
+server under test and the sandbox share the cores, so figures are a floor, not a ceiling.
 """
 
 from __future__ import annotations
@@ -110,7 +115,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 def wrk(
-    url: str, method: str, seconds: float, connections: int, script_dir: Path, payload: object
+    url: str,
+    method: str,
+    seconds: float,
+    connections: int,
+    script_dir: Path,
+    payload: object,
+    headers: dict[str, str] | None = None,
 ) -> float:
     """Requests per second with a 2xx answer (wrk counts others as errors: any is fatal here)."""
     script = script_dir / f"{method}.lua"
@@ -118,6 +129,7 @@ def wrk(
     script.write_text(
         f'wrk.method = "{method}"\n'
         f'wrk.headers["x-api-key"] = "{KEY}"\n'
+        + "".join(f'wrk.headers["{name}"] = "{value}"\n' for name, value in (headers or {}).items())
         + (
             f'wrk.headers["content-type"] = "application/json"\nwrk.body = "{body}"\n'
             if method == "POST"
@@ -137,7 +149,20 @@ def wrk(
     return float(match.group(1))
 
 
-def main(seconds: float, rounds: int, connections: int) -> None:
+def callers_file(directory: Path, count: int) -> Path:
+    """A callers file of `count` callers with two keys each, the bench's key the last one's."""
+    keys = [[f"bench-caller-{n}-key-{k}-0123456789" for k in (1, 2)] for n in range(count)]
+    keys[-1][-1] = KEY
+    callers = [{"name": f"caller-{n}", "keys": pair} for n, pair in enumerate(keys)]
+    path = directory / "callers.json"
+    path.write_text(json.dumps({"callers": callers}))
+    return path
+
+
+def main(seconds: float, rounds: int, connections: int, callers: int = 0) -> None:
+    if callers:
+        compare_callers(seconds, rounds, connections, callers)
+        return
     sandbox_port, api_port, bare_port = free_port(), free_port(), free_port()
     with (
         embedded_redis(avoid=(sandbox_port, api_port, bare_port)) as redis_url,
@@ -173,12 +198,17 @@ def main(seconds: float, rounds: int, connections: int) -> None:
             request_id = first.json()["request_id"]
             api_rss = rss_mib(procs[1].pid)
             relay_rates: list[float] = []
+            wait_rates: list[float] = []
             bare_rates: list[float] = []
-            cpu: dict[str, list[float]] = {"relay": [], "bare": []}
+            cpu: dict[str, list[float]] = {"relay": [], "wait": [], "bare": []}
+            # `Prefer: wait=0`: everything honouring the preference costs (the header, a read
+            # of the new job, the answer with it) but the wait itself.
+            prefer = {"Prefer": "wait=0"}
             for n in range(1, rounds + 1):
-                for name, url, payload, rates, proc in (
-                    ("relay", api, BODY, relay_rates, procs[1]),
-                    ("bare", bare, UPSTREAM_BODY, bare_rates, procs[2]),
+                for name, url, payload, rates, proc, headers in (
+                    ("relay", api, BODY, relay_rates, procs[1], None),
+                    ("wait", api, BODY, wait_rates, procs[1], prefer),
+                    ("bare", bare, UPSTREAM_BODY, bare_rates, procs[2], None),
                 ):
                     used = cpu_seconds(proc.pid)
                     profiler = None
@@ -202,7 +232,15 @@ def main(seconds: float, rounds: int, connections: int) -> None:
                             stderr=subprocess.DEVNULL,
                         )
                     rates.append(
-                        wrk(url + generate, "POST", seconds, connections, Path(tmp), payload)
+                        wrk(
+                            url + generate,
+                            "POST",
+                            seconds,
+                            connections,
+                            Path(tmp),
+                            payload,
+                            headers,
+                        )
                     )
                     # CPU per request: steadier than req/s when other work shares the cores.
                     cpu[name].append((cpu_seconds(proc.pid) - used) / (rates[-1] * seconds))
@@ -212,13 +250,20 @@ def main(seconds: float, rounds: int, connections: int) -> None:
                     f"round {n}: relay {relay_rates[-1]:,.0f} req/s "
                     f"({cpu['relay'][-1] * 1e6:,.0f} us CPU each), bare forwarder "
                     f"{bare_rates[-1]:,.0f} req/s ({cpu['bare'][-1] * 1e6:,.0f} us CPU each), "
-                    f"ratio {relay_rates[-1] / bare_rates[-1]:.2f}"
+                    f"ratio {relay_rates[-1] / bare_rates[-1]:.2f}; relay with Prefer: wait=0 "
+                    f"{wait_rates[-1]:,.0f} req/s ({cpu['wait'][-1] * 1e6:,.0f} us CPU each)"
                 )
             relay_rate, bare_rate = statistics.median(relay_rates), statistics.median(bare_rates)
             print(
                 f"POST generate at {connections} connections (median of {rounds}): relay "
                 f"{relay_rate:,.0f} req/s, bare forwarder {bare_rate:,.0f} req/s, "
                 f"relay/bare = {relay_rate / bare_rate:.2f} (target >= 0.8)"
+            )
+            wait_rate = statistics.median(wait_rates)
+            print(
+                f"POST generate with Prefer: wait=0 (median of {rounds}): {wait_rate:,.0f} req/s, "
+                f"{wait_rate / relay_rate:.2f} of the relay without it (target >= 0.95); CPU "
+                f"each {statistics.median(cpu['wait']) * 1e6:,.0f} us"
             )
             relay_cpu, bare_cpu = statistics.median(cpu["relay"]), statistics.median(cpu["bare"])
             print(
@@ -245,6 +290,157 @@ def main(seconds: float, rounds: int, connections: int) -> None:
                 proc.wait(timeout=30)
 
 
+def compare_callers(seconds: float, rounds: int, connections: int, count: int) -> None:
+    """Submit CPU of the API with RELAY_API_KEYS (one caller) against the same API with a
+    callers file of `count` callers (every key of every caller compared for each request),
+    alternating, in one run: what authorization by a callers file adds."""
+    sandbox_port, keys_port, file_port = free_port(), free_port(), free_port()
+    with (
+        embedded_redis(avoid=(sandbox_port, keys_port, file_port)) as redis_url,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        upstream = f"http://127.0.0.1:{sandbox_port}/api"
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
+            "CHAMELAION_BASE_URL": upstream,
+            "CHAMELAION_API_KEY": "sandbox-key",
+            "RELAY_REDIS_URL": redis_url,
+            "RELAY_LOG_FORMAT": "json",
+            "RELAY_UPSTREAM_RATE_LIMIT": "1000000",
+        }
+        by_file = {**env, "RELAY_CALLERS_FILE": str(callers_file(Path(tmp), count))}
+        cli = [sys.executable, "-m", "relay.cli"]
+        procs = [start([*cli, "sandbox", "--port", str(sandbox_port)], env, upstream + "/health")]
+        try:
+            servers = {}
+            for name, port, server_env in (
+                ("RELAY_API_KEYS", keys_port, {**env, "RELAY_API_KEYS": KEY}),
+                (f"callers file ({count} callers)", file_port, by_file),
+            ):
+                url = f"http://127.0.0.1:{port}"
+                proc = start([*cli, "api", "--port", str(port)], server_env, url + "/healthz")
+                procs.append(proc)
+                servers[name] = (url, proc)
+            cpu: dict[str, list[float]] = {name: [] for name in servers}
+            for n in range(1, rounds + 1):
+                line = []
+                for name, (url, proc) in servers.items():
+                    used = cpu_seconds(proc.pid)
+                    rate = wrk(
+                        url + "/api/v1/lipsync/generate",
+                        "POST",
+                        seconds,
+                        connections,
+                        Path(tmp),
+                        BODY,
+                    )
+                    cpu[name].append((cpu_seconds(proc.pid) - used) / (rate * seconds))
+                    line.append(
+                        f"{name} {rate:,.0f} req/s ({cpu[name][-1] * 1e6:,.0f} us CPU each)"
+                    )
+                print(f"round {n}: " + "; ".join(line), flush=True)
+            keys_cpu, file_cpu = (statistics.median(values) for values in cpu.values())
+            print(
+                f"API CPU per submission (median of {rounds}): RELAY_API_KEYS "
+                f"{keys_cpu * 1e6:,.0f} us, callers file {file_cpu * 1e6:,.0f} us: "
+                f"{file_cpu / keys_cpu - 1:+.1%} (target <= +5 %)"
+            )
+        finally:
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
+
+
+def main_tracing(seconds: float, rounds: int, connections: int) -> None:
+    """The relay with tracing off against the relay with tracing on, alternating rounds."""
+    sandbox_port, off_port, on_port, sink_port = (free_port() for _ in range(4))
+    with (
+        embedded_redis(avoid=(sandbox_port, off_port, on_port, sink_port)) as redis_url,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        upstream = f"http://127.0.0.1:{sandbox_port}/api"
+        sink = f"http://127.0.0.1:{sink_port}"
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "OTEL_"))},
+            "CHAMELAION_BASE_URL": upstream,
+            "CHAMELAION_API_KEY": "sandbox-key",
+            "RELAY_REDIS_URL": redis_url,
+            "RELAY_API_KEYS": KEY,
+            "RELAY_LOG_FORMAT": "json",
+            "RELAY_UPSTREAM_RATE_LIMIT": "1000000",
+        }
+        traced = {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": sink}
+        cli = [sys.executable, "-m", "relay.cli"]
+        bench_dir = Path(__file__).parent
+        procs = [
+            start([*cli, "sandbox", "--port", str(sandbox_port)], env, upstream + "/health"),
+            start([sys.executable, str(bench_dir / "otlp_sink.py"), str(sink_port)], env, sink),
+        ]
+        try:
+            off = f"http://127.0.0.1:{off_port}"
+            on = f"http://127.0.0.1:{on_port}"
+            procs.append(start([*cli, "api", "--port", str(off_port)], env, off + "/healthz"))
+            procs.append(start([*cli, "api", "--port", str(on_port)], traced, on + "/healthz"))
+            generate = "/api/v1/lipsync/generate"
+            # A caller that traces: both relays get its traceparent (the untraced one ignores it).
+            caller = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+            rates: dict[str, list[float]] = {"off": [], "on": []}
+            cpu: dict[str, list[float]] = {"off": [], "on": []}
+            for n in range(1, rounds + 1):
+                for name, url, proc in (("off", off, procs[2]), ("on", on, procs[3])):
+                    used = cpu_seconds(proc.pid)
+                    profiler = None
+                    if os.environ.get("FORWARD_PROFILE") and n == 1:
+                        # py-spy's raw stacks of this API, one file per mode.
+                        out = f"{os.environ['FORWARD_PROFILE']}.{name}"
+                        profiler = subprocess.Popen(
+                            [
+                                *("py-spy", "record", "-p", str(proc.pid)),
+                                *("-d", str(round(seconds)), "-r", "250", "-f", "raw", "-o", out),
+                            ],
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                        )
+                    rate = wrk(
+                        url + generate, "POST", seconds, connections, Path(tmp), BODY, caller
+                    )
+                    rates[name].append(rate)
+                    cpu[name].append((cpu_seconds(proc.pid) - used) / (rate * seconds))
+                    if profiler is not None:
+                        profiler.wait()
+                print(
+                    f"round {n}: tracing off {rates['off'][-1]:,.0f} req/s "
+                    f"({cpu['off'][-1] * 1e6:,.0f} us CPU each), on {rates['on'][-1]:,.0f} req/s "
+                    f"({cpu['on'][-1] * 1e6:,.0f} us CPU each), "
+                    f"on/off {rates['on'][-1] / rates['off'][-1]:.2f}"
+                )
+            rate_off, rate_on = statistics.median(rates["off"]), statistics.median(rates["on"])
+            cpu_off, cpu_on = statistics.median(cpu["off"]), statistics.median(cpu["on"])
+            print(
+                f"POST generate at {connections} connections (median of {rounds}): tracing off "
+                f"{rate_off:,.0f} req/s, on {rate_on:,.0f} req/s, on/off = "
+                f"{rate_on / rate_off:.2f} (target >= 0.9)"
+            )
+            print(
+                f"API CPU per request (median): off {cpu_off * 1e6:,.0f} us, on "
+                f"{cpu_on * 1e6:,.0f} us, on/off = {cpu_on / cpu_off:.2f}"
+            )
+            # What the traced relay exported, once its last batch is out (at its exit).
+            procs[3].send_signal(signal.SIGTERM)
+            procs[3].wait(timeout=30)
+            got = httpx.get(sink + "/count").json()
+            made = sum(rates["on"]) * seconds
+            print(
+                f"OTLP receiver: {got['spans']:,} spans in {got['exports']:,} exports for "
+                f"~{made:,.0f} traced submissions (2 spans each: the submission and its create)"
+            )
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(timeout=30)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--serve-bare":
         serve_bare(int(sys.argv[2]), sys.argv[3])
@@ -253,5 +449,15 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument(
+        "--callers",
+        type=int,
+        default=0,
+        help="instead: submit CPU with RELAY_API_KEYS against a callers file of this many",
+    )
+    parser.add_argument("--tracing", action="store_true", help="tracing off vs on (see above)")
     args = parser.parse_args()
-    main(args.seconds, args.rounds, args.connections)
+    if args.tracing:
+        main_tracing(args.seconds, args.rounds, args.connections)
+    else:
+        main(args.seconds, args.rounds, args.connections, args.callers)

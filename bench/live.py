@@ -288,8 +288,16 @@ class Callers:
     """`callers` threads, each with its own SDK client, submitting until told to stop or until
     `count` jobs are in (None: until stopped)."""
 
-    def __init__(self, api_url: str, callback_urls: Callable[[int], str], callers: int = 8):
+    def __init__(
+        self,
+        api_url: str,
+        callback_urls: Callable[[int], str],
+        callers: int = 8,
+        *,
+        key: str = RELAY_KEY,
+    ):
         self.api_url = api_url
+        self.key = key
         self.callback_urls = callback_urls
         self.callers = callers
         self.done = Submitted()
@@ -323,7 +331,7 @@ class Callers:
             return self._next - 1
 
     def _call(self, count: int | None) -> None:
-        client = chamelaion.Chamelaion(api_key=RELAY_KEY, base_url=self.api_url + "/api")
+        client = chamelaion.Chamelaion(api_key=self.key, base_url=self.api_url + "/api")
         while (n := self._take(count)) is not None:
             while not self._stop.is_set():
                 try:

@@ -1,6 +1,7 @@
 """A 1 GiB upload through the relay: the API process's memory, and its speed against direct.
 
     uv run python bench/upload_memory.py [--video-mib 1024] [--rounds 5] [--api-env NAME=VALUE]
+                                         [--relay-fields]
 
 Starts Redis, the sandbox upstream (`relay sandbox`) and the relay API (`relay api`), each in its
 own process, so the API's resident memory is measured for that process alone. Then, alternately,
@@ -10,7 +11,8 @@ no client CPU). The sandbox counts and hashes every byte it receives; each run i
 
 Reported: the API's RSS just before the relay upload, its peak during it (VmHWM, reset first
 through /proc/PID/clear_refs, cross-checked by sampling VmRSS), and the throughput of each
-path, first byte sent to answer read.
+path, first byte sent to answer read. `--relay-fields`: the relayed form also carries
+`callback_events` and `callback_metadata` as the official SDK sends them (a part per value).
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ MiB = 1024 * 1024
 BLOCK = os.urandom(MiB)
 AUDIO = os.urandom(MiB)
 CALLBACK = "http://127.0.0.1:9/hook"
+EVENTS = ("lipsync.processing", "lipsync.completed", "lipsync.failed")
+METADATA: dict[str, str | dict[str, str]] = {
+    "episode": "42",
+    "language": "ja",
+    "route": {"team": "dubbing", "queue": "bulk"},
+}
 
 
 @dataclass
@@ -67,11 +75,26 @@ def file_head(name: str, filename: str) -> bytes:
     ).encode()
 
 
-def upload(port: int, key: str, video_mib: int, *, callback: bool) -> tuple[Run, dict[str, str]]:
+def relay_fields() -> bytes:
+    """callback_events and callback_metadata, flattened into parts as the official SDK does."""
+    parts = [field("callback_events[]", event) for event in EVENTS]
+    for key, value in METADATA.items():
+        if isinstance(value, dict):
+            parts += [
+                field(f"callback_metadata[{key}][{sub}]", text) for sub, text in value.items()
+            ]
+        else:
+            parts.append(field(f"callback_metadata[{key}]", value))
+    return b"".join(parts)
+
+
+def upload(
+    port: int, key: str, video_mib: int, *, callback: bool, extra: bytes = b""
+) -> tuple[Run, dict[str, str]]:
     """POST the form over a raw socket; return the timing and the JSON answer."""
     lead = field("reference_id", "bench")
     if callback:
-        lead = field("callback_url", CALLBACK) + lead
+        lead = field("callback_url", CALLBACK) + extra + lead
     lead += file_head("video", "episode.mp4")
     tail = b"\r\n" + file_head("audio", "dub.wav") + AUDIO + f"\r\n--{BOUNDARY}--\r\n".encode()
     length = len(lead) + video_mib * MiB + len(tail)
@@ -203,7 +226,9 @@ class Round:
         )
 
 
-def measure(ports: tuple[int, int], pids: tuple[int, int], video_mib: int, sha256: str) -> Round:
+def measure(
+    ports: tuple[int, int], pids: tuple[int, int], video_mib: int, sha256: str, extra: bytes
+) -> Round:
     """One direct upload, then the same through the relay with the API process watched."""
     (sandbox_port, api_port), (sandbox_pid, api_pid) = ports, pids
     direct, answer = upload(sandbox_port, SANDBOX_KEY, video_mib, callback=False)
@@ -212,7 +237,7 @@ def measure(ports: tuple[int, int], pids: tuple[int, int], video_mib: int, sha25
     Path(f"/proc/{api_pid}/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
     cpu_before = cpu_seconds(api_pid), cpu_seconds(sandbox_pid), machine_busy()
     with RssSampler(api_pid) as sampler:
-        relayed, answer = upload(api_port, RELAY_KEY, video_mib, callback=True)
+        relayed, answer = upload(api_port, RELAY_KEY, video_mib, callback=True, extra=extra)
     cpu_after = cpu_seconds(api_pid), cpu_seconds(sandbox_pid), machine_busy()
     check_received(sandbox_port, answer["request_id"], video_mib, sha256)
     busy = (cpu_after[2][0] - cpu_before[2][0]) / (cpu_after[2][1] - cpu_before[2][1])
@@ -260,8 +285,14 @@ def main() -> None:
         metavar="NAME=VALUE",
         help="extra environment for the API process, e.g. glibc malloc tunables",
     )
+    parser.add_argument(
+        "--relay-fields",
+        action="store_true",
+        help="relayed uploads also carry callback_events and callback_metadata",
+    )
     args = parser.parse_args()
     video_mib: int = args.video_mib
+    extra = relay_fields() if args.relay_fields else b""
     sha256 = expected_video_sha256(video_mib)
     ports = sandbox_port, api_port = free_port(), free_port()
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "CHAMELAION_"))}
@@ -281,6 +312,8 @@ def main() -> None:
         }
         if args.api_env:
             print("API process environment:", " ".join(args.api_env))
+        if extra:
+            print(f"relayed forms carry callback_events and callback_metadata ({len(extra)} B)")
         sandbox = ["sandbox", "--port", str(sandbox_port)]
         api = ["api", "--port", str(api_port)]
         with (
@@ -292,7 +325,7 @@ def main() -> None:
             started_kib = status_kib(api_pid, "VmRSS")
             # Warm both paths up (connections, imports, allocator arenas) before measuring.
             upload(sandbox_port, SANDBOX_KEY, 16, callback=False)
-            upload(api_port, RELAY_KEY, 16, callback=True)
+            upload(api_port, RELAY_KEY, 16, callback=True, extra=extra)
             warm_kib = status_kib(api_pid, "VmRSS")
             print(
                 f"API RSS: {started_kib / 1024:.1f} MiB after start-up, "
@@ -301,7 +334,7 @@ def main() -> None:
             )
             rounds: list[Round] = []
             for number in range(1, args.rounds + 1):
-                rounds.append(measure(ports, (sandbox_pid, api_pid), video_mib, sha256))
+                rounds.append(measure(ports, (sandbox_pid, api_pid), video_mib, sha256, extra))
                 print(rounds[-1].line(number), flush=True)
     report(rounds, started_kib, video_mib)
 

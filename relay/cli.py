@@ -11,6 +11,7 @@ import sys
 from relay.errors import ConfigError
 from relay.logs import configure_logging
 from relay.settings import load_settings
+from relay.tracing import setup as tracing
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,7 +41,11 @@ def _run_api(host: str, port: int | None) -> None:
     settings = load_settings(**({} if port is None else {"RELAY_API_PORT": port})).require("api")
     configure_logging(settings.log_format, settings.log_level)
     config = api_config(create_app(settings), settings, host=host, log_config=None)
-    ProcessServer(config).run()
+    tracing.start("api")
+    try:
+        ProcessServer(config).run()
+    finally:
+        tracing.stop()  # what is queued is exported before the process exits
 
 
 def _run_worker() -> None:
@@ -61,8 +66,12 @@ def _run_worker() -> None:
     # On uvloop, as the API runs under uvicorn: a burst of callbacks is mostly event-loop work
     # (sockets, tasks, futures), which uvloop does for less CPU than asyncio's own loop (about
     # an eighth less per ended job in bench/burst.py).
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main())
+    tracing.start("worker")
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
+    finally:
+        tracing.stop()
 
 
 def _ack_data_loss() -> int:

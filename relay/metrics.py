@@ -14,14 +14,20 @@ may count.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio import Redis
 
 JOBS_SUBMITTED = Counter(
-    "relay_jobs_submitted", "Jobs accepted by Chamelaion and tracked by the relay"
+    "relay_jobs_submitted",
+    "Jobs accepted by Chamelaion and tracked by the relay, by caller",
+    ["caller"],
 )
 JOBS_ENDED = Counter(
-    "relay_jobs_ended", "Tracked jobs that reached a final status, by status", ["status"]
+    "relay_jobs_ended",
+    "Tracked jobs that reached a final status, by status and caller",
+    ["status", "caller"],
 )
 UPSTREAM_CALLS = Counter("relay_upstream_calls", "Requests to Chamelaion", ["endpoint", "status"])
 UPSTREAM_ANSWERS_CUT = Counter(
@@ -52,6 +58,22 @@ SWEEP_ORDER = Counter(
     "relay_sweep_order", "Sweeps by the list order they found (or `unusable`)", ["order"]
 )
 DELIVERIES = Counter("relay_deliveries", "Callback delivery attempts, by outcome", ["outcome"])
+CALLER_DELIVERIES = Counter(
+    "relay_caller_deliveries",
+    "Callback delivery attempts made, by caller and outcome (delivered, retry, gone, failed)",
+    ["caller", "outcome"],
+)
+OUTPUT_REFRESHES = Counter(
+    "relay_output_refreshes",
+    "Late attempts at lipsync.completed that re-read their job from Chamelaion first, by "
+    "outcome (refreshed; failed: the stored object was sent)",
+    ["outcome"],
+)
+OPS_EVENTS = Counter(
+    "relay_ops_events",
+    "Operational events for RELAY_OPS_WEBHOOK_URL, by type and what became of them",
+    ["type", "outcome"],
+)
 STRANDED_SWEEPS = Counter("relay_stranded_sweeps", "Stranded-delivery sweeps run by this worker")
 STRANDED_REQUEUED = Counter(
     "relay_stranded_requeued", "Pending deliveries whose lost attempt the sweep queued again"
@@ -65,8 +87,22 @@ INTENTS = Counter(
 )
 API_BUDGET_REFUSED = Counter(
     "relay_api_budget_refused",
-    "API calls answered 429 because the shared upstream budget had no slot soon enough (or a "
-    "429 pause was on)",
+    "API calls answered 429 because the shared upstream budget had no slot soon enough for "
+    "their caller (or a 429 pause was on), by caller",
+    ["caller"],
+)
+API_BUDGET_WAIT = Histogram(
+    "relay_api_budget_wait_seconds",
+    "How long API calls waited for their slot of the shared upstream budget, by caller (the "
+    "fair share among callers decides it)",
+    ["caller"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
+CALLER_LIMITED = Counter(
+    "relay_caller_limited",
+    "Submissions answered 429 for their caller's own limit, by caller and limit "
+    "(max_outstanding, submit_rate)",
+    ["caller", "limit"],
 )
 IDEMPOTENCY_KEYS_REFUSED = Counter(
     "relay_idempotency_keys_refused",
@@ -86,6 +122,40 @@ SWEEP_OUTCOMES = (
     "error",
     "bad_body",
 )
+# Callers' names label a few metrics, bounded by the callers file: a name it does not hold (a
+# job of a caller since removed, or from before callers were recorded) is counted as this one.
+UNKNOWN_CALLER = "unknown"
+_is_caller: Callable[[str], bool] | None = None
+
+
+def bound_callers(is_caller: Callable[[str], bool], names: Iterable[str], *, role: str) -> None:
+    """The wiring names the callers in force (`is_caller`, kept current with the file) and
+    starts `role`'s ("api" or "worker") per-caller series at 0 for `names` (see
+    DELIVERY_OUTCOMES on why)."""
+    global _is_caller
+    _is_caller = is_caller
+    for name in (*names, UNKNOWN_CALLER):
+        if role == "api":
+            JOBS_SUBMITTED.labels(name)
+            API_BUDGET_REFUSED.labels(name)
+            API_BUDGET_WAIT.labels(name)
+            for limit in LIMITS:
+                CALLER_LIMITED.labels(name, limit)
+        else:
+            for status in ("completed", "failed"):
+                JOBS_ENDED.labels(status, name)
+            for outcome in CALLER_DELIVERY_OUTCOMES:
+                CALLER_DELIVERIES.labels(name, outcome)
+
+
+def caller_label(name: str | None) -> str:
+    if not name or (_is_caller is not None and not _is_caller(name)):
+        return UNKNOWN_CALLER
+    return name
+
+
+CALLER_DELIVERY_OUTCOMES = ("delivered", "retry", "gone", "failed")
+LIMITS = ("max_outstanding", "submit_rate")
 for _outcome in DELIVERY_OUTCOMES:
     DELIVERIES.labels(_outcome)
 for _outcome in SWEEP_OUTCOMES:
@@ -186,3 +256,11 @@ async def read_memory(redis: Redis) -> tuple[int, int]:
     REDIS_MEMORY_MAX.set(maximum)
     REDIS_MEMORY_HEADROOM.set(max(0.0, 1 - used / maximum) if maximum else 1.0)
     return used, maximum
+
+
+WAITING = Gauge(
+    "relay_api_waiting",
+    "Requests this API process holds open for job events, by kind (wait: Prefer: wait; stream: "
+    "a job's event stream; feed: a caller's feed read waiting for its next event)",
+    ["kind"],
+)

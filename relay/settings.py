@@ -144,6 +144,9 @@ class Settings(BaseSettings):
     webhook_secrets: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
         (), validation_alias="RELAY_WEBHOOK_SECRETS"
     )
+    # The callers (relay.callers): their keys, roles, own secrets and limits; re-read when it
+    # changes. Unset: RELAY_API_KEYS are one caller, `default`, an admin.
+    callers_file: str | None = Field(None, min_length=1, validation_alias="RELAY_CALLERS_FILE")
     poll_min_interval: float = Field(2.0, gt=0, validation_alias="RELAY_POLL_MIN_INTERVAL")
     poll_max_interval: float = Field(60.0, gt=0, validation_alias="RELAY_POLL_MAX_INTERVAL")
     # How long a worker holds a claimed poll before another may take it over (crash recovery).
@@ -154,6 +157,9 @@ class Settings(BaseSettings):
         DEFAULT_RETRY_SCHEDULE, validation_alias="RELAY_DELIVERY_RETRY_SCHEDULE"
     )
     delivery_timeout: float = Field(15.0, gt=0, le=60, validation_alias="RELAY_DELIVERY_TIMEOUT")
+    # A final event's attempt made this long after its job ended first re-reads the job from
+    # Chamelaion, for a fresh output_url (0: never). See relay.delivery.refresh for the default.
+    refresh_after: float = Field(600.0, ge=0, validation_alias="RELAY_REFRESH_AFTER")
     upstream_rate_limit: float = Field(10.0, gt=0, validation_alias="RELAY_UPSTREAM_RATE_LIMIT")
     # The part of that rate only status reads (sweep pages, per-id polls) may use: submissions
     # and the API's other calls cannot take it, however many arrive (relay.jobs.schedule).
@@ -281,6 +287,17 @@ class Settings(BaseSettings):
     # How long an API call may wait for a slot of the shared upstream budget before the caller
     # is answered 429 instead.
     api_budget_wait: float = Field(2.0, ge=0, le=60, validation_alias="RELAY_API_BUDGET_WAIT")
+    # Each caller's limits on submissions where its callers-file entry sets none (0: no limit):
+    # its jobs not yet ended, and submissions per second (relay.api.budget).
+    caller_max_outstanding: int = Field(0, ge=0, validation_alias="RELAY_CALLER_MAX_OUTSTANDING")
+    caller_submit_rate: float = Field(0.0, ge=0, validation_alias="RELAY_CALLER_SUBMIT_RATE")
+    # The longest a request may be held open for a job's events (`Prefer: wait`, a feed read's
+    # `wait`), and the time between keepalive comments on an event stream.
+    max_wait: int = Field(60, ge=0, le=3600, validation_alias="RELAY_MAX_WAIT")
+    events_keepalive: float = Field(15.0, gt=0, le=300, validation_alias="RELAY_EVENTS_KEEPALIVE")
+    # Where operational events go (relay.delivery.ops_events), signed with their own secret.
+    ops_webhook_url: str | None = Field(None, validation_alias="RELAY_OPS_WEBHOOK_URL")
+    ops_webhook_secret: SecretStr | None = Field(None, validation_alias="RELAY_OPS_WEBHOOK_SECRET")
 
     @field_validator("api_keys", "webhook_secrets", "delivery_retry_schedule", mode="before")
     @classmethod
@@ -349,6 +366,22 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL")
         return value.rstrip("/")
 
+    @field_validator("ops_webhook_url")
+    @classmethod
+    def _ops_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL")
+        return value or None
+
+    @field_validator("ops_webhook_secret")
+    @classmethod
+    def _ops_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            problem = check_secret(value.get_secret_value())
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
@@ -404,10 +437,18 @@ class Settings(BaseSettings):
     def require(self, role: Role) -> Settings:
         """Check what a role cannot start without; returns self so calls chain."""
         needed: dict[str, bool] = {"CHAMELAION_API_KEY": self.chamelaion_api_key is not None}
-        if role == "api" or self.metrics_auth:
+        if self.callers_file is not None and self.api_keys:
+            raise ConfigError(
+                "RELAY_API_KEYS",
+                "must not be set beside RELAY_CALLERS_FILE: give those keys a caller in the file",
+            )
+        if (role == "api" or self.metrics_auth) and self.callers_file is None:
             needed["RELAY_API_KEYS"] = bool(self.api_keys)
         if role == "worker":
             needed["RELAY_WEBHOOK_SECRETS"] = bool(self.webhook_secrets)
+            if self.ops_webhook_url:
+                # Its receiver must be able to tell the relay's events from forgeries.
+                needed["RELAY_OPS_WEBHOOK_SECRET"] = self.ops_webhook_secret is not None
         for variable, present in needed.items():
             if not present:
                 raise ConfigError(variable, "is required and not set")

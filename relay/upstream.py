@@ -26,6 +26,8 @@ from typing import Any, Protocol
 
 import httpx
 import orjson
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter
 
 from relay.errors import UpstreamError
@@ -33,6 +35,7 @@ from relay.http_client import NOTHING_SENT, AiohttpTransport
 from relay.http_urls import parsed_url
 from relay.metrics import UPSTREAM_ANSWERS_CUT, UPSTREAM_CALLS
 from relay.settings import Settings
+from relay.tracing import setup
 
 USER_AGENT = "chamelaion-relay/0.1"
 # The largest list page anyone asks Chamelaion for through the relay's own API (sweeps ask for
@@ -206,6 +209,7 @@ class Upstream:
         self.budget = budget
         self.max_answer_bytes = max_answer_bytes
         self.base_url = base_url.rstrip("/") + "/"
+        self.url = httpx.URL(self.base_url)
         self.headers = {"x-api-key": api_key, "user-agent": USER_AGENT}
         self.timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
         self.transport = AiohttpTransport(limits=httpx.Limits(max_connections=200))
@@ -251,6 +255,53 @@ class Upstream:
         caller booked it along with another write)."""
         if self.budget is not None and not spent:
             await self.budget.spend()
+        tracer = setup.active()
+        if tracer is None or not trace.get_current_span().is_recording():
+            return await self._send(method, path, json, params, content, headers, timeout, upload)
+        # Within a traced submission: the call is its child span (a worker's poll or sweep
+        # page makes its own span, only once it knows the call moved a job).
+        url = self.url
+        # No traceparent goes to Chamelaion: it keeps no traces of ours, and a third party
+        # need not see the callers' trace ids.
+        span = tracer.start_span(
+            method,
+            kind=SpanKind.CLIENT,
+            attributes={
+                "http.request.method": method,
+                "server.address": url.host,
+                "server.port": url.port or (443 if url.scheme == "https" else 80),
+                # The operator's base URL and Chamelaion's path: no query, no key.
+                "url.full": self.base_url + path.lstrip("/"),
+            },
+        )
+        try:
+            response = await self._send(
+                method, path, json, params, content, headers, timeout, upload
+            )
+        except UpstreamError as exc:
+            span.set_attribute("error.type", type(exc.__cause__ or exc).__qualname__)
+            span.set_status(Status(StatusCode.ERROR))
+            raise
+        else:
+            span.set_attribute("http.response.status_code", response.status_code)
+            if response.status_code >= 400:
+                span.set_attribute("error.type", str(response.status_code))
+                span.set_status(Status(StatusCode.ERROR))
+            return response
+        finally:
+            span.end()
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        json: Any,
+        params: Mapping[str, str] | None,
+        content: Any,
+        headers: Mapping[str, str] | None,
+        timeout: httpx.Timeout | None,
+        upload: bool,
+    ) -> httpx.Response:
         counter = UPSTREAM_CALLS.labels(endpoint_name(path), "unreachable")
         if json is not None:
             content = orjson.dumps(json)

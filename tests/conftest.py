@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
+from xdist.scheduler import LoadScopeScheduling
 
 from relay.devtools.embedded_redis import embedded_redis
 
@@ -27,6 +30,33 @@ def pytest_configure(config: pytest.Config) -> None:
         del os.environ["PYTHONDONTWRITEBYTECODE"]
         os.environ["PYTHONPYCACHEPREFIX"] = tempfile.mkdtemp(prefix="relay-tests-pyc-")
         os.environ[_OWN_PYCACHE] = str(os.getpid())
+
+
+class ByTestScheduling(LoadScopeScheduling):  # type: ignore[misc]  # xdist is untyped
+    """xdist hands tests to its processes one by one, so one long file no longer sets the
+    length of the run; but the tests of a module that declares a module-scoped fixture (a
+    rendered chart, a browser, a checkov run) stay together on one process, so the fixture is
+    made once. (xdist's own loadgroup marks cannot do this under pytest 9: the suffix it adds
+    to a test's id no longer changes the id.)"""
+
+    def __init__(self, config: pytest.Config, log: Any = None) -> None:
+        super().__init__(config, log)
+        self.root = config.rootpath
+
+    @functools.cache  # noqa: B019 - one scheduler per run
+    def keeps_together(self, module: str) -> bool:
+        return 'scope="module"' in (self.root / module).read_text()
+
+    def _split_scope(self, nodeid: str) -> str:
+        module = nodeid.split("::", 1)[0]
+        return module if self.keeps_together(module) else nodeid
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    # Only for the default `--dist loadscope` (pyproject's addopts); another --dist is xdist's.
+    if config.getvalue("dist") == "loadscope":
+        return ByTestScheduling(config, log)
+    return None
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

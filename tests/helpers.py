@@ -6,13 +6,16 @@ a worker's parts built in the test's process, a lone API, and multipart upload b
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import redis
+from chamelaion import Chamelaion
 from standardwebhooks import Webhook
 
 from relay.api.app import create_app
@@ -79,6 +82,49 @@ def verified(stack: Stack, callback: Callback) -> dict[str, object]:
     assert len(callback.headers["webhook-signature"].split(" ")) == len(stack.webhook_secrets)
     payload: dict[str, object] = payloads[0]
     return payload
+
+
+# --- Callers ------------------------------------------------------------------------------------
+
+
+def callers_env(path: Path, *callers: dict[str, object]) -> dict[str, str]:
+    """Settings for a relay whose callers are `callers`, written to the callers file `path`."""
+    path.write_text(json.dumps({"callers": list(callers)}))
+    return {"RELAY_CALLERS_FILE": str(path), "RELAY_API_KEYS": ""}
+
+
+B_KEY = "team-b-key-0123456789abcdef"
+ADMIN_KEY = "oncall-admin-key-0123456789"
+
+
+def three_callers(path: Path) -> dict[str, str]:
+    """Settings for a relay with callers `team-a` (the stack's own key), `team-b` (B_KEY) and
+    an admin, `oncall` (ADMIN_KEY)."""
+    return callers_env(
+        path,
+        {"name": "team-a", "keys": [RELAY_KEY]},
+        {"name": "team-b", "keys": [B_KEY]},
+        {"name": "oncall", "keys": [ADMIN_KEY], "role": "admin"},
+    )
+
+
+def submit_as(stack: Stack, key: str, reference_id: str) -> str:
+    """Submit one job as the caller whose key is `key`, calling back to the stack's receiver."""
+    sdk = Chamelaion(api_key=key, base_url=stack.api_url + "/api", max_retries=0)
+    result = sdk.lipsync.generate(
+        inputs=[{"type": "video", "url": VIDEO}, {"type": "audio", "url": AUDIO}],
+        reference_id=reference_id,
+        extra_body={"callback_url": stack.callback_url},
+    )
+    return result.request_id
+
+
+def two_teams(path: Path, other_key: str) -> dict[str, str]:
+    """Two callers: `team-a` holding RELAY_KEY (what the stack's helpers send), `team-b`
+    holding `other_key`."""
+    return callers_env(
+        path, {"name": "team-a", "keys": [RELAY_KEY]}, {"name": "team-b", "keys": [other_key]}
+    )
 
 
 # --- The sandbox upstream -----------------------------------------------------------------------
@@ -201,9 +247,9 @@ def running_api(redis_url: str, **overrides: str) -> Iterator[Api]:
             CHAMELAION_BASE_URL=sandbox_url + "/api",
             CHAMELAION_API_KEY=SANDBOX_KEY,
             RELAY_REDIS_URL=redis_url,
-            RELAY_API_KEYS=f"other-key-0123456789,{RELAY_KEY}",
             RELAY_WEBHOOK_SECRETS=new_secret(),
             **{
+                "RELAY_API_KEYS": f"other-key-0123456789,{RELAY_KEY}",
                 "RELAY_CALLBACK_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128",
                 "RELAY_CALLBACK_ALLOWED_PORTS": "1-65535",
                 **overrides,

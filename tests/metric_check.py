@@ -108,6 +108,8 @@ def unknown(expr: str, exported: Exported) -> list[str]:
         for matcher in selector.matchers.matchers:
             if matcher.name in TARGET_LABELS or matcher.name == "__name__":
                 continue
+            if "$" in matcher.value:
+                continue  # a dashboard variable: its values are read from the relay's series
             seen = exported.values.get(name, {}).get(matcher.name, set())
             if matcher.op in (promql_parser.MatchOp.Equal, promql_parser.MatchOp.NotEqual):
                 wanted = {matcher.value}

@@ -47,7 +47,7 @@ from relay.sandbox import SandboxConfig, create_sandbox_app
 from relay.serving import api_options
 from relay.settings import Settings, load_settings
 from relay.worker.process import serve_worker
-from tests.servers import serve
+from tests.servers import servers, url_of
 
 SANDBOX_KEY = "sandbox-key"
 RELAY_KEY = "relay-test-key-0123456789"
@@ -322,51 +322,51 @@ def relay_stack(
         api_keys=(SANDBOX_KEY,), queued_seconds=0.3, processing_seconds=0.5
     )
     secrets_ = [new_secret(), new_secret()]
-    with serve(create_sandbox_app(sandbox)) as sandbox_url, serve(receiver.app()) as receiver_url:
+    # The servers stop together once the workers have stopped.
+    with servers() as start, tempfile.TemporaryDirectory(prefix="relay-logs-") as own_logs:
+        sandbox_url = url_of(start(create_sandbox_app(sandbox)))
+        receiver_url = url_of(start(receiver.app()))
         full_env = {**relay_env(redis_url, sandbox_url, secrets_), **(env or {})}
         settings = relay_settings(full_env)
-        with (
-            serve(create_app(settings), **api_options(settings)) as api_url,
-            tempfile.TemporaryDirectory(prefix="relay-logs-") as own_logs,
-        ):
-            stack = Stack(
-                api_url,
-                sandbox_url,
-                receiver,
-                receiver_url + "/hook",
-                full_env,
-                secrets_,
-                log_dir or Path(own_logs),
-                processes,
-                generate_latest().decode(),
-            )
-            try:
-                for _ in range(workers):
-                    stack.start_worker()
-                # Up before the test starts: on a loaded machine a worker process may take
-                # seconds to import, and a test of timing (a status window, a lease) must not
-                # race that.
-                for worker, url in zip(stack.workers, stack.worker_urls, strict=True):
-                    if isinstance(worker, InProcessWorker):
-                        eventually(functools.partial(is_up, url))
-                    else:
-                        serving(worker, url)
-                yield stack
-                # Workers the test did not stop must still be up, and must stop cleanly.
-                died = [w for w in stack.running_workers() if not worker_running(w)]
-                assert not died, f"a worker died during the test: {died}"
-                stop_cleanly(stack)
-            except BaseException:
-                stack.show_worker_logs()
-                raise
-            finally:
-                for worker in stack.workers:
-                    if isinstance(worker, InProcessWorker):
-                        with contextlib.suppress(AssertionError):
-                            worker.stop()
-                    elif worker.poll() is None:
-                        worker.kill()
-                        worker.wait()
+        api_url = url_of(start(create_app(settings), **api_options(settings)))
+        stack = Stack(
+            api_url,
+            sandbox_url,
+            receiver,
+            receiver_url + "/hook",
+            full_env,
+            secrets_,
+            log_dir or Path(own_logs),
+            processes,
+            generate_latest().decode(),
+        )
+        try:
+            for _ in range(workers):
+                stack.start_worker()
+            # Up before the test starts: on a loaded machine a worker process may take
+            # seconds to import, and a test of timing (a status window, a lease) must not
+            # race that.
+            for worker, url in zip(stack.workers, stack.worker_urls, strict=True):
+                if isinstance(worker, InProcessWorker):
+                    eventually(functools.partial(is_up, url))
+                else:
+                    serving(worker, url)
+            yield stack
+            # Workers the test did not stop must still be up, and must stop cleanly.
+            died = [w for w in stack.running_workers() if not worker_running(w)]
+            assert not died, f"a worker died during the test: {died}"
+            stop_cleanly(stack)
+        except BaseException:
+            stack.show_worker_logs()
+            raise
+        finally:
+            for worker in stack.workers:
+                if isinstance(worker, InProcessWorker):
+                    with contextlib.suppress(AssertionError):
+                        worker.stop()
+                elif worker.poll() is None:
+                    worker.kill()
+                    worker.wait()
 
 
 def worker_running(worker: Worker) -> bool:

@@ -1,4 +1,4 @@
-"""API-key authentication: KeyRing and ApiKeyMiddleware in front of a tiny app on real HTTP."""
+"""API-key authentication: callers' keys and ApiKeyMiddleware before a tiny app on real HTTP."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from relay.api.auth import ApiKeyMiddleware, KeyRing
+from relay.api.auth import ApiKeyMiddleware, authenticate
+from relay.callers.model import Caller, CallerBook, from_api_keys
+from relay.callers.source import CallerSource
 from tests.servers import serve
 
 KEY = "relay-key-0123456789abcdef"
@@ -63,7 +65,12 @@ class Protected:
         return Starlette(
             routes=[Route("/{path:path}", anything, methods=["GET", "POST"])],
             middleware=[
-                Middleware(ApiKeyMiddleware, keys=KeyRing((SecretStr(KEY), SecretStr(OTHER_KEY))))
+                Middleware(
+                    ApiKeyMiddleware,
+                    callers=CallerSource.fixed(
+                        from_api_keys((SecretStr(KEY), SecretStr(OTHER_KEY)))
+                    ),
+                )
             ],
             lifespan=lifespan,
         )
@@ -193,28 +200,29 @@ def test_every_path_under_api_needs_a_key(app: Protected, path: str) -> None:
     assert_refused(get(app, path), app, "missing authorization header")
 
 
-# KeyRing itself
+# The book of callers itself
 
 
-def test_a_keyring_accepts_exactly_its_keys() -> None:
-    ring = KeyRing((SecretStr(KEY), SecretStr(OTHER_KEY)))
-    assert ring.accepts(KEY) and ring.accepts(OTHER_KEY)
+def test_a_book_resolves_exactly_its_keys() -> None:
+    book = from_api_keys((SecretStr(KEY), SecretStr(OTHER_KEY)))
+    assert book.resolve(KEY) == book.resolve(OTHER_KEY) == book.named("default")
     for candidate in [*NEAR_MISSES, "", " " + KEY]:
-        assert not ring.accepts(candidate), candidate
+        assert book.resolve(candidate) is None, candidate
 
 
-def test_an_empty_keyring_or_empty_key_accepts_nothing() -> None:
-    assert not KeyRing(()).accepts("")
-    assert not KeyRing(()).accepts(KEY)
-    assert not KeyRing((SecretStr(""),)).accepts(""), "an empty key is never a key"
+def test_an_empty_book_or_empty_key_resolves_nothing() -> None:
+    assert from_api_keys(()).resolve("") is None
+    assert from_api_keys(()).resolve(KEY) is None
+    assert from_api_keys((SecretStr(""),)).resolve("") is None, "an empty key is never a key"
 
 
-def test_refusal_reads_raw_asgi_headers() -> None:
-    ring = KeyRing((SecretStr(KEY),))
-    assert ring.refusal({b"x-api-key": KEY.encode()}) is None
-    assert ring.refusal({b"authorization": f"Bearer {KEY}".encode()}) is None
-    assert ring.refusal({b"authorization": b"Bearer   "}) == "missing token"
-    assert ring.refusal({}) == "missing authorization header"
+def test_authenticate_reads_raw_asgi_headers() -> None:
+    book = from_api_keys((SecretStr(KEY),))
+    assert isinstance(authenticate(book, {b"x-api-key": KEY.encode()}), Caller)
+    assert isinstance(authenticate(book, {b"authorization": f"Bearer {KEY}".encode()}), Caller)
+    assert authenticate(book, {b"authorization": b"Bearer   "}) == "missing token"
+    assert authenticate(book, {}) == "missing authorization header"
+    assert authenticate(CallerBook([]), {b"x-api-key": KEY.encode()}) == "unauthorized"
 
 
 def test_a_root_path_does_not_open_the_api() -> None:

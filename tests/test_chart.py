@@ -383,6 +383,10 @@ def test_drain_times_fit_the_grace_periods(chart: helm.Chart, variant: str) -> N
         ),
         ({"worker": {"terminationGracePeriodSeconds": 30}}, "worker.terminationGracePeriodSeconds"),
         ({"redis": {"url": "redis://r:6379/0", "standalone": {"enabled": True}}}, "only one of"),
+        (
+            {"secrets": {"apiKeys": ["key-one"]}, "callers": {"existingSecret": "relay-callers"}},
+            "set callers.existingSecret or secrets.apiKeys, not both",
+        ),
         ({"api": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}}, "minReplicas"),
     ],
 )
@@ -456,14 +460,16 @@ CONTRACT_ENV = {
     "RELAY_WORKER_HTTP_PORT", "RELAY_DELIVERY_CONCURRENCY", "RELAY_DESTINATION_CONCURRENCY",
     "RELAY_DESTINATION_FAILURES", "RELAY_DESTINATION_MAX_BACKOFF", "RELAY_SWEEP_INTERVAL",
     "RELAY_SWEEP_PAGE_SIZE", "RELAY_SWEEP_WINDOW", "RELAY_SWEEP_CONCURRENCY",
-    "RELAY_STATUS_READ_SHARE",
+    "RELAY_STATUS_READ_SHARE", "RELAY_CALLER_MAX_OUTSTANDING", "RELAY_CALLER_SUBMIT_RATE",
     "RELAY_REDIS_TIMEOUT", "RELAY_REDIS_WAIT_REPLICAS",
     "RELAY_REDIS_WAIT_TIMEOUT", "RELAY_MAX_UPSTREAM_PAUSE",
     "RELAY_CALLBACK_ALLOWED_PORTS", "RELAY_METRICS_AUTH",
+    "RELAY_OPS_WEBHOOK_URL", "RELAY_OPS_WEBHOOK_SECRET",
     "RELAY_MAX_UPLOADS", "RELAY_MAX_UPLOADS_PER_KEY", "RELAY_UPLOAD_MIN_RATE",
     "RELAY_HTTP_HEADER_TIMEOUT", "RELAY_HTTP_KEEPALIVE_TIMEOUT", "RELAY_HTTP_BODY_TIMEOUT",
     "RELAY_HTTP_MAX_CONCURRENCY", "RELAY_HTTP_MAX_CONNECTIONS",
     "RELAY_HTTP_MAX_CONNECTIONS_PER_PEER", "RELAY_API_PORT", "RELAY_FORWARDED_ALLOW_IPS",
+    "RELAY_MAX_WAIT", "RELAY_EVENTS_KEEPALIVE",
     "RELAY_CONSOLE_SECURE_COOKIES", "RELAY_IDEMPOTENCY_MAX_KEYS", "RELAY_TEST_EVENTS_PER_MINUTE",
     "RELAY_ATTEMPT_LOG_EXCERPT", "RELAY_REDELIVERIES_PER_MINUTE", "RELAY_RECOVERS_PER_MINUTE",
 }  # fmt: skip
@@ -481,6 +487,8 @@ def test_configmap_carries_the_non_secret_settings(chart: helm.Chart) -> None:
                 "pollMinInterval": 0.5,
                 "sweepPageSize": 500,
                 "statusReadShare": 0.3,
+                "callerMaxOutstanding": 20000,
+                "callerSubmitRate": 50,
                 "redisWaitReplicas": 1,
                 "redisTimeout": 3,
                 "httpMaxConnectionsPerPeer": 2048,
@@ -508,6 +516,8 @@ def test_configmap_carries_the_non_secret_settings(chart: helm.Chart) -> None:
     assert "10.96.0.1/32" in denied  # the cluster's API server, by default
     assert data["RELAY_SWEEP_PAGE_SIZE"] == "500"
     assert data["RELAY_STATUS_READ_SHARE"] == "0.3"
+    assert data["RELAY_CALLER_MAX_OUTSTANDING"] == "20000"
+    assert data["RELAY_CALLER_SUBMIT_RATE"] == "50"
     assert data["RELAY_TEST_EVENTS_PER_MINUTE"] == "3"
     assert data["RELAY_RECOVERS_PER_MINUTE"] == "2"
     assert "RELAY_REDELIVERIES_PER_MINUTE" not in data
@@ -568,6 +578,36 @@ def relay_env(manifest: Manifest) -> dict[str, Any]:
     return {e["name"]: e for e in container(manifest).get("env", [])}
 
 
+def test_tracing_and_operational_events_reach_both_processes(chart: helm.Chart) -> None:
+    ops_secret = "whsec_" + base64.b64encode(b"o" * 32).decode()
+    manifests = render(
+        chart,
+        {
+            "tracing": {
+                "endpoint": "http://otel-collector.observability:4318",
+                "sampler": "parentbased_traceidratio",
+                "samplerArg": "0.25",
+                "env": {"OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod"},
+            },
+            "config": {"opsWebhookUrl": "https://ops.example.com/relay"},
+            "secrets": {**SMALL_INSTALL["secrets"], "opsWebhookSecret": ops_secret},
+        },
+    )
+    data: dict[str, str] = find(manifests, "ConfigMap", FULLNAME)["data"]
+    assert data["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability:4318"
+    assert data["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+    assert data["OTEL_TRACES_SAMPLER_ARG"] == "0.25"
+    assert data["OTEL_RESOURCE_ATTRIBUTES"] == "deployment.environment=prod"
+    assert "OTEL_SERVICE_NAME" not in data  # unset: the relay's own default
+    assert data["RELAY_OPS_WEBHOOK_URL"] == "https://ops.example.com/relay"
+    secret = find(manifests, "Secret", FULLNAME)["data"]
+    assert base64.b64decode(secret["RELAY_OPS_WEBHOOK_SECRET"]).decode() == ops_secret
+    # Off by default: no OTEL_* at all.
+    default = find(render(chart, {}), "ConfigMap", FULLNAME)["data"]
+    assert not [name for name in default if name.startswith("OTEL_")]
+    assert "RELAY_OPS_WEBHOOK_URL" not in default
+
+
 def test_credentials_come_from_a_secret(chart: helm.Chart) -> None:
     manifests = render(chart, {**copy.deepcopy(SMALL_INSTALL), "redis": {"url": "redis://r/0"}})
     secret = find(manifests, "Secret", FULLNAME)
@@ -597,6 +637,32 @@ def test_existing_secrets_replace_the_charts(chart: helm.Chart) -> None:
         "secretKeyRef": {"name": "chamelaion-relay-redis", "key": "url"}
     }
     assert "WARNING" not in notes(chart, production_values())
+
+
+def test_the_callers_file_is_mounted_from_its_secret(chart: helm.Chart) -> None:
+    values = copy.deepcopy(SMALL_INSTALL)
+    values["secrets"]["apiKeys"] = []
+    values["callers"] = {"existingSecret": "relay-callers", "key": "teams.json"}
+    manifests = render(chart, values)
+    assert configmap_data(chart, values)["RELAY_CALLERS_FILE"] == "/etc/relay/callers/teams.json"
+    for component in ("api", "worker"):
+        deployment = find(manifests, "Deployment", f"{FULLNAME}-{component}")
+        [volume] = [v for v in pod_spec(deployment)["volumes"] if v["name"] == "callers"]
+        assert volume["secret"] == {
+            "secretName": "relay-callers",
+            "items": [{"key": "teams.json", "path": "teams.json"}],
+        }
+        [mount] = [m for m in container(deployment)["volumeMounts"] if m["name"] == "callers"]
+        # A directory, never a subPath: Kubernetes updates only whole mounted Secrets, and the
+        # relay re-reads the changed file without a restart.
+        assert mount == {"name": "callers", "mountPath": "/etc/relay/callers", "readOnly": True}
+    assert "RELAY_API_KEYS" not in find(manifests, "Secret", FULLNAME)["data"]
+    assert "secrets.apiKeys" not in notes(chart, values)
+    # Without it, nothing is mounted and the variable is not set.
+    plain = render(chart, copy.deepcopy(SMALL_INSTALL))
+    api = find(plain, "Deployment", f"{FULLNAME}-api")
+    assert all(v["name"] != "callers" for v in pod_spec(api)["volumes"])
+    assert "RELAY_CALLERS_FILE" not in configmap_data(chart, copy.deepcopy(SMALL_INSTALL))
 
 
 def test_missing_configuration_is_reported_not_fatal(chart: helm.Chart) -> None:

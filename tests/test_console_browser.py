@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
-from tests.helpers import submit, verified
+from tests.helpers import ADMIN_KEY, B_KEY, submit, submit_as, three_callers, verified
 from tests.servers import serve
 from tests.stack import RELAY_KEY, Stack, eventually, relay_stack
 
@@ -199,3 +199,47 @@ def test_secure_cookies_still_sign_in_over_a_port_forward(redis_url: str, browse
         sign_in(page, stack)
         expect(page.get_by_role("heading", name="Overview", level=1)).to_be_visible()
         assert all(cookie["secure"] for cookie in page.context.cookies())
+
+
+def test_a_caller_sees_its_own_jobs_and_an_admin_every_callers(
+    redis_url: str, browser: Browser, tmp_path: Path
+) -> None:
+    # Callers as tenants (#20): team-a's key shows team-a's jobs only; the admin's shows both,
+    # with a caller column and a caller filter.
+    env = three_callers(tmp_path / "callers.json")
+    with relay_stack(redis_url, env=env) as stack:
+        a_job = submit_as(stack, RELAY_KEY, "a-episode-1")
+        b_job = submit_as(stack, B_KEY, "b-episode-1")
+        stack.receiver.wait_for(2)
+
+        caller = browser.new_context(viewport={"width": 1280, "height": 900})
+        page = caller.new_page()
+        sign_in(page, stack, RELAY_KEY)
+        expect(page.locator("header .viewer")).to_have_text("team-a")
+        page.get_by_role("navigation").get_by_role("link", name="Jobs").click()
+        expect(page.get_by_role("link", name=a_job)).to_be_visible()
+        expect(page.get_by_role("link", name=b_job)).to_have_count(0)
+        expect(page.get_by_role("columnheader", name="Caller")).to_have_count(0)
+        expect(page.get_by_label("Caller")).to_have_count(0)
+        page.screenshot(path=tmp_path / "caller-jobs.png", full_page=True)
+        page.goto(stack.api_url + f"/console/jobs/{b_job}")
+        expect(page.get_by_role("heading", level=1)).to_have_text("Something is not right")
+        caller.close()
+
+        admin = browser.new_context(viewport={"width": 1280, "height": 900})
+        page = admin.new_page()
+        sign_in(page, stack, ADMIN_KEY)
+        expect(page.locator("header .viewer")).to_contain_text("oncall (admin")
+        page.get_by_role("navigation").get_by_role("link", name="Jobs").click()
+        expect(page.get_by_role("link", name=a_job)).to_be_visible()
+        expect(page.get_by_role("link", name=b_job)).to_be_visible()
+        expect(page.get_by_role("columnheader", name="Caller")).to_be_visible()
+        b_row = page.get_by_role("row").filter(has=page.get_by_role("link", name=b_job))
+        expect(b_row).to_contain_text("team-b")
+        page.screenshot(path=tmp_path / "admin-jobs.png", full_page=True)
+        page.get_by_label("Caller").select_option("team-b")
+        page.get_by_role("button", name="Find").click()
+        expect(page.get_by_role("link", name=b_job)).to_be_visible()
+        expect(page.get_by_role("link", name=a_job)).to_have_count(0)
+        page.screenshot(path=tmp_path / "admin-jobs-team-b.png", full_page=True)
+        admin.close()

@@ -3,7 +3,7 @@
 The JSON is checked as Grafana reads it (a dashboard with unique panel ids, panels that do not
 overlap, every query on the dashboard's data source variable), and every query is parsed as
 PromQL and checked against the /metrics of a running relay. Every query selects its series
-with the same matcher, so a variable (a `caller`, once metrics carry one) is added in one place.
+with the same matcher, so a variable (the `caller`) is added in one place.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "chamelaion-relay"
 DASHBOARD = CHART / "files" / "dashboard.json"
 TEMPLATE = "chamelaion-relay/templates/grafana-dashboard.yaml"
-MATCHER = 'namespace="$namespace",service=~"$release(-worker-metrics)?"'
+# A series without a `caller` label matches `$caller|` whichever callers are chosen.
+MATCHER = 'namespace="$namespace",service=~"$release(-worker-metrics)?",caller=~"$caller|"'
 # Grafana's own interval variables, given a value PromQL can parse.
 GRAFANA_INTERVALS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
 
@@ -95,7 +96,7 @@ def test_the_dashboard_is_one_grafana_reads(dashboard: dict[str, Any]) -> None:
     assert len(ids) == len(set(ids))
     variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
-    assert {"namespace", "release"} <= variables.keys()
+    assert {"namespace", "release", "caller"} <= variables.keys()
     cells: set[tuple[int, int]] = set()
     for panel in panels(dashboard):
         grid = panel["gridPos"]
@@ -121,6 +122,7 @@ def test_every_query_selects_the_release_with_the_one_matcher(dashboard: dict[st
             matchers = {m.name: m.value for m in selector.matchers.matchers}
             assert matchers.get("namespace") == "$namespace", (title, expr)
             assert matchers.get("service") == "$release(-worker-metrics)?", (title, expr)
+            assert matchers.get("caller") == "$caller|", (title, expr)
         assert MATCHER in expr, (title, expr)
 
 

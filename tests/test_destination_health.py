@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -23,9 +24,9 @@ from starlette.routing import Route
 from relay.delivery.deliverer import classify
 from relay.delivery.destinations import DestinationBusy, Destinations
 from relay.redis import keys
-from tests.helpers import attempts, submit, submit_many
+from tests.helpers import B_KEY, attempts, submit, submit_as, submit_many, three_callers
 from tests.servers import serve
-from tests.stack import Receiver, eventually, job_field, relay_stack
+from tests.stack import RELAY_KEY, Receiver, eventually, job_field, relay_stack
 
 
 class Gateway:
@@ -192,3 +193,68 @@ async def test_a_waiter_that_gives_up_leaves_the_slot_to_the_next() -> None:
     await asyncio.gather(holder, later)
     assert got == ["a", "c"]
     assert destinations.in_flight == 0 and destinations.waiting == 0
+
+
+class SharedHost:
+    """One host:port for two teams: team-a's path answers after `hang` seconds, team-b's at
+    once; it notes how many slow answers had gone out when each fast callback arrived."""
+
+    def __init__(self, hang: float) -> None:
+        self.hang = hang
+        self.lock = threading.Lock()
+        self.slow_in_flight = 0
+        self.slow_answered = 0
+        self.fast_arrivals: list[int] = []
+
+    def app(self) -> Starlette:
+        async def slow(request: Request) -> Response:
+            await request.body()
+            with self.lock:
+                self.slow_in_flight += 1
+            await asyncio.sleep(self.hang)
+            with self.lock:
+                self.slow_in_flight -= 1
+                self.slow_answered += 1
+            return Response(status_code=204)
+
+        async def fast(request: Request) -> Response:
+            await request.body()
+            with self.lock:
+                self.fast_arrivals.append(self.slow_answered)
+            return Response(status_code=204)
+
+        return Starlette(
+            routes=[Route("/slow", slow, methods=["POST"]), Route("/fast", fast, methods=["POST"])]
+        )
+
+
+def test_one_callers_slow_callbacks_do_not_queue_another_callers_behind_them(
+    redis_url: str, tmp_path: Path
+) -> None:
+    host = SharedHost(hang=3.0)
+    env = {
+        **three_callers(tmp_path / "callers.json"),
+        "RELAY_DESTINATION_CONCURRENCY": "2",
+        "RELAY_DELIVERY_TIMEOUT": "10",
+    }
+    with serve(host.app()) as host_url, relay_stack(redis_url, env=env) as stack:
+        # team-a's six callbacks take the host's two slots and queue four more behind them.
+        stack.callback_url = host_url + "/slow"
+        for n in range(6):
+            submit_as(stack, RELAY_KEY, f"a-{n}")
+        eventually(lambda: host.slow_in_flight == 2, timeout=30)
+        eventually(lambda: waiting(stack.worker_metrics()) >= 4, timeout=30)
+        # team-b's one callback to the same host takes the next free slot, not the fifth.
+        stack.callback_url = host_url + "/fast"
+        submit_as(stack, B_KEY, "b-0")
+        eventually(lambda: host.fast_arrivals, timeout=60)
+        [slow_answered_before] = host.fast_arrivals
+        assert slow_answered_before <= 3, f"team-b waited for {slow_answered_before} of team-a's"
+        eventually(lambda: host.slow_answered == 6, timeout=60)
+
+
+def waiting(metrics: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith("relay_deliveries_waiting "):
+            return float(line.split()[1])
+    raise AssertionError("relay_deliveries_waiting is not reported")

@@ -147,7 +147,7 @@ def test_metrics_show_submissions_outstanding_work_and_deliveries(redis_url: str
         submit(stack)
         stack.receiver.wait_for(1)
         api = httpx.get(stack.api_url + "/metrics").text
-        for name in ("relay_jobs_submitted_total", generated):
+        for name in ('relay_jobs_submitted_total{caller="default"}', generated):
             assert metric(api, name) - metric(before, name) == 1, name
         assert "relay_outstanding_jobs 0.0" in api
         assert "relay_due_work 0.0" in api
@@ -162,5 +162,7 @@ def test_metrics_show_submissions_outstanding_work_and_deliveries(redis_url: str
         polled = 'relay_upstream_calls_total{endpoint="lipsync/requests/{id}",status="200"}'
         assert metric(worker, polled) >= 1
         assert metric(worker, "relay_delivery_latency_seconds_count") == 1
-        assert metric(worker, 'relay_jobs_ended_total{status="completed"}') == 1
+        assert metric(worker, 'relay_jobs_ended_total{caller="default",status="completed"}') == 1
+        delivered_for = 'relay_caller_deliveries_total{caller="default",outcome="delivered"}'
+        assert metric(worker, delivered_for) == 1
         assert httpx.get(stack.worker_urls[0] + "/healthz").json() == {"status": "ok"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any, cast
 
 import httpx
@@ -10,7 +11,7 @@ import pytest
 import redis
 
 from relay.devtools.embedded_redis import embedded_redis
-from tests.helpers import AUDIO, VIDEO
+from tests.helpers import AUDIO, VIDEO, two_teams
 from tests.stack import RELAY_KEY, Stack, eventually, relay_stack
 
 BODY = {
@@ -68,11 +69,10 @@ def test_the_same_key_with_another_body_is_422(redis_url: str) -> None:
         assert upstream_jobs(stack) == 1
 
 
-def test_keys_are_scoped_per_caller(redis_url: str) -> None:
+def test_keys_are_scoped_per_caller(redis_url: str, tmp_path: Path) -> None:
     second_key = "another-relay-key-0123456789"
-    with relay_stack(
-        redis_url, workers=0, env={"RELAY_API_KEYS": f"{RELAY_KEY},{second_key}"}
-    ) as stack:
+    env = two_teams(tmp_path / "callers.json", second_key)
+    with relay_stack(redis_url, workers=0, env=env) as stack:
         first = post(stack, "shared")
         # Another caller's same key neither replays the first caller's answer nor is refused.
         second = post(stack, "shared", api_key=second_key)
@@ -235,8 +235,8 @@ def test_a_long_field_name_is_shortened_in_the_error(redis_url: str) -> None:
         assert answer.json()["details"][0]["field"].startswith("xxx")
 
 
-def test_each_caller_holds_a_bounded_number_of_keys(redis_url: str) -> None:
-    env = {"RELAY_API_KEYS": f"{RELAY_KEY},{OTHER_KEY}", "RELAY_IDEMPOTENCY_MAX_KEYS": "3"}
+def test_each_caller_holds_a_bounded_number_of_keys(redis_url: str, tmp_path: Path) -> None:
+    env = {**two_teams(tmp_path / "callers.json", OTHER_KEY), "RELAY_IDEMPOTENCY_MAX_KEYS": "3"}
     with relay_stack(redis_url, workers=0, env=env) as stack:
         bad: dict[str, object] = {"inputs": []}
         assert [post(stack, f"k{n}", bad).status_code for n in range(3)] == [422] * 3

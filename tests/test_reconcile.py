@@ -15,6 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from relay.api.budget import ApiBudget
+from relay.jobs.fair_share import FairShare
 from relay.jobs.intents import Intent, Intents
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
@@ -171,7 +172,10 @@ async def test_the_apis_lookup_spends_one_slot_per_list_page(
     settings = load_settings(CHAMELAION_API_KEY=SANDBOX_KEY, RELAY_UPSTREAM_RATE_LIMIT=str(RATE))
     schedule = PollSchedule(redis, rate=RATE, lease=30)
     upstream = Upstream(
-        sandbox_url + "/api", SANDBOX_KEY, timeout=5, budget=ApiBudget(schedule, max_wait=5)
+        sandbox_url + "/api",
+        SANDBOX_KEY,
+        timeout=5,
+        budget=ApiBudget(FairShare(redis, schedule), max_wait=5),
     )
     intents = Intents(redis, JobStore(redis), settings)
     create_rows(sandbox_url, "dub-api", ROWS)

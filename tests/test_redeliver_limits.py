@@ -4,9 +4,13 @@ first attempts however many redeliveries follow."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import httpx
+
 from relay.delivery.attempt_log import MAX_ENTRIES
-from tests.helpers import attempts, post, submit
-from tests.stack import Receiver, eventually, job_field, relay_stack
+from tests.helpers import ADMIN_KEY, B_KEY, RELAY_API, attempts, post, submit, three_callers
+from tests.stack import RELAY_KEY, Receiver, Stack, eventually, job_field, relay_stack
 
 # The entries a trimmed attempt log keeps from its start (the rest: its newest).
 KEEP_FIRST = 10
@@ -64,3 +68,27 @@ def test_the_attempt_log_keeps_its_first_attempts_when_trimmed(redis_url: str) -
         assert int(str(marker["dropped"])) >= 20
         assert "left out" in str(marker["note"])
         assert log[-1].get("note") == "redelivery requested" or log[-1].get("status") == 200
+
+
+def post_as(stack: Stack, key: str, path: str, body: object = None) -> httpx.Response:
+    return httpx.post(stack.api_url + RELAY_API + path, json=body, headers={"x-api-key": key})
+
+
+def test_recovering_gone_deliveries_is_for_admins(redis_url: str, tmp_path: Path) -> None:
+    # A receiver that answered 410 asked for no more; a caller cannot overrule that.
+    with relay_stack(redis_url, workers=0, env=three_callers(tmp_path / "callers.json")) as stack:
+        refused = post_as(stack, RELAY_KEY, "/deliveries/recover", {"since": 0, "states": ["gone"]})
+        assert refused.status_code == 403
+        assert "admin" in refused.json()["error"]
+        mixed = {"since": 0, "states": ["failed", "gone"]}
+        assert post_as(stack, B_KEY, "/deliveries/recover", mixed).status_code == 403
+        allowed = post_as(stack, ADMIN_KEY, "/deliveries/recover", {"since": 0, "states": ["gone"]})
+        assert allowed.status_code == 200, allowed.text
+
+
+def test_one_callers_allowance_is_its_own(redis_url: str, tmp_path: Path) -> None:
+    env = {**three_callers(tmp_path / "callers.json"), "RELAY_RECOVERS_PER_MINUTE": "1"}
+    with relay_stack(redis_url, workers=0, env=env) as stack:
+        assert post_as(stack, RELAY_KEY, "/deliveries/recover", {"since": 0}).status_code == 200
+        assert post_as(stack, RELAY_KEY, "/deliveries/recover", {"since": 0}).status_code == 429
+        assert post_as(stack, B_KEY, "/deliveries/recover", {"since": 0}).status_code == 200

@@ -7,6 +7,7 @@ import time
 
 from redis.asyncio import Redis
 
+from relay.jobs.fair_share import FairShare
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import JobStore
 from relay.redis import keys
@@ -82,11 +83,19 @@ async def test_a_pause_stops_every_claim_until_it_ends(redis_url: str) -> None:
 async def test_an_api_call_waits_out_a_pause_that_ends_within_its_wait(redis_url: str) -> None:
     redis = Redis.from_url(redis_url)
     schedule = PollSchedule(redis, rate=1000, lease=60)
-    await schedule.pause_upstream(0.5)
-    booked, until = await schedule.take(max_wait=0.1)
-    assert not booked and 0.3 < until <= 0.5, "a pause past the wait is refused, with its end"
-    booked, wait = await schedule.take(max_wait=2.0)
-    assert booked and 0.3 < wait <= 0.5, "booked for when the pause ends, not refused"
+    fair = FairShare(redis, schedule)
+    await schedule.pause_upstream(0.6)
+    refused = await fair.admit("a", 1.0, max_wait=0.1)
+    assert refused.refused == "budget" and 0.4 < refused.wait <= 0.6, "refused, with its end"
+    waiting = await fair.admit("a", 1.0, max_wait=2.0)
+    assert waiting.ticket is not None, "it waits for the pause's end, not refused"
+    found = waiting
+    for _ in range(100):  # as a waiting call does: look again when told
+        await asyncio.sleep(found.wait)
+        found = await fair.look_again(waiting.ticket)
+        if found.ticket is None:
+            break
+    assert found.booked, "and is booked once the pause is about to end"
     await redis.aclose()
 
 
@@ -103,12 +112,15 @@ async def test_each_pause_is_counted_for_the_last_hour(redis_url: str) -> None:
 async def test_api_bookings_never_hold_a_status_read_back_past_a_slot_of_its_share(
     redis_url: str,
 ) -> None:
-    # 10 calls/s, a fifth for status reads: the API's calls book the other 8/s, up to 5 s ahead.
+    # 10 calls/s, a fifth for status reads: the API's calls book the other 8/s, a lookahead
+    # ahead, and 40 more wait in the fair queue for up to 5 s.
     redis = Redis.from_url(redis_url)
     schedule = PollSchedule(redis, rate=10, lease=30, read_share=0.2)
-    waits = [(await schedule.take(max_wait=5.0))[1] for _ in range(45)]
-    assert max(waits) > 4.5, "a flood of submissions books the shared part 5 s ahead"
-    assert not (await schedule.take(max_wait=5.0))[0], "and is refused past its wait"
+    fair = FairShare(redis, schedule)
+    found = [await fair.admit("flood", 1.0, max_wait=5.0) for _ in range(50)]
+    waiting = [f for f in found if f.ticket is not None]
+    assert len(waiting) >= 35 and max(f.wait for f in waiting) > 4, "a flood waits in the queue"
+    assert found[-1].refused == "budget", "and past 5 s is refused"
     api_booked = await redis.get(keys.UPSTREAM_TAT)
     booked, wait = await schedule.reserve()
     assert booked and wait <= 0.5, f"a sweep's page waited {wait:.2f} s behind them"
@@ -144,8 +156,8 @@ async def test_status_reads_take_what_the_api_leaves_free_and_only_that(redis_ur
     assert booked_in[keys.UPSTREAM_TAT] >= 6
     # A read never books the shared part ahead: the API's next slot is at most the one after
     # a read's that was free when taken.
-    booked, wait = await schedule.take(max_wait=1.0)
-    assert booked and wait <= schedule.shared_period
+    found = await FairShare(redis, schedule).admit("a", 1.0, max_wait=1.0)
+    assert found.booked and found.wait <= schedule.shared_period
     await redis.aclose()
 
 

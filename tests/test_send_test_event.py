@@ -7,6 +7,7 @@ import socket
 import struct
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from relay.devtools.embedded_redis import free_port
+from tests.helpers import two_teams
 from tests.servers import serve
 from tests.stack import RELAY_KEY, Receiver, Stack, relay_stack
 
@@ -175,8 +177,8 @@ def test_a_connection_closed_without_an_answer_is_reset(redis_url: str, reset: b
         assert result == {**result, "delivered": False, "status": None, "error": "reset"}
 
 
-def test_test_events_are_rate_limited_per_caller(redis_url: str) -> None:
-    env = {"RELAY_API_KEYS": f"{RELAY_KEY},{OTHER_KEY}", "RELAY_TEST_EVENTS_PER_MINUTE": "2"}
+def test_test_events_are_rate_limited_per_caller(redis_url: str, tmp_path: Path) -> None:
+    env = {**two_teams(tmp_path / "callers.json", OTHER_KEY), "RELAY_TEST_EVENTS_PER_MINUTE": "2"}
     receiver = Receiver()
     with relay_stack(redis_url, workers=0, receiver=receiver, env=env) as stack:
         assert [send(stack, {"url": stack.callback_url}).status_code for _ in range(2)] == [200] * 2

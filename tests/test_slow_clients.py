@@ -10,13 +10,14 @@ import functools
 import re
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
 from relay.api.protocol import peer_of
-from tests.helpers import BOUNDARY, MULTIPART, UPLOAD, audio, form, video
+from tests.helpers import BOUNDARY, MULTIPART, UPLOAD, audio, form, two_teams, video
 from tests.stack import RELAY_KEY, Stack, eventually, relay_stack
 
 OTHER_KEY = "another-caller-key-0123456789"
@@ -83,9 +84,9 @@ def in_progress_is(stack: Stack, count: int) -> bool:
 
 
 @pytest.fixture
-def capped(redis_url: str) -> Iterator[Stack]:
+def capped(redis_url: str, tmp_path: Path) -> Iterator[Stack]:
     env = {
-        "RELAY_API_KEYS": f"{RELAY_KEY},{OTHER_KEY}",
+        **two_teams(tmp_path / "callers.json", OTHER_KEY),
         "RELAY_MAX_UPLOADS": "3",
         "RELAY_MAX_UPLOADS_PER_KEY": "2",
     }
@@ -116,7 +117,7 @@ def test_uploads_are_capped_per_key_and_in_total_and_never_block_other_calls(
 
         per_key = small_upload(stack, RELAY_KEY)
         assert per_key.status_code == 429, per_key.text
-        assert "this key already has 2 uploads" in per_key.json()["error"]
+        assert "this caller already has 2 uploads" in per_key.json()["error"]
         assert int(per_key.headers["retry-after"]) > 0
         total = small_upload(stack, OTHER_KEY)
         assert total.status_code == 429, total.text

@@ -257,7 +257,7 @@ async def test_end_fixes_the_final_state_once(redis: Redis, store: JobStore) -> 
         status="completed",
         body=b"first body",
         event_id="msg_first",
-        event=b"first event",
+        event=b'{"n":"first"}',
         retention=RETENTION,
         deliver=job.callback_url is not None,
     )
@@ -265,7 +265,7 @@ async def test_end_fixes_the_final_state_once(redis: Redis, store: JobStore) -> 
     first = await store.get("r1")
     assert first is not None and first.ended
     assert first.status == "completed" and first.body == b"first body"
-    assert first.event_id == "msg_first" and first.event == b"first event"
+    assert first.event_id == "msg_first" and first.event == b'{"sequence":2,"n":"first"}'
     assert first.delivery == "pending" and first.attempt == 0
     assert first.ended_at is not None and before <= first.ended_at <= after
     assert RETENTION - 5 < await redis.ttl(keys.job("r1")) <= RETENTION
@@ -275,7 +275,7 @@ async def test_end_fixes_the_final_state_once(redis: Redis, store: JobStore) -> 
         status="failed",
         body=b"second body",
         event_id="msg_second",
-        event=b"second event",
+        event=b'{"n":"second"}',
         retention=50_000,
         deliver=job.callback_url is not None,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import os
 import socket
@@ -25,8 +26,19 @@ from standardwebhooks import Webhook
 from relay.api.multipart import MediaForm
 from relay.errors import ApiError
 from relay.redis import keys
-from tests.helpers import BOUNDARY, MULTIPART, UPLOAD, audio, closing, form, part, video
-from tests.stack import RELAY_KEY, Stack, eventually, job_field, relay_stack
+from relay.sandbox import SandboxConfig
+from tests.helpers import (
+    BOUNDARY,
+    MULTIPART,
+    UPLOAD,
+    audio,
+    closing,
+    form,
+    part,
+    verified,
+    video,
+)
+from tests.stack import RELAY_KEY, SANDBOX_KEY, Stack, eventually, job_field, relay_stack
 
 UPSTREAM_CALL = "POST /v1/lipsync/generate-with-media"
 MiB = 1024 * 1024
@@ -568,3 +580,186 @@ def test_a_full_width_callback_url_is_stored_normalised_and_delivered(redis_url:
         assert stored == f"http://localhost:{port}/hook".encode()
         [delivered] = stack.receiver.wait_for(1, timeout=30)
         assert orjson.loads(delivered.body)["data"]["id"] == request_id
+
+
+# --- Events and metadata on uploads (#21 item 5) -------------------------------------------------
+
+EVENTS = ["lipsync.processing", "lipsync.completed"]
+# What the official SDK can carry in form fields: text, in nested objects and lists.
+FORM_METADATA = {"episode": "42", "route": {"team": "dubbing", "tags": ["ja", "dub"]}}
+SLOWER = SandboxConfig(api_keys=(SANDBOX_KEY,), queued_seconds=0.3, processing_seconds=2.0)
+
+
+def test_uploads_take_callback_events_and_metadata_through_the_sdk(
+    redis_url: str, tmp_path: Path
+) -> None:
+    video_path, audio_path = tmp_path / "v.mp4", tmp_path / "a.wav"
+    video_path.write_bytes(os.urandom(MiB))
+    audio_path.write_bytes(os.urandom(64 * 1024))
+    with (
+        relay_stack(redis_url, sandbox=SLOWER) as stack,
+        video_path.open("rb") as video_file,
+        audio_path.open("rb") as audio_file,
+    ):
+        result = stack.sdk().lipsync.generate_with_media(
+            video=video_file,
+            audio=audio_file,
+            reference_id="upload-events",
+            extra_body={
+                "callback_url": stack.callback_url,
+                "callback_events": EVENTS,
+                "callback_metadata": FORM_METADATA,
+            },
+        )
+        request_id = result.request_id
+        received = stack.upstream("GET", f"/_sandbox/requests/{request_id}/uploads").json()
+        assert received["fields"] == {"reference_id": "upload-events"}, "relay fields stay here"
+        assert received["video"]["sha256"] == hashlib.sha256(video_path.read_bytes()).hexdigest()
+        first, second = stack.receiver.wait_for(2, timeout=30)
+        processing, completed = verified(stack, first), verified(stack, second)
+        assert [processing["type"], completed["type"]] == EVENTS
+        assert processing["metadata"] == completed["metadata"] == FORM_METADATA
+        assert completed["data"]["id"] == request_id  # type: ignore[index]
+        assert first.headers["webhook-id"] != second.headers["webhook-id"]
+
+
+def test_metadata_as_one_json_part_keeps_its_types(stack: Stack, redis_url: str) -> None:
+    metadata: dict[str, object] = {
+        "episode": 42,
+        "final": True,
+        "note": None,
+        "scores": [1.5, 2],
+        "empty": {},
+    }
+    response = stack.sdk().lipsync.with_raw_response.generate_with_media(
+        video=("v.mp4", os.urandom(1024)),
+        audio=("a.wav", os.urandom(1024)),
+        extra_body={
+            "callback_url": stack.callback_url,
+            "callback_events": ["lipsync.failed"],
+            "callback_metadata": orjson.dumps(metadata).decode(),
+        },
+    )
+    request_id = response.parse().request_id
+    assert orjson.loads(job_field(redis_url, request_id, "metadata") or b"") == metadata
+    assert job_field(redis_url, request_id, "events") == b"lipsync.failed"
+
+
+def nested(depth: int) -> dict[str, object]:
+    value: dict[str, object] = {"a": "x"}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
+DEEP = nested(300)
+# name: (JSON body fields, the same as form parts)
+BAD_OPTIONS: dict[str, tuple[dict[str, object], list[bytes]]] = {
+    "unknown event": (
+        {"callback_events": ["lipsync.started"]},
+        [part("callback_events[]", b"lipsync.started")],
+    ),
+    "an event twice": (
+        {"callback_events": ["lipsync.completed", "lipsync.completed"]},
+        [part("callback_events[]", b"lipsync.completed")] * 2,
+    ),
+    "metadata too large": (
+        {"callback_metadata": {"blob": "x" * 5000}},
+        [part("callback_metadata[blob]", b"x" * 5000)],
+    ),
+    "metadata too large as JSON": (
+        {"callback_metadata": {"blob": "x" * 5000}},
+        [part("callback_metadata", orjson.dumps({"blob": "x" * 5000}))],
+    ),
+    # Deeper than orjson writes (its limit is 255 levels): a 500 on the JSON route before.
+    "metadata nested too deeply": (
+        {"callback_metadata": DEEP},
+        [part("callback_metadata" + "[a]" * 300, b"x")],
+    ),
+    "metadata nested too deeply as JSON": (
+        {"callback_metadata": DEEP},
+        [part("callback_metadata", json.dumps(DEEP).encode())],
+    ),
+    "metadata not an object": (
+        {"callback_metadata": ["not", "an", "object"]},
+        [part("callback_metadata", b'["not", "an", "object"]')],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OPTIONS))
+@pytest.mark.parametrize("where", ["before the files", "after the files"])
+def test_bad_events_or_metadata_get_the_json_routes_422(
+    stack: Stack, redis_url: str, case: str, where: str
+) -> None:
+    fields, parts = BAD_OPTIONS[case]
+    inputs = [{"type": "video", "url": "https://cdn.example.com/v.mp4"}]
+    inputs.append({"type": "audio", "url": "https://cdn.example.com/a.wav"})
+    as_json = httpx.post(
+        stack.api_url + "/api/v1/lipsync/generate",
+        json={"inputs": inputs, "callback_url": HOOK, **fields},
+        headers={"x-api-key": RELAY_KEY},
+    )
+    assert as_json.status_code == 422, as_json.text
+    files = [video(), audio()]
+    body = (
+        form(callback(HOOK), *parts, *files)
+        if where == "before the files"
+        else form(callback(HOOK), *files, *parts)
+    )
+    as_form = post(stack, body)
+    assert as_form.status_code == 422, as_form.text
+    assert as_form.json() == as_json.json()
+    if where == "before the files":
+        assert upstream_calls(stack) == 0, "refused before Chamelaion is contacted"
+    assert_no_job(stack, redis_url)
+
+
+BAD_FORM_ONLY = {
+    "metadata not JSON": (part("callback_metadata", b"{episode"), "callback_metadata: must be"),
+    "metadata both ways": (
+        part("callback_metadata", b'{"a": "1"}') + part("callback_metadata[b]", b"2"),
+        "callback_metadata: is given both",
+    ),
+    "a list of objects": (part("callback_metadata[items][][a]", b"1"), "callback_metadata[items]"),
+    "a value and an object": (
+        part("callback_metadata[a]", b"1") + part("callback_metadata[a][b]", b"2"),
+        "callback_metadata[a][b]: conflicts",
+    ),
+    "a metadata key twice": (
+        part("callback_metadata[a]", b"1") + part("callback_metadata[a]", b"2"),
+        "callback_metadata[a]: appears more than once",
+    ),
+    "events as a file": (
+        part("callback_events[]", b"lipsync.completed", filename="e.txt"),
+        "callback_events[]: is a file part",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FORM_ONLY))
+def test_form_shapes_that_cannot_be_metadata_get_a_clear_422(
+    stack: Stack, redis_url: str, case: str
+) -> None:
+    bad, fragment = BAD_FORM_ONLY[case]
+    response = post(stack, form(callback(HOOK), bad, video(), audio()))
+    assert response.status_code == 422, response.text
+    assert fragment in error_of(response)
+    assert upstream_calls(stack) == 0
+    assert_no_job(stack, redis_url)
+
+
+def test_events_and_metadata_after_the_promise_are_made_up_for() -> None:
+    """Relay fields after the files leave the upstream body as a callback_url part does."""
+    relay_parts = part("callback_events[]", b"lipsync.completed") + part(
+        "callback_metadata[a][]", b"1"
+    )
+    body = form(*PARTS, HOOK_PART, relay_parts)
+    sent = forwarded(body, [], promise_at=len(PARTS[0]))
+    assert len(sent) == len(body)
+    assert sent.startswith(form(*PARTS))
+    form_ = MediaForm(BOUNDARY.encode())
+    form_.feed(body)
+    form_.finish()
+    assert form_.options.callback_events == ["lipsync.completed"]
+    assert form_.options.callback_metadata == {"a": ["1"]}

@@ -1,67 +1,53 @@
 """API-key authentication for `/api/*`, accepting the same two styles Chamelaion does.
 
 `x-api-key: KEY` or `Authorization: Bearer KEY`. Failures answer 401 with Chamelaion's own
-messages, so callers see the errors they already handle. Keys are compared as SHA-256 digests
-with hmac.compare_digest against every configured key: the time taken depends neither on how
-much of a key matched nor on its length nor on which key matched.
+messages, so callers see the errors they already handle. The key is resolved to its caller
+(relay.callers: compared as SHA-256 digests with hmac.compare_digest against every key of
+every caller, so the time taken depends neither on how much of a key matched nor on which key
+matched), and the request carries that `Caller` in `scope["state"]["caller"]`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-
 import orjson
-from pydantic import SecretStr
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from relay.callers.model import Caller, CallerBook
+from relay.callers.source import CallerSource
 
 PROTECTED_PREFIX = "/api/"
 METRICS_PATH = "/metrics"
 
 
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
+def presented_key(headers: dict[bytes, bytes]) -> tuple[str | None, str]:
+    """The key a request presents, or None and the 401 message saying what is missing."""
+    api_key = headers.get(b"x-api-key")
+    if api_key is not None:
+        return api_key.decode("latin-1"), "unauthorized"
+    authorization = headers.get(b"authorization")
+    if authorization is None:
+        return None, "missing authorization header"
+    scheme, _, token = authorization.decode("latin-1").partition(" ")
+    if scheme.lower() != "bearer":
+        return None, "invalid authorization format"
+    token = token.strip()
+    if not token:
+        return None, "missing token"
+    return token, "invalid token"
 
 
-def key_name(key: bytes) -> str:
-    """A name for an API key that does not reveal it (per-key limits, console sessions)."""
-    return hashlib.sha256(key).hexdigest()[:16]
+def authenticate(book: CallerBook, headers: dict[bytes, bytes]) -> Caller | str:
+    """The request's caller, or the 401 message."""
+    key, refusal = presented_key(headers)
+    caller = book.resolve(key) if key is not None else None
+    return caller if caller is not None else refusal
 
 
-def caller_id(headers: dict[bytes, bytes]) -> str:
-    """The name of the key a request was accepted with."""
-    key = headers.get(b"x-api-key")
-    if key is None:
-        key = headers.get(b"authorization", b"").partition(b" ")[2].strip()
-    return key_name(key)
-
-
-class KeyRing:
-    def __init__(self, keys: tuple[SecretStr, ...]) -> None:
-        self._digests = [_digest(key.get_secret_value()) for key in keys]
-
-    def accepts(self, candidate: str) -> bool:
-        digest = _digest(candidate)
-        found = False
-        for known in self._digests:
-            found |= hmac.compare_digest(digest, known)
-        return found and bool(candidate)
-
-    def refusal(self, headers: dict[bytes, bytes]) -> str | None:
-        """None when the request carries a valid key, else the 401 message."""
-        api_key = headers.get(b"x-api-key")
-        if api_key is not None:
-            return None if self.accepts(api_key.decode("latin-1")) else "unauthorized"
-        authorization = headers.get(b"authorization")
-        if authorization is None:
-            return "missing authorization header"
-        scheme, _, token = authorization.decode("latin-1").partition(" ")
-        if scheme.lower() != "bearer":
-            return "invalid authorization format"
-        token = token.strip()
-        if not token:
-            return "missing token"
-        return None if self.accepts(token) else "invalid token"
+def request_caller(request: Request) -> Caller:
+    """The caller the auth middleware accepted this request for."""
+    caller: Caller = request.scope["state"]["caller"]
+    return caller
 
 
 def route_path(scope: Scope) -> str:
@@ -75,19 +61,19 @@ class ApiKeyMiddleware:
     """Pure ASGI, so request bodies (uploads) stream through untouched.
 
     Guards `/api/*`, and `/metrics` too when `metrics_auth` is set. An accepted request
-    carries `caller_id` in its state, for per-key limits.
+    carries its `caller` in its state (and `caller_id`, the caller's name).
     """
 
     def __init__(
         self,
         app: ASGIApp,
-        keys: KeyRing,
+        callers: CallerSource,
         *,
         metrics_auth: bool = False,
         public: tuple[str, ...] = (),
     ) -> None:
         self.app = app
-        self.keys = keys
+        self.callers = callers
         self.metrics_auth = metrics_auth
         # Exact paths under /api/ that need no key (published public keys).
         self.public = frozenset(public)
@@ -101,13 +87,15 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or not self._protected(route_path(scope)):
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        refusal = self.keys.refusal(headers)
-        if refusal is None:
-            scope.setdefault("state", {})["caller_id"] = caller_id(headers)
+        found = authenticate(self.callers.book, dict(scope["headers"]))
+        if isinstance(found, Caller):
+            state = scope.setdefault("state", {})
+            state["caller"] = found
+            # Its name alone, for per-caller limits and records (`caller_id` before callers).
+            state["caller_id"] = found.name
             await self.app(scope, receive, send)
             return
-        body = orjson.dumps({"error": refusal})
+        body = orjson.dumps({"error": found})
         await send(
             {
                 "type": "http.response.start",

@@ -11,15 +11,25 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from relay.api.auth import request_caller
 from relay.api.body import read_body
 from relay.api.models import MAX_ID_LENGTH
+from relay.api.scoping import list_owner, owned_job
 from relay.api.state import AppState, app_state
 from relay.api.steering_limits import RECOVER, REDELIVER, SteeringLimits, allowance
 from relay.api.submit import validation_error
+from relay.callers.model import NAME_PATTERN
 from relay.delivery.attempt_log import STATES
 from relay.delivery.store import DeliveryId
 from relay.errors import ApiError
@@ -30,6 +40,9 @@ from relay.jobs.store import Job
 PREFIX = "/api/relay/v1"
 MAX_PAGE = 200
 MAX_RECOVER = 1000
+# A caller's deliveries are picked out of every caller's: read in batches, up to a bound.
+SCAN_BATCH = 500
+MAX_SCAN = 5000
 
 State = Literal["pending", "failing", "delivered", "gone", "failed"]
 
@@ -100,11 +113,9 @@ async def deliveries_of(state: AppState, job: Job) -> list[dict[str, Any]]:
 
 
 async def tracked_job(state: AppState, request: Request) -> Job:
-    """The job the path's id (a request id or a reference_id) names; 404 when untracked."""
-    job = await state.store.find(request_id_param(request))
-    if job is None:
-        raise ApiError(404, "no tracked job has this id or reference_id")
-    return job
+    """The job the path's id (a request id or a reference_id) names among those the caller may
+    see; 404 when untracked or another caller's (relay.api.scoping)."""
+    return await owned_job(state, request, request_id_param(request))
 
 
 async def job_deliveries(request: Request) -> Response:
@@ -117,6 +128,11 @@ async def job_deliveries(request: Request) -> Response:
             "callback": job.callback_url is not None,
             "status": job.status,
             "deliveries": deliveries,
+            # Who steered it (relay.jobs.audit), newest first.
+            "audit": [
+                {**entry, "at": iso(entry.get("at"))}
+                for entry in await state.audit.entries(job.request_id)
+            ],
         }
     )
 
@@ -139,8 +155,14 @@ async def list_deliveries(request: Request) -> Response:
     since = parse_time(request.query_params.get("since", "0"), "since")
     cursor = request.query_params.get("cursor")
     until = parse_time(cursor, "cursor") if cursor else float("inf")
-    found = await state.attempt_log.page(wanted, since=since, until=until, limit=limit + 1)
-    page = found[:limit]
+    owner = list_owner(request)
+    if owner is None:
+        found = await state.attempt_log.page(wanted, since=since, until=until, limit=limit + 1)
+        page = found[:limit]
+        next_cursor = repr(page[-1][1]) if len(found) > limit else None
+    else:
+        page, next_at = await _owned_page(state, owner, wanted, since, until, limit)
+        next_cursor = None if next_at is None else repr(next_at)
     data = []
     for delivery_id, entered in page:
         delivery = DeliveryId.parse(delivery_id)
@@ -153,21 +175,50 @@ async def list_deliveries(request: Request) -> Response:
                 "since": iso(entered),
             }
         )
-    next_cursor = repr(page[-1][1]) if len(found) > limit else None
     return JSONResponse({"data": data, "next_cursor": next_cursor})
 
 
+async def _owned_page(
+    state: AppState, owner: str, wanted: str, since: float, until: float, limit: int
+) -> tuple[list[tuple[str, float]], float | None]:
+    """A page of `owner`'s deliveries in a state, and the cursor past it (None: no more).
+
+    The state indexes hold every caller's deliveries: they are read newest first in batches and
+    kept when the job is the owner's. At most MAX_SCAN entries are read per request, so a
+    caller among many busy ones may get a short page with a cursor to go on from.
+    """
+    kept: list[tuple[str, float]] = []
+    scanned = 0
+    cursor = until
+    while scanned < MAX_SCAN:
+        batch = await state.attempt_log.page(wanted, since=since, until=cursor, limit=SCAN_BATCH)
+        owners = await state.store.callers_of(
+            [DeliveryId.parse(delivery_id).request_id for delivery_id, _ in batch]
+        )
+        for (delivery_id, entered), job_owner in zip(batch, owners, strict=True):
+            if job_owner == owner:
+                if len(kept) == limit:
+                    return kept, kept[-1][1]
+                kept.append((delivery_id, entered))
+        scanned += len(batch)
+        if len(batch) < SCAN_BATCH:
+            return kept, None
+        cursor = batch[-1][1]
+    return kept, cursor
+
+
 def _caller(request: Request) -> str:
-    """The name the auth middleware gave the request's caller, for per-caller limits."""
-    caller: str = request.scope["state"]["caller_id"]
-    return caller
+    """The request's caller's name, for per-caller limits."""
+    return request_caller(request).name
 
 
 async def redeliver(request: Request) -> Response:
     state = app_state(request)
     await SteeringLimits(state.redis).count(allowance(state.settings, REDELIVER), _caller(request))
     job = await tracked_job(state, request)
-    done = await state.redeliverer.redeliver(job.request_id, note="redelivery requested")
+    done = await state.redeliverer.redeliver(
+        job.request_id, note="redelivery requested", by=request_caller(request).name
+    )
     if done.refused == "not_ended":
         raise ApiError(409, "the job has not ended yet: its callback goes out when it does")
     if done.refused == "no_callback":
@@ -194,6 +245,8 @@ class RecoverRequest(BaseModel):
         "failed",
     ]
     limit: Annotated[int, Field(ge=1, le=MAX_RECOVER)] = 100
+    # An admin's caller filter: only that caller's deliveries (a caller's own are always its).
+    caller: Annotated[str, StringConstraints(pattern=NAME_PATTERN)] | None = None
 
     @field_validator("since")
     @classmethod
@@ -214,8 +267,15 @@ async def recover(request: Request) -> Response:
     except ValidationError as exc:
         raise validation_error(exc) from None
     since = parse_time(wanted.since, "since")
+    if "gone" in wanted.states and not request_caller(request).admin:
+        # A receiver that answered 410 asked for no more: only an admin may overrule it.
+        raise ApiError(403, 'states "gone" is for admin callers only')
     done = await state.redeliverer.recover(
-        states=tuple(dict.fromkeys(wanted.states)), since=since, limit=wanted.limit
+        states=tuple(dict.fromkeys(wanted.states)),
+        since=since,
+        limit=wanted.limit,
+        owner=list_owner(request, wanted.caller),
+        by=request_caller(request).name,
     )
     return JSONResponse(
         {

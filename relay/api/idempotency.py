@@ -39,6 +39,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message
 
+from relay.api.auth import request_caller
 from relay.api.body import read_body
 from relay.api.responses import error_content
 from relay.api.state import AppState, app_state
@@ -98,8 +99,8 @@ def idempotent(endpoint: Endpoint, *, buffered: bool) -> Endpoint:
         else:
             # A retry of an upload picks a new multipart boundary: only the length can tell.
             fingerprint = "length:" + request.headers.get("content-length", "chunked")
-        # The auth middleware names the caller's key (a digest, never the key).
-        caller: str = request.scope["state"]["caller_id"]
+        # Per caller: two callers' keys never meet (every key of one caller is the same caller).
+        caller = request_caller(request).name
         redis_key = keys.idempotency(caller, request.url.path, _valid_key(header))
         count_key = keys.idempotency_held(caller)
         held = await _claim(state, redis_key, count_key, fingerprint)
@@ -196,7 +197,7 @@ async def _claim(
         IDEMPOTENCY_KEYS_REFUSED.inc()
         raise ApiError(
             429,
-            f"this API key already holds {limit} Idempotency-Keys, the most the relay keeps for "
+            f"this caller already holds {limit} Idempotency-Keys, the most the relay keeps for "
             "one caller (RELAY_IDEMPOTENCY_MAX_KEYS; each is kept RELAY_IDEMPOTENCY_TTL); "
             "retry later, or submit without a new key",
             headers={"retry-after": str(max(1, int(reply[1])))},

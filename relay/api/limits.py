@@ -31,7 +31,7 @@ class UploadSlots:
     def hold(self, caller: str) -> Iterator[None]:
         """One slot for `caller` while the block runs; ApiError 429 when none is free."""
         if self._held[caller] >= self.per_caller:
-            raise _busy(f"this key already has {self.per_caller} uploads in progress")
+            raise _busy(f"this caller already has {self.per_caller} uploads in progress")
         if self.in_use >= self.total:
             raise _busy("the relay is running as many uploads as it takes")
         self._held[caller] += 1

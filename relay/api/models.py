@@ -44,7 +44,12 @@ def _events(value: list[str]) -> list[str]:
 
 
 def _metadata(value: dict[str, Any]) -> dict[str, Any]:
-    if len(orjson.dumps(value)) > MAX_METADATA_BYTES:
+    try:
+        encoded = orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        # Nested deeper than orjson writes (255 levels), which its reader (1,024) still takes.
+        raise ValueError("is nested too deeply") from None
+    if len(encoded) > MAX_METADATA_BYTES:
         raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
     return value
 
@@ -80,17 +85,27 @@ def _one_of_each(inputs: list[MediaInput]) -> list[MediaInput]:
     return inputs
 
 
-class GenerateRequest(BaseModel):
+class CallbackOptions(BaseModel):
+    """The relay's own fields, the same on both submit routes: the JSON body has them beside
+    Chamelaion's, the upload form (relay.api.multipart) collects them from its parts."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    callback_url: CallbackUrl | None = None
+    callback_events: CallbackEvents | None = None
+    callback_metadata: CallbackMetadata | None = None
+
+    def stored_metadata(self) -> bytes | None:
+        """The metadata as the job keeps it (JSON object bytes), None when there is none."""
+        return orjson.dumps(self.callback_metadata) if self.callback_metadata else None
+
+
+class GenerateRequest(CallbackOptions):
     inputs: Annotated[
         list[MediaInput], Field(min_length=2, max_length=2), AfterValidator(_one_of_each)
     ]
     disable_active_speaker_detection: StrictBool | None = None
     reference_id: ReferenceId | None = None
-    callback_url: CallbackUrl | None = None
-    callback_events: CallbackEvents | None = None
-    callback_metadata: CallbackMetadata | None = None
 
     def upstream_body(self) -> dict[str, Any]:
         """Exactly the fields Chamelaion documents, as the caller set them."""

@@ -1,16 +1,17 @@
 """The generate-with-media form, checked part by part as it arrives and passed on byte for byte.
 
 `MediaForm.feed` takes the caller's body chunk by chunk and returns the bytes to send upstream:
-the caller's own bytes, in order, minus the `callback_url` part, which the relay keeps for
-itself. Nothing is re-encoded, so a chunk of file data normally goes on as the very object that
-came in. Only part headers (16 KiB at most), the small text fields and a possible partial
-delimiter at a chunk's end are ever held. A problem raises ApiError as soon as it is known.
+the caller's own bytes, in order, minus the relay's own parts (`callback_url`, `callback_events`,
+`callback_metadata`: relay.api.callback_fields), which it keeps for itself. Nothing is
+re-encoded, so a chunk of file data normally goes on as the very object that came in. Only
+part headers (16 KiB at most), the small text fields and a possible partial delimiter at a
+chunk's end are ever held. A problem raises ApiError as soon as it is known.
 
 The closing delimiter is only handed out by `finish`, once the whole body has been checked, so
 an upload refused for any reason reaches Chamelaion as a body without an end, which it cannot
 accept. Because the bytes pass through unchanged, the size of what goes upstream is known from
-the caller's Content-Length (`promise`); a callback_url part met after that point is made up for
-with epilogue bytes after the closing delimiter, which every multipart reader ignores.
+the caller's Content-Length (`promise`); a relay part met after that point is made up for with
+epilogue bytes after the closing delimiter, which every multipart reader ignores.
 """
 
 from __future__ import annotations
@@ -21,18 +22,14 @@ from enum import Enum, auto
 
 from pydantic import TypeAdapter, ValidationError
 
-from relay.api.models import CallbackUrl, ReferenceId
+from relay.api.callback_fields import CallbackFields, invalid, is_callback_field, repeatable
+from relay.api.models import CallbackOptions, ReferenceId
 from relay.errors import ApiError
 
 FILE_PARTS = ("video", "audio")
-CALLBACK_FIELD = "callback_url"
 BOOL_FIELD = "disable_active_speaker_detection"
-# The text fields the relay takes, with its check for each (the same as for a JSON body); the
-# value kept is the checked one (a callback URL in its one normalised form).
-_TEXT_FIELDS: dict[str, TypeAdapter[str]] = {
-    "reference_id": TypeAdapter(ReferenceId),
-    CALLBACK_FIELD: TypeAdapter(CallbackUrl),
-}
+# Chamelaion's text fields, with the relay's check for each (the same as for a JSON body).
+_TEXT_FIELDS: dict[str, TypeAdapter[str]] = {"reference_id": TypeAdapter(ReferenceId)}
 # A form carries a boolean as text: any spelling Go's strconv.ParseBool takes, as Chamelaion's
 # server does.
 _BOOLS = frozenset(
@@ -100,14 +97,6 @@ def content_type(boundary: bytes) -> str:
     return f"multipart/form-data; boundary={quoted}"
 
 
-def _invalid(name: str, message: str) -> ApiError:
-    return ApiError(
-        422,
-        f"invalid request: {name}: {message}",
-        details=[{"field": name, "message": message}],
-    )
-
-
 def _malformed(problem: str) -> ApiError:
     return ApiError(400, f"malformed multipart body: {problem}")
 
@@ -131,7 +120,8 @@ class _Part:
 class MediaForm:
     def __init__(self, boundary: bytes) -> None:
         self.boundary = boundary
-        self.fields: dict[str, str] = {}
+        self.fields: dict[str, str] = {}  # Chamelaion's text fields, checked
+        self.callback = CallbackFields()
         self.file_sizes: dict[str, int] = {}
         self._dash_boundary = b"--" + boundary
         self._delimiter = _CRLF + self._dash_boundary
@@ -142,12 +132,17 @@ class MediaForm:
         self._tail = b""  # the closing delimiter and any epilogue, for `finish`
         self._out: list[bytes] = []
         self._sent = 0  # bytes handed out for upstream
-        self._dropped = 0  # input bytes left out: the callback_url part
+        self._dropped = 0  # input bytes left out: the relay's own parts
         self._promised: int | None = None
 
     @property
+    def options(self) -> CallbackOptions:
+        """The relay's own fields, as checked so far (all of them once `finish` passed)."""
+        return self.callback.options
+
+    @property
     def callback_url(self) -> str | None:
-        return self.fields.get(CALLBACK_FIELD)
+        return self.callback.options.callback_url
 
     @property
     def reference_id(self) -> str | None:
@@ -182,10 +177,10 @@ class MediaForm:
             raise _malformed("it ended before its closing boundary")
         missing = [name for name in FILE_PARTS if name not in self.file_sizes]
         if missing:
-            raise _invalid(missing[0], "a file part is required")
+            raise invalid(missing[0], "a file part is required")
         tail = self._tail
         if self._promised is not None:
-            # A callback_url part dropped after the promise leaves room to fill (see above).
+            # A relay part dropped after the promise leaves room to fill (see above).
             filler = self._promised - self._sent - len(tail)
             if filler < 0:
                 raise ApiError(500, "the upload's size was miscounted")
@@ -296,18 +291,21 @@ class MediaForm:
         if kind != "form-data" or not name:
             raise _malformed("a part has no form-data name")
         is_file = "filename" in params or "filename*" in params
+        relay_field = is_callback_field(name)
         if name in self._seen:
-            raise _invalid(name, "appears more than once")
+            raise invalid(name, "appears more than once")
         if name in FILE_PARTS and not is_file:
-            raise _invalid(name, "must be a file part (with a filename)")
+            raise invalid(name, "must be a file part (with a filename)")
         if name not in FILE_PARTS and is_file:
-            raise _invalid(name, "is a file part; only video and audio may be files")
-        if name not in FILE_PARTS and name != BOOL_FIELD and name not in _TEXT_FIELDS:
-            raise _invalid(name, "is not a field this endpoint takes")
-        self._seen.add(name)
+            raise invalid(name, "is a file part; only video and audio may be files")
+        known = relay_field or name == BOOL_FIELD or name in _TEXT_FIELDS
+        if name not in FILE_PARTS and not known:
+            raise invalid(name, "is not a field this endpoint takes")
+        if not repeatable(name):
+            self._seen.add(name)
         if is_file:
             self.file_sizes[name] = 0
-        return _Part(name, is_file, forwarded=name != CALLBACK_FIELD)
+        return _Part(name, is_file, forwarded=not relay_field)
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         part = self._part
@@ -315,7 +313,7 @@ class MediaForm:
         if part.is_file:
             self.file_sizes[part.name] += end - start
         elif len(part.value) + end - start > MAX_FIELD_BYTES:
-            raise _invalid(part.name, f"is longer than {MAX_FIELD_BYTES} bytes")
+            raise invalid(part.name, f"is longer than {MAX_FIELD_BYTES} bytes")
         else:
             part.value += data[start:end]
         self._emit(data, start, end)
@@ -330,18 +328,21 @@ class MediaForm:
         try:
             value = part.value.decode("utf-8")
         except UnicodeDecodeError:
-            raise _invalid(name, "must be UTF-8 text") from None
+            raise invalid(name, "must be UTF-8 text") from None
+        if not part.forwarded:
+            self.callback.add(name, value)
+            return
         if name == BOOL_FIELD and value not in _BOOLS:
-            raise _invalid(name, "must be a boolean (true or false)")
+            raise invalid(name, "must be a boolean (true or false)")
         if name in _TEXT_FIELDS:
             try:
                 value = _TEXT_FIELDS[name].validate_python(value)
             except ValidationError as exc:
-                raise _invalid(name, exc.errors(include_url=False)[0]["msg"]) from None
+                raise invalid(name, exc.errors(include_url=False)[0]["msg"]) from None
         self.fields[name] = value
 
     def _emit(self, data: bytes, start: int, end: int) -> None:
-        """Pass data[start:end] on, or drop it when it belongs to the callback_url part."""
+        """Pass data[start:end] on, or drop it when it belongs to a relay part."""
         if end <= start:
             return
         if self._part is not None and not self._part.forwarded:

@@ -12,11 +12,20 @@ from functools import cache
 from typing import Any
 
 from relay.api.deliveries import MAX_PAGE, RecoverRequest
+from relay.api.feed import MAX_LIMIT as FEED_LIMIT
 from relay.api.idempotency import MAX_KEY_LENGTH
-from relay.api.models import MAX_ID_LENGTH, MAX_REFERENCE_ID_LENGTH, GenerateRequest
+from relay.api.job_events import EVENT_STREAM
+from relay.api.models import (
+    EVENT_TYPES,
+    MAX_ID_LENGTH,
+    MAX_METADATA_BYTES,
+    MAX_REFERENCE_ID_LENGTH,
+    GenerateRequest,
+)
 from relay.api.responses import MAX_DETAILS
 from relay.api.test_events import TestEventRequest
 from relay.api.watches import WatchRequest
+from relay.callers.model import NAME_PATTERN
 from relay.delivery.failure import FAILURE_CLASSES
 from relay.delivery.netpolicy import MAX_URL_LENGTH
 
@@ -66,6 +75,26 @@ _MEDIA_FORM: dict[str, Any] = {
             "maxLength": MAX_URL_LENGTH,
             "description": "http(s) URL",
         },
+        # As the official SDK flattens a JSON body's lists and objects into form fields.
+        "callback_events[]": {
+            "type": "array",
+            "items": {"type": "string", "enum": list(EVENT_TYPES)},
+            "minItems": 1,
+            "maxItems": len(EVENT_TYPES),
+            "uniqueItems": True,
+            "description": "one part per event (`callback_events` is taken too)",
+        },
+        "callback_metadata": {
+            "type": "string",
+            "description": f"a JSON object of at most {MAX_METADATA_BYTES} bytes, echoed in "
+            "every callback with its types; or send callback_metadata[key] fields instead",
+        },
+    },
+    "patternProperties": {
+        r"^callback_metadata(\[[^\[\]]+\])+(\[\])?$": {
+            "type": "string",
+            "description": "one text value of the metadata (`[key][]`: an item of a list)",
+        },
     },
     "additionalProperties": False,
 }
@@ -99,6 +128,34 @@ def openapi_document() -> dict[str, Any]:
                 },
             },
             "RecoverRequest": RecoverRequest.model_json_schema(ref_template=_REF),
+            "JobEvent": {
+                "type": "object",
+                "required": ["sequence", "request_id", "at", "type"],
+                "properties": {
+                    "sequence": {"type": "integer", "minimum": 1},
+                    "request_id": {"type": "string"},
+                    "at": {"type": "string"},
+                    "type": {"type": "string", "enum": ["status", "delivery"]},
+                    "last": {"type": "boolean"},
+                    "status": {"type": "string"},
+                    "data": {"$ref": "#/components/schemas/LipsyncRequest"},
+                    "event": {"type": "string"},
+                    "attempt": {"type": "integer"},
+                    "outcome": {
+                        "type": "string",
+                        "enum": ["delivered", "failing", "failed", "gone"],
+                    },
+                    "result": {"type": "string"},
+                },
+            },
+            "EventFeed": {
+                "type": "object",
+                "required": ["events", "next_cursor"],
+                "properties": {
+                    "events": {"type": "array", "items": {"$ref": "#/components/schemas/JobEvent"}},
+                    "next_cursor": {"type": "string"},
+                },
+            },
             "Recovered": {
                 "type": "object",
                 "required": ["requeued", "already_pending", "more", "since"],
@@ -139,6 +196,20 @@ def openapi_document() -> dict[str, Any]:
                             },
                         },
                     },
+                    "audit": {
+                        "type": "array",
+                        "description": "Who steered the job, newest first (at most 50)",
+                        "items": {
+                            "type": "object",
+                            "required": ["at", "caller", "action"],
+                            "properties": {
+                                "at": {"type": "string"},
+                                "caller": {"type": "string"},
+                                "action": {"enum": ["redeliver", "recover", "watch"]},
+                                "detail": {"type": "string"},
+                            },
+                        },
+                    },
                 },
             },
             "DeliveryPage": {
@@ -172,6 +243,11 @@ def openapi_document() -> dict[str, Any]:
                                 "algorithm": {"const": "ed25519"},
                                 "public_key": {"type": "string", "pattern": "^whpk_"},
                                 "created": {"type": ["string", "null"]},
+                                "caller": {
+                                    "type": ["string", "null"],
+                                    "description": "The caller whose own key it is; null: "
+                                    "the global key, for every caller without its own",
+                                },
                             },
                         },
                     }
@@ -180,7 +256,11 @@ def openapi_document() -> dict[str, Any]:
             "LipsyncGenerate": {
                 "type": "object",
                 "required": ["status", "request_id"],
-                "properties": {"status": {"const": "success"}, "request_id": {"type": "string"}},
+                "properties": {
+                    "status": {"const": "success"},
+                    "request_id": {"type": "string"},
+                    "request": {"$ref": "#/components/schemas/LipsyncRequest"},
+                },
             },
             "LipsyncRequest": _LIPSYNC_REQUEST,
             "LipsyncRequestList": {
@@ -222,10 +302,13 @@ def openapi_document() -> dict[str, Any]:
     )
     submitted = {
         "200": {
-            "description": "Accepted by Chamelaion and tracked",
+            "description": (
+                "Accepted by Chamelaion and tracked; with Prefer: wait, also the job as "
+                "`request` once the relay has read it"
+            ),
             "content": _json("LipsyncGenerate"),
         },
-        "400": _error("Malformed body, or refused by Chamelaion as sent"),
+        "400": _error("Malformed body or Prefer: wait, or refused by Chamelaion as sent"),
         "408": _error("The body did not arrive in time"),
         "413": _error("Body over the configured limit"),
         "422": _error("Invalid field (named in the message and details)"),
@@ -257,6 +340,13 @@ def openapi_document() -> dict[str, Any]:
             "schema": {"type": "string", "minLength": 1, "maxLength": MAX_REFERENCE_ID_LENGTH},
         },
     ]
+    caller_filter = {
+        "name": "caller",
+        "in": "query",
+        "description": "An admin's caller filter: only that caller's jobs",
+        "schema": {"type": "string", "pattern": NAME_PATTERN},
+    }
+    not_yours = _error("A caller named another caller (only an admin may)")
     secured: list[dict[str, list[str]]] = [{"apiKey": []}, {"bearer": []}]
     idempotency_key = {
         "name": "Idempotency-Key",
@@ -269,9 +359,26 @@ def openapi_document() -> dict[str, Any]:
         "409": _error("A request with this Idempotency-Key is still in progress"),
         "422": _error("Invalid field, or Idempotency-Key reused with another body"),
         "429": _error(
-            "Chamelaion's rate limit, or this API key holds RELAY_IDEMPOTENCY_MAX_KEYS "
+            "Chamelaion's rate limit, or this caller holds RELAY_IDEMPOTENCY_MAX_KEYS "
             "Idempotency-Keys already; see Retry-After"
         ),
+    }
+    prefer = {
+        "name": "Prefer",
+        "in": "header",
+        "required": False,
+        "description": (
+            "wait=N (RFC 7240): answer when the job ends, or after N seconds (at most "
+            "RELAY_MAX_WAIT) with the job as it stands; Preference-Applied says so"
+        ),
+        # Any text: preferences the relay does not know are ignored (RFC 7240).
+        "schema": {"type": "string"},
+    }
+    applied = {
+        "Preference-Applied": {
+            "description": "wait=N when the answer waited (up to N seconds) for the job's end",
+            "schema": {"type": "string"},
+        }
     }
     relay_body = {
         "413": _error("Body over the configured limit"),
@@ -294,7 +401,7 @@ def openapi_document() -> dict[str, Any]:
                     "Start a lip-sync job from URLs, with an optional callback",
                     {**submitted, **idempotency_errors},
                     security=secured,
-                    parameters=[idempotency_key],
+                    parameters=[idempotency_key, prefer],
                     requestBody={"required": True, "content": _json("GenerateRequest")},
                 )
             },
@@ -308,13 +415,13 @@ def openapi_document() -> dict[str, Any]:
                         "408": _error("The upload stalled or arrived below the minimum rate"),
                         "415": _error("Not multipart/form-data"),
                         "429": _error(
-                            "Too many uploads in progress (for this key or in all), "
-                            "Chamelaion's rate limit, or this API key holds "
+                            "Too many uploads in progress (for this caller or in all), "
+                            "Chamelaion's rate limit, or this caller holds "
                             "RELAY_IDEMPOTENCY_MAX_KEYS Idempotency-Keys already; see Retry-After"
                         ),
                     },
                     security=secured,
-                    parameters=[idempotency_key],
+                    parameters=[idempotency_key, prefer],
                     requestBody={
                         "required": True,
                         "content": {"multipart/form-data": {"schema": _MEDIA_FORM}},
@@ -325,27 +432,34 @@ def openapi_document() -> dict[str, Any]:
                 "get": _operation(
                     "A request's status: the relay's own state when tracked, else Chamelaion's",
                     {
-                        "200": {"description": "The request", "content": _json("LipsyncRequest")},
-                        "400": _error("Id too long, a dot segment, or with a slash"),
-                        "404": _error("lipsync request not found"),
+                        "200": {
+                            "description": "The request",
+                            "content": _json("LipsyncRequest"),
+                            "headers": applied,
+                        },
+                        "400": _error("Id too long, a dot segment, or with a slash; bad Prefer"),
+                        "404": _error("Not found: unknown, or another caller's job"),
+                        "503": _error("The relay's job store is unavailable"),
                         **_UPSTREAM_ERRORS,
                         **_ERRORS_ANY,
                     },
                     security=secured,
-                    parameters=[lipsync_id],
+                    parameters=[lipsync_id, prefer],
                 )
             },
             "/api/v1/lipsync/requests": {
                 "get": _operation(
-                    "List requests (proxied to Chamelaion)",
+                    "List the caller's requests (an admin: Chamelaion's whole list, proxied)",
                     {
                         "200": {"description": "A page", "content": _json("LipsyncRequestList")},
-                        "400": _error("Bad limit, offset or reference_id"),
+                        "400": _error("Bad limit, offset, reference_id or caller"),
+                        "403": not_yours,
+                        "503": _error("The relay's job store is unavailable"),
                         **_UPSTREAM_ERRORS,
                         **_ERRORS_ANY,
                     },
                     security=secured,
-                    parameters=list_params,
+                    parameters=[*list_params, caller_filter],
                 )
             },
             "/api/relay/v1/webhook-keys": {
@@ -376,8 +490,15 @@ def openapi_document() -> dict[str, Any]:
                     {
                         "200": {"description": "Already watched", "content": _json("Watch")},
                         "201": {"description": "Now watched", "content": _json("Watch")},
-                        "404": _error("Chamelaion does not know this request"),
-                        "409": _error("Already tracked with a different callback_url"),
+                        "403": _error("A caller named another caller (only an admin may)"),
+                        "404": _error(
+                            "Not found: unknown, another caller's job, or (for a caller that is "
+                            "not an admin) not one of its own"
+                        ),
+                        "409": _error(
+                            "Already tracked with a different callback_url, or a submission "
+                            "with its reference_id is being settled"
+                        ),
                         "503": _error("The relay's job store is unavailable"),
                         **relay_body,
                         **_UPSTREAM_ERRORS,
@@ -393,11 +514,72 @@ def openapi_document() -> dict[str, Any]:
                     {
                         "200": {"description": "The deliveries", "content": _json("JobDeliveries")},
                         "400": _error("Bad id"),
-                        "404": _error("No tracked job has this id or reference_id"),
+                        "404": _error("No tracked job of the caller's has this id or reference_id"),
                         **_ERRORS_ANY,
                     },
                     security=secured,
                     parameters=[lipsync_id],
+                )
+            },
+            "/api/relay/v1/jobs/{id}/events": {
+                "get": _operation(
+                    "The job's events as server-sent events (id: sequence), until its last",
+                    {
+                        "200": {
+                            "description": "An event stream",
+                            "content": {EVENT_STREAM: {"schema": {"type": "string"}}},
+                        },
+                        "400": _error("Bad id or Last-Event-ID"),
+                        "404": _error("No tracked job has this id or reference_id"),
+                        "406": _error("The client does not accept text/event-stream"),
+                        "503": _error("The relay's job store is unavailable"),
+                        **_ERRORS_ANY,
+                    },
+                    security=secured,
+                    parameters=[
+                        lipsync_id,
+                        {
+                            "name": "Last-Event-ID",
+                            "in": "header",
+                            "required": False,
+                            "description": "Resume after this event (its sequence number)",
+                            "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                        },
+                    ],
+                )
+            },
+            "/api/relay/v1/events": {
+                "get": _operation(
+                    "The caller's job events after a cursor, oldest first (long-polled)",
+                    {
+                        "200": {"description": "A page", "content": _json("EventFeed")},
+                        "400": _error("Bad cursor, wait or limit"),
+                        "503": _error("The relay's job store is unavailable"),
+                        **_ERRORS_ANY,
+                    },
+                    security=secured,
+                    parameters=[
+                        {
+                            "name": "after",
+                            "in": "query",
+                            "description": "The last page's next_cursor; 0 (default): the start",
+                            "schema": {
+                                "type": "string",
+                                "pattern": "^(0|[0-9]{1,15}-[0-9]{1,19})$",
+                            },
+                        },
+                        {
+                            "name": "wait",
+                            "in": "query",
+                            "description": "Seconds to wait for an event (RELAY_MAX_WAIT at most)",
+                            "schema": {"type": "integer", "minimum": 0, "maximum": 3600},
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": FEED_LIMIT},
+                        },
+                    ],
                 )
             },
             "/api/relay/v1/jobs/{id}/redeliver": {
@@ -406,7 +588,7 @@ def openapi_document() -> dict[str, Any]:
                     {
                         "202": {"description": "Requeued", "content": _json("Redelivered")},
                         "400": _error("Bad id"),
-                        "404": _error("No tracked job has this id or reference_id"),
+                        "404": _error("No tracked job of the caller's has this id or reference_id"),
                         "409": _error("The job has not ended, or has no callback_url"),
                         "429": _error("RELAY_REDELIVERIES_PER_MINUTE reached; see Retry-After"),
                         **_ERRORS_ANY,
@@ -420,7 +602,8 @@ def openapi_document() -> dict[str, Any]:
                     "Deliveries in a state, newest first",
                     {
                         "200": {"description": "A page", "content": _json("DeliveryPage")},
-                        "400": _error("Bad state, time, cursor or limit"),
+                        "400": _error("Bad state, time, cursor, limit or caller"),
+                        "403": not_yours,
                         **_ERRORS_ANY,
                     },
                     security=secured,
@@ -440,6 +623,7 @@ def openapi_document() -> dict[str, Any]:
                             "in": "query",
                             "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
                         },
+                        caller_filter,
                     ],
                 )
             },
@@ -448,6 +632,9 @@ def openapi_document() -> dict[str, Any]:
                     "Redeliver every delivery that failed since a time (capped)",
                     {
                         "200": {"description": "What was requeued", "content": _json("Recovered")},
+                        "403": _error(
+                            "A caller named another caller, or asked for states gone (admins only)"
+                        ),
                         **relay_body,
                         "429": _error("RELAY_RECOVERS_PER_MINUTE reached; see Retry-After"),
                         **_ERRORS_ANY,

@@ -44,6 +44,17 @@ MAX_HEAD_BYTES = 64 * 1024
 # before the 431 does and destroy it.
 LINGER_SECONDS = 2.0
 
+# The app's lifespan state may name functions under this key for the server to call as it
+# starts shutting down, before it waits for requests in flight (requests that wait for a
+# job's events answer then, rather than being cut off at the end of the grace period).
+SHUTDOWN_HOOKS = "relay.shutdown_hooks"
+# ... and under this one a function that says how many requests are parked: held open for a
+# job's events, using no CPU until one comes. They do not count as requests in flight.
+PARKED = "relay.parked"
+# A request's state holds this key (None) under this protocol: a request that waits may put a
+# function there, called if its client hangs up before the answer (no task needs to listen).
+HANG_UP = "relay.hang_up"
+
 # An IPv6 client usually holds a whole /64: its addresses count as one peer.
 IPV6_PEER_PREFIX = 64
 
@@ -165,7 +176,13 @@ class ApiProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.table.remove(self)
         self._disarm_header_timer()
+        cycle = self.cycle
+        hang_up = None
+        if cycle is not None and not cycle.response_complete:
+            hang_up = cycle.scope.get("state", {}).get(HANG_UP)
         super().connection_lost(exc)
+        if hang_up is not None:
+            hang_up()
 
     def data_received(self, data: bytes) -> None:
         # Fed in pieces no longer than the room left for the head: the parser never holds
@@ -187,7 +204,14 @@ class ApiProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope["state"][HANG_UP] = None
         self._arm_header_timer()
+
+    def shutdown(self) -> None:
+        # Called for each open connection once the server stops taking new ones.
+        for hook in self.app_state.get(SHUTDOWN_HOOKS, ()):
+            hook()
+        super().shutdown()
 
     def on_headers_complete(self) -> None:
         self._head_bytes = None
@@ -207,7 +231,9 @@ class ApiProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         # uvicorn's own limit is off: this one counts requests in flight only.
-        if len(self.tasks) >= self.limits.max_requests:
+        parked = self.app_state.get(PARKED)
+        in_flight = len(self.tasks) - (parked() if parked is not None else 0)
+        if in_flight >= self.limits.max_requests:
             log.warning("requests in flight at the limit: answered 503")
             app = _over_capacity
             if counted(cycle.scope):

@@ -14,9 +14,9 @@ from relay.errors import ApiError
 log = logging.getLogger(__name__)
 
 
-def json_bytes(body: bytes) -> Response:
+def json_bytes(body: bytes, headers: dict[str, str] | None = None) -> Response:
     """A 200 with JSON the relay already holds as bytes (no re-encoding)."""
-    return Response(body, media_type="application/json")
+    return Response(body, media_type="application/json", headers=headers)
 
 
 # Entries of `details` an error answer lists at most: a body of 80,000 unknown fields is

@@ -23,14 +23,18 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from relay.api.auth import request_caller
 from relay.api.body import read_body
+from relay.api.budget import acting_caller
 from relay.api.models import MAX_ID_LENGTH, GenerateRequest
 from relay.api.responses import json_bytes
 from relay.api.state import AppState, app_state
+from relay.callers.model import Caller
 from relay.delivery.netpolicy import parse_callback_url, resolve_and_check
-from relay.errors import ApiError, NotReplicated, UpstreamError
+from relay.errors import ApiError, CallbackUrlRejected, NotReplicated, UpstreamError
 from relay.jobs.intents import Intent, created_answer, lookup_timeout
 from relay.metrics import INTENTS, JOBS_SUBMITTED
+from relay.tracing import setup, spans
 from relay.upstream import BudgetRefused, check, json_object, may_have_arrived
 
 log = logging.getLogger(__name__)
@@ -70,7 +74,7 @@ async def generate(request: Request) -> Response:
         job = GenerateRequest.model_validate(parsed)
     except ValidationError as exc:
         raise validation_error(exc) from None
-    await check_callback_url(state, job.callback_url)
+    await check_callback_url(state, job.callback_url, request_caller(request))
     body = job.upstream_body()
     idempotency_key = held_idempotency_key(request)
     if job.reference_id is None and idempotency_key is not None:
@@ -83,7 +87,8 @@ async def generate(request: Request) -> Response:
         idempotency_key=idempotency_key,
         callback_url=job.callback_url,
         events=job.callback_events,
-        metadata=orjson.dumps(job.callback_metadata) if job.callback_metadata else None,
+        metadata=job.stored_metadata(),
+        caller=request_caller(request).name,
     )
     # The intent is the write that proves the store takes writes (no separate check); the
     # create's budget slot is booked with it.
@@ -157,6 +162,7 @@ class Submission:
     events: Sequence[str] | None = None
     metadata: bytes | None = None
     intent: Intent | None = None
+    caller: str | None = None  # whose job it becomes (relay.callers)
 
     async def open(self, *, book: bool = False) -> None:
         """Write the intent. `book`: also book the create's slot of the shared upstream budget
@@ -170,7 +176,8 @@ class Submission:
                 callback_url=self.callback_url,
                 events=self.events,
                 metadata=self.metadata,
-                along=[budget.take_call()] if book else [],
+                caller=self.caller,
+                along=[budget.take_call(submission=True)] if book else [],
             )
         except RedisError:
             raise ApiError(503, "the relay's job store is unavailable; try again") from None
@@ -231,6 +238,9 @@ class Submission:
                 events=self.events,
                 metadata=self.metadata,
                 intent_id=self.intent.id if self.intent is not None else None,
+                caller=self.caller,
+                # The submission span's context (relay.api.traced), for the job's own spans.
+                trace=spans.keep() if setup.active() is not None else None,
             )
         except NotReplicated:
             raise  # recorded on the primary (its intent closed with it): tracked from there
@@ -242,7 +252,7 @@ class Submission:
             )
             raise self._unrecorded(request_id) from None
         if created:
-            JOBS_SUBMITTED.inc()
+            JOBS_SUBMITTED.labels(acting_caller().name).inc()
             # The common case, counted in metrics: not a line each unless RELAY_LOG_LEVEL=debug
             # (at a thousand submissions a second, a line each is a sizeable share of the CPU).
             log.debug("job submitted", extra={"request_id": request_id})
@@ -308,7 +318,7 @@ class Submission:
                     "a create's answer was lost; its job was found and is tracked",
                     extra={"request_id": found.adoptable, "reason": reason},
                 )
-                JOBS_SUBMITTED.inc()
+                JOBS_SUBMITTED.labels(acting_caller().name).inc()
                 return json_bytes(created_answer(found.adoptable))
             found = replace(found, rivals=found.rivals + 1)  # tracked meanwhile by another
         if len(found.candidates) > 1 or (found.candidates and not found.rivals):
@@ -365,15 +375,24 @@ class Submission:
         )
 
 
-async def check_callback_url(state: AppState, callback_url: str | None) -> None:
-    """Refuse (422) a callback URL whose host is, or resolves into, a refused network.
+async def check_callback_url(
+    state: AppState, callback_url: str | None, caller: Caller, *, field: str = "callback_url"
+) -> None:
+    """Refuse (422) a callback URL whose host is not one of the caller's `callback_hosts`, or
+    is, or resolves into, a refused network.
 
-    This is early feedback for the caller; delivery checks again at connect time, since DNS
-    answers can change in between.
+    This is early feedback for the caller; delivery checks both again, since DNS answers and
+    the callers file can change in between.
     """
     if callback_url is not None:
+        parsed = parse_callback_url(callback_url)
+        if not caller.allows_host(parsed.host):
+            raise CallbackUrlRejected(
+                f"its host is not one of this caller's callback_hosts "
+                f"({', '.join(caller.callback_hosts)})"
+            )
         # An IP literal is checked without resolving; a name is resolved every time.
-        await resolve_and_check(parse_callback_url(callback_url), state.policy)
+        await resolve_and_check(parsed, state.policy)
 
 
 async def ensure_store(state: AppState) -> None:

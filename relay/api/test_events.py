@@ -11,6 +11,7 @@ cannot map the network at any useful speed either.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 import uuid
@@ -21,6 +22,7 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from relay.api.auth import request_caller
 from relay.api.body import read_body
 from relay.api.models import CallbackUrl
 from relay.api.state import AppState, app_state
@@ -30,6 +32,8 @@ from relay.errors import ApiError
 from relay.jobs.events import build_event
 from relay.redis import keys, scripts
 from relay.upstream import USER_AGENT
+
+log = logging.getLogger(__name__)
 
 PATH = "/api/relay/v1/test-events"
 
@@ -47,17 +51,20 @@ async def send_test_event(request: Request) -> Response:
         wanted = TestEventRequest.model_validate_json(raw)
     except ValidationError as exc:
         raise validation_error(exc) from None
-    if state.signer is None:
+    caller = request_caller(request)
+    # Signed as the caller's callbacks are: with its own secrets when it has some.
+    signer = state.signers.signer(caller.name)
+    if signer is None:
         raise ApiError(503, "this API process has no RELAY_WEBHOOK_SECRETS to sign with")
-    # The auth middleware names the caller's key (a digest, never the key).
-    await _count(state, request.scope["state"]["caller_id"])
-    await check_callback_url(state, wanted.url)
+    await _count(state, caller.name)
+    await check_callback_url(state, wanted.url, caller)
+    log.info("test event", extra={"caller": caller.name})
     webhook_id = "msg_" + uuid.uuid4().hex
     event = build_event("relay.test", {"message": "a test event from chamelaion-relay"})
     headers = {
         "content-type": "application/json",
         "user-agent": USER_AGENT,
-        **state.signer.headers(webhook_id, event),
+        **signer.headers(webhook_id, event),
     }
     started = time.monotonic()
     result: dict[str, object] = {"webhook_id": webhook_id}
@@ -89,7 +96,7 @@ async def _count(state: AppState, caller: str) -> None:
     if wait_ms:
         raise ApiError(
             429,
-            f"this API key sent {per_minute} test events in the last minute, the most "
+            f"this caller sent {per_minute} test events in the last minute, the most "
             "RELAY_TEST_EVENTS_PER_MINUTE allows; see Retry-After",
             headers={"retry-after": str(math.ceil(wait_ms / 1000))},
         )

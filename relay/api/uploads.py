@@ -7,7 +7,8 @@ file size. Once Chamelaion answers, the job is tracked like any other (poll, sig
 
 What can be known before Chamelaion is contacted is checked first: the content type, a declared
 size over RELAY_MAX_UPLOAD_BYTES, and every part before the first file (the official SDK sends
-its fields, `callback_url` included, before the files). A problem found later, mid-stream,
+its fields, the relay's own `callback_url`, `callback_events` and `callback_metadata` included,
+before the files). A problem found later, mid-stream,
 aborts the upstream request before its closing delimiter, so Chamelaion never gets a complete
 body and creates no job; the caller gets the relay's 4xx. So does a caller that disconnects.
 
@@ -33,7 +34,9 @@ import httpx
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from relay.api.auth import request_caller
 from relay.api.body import declared_length, too_large
+from relay.api.budget import SubmissionBudget
 from relay.api.multipart import MediaForm, boundary_of, content_type
 from relay.api.state import app_state
 from relay.api.submit import (
@@ -219,22 +222,27 @@ async def generate_with_media(request: Request) -> Response:
     limit = state.settings.max_upload_bytes
     form = MediaForm(boundary_of(request.headers.get("content-type", "")))
     declared = declared_length(request, limit)
+    caller = request_caller(request)
     submission = Submission(
         state,
         reference_id=None,
         idempotency_key=held_idempotency_key(request),
         callback_url=None,
+        caller=caller.name,
     )
 
     async def before_end(complete: MediaForm) -> None:
-        # Every field is known once the body is: an upload's reference_id and callback_url may
-        # come after its files. (No reference_id is made up here as for JSON submits: the
-        # multipart body passes through as the caller sent it.)
+        # Every field is known once the body is: an upload's reference_id and the relay's own
+        # fields may come after its files. (No reference_id is made up here as for JSON
+        # submits: the multipart body passes through as the caller sent it.)
+        options = complete.options
         submission.reference_id = complete.reference_id
-        submission.callback_url = complete.callback_url
+        submission.callback_url = options.callback_url
+        submission.events = options.callback_events
+        submission.metadata = options.stored_metadata()
         await submission.open()
 
-    with state.uploads.hold(request.scope["state"]["caller_id"]):
+    with state.uploads.hold(caller.name):
         # Before a byte is read: a store that cannot record the job refuses the upload whole.
         await ensure_store(state)
         upload = Upload(
@@ -244,7 +252,9 @@ async def generate_with_media(request: Request) -> Response:
             limit=limit,
             stall=state.settings.upstream_timeout,
             min_rate=state.settings.upload_min_rate,
-            check_callback=lambda url: check_callback_url(state, url),
+            check_callback=lambda url: check_callback_url(state, url, caller),
             before_end=before_end,
         )
-        return await submission.send(lambda: upload.send(state.upstream))
+        # Its create is a submission: held to the caller's limits as it books its slot.
+        upstream = state.upstream.with_budget(SubmissionBudget(state.budget))
+        return await submission.send(lambda: upload.send(upstream))

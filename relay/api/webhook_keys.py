@@ -3,7 +3,9 @@
 Unauthenticated on purpose: a public key is no secret, and receivers fetch it without holding
 one of the relay's API keys. Each key is listed with a stable id (derived from the key) and the
 time the relay first published it (kept in Redis, so every API process reports the same one).
-During a rotation both keys are listed and both sign.
+During a rotation both keys are listed and both sign. A caller with ed25519 secrets of its own
+(relay.callers) has its keys listed with its name; the global keys have `caller: null` and
+sign the callbacks of every caller without its own.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ PATH = "/api/relay/v1/webhook-keys"
 
 async def webhook_keys(request: Request) -> Response:
     state = app_state(request)
-    published = state.signer.public_keys() if state.signer is not None else []
+    published = [
+        (caller, key)
+        for caller, signer in state.signers.published()
+        for key in signer.public_keys()
+    ]
     entries = []
-    for key in published:
+    for caller, key in published:
         created: str | None = None
         try:
             seconds = int(await redis_now(state.redis))
@@ -41,6 +47,8 @@ async def webhook_keys(request: Request) -> Response:
                 "algorithm": "ed25519",
                 "public_key": key.value,
                 "created": created,
+                # Whose callbacks it verifies: a caller's own key, or (null) every other's.
+                "caller": caller,
             }
         )
     return JSONResponse({"keys": entries}, headers={"cache-control": "public, max-age=300"})

@@ -47,6 +47,7 @@ class JobRow:
     delivery: str | None
     created: float | None
     ended: float | None
+    caller: str | None = None  # whose job (None: tracked before callers were recorded)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ async def overview(redis: Redis, budget_rate: float) -> Overview:
 
 
 def _row(request_id: str, values: list[bytes | None]) -> JobRow:
-    reference, status, delivery, timeline, ended = (
+    reference, status, delivery, timeline, ended, caller = (
         value.decode() if value else None for value in values
     )
     # When tracking began: the timeline's first entry (`created` is dropped once a job ends).
@@ -99,10 +100,11 @@ def _row(request_id: str, values: list[bytes | None]) -> JobRow:
         delivery,
         float(created) if created else None,
         float(ended) if ended else None,
+        caller,
     )
 
 
-FIELDS = ["reference_id", "status", "delivery", "timeline", "ended"]
+FIELDS = ["reference_id", "status", "delivery", "timeline", "ended", "caller"]
 
 
 async def job_rows(redis: Redis, request_ids: list[str]) -> list[JobRow]:
@@ -118,9 +120,15 @@ async def job_rows(redis: Redis, request_ids: list[str]) -> list[JobRow]:
 
 
 async def list_jobs(
-    redis: Redis, *, cursor: int, status: str | None, delivery: str | None
+    redis: Redis,
+    *,
+    cursor: int,
+    status: str | None,
+    delivery: str | None,
+    owner: str | None = None,
 ) -> JobPage:
-    """One page of jobs matching the filters, walking the keyspace from `cursor`."""
+    """One page of jobs matching the filters, walking the keyspace from `cursor`; `owner`:
+    that caller's jobs only (None: everyone's)."""
     rows: list[JobRow] = []
     looked_at = 0
     pattern = keys.job("*")
@@ -132,6 +140,8 @@ async def list_jobs(
             if status and (row.status or "submitted") != status:
                 continue
             if delivery and (row.delivery or "none") != delivery:
+                continue
+            if owner is not None and row.caller != owner:
                 continue
             rows.append(row)
         if cursor == 0 or len(rows) >= PAGE_SIZE or looked_at >= SCAN_BUDGET:

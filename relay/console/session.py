@@ -1,7 +1,8 @@
-"""Console sign-in: one of RELAY_API_KEYS, then a server-side session named by a signed cookie.
+"""Console sign-in: a caller's key (relay.callers), then a server-side session named by a signed
+cookie. A caller's session sees its own jobs and deliveries; an admin's sees everyone's.
 
 The session lives in Redis for eight hours at most and holds a short digest naming which
-configured key signed in (so removing that key from RELAY_API_KEYS ends its sessions) and the
+configured key signed in (so removing that key from the callers ends its sessions) and the
 session's CSRF token. The cookie holds only the session's random id, signed with itsdangerous
 and checked for age on every request; signing out deletes the session, so a cookie copied
 before then is worth nothing after. Redis holds a digest of the id, not the id itself.
@@ -27,7 +28,8 @@ from redis.asyncio import Redis
 from starlette.requests import Request
 from starlette.responses import Response
 
-from relay.api.auth import KeyRing, key_name
+from relay.callers.model import Caller, key_digest, key_id
+from relay.callers.source import CallerSource
 from relay.redis import keys
 from relay.settings import Settings
 
@@ -45,32 +47,33 @@ class Session:
 
 
 class Sessions:
-    def __init__(self, settings: Settings) -> None:
-        keys_ = [key.get_secret_value() for key in settings.api_keys]
+    def __init__(self, settings: Settings, callers: CallerSource) -> None:
+        self._callers = callers
         configured = settings.console_secret
-        # Without its own secret the console derives one from the API keys, so every API
-        # replica signs alike and rotating the keys ends every session.
+        # Without its own secret the console derives one from the callers' keys as they were
+        # at start-up, so every API replica signs alike and rotating the keys ends every
+        # session (with a callers file, set RELAY_CONSOLE_SECRET: the file changes at run time).
         secret = (
             configured.get_secret_value()
             if configured is not None
-            else hmac.new(b"relay-console", "\n".join(sorted(keys_)).encode(), "sha256").hexdigest()
+            else hmac.new(b"relay-console", callers.book.fingerprint(), "sha256").hexdigest()
         )
         self._sessions = URLSafeTimedSerializer(secret, salt="relay-console-session")
         self._logins = URLSafeTimedSerializer(secret, salt="relay-console-login")
-        self._ring = KeyRing(settings.api_keys)
-        self._key_ids = {key_name(key.encode()) for key in keys_}
         self._always_secure = settings.console_secure_cookies
 
-    async def sign_in(self, redis: Redis, candidate: str) -> Session | None:
-        """A new session for `candidate`, if it is one of the keys; stored before it is used."""
-        if not self._ring.accepts(candidate):
+    async def sign_in(self, redis: Redis, candidate: str) -> tuple[Session, Caller] | None:
+        """A new session for `candidate`, if it is a caller's key, and that caller; stored
+        before it is used. A caller's session shows its own jobs; an admin's, everyone's."""
+        caller = self._callers.book.resolve(candidate)
+        if caller is None:
             return None
         session = Session(
-            secrets.token_urlsafe(32), key_name(candidate.encode()), secrets.token_urlsafe(32)
+            secrets.token_urlsafe(32), key_id(key_digest(candidate)), secrets.token_urlsafe(32)
         )
         record = orjson.dumps({"k": session.key_id, "c": session.csrf})
         await redis.set(_key(session.id), record, ex=SESSION_SECONDS)
-        return session
+        return session, caller
 
     async def read(self, redis: Redis, request: Request) -> Session | None:
         session_id = _signed(request, SESSION_COOKIE, self._sessions, SESSION_SECONDS)
@@ -80,9 +83,24 @@ class Sessions:
         if record is None:
             return None  # signed out, or expired
         data = orjson.loads(record)
-        if data.get("k") not in self._key_ids:
+        # A key removed from the callers ends its sessions.
+        if not isinstance(data.get("k"), str) or self._callers.book.by_key_id(data["k"]) is None:
             return None
         return Session(session_id, data["k"], data["c"])
+
+    def caller(self, session: Session) -> Caller | None:
+        """The caller whose key signed the session in, as the callers file says now (its role
+        may have changed since); None once the key is gone."""
+        return self._callers.book.by_key_id(session.key_id)
+
+    def caller_names(self) -> tuple[str, ...]:
+        """Every caller's name, for an admin's caller filter."""
+        return self._callers.book.names
+
+    def caller_name(self, session: Session) -> str | None:
+        """The name of the caller whose key signed the session in (for the audit)."""
+        caller = self.caller(session)
+        return caller.name if caller is not None else None
 
     async def end(self, redis: Redis, session: Session) -> None:
         await redis.delete(_key(session.id))

@@ -4,6 +4,7 @@ chart's refresh."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
 from pathlib import Path
 from typing import Any
@@ -25,18 +26,25 @@ from starlette.templating import Jinja2Templates
 from relay.api.deliveries import deliveries_of, iso, parse_time
 from relay.api.state import AppState, app_state
 from relay.api.steering_limits import RECOVER, REDELIVER, SteeringLimits, allowance
+from relay.callers.model import NAME, Caller
+from relay.callers.source import CallerSource
 from relay.console import queries
 from relay.console.chart import chart_svg
 from relay.console.headers import ConsoleHeaders
 from relay.console.session import Session, Sessions, clear, csrf_ok
 from relay.delivery.store import DeliveryId
 from relay.errors import ApiError
+from relay.jobs.store import Job
 from relay.redis import stats
 from relay.redis.clock import redis_now
 from relay.settings import Settings
 
+log = logging.getLogger(__name__)
+
 HERE = Path(__file__).parent
 FORM_LIMIT = 4096
+# Deliveries looked at per state for a caller's failed page (picked out of everyone's newest).
+FAILED_SCAN = 1000
 
 templates = Jinja2Templates(directory=HERE / "templates")
 
@@ -75,8 +83,8 @@ async def _form(request: Request) -> dict[str, str]:
 
 
 class Console:
-    def __init__(self, settings: Settings) -> None:
-        self.sessions = Sessions(settings)
+    def __init__(self, settings: Settings, callers: CallerSource) -> None:
+        self.sessions = Sessions(settings, callers)
         self.settings = settings
 
     async def _session(self, request: Request) -> Session:
@@ -100,6 +108,7 @@ class Console:
             {
                 "csrf": session.csrf if session else None,
                 "signed_in": session is not None,
+                "viewer": self.sessions.caller(session) if session else None,
                 **context,
             },
             headers={"cache-control": "no-store"},
@@ -123,11 +132,17 @@ class Console:
             return self._login_page(
                 request, error="The sign-in form expired; try again.", status=403
             )
-        session = await self.sessions.sign_in(app_state(request).redis, form.get("key", ""))
-        if session is None:
+        signed = await self.sessions.sign_in(app_state(request).redis, form.get("key", ""))
+        if signed is None:
+            log.warning("console sign-in refused: not a caller's key")
             return self._login_page(
-                request, error="That key is not one of RELAY_API_KEYS.", status=401
+                request,
+                error="That key is not one of RELAY_API_KEYS or of the callers file.",
+                status=401,
             )
+        session, caller = signed
+        # Who signed in, by name (never the key): the console steers deliveries.
+        log.info("console sign-in", extra={"caller": caller.name, "role": caller.role})
         response = _redirect(request.url_for("overview"))
         self.sessions.set(response, request, session)
         return response
@@ -138,9 +153,45 @@ class Console:
         if not csrf_ok(session, form.get("csrf", "")):
             raise HTTPException(403, "missing or wrong CSRF token")
         await self.sessions.end(app_state(request).redis, session)
+        log.info("console sign-out", extra={"caller": self.sessions.caller_name(session)})
         response = _redirect(request.url_for("login"))
         clear(response)
         return response
+
+    def _viewer(self, session: Session) -> Caller:
+        """The signed-in caller, as the callers file says now."""
+        caller = self.sessions.caller(session)
+        if caller is None:
+            raise _SignIn()  # its key was removed meanwhile
+        return caller
+
+    def _owner(self, request: Request, session: Session) -> str | None:
+        """Whose jobs a page shows: a caller's own; for an admin everyone's (None), or the one
+        caller its `caller` filter names. A caller's own filter is ignored: not its choice."""
+        viewer = self._viewer(session)
+        if not viewer.admin:
+            return viewer.name
+        wanted = request.query_params.get("caller") or None
+        if wanted is not None and not NAME.fullmatch(wanted):
+            raise HTTPException(400, "The caller filter must be a caller's name.")
+        return wanted
+
+    async def _visible_job(self, request: Request, session: Session) -> Job:
+        """The job the path names, if the signed-in caller may see it; 404 as for no job."""
+        state: AppState = app_state(request)
+        job = await state.store.get(request.path_params["id"][:256])
+        viewer = self._viewer(session)
+        if job is None or not (viewer.admin or job.caller == viewer.name):
+            raise HTTPException(404, "No tracked job has this id. It may have expired.")
+        return job
+
+    async def _count(self, state: AppState, action: str, session: Session) -> None:
+        """Count a redeliver or recover against the caller's allowance, the API's own."""
+        caller = self.sessions.caller_name(session) or session.key_id
+        try:
+            await SteeringLimits(state.redis).count(allowance(state.settings, action), caller)
+        except ApiError as exc:
+            raise HTTPException(exc.status_code, exc.message, headers=exc.headers) from None
 
     async def overview(self, request: Request) -> Response:
         session = await self._session(request)
@@ -157,7 +208,10 @@ class Console:
         )
 
     async def chart(self, request: Request) -> Response:
-        await self._session(request)
+        session = await self._session(request)
+        if not self._viewer(session).admin:
+            # Every caller's callbacks: an admin's to see.
+            raise HTTPException(404, "The callbacks chart is for admins.")
         chart = await stats.last_hour(app_state(request).redis)
         return Response(
             chart_svg(chart), media_type="image/svg+xml", headers={"cache-control": "no-store"}
@@ -174,13 +228,18 @@ class Console:
         cursor_text = request.query_params.get("cursor", "0")
         if not (cursor_text.isascii() and cursor_text.isdigit()):
             raise HTTPException(400, "bad page cursor")
+        owner = self._owner(request, session)
         if query:
-            job = await state.store.find(query[:256])
+            job = await state.store.find_owned(query[:256], owner)
             rows = await queries.job_rows(state.redis, [job.request_id]) if job else []
             page = queries.JobPage(rows, 0)
         else:
             page = await queries.list_jobs(
-                state.redis, cursor=int(cursor_text), status=status, delivery=delivery
+                state.redis,
+                cursor=int(cursor_text),
+                status=status,
+                delivery=delivery,
+                owner=owner,
             )
         return self._page(
             request,
@@ -192,7 +251,17 @@ class Console:
             delivery=delivery or "",
             delivery_states=queries.DELIVERY_STATES,
             title="Jobs",
+            **self._caller_filter(session, owner),
         )
+
+    def _caller_filter(self, session: Session, owner: str | None) -> dict[str, Any]:
+        """What a page needs for its caller column and filter (an admin's only)."""
+        viewer = self._viewer(session)
+        return {
+            "admin": viewer.admin,
+            "caller": owner if viewer.admin else None,
+            "callers": self.sessions.caller_names() if viewer.admin else (),
+        }
 
     async def failed(self, request: Request) -> Response:
         session = await self._session(request)
@@ -202,20 +271,31 @@ class Console:
         self, request: Request, session: Session, *, outcome: dict[str, Any] | None
     ) -> Response:
         state = app_state(request)
-        rows = []
+        owner = self._owner(request, session)
+        rows: list[dict[str, Any]] = []
         for wanted in ("failed", "failing", "gone"):
+            # A caller's rows are picked out of everyone's newest: read more than a page.
             found = await state.attempt_log.page(
-                wanted, since=0, until=float("inf"), limit=queries.PAGE_SIZE
+                wanted,
+                since=0,
+                until=float("inf"),
+                limit=queries.PAGE_SIZE if owner is None else FAILED_SCAN,
             )
+            request_ids = [DeliveryId.parse(delivery_id).request_id for delivery_id, _ in found]
+            owners = await state.store.callers_of(request_ids)
             rows += [
                 {
                     "delivery_id": delivery_id,
-                    "request_id": DeliveryId.parse(delivery_id).request_id,
+                    "request_id": request_id,
                     "state": wanted,
                     "since": since,
+                    "caller": job_owner,
                 }
-                for delivery_id, since in found
-            ]
+                for (delivery_id, since), request_id, job_owner in zip(
+                    found, request_ids, owners, strict=True
+                )
+                if owner is None or job_owner == owner
+            ][: queries.PAGE_SIZE]
         rows.sort(key=lambda row: row["since"], reverse=True)
         seconds = int(await redis_now(state.redis))
         return self._page(
@@ -225,6 +305,7 @@ class Console:
             rows=rows,
             outcome=outcome,
             default_since=iso(float(seconds) - 3600),
+            **self._caller_filter(session, owner),
         )
 
     async def recover(self, request: Request) -> Response:
@@ -240,9 +321,13 @@ class Console:
         if not (limit_text.isascii() and limit_text.isdigit()) or not 1 <= int(limit_text) <= 1000:
             raise HTTPException(400, "The limit must be a whole number from 1 to 1000.")
         state = app_state(request)
-        await _count(state, RECOVER, session)
+        await self._count(state, RECOVER, session)
         done = await state.redeliverer.recover(
-            states=("failing", "failed"), since=since, limit=int(limit_text)
+            states=("failing", "failed"),
+            since=since,
+            limit=int(limit_text),
+            owner=self._owner(request, session),
+            by=self.sessions.caller_name(session),
         )
         outcome = {
             "requeued": done.requeued,
@@ -255,9 +340,7 @@ class Console:
     async def job(self, request: Request) -> Response:
         session = await self._session(request)
         state: AppState = app_state(request)
-        job = await state.store.get(request.path_params["id"][:256])
-        if job is None:
-            raise HTTPException(404, "No tracked job has this id. It may have expired.")
+        job = await self._visible_job(request, session)
         body = orjson.loads(job.body) if job.body else None
         pretty = orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() if body else None
         return self._page(
@@ -267,6 +350,7 @@ class Console:
             job=job,
             body=pretty,
             deliveries=await deliveries_of(state, job),
+            audit=await state.audit.entries(job.request_id),
             redelivered=request.query_params.get("redelivered"),
         )
 
@@ -278,11 +362,11 @@ class Console:
         if form.get("confirm") != "yes":
             raise HTTPException(400, "Tick the box to confirm the redelivery.")
         state = app_state(request)
-        await _count(state, REDELIVER, session)
-        job = await state.store.get(request.path_params["id"][:256])
-        if job is None:
-            raise HTTPException(404, "No tracked job has this id. It may have expired.")
-        done = await state.redeliverer.redeliver(job.request_id, note="redelivery requested")
+        await self._count(state, REDELIVER, session)
+        job = await self._visible_job(request, session)
+        done = await state.redeliverer.redeliver(
+            job.request_id, note="redelivery requested", by=self.sessions.caller_name(session)
+        )
         if done.refused is not None:
             raise HTTPException(409, "This job has no callback to send again yet.")
         url = request.url_for("job", id=job.request_id).include_query_params(
@@ -291,20 +375,12 @@ class Console:
         return _redirect(url)
 
 
-async def _count(state: AppState, action: str, session: Session) -> None:
-    """Count a redeliver or recover against the same per-caller allowance as the API's."""
-    try:
-        await SteeringLimits(state.redis).count(allowance(state.settings, action), session.key_id)
-    except ApiError as exc:
-        raise HTTPException(exc.status_code, exc.message, headers=exc.headers) from None
-
-
 class _SignIn(Exception):
     """Raised by a page that needs a session: answered with a redirect to the sign-in form."""
 
 
-def create_console(settings: Settings) -> Mount:
-    console = Console(settings)
+def create_console(settings: Settings, callers: CallerSource) -> Mount:
+    console = Console(settings, callers)
 
     async def to_sign_in(request: Request, exc: Exception) -> Response:
         return _redirect(request.url_for("login"))

@@ -16,6 +16,9 @@ one attempt in one worker never both send. An attempt for a destination that is 
 host kept failing to answer: see `Outcome.answered`) is not made and not counted: it is
 postponed, as a new arq job, to when the destination may be tried again, so no event is lost
 however long the receiver is down; the attempt log says so.
+
+An attempt at `lipsync.completed` made long after its job ended sends the job as Chamelaion
+answers for it now, for a fresh output_url (relay.delivery.refresh), under the same webhook-id.
 """
 
 from __future__ import annotations
@@ -25,25 +28,34 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import httpx
 from arq import Retry
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from relay.delivery.attempt_log import EXCERPT_CHARS, AttemptLog
 from relay.delivery.destinations import Destinations, destination_of
 from relay.delivery.failure import FailureClass, failure_class
+from relay.delivery.netpolicy import parse_callback_url
+from relay.delivery.ops_events import OpsEvents, last_attempt
+from relay.delivery.refresh import Refresher
+from relay.delivery.signers import CallerSigners
 from relay.delivery.store import Breaker, DeliveryId, DeliveryState, DeliveryStore
 from relay.delivery.transport import CallbackClient
 from relay.errors import DestinationRefused
+from relay.http_urls import parsed_url
 from relay.jitter import jittered
 from relay.jobs.events import PROCESSING, event_type_of
 from relay.jobs.store import Job, JobStore
-from relay.metrics import DELIVERIES, DELIVERY_LATENCY
+from relay.metrics import CALLER_DELIVERIES, DELIVERIES, DELIVERY_LATENCY, caller_label
 from relay.redis import stats
 from relay.redis.batch import ScriptCall
-from relay.signing import Signer
+from relay.tracing import setup, spans
 from relay.upstream import USER_AGENT, parse_retry_after
+
+if TYPE_CHECKING:  # the SDK is imported only once tracing starts
+    from relay.tracing.tracer import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +156,7 @@ class Deliverer:
         *,
         store: JobStore,
         deliveries: DeliveryStore,
-        signer: Signer,
+        signers: CallerSigners,
         client: CallbackClient,
         schedule: tuple[float, ...],
         enqueue_attempt: EnqueueAttempt,
@@ -153,12 +165,18 @@ class Deliverer:
         breaker: Breaker,
         attempt_log: AttemptLog,
         timeout: float,
+        refresher: Refresher | None = None,
+        ops: OpsEvents | None = None,
     ) -> None:
+        # Where operational events go (RELAY_OPS_WEBHOOK_URL); None: nowhere.
+        self.ops = ops
         self.attempt_log = attempt_log
+        # Re-reads late final events (RELAY_REFRESH_AFTER); None: never.
+        self.refresher = refresher
         self.timeout = timeout
         self.store = store
         self.deliveries = deliveries
-        self.signer = signer
+        self.signers = signers
         self.client = client
         self.schedule = schedule
         self.enqueue_attempt = enqueue_attempt
@@ -174,11 +192,13 @@ class Deliverer:
         destination: str | None = None,
         *,
         wait: float | None = None,
+        refresh: bool = True,
     ) -> str:
         """Make delivery attempt number `attempt` (0-based); returns what happened, for arq.
 
         `destination`: the callback URL's, when the caller knows it (read from the job if not).
         `wait`: how long to queue for a slot at most (DestinationBusy after); None: no limit.
+        `refresh`: a late final event may re-read its job first (relay.delivery.refresh).
         """
         if destination is None:
             job = await self.store.get(request_id)
@@ -196,9 +216,11 @@ class Deliverer:
             return "postponed"
         owner = await self.deliveries.owner(DeliveryId.parse(request_id))
         async with self.destinations.slot(destination, owner=owner, wait=wait):
-            return await self._attempt(request_id, attempt, destination)
+            return await self._attempt(request_id, attempt, destination, refresh=refresh)
 
-    async def _attempt(self, request_id: str, attempt: int, destination: str) -> str:
+    async def _attempt(
+        self, request_id: str, attempt: int, destination: str, *, refresh: bool
+    ) -> str:
         job = await self.store.get(request_id)
         if job is not None and job.delivery == "pending" and job.attempt == attempt - 1:
             # The previous attempt enqueued this one but has not recorded its outcome yet (it
@@ -208,27 +230,36 @@ class Deliverer:
             return "stale"
         if not (job.callback_url and job.event and job.event_id):
             return "stale"
-        started = time.monotonic()
         delivery = DeliveryId.parse(request_id)
+        event, refreshed = job.event, {}
+        began = time.monotonic()
+        if refresh and delivery.early is None and self.refresher is not None:
+            fresh = await self.refresher.event(job)
+            event, refreshed = fresh.event, fresh.entry
+        started = time.monotonic()
+        # The Redis clock when the POST began: the record's read time plus any re-read.
+        sent_at = job.read_at + (started - began)
+        tracer = setup.active()
+        span = _attempt_span(tracer, job, attempt) if tracer is not None and job.trace else None
         if delivery.early is not None:
             # An early event: sent only while its job runs, never after the final one.
             if not await self.deliveries.claim_send(delivery, hold=self.timeout + SEND_MARGIN):
                 log.info("early event dropped as stale: the job ended", extra={"id": request_id})
                 return "stale"
             try:
-                outcome = await self._post(job.callback_url, job.event_id, job.event)
+                outcome = await self._post(job.callback_url, job.event_id, event, job.caller, span)
             finally:
                 await self.deliveries.release_send(delivery)
         else:
             if PROCESSING in job.events:
                 # Only a job whose callback asked for an early event can have one in flight.
                 await self._after_early_events(request_id)
-            outcome = await self._post(job.callback_url, job.event_id, job.event)
+            outcome = await self._post(job.callback_url, job.event_id, event, job.caller, span)
         duration = time.monotonic() - started
         log_extra = {"request_id": request_id, "attempt": attempt, "result": outcome.detail}
         if outcome.kind == "delivered" and job.ended_at is not None:
             # On the Redis clock, like `ended_at`: the record's read time plus the attempt.
-            DELIVERY_LATENCY.observe(max(0.0, job.read_at + duration - job.ended_at))
+            DELIVERY_LATENCY.observe(max(0.0, sent_at + duration - job.ended_at))
         following = attempt + 1
         # A redelivery starts the schedule again from its own attempt number.
         step = following - job.schedule_base
@@ -239,12 +270,34 @@ class Deliverer:
             settled = "failed"
         # One sample per attempt: the last failing one counts as failed, not also as retry.
         DELIVERIES.labels(settled or "retry").inc()
+        CALLER_DELIVERIES.labels(caller_label(job.caller), settled or "retry").inc()
+        if span is not None:
+            _end_attempt_span(span, outcome, settled or "retry")
         counted = self.outcomes.count_call("delivered" if settled == "delivered" else "failed")
         if settled is not None:
-            logged = self._entry(job, attempt, outcome, duration, settled, next_in=None)
-            await self._record(
-                request_id, attempt, attempt, settled, outcome, destination, then=[logged, counted]
+            logged = self._entry(
+                job, attempt, outcome, duration, settled, next_in=None, sent_at=sent_at, **refreshed
             )
+            recorded = await self._record(
+                request_id,
+                attempt,
+                attempt,
+                settled,
+                outcome,
+                destination,
+                event_type=event_type_of(job.event) or "",
+                then=[logged, counted],
+            )
+            if settled == "failed" and recorded and self.ops is not None:
+                self.ops.exhausted(
+                    job_id=delivery.request_id,
+                    delivery_id=request_id,
+                    event_type=event_type_of(job.event),
+                    webhook_id=job.event_id,
+                    destination=destination,
+                    attempts=job.attempts_made + 1,
+                    last=self._last(attempt, outcome),
+                )
             # A first-try success is the common case, counted in metrics: not a line each.
             level = logging.DEBUG if settled == "delivered" and following == 1 else None
             log.log(
@@ -266,8 +319,21 @@ class Deliverer:
             "pending",
             outcome,
             destination,
+            event_type=event_type_of(job.event) or "",
             keep_for=delay + KEEP_AFTER_LAST_ATTEMPT,
-            then=[self._entry(job, attempt, outcome, duration, "failing", next_in=delay), counted],
+            then=[
+                self._entry(
+                    job,
+                    attempt,
+                    outcome,
+                    duration,
+                    "failing",
+                    next_in=delay,
+                    sent_at=sent_at,
+                    **refreshed,
+                ),
+                counted,
+            ],
         )
         log.warning("callback failed, retrying in %.0f s", delay, extra=log_extra)
         return "retry"
@@ -289,8 +355,11 @@ class Deliverer:
         state: str,
         *,
         next_in: float | None,
+        sent_at: float,
+        **more: str,
     ) -> ScriptCall:
-        """The attempt log's entry for this attempt, recorded along with its outcome."""
+        """The attempt log's entry for this attempt, recorded along with its outcome; `more`:
+        what it says of a re-read (relay.delivery.refresh)."""
         return self.attempt_log.record_call(
             job.request_id,
             event=event_type_of(job.event),
@@ -300,8 +369,9 @@ class Deliverer:
             error=outcome.error,
             detail=outcome.detail,
             excerpt=outcome.excerpt,
-            next_at=None if next_in is None else round(job.read_at + duration + next_in, 3),
+            next_at=None if next_in is None else round(sent_at + duration + next_in, 3),
             state=state,
+            **more,
         )
 
     async def _record(
@@ -313,11 +383,13 @@ class Deliverer:
         outcome: Outcome,
         destination: str,
         *,
+        event_type: str,
         keep_for: float = 0,
         then: Sequence[ScriptCall] = (),
-    ) -> None:
+    ) -> bool:
         """Record the outcome, then the `then` calls (its log entry and count), in one round
-        trip: a burst's attempts each wait for Redis once, not three times."""
+        trip: a burst's attempts each wait for Redis once, not three times. True when the
+        outcome was recorded (the delivery still waited on this attempt)."""
         update = await self.deliveries.record_outcome(
             request_id,
             attempt=attempt,
@@ -327,17 +399,61 @@ class Deliverer:
             destination=destination,
             answered=outcome.answered,
             breaker=self.breaker,
+            event_type=event_type,
             keep_for=keep_for,
             then=then,
         )
+        was_backed_off = self.destinations.backed_off_for(destination) > 0
         self.destinations.record(destination, update.backed_off_for)
+        if update.backed_off_for > 0 and not was_backed_off and self.ops is not None:
+            # Once per back-off as this worker sees it: the attempts that fail while it lasts
+            # (already in flight when it began) extend nothing worth another notice.
+            self.ops.backed_off(
+                destination=destination,
+                seconds=update.backed_off_for,
+                job_id=DeliveryId.parse(request_id).request_id,
+                delivery_id=request_id,
+                last=self._last(attempt, outcome),
+            )
+        return update.recorded
 
-    async def _post(self, url: str, event_id: str, event: bytes) -> Outcome:
+    def _last(self, attempt: int, outcome: Outcome) -> dict[str, object]:
+        assert self.ops is not None
+        return last_attempt(
+            attempt,
+            status=outcome.status,
+            error=outcome.error,
+            detail=outcome.detail,
+            at=self.ops.clock(),
+        )
+
+    async def _post(
+        self,
+        url: str,
+        event_id: str,
+        event: bytes,
+        caller: str | None = None,
+        span: Span | None = None,
+    ) -> Outcome:
+        # The caller's own callback_hosts, on top of the network policy: checked again here, as
+        # the callers file may have changed since the job was submitted.
+        owner = self.signers.caller(caller)
+        if owner is not None and not owner.allows_host(parse_callback_url(url).host):
+            return Outcome(
+                "retry",
+                f"refused: the host is not one of caller {owner.name}'s callback_hosts",
+                error="policy",
+            )
+        signer = self.signers.signer(caller)
+        assert signer is not None, "a worker always has RELAY_WEBHOOK_SECRETS"
         headers = {
             "content-type": "application/json",
             "user-agent": USER_AGENT,
-            **self.signer.headers(event_id, event),
+            **signer.headers(event_id, event),
         }
+        if span is not None:
+            # The receiver's spans continue the job's trace, under this attempt.
+            headers.update(spans.headers(span))
         try:
             # One deadline for the whole attempt: the transport's timeouts are per operation,
             # and arq cancels (and records as failed) a job that outlives its own timeout.
@@ -363,3 +479,33 @@ class Deliverer:
             # record like any other: raised, arq would re-run the attempt over and over.
             log.exception("callback attempt failed unexpectedly")
             return Outcome("retry", f"unexpected error: {type(exc).__name__}", error="error")
+
+
+def _attempt_span(tracer: Tracer, job: Job, attempt: int) -> Span:
+    """One attempt's span in its job's trace: where it went (scheme, host, port: never the
+    callback URL's path or query, which may hold a receiver's token)."""
+    assert job.callback_url is not None
+    url = parsed_url(job.callback_url)
+    return tracer.start_span(
+        "POST",
+        context=spans.restore(job.trace),
+        kind=SpanKind.CLIENT,
+        attributes={
+            **spans.client_attributes("POST", url.scheme, url.host, url.port),
+            "relay.job.id": DeliveryId.parse(job.request_id).request_id,
+            "relay.event.type": event_type_of(job.event) or "",
+            "relay.delivery.attempt": attempt,
+        },
+    )
+
+
+def _end_attempt_span(span: Span, outcome: Outcome, result: str) -> None:
+    """Its outcome on the attempt's span (`result`: delivered, gone, failed or retry)."""
+    span.set_attribute("relay.delivery.outcome", result)
+    if outcome.status is not None:
+        span.set_attribute("http.response.status_code", outcome.status)
+    if outcome.kind != "delivered":
+        # Client spans: a status of 400 or more, or no answer, is an error.
+        span.set_attribute("error.type", outcome.error or str(outcome.status))
+        span.set_status(Status(StatusCode.ERROR, outcome.detail))
+    span.end()

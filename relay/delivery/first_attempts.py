@@ -98,7 +98,9 @@ class FirstAttempts(Service):
                 # Waited its turn long enough that its guard could fall due while it is sent:
                 # pushed back first, so the guard only runs if this worker dies meanwhile.
                 await self.queue.defer(delivery_id, 0, self.guard_delay)
-            await self.deliverer.attempt(delivery_id, 0, destination)
+            # Made as the job ends, so never late: no re-read (relay.delivery.refresh), which
+            # the guard's timing leaves no room for. The guard, if it runs, may re-read.
+            await self.deliverer.attempt(delivery_id, 0, destination, refresh=False)
         except Exception as exc:
             # The guard in arq makes the attempt when it falls due; nothing is lost.
             log.warning(

@@ -16,6 +16,7 @@ from typing import Literal
 
 from redis.asyncio import Redis
 
+from relay.jobs import history
 from relay.jobs.store import Job
 from relay.redis import keys, scripts
 from relay.redis.batch import Call, batcher
@@ -81,10 +82,13 @@ class DeliveryUpdate:
 
 
 class DeliveryStore:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, *, retention: float = history.DEFAULT_RETENTION) -> None:
         self.redis = redis
-        self._record_outcome = scripts.register(redis, __name__, "record_outcome")
-        self._emit = scripts.register(redis, __name__, "emit")
+        # An early event's start and every recorded outcome are the job's events
+        # (relay.jobs.history), with `retention` as their feed's.
+        events = history.prelude(retention)
+        self._record_outcome = scripts.register(redis, __name__, "record_outcome", prelude=events)
+        self._emit = scripts.register(redis, __name__, "emit", prelude=events)
         self._claim_send = scripts.register(redis, __name__, "claim_send")
 
     async def emit(
@@ -96,7 +100,16 @@ class DeliveryStore:
         delivery_id = str(DeliveryId(job.request_id, kind))
         created = await self._emit(
             keys=[keys.job(job.request_id), keys.job(delivery_id), keys.deliveries("pending")],
-            args=[delivery_id, job.callback_url, event_id, event, int(retention)],
+            args=[
+                delivery_id,
+                job.callback_url,
+                event_id,
+                event,
+                int(retention),
+                job.request_id,
+                kind,
+                job.trace or "",
+            ],
         )
         return delivery_id if created else None
 
@@ -137,12 +150,14 @@ class DeliveryStore:
         destination: str,
         answered: bool,
         breaker: Breaker,
+        event_type: str = "",
         keep_for: float = 0,
         then: Sequence[Call] = (),
     ) -> DeliveryUpdate:
         """Record an attempt's outcome, only if the delivery is still waiting on that attempt,
         and tell the destination's breaker whether the receiver `answered`.
 
+        `event_type`: the type of the event delivered, for the job's history.
         `keep_for`: the hash lives at least this many seconds more (never shortened).
         `then`: calls made right after, in the same round trip (the attempt's log entry, its
         count); they are made whatever this one's outcome.
@@ -154,6 +169,7 @@ class DeliveryStore:
                 keys.BACKED_OFF,
                 keys.ARQ_QUEUE,
                 keys.ARQ_JOB_PREFIX + keys.delivery_job_id(request_id, attempt),
+                keys.job(DeliveryId.parse(request_id).request_id),
             ],
             args=[
                 attempt,
@@ -167,6 +183,8 @@ class DeliveryStore:
                 breaker.base,
                 breaker.max_backoff,
                 keys.delivery_job_id(request_id, attempt),
+                DeliveryId.parse(request_id).request_id,
+                event_type,
             ],
         )
         (recorded, backed_off_for), *_ = await batcher(self.redis).run([update, *then])

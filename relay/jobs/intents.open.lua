@@ -15,10 +15,12 @@ local events = ARGV[5]
 local metadata = ARGV[6]
 local stale_after = tonumber(ARGV[7])
 local ttl = tonumber(ARGV[8])
+local caller = ARGV[9]         -- whose submission it is ('' when unknown)
 
 local started = string.format('%.6f', now)
 redis.call('HSET', intent_key, 'started', started, 'reference_id', reference_id, 'idem', idem,
-           'callback_url', callback_url, 'events', events, 'metadata', metadata, 'looks', 0)
+           'callback_url', callback_url, 'events', events, 'metadata', metadata, 'looks', 0,
+           'caller', caller)
 redis.call('EXPIRE', intent_key, ttl)
 redis.call('ZADD', intents_key, now + stale_after, intent_id)
 if reference_id ~= '' then

@@ -85,6 +85,7 @@ class Intent:
     events: tuple[str, ...] | None
     metadata: bytes | None
     looks: int = 0  # reconcile lookups that settled nothing so far
+    caller: str | None = None  # whose submission it is: its job, once adopted, is theirs
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ def _decode(intent_id: str, raw: dict[bytes, bytes]) -> Intent:
         events=tuple(events.split(",")) if events else None,
         metadata=raw.get(b"metadata") or None,
         looks=int(raw.get(b"looks") or 0),
+        caller=text("caller"),
     )
 
 
@@ -155,6 +157,7 @@ class Intents:
         callback_url: str | None,
         events: Sequence[str] | None,
         metadata: bytes | None,
+        caller: str | None = None,
         along: Sequence[Call] = (),
     ) -> tuple[Intent, list[Any]]:
         """Write the intent; with it, in the same round trip, the `along` calls (the API's
@@ -171,6 +174,7 @@ class Intents:
                 metadata or b"",
                 self.stale_after,
                 self.ttl,
+                caller or "",
             ],
         )
         started, *results = await batcher(self.redis).run([opening, *along], return_exceptions=True)
@@ -184,6 +188,7 @@ class Intents:
             callback_url,
             tuple(events) if events else None,
             metadata,
+            caller=caller,
         )
         return intent, results
 
@@ -296,6 +301,16 @@ class Intents:
                 break
         return rows
 
+    async def open_for(self, reference_id: str) -> bool:
+        """Whether a submission with this reference_id is still open: its job, once found, is
+        that submission's, so nothing else may take a job with it meanwhile (a watch)."""
+        index = keys.intents_by_ref(reference_id)
+        members = [member.decode() for member in await self.redis.zrange(index, 0, -1)]
+        if not members:
+            return False
+        live = await batcher(self.redis).run([("EXISTS", keys.intent(m)) for m in members])
+        return any(live)
+
     async def _rivals(self, intent: Intent) -> int:
         """Other open intents with this reference_id, not of the same Idempotency-Key."""
         assert intent.reference_id is not None
@@ -328,6 +343,7 @@ class Intents:
             first_poll_in=self.poll_in,
             events=intent.events,
             metadata=intent.metadata,
+            caller=intent.caller,
         )
         if created:
             # Left over on a Redis error, the intent is dropped later: its job is tracked.

@@ -16,20 +16,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
+import httpx
 import orjson
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanKind
 
 from relay.errors import UpstreamError
 from relay.jitter import jittered
 from relay.jobs.events import PROCESSING, build_event, event_type, webhook_id
 from relay.jobs.schedule import PollSchedule
 from relay.jobs.store import Job, JobStore, PollRecord
-from relay.metrics import JOBS_ENDED, POLLS
+from relay.metrics import JOBS_ENDED, POLLS, caller_label
 from relay.settings import Settings
+from relay.tracing import setup, spans
 from relay.upstream import Upstream, json_object, parse_retry_after
+
+if TYPE_CHECKING:  # the SDK is imported only once tracing starts
+    from relay.tracing.tracer import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +91,7 @@ class Poller:
             return
         if await self.wrap_up(job):
             return
+        started = time.time_ns()
         try:
             # One deadline for the whole call (the client's timeouts are per operation), which
             # the poll's lease is sized to hold (Settings.claim_lease): an answer that comes in
@@ -101,7 +110,11 @@ class Poller:
         status = response.status_code
         POLLS.labels(POLL_RESULTS.get(status, "error")).inc()
         if status == 200:
-            await self.observe(job, response.content)
+            tracer = setup.active()
+            if tracer is not None and job.trace:
+                await self._observe_traced(tracer, job, response, started)
+            else:
+                await self.observe(job, response.content)
         elif status == 404:
             await self._not_found(job)
         elif status == 429:
@@ -120,6 +133,29 @@ class Poller:
             else:
                 log.warning("poll got an error", extra={"request_id": request_id, "status": status})
             await self._retry_later(job)
+
+    async def _observe_traced(
+        self, tracer: Tracer, job: Job, response: httpx.Response, started: int
+    ) -> None:
+        """`observe` an answer within the poll's span, which is kept (ended, so exported) only
+        when the poll moved the job: a trace shows the polls that mattered, not every one."""
+        url = response.request.url
+        span = tracer.start_span(
+            "GET",
+            context=spans.restore(job.trace),
+            kind=SpanKind.CLIENT,
+            start_time=started,
+            attributes={
+                **spans.client_attributes("GET", url.scheme, url.host, url.port),
+                "url.template": "/v1/lipsync/requests/{id}",
+                "http.response.status_code": response.status_code,
+                "relay.job.id": job.request_id,
+            },
+        )
+        with trace.use_span(span, end_on_exit=False):
+            moved = await self.observe(job, response.content)
+        if moved:
+            span.end()
 
     def needs_wrap_up(self, job: Job) -> bool:
         """True when the job needs more than a status recorded (it ended, or is past its
@@ -160,8 +196,9 @@ class Poller:
             not_found_since=not_found_since or job.not_found_since,
         )
 
-    async def observe(self, job: Job, raw: bytes, *, hold: float = 0.0) -> None:
-        """Handle a LipsyncRequest seen for `job`, from its own GET or from a list page.
+    async def observe(self, job: Job, raw: bytes, *, hold: float = 0.0) -> bool:
+        """Handle a LipsyncRequest seen for `job`, from its own GET or from a list page; True
+        when it moved the job (a new status, or its end).
 
         `hold`: the least time before the job's next per-id poll (a sweep that saw it will see
         it again before then).
@@ -170,18 +207,16 @@ class Poller:
         if data is None:
             log.warning("poll got an unusable body", extra={"request_id": job.request_id})
             await self._retry_later(job)
-            return
+            return False
         new_status: str = data["status"]
         if event_type(new_status) is not None:
-            await self._end(job, new_status, data)
-            return
+            return await self._end(job, new_status, data)
         if self._overdue(job) > 0:
             # Its final look: past its maximum age and still unfinished upstream.
             age = int(job.read_at - job.created)
-            await self._give_up(
+            return await self._give_up(
                 job, f"Chamelaion did not finish this request within {age} s", last=data
             )
-            return
         if self._starts_processing(job, new_status):
             await self._emit_processing(job, data)
         record = self._record(job, raw, new_status, hold)
@@ -192,6 +227,7 @@ class Poller:
             status=record.status,
             body=record.body,
         )
+        return new_status != job.status
 
     def plan(self, job: Job, raw: bytes, *, hold: float = 0.0) -> PollRecord | None:
         """What to store for a status that only moves the job along; None when the status
@@ -262,9 +298,9 @@ class Poller:
             f"Chamelaion no longer knows this request: it answered 404 for {int(now - since)} s",
         )
 
-    async def _give_up(self, job: Job, reason: str, *, last: dict[str, Any] | None = None) -> None:
+    async def _give_up(self, job: Job, reason: str, *, last: dict[str, Any] | None = None) -> bool:
         """End the job as failed on the relay's own account, from its last known state (`last`,
-        else the stored one)."""
+        else the stored one); True when this call ended it."""
         if last is None:
             last = (json_object(job.body) if job.body else None) or {}
         data = {
@@ -273,9 +309,10 @@ class Poller:
             "status": "failed",
             "error_message": f"{reason}, so the relay gave it up",
         }
-        await self._end(job, "failed", data)
+        return await self._end(job, "failed", data)
 
-    async def _end(self, job: Job, status: str, data: dict[str, Any]) -> None:
+    async def _end(self, job: Job, status: str, data: dict[str, Any]) -> bool:
+        """Record the job's end (and hand its delivery over); True when this call ended it."""
         type_ = event_type(status)
         assert type_ is not None
         body = orjson.dumps(data)
@@ -290,9 +327,11 @@ class Poller:
             deliver=deliver,
         )
         if ended:  # not when another worker's end came first
-            JOBS_ENDED.labels(status).inc()
+            JOBS_ENDED.labels(status, caller_label(job.caller)).inc()
             # The common case, counted in metrics: not a line each unless RELAY_LOG_LEVEL=debug.
             log.debug("job ended", extra={"request_id": job.request_id, "status": status})
+            if job.trace and (tracer := setup.active()) is not None:
+                _end_span(tracer, job, status, type_)
         # Out of the poll queue already (store.end.lua): should this worker die before the
         # hand-over, the stranded-delivery sweep queues the attempt (the delivery is filed as
         # pending).
@@ -300,6 +339,7 @@ class Poller:
         # (a sweep and a poll) would otherwise both send the first attempt.
         if ended and deliver and job.callback_url:
             await self.hand_over(job.request_id, job.callback_url)
+        return ended
 
     async def _finish_end(self, job: Job, *, deliver: bool) -> None:
         """Finish ending a job whose end was recorded while it stayed in the poll queue."""
@@ -308,3 +348,19 @@ class Poller:
         if deliver and job.callback_url:
             await self.hand_over(job.request_id, job.callback_url)
         await self.schedule.unschedule(job.request_id)
+
+
+def _end_span(tracer: Tracer, job: Job, status: str, event: str) -> None:
+    """The job's end, in its trace: linked to the poll or sweep page that saw it (the current
+    span, which a page shares with the other jobs it moved)."""
+    seen_by = trace.get_current_span().get_span_context()
+    tracer.start_span(
+        "job end",
+        context=spans.restore(job.trace),
+        links=[Link(seen_by)] if seen_by.is_valid else None,
+        attributes={
+            "relay.job.id": job.request_id,
+            "relay.job.status": status,
+            "relay.event.type": event,
+        },
+    ).end()

@@ -14,7 +14,7 @@ decides which) takes the intents that are due and looks for each one's job by re
   look by: the job, if any, runs untracked).
 Every list page a lookup reads (up to relay.jobs.intents.LOOKUP_PAGES of them) spends one slot
 of the shared upstream budget, booked ahead of polls as a sweep's page is: the lookups go
-through the worker's client with a budget of their own (`LookupBudget`). A 429 one meets
+through the worker's client with a budget of their own (`StatusReadBudget`). A 429 one meets
 pauses everyone's calls; an intent whose lookup a pause stops is looked up the round after.
 """
 
@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 
 from relay.errors import UpstreamError
 from relay.jobs.intents import Intent, Intents
-from relay.jobs.schedule import PollSchedule
+from relay.jobs.schedule import PollSchedule, StatusReadBudget
 from relay.lifecycle import Service
 from relay.metrics import INTENTS
 from relay.redis import keys
@@ -43,23 +43,6 @@ LISTED_CANDIDATES = 5
 
 BATCH = 100
 MAX_SPACING = 300.0  # seconds: the longest wait between two lookups of one intent
-
-
-class LookupBudget:
-    """What each of the reconcile's upstream calls spends (relay.upstream.Budget)."""
-
-    def __init__(self, schedule: PollSchedule) -> None:
-        self.schedule = schedule
-
-    async def spend(self) -> None:
-        booked, wait = await self.schedule.reserve()
-        if not booked:
-            raise BudgetRefused(429, "upstream calls are paused after a 429")
-        if wait > 0:
-            await asyncio.sleep(wait)
-
-    async def rate_limited(self, retry_after: float | None) -> None:
-        await self.schedule.pause_for_429(retry_after, met_by="the intent reconcile")
 
 
 class Reconciler(Service):
@@ -77,7 +60,9 @@ class Reconciler(Service):
     ) -> None:
         self.redis = redis
         self.intents = intents
-        self.upstream = upstream.with_budget(LookupBudget(schedule))
+        self.upstream = upstream.with_budget(
+            StatusReadBudget(schedule, met_by="the intent reconcile")
+        )
         self.interval = interval
         self.lookup_timeout = lookup_timeout
         self._token = secrets.token_hex(8)

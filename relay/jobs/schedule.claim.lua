@@ -1,12 +1,13 @@
 -- Claim due polls within the upstream budget (GCRA), in one step: at most as many due ids as
 -- the budget allows now, each pushed a lease into the future. Polls are status reads: they use
 -- free slots of the status reads' own share first, then free slots of the shared part (which
--- the API also books); they never book ahead.
+-- the API also books) while no API call waits for one; they never book ahead.
 -- Returns {claimed count, wait hint seconds (string), ids...}; wait -1: nothing is tracked.
 local polls_key = KEYS[1]
 local tat_key = KEYS[2]          -- the shared part: API calls and status reads
 local reads_tat_key = KEYS[3]    -- the status reads' own share
 local paused_key = KEYS[4]
+local waiting_key = KEYS[5]      -- API calls waiting for the shared part (fair_share.lua)
 local max_ids = tonumber(ARGV[1])
 local lease = tonumber(ARGV[2])
 local period = tonumber(ARGV[3])        -- the shared part's emission interval (s per call)
@@ -41,6 +42,8 @@ local function book(key, tat, p, n)
 end
 
 local shared, shared_tat, shared_wait = free(tat_key, period, burst)
+-- A free slot of the shared part is the waiting API calls' (their next look books it).
+if redis.call('EXISTS', waiting_key) == 1 then shared = 0 end
 local reads, reads_tat, reads_wait = 0, now, shared_wait
 if reads_period > 0 then
   reads, reads_tat, reads_wait = free(reads_tat_key, reads_period, reads_burst)

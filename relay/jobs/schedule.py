@@ -11,8 +11,9 @@ The budget (RELAY_UPSTREAM_RATE_LIMIT, shared by every worker and API process) i
 average with a burst of at most `burst` in each. One is the status reads' own share
 (RELAY_STATUS_READ_SHARE of the rate): only status reads may use it. The other, the rest of the
 rate, is the API's to book: its calls (creates, uploads, proxied reads, lookups) book it through
-`take`, ahead of time but never further off than the API is willing to keep its caller waiting;
-status reads use whatever of it the API leaves free. Status reads are list pages read by sweeps
+relay.jobs.fair_share, fairly among callers, a short lookahead ahead of time, waiting in a fair
+queue beyond it, never longer than the API is willing to keep its caller waiting; status reads
+use whatever of it the API leaves free. Status reads are list pages read by sweeps
 (relay.jobs.sweep) and by the intent reconcile's lookups (relay.jobs.reconcile), booked through
 `reserve` (their own share, ahead if need be, or the shared part's next slot while no API call
 waits for it), and per-id polls, which `claim` only free slots of either. So however many
@@ -31,7 +32,8 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from relay.redis import keys, scripts, stats
-from relay.redis.batch import ScriptCall, batcher
+from relay.redis.batch import batcher
+from relay.upstream import BudgetRefused
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +50,6 @@ class Claim:
     # How long until claiming could give more: the budget's next slot, the end of a pause or the
     # next due poll. None: nothing is tracked at all.
     wait: float | None
-
-
-def took(reply: list[bytes]) -> tuple[bool, float]:
-    """What a `take` call's reply says: (booked, seconds to wait or until a slot)."""
-    return bool(int(reply[0])), max(float(reply[1]), 0.0)
 
 
 def _burst(rate: float) -> int:
@@ -82,11 +79,16 @@ class PollSchedule:
         self._pause = scripts.register(redis, __name__, "pause")
         self._hand_back = scripts.register(redis, __name__, "hand_back")
         self._reserve = scripts.register(redis, __name__, "reserve")
-        self._take = scripts.register(redis, __name__, "take")
 
     async def claim(self, limit: int) -> Claim:
         reply = await self._claim(
-            keys=[keys.POLLS, keys.UPSTREAM_TAT, keys.UPSTREAM_READS_TAT, keys.UPSTREAM_PAUSED],
+            keys=[
+                keys.POLLS,
+                keys.UPSTREAM_TAT,
+                keys.UPSTREAM_READS_TAT,
+                keys.UPSTREAM_PAUSED,
+                keys.FAIR_QUEUE,
+            ],
             args=[
                 limit,
                 self.lease,
@@ -111,7 +113,12 @@ class PollSchedule:
         """
         while True:
             reply = await self._reserve(
-                keys=[keys.UPSTREAM_TAT, keys.UPSTREAM_READS_TAT, keys.UPSTREAM_PAUSED],
+                keys=[
+                    keys.UPSTREAM_TAT,
+                    keys.UPSTREAM_READS_TAT,
+                    keys.UPSTREAM_PAUSED,
+                    keys.FAIR_QUEUE,
+                ],
                 args=[self.shared_period, self.burst, self.reads_period, self.reads_burst],
             )
             outcome, wait = int(reply[0]), max(float(reply[1]), 0.0)
@@ -119,22 +126,6 @@ class PollSchedule:
                 return bool(outcome), wait
             # A shared slot may come free before the reads' own next one: look again then.
             await asyncio.sleep(wait)
-
-    async def take(self, max_wait: float) -> tuple[bool, float]:
-        """Book a slot of the shared part for one API call if one comes within `max_wait` s.
-
-        Returns (True, seconds to wait before making the call) once booked, or (False, seconds
-        until a slot or the end of a 429 pause) when nothing was booked.
-        """
-        (reply,) = await batcher(self.redis).run([self.take_call(max_wait)])
-        return took(reply)
-
-    def take_call(self, max_wait: float) -> ScriptCall:
-        """`take`'s call, to make along with others in one round trip (read it with `took`)."""
-        return self._take.call(
-            keys=[keys.UPSTREAM_TAT, keys.UPSTREAM_PAUSED],
-            args=[self.shared_period, self.burst, max_wait],
-        )
 
     async def pause_for_429(self, retry_after: float | None, *, met_by: str) -> float:
         """Chamelaion answered 429 to `met_by` (a poll, a sweep, the reconcile, the API): pause
@@ -165,3 +156,23 @@ class PollSchedule:
         await batcher(self.redis).run(
             [("ZREM", keys.POLLS, request_id), ("ZREM", keys.CREATED, request_id)]
         )
+
+
+class StatusReadBudget:
+    """What each status read made outside the poll queue spends (relay.upstream.Budget): a slot
+    booked through `reserve`, as a sweep's page is; a 429 it meets pauses everyone. For the
+    intent reconcile's lookups and late deliveries' re-reads, through `Upstream.with_budget`."""
+
+    def __init__(self, schedule: PollSchedule, *, met_by: str) -> None:
+        self.schedule = schedule
+        self.met_by = met_by
+
+    async def spend(self) -> None:
+        booked, wait = await self.schedule.reserve()
+        if not booked:
+            raise BudgetRefused(429, "upstream calls are paused after a 429")
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    async def rate_limited(self, retry_after: float | None) -> None:
+        await self.schedule.pause_for_429(retry_after, met_by=self.met_by)

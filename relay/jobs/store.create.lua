@@ -10,6 +10,9 @@ local created_key = KEYS[4]
 local intent_key = KEYS[5]     -- the job key again when there is no intent
 local intents_key = KEYS[6]    -- the job key again when there is no intent
 local intent_ref_key = KEYS[7] -- the job key again without an intent or a reference_id
+local caller_jobs_key = KEYS[8] -- the job key again when the caller is unknown
+local caller_ref_key = KEYS[9]  -- the job key again without a caller or a reference_id
+local outstanding_key = KEYS[10] -- the caller's jobs not yet ended; the job key again without one
 local request_id = ARGV[1]
 local callback_url = ARGV[2]
 local reference_id = ARGV[3]   -- '' when none
@@ -17,6 +20,9 @@ local first_poll_in = tonumber(ARGV[4])
 local events = ARGV[5]         -- comma-separated event types; '' = the final ones
 local metadata = ARGV[6]       -- JSON object echoed in callbacks; '' = none
 local intent_id = ARGV[7]      -- '' when none
+local trace = ARGV[8]          -- the submission's trace context (relay.tracing.spans); '' = none
+local caller = ARGV[9]         -- the caller that submitted or watched it; '' when unknown
+local index_ttl = tonumber(ARGV[10]) -- how long a caller's index keeps a job: its whole life
 
 local created = redis.call('EXISTS', job_key) == 0
 if created then
@@ -27,9 +33,25 @@ if created then
              'timeline', string.format('submitted@%.3f', now))
   if events ~= '' then redis.call('HSET', job_key, 'events', events) end
   if metadata ~= '' then redis.call('HSET', job_key, 'metadata', metadata) end
+  if caller ~= '' then redis.call('HSET', job_key, 'caller', caller) end
+  -- Counted against its caller's max_outstanding until it ends (store.end.lua).
+  if outstanding_key ~= job_key then redis.call('ZADD', outstanding_key, now, request_id) end
+  if trace ~= '' then redis.call('HSET', job_key, 'trace', trace) end
   redis.call('ZADD', polls_key, now + first_poll_in, request_id)
   redis.call('ZADD', created_key, now, request_id)
   if reference_id ~= '' then redis.call('SET', ref_key, request_id) end
+  if caller ~= '' then
+    -- The caller's own indexes: its list, and its reference_ids apart from other callers'.
+    redis.call('ZADD', caller_jobs_key, now, request_id)
+    redis.call('ZREMRANGEBYSCORE', caller_jobs_key, '-inf', now - index_ttl)
+    redis.call('EXPIRE', caller_jobs_key, index_ttl)
+    if reference_id ~= '' then
+      redis.call('ZADD', caller_ref_key, now, request_id)
+      redis.call('ZREMRANGEBYSCORE', caller_ref_key, '-inf', now - index_ttl)
+      redis.call('EXPIRE', caller_ref_key, index_ttl)
+    end
+  end
+  history_append(job_key, request_id, '{"type":"status","status":"submitted"}', false, false)
 end
 if intent_id ~= '' then
   redis.call('DEL', intent_key)

@@ -24,11 +24,15 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from relay.errors import NotReplicated
+from relay.jobs import history
 from relay.jobs.events import DEFAULT_EVENTS
 from relay.redis import keys, scripts
 from relay.redis.batch import Call, batcher
 
 log = logging.getLogger(__name__)
+
+# RELAY_MAX_JOB_AGE + RELAY_JOB_RETENTION by default (relay.settings).
+DEFAULT_LIFETIME = 14 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -59,9 +63,16 @@ class Job:
     metadata: bytes | None
     # The attempt a redelivery restarted the retry schedule at (0: never redelivered).
     schedule_base: int
+    # The number of the job's newest event (relay.jobs.history); 0 before its first.
+    sequence: int
+    # The submission's trace context (relay.tracing.spans.keep), when it was traced.
+    trace: str | None
     # The Redis clock when this record was read: what the job's age and grace periods are
     # measured against, never the reader's own clock.
     read_at: float
+    # The caller that submitted or watched it (relay.callers); None for a job tracked before
+    # callers were recorded, which only an admin sees.
+    caller: str | None = None
 
     @property
     def ended(self) -> bool:
@@ -127,7 +138,10 @@ def _decode(request_id: str, raw: dict[bytes, bytes], read_at: float) -> Job:
         events=tuple(events.split(",")) if (events := _text(raw, "events")) else DEFAULT_EVENTS,
         metadata=raw.get(b"metadata") or None,
         schedule_base=int(raw.get(b"schedule_base") or 0),
+        sequence=int(raw.get(b"sequence") or 0),
+        trace=_text(raw, "trace"),
         read_at=read_at,
+        caller=_text(raw, "caller"),
     )
 
 
@@ -154,14 +168,28 @@ class PollRecord:
 
 
 class JobStore:
-    def __init__(self, redis: Redis, *, wait_replicas: int = 0, wait_timeout: float = 1.0) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
+        retention: float = history.DEFAULT_RETENTION,
+        lifetime: float = DEFAULT_LIFETIME,
+    ) -> None:
         self.redis = redis
+        # How long a job can be kept at most (RELAY_MAX_JOB_AGE + RELAY_JOB_RETENTION): how
+        # long its callers' indexes hold it.
+        self.lifetime = lifetime
         # Replicas that must confirm a new job before `create` returns (Redis WAIT).
         self.wait_replicas = wait_replicas
         self.wait_timeout = wait_timeout
-        self._create = scripts.register(redis, __name__, "create")
-        self._record_poll = scripts.register(redis, __name__, "record_poll")
-        self._end = scripts.register(redis, __name__, "end")
+        # Every change of a job's status is one of its events (relay.jobs.history): the scripts
+        # that make one emit it, with `retention` as its feed's.
+        events = history.prelude(retention)
+        self._create = scripts.register(redis, __name__, "create", prelude=events)
+        self._record_poll = scripts.register(redis, __name__, "record_poll", prelude=events)
+        self._end = scripts.register(redis, __name__, "end", prelude=events)
 
     async def create(
         self,
@@ -173,24 +201,33 @@ class JobStore:
         events: Sequence[str] | None = None,
         metadata: bytes | None = None,
         intent_id: str | None = None,
+        trace: str | None = None,
+        caller: str | None = None,
     ) -> bool:
         """Start tracking; False when the id is already tracked (nothing is changed then).
 
         `events`: which events the callback gets (None: the final ones); `metadata`: a JSON
         object echoed in every callback; `intent_id`: the submission intent (with this
-        reference_id) that the job settles, closed in the same step, tracked or not. With
+        reference_id) that the job settles, closed in the same step, tracked or not; `trace`: the
+        submission's trace context (relay.tracing.spans.keep), kept for the job's spans;
+        `caller`: whose job it is (relay.callers). With
         `wait_replicas`, returns only once that many replicas hold the job, else raises
         NotReplicated (the job stays recorded on the primary and is tracked from there).
         """
         job_key = keys.job(request_id)
         ref_key = keys.ref(reference_id) if reference_id else job_key
         script_keys = [job_key, keys.POLLS, ref_key, keys.CREATED, job_key, job_key, job_key]
+        script_keys += [
+            keys.caller_jobs(caller) if caller else job_key,
+            keys.caller_ref(caller, reference_id) if caller and reference_id else job_key,
+        ]
         if intent_id is not None:
-            script_keys[4:] = [
+            script_keys[4:7] = [
                 keys.intent(intent_id),
                 keys.INTENTS,
                 keys.intents_by_ref(reference_id) if reference_id else job_key,
             ]
+        script_keys.append(keys.caller_outstanding(caller) if caller else job_key)
         args: list[str | bytes | float] = [
             request_id,
             callback_url or "",
@@ -199,6 +236,9 @@ class JobStore:
             ",".join(events or ()),
             metadata or b"",
             intent_id or "",
+            trace or "",
+            caller or "",
+            int(self.lifetime),
         ]
         if not self.wait_replicas:
             return bool(await self._create(keys=script_keys, args=args))
@@ -230,6 +270,11 @@ class JobStore:
             for request_id, raw in zip(request_ids, raws, strict=True)
         ]
 
+    async def has_ended(self, request_id: str) -> bool:
+        """Whether the job has ended (False too when it is not tracked): one small read."""
+        (ended,) = await batcher(self.redis).run([("HEXISTS", keys.job(request_id), "event")])
+        return bool(ended)
+
     async def find(self, id_or_reference: str) -> Job | None:
         """A job by request id, else by reference_id (the newest tracked one with it)."""
         job = await self.get(id_or_reference)
@@ -237,6 +282,46 @@ class JobStore:
             return job
         request_id = await self.redis.get(keys.ref(id_or_reference))
         return await self.get(request_id.decode()) if request_id else None
+
+    async def find_owned(self, id_or_reference: str, owner: str | None) -> Job | None:
+        """`find`, among `owner`'s jobs only (None: anyone's): a job of another caller is
+        not found, and a reference_id is looked up among the owner's own."""
+        if owner is None:
+            return await self.find(id_or_reference)
+        job = await self.get(id_or_reference)
+        if job is not None and job.caller == owner:
+            return job
+        newest = await self.redis.zrevrange(keys.caller_ref(owner, id_or_reference), 0, 0)
+        if not newest:
+            return None
+        job = await self.get(newest[0].decode())
+        return job if job is not None and job.caller == owner else None
+
+    async def callers_of(self, request_ids: list[str]) -> list[str | None]:
+        """Whose each job is, in one round trip (None: untracked, or from before callers)."""
+        calls: list[Call] = [("HGET", keys.job(request_id), "caller") for request_id in request_ids]
+        found = await batcher(self.redis).run(calls)
+        return [value.decode() if value else None for value in found]
+
+    async def page(
+        self, owner: str, *, offset: int, limit: int, reference_id: str | None = None
+    ) -> tuple[list[Job], int]:
+        """A page of `owner`'s jobs, newest first (with `reference_id`: those with it), and
+        how many there are. Entries of jobs that expired are dropped on the way."""
+        index = keys.caller_ref(owner, reference_id) if reference_id else keys.caller_jobs(owner)
+        for _ in range(3):  # each round drops what expired; a page is then read whole
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zcard(index)
+                pipe.zrevrange(index, offset, offset + limit - 1)
+                total, members = await pipe.execute()
+            ids = [member.decode() for member in members]
+            found = await self.get_many(ids) if ids else []
+            gone = [rid for rid, job in zip(ids, found, strict=True) if job is None]
+            if not gone:
+                break
+            await self.redis.zrem(index, *gone)
+        jobs = [job for job in found if job is not None and job.caller == owner]
+        return jobs, int(total) - len(gone)
 
     async def record_poll(
         self,
@@ -292,6 +377,7 @@ class JobStore:
                 keys.CREATED,
                 keys.deliveries("pending"),
                 keys.POLLS,
+                keys.caller_outstanding(job.caller) if job.caller else keys.job(job.request_id),
             ],
             args=[
                 job.request_id,

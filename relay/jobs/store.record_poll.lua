@@ -20,6 +20,8 @@ if status ~= '' then
   if redis.call('HGET', job_key, 'status') ~= status then
     local timeline = redis.call('HGET', job_key, 'timeline') or ''
     redis.call('HSET', job_key, 'timeline', timeline .. string.format(';%s@%.3f', status, now))
+    history_append(job_key, request_id,
+                   '{"type":"status","status":' .. cjson.encode(status) .. '}', false, false)
   end
   redis.call('HSET', job_key, 'status', status, 'body', body)
 end

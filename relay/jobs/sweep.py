@@ -45,13 +45,15 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import httpx
 import orjson
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind
 from redis.asyncio import Redis
 
 from relay.errors import UpstreamError
@@ -69,6 +71,7 @@ from relay.metrics import (
 )
 from relay.redis import keys, scripts
 from relay.settings import Settings
+from relay.tracing import setup, spans
 from relay.upstream import AnswerTooLarge, Upstream, json_object, parse_retry_after
 
 log = logging.getLogger(__name__)
@@ -202,6 +205,27 @@ class Run:
         while self.handling:
             tasks, self.handling = self.handling, set()
             await asyncio.gather(*tasks)
+
+
+@dataclass
+class PageSpan:
+    """A sweep page's span, ended (so exported) only once it is known to have moved a job."""
+
+    span: Span
+    fetched: int  # when the page's answer was in (ns): the span's end
+    links: int = 0
+
+    def moved(self, jobs: Iterable[Job]) -> None:
+        for job in jobs:
+            context = spans.link_to(job.trace)
+            if context is not None:
+                self.span.add_link(context, {"relay.job.id": job.request_id})
+                self.links += 1
+
+    def close(self) -> None:
+        if self.links:
+            self.span.set_attribute("relay.sweep.jobs_moved", self.links)
+            self.span.end(end_time=self.fetched)
 
 
 class Sweeper(Service):
@@ -536,6 +560,12 @@ class Sweeper(Service):
             raise SweepEnded("lost_lease", "another worker holds the sweep lease")
         # Bounded well inside the lease, so no second sweep can start while this call runs.
         timeout = min(self.settings.upstream_timeout, self.lease / 2)
+        tracer = setup.active()
+        span = None
+        if tracer is not None:
+            # A page serves many jobs: its span is a trace of its own, linked to the jobs it
+            # moved (and they to it), and kept only when it moved one.
+            span = tracer.start_span("GET", context=spans.ROOT, kind=SpanKind.CLIENT)
         try:
             response = await self.upstream.request(
                 "GET",
@@ -564,7 +594,20 @@ class Sweeper(Service):
         if run.step is None and not listed.last_of_list:
             run.step = listed.size
         run.tally.add(listed.times)
-        await self._match(run, rows)
+        if span is None:
+            await self._match(run, rows)
+            return listed
+        url = response.request.url
+        span.set_attributes(
+            {
+                **spans.client_attributes("GET", url.scheme, url.host, url.port),
+                "url.template": "/v1/lipsync/requests",
+                "http.response.status_code": response.status_code,
+                "relay.sweep.offset": offset,
+            }
+        )
+        with trace.use_span(span, end_on_exit=False):  # the rows' handling sees it as current
+            await self._match(run, rows, PageSpan(span, time.time_ns()))
         return listed
 
     async def _take_budget(self) -> None:
@@ -579,7 +622,9 @@ class Sweeper(Service):
             if self._stopping.is_set():
                 raise SweepEnded("stopped")
 
-    async def _match(self, run: Run, rows: list[dict[str, Any]]) -> None:
+    async def _match(
+        self, run: Run, rows: list[dict[str, Any]], span: PageSpan | None = None
+    ) -> None:
         """Find the rows that are outstanding tracked jobs not seen yet this sweep, count those
         the window expected, and hand them over to be handled while more pages are read."""
         fresh = {}
@@ -617,10 +662,13 @@ class Sweeper(Service):
         if matched:
             run.matched += len(matched)
             SWEEP_ROWS.inc(len(matched))
-            run.handling.add(asyncio.create_task(self._handle(run, matched)))
+            run.handling.add(asyncio.create_task(self._handle(run, matched, span)))
 
-    async def _handle(self, run: Run, by_id: dict[str, dict[str, Any]]) -> None:
-        """Hand every matched row to the poller."""
+    async def _handle(
+        self, run: Run, by_id: dict[str, dict[str, Any]], span: PageSpan | None = None
+    ) -> None:
+        """Hand every matched row to the poller; `span`: the page's, when tracing, linked to
+        every job whose status the page moved."""
         jobs = await self.store.get_many(list(by_id))
         # Rows that only move a job along are stored in one round trip; rows that end a job
         # (or a job to wrap up) take the poller's whole path, one by one.
@@ -639,12 +687,21 @@ class Sweeper(Service):
                 records.append(record)
         if records:
             await self.store.record_polls(records)
-        await asyncio.gather(*(self._observe(run, job, raw) for job, raw in slow))
+        moved = await asyncio.gather(*(self._observe(run, job, raw) for job, raw in slow))
+        if span is not None:
+            by_request = {job.request_id: job for job in jobs if job is not None}
+            span.moved(
+                by_request[record.request_id]
+                for record in records
+                if record.status != by_request[record.request_id].status
+            )
+            span.moved(job for (job, _), did in zip(slow, moved, strict=True) if did)
+            span.close()
 
-    async def _observe(self, run: Run, job: Job, raw: bytes) -> None:
+    async def _observe(self, run: Run, job: Job, raw: bytes) -> bool:
         if await self.poller.wrap_up(job):
-            return
-        await self.poller.observe(job, raw, hold=run.hold)
+            return False
+        return await self.poller.observe(job, raw, hold=run.hold)
 
 
 def _page(offset: int, body: dict[str, Any] | None) -> tuple[Page, list[dict[str, Any]]] | None:

@@ -2,6 +2,16 @@
 
 relay:job:{request_id}      hash   one tracked job (fields: see relay.jobs.store.Job)
 relay:ref:{reference_id}    string request id of the newest tracked job with that reference_id
+relay:caller-jobs:{caller}  zset   request id -> when it was tracked (Redis clock): a caller's jobs,
+                                   for its list route; entries older than RELAY_MAX_JOB_AGE +
+                                   RELAY_JOB_RETENTION are trimmed, those of expired jobs dropped
+                                   when read
+relay:caller-ref:{caller}:{reference_id}
+                            zset   the same, for that caller's jobs with that reference_id (two
+                                   callers may use one reference_id)
+relay:audit:{request_id}    list   who steered the job: JSON entries (time, caller, action:
+                                   redeliver, recover, watch), newest first, at most 50; expires
+                                   with the job
 relay:polls                 zset   request id -> when it is next due (Redis clock, seconds);
                                    a claimed id is pushed a lease into the future, so a worker
                                    that dies simply lets its claims fall due again
@@ -15,9 +25,18 @@ relay:upstream:tat          string theoretical arrival time of the upstream budg
                                    (GCRA)
 relay:upstream:tat:reads    string the same for the status reads' own share of the budget
 relay:upstream:paused       string Redis-clock time until which nobody polls (after a 429)
+relay:fair:queue            zset   API calls waiting for a slot of the budget's shared part:
+                                   ticket (sequence|deadline) -> start tag (relay.jobs.fair_share)
+relay:fair:granted          zset   ticket -> Redis-clock time of the slot it was granted, until
+                                   its waiter reads it
+relay:fair:tags             hash   the fair queue's virtual time (v), each caller's last finish
+                                   tag (f:{caller}) and the ticket sequence (seq)
+relay:caller:{name}:submits string theoretical arrival time of the caller's submit_rate (GCRA)
+relay:caller:{name}:outstanding
+                            zset   the caller's jobs not yet ended: request id -> when tracked
 relay:idem:{caller}:{route}:{key}
-                            hash   one Idempotency-Key's claim and first answer (caller: a
-                                   digest of the caller's API key; route: the submit path)
+                            hash   one Idempotency-Key's claim and first answer (caller: the
+                                   caller's name, relay.callers; route: the submit path)
 relay:idem-held:{caller}    zset   the Idempotency-Key records a caller holds -> Redis-clock
                                    time each stops counting (RELAY_IDEMPOTENCY_MAX_KEYS)
 relay:webhook-key:{key id}  string when the relay first published that ed25519 public key
@@ -45,6 +64,12 @@ relay:deliveries:{state}    zset   delivery id -> when it entered that state (pe
 relay:sending:{request_id}  string held while an early event (lipsync.processing) is being sent;
                                    the final event's attempts wait for it
 relay:stranded:lease       string which worker runs the stranded-delivery sweep this interval
+relay:history:{request_id}  list   a job's events (JSON, one per sequence number, oldest first),
+                                   kept as long as the job (relay.jobs.history)
+relay:feed:{caller}         stream a caller's job events as pointers (request id, sequence),
+                                   cursor = stream id; trimmed to RELAY_JOB_RETENTION
+relay:events                channel every job event announced as [request id, caller, sequence,
+                                   flags] (pub/sub: wakes the API's waiters; never stored)
 relay:intent:{intent id}   hash   a submission's intent, written before its upstream create and
                                    removed once the job is tracked (relay.jobs.intents)
 relay:intents               zset   intent id -> Redis-clock time a worker should look for its job
@@ -83,6 +108,9 @@ SWEEP_STATE = PREFIX + "sweep:state"
 UPSTREAM_TAT = PREFIX + "upstream:tat"
 UPSTREAM_READS_TAT = PREFIX + "upstream:tat:reads"
 UPSTREAM_PAUSED = PREFIX + "upstream:paused"
+FAIR_QUEUE = PREFIX + "fair:queue"
+FAIR_GRANTED = PREFIX + "fair:granted"
+FAIR_TAGS = PREFIX + "fair:tags"
 WRITE_CHECK = PREFIX + "api:write_check"
 READY_WRITE_CHECK = PREFIX + "ready:write_check"
 BACKED_OFF = PREFIX + "destinations:backed_off"
@@ -95,6 +123,9 @@ STRANDED_LEASE = PREFIX + "stranded:lease"
 INTENTS = PREFIX + "intents"
 RECONCILE_LEASE = PREFIX + "reconcile:lease"
 ARQ_HEALTH = PREFIX + "arq:health"
+HISTORY_PREFIX = PREFIX + "history:"
+FEED_PREFIX = PREFIX + "feed:"
+EVENTS_CHANNEL = PREFIX + "events"
 WORKERS = PREFIX + "workers"
 ARQ_JOB_PREFIX = job_key_prefix
 ARQ_IN_PROGRESS_PREFIX = in_progress_key_prefix
@@ -108,6 +139,18 @@ def job(request_id: str) -> str:
 
 def ref(reference_id: str) -> str:
     return f"{PREFIX}ref:{reference_id}"
+
+
+def caller_jobs(caller: str) -> str:
+    return f"{PREFIX}caller-jobs:{caller}"
+
+
+def caller_ref(caller: str, reference_id: str) -> str:
+    return f"{PREFIX}caller-ref:{caller}:{reference_id}"
+
+
+def audit(request_id: str) -> str:
+    return f"{PREFIX}audit:{request_id}"
 
 
 def destination(dest: str) -> str:
@@ -162,9 +205,25 @@ def sending(request_id: str) -> str:
     return f"{PREFIX}sending:{request_id}"
 
 
+def history(request_id: str) -> str:
+    return f"{HISTORY_PREFIX}{request_id}"
+
+
+def feed(caller: str) -> str:
+    return f"{FEED_PREFIX}{caller}"
+
+
 def intent(intent_id: str) -> str:
     return f"{PREFIX}intent:{intent_id}"
 
 
 def intents_by_ref(reference_id: str) -> str:
     return f"{PREFIX}intents:ref:{reference_id}"
+
+
+def caller_submits(caller: str) -> str:
+    return f"{PREFIX}caller:{caller}:submits"
+
+
+def caller_outstanding(caller: str) -> str:
+    return f"{PREFIX}caller:{caller}:outstanding"

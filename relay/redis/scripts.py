@@ -26,13 +26,14 @@ from relay.redis.batch import Arg, ScriptCall, batcher
 
 
 @cache
-def source(module: str, name: str | None = None) -> str:
+def source(module: str, name: str | None = None, prelude: str = "") -> str:
     """The text Redis runs for `module`'s script `name` (`module.name.lua` beside it, or
-    `module.lua` without a name): the clock preamble, then the script."""
+    `module.lua` without a name): the clock preamble, `prelude` (functions a stage shares
+    between its scripts, such as relay.jobs.history's), then the script."""
     package, _, owner = module.rpartition(".")
     clock = resources.files(__package__).joinpath("scripts.clock.lua").read_text()
     filename = f"{owner}.{name}.lua" if name else f"{owner}.lua"
-    return clock + resources.files(package).joinpath(filename).read_text()
+    return clock + prelude + resources.files(package).joinpath(filename).read_text()
 
 
 class Script:
@@ -55,6 +56,7 @@ class Script:
         return ScriptCall(self.script, keys, args)
 
 
-def register(redis: Redis, module: str, name: str | None = None) -> Script:
-    """The script `name` of `module` (pass `__name__`), registered on this client."""
-    return Script(redis, source(module, name))
+def register(redis: Redis, module: str, name: str | None = None, *, prelude: str = "") -> Script:
+    """The script `name` of `module` (pass `__name__`), registered on this client, after
+    `prelude` (Lua text that defines shared functions)."""
+    return Script(redis, source(module, name, prelude))

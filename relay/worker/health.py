@@ -14,7 +14,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from relay.api.auth import ApiKeyMiddleware, KeyRing
+from relay.api.auth import ApiKeyMiddleware
+from relay.callers.source import CallerSource
 from relay.lifecycle import Service
 from relay.redis.shared_state import metrics_response
 from relay.redis.watch import RedisWatch, readiness
@@ -26,9 +27,9 @@ def create_worker_http_app(
     redis: Redis,
     watch: RedisWatch,
     *,
-    metrics_keys: KeyRing | None = None,
+    metrics_callers: CallerSource | None = None,
 ) -> Starlette:
-    """`metrics_keys` (RELAY_METRICS_AUTH): /metrics answers only with one of these keys."""
+    """`metrics_callers` (RELAY_METRICS_AUTH): /metrics answers only with a caller's key."""
 
     async def healthz(request: Request) -> Response:
         if healthy():
@@ -42,8 +43,8 @@ def create_worker_http_app(
         return await metrics_response(redis)
 
     middleware = []
-    if metrics_keys is not None:
-        middleware.append(Middleware(ApiKeyMiddleware, keys=metrics_keys, metrics_auth=True))
+    if metrics_callers is not None:
+        middleware.append(Middleware(ApiKeyMiddleware, callers=metrics_callers, metrics_auth=True))
     return Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),

@@ -15,20 +15,24 @@ from dataclasses import dataclass
 
 from arq.connections import ArqRedis
 
-from relay.api.auth import KeyRing
+from relay.callers.model import DEFAULT_CALLER
+from relay.callers.source import CallerSource
 from relay.delivery.attempt_log import AttemptLog
 from relay.delivery.deliverer import Deliverer
 from relay.delivery.destinations import Destinations
 from relay.delivery.first_attempts import FirstAttempts
 from relay.delivery.netpolicy import callback_policy
+from relay.delivery.ops_events import OpsEvents
 from relay.delivery.queue import DeliveryQueue
+from relay.delivery.refresh import Refresher, refresh_timeout
+from relay.delivery.signers import CallerSigners
 from relay.delivery.store import Breaker, DeliveryStore
 from relay.delivery.stranded import StrandedSweep
 from relay.delivery.transport import CallbackClient, make_callback_client
 from relay.jobs.intents import Intents, lookup_timeout
 from relay.jobs.poller import Poller
 from relay.jobs.reconcile import Reconciler
-from relay.jobs.schedule import PollSchedule
+from relay.jobs.schedule import PollSchedule, StatusReadBudget
 from relay.jobs.store import JobStore
 from relay.jobs.sweep import Sweeper
 from relay.lifecycle import Service, supervise
@@ -37,6 +41,7 @@ from relay.metrics import (
     DELIVERIES_WAITING,
     FIRST_ATTEMPTS_WAITING,
     UPSTREAM_RATE_LIMIT,
+    bound_callers,
 )
 from relay.redis.clock import RedisClock
 from relay.redis.conn import arq_pool, close
@@ -67,13 +72,18 @@ class WorkerState:
     sweeper: Sweeper
     clock: RedisClock
     reconciler: Reconciler
+    callers: CallerSource
 
 
 async def build_state(settings: Settings) -> WorkerState:
     redis = await arq_pool(settings.redis_url, timeout=settings.redis_timeout)
     clock = RedisClock(redis)
     await clock.sync()
-    store = JobStore(redis)
+    store = JobStore(
+        redis,
+        retention=settings.job_retention,
+        lifetime=settings.max_job_age + settings.job_retention,
+    )
     schedule = PollSchedule(
         redis,
         rate=settings.upstream_rate_limit,
@@ -86,16 +96,37 @@ async def build_state(settings: Settings) -> WorkerState:
     attempt_log = AttemptLog(
         redis, retention=settings.job_retention, excerpts=settings.attempt_log_excerpt
     )
-    deliveries = DeliveryStore(redis)
+    deliveries = DeliveryStore(redis, retention=settings.job_retention)
+    # Kept current with RELAY_CALLERS_FILE: whose secrets sign a callback, and its hosts.
+    callers = CallerSource.from_settings(settings)
     client = make_callback_client(
         callback_policy(settings),
         settings.delivery_timeout,
         max_connections=settings.delivery_concurrency,
     )
+    refresher = (
+        Refresher(
+            upstream.with_budget(StatusReadBudget(schedule, met_by="a late delivery's re-read")),
+            after=settings.refresh_after,
+            timeout=refresh_timeout(settings),
+        )
+        if settings.refresh_after
+        else None
+    )
+    ops = None
+    if settings.ops_webhook_url:
+        assert settings.ops_webhook_secret is not None  # Settings.require checked it
+        ops = OpsEvents(
+            settings.ops_webhook_url,
+            Signer((settings.ops_webhook_secret,), clock=clock.now),
+            schedule=settings.delivery_retry_schedule,
+            timeout=settings.delivery_timeout,
+            clock=clock.now,
+        )
     deliverer = Deliverer(
         store=store,
         deliveries=deliveries,
-        signer=Signer(settings.webhook_secrets, clock=clock.now),
+        signers=CallerSigners(callers, settings.webhook_secrets, clock=clock.now),
         client=client,
         schedule=settings.delivery_retry_schedule,
         enqueue_attempt=queue.enqueue_attempt,
@@ -107,6 +138,8 @@ async def build_state(settings: Settings) -> WorkerState:
         breaker=Breaker.from_settings(settings),
         attempt_log=attempt_log,
         timeout=settings.delivery_timeout,
+        refresher=refresher,
+        ops=ops,
     )
     # Twice the attempts that may be in flight keep the slots busy; the rest wait as ids.
     first_attempts = FirstAttempts(
@@ -164,6 +197,7 @@ async def build_state(settings: Settings) -> WorkerState:
         sweeper,
         clock,
         reconciler,
+        callers,
     )
 
 
@@ -176,6 +210,8 @@ async def build_state(settings: Settings) -> WorkerState:
 # watch, Redis's clock, and last the health port, so probes are answered until the end.
 SHUTDOWN_ORDER: tuple[tuple[str, ...], ...] = (
     ("dispatcher", "sweeper", "first-attempts", "arq", "stranded", "reconcile", "heartbeat"),
+    # The operational events those attempts filed, sent while the rest still stands.
+    ("ops-events",),
     ("redis-watch",),
     ("redis-clock",),
     ("worker-http",),
@@ -205,9 +241,20 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
         ]
         if settings.sweep_interval > 0:
             services.append(state.sweeper)
+        # Jobs' callers label the ends and deliveries counted: bounded by the callers file
+        # when the worker has it, else as the API recorded them (its callers were its file's).
+        book = CallerSource.from_settings(settings) if settings.callers_file else None
+        if book is not None:
+            bound_callers(
+                lambda name: book.book.named(name) is not None, book.book.names, role="worker"
+            )
+        else:
+            bound_callers(lambda name: True, [DEFAULT_CALLER], role="worker")
+        if state.deliverer.ops is not None:
+            services.append(state.deliverer.ops)
         if http_port is not None:
-            metrics_keys = KeyRing(settings.api_keys) if settings.metrics_auth else None
-            app = create_worker_http_app(healthy, state.redis, watch, metrics_keys=metrics_keys)
+            callers = state.callers if settings.metrics_auth else None
+            app = create_worker_http_app(healthy, state.redis, watch, metrics_callers=callers)
             services.append(HealthPort(app, http_port))
         log.info(
             "worker started",
@@ -224,4 +271,6 @@ async def serve_worker(settings: Settings, stop: asyncio.Event, *, http_port: in
             await close(state.redis)
             await state.upstream.aclose()
             await state.callback_client.aclose()
+            if state.deliverer.ops is not None:
+                await state.deliverer.ops.aclose()
         log.info("worker stopped")

@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 
 from relay.delivery.deliverer import Deliverer
 from relay.delivery.destinations import DestinationBusy
+from relay.delivery.refresh import refresh_timeout
 from relay.jitter import jittered
 from relay.lifecycle import Service, wait_for_tasks
 from relay.metrics import DELIVERIES
@@ -76,12 +77,17 @@ def arq_worker(settings: Settings, redis: ArqRedis, ctx: dict[str, Any]) -> Work
             # A crashed attempt runs again after its in-progress key expires (timeout + 10 s),
             # which the delivery timeout keeps well inside a minute. The timeout leaves room
             # for the attempt's Redis calls to fail on their own (RELAY_REDIS_TIMEOUT) and be
-            # retried: arq cancelling one half-way would strand the delivery. Tries are counted
+            # retried: arq cancelling one half-way would strand the delivery; and for a late
+            # attempt's re-read of its job (relay.delivery.refresh). Tries are counted
             # by arq also when an attempt steps aside for a busy destination (a few seconds).
             func(
                 deliver,
                 name="deliver",
-                timeout=settings.delivery_timeout + ARQ_SLOT_WAIT + 5 + 2 * settings.redis_timeout,
+                timeout=settings.delivery_timeout
+                + refresh_timeout(settings)
+                + ARQ_SLOT_WAIT
+                + 5
+                + 2 * settings.redis_timeout,
                 max_tries=1000,
             ),
         ],

@@ -179,6 +179,9 @@ checksum/secret: {{ include (print $.Template.BasePath "/secret.yaml") . | sha25
 Render-time checks that the schema cannot express.
 */}}
 {{- define "chamelaion-relay.validate" -}}
+{{- if and .Values.callers.existingSecret .Values.secrets.apiKeys }}
+{{- fail "callers: set callers.existingSecret or secrets.apiKeys, not both (give those keys a caller in the callers file)" }}
+{{- end }}
 {{- $redis := 0 }}
 {{- if .Values.redis.url }}{{ $redis = add1 $redis }}{{ end }}
 {{- if .Values.redis.existingSecret }}{{ $redis = add1 $redis }}{{ end }}
@@ -237,4 +240,11 @@ component's selector labels: (dict "ctx" $ "component" "api" "constraints" list)
 {{- end }}
 {{ list $tsc | toYaml }}
 {{- end }}
+{{- end }}
+
+{{/*
+Where the callers file's Secret is mounted in the API and worker pods.
+*/}}
+{{- define "chamelaion-relay.callersDir" -}}
+/etc/relay/callers
 {{- end }}

@@ -1,0 +1,278 @@
+"""OpenTelemetry traces: one job's trace, as a real OTLP/HTTP receiver gets it, from the
+caller's traceparent (sent by the official SDK) to the callback's, across the API and a worker
+process; and nothing traced, nothing sent, when no endpoint is set."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from relay.tracing import setup
+from tests.helpers import AUDIO, VIDEO, verified
+from tests.otlp import OtlpReceiver, Received
+from tests.servers import serve
+from tests.stack import Receiver, job_fields, relay_stack
+
+SECRET_QUERY = "token=s3cret-in-the-query"
+
+
+@pytest.fixture
+def otlp() -> Iterator[tuple[OtlpReceiver, str]]:
+    receiver = OtlpReceiver()
+    with serve(receiver.app()) as url:
+        yield receiver, url
+
+
+def otel_env(endpoint: str) -> dict[str, str]:
+    # Exported every 50 ms, so nothing waits on the default 5 s batch delay.
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+        "OTEL_SERVICE_NAME": "relay-under-test",
+    }
+
+
+@contextlib.contextmanager
+def traced_api(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> Iterator[None]:
+    """Tracing on in this process, where the stack's API runs (workers are subprocesses)."""
+    for name, value in otel_env(endpoint).items():
+        monkeypatch.setenv(name, value)
+    assert setup.start("api")
+    try:
+        yield
+    finally:
+        setup.stop()  # exports what is queued
+
+
+def one(spans: list[Received], name: str, **attributes: object) -> Received:
+    found = [
+        span
+        for span in spans
+        if span.span.name == name
+        and all(span.attributes.get(key) == value for key, value in attributes.items())
+    ]
+    assert len(found) == 1, (name, attributes, [(s.span.name, s.attributes) for s in spans])
+    return found[0]
+
+
+def test_one_jobs_trace_runs_from_the_callers_traceparent_to_the_callbacks(
+    redis_url: str, otlp: tuple[OtlpReceiver, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    receiver, endpoint = otlp
+    caller_trace, caller_span = secrets.token_hex(16), secrets.token_hex(8)
+    callbacks = Receiver(script=[503])  # the first attempt fails, the second is delivered
+    with (
+        traced_api(monkeypatch, endpoint),
+        relay_stack(redis_url, receiver=callbacks, env=otel_env(endpoint), processes=True) as stack,
+    ):
+        job = stack.sdk().lipsync.generate(
+            inputs=[{"type": "video", "url": VIDEO}, {"type": "audio", "url": AUDIO}],
+            extra_body={"callback_url": f"{stack.callback_url}?{SECRET_QUERY}"},
+            extra_headers={
+                "traceparent": f"00-{caller_trace}-{caller_span}-01",
+                "tracestate": "caller=abc",
+            },
+        )
+        got = callbacks.wait_for(2)
+        for callback in got:
+            verified(stack, callback)
+        stored = job_fields(redis_url, job.request_id)
+    # Out of both blocks: the workers exported what they held as they stopped, the API too.
+    spans = receiver.in_trace(caller_trace)
+    assert receiver.content_types == {"application/x-protobuf"}
+    assert stored[b"trace"].startswith(f"00-{caller_trace}-".encode())
+
+    submission = one(spans, "POST /api/v1/lipsync/generate")
+    assert submission.parent_id == caller_span  # continues the caller's trace
+    assert submission.span.kind == Span.SPAN_KIND_SERVER
+    assert submission.span.trace_state == "caller=abc"
+    assert submission.attributes["http.request.method"] == "POST"
+    assert submission.attributes["http.route"] == "/api/v1/lipsync/generate"
+    assert submission.attributes["http.response.status_code"] == 200
+    assert submission.resource["service.name"] == "relay-under-test"
+    assert submission.resource["relay.process"] == "api"
+
+    create_url = stack.sandbox_url + "/api/v1/lipsync/generate"
+    create = one(spans, "POST", **{"url.full": create_url})
+    assert create.parent_id == submission.span_id
+    assert create.span.kind == Span.SPAN_KIND_CLIENT
+    assert create.attributes["http.response.status_code"] == 200
+    assert create.attributes["server.address"] == "127.0.0.1"
+
+    end = one(spans, "job end")
+    assert end.parent_id == submission.span_id
+    assert end.attributes["relay.job.id"] == job.request_id
+    assert end.attributes["relay.job.status"] == "completed"
+    assert end.resource["relay.process"] == "worker"
+    # Linked to the poll or the sweep page that saw the end; a page, which serves many jobs, is
+    # a trace of its own and links back to this job's.
+    (link,) = end.links
+    (seen_by,) = [span for span in receiver.all() if (span.trace_id, span.span_id) == link]
+    assert seen_by.span.name == "GET"
+    assert seen_by.span.kind == Span.SPAN_KIND_CLIENT
+    assert seen_by.attributes["http.response.status_code"] == 200
+    if seen_by.trace_id != caller_trace:
+        assert (caller_trace, submission.span_id) in seen_by.links
+    else:
+        assert seen_by.parent_id == submission.span_id
+
+    attempts = sorted(
+        (span for span in spans if "relay.delivery.attempt" in span.attributes),
+        key=lambda span: int(str(span.attributes["relay.delivery.attempt"])),
+    )
+    assert [
+        (
+            span.span.name,
+            span.attributes["relay.delivery.attempt"],
+            span.attributes["relay.delivery.outcome"],
+            span.attributes["http.response.status_code"],
+        )
+        for span in attempts
+    ] == [("POST", 0, "retry", 503), ("POST", 1, "delivered", 200)]
+    assert all(span.parent_id == submission.span_id for span in attempts)
+    assert attempts[0].attributes["error.type"] == "503"
+    assert attempts[0].span.status.code == attempts[0].span.status.STATUS_CODE_ERROR
+    # Each callback continues the job's trace under its own attempt's span.
+    assert [callback.headers["traceparent"] for callback in got] == [
+        f"00-{caller_trace}-{span.span_id}-01" for span in attempts
+    ]
+    assert all(callback.headers["tracestate"] == "caller=abc" for callback in got)
+
+    # No callback URL's path or query in any span, nor anything of the request body.
+    for span in receiver.all():
+        for value in span.attributes.values():
+            assert "s3cret" not in str(value) and "/hook" not in str(value), span.attributes
+            assert VIDEO not in str(value)
+
+
+def test_a_submission_without_traceparent_starts_a_trace(
+    redis_url: str, otlp: tuple[OtlpReceiver, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    receiver, endpoint = otlp
+    callbacks = Receiver()
+    with (
+        traced_api(monkeypatch, endpoint),
+        relay_stack(redis_url, receiver=callbacks, env=otel_env(endpoint), processes=True) as stack,
+    ):
+        job = stack.sdk().lipsync.generate(
+            inputs=[{"type": "video", "url": VIDEO}, {"type": "audio", "url": AUDIO}],
+            extra_body={"callback_url": stack.callback_url},
+        )
+        (callback,) = callbacks.wait_for(1)
+    trace_id = callback.headers["traceparent"].split("-")[1]
+    spans = receiver.in_trace(trace_id)
+    submission = one(spans, "POST /api/v1/lipsync/generate")
+    assert submission.parent_id == ""  # the trace's root
+    assert one(spans, "job end").attributes["relay.job.id"] == job.request_id
+    attempt = one(spans, "POST", **{"relay.delivery.attempt": 0})
+    # Sampled; the relay's own trace id is random, and says so (W3C trace context level 2).
+    assert callback.headers["traceparent"] == f"00-{trace_id}-{attempt.span_id}-03"
+
+
+def test_without_an_endpoint_nothing_is_traced_or_sent(redis_url: str) -> None:
+    assert setup.active() is None
+    callbacks = Receiver()
+    with relay_stack(redis_url, receiver=callbacks, processes=True) as stack:
+        job = stack.sdk().lipsync.generate(
+            inputs=[{"type": "video", "url": VIDEO}, {"type": "audio", "url": AUDIO}],
+            extra_body={"callback_url": stack.callback_url},
+            extra_headers={"traceparent": f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"},
+        )
+        (callback,) = callbacks.wait_for(1)
+        stored = job_fields(redis_url, job.request_id)
+    assert b"trace" not in stored
+    assert "traceparent" not in callback.headers
+
+
+@pytest.mark.parametrize(
+    ("environ", "wanted"),
+    [
+        ({}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, True),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, True),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "none"}, False),
+        ({"OTEL_SERVICE_NAME": "relay"}, False),
+    ],
+)
+def test_tracing_is_on_only_with_an_otlp_endpoint(environ: dict[str, str], wanted: bool) -> None:
+    assert setup.wanted(environ) is wanted
+
+
+def test_the_relays_encoder_writes_what_the_official_one_does() -> None:
+    # Every kind of field a span can hold: remote and local parents, a tracestate, links,
+    # events, an error status, every attribute type (and True and 1 under one key).
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import (
+        encode_spans as official,
+    )
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        SimpleSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+    from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+    from opentelemetry.util.types import AttributeValue
+
+    from relay.tracing import otlp, spans
+
+    class Kept(SpanExporter):
+        def __init__(self) -> None:
+            self.spans: list[ReadableSpan] = []
+
+        def export(self, batch: object) -> SpanExportResult:
+            assert isinstance(batch, tuple | list)
+            self.spans.extend(batch)
+            return SpanExportResult.SUCCESS
+
+    kept = Kept()
+    provider = TracerProvider(resource=Resource.create({"service.name": "s", "n": 3}))
+    provider.add_span_processor(SimpleSpanProcessor(kept))
+    tracer = provider.get_tracer("relay", "1.0", schema_url="https://opentelemetry.io/schemas/1")
+    caller = spans.incoming(
+        {
+            "traceparent": f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01",
+            "tracestate": "a=1,b=2",
+        }
+    )
+    values: dict[str, AttributeValue] = {
+        "s": "text",
+        "i": -5,
+        "big": 2**40,
+        "f": 1.5,
+        "b": False,
+        "bytes": b"\x00\x01",
+        "list": ["x", "y"],
+        "ints": [1, 2],
+    }
+    for round_ in range(2):  # the second round's pairs come from the encoder's cache
+        with tracer.start_as_current_span(
+            "server", context=caller, kind=SpanKind.SERVER, attributes=values
+        ) as server:
+            server.add_event("e", {"k": "v", "flag": True})
+            with tracer.start_as_current_span("client", kind=SpanKind.CLIENT) as client:
+                client.set_attribute("same", True if round_ else 1)
+                client.set_status(Status(StatusCode.ERROR, "broke"))
+        tracer.start_span(
+            "linked",
+            context=spans.ROOT,
+            links=[Link(server.get_span_context(), {"relay.job.id": "j1"})],
+            kind=SpanKind.CONSUMER,
+        ).end()
+    other = TracerProvider(resource=Resource.create({"service.name": "other"}))
+    other.add_span_processor(SimpleSpanProcessor(kept))
+    other.get_tracer("x").start_span("elsewhere", kind=SpanKind.PRODUCER).end()
+
+    assert len(kept.spans) == 7
+    ours = ExportTraceServiceRequest.FromString(otlp.encode_spans(kept.spans))
+    theirs = ExportTraceServiceRequest.FromString(official(kept.spans).SerializeToString())
+    assert ours == theirs
+    assert len(ours.resource_spans) == 2
