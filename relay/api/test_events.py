@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import uuid
 
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
-from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -26,11 +24,11 @@ from relay.api.auth import request_caller
 from relay.api.body import read_body
 from relay.api.models import CallbackUrl
 from relay.api.state import AppState, app_state
+from relay.api.steering_limits import TEST_EVENT, SteeringLimits, allowance
 from relay.api.submit import check_callback_url, validation_error
 from relay.delivery.failure import failure_class
 from relay.errors import ApiError
 from relay.jobs.events import build_event
-from relay.redis import keys, scripts
 from relay.upstream import USER_AGENT
 
 log = logging.getLogger(__name__)
@@ -87,16 +85,5 @@ async def send_test_event(request: Request) -> Response:
 
 async def _count(state: AppState, caller: str) -> None:
     """Count a test event against the caller's minute; 429 past its allowance."""
-    per_minute = state.settings.test_events_per_minute
-    script = scripts.register(state.redis, __name__, "limit")
-    try:
-        wait_ms = int(await script(keys=[keys.test_events(caller)], args=[per_minute]))
-    except RedisError:
-        raise ApiError(503, "the relay's job store is unavailable; try again") from None
-    if wait_ms:
-        raise ApiError(
-            429,
-            f"this caller sent {per_minute} test events in the last minute, the most "
-            "RELAY_TEST_EVENTS_PER_MINUTE allows; see Retry-After",
-            headers={"retry-after": str(math.ceil(wait_ms / 1000))},
-        )
+    limits = SteeringLimits(state.redis)
+    await limits.count(allowance(state.settings, TEST_EVENT), caller)

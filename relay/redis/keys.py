@@ -43,7 +43,6 @@ relay:webhook-key:{key id}  string when the relay first published that ed25519 p
 relay:console:session:{digest}
                             string a console session (the key that signed in, its CSRF token),
                                    named by a digest of its id; sign-out deletes it, 8 h at most
-relay:test-events:{caller}  string test events the caller sent in its current minute (expires)
 relay:steering:{action}:{caller}
                             string redeliver / recover requests the caller made in its current
                                    minute (expires)
@@ -167,10 +166,6 @@ def idempotency(caller: str, route: str, key: str) -> str:
 
 def idempotency_held(caller: str) -> str:
     return f"{PREFIX}idem-held:{caller}"
-
-
-def test_events(caller: str) -> str:
-    return f"{PREFIX}test-events:{caller}"
 
 
 def steering(action: str, caller: str) -> str:
