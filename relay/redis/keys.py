@@ -44,8 +44,8 @@ relay:console:session:{digest}
                             string a console session (the key that signed in, its CSRF token),
                                    named by a digest of its id; sign-out deletes it, 8 h at most
 relay:steering:{action}:{caller}
-                            string redeliver / recover requests the caller made in its current
-                                   minute (expires)
+                            string redeliver, recover or test-event requests the caller made in its
+                                   current minute (expires)
 relay:stats:{outcome}:{minute}
                             string callbacks delivered / failed in that minute (kept 2 h)
 relay:api:write_check       string written before each round of submissions: Redis takes writes
