@@ -88,9 +88,12 @@ def serve_bare(port: int, upstream: str) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, access_log=False, log_config=None)
 
 
-def start(command: list[str], env: dict[str, str], health: str) -> subprocess.Popen[bytes]:
+def start(
+    command: list[str], env: dict[str, str], health: str, *, within: float = 20.0
+) -> subprocess.Popen[bytes]:
+    """Start `command` and wait up to `within` seconds for `health` to answer."""
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         try:
             httpx.get(health, timeout=0.5)

@@ -24,14 +24,13 @@ import os
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import orjson
 import uvloop
+from forward import rss_mib, start
 
 from relay.devtools.embedded_redis import embedded_redis, free_port
 from relay.jobs.events import build_event, webhook_id
@@ -46,26 +45,6 @@ BODY = {
     ]
 }
 BATCH = 250  # connections opened at once (the listen backlog is finite)
-
-
-def start(command: list[str], env: dict[str, str], health: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(health, timeout=0.5)
-            return proc
-        except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"{command} did not start")
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def waiting(api: str) -> int:
@@ -185,11 +164,17 @@ def main(args: argparse.Namespace) -> None:
         }
         cli = [sys.executable, "-m", "relay.cli"]
         procs = [
-            start([*cli, "sandbox", "--port", str(sandbox_port)], env, sandbox + "/api/health")
+            start(
+                [*cli, "sandbox", "--port", str(sandbox_port)],
+                env,
+                sandbox + "/api/health",
+                within=30,
+            )
         ]
         try:
             api = f"http://127.0.0.1:{api_port}"
-            procs.append(start([*cli, "api", "--port", str(api_port)], env, api + "/healthz"))
+            api_cmd = [*cli, "api", "--port", str(api_port)]
+            procs.append(start(api_cmd, env, api + "/healthz", within=30))
             args.api_pid = procs[1].pid
             uvloop.run(run(api_port, api, sandbox, redis_url, args))
         finally:
