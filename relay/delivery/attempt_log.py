@@ -49,6 +49,11 @@ class AttemptLog:
         """The call that records `entry`, to make with others in one round trip."""
         if not self.excerpts:
             entry.pop("excerpt", None)
+        return self._call(delivery_id, entry)
+
+    def _call(self, delivery_id: str, entry: dict[str, Any], *postponed: float) -> ScriptCall:
+        """The record script's call for `entry`; `postponed` (attempt, seconds until due) makes
+        it a postponement, counted in the attempt's one entry."""
         return self._log.call(
             keys=[keys.job(delivery_id), keys.attempts(delivery_id)],
             args=[
@@ -58,6 +63,7 @@ class AttemptLog:
                 MAX_ENTRIES,
                 int(self.retention),
                 KEEP_FIRST,
+                *postponed,
             ],
         )
 
@@ -66,19 +72,7 @@ class AttemptLog:
         again in `next_in` seconds; a postponement again of the same attempt updates its entry
         (a count), and one of an attempt the delivery no longer waits on is not logged."""
         entry = {"attempt": attempt, "note": POSTPONED_NOTE}
-        call = self._log.call(
-            keys=[keys.job(delivery_id), keys.attempts(delivery_id)],
-            args=[
-                keys.DELIVERIES_PREFIX,
-                delivery_id,
-                orjson.dumps(entry),
-                MAX_ENTRIES,
-                int(self.retention),
-                KEEP_FIRST,
-                attempt,
-                round(next_in, 3),
-            ],
-        )
+        call = self._call(delivery_id, entry, attempt, round(next_in, 3))
         await batcher(self.redis).run([call])
 
     async def entries(self, delivery_id: str) -> list[dict[str, Any]]:
