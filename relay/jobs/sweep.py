@@ -262,7 +262,7 @@ class Sweeper(Service):
         )
 
     async def _turn(self) -> float | None:
-        await self.sweep_once()
+        outcome = await self.sweep_once()
         # The lease is held until the next sweep is due (see _finish): waking just as it frees
         # keeps sweeps sweep_interval apart, so an end is seen within about one interval, not
         # up to half an idle tick later. At most an interval: a sweep in progress elsewhere
@@ -270,6 +270,10 @@ class Sweeper(Service):
         frees_in: int = await self.redis.pttl(keys.SWEEP_LEASE)
         if frees_in > 0:
             return min(frees_in / 1000, self.settings.sweep_interval) + LEASE_SLACK
+        if outcome is not None:
+            # This sweep took longer than the interval and dropped the lease: the next one is
+            # due now. An idle tick here delayed every end it would see by as much.
+            return 0.0
         return None
 
     async def sweep_once(self) -> str | None:
