@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from relay.delivery.store import Delivery
 from relay.redis import keys
 from relay.worker.process import WorkerState
 from relay.worker.tasks import deliver
@@ -89,8 +90,8 @@ async def test_an_unexpected_error_ends_the_attempt_as_a_recorded_failure(redis_
         assert await state.deliverer.attempt("r3", 1) == "failed"
         job = await state.store.get("r3")
         assert job is not None
-        assert job.delivery == "failed"
-        assert job.last_result == "unexpected error: InvalidURL"
+        assert Delivery.of(job).state == "failed"
+        assert Delivery.of(job).last_result == "unexpected error: InvalidURL"
 
 
 @contextlib.contextmanager
@@ -127,7 +128,8 @@ async def test_a_receiver_that_trickles_its_answer_times_out_as_a_retry(redis_ur
             assert await state.deliverer.attempt("r3", 0) == "retry"
             assert time.monotonic() - started < 3
             job = await state.store.get("r3")
-            assert job is not None and job.attempt == 1 and job.last_result == "timed out"
+            assert job is not None
+            assert Delivery.of(job).attempt == 1 and Delivery.of(job).last_result == "timed out"
 
 
 async def test_an_answer_that_is_not_http_is_recorded_as_such(redis_url: str) -> None:
@@ -138,7 +140,7 @@ async def test_an_answer_that_is_not_http_is_recorded_as_such(redis_url: str) ->
         assert await state.deliverer.attempt("r4", 0) == "retry"
         job = await state.store.get("r4")
         assert job is not None
-        assert job.last_result == "the answer was not well-formed HTTP"
+        assert Delivery.of(job).last_result == "the answer was not well-formed HTTP"
 
 
 async def test_an_end_seen_by_two_workers_at_once_is_delivered_by_one(redis_url: str) -> None:

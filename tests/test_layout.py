@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import relay
+from relay.delivery.store import FIELDS as DELIVERY_FIELDS
 
 PACKAGE = Path(relay.__file__).parent
 ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
@@ -208,6 +209,28 @@ def test_every_script_names_its_keys_and_arguments() -> None:
                 assert stripped.startswith("local ") or "#ARGV" in stripped, (
                     f"{script.name}: {stripped}"
                 )
+
+
+def string_constants(path: Path) -> set[str]:
+    """Every str or bytes literal in `path` (bytes decoded), docstrings included."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str | bytes):
+            value = node.value
+            found.add(value.decode(errors="replace") if isinstance(value, bytes) else value)
+    return found
+
+
+def test_only_the_delivery_stage_names_the_fields_of_a_delivery() -> None:
+    # A delivery's fields share its job's hash; the floors below the delivery stage read the job
+    # and never the delivery's part of it (relay.delivery.store.Delivery reads that).
+    below = [name for name, _ in FLOORS[: [name for name, _ in FLOORS].index("delivery")]]
+    for name, path in module_names(PACKAGE).items():
+        floor = floor_of(name, FLOORS)
+        if floor is None or FLOORS[floor][0] not in below:
+            continue
+        named = string_constants(path) & set(DELIVERY_FIELDS)
+        assert not named, f"{name} names the delivery's fields {sorted(named)}"
 
 
 def test_the_sandbox_imports_nothing_from_the_relay() -> None:

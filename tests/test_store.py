@@ -10,7 +10,7 @@ from typing import Any, cast
 import pytest
 from redis.asyncio import Redis
 
-from relay.delivery.store import Breaker, DeliveryStore
+from relay.delivery.store import Breaker, Delivery, DeliveryStore
 from relay.jobs.store import Job, JobStore
 from relay.redis import keys
 
@@ -115,7 +115,9 @@ async def test_create_schedules_the_first_poll_on_the_redis_clock(
     assert job.interval == 7.5
     assert job.callback_url is None and job.reference_id is None
     assert job.status is None and job.body is None and not job.ended
-    assert job.delivery is None and job.attempt == 0 and job.attempts_made == 0
+    assert Delivery.of(job) == Delivery(
+        None, attempt=0, attempts_made=0, last_result=None, schedule_base=0
+    )
     assert await redis.ttl(keys.job("r1")) == -1, "a tracked job never expires before it ends"
     assert await ref_keys(redis) == [], "no reference_id, no index entry"
 
@@ -266,7 +268,7 @@ async def test_end_fixes_the_final_state_once(redis: Redis, store: JobStore) -> 
     assert first is not None and first.ended
     assert first.status == "completed" and first.body == b"first body"
     assert first.event_id == "msg_first" and first.event == b'{"sequence":2,"n":"first"}'
-    assert first.delivery == "pending" and first.attempt == 0
+    assert Delivery.of(first).state == "pending" and Delivery.of(first).attempt == 0
     assert first.ended_at is not None and before <= first.ended_at <= after
     assert RETENTION - 5 < await redis.ttl(keys.job("r1")) <= RETENTION
 
@@ -288,7 +290,7 @@ async def test_end_of_a_job_without_callback_delivers_nothing(
     redis: Redis, store: JobStore
 ) -> None:
     job = await ended(store, await tracked(store, "r1", callback_url=None))
-    assert job.delivery == "none"
+    assert Delivery.of(job).state == "none"
     assert RETENTION - 5 < await redis.ttl(keys.job("r1")) <= RETENTION
     assert await ref_keys(redis) == []
 
@@ -356,8 +358,9 @@ async def test_record_outcome_applies_only_to_the_awaited_attempt(
 
     assert await update(store, "r1", attempt=0, next_attempt=1, state="pending", result="HTTP 500")
     retrying = await snapshot()
-    assert retrying.attempt == 1 and retrying.attempts_made == 1
-    assert retrying.delivery == "pending" and retrying.last_result == "HTTP 500"
+    retrying_delivery = Delivery.of(retrying)
+    assert retrying_delivery.attempt == 1 and retrying_delivery.attempts_made == 1
+    assert retrying_delivery.pending and retrying_delivery.last_result == "HTTP 500"
 
     # A re-run of the old attempt (after a crash) changes nothing.
     assert not await update(
@@ -369,8 +372,9 @@ async def test_record_outcome_applies_only_to_the_awaited_attempt(
         store, "r1", attempt=1, next_attempt=2, state="delivered", result="HTTP 200"
     )
     done = await snapshot()
-    assert done.attempt == 2 and done.attempts_made == 2
-    assert done.delivery == "delivered" and done.last_result == "HTTP 200"
+    done_delivery = Delivery.of(done)
+    assert done_delivery.attempt == 2 and done_delivery.attempts_made == 2
+    assert done_delivery.state == "delivered" and done_delivery.last_result == "HTTP 200"
 
     # Only a pending delivery is updated, even for the attempt number it holds.
     assert not await update(store, "r1", attempt=2, next_attempt=3, state="pending", result="late")

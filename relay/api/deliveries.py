@@ -31,7 +31,7 @@ from relay.api.steering_limits import RECOVER, REDELIVER, SteeringLimits, allowa
 from relay.api.submit import validation_error
 from relay.callers.model import NAME_PATTERN
 from relay.delivery.attempt_log import STATES
-from relay.delivery.store import DeliveryId
+from relay.delivery.store import Delivery, DeliveryId
 from relay.errors import ApiError
 from relay.jobs.events import event_type_of
 from relay.jobs.events import iso as event_iso
@@ -90,13 +90,14 @@ async def _delivery(state: AppState, delivery_id: str, job: Job) -> dict[str, An
         entry["at"] = iso(entry.get("at"))
         if entry.get("next_at") is not None:
             entry["next_at"] = iso(entry["next_at"])
+    seen = Delivery.of(job)
     return {
         "delivery_id": delivery_id,
         "event": event_type_of(job.event),
         "webhook_id": job.event_id,
-        "state": job.delivery,
-        "attempts_made": job.attempts_made,
-        "last_result": job.last_result,
+        "state": seen.state,
+        "attempts_made": seen.attempts_made,
+        "last_result": seen.last_result,
         "attempts": attempts,
     }
 

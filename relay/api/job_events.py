@@ -26,6 +26,7 @@ from relay.api.models import MAX_ID_LENGTH
 from relay.api.scoping import not_found, request_owner
 from relay.api.state import AppState, app_state
 from relay.api.status import path_segment
+from relay.delivery.store import Delivery
 from relay.errors import ApiError
 from relay.jobs.store import Job
 
@@ -80,7 +81,7 @@ async def _job(state: AppState, request: Request, id_or_reference: str) -> Job:
 def _done(job: Job | None) -> bool:
     """Nothing more is to come for this job: it ended and its delivery is settled (or it is
     gone from the store)."""
-    return job is None or (job.ended and (job.delivery or "none") in SETTLED)
+    return job is None or (job.ended and (Delivery.of(job).state or "none") in SETTLED)
 
 
 async def job_events(request: Request) -> Response:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from relay.delivery.attempt_log import STATES
+from relay.delivery.store import STATE_FIELD
 from relay.redis import keys
 from relay.redis.shared_state import read_shared_state
 from relay.redis.stats import last_hour
@@ -104,7 +105,7 @@ def _row(request_id: str, values: list[bytes | None]) -> JobRow:
     )
 
 
-FIELDS = ["reference_id", "status", "delivery", "timeline", "ended", "caller"]
+FIELDS = ["reference_id", "status", STATE_FIELD, "timeline", "ended", "caller"]
 
 
 async def job_rows(redis: Redis, request_ids: list[str]) -> list[JobRow]:

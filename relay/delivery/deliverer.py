@@ -41,7 +41,7 @@ from relay.delivery.netpolicy import parse_callback_url
 from relay.delivery.ops_events import OpsEvents, last_attempt
 from relay.delivery.refresh import Refresher
 from relay.delivery.signers import CallerSigners
-from relay.delivery.store import Breaker, DeliveryId, DeliveryState, DeliveryStore
+from relay.delivery.store import Breaker, Delivery, DeliveryId, DeliveryState, DeliveryStore
 from relay.delivery.transport import CallbackClient
 from relay.errors import DestinationRefused
 from relay.http_urls import parsed_url
@@ -222,11 +222,14 @@ class Deliverer:
         self, request_id: str, attempt: int, destination: str, *, refresh: bool
     ) -> str:
         job = await self.store.get(request_id)
-        if job is not None and job.delivery == "pending" and job.attempt == attempt - 1:
+        if job is None:
+            return "stale"
+        seen = Delivery.of(job)  # from the same read as the job
+        if seen.pending and seen.attempt == attempt - 1:
             # The previous attempt enqueued this one but has not recorded its outcome yet (it
             # crashed or is retrying a Redis error): wait for it, or this attempt is lost.
             raise Retry(defer=5)
-        if job is None or job.delivery != "pending" or job.attempt != attempt:
+        if not seen.pending or seen.attempt != attempt:
             return "stale"
         if not (job.callback_url and job.event and job.event_id):
             return "stale"
@@ -262,7 +265,7 @@ class Deliverer:
             DELIVERY_LATENCY.observe(max(0.0, sent_at + duration - job.ended_at))
         following = attempt + 1
         # A redelivery starts the schedule again from its own attempt number.
-        step = following - job.schedule_base
+        step = following - seen.schedule_base
         settled: DeliveryState | None = None
         if outcome.kind != "retry":
             settled = outcome.kind
@@ -295,7 +298,7 @@ class Deliverer:
                     event_type=event_type_of(job.event),
                     webhook_id=job.event_id,
                     destination=destination,
-                    attempts=job.attempts_made + 1,
+                    attempts=seen.attempts_made + 1,
                     last=self._last(attempt, outcome),
                 )
             # A first-try success is the common case, counted in metrics: not a line each.

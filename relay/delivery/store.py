@@ -3,7 +3,9 @@ and whether an early event of its job is on its way.
 
 A delivery's fields live in the hash of the job whose event it carries (relay.jobs.store writes
 the job; its `end` files the delivery as pending), or, for an early event, in a hash of its own
-shaped like a job's (`emit`). Every write is a Lua script: an attempt's outcome is dropped unless
+shaped like a job's (`emit`). Its fields are named and read here only (`Delivery`), from the
+hash the job's own read brings (`Job.stored`): a job and its delivery cost one read together.
+Every write is a Lua script: an attempt's outcome is dropped unless
 the delivery is still waiting on that attempt, so a re-run of an old attempt (after a crash)
 changes nothing.
 """
@@ -51,6 +53,41 @@ class DeliveryId:
     def names_early(text: str) -> bool:
         """Whether `text` holds an early event's delivery id (so it is no request id)."""
         return any(str(DeliveryId("", kind)) in text for kind in EARLY_KINDS)
+
+
+# The delivery's fields in the hash that holds it: written by this stage's scripts, and filed
+# (state `pending` or `none`, attempt 0) by the job's end in the step that ends it
+# (relay/jobs/store.end.lua). No other Python module names them (tests/test_layout.py).
+STATE_FIELD = "delivery"
+FIELDS = (STATE_FIELD, "attempt", "attempts_made", "last_result", "schedule_base")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A delivery as its hash holds it, read with its job (`Delivery.of(job)`)."""
+
+    state: str | None  # a DeliveryState; None before its job ends
+    attempt: int  # the attempt it waits on, numbered from 0
+    attempts_made: int
+    last_result: str | None
+    # The attempt a redelivery restarted the retry schedule at (0: never redelivered).
+    schedule_base: int
+
+    @classmethod
+    def of(cls, job: Job) -> Delivery:
+        raw = job.stored
+        state, result = raw.get(STATE_FIELD.encode()), raw.get(b"last_result")
+        return cls(
+            state=state.decode() if state else None,
+            attempt=int(raw.get(b"attempt") or 0),
+            attempts_made=int(raw.get(b"attempts_made") or 0),
+            last_result=result.decode() if result else None,
+            schedule_base=int(raw.get(b"schedule_base") or 0),
+        )
+
+    @property
+    def pending(self) -> bool:
+        return self.state == "pending"
 
 
 # The first back-off of a destination that keeps failing, doubled with each further failure.

@@ -50,6 +50,9 @@ POLL_RESULTS = {200: "answered", 404: "not_found", 429: "rate_limited"}
 # (delivery id, callback URL): hand a delivery over to the delivery stage (relay.delivery),
 # which makes its first attempt. Wired in by the worker: jobs sit below the delivery stage.
 HandOver = Callable[[str, str], Awaitable[None]]
+# Whether an ended job's delivery still waits on its attempts: the delivery stage reads its own
+# fields (relay.delivery.store.Delivery) from the job as read. Wired in by the worker too.
+DeliveryPending = Callable[[Job], bool]
 
 
 class Emit(Protocol):
@@ -71,6 +74,7 @@ class Poller:
         settings: Settings,
         hand_over: HandOver,
         emit: Emit,
+        delivery_pending: DeliveryPending,
     ) -> None:
         self.store = store
         self.schedule = schedule
@@ -78,6 +82,7 @@ class Poller:
         self.settings = settings
         self.hand_over = hand_over
         self.emit = emit
+        self.delivery_pending = delivery_pending
 
     def _longer(self, interval: float) -> float:
         low, high = self.settings.poll_min_interval, self.settings.poll_max_interval
@@ -171,7 +176,7 @@ class Poller:
         age and grace given up); True when the job needs no status any more."""
         if job.ended:
             # A worker ended it but died before handing the delivery over: finish that part.
-            await self._finish_end(job, deliver=job.delivery == "pending")
+            await self._finish_end(job, deliver=self.delivery_pending(job))
             return True
         overdue = self._overdue(job)
         if overdue > self.settings.not_found_grace:

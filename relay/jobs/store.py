@@ -8,7 +8,9 @@ ended. Times come from the Redis clock (TIME inside the scripts, and `Job.read_a
 readers), so worker clocks need not agree.
 
 What follows the end is the delivery stage's (relay.delivery.store): it keeps a delivery's
-state, attempt and breaker in the same hash, and reads the job from here.
+state and attempt in the same hash, written by its own scripts and read from `Job.stored` (the
+hash as the job's one read brought it), so this module names none of the delivery's fields. The
+one exception is Lua: `store.end.lua` files the delivery as pending in the step that ends the job.
 
 The poll queue (`relay:polls`) belongs to relay.jobs.schedule, which claims, hands back and
 removes its entries; `create` and `record_poll` write a job's entry too, in the same script as
@@ -18,8 +20,8 @@ the job itself, because a job must never exist without its next poll (or the oth
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
@@ -49,11 +51,7 @@ class Job:
     not_found_since: float | None
     event_id: str | None
     event: bytes | None
-    # The delivery's fields, as relay.delivery.store writes them (its DeliveryState, ...).
-    delivery: str | None
-    attempt: int
-    attempts_made: int
-    last_result: str | None
+    # The Redis clock when the job ended (None: it has not).
     ended_at: float | None
     # (status, Redis-clock time) for each status the job was seen in, oldest first; the first
     # is `submitted`, when the relay started tracking it.
@@ -61,8 +59,6 @@ class Job:
     # The events the callback gets, and the JSON object echoed beside `data` (None: none).
     events: tuple[str, ...]
     metadata: bytes | None
-    # The attempt a redelivery restarted the retry schedule at (0: never redelivered).
-    schedule_base: int
     # The number of the job's newest event (relay.jobs.history); 0 before its first.
     sequence: int
     # The submission's trace context (relay.tracing.spans.keep), when it was traced.
@@ -73,6 +69,10 @@ class Job:
     # The caller that submitted or watched it (relay.callers); None for a job tracked before
     # callers were recorded, which only an admin sees.
     caller: str | None = None
+    # The hash as read. Other stages keep fields of their own in it and read them from here
+    # (relay.delivery.store.Delivery.of): one HGETALL serves both, and this module need not
+    # know their names.
+    stored: Mapping[bytes, bytes] = field(default_factory=dict, repr=False, hash=False)
 
     @property
     def ended(self) -> bool:
@@ -129,19 +129,15 @@ def _decode(request_id: str, raw: dict[bytes, bytes], read_at: float) -> Job:
         not_found_since=_number(raw, "not_found_since"),
         event_id=_text(raw, "event_id"),
         event=_event(raw),
-        delivery=_text(raw, "delivery"),
-        attempt=int(raw.get(b"attempt") or 0),
-        attempts_made=int(raw.get(b"attempts_made") or 0),
-        last_result=_text(raw, "last_result"),
         ended_at=_number(raw, "ended"),
         timeline=_timeline(_text(raw, "timeline")),
         events=tuple(events.split(",")) if (events := _text(raw, "events")) else DEFAULT_EVENTS,
         metadata=raw.get(b"metadata") or None,
-        schedule_base=int(raw.get(b"schedule_base") or 0),
         sequence=int(raw.get(b"sequence") or 0),
         trace=_text(raw, "trace"),
         read_at=read_at,
         caller=_text(raw, "caller"),
+        stored=raw,
     )
 
 

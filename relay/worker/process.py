@@ -26,7 +26,7 @@ from relay.delivery.ops_events import OpsEvents
 from relay.delivery.queue import DeliveryQueue
 from relay.delivery.refresh import Refresher, refresh_timeout
 from relay.delivery.signers import CallerSigners
-from relay.delivery.store import Breaker, DeliveryStore
+from relay.delivery.store import Breaker, Delivery, DeliveryStore
 from relay.delivery.stranded import StrandedSweep
 from relay.delivery.transport import CallbackClient, make_callback_client
 from relay.jobs.intents import Intents, lookup_timeout
@@ -157,6 +157,7 @@ async def build_state(settings: Settings) -> WorkerState:
         settings=settings,
         hand_over=first_attempts.hand_over,
         emit=deliveries.emit,
+        delivery_pending=lambda job: Delivery.of(job).pending,
     )
     dispatcher = Dispatcher(
         schedule=schedule, poller=poller, concurrency=settings.worker_concurrency
