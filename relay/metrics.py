@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from prometheus_client import Counter, Gauge, Histogram
-from redis.asyncio import Redis
 
 JOBS_SUBMITTED = Counter(
     "relay_jobs_submitted",
@@ -246,16 +245,6 @@ HTTP_CONNECTIONS_CLOSED = Counter(
     ["reason"],
 )
 UPLOADS_IN_PROGRESS = Gauge("relay_uploads_in_progress", "Uploads this API process is running")
-
-
-async def read_memory(redis: Redis) -> tuple[int, int]:
-    """Redis used_memory and maxmemory (0: no limit), also setting the memory gauges."""
-    info = await redis.info("memory")
-    used, maximum = int(info["used_memory"]), int(info.get("maxmemory", 0))
-    REDIS_MEMORY_USED.set(used)
-    REDIS_MEMORY_MAX.set(maximum)
-    REDIS_MEMORY_HEADROOM.set(max(0.0, 1 - used / maximum) if maximum else 1.0)
-    return used, maximum
 
 
 WAITING = Gauge(

@@ -64,6 +64,28 @@ async def test_calls_run_in_the_order_made(redis: Redis) -> None:
     assert await redis.lrange("order", 0, -1) == [str(n).encode() for n in range(300)]  # type: ignore[misc]
 
 
+async def test_an_atomic_run_is_one_transaction_among_other_calls(redis: Redis) -> None:
+    b = batcher(redis)
+    await redis.set("text", "x")
+    outcomes = await asyncio.gather(
+        b.run([("SET", "before", 1)]),
+        b.run([("HSET", "h", "f", "1"), ("EXPIRE", "h", 60), ("HGETALL", "h")], atomic=True),
+        # Refused as queued (no such command): nothing of its run is done.
+        b.run([("HSET", "never", "f", "1"), ("NOSUCHCOMMAND",)], atomic=True),
+        # Fails as it runs: only that call, as in any transaction.
+        b.run([("LPUSH", "text", "a"), ("SET", "after", 1)], atomic=True, return_exceptions=True),
+        return_exceptions=True,
+    )
+    assert outcomes[0] == [True]
+    assert outcomes[1] == [1, True, {b"f": b"1"}]
+    assert isinstance(outcomes[2], ResponseError)
+    assert not await redis.exists("never")
+    wrong_type, after = outcomes[3]  # type: ignore[misc]
+    assert isinstance(wrong_type, ResponseError) and after is True
+    with pytest.raises(ValueError, match="plain commands"):
+        await b.run([scripts.Script(redis, ECHO).call(keys=[], args=["a"])], atomic=True)
+
+
 async def test_scripts_are_loaded_again_after_redis_forgets_them(redis: Redis) -> None:
     script = scripts.Script(redis, ECHO)
     assert await script(keys=[], args=["x"]) == b"x"

@@ -47,6 +47,7 @@ from relay.api.submit import OutcomeUnknown
 from relay.errors import ApiError
 from relay.metrics import IDEMPOTENCY_KEYS_REFUSED
 from relay.redis import keys, scripts
+from relay.redis.batch import batcher
 
 HEADER = "idempotency-key"
 MAX_KEY_LENGTH = 255
@@ -217,18 +218,16 @@ async def _claim(
 async def _keep(
     state: AppState, redis_key: str, status: int, content_type: str, body: bytes
 ) -> None:
-    answer = {
-        "state": "done",
-        "status": status,
-        "content_type": content_type,
-        "body": kept_answer(body),
-    }
+    answer = ("state", "done", "status", status, "content_type", content_type)
     # On a Redis error the answer still goes out; a retry then waits out the in-flight hold.
     with contextlib.suppress(RedisError):
-        async with state.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(redis_key, mapping=answer)
-            pipe.expire(redis_key, int(state.settings.idempotency_ttl))
-            await pipe.execute()
+        await batcher(state.redis).run(
+            [
+                ("HSET", redis_key, *answer, "body", kept_answer(body)),
+                ("EXPIRE", redis_key, int(state.settings.idempotency_ttl)),
+            ],
+            atomic=True,
+        )
 
 
 async def _release(
@@ -236,12 +235,15 @@ async def _release(
 ) -> None:
     with contextlib.suppress(RedisError):
         if unless_intent_open:
-            intent_id = await state.redis.hget(redis_key, "intent")  # type: ignore[misc]
-            if intent_id and await state.redis.exists(keys.intent(intent_id.decode())):
-                return
+            (intent_id,) = await batcher(state.redis).run([("HGET", redis_key, "intent")])
+            if intent_id:
+                (open_,) = await batcher(state.redis).run(
+                    [("EXISTS", keys.intent(intent_id.decode()))]
+                )
+                if open_:
+                    return
         # A key the reconcile releases instead (relay.jobs.intents) stays counted until its
         # time runs out: rare, and it errs on the safe side.
-        async with state.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(redis_key)
-            pipe.zrem(count_key, redis_key)
-            await pipe.execute()
+        await batcher(state.redis).run(
+            [("DEL", redis_key), ("ZREM", count_key, redis_key)], atomic=True
+        )

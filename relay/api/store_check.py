@@ -14,6 +14,7 @@ import asyncio
 from redis.asyncio import Redis
 
 from relay.redis import keys
+from relay.redis.batch import batcher
 
 # The check key's lifetime: it only needs to exist for as long as it is being written.
 CHECK_TTL_MS = 60_000
@@ -48,7 +49,9 @@ class WriteCheck:
             # the next one.
             waiting, self._waiting = self._waiting, None
             try:
-                await self._redis.set(keys.WRITE_CHECK, b"1", px=CHECK_TTL_MS)
+                await batcher(self._redis).run(
+                    [("SET", keys.WRITE_CHECK, b"1", "PX", CHECK_TTL_MS)]
+                )
             except BaseException as exc:
                 waiting.set_exception(exc)
                 if not isinstance(exc, Exception):

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from relay.api.state import app_state
 from relay.jobs.events import iso
 from relay.redis import keys
+from relay.redis.batch import batcher
 from relay.redis.clock import redis_now
 
 PATH = "/api/relay/v1/webhook-keys"
@@ -35,8 +36,9 @@ async def webhook_keys(request: Request) -> Response:
         try:
             seconds = int(await redis_now(state.redis))
             redis_key = keys.webhook_key(key.key_id)
-            await state.redis.set(redis_key, seconds, nx=True)
-            first = await state.redis.get(redis_key)
+            _, first = await batcher(state.redis).run(
+                [("SET", redis_key, seconds, "NX"), ("GET", redis_key)]
+            )
             if first is not None:
                 created = iso(int(first))
         except RedisError:

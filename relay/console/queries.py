@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from relay.delivery.attempt_log import STATES
 from relay.delivery.store import STATE_FIELD
 from relay.redis import keys
+from relay.redis.batch import Call, batcher
 from relay.redis.shared_state import read_shared_state
 from relay.redis.stats import last_hour
 
@@ -59,13 +60,11 @@ class JobPage:
 
 async def overview(redis: Redis, budget_rate: float) -> Overview:
     shared = await read_shared_state(redis)
-    head = await redis.zrange(keys.POLLS, 0, STATUS_SAMPLE - 1)
-    async with redis.pipeline(transaction=False) as pipe:
-        for raw in head:
-            pipe.hget(keys.job(raw.decode()), "status")
-        for state in STATES:
-            pipe.zcard(keys.deliveries(state))
-        replies = await pipe.execute()
+    (head,) = await batcher(redis).run([("ZRANGE", keys.POLLS, 0, STATUS_SAMPLE - 1)])
+    calls: list[Call] = [("HGET", keys.job(raw.decode()), "status") for raw in head]
+    calls += [("ZCARD", keys.deliveries(state)) for state in STATES]
+    replies = await batcher(redis).run([*calls, ("HGETALL", keys.SWEEP_STATE)])
+    sweep_state = replies.pop()
     statuses, counts = replies[: len(head)], replies[len(head) :]
     counted = Counter((status or b"submitted").decode() for status in statuses)
     return Overview(
@@ -80,10 +79,7 @@ async def overview(redis: Redis, budget_rate: float) -> Overview:
         deliveries=dict(zip(STATES, (int(count) for count in counts), strict=True)),
         backed_off=shared.backed_off,
         rate_limited=sum((await last_hour(redis, ("rate_limited",)))["rate_limited"]),
-        sweep={
-            name.decode(): value.decode()
-            for name, value in (await redis.hgetall(keys.SWEEP_STATE)).items()  # type: ignore[misc]
-        },
+        sweep={name.decode(): value.decode() for name, value in sweep_state.items()},
     )
 
 
@@ -109,10 +105,9 @@ FIELDS = ["reference_id", "status", STATE_FIELD, "timeline", "ended", "caller"]
 
 
 async def job_rows(redis: Redis, request_ids: list[str]) -> list[JobRow]:
-    async with redis.pipeline(transaction=False) as pipe:
-        for request_id in request_ids:
-            pipe.hmget(keys.job(request_id), FIELDS)
-        found = await pipe.execute()
+    found = await batcher(redis).run(
+        [("HMGET", keys.job(request_id), *FIELDS) for request_id in request_ids]
+    )
     return [
         _row(request_id, values)
         for request_id, values in zip(request_ids, found, strict=True)
@@ -134,7 +129,9 @@ async def list_jobs(
     looked_at = 0
     pattern = keys.job("*")
     while True:
-        cursor, names = await redis.scan(cursor, match=pattern, count=500)
+        ((cursor, names),) = await batcher(redis).run(
+            [("SCAN", cursor, "MATCH", pattern, "COUNT", 500)]
+        )
         looked_at += len(names)
         ids = [name.decode().removeprefix(keys.job("")) for name in names]
         for row in await job_rows(redis, ids):

@@ -31,6 +31,7 @@ from starlette.responses import Response
 from relay.callers.model import Caller, key_digest, key_id
 from relay.callers.source import CallerSource
 from relay.redis import keys
+from relay.redis.batch import batcher
 from relay.settings import Settings
 
 SESSION_COOKIE = "relay_console"
@@ -72,14 +73,14 @@ class Sessions:
             secrets.token_urlsafe(32), key_id(key_digest(candidate)), secrets.token_urlsafe(32)
         )
         record = orjson.dumps({"k": session.key_id, "c": session.csrf})
-        await redis.set(_key(session.id), record, ex=SESSION_SECONDS)
+        await batcher(redis).run([("SET", _key(session.id), record, "EX", SESSION_SECONDS)])
         return session, caller
 
     async def read(self, redis: Redis, request: Request) -> Session | None:
         session_id = _signed(request, SESSION_COOKIE, self._sessions, SESSION_SECONDS)
         if not isinstance(session_id, str):
             return None
-        record = await redis.get(_key(session_id))
+        (record,) = await batcher(redis).run([("GET", _key(session_id))])
         if record is None:
             return None  # signed out, or expired
         data = orjson.loads(record)
@@ -103,7 +104,7 @@ class Sessions:
         return caller.name if caller is not None else None
 
     async def end(self, redis: Redis, session: Session) -> None:
-        await redis.delete(_key(session.id))
+        await batcher(redis).run([("DEL", _key(session.id))])
 
     def set(self, response: Response, request: Request, session: Session) -> None:
         value = self._sessions.dumps(session.id)

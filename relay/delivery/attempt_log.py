@@ -76,7 +76,7 @@ class AttemptLog:
         await batcher(self.redis).run([call])
 
     async def entries(self, delivery_id: str) -> list[dict[str, Any]]:
-        raw = await self.redis.lrange(keys.attempts(delivery_id), 0, -1)  # type: ignore[misc]
+        (raw,) = await batcher(self.redis).run([("LRANGE", keys.attempts(delivery_id), 0, -1)])
         entries: list[dict[str, Any]] = [orjson.loads(item) for item in raw]
         if not self.excerpts:
             for entry in entries:  # kept while the setting was on
@@ -87,12 +87,21 @@ class AttemptLog:
         self, state: str, *, since: float, until: float, limit: int
     ) -> list[tuple[str, float]]:
         """Deliveries in `state`, newest first, that got there in (since, until]."""
-        found = await self.redis.zrevrangebyscore(
-            keys.deliveries(state),
-            f"({until}" if until != float("inf") else "+inf",
-            f"({since}",
-            start=0,
-            num=limit,
-            withscores=True,
+        (found,) = await batcher(self.redis).run(
+            [
+                (
+                    "ZREVRANGEBYSCORE",
+                    keys.deliveries(state),
+                    f"({until}" if until != float("inf") else "+inf",
+                    f"({since}",
+                    "WITHSCORES",
+                    "LIMIT",
+                    0,
+                    limit,
+                )
+            ]
         )
-        return [(member.decode(), float(score)) for member, score in found]
+        return [
+            (member.decode(), float(score))
+            for member, score in zip(found[::2], found[1::2], strict=True)
+        ]

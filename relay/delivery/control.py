@@ -19,6 +19,7 @@ from relay.delivery.store import DeliveryId
 from relay.jobs.audit import Audit
 from relay.jobs.store import JobStore
 from relay.redis import keys, scripts
+from relay.redis.batch import batcher
 
 KEEP_AFTER_REDELIVERY = 4 * 86400.0
 # A caller's deliveries are picked out of every caller's: read in batches, up to a bound.
@@ -133,15 +134,24 @@ class Redeliverer:
         while len(found) <= limit:
             if offset >= MAX_SCAN:
                 return found, True
-            rows = await self.redis.zrangebyscore(
-                keys.deliveries(state),
-                f"({since}",
-                "+inf",
-                start=offset,
-                num=batch,
-                withscores=True,
+            (rows,) = await batcher(self.redis).run(
+                [
+                    (
+                        "ZRANGEBYSCORE",
+                        keys.deliveries(state),
+                        f"({since}",
+                        "+inf",
+                        "WITHSCORES",
+                        "LIMIT",
+                        offset,
+                        batch,
+                    )
+                ]
             )
-            entries = [(float(score), member.decode()) for member, score in rows]
+            entries = [
+                (float(score), member.decode())
+                for member, score in zip(rows[::2], rows[1::2], strict=True)
+            ]
             if owner is None:
                 return entries, False
             owners = await self.store.callers_of(

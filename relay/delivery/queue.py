@@ -18,6 +18,7 @@ from arq.connections import ArqRedis
 from arq.jobs import serialize_job
 
 from relay.redis import keys, scripts
+from relay.redis.batch import batcher
 from relay.redis.clock import RedisClock, redis_now
 
 
@@ -79,19 +80,17 @@ class DeliveryQueue:
 
     async def defer(self, request_id: str, attempt: int, delay: float) -> None:
         """Move attempt `attempt`'s queued job (if still queued) to `delay` seconds from now."""
-        now_ms = self._now_ms()
-        await self.redis.zadd(
-            keys.ARQ_QUEUE,
-            {keys.delivery_job_id(request_id, attempt): now_ms + round(delay * 1000)},
-            xx=True,
-        )
+        due_ms = self._now_ms() + round(delay * 1000)
+        job_id = keys.delivery_job_id(request_id, attempt)
+        await batcher(self.redis).run([("ZADD", keys.ARQ_QUEUE, "XX", due_ms, job_id)])
 
     async def make_due(self, delivery_ids: list[str], *, attempt: int) -> None:
         """Make attempt `attempt` of each of `delivery_ids` due now, where it is still queued
         (a stopping worker hands its unfinished first attempts' guards to the others)."""
         now_ms = int(await redis_now(self.redis) * 1000)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for delivery_id in delivery_ids:
-                job_id = keys.delivery_job_id(delivery_id, attempt)
-                pipe.zadd(keys.ARQ_QUEUE, {job_id: now_ms}, xx=True)
-            await pipe.execute()
+        await batcher(self.redis).run(
+            [
+                ("ZADD", keys.ARQ_QUEUE, "XX", now_ms, keys.delivery_job_id(delivery_id, attempt))
+                for delivery_id in delivery_ids
+            ]
+        )

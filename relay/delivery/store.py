@@ -169,7 +169,7 @@ class DeliveryStore:
         return f"caller:{caller.decode()}" if caller else f"job:{delivery.request_id}"
 
     async def release_send(self, delivery: DeliveryId) -> None:
-        await self.redis.delete(keys.sending(delivery.request_id))
+        await batcher(self.redis).run([("DEL", keys.sending(delivery.request_id))])
 
     async def sending(self, request_id: str) -> bool:
         """Is an early event of this job on its way right now?"""

@@ -22,6 +22,7 @@ from relay.delivery.queue import DeliveryQueue
 from relay.lifecycle import Service
 from relay.metrics import STRANDED_REQUEUED, STRANDED_SWEEPS
 from relay.redis import keys, scripts
+from relay.redis.batch import batcher
 from relay.redis.clock import redis_now
 from relay.redis.leased import run_leased
 
@@ -61,7 +62,9 @@ class StrandedSweep(Service):
         for i in range(0, len(found), 3):
             delivery_id, attempt = found[i].decode(), int(found[i + 1])
             destination = destination_of(found[i + 2].decode())
-            backed_off_until = await self.redis.zscore(keys.BACKED_OFF, destination)
+            (backed_off_until,) = await batcher(self.redis).run(
+                [("ZSCORE", keys.BACKED_OFF, destination)]
+            )
             if backed_off_until is not None and backed_off_until > now:
                 continue
             await self.queue.enqueue_attempt(delivery_id, attempt, 0.0, destination)

@@ -16,6 +16,7 @@ import orjson
 from redis.asyncio import Redis
 
 from relay.redis import keys
+from relay.redis.batch import batcher
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,14 @@ class Audit:
         if detail:
             entry["detail"] = detail
         key = keys.audit(request_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.lpush(key, orjson.dumps(entry))
-            pipe.ltrim(key, 0, MAX_ENTRIES - 1)
-            pipe.expire(key, self.retention)
-            await pipe.execute()
+        await batcher(self.redis).run(
+            [
+                ("LPUSH", key, orjson.dumps(entry)),
+                ("LTRIM", key, 0, MAX_ENTRIES - 1),
+                ("EXPIRE", key, self.retention),
+            ],
+            atomic=True,
+        )
         log.info(
             "steering action",
             extra={"request_id": request_id, "caller": caller, "action": action, "detail": detail},
@@ -47,5 +51,7 @@ class Audit:
 
     async def entries(self, request_id: str) -> list[dict[str, Any]]:
         """The job's audit entries, newest first."""
-        raw = await self.redis.lrange(keys.audit(request_id), 0, MAX_ENTRIES - 1)  # type: ignore[misc]
+        (raw,) = await batcher(self.redis).run(
+            [("LRANGE", keys.audit(request_id), 0, MAX_ENTRIES - 1)]
+        )
         return [orjson.loads(item) for item in raw]

@@ -216,13 +216,16 @@ class Intents:
 
     async def postpone(self, intent: Intent, *, after: float) -> None:
         now = await redis_now(self.redis)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hincrby(keys.intent(intent.id), "looks", 1)
-            # Should the intent have been closed meanwhile, the count recreated a stray hash:
-            # it expires like any intent's safety net.
-            pipe.expire(keys.intent(intent.id), self.ttl)
-            pipe.zadd(keys.INTENTS, {intent.id: now + after}, xx=True)
-            await pipe.execute()
+        await batcher(self.redis).run(
+            [
+                ("HINCRBY", keys.intent(intent.id), "looks", 1),
+                # Should the intent have been closed meanwhile, the count recreated a stray
+                # hash: it expires like any intent's safety net.
+                ("EXPIRE", keys.intent(intent.id), self.ttl),
+                ("ZADD", keys.INTENTS, "XX", now + after, intent.id),
+            ],
+            atomic=True,
+        )
 
     async def settle(self, intent: Intent, *, status: int, body: bytes = b"") -> None:
         """Close the intent and answer its Idempotency-Key (status 0: release the key)."""
@@ -234,20 +237,17 @@ class Intents:
     async def due(self, limit: int) -> tuple[list[Intent], float]:
         """Intents a worker should look at now (oldest due first), and the Redis clock."""
         now = await redis_now(self.redis)
-        ids = [
-            raw.decode()
-            for raw in await self.redis.zrangebyscore(keys.INTENTS, "-inf", now, start=0, num=limit)
-        ]
+        (due,) = await batcher(self.redis).run(
+            [("ZRANGEBYSCORE", keys.INTENTS, "-inf", now, "LIMIT", 0, limit)]
+        )
+        ids = [raw.decode() for raw in due]
         if not ids:
             return [], now
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for intent_id in ids:
-                pipe.hgetall(keys.intent(intent_id))
-            raws = await pipe.execute()
+        raws = await batcher(self.redis).run([("HGETALL", keys.intent(i)) for i in ids])
         found = [_decode(i, raw) for i, raw in zip(ids, raws, strict=True) if raw]
         gone = [i for i, raw in zip(ids, raws, strict=True) if not raw]
         if gone:
-            await self.redis.zrem(keys.INTENTS, *gone)
+            await batcher(self.redis).run([("ZREM", keys.INTENTS, *gone)])
         return found, now
 
     async def look(self, intent: Intent, upstream: Upstream, *, timeout: float) -> Found:
@@ -305,7 +305,8 @@ class Intents:
         """Whether a submission with this reference_id is still open: its job, once found, is
         that submission's, so nothing else may take a job with it meanwhile (a watch)."""
         index = keys.intents_by_ref(reference_id)
-        members = [member.decode() for member in await self.redis.zrange(index, 0, -1)]
+        (raw,) = await batcher(self.redis).run([("ZRANGE", index, 0, -1)])
+        members = [member.decode() for member in raw]
         if not members:
             return False
         live = await batcher(self.redis).run([("EXISTS", keys.intent(m)) for m in members])
@@ -315,14 +316,13 @@ class Intents:
         """Other open intents with this reference_id, not of the same Idempotency-Key."""
         assert intent.reference_id is not None
         index = keys.intents_by_ref(intent.reference_id)
-        others = [m.decode() for m in await self.redis.zrange(index, 0, -1)]
-        others = [other for other in others if other != intent.id]
+        (raw,) = await batcher(self.redis).run([("ZRANGE", index, 0, -1)])
+        others = [m.decode() for m in raw if m.decode() != intent.id]
         if not others:
             return 0
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for other in others:
-                pipe.hmget(keys.intent(other), ["started", "idem"])
-            replies = await pipe.execute()
+        replies = await batcher(self.redis).run(
+            [("HMGET", keys.intent(other), "started", "idem") for other in others]
+        )
         rivals, gone = 0, []
         for other, (started, idem) in zip(others, replies, strict=True):
             if started is None:
@@ -330,7 +330,7 @@ class Intents:
             elif not (intent.idempotency_key and idem and idem.decode() == intent.idempotency_key):
                 rivals += 1
         if gone:
-            await self.redis.zrem(index, *gone)
+            await batcher(self.redis).run([("ZREM", index, *gone)])
         return rivals
 
     async def adopt(self, intent: Intent, request_id: str) -> bool:

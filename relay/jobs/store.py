@@ -276,7 +276,7 @@ class JobStore:
         job = await self.get(id_or_reference)
         if job is not None:
             return job
-        request_id = await self.redis.get(keys.ref(id_or_reference))
+        (request_id,) = await batcher(self.redis).run([("GET", keys.ref(id_or_reference))])
         return await self.get(request_id.decode()) if request_id else None
 
     async def find_owned(self, id_or_reference: str, owner: str | None) -> Job | None:
@@ -287,7 +287,8 @@ class JobStore:
         job = await self.get(id_or_reference)
         if job is not None and job.caller == owner:
             return job
-        newest = await self.redis.zrevrange(keys.caller_ref(owner, id_or_reference), 0, 0)
+        index = keys.caller_ref(owner, id_or_reference)
+        (newest,) = await batcher(self.redis).run([("ZREVRANGE", index, 0, 0)])
         if not newest:
             return None
         job = await self.get(newest[0].decode())
@@ -306,16 +307,15 @@ class JobStore:
         how many there are. Entries of jobs that expired are dropped on the way."""
         index = keys.caller_ref(owner, reference_id) if reference_id else keys.caller_jobs(owner)
         for _ in range(3):  # each round drops what expired; a page is then read whole
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zcard(index)
-                pipe.zrevrange(index, offset, offset + limit - 1)
-                total, members = await pipe.execute()
+            total, members = await batcher(self.redis).run(
+                [("ZCARD", index), ("ZREVRANGE", index, offset, offset + limit - 1)]
+            )
             ids = [member.decode() for member in members]
             found = await self.get_many(ids) if ids else []
             gone = [rid for rid, job in zip(ids, found, strict=True) if job is None]
             if not gone:
                 break
-            await self.redis.zrem(index, *gone)
+            await batcher(self.redis).run([("ZREM", index, *gone)])
         jobs = [job for job in found if job is not None and job.caller == owner]
         return jobs, int(total) - len(gone)
 
@@ -338,14 +338,14 @@ class JobStore:
 
     async def record_polls(self, records: list[PollRecord]) -> None:
         """Many `record_poll`s in one round trip (each still its own atomic script)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for record in records:
-                await self._record_poll(
-                    keys=[keys.job(record.request_id), keys.POLLS],
-                    args=record.args(),
-                    client=pipe,
+        await batcher(self.redis).run(
+            [
+                self._record_poll.call(
+                    keys=[keys.job(record.request_id), keys.POLLS], args=record.args()
                 )
-            await pipe.execute()
+                for record in records
+            ]
+        )
 
     async def end(
         self,

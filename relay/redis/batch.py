@@ -7,7 +7,9 @@ redis-py's per-command machinery (a pool checkout with its health check, a timeo
 and on Python 3.11 a task per timed send). Pipelined on a held connection, a call costs a
 tenth of that. Nothing else changes: every call is still its own command with its own result
 or error, one `run`'s calls go back to back in the order given, and no transaction joins calls
-of different tasks (just as separate round trips would not).
+of different tasks (just as separate round trips would not). A run of plain commands may be
+`atomic`: sent as a MULTI/EXEC transaction, which the calls of one run, back to back on one
+connection, make possible.
 
 One pipeline is on the line at a time; calls made meanwhile go in the next, so batches grow
 with the load by themselves. A lone call waits one turn of the event loop for company, which
@@ -21,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +76,32 @@ def _pack(call: Call) -> _Packed:
 Waiting = tuple[list[_Packed], "asyncio.Future[list[Any]]"]
 
 
+def _transaction(calls: list[_Packed]) -> list[_Packed]:
+    """`calls` wrapped in MULTI and EXEC; their replies (QUEUED) are left unshaped."""
+    if any(isinstance(call.call, ScriptCall) for call in calls):
+        raise ValueError("an atomic run takes plain commands only")
+    queued = [_Packed(call.call, call.command, "") for call in calls]
+    return [_pack(("MULTI",)), *queued, _pack(("EXEC",))]
+
+
+def _exec_results(
+    calls: list[_Packed], replies: list[Any], callbacks: Mapping[str | bytes, Any]
+) -> list[Any]:
+    """Each call's result from a transaction's replies: EXEC's, shaped as redis-py would."""
+    executed = replies[-1]
+    if isinstance(executed, Exception):
+        # Refused as queued (EXECABORT): nothing ran; the refusal says why.
+        error = next((r for r in replies[1:-1] if isinstance(r, Exception)), executed)
+        return [error] * len(calls)
+    results = []
+    for call, reply in zip(calls, executed, strict=True):
+        callback = callbacks.get(call.name)
+        if callback is not None and not isinstance(reply, Exception):
+            reply = callback(reply)
+        results.append(reply)
+    return results
+
+
 class Batcher:
     def __init__(self, redis: Redis) -> None:
         # Weakly: the registry below must not keep a client alive (its callers hold it).
@@ -87,12 +115,16 @@ class Batcher:
         # then goes without (it would cost a timer per reply).
         self._timeout: float | None = redis.connection_pool.connection_kwargs.get("socket_timeout")
 
-    async def run(self, calls: Sequence[Call], *, return_exceptions: bool = False) -> list[Any]:
+    async def run(
+        self, calls: Sequence[Call], *, return_exceptions: bool = False, atomic: bool = False
+    ) -> list[Any]:
         """Run `calls` in order, back to back in one round trip; their results, in order.
 
         Raises the first call's error if any failed (the others still ran), unless
         `return_exceptions`: then each failed call's error is its result. An error of the round
-        trip itself (the connection) is raised either way."""
+        trip itself (the connection) is raised either way. `atomic`: the calls (plain commands,
+        not scripts: a script is atomic already) run as one MULTI/EXEC transaction, all or
+        none; one refused as it is queued fails them all with its error."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             # A client outlives a test's event loop: what waited on the old one is gone.
@@ -101,11 +133,13 @@ class Batcher:
                 self._line = None  # its socket belongs to that loop: of no use on this one
         packed = [_pack(call) for call in calls]
         done: asyncio.Future[list[Any]] = loop.create_future()
-        self._waiting.append((packed, done))
+        self._waiting.append((_transaction(packed) if atomic else packed, done))
         if self._sender is None:
             # After one turn of the loop, so that the calls made in this turn go together.
             self._sender = loop.create_task(self._send_all())
         results = await done
+        if atomic:
+            results = _exec_results(packed, results, self.redis.response_callbacks)
         if not return_exceptions:
             error = next((r for r in results if isinstance(r, Exception)), None)
             if error is not None:

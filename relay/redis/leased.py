@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from redis.asyncio import Redis
 
 from relay.lifecycle import repeat
+from relay.redis.batch import batcher
 
 
 async def run_leased(
@@ -27,7 +28,8 @@ async def run_leased(
     """Run `once` every `interval` while this process holds `lease_key`, until `stop`."""
 
     async def turn() -> None:
-        if await redis.set(lease_key, token, nx=True, px=int(interval * 1000)):
+        hold = ("SET", lease_key, token, "NX", "PX", int(interval * 1000))
+        if (await batcher(redis).run([hold]))[0]:
             await once()
 
     await repeat(turn, every=interval, stop=stop, what=what)

@@ -24,12 +24,15 @@ from relay.metrics import (
     PENDING_DELIVERY_AGE,
     POLL_LAG,
     QUEUE_DEPTH,
+    REDIS_MEMORY_HEADROOM,
+    REDIS_MEMORY_MAX,
+    REDIS_MEMORY_USED,
     SHARED_GAUGES,
     UPSTREAM_PAUSED,
     WORKERS_ALIVE,
-    read_memory,
 )
 from relay.redis import keys, scripts
+from relay.redis.batch import batcher
 
 
 @dataclass(frozen=True)
@@ -97,3 +100,13 @@ async def metrics_response(redis: Redis) -> Response:
         for gauge in (*SHARED_GAUGES, *MEMORY_GAUGES):
             gauge.set(float("nan"))
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def read_memory(redis: Redis) -> tuple[int, int]:
+    """Redis used_memory and maxmemory (0: no limit), also setting the memory gauges."""
+    (info,) = await batcher(redis).run([("INFO", "memory")])
+    used, maximum = int(info["used_memory"]), int(info.get("maxmemory", 0))
+    REDIS_MEMORY_USED.set(used)
+    REDIS_MEMORY_MAX.set(maximum)
+    REDIS_MEMORY_HEADROOM.set(max(0.0, 1 - used / maximum) if maximum else 1.0)
+    return used, maximum

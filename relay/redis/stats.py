@@ -10,7 +10,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from relay.redis import keys, scripts
-from relay.redis.batch import ScriptCall
+from relay.redis.batch import ScriptCall, batcher
 from relay.redis.clock import redis_now
 
 KEEP_SECONDS = 7200
@@ -36,6 +36,6 @@ async def last_hour(redis: Redis, outcomes: tuple[str, ...] = OUTCOMES) -> dict[
     minute = int(await redis_now(redis)) // 60
     minutes = range(minute - 59, minute + 1)
     names = [keys.stats(outcome, m) for outcome in outcomes for m in minutes]
-    values = await redis.mget(names)
+    (values,) = await batcher(redis).run([("MGET", *names)])
     counts = [int(value) if value else 0 for value in values]
     return {outcome: counts[i * 60 : (i + 1) * 60] for i, outcome in enumerate(outcomes)}

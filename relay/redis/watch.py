@@ -26,8 +26,10 @@ from redis.exceptions import RedisError
 from starlette.responses import JSONResponse
 
 from relay.lifecycle import Service, repeat
-from relay.metrics import REDIS_DATA_LOST, REDIS_WRITABLE, read_memory
+from relay.metrics import REDIS_DATA_LOST, REDIS_WRITABLE
 from relay.redis import keys, scripts
+from relay.redis.batch import batcher
+from relay.redis.shared_state import read_memory
 
 log = logging.getLogger(__name__)
 
@@ -110,5 +112,5 @@ async def readiness(watch: RedisWatch) -> JSONResponse:
 
 async def acknowledge(redis: Redis) -> str | None:
     """Clear a recorded data loss; returns the record that was cleared, if any."""
-    record = await redis.getdel(keys.DATA_LOST)
+    (record,) = await batcher(redis).run([("GETDEL", keys.DATA_LOST)])
     return record.decode() if record else None
