@@ -70,6 +70,7 @@ from relay.metrics import (
     SWEEPS,
 )
 from relay.redis import keys, scripts
+from relay.redis.batch import batcher
 from relay.settings import Settings
 from relay.tracing import setup, spans
 from relay.upstream import AnswerTooLarge, Upstream, json_object, parse_retry_after
@@ -267,7 +268,7 @@ class Sweeper(Service):
         # keeps sweeps sweep_interval apart, so an end is seen within about one interval, not
         # up to half an idle tick later. At most an interval: a sweep in progress elsewhere
         # renews its lease, then shortens it when done.
-        frees_in: int = await self.redis.pttl(keys.SWEEP_LEASE)
+        frees_in: int = (await batcher(self.redis).run([("PTTL", keys.SWEEP_LEASE)]))[0]
         if frees_in > 0:
             return min(frees_in / 1000, self.settings.sweep_interval) + LEASE_SLACK
         if outcome is not None:
@@ -280,7 +281,8 @@ class Sweeper(Service):
         """Run one sweep if this worker gets the lease; its outcome, or None if not run."""
         token = f"{os.getpid()}:{uuid.uuid4().hex}"
         ttl = math.ceil(self.lease * 1000)
-        if not await self.redis.set(keys.SWEEP_LEASE, token, nx=True, px=ttl):
+        [taken] = await batcher(self.redis).run([("SET", keys.SWEEP_LEASE, token, "NX", "PX", ttl)])
+        if not taken:
             return None
         started = time.monotonic()
         outcome = "complete"
@@ -302,7 +304,9 @@ class Sweeper(Service):
     async def _finish(self, token: str, outcome: str, elapsed: float) -> None:
         failures = 0
         if outcome not in UNHURT:
-            [failures] = await self._state_call("hincrby", keys.SWEEP_STATE, "failures", 1)
+            [failures] = await batcher(self.redis).run(
+                [("HINCRBY", keys.SWEEP_STATE, "failures", 1)]
+            )
         elif outcome in ("complete", "partial"):
             await self._remember(failures=0, duration=f"{elapsed:.3f}")
         if outcome != "idle":
@@ -312,16 +316,9 @@ class Sweeper(Service):
         keep = spacing - elapsed if failures == 0 else spacing
         await self._lease(keys=[keys.SWEEP_LEASE], args=[token, max(0, math.ceil(keep * 1000))])
 
-    async def _state_call(self, command: str, *args: Any) -> list[Any]:
-        """One Redis command through a pipeline (typed the same whatever the command)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            getattr(pipe, command)(*args)
-            return await pipe.execute()
-
     async def _remember(self, **fields: str | int) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(keys.SWEEP_STATE, mapping=fields)
-            await pipe.execute()
+        pairs = [part for field in fields.items() for part in field]
+        await batcher(self.redis).run([("HSET", keys.SWEEP_STATE, *pairs)])
 
     # -- one sweep -------------------------------------------------------------------------
 
@@ -332,7 +329,7 @@ class Sweeper(Service):
         )
         if not oldest:
             return "idle"  # nothing outstanding within the window: no call at all
-        [raw] = await self._state_call("hgetall", keys.SWEEP_STATE)
+        [raw] = await batcher(self.redis).run([("HGETALL", keys.SWEEP_STATE)])
         state = {k.decode(): v.decode() for k, v in raw.items()}
         page_size = int(state.get("page_size") or GUESSED_PAGE)
         duration = float(state.get("duration") or 0)
@@ -363,7 +360,7 @@ class Sweeper(Service):
         except SweepEnded as ended:
             if ended.outcome == "unusable_order":
                 SWEEP_ORDER.labels(UNUSABLE).inc()
-                await self._state_call("hdel", keys.SWEEP_STATE, "order", "cursor")
+                await batcher(self.redis).run([("HDEL", keys.SWEEP_STATE, "order", "cursor")])
             raise
         finally:
             learned: dict[str, str | int] = {}
@@ -640,10 +637,9 @@ class Sweeper(Service):
             return
         run.seen.update(fresh)  # before any await: pages read at once never share a row
         ids = list(fresh)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zmscore(keys.POLLS, ids)
-            pipe.zmscore(keys.CREATED, ids)
-            polls, created = await pipe.execute()
+        polls, created = await batcher(self.redis).run(
+            [("ZMSCORE", keys.POLLS, *ids), ("ZMSCORE", keys.CREATED, *ids)]
+        )
         matched = {}
         for rid, due, tracked in zip(ids, polls, created, strict=True):
             if due is None:
