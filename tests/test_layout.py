@@ -233,6 +233,62 @@ def test_only_the_delivery_stage_names_the_fields_of_a_delivery() -> None:
         assert not named, f"{name} names the delivery's fields {sorted(named)}"
 
 
+# How the relay reaches Redis (docs/architecture.md, "How the relay reaches Redis"): through
+# relay.redis.batch. The exceptions, each for a connection of its own, by module and method:
+OWN_CONNECTION = {
+    # WAIT counts the writes made on its own connection: the new job's script and the WAIT
+    # share a redis-py pipeline.
+    ("relay.jobs.store", "pipeline"),
+    ("relay.jobs.store", "wait"),
+    ("relay.jobs.store", "execute"),
+    # A subscribed connection takes no other commands.
+    ("relay.api.waiters", "pubsub"),
+    # The clock's sample times its own round trip, which a batch would stretch.
+    ("relay.redis.clock", "time"),
+}
+# The plumbing that holds the client: the batcher itself, scripts' registration, connecting.
+# Development tooling (its own clients) stands apart.
+CLIENT_HOLDERS = ("relay.redis.batch", "relay.redis.scripts", "relay.redis.conn")
+CLIENT = re.compile(r"(^|\.)_?(redis|pipe)$")
+
+
+def client_calls(path: Path) -> set[str]:
+    """The methods called on a Redis client (an expression named `redis`, `pipe`...) in `path`,
+    and every `pipeline(...)` or `pubsub(...)` whatever it is called on."""
+    called = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            method = node.func.attr
+            if CLIENT.search(ast.unparse(node.func.value)) or method in ("pipeline", "pubsub"):
+                called.add(method)
+    return called
+
+
+def test_the_relay_reaches_redis_through_the_batcher() -> None:
+    found = []
+    for name, path in module_names(PACKAGE).items():
+        if name in CLIENT_HOLDERS or name.startswith(("relay.sandbox", "relay.devtools")):
+            continue
+        for method in sorted(client_calls(path)):
+            if (name, method) not in OWN_CONNECTION:
+                found.append(f"{name} calls the client's {method}()")
+    assert found == []
+
+
+def test_a_call_on_the_client_is_found(tmp_path: Path) -> None:
+    path = tmp_path / "m.py"
+    path.write_text(
+        "async def f(self, state, redis, pool):\n"
+        "    await self.redis.get('k')\n"
+        "    await state.redis.set('k', 1)\n"
+        "    await redis.zrem('k', 'm')\n"
+        "    async with pool.pipeline() as pipe:\n"
+        "        pipe.zadd('k', {'m': 1})\n"
+        "    await batcher(redis).run([('GET', 'k')])\n"
+    )
+    assert client_calls(path) == {"get", "set", "zrem", "pipeline", "zadd"}
+
+
 def test_the_sandbox_imports_nothing_from_the_relay() -> None:
     sandbox = sorted((PACKAGE / "sandbox").glob("*.py"))
     assert sandbox

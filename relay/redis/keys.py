@@ -1,6 +1,7 @@
 """Every Redis key the relay uses, in one place, arq's included.
 
-relay:job:{request_id}      hash   one tracked job (fields: see relay.jobs.store.Job)
+relay:job:{request_id}      hash   one tracked job (fields: see relay.jobs.store.Job) and its final
+                                   event's delivery (relay.delivery.store.Delivery)
 relay:ref:{reference_id}    string request id of the newest tracked job with that reference_id
 relay:caller-jobs:{caller}  zset   request id -> when it was tracked (Redis clock): a caller's jobs,
                                    for its list route; entries older than RELAY_MAX_JOB_AGE +
