@@ -236,12 +236,9 @@ async def _release(
     with contextlib.suppress(RedisError):
         if unless_intent_open:
             (intent_id,) = await batcher(state.redis).run([("HGET", redis_key, "intent")])
-            if intent_id:
-                (open_,) = await batcher(state.redis).run(
-                    [("EXISTS", keys.intent(intent_id.decode()))]
-                )
-                if open_:
-                    return
+            intent = intent_id and keys.intent(intent_id.decode())
+            if intent and (await batcher(state.redis).run([("EXISTS", intent)]))[0]:
+                return
         # A key the reconcile releases instead (relay.jobs.intents) stays counted until its
         # time runs out: rare, and it errs on the safe side.
         await batcher(state.redis).run(
