@@ -205,7 +205,10 @@ def test_tracing_is_on_only_with_an_otlp_endpoint(environ: dict[str, str], wante
 
 def test_the_relays_encoder_writes_what_the_official_one_does() -> None:
     # Every kind of field a span can hold: remote and local parents, a tracestate, links,
-    # events, an error status, every attribute type (and True and 1 under one key).
+    # events, an error status, every attribute type (and True and 1 under one key); spans of
+    # the relay's tracer and of the SDK's.
+    from opentelemetry import trace
+    from opentelemetry.context import Context
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import (
         encode_spans as official,
     )
@@ -223,6 +226,7 @@ def test_the_relays_encoder_writes_what_the_official_one_does() -> None:
     from opentelemetry.util.types import AttributeValue
 
     from relay.tracing import otlp, spans
+    from relay.tracing.tracer import Tracer
 
     class Kept(SpanExporter):
         def __init__(self) -> None:
@@ -252,10 +256,14 @@ def test_the_relays_encoder_writes_what_the_official_one_does() -> None:
         "bytes": b"\x00\x01",
         "list": ["x", "y"],
         "ints": [1, 2],
+        "relay.job.id": "j1",
     }
     for round_ in range(2):  # the second round's pairs come from the encoder's cache
         with tracer.start_as_current_span(
-            "server", context=caller, kind=SpanKind.SERVER, attributes=values
+            "server",
+            context=trace.set_span_in_context(trace.NonRecordingSpan(caller)),
+            kind=SpanKind.SERVER,
+            attributes=values,
         ) as server:
             server.add_event("e", {"k": "v", "flag": True})
             with tracer.start_as_current_span("client", kind=SpanKind.CLIENT) as client:
@@ -263,16 +271,78 @@ def test_the_relays_encoder_writes_what_the_official_one_does() -> None:
                 client.set_status(Status(StatusCode.ERROR, "broke"))
         tracer.start_span(
             "linked",
-            context=spans.ROOT,
+            context=Context(),
             links=[Link(server.get_span_context(), {"relay.job.id": "j1"})],
             kind=SpanKind.CONSUMER,
         ).end()
+    # The same from the relay's own tracer, whose spans are what its exporter gets.
+    ours_provider = TracerProvider(resource=Resource.create({"service.name": "relay"}))
+    relay = Tracer(ours_provider, SimpleSpanProcessor(kept))
+    for round_ in range(2):
+        server = relay.start_span("server", context=caller, kind=SpanKind.SERVER, attributes=values)
+        server.add_event("e", {"k": "v", "flag": True})
+        with trace.use_span(server, end_on_exit=True):
+            client = relay.start_span("client", kind=SpanKind.CLIENT)
+            client.set_attribute("same", True if round_ else 1)
+            client.set_status(Status(StatusCode.ERROR, "broke"))
+            client.end()
+        page = relay.start_span("linked", context=spans.ROOT, kind=SpanKind.CONSUMER)
+        page.add_link(server.get_span_context(), {"relay.job.id": "j1"})
+        page.end()
     other = TracerProvider(resource=Resource.create({"service.name": "other"}))
     other.add_span_processor(SimpleSpanProcessor(kept))
     other.get_tracer("x").start_span("elsewhere", kind=SpanKind.PRODUCER).end()
 
-    assert len(kept.spans) == 7
+    assert len(kept.spans) == 13
     ours = ExportTraceServiceRequest.FromString(otlp.encode_spans(kept.spans))
     theirs = ExportTraceServiceRequest.FromString(official(kept.spans).SerializeToString())
     assert ours == theirs
-    assert len(ours.resource_spans) == 2
+    assert len(ours.resource_spans) == 3
+    relays = ours.resource_spans[1].scope_spans[0].spans
+    assert [span.name for span in relays] == ["client", "server", "linked"] * 2
+    assert relays[1].parent_span_id == caller.span_id.to_bytes(8, "big")
+    assert relays[1].trace_state == "a=1,b=2"
+    assert relays[0].parent_span_id == relays[1].span_id
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+        " 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-03 ",
+        "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-later",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-later",
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01",
+        "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+        "garbage",
+        "",
+    ],
+)
+@pytest.mark.parametrize("tracestate", [None, "a=1,b=2", "bad state,,=", ""])
+def test_the_w3c_headers_read_and_written_as_the_sdks_propagator_does(
+    traceparent: str, tracestate: str | None
+) -> None:
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from relay.tracing import spans
+
+    propagator = TraceContextTextMapPropagator()
+    headers = {"traceparent": traceparent}
+    if tracestate is not None:
+        headers["tracestate"] = tracestate
+    theirs = trace.get_current_span(propagator.extract(headers)).get_span_context()
+    ours = spans.incoming(headers)
+    assert ours.is_valid == theirs.is_valid
+    if theirs.is_valid:
+        assert ours == theirs
+        assert ours.trace_state == theirs.trace_state
+        written: dict[str, str] = {}
+        propagator.inject(written, trace.set_span_in_context(trace.NonRecordingSpan(theirs)))
+        assert spans.headers(trace.NonRecordingSpan(ours)) == written
+        kept = spans.keep(trace.NonRecordingSpan(ours))
+        assert spans.restore(kept) == theirs

@@ -18,10 +18,10 @@ from typing import Any
 
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext
+from opentelemetry.trace import Link, SpanKind, Status
 
 log = logging.getLogger(__name__)
 
@@ -77,84 +77,117 @@ def _key_value(key: str, value: Any) -> bytes:
     return _text(b"\x0a", key) + _field(b"\x12", _value(value))
 
 
-# Encoded attributes by (key, value): most repeat on every span (a method, a route, a host, a
-# status code). Ids are unique and not kept; the rest is bounded by clearing it when full.
-# Keyed by the value's type too: True == 1, and they encode differently.
-_SEEN: dict[tuple[str, type, object], bytes] = {}
+# Encoded attribute fields by (tag, key, value): most repeat on every span (a method, a route,
+# a host, a status code). Ids are unique and not kept; the rest is bounded by clearing it when
+# full. Keyed by the value's type too: True == 1, and they encode differently.
+_SEEN: dict[tuple[bytes, str, type, object], bytes] = {}
 _SEEN_MAX = 4096
-
-
-def _pair(key: str, value: Any) -> bytes:
-    if key.endswith(".id") or not isinstance(value, str | int):
-        return _key_value(key, value)
-    seen = (key, type(value), value)
-    found = _SEEN.get(seen)
-    if found is None:
-        if len(_SEEN) >= _SEEN_MAX:
-            _SEEN.clear()
-        found = _SEEN[seen] = _key_value(key, value)
-    return found
+_KEPT = (str, int)
 
 
 def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
     if not attributes:
         return b""
-    return b"".join(_field(tag, _pair(key, value)) for key, value in attributes.items())
+    encoded = []
+    for key, value in attributes.items():
+        if isinstance(value, _KEPT) and not key.endswith(".id"):
+            seen = (tag, key, type(value), value)
+            found = _SEEN.get(seen)
+            if found is None:
+                if len(_SEEN) >= _SEEN_MAX:
+                    _SEEN.clear()
+                found = _SEEN[seen] = _field(tag, _key_value(key, value))
+            encoded.append(found)
+        else:
+            encoded.append(_field(tag, _key_value(key, value)))
+    return b"".join(encoded)
 
 
-def _flags(context: SpanContext | None) -> int:
-    return _HAS_IS_REMOTE | (_IS_REMOTE if context is not None and context.is_remote else 0)
+# Whether a span's parent (or a link's target) is remote: the span's field 16, a link's 7.
+_SPAN_FLAGS = {
+    False: b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE),
+    True: b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE | _IS_REMOTE),
+}
+_UNSET = _field(b"\x7a", b"")  # a span's status when it has none
+# A span's name and kind fields, by both: a handful of pairs.
+_NAMES: dict[tuple[str, SpanKind], bytes] = {}
+
+
+def _status(status: Status) -> bytes:
+    if not status.description and not status.status_code.value:
+        return _UNSET
+    encoded = _text(b"\x12", status.description) if status.description else b""
+    if status.status_code.value:
+        encoded += b"\x18" + _varint(status.status_code.value)
+    return _field(b"\x7a", encoded)
+
+
+def _link(link: Link) -> bytes:
+    context = link.context
+    encoded = b"\x0a\x10" + context.trace_id.to_bytes(16, "big")
+    encoded += b"\x12\x08" + context.span_id.to_bytes(8, "big")
+    encoded += _attributes(b"\x22", link.attributes)
+    if link.dropped_attributes:
+        encoded += b"\x28" + _varint(link.dropped_attributes)
+    encoded += b"\x35" + _FIXED32(_HAS_IS_REMOTE | (_IS_REMOTE if context.is_remote else 0))
+    return _field(b"\x6a", encoded)
+
+
+def _event(event: Event) -> bytes:
+    encoded = b"\x09" + _FIXED64(event.timestamp) + _text(b"\x12", event.name)
+    encoded += _attributes(b"\x1a", event.attributes)
+    if event.dropped_attributes:
+        encoded += b"\x20" + _varint(event.dropped_attributes)
+    return _field(b"\x5a", encoded)
+
+
+# A span's ids (trace id in two halves) and times, each field with its tag, packed at once.
+_IDS = struct.Struct(">2sQQ2sQ").pack
+_PARENT = struct.Struct(">2sQ").pack
+_TIMES = struct.Struct("<cQcQ").pack
+_LOW = (1 << 64) - 1
 
 
 def _span(span: ReadableSpan) -> bytes:
+    """One span as a ScopeSpans' `spans` field (its tag and length included)."""
     context = span.get_span_context()
     assert context is not None
-    parts = [
-        b"\x0a\x10" + context.trace_id.to_bytes(16, "big"),
-        b"\x12\x08" + context.span_id.to_bytes(8, "big"),
-    ]
+    parent = span.parent
+    trace_id = context.trace_id
+    # Fields in the order the official encoder writes them.
+    parts = [_IDS(b"\x0a\x10", trace_id >> 64, trace_id & _LOW, b"\x12\x08", context.span_id)]
     if context.trace_state:
         state = ",".join(f"{key}={value}" for key, value in context.trace_state.items())
         parts.append(_text(b"\x1a", state))
-    if span.parent is not None:
-        parts.append(b"\x22\x08" + span.parent.span_id.to_bytes(8, "big"))
-    if span.name:
-        parts.append(_text(b"\x2a", span.name))
-    parts.append(b"\x30" + _varint(span.kind.value + 1))  # the SDK's kinds start at 0
-    if span.start_time:
-        parts.append(b"\x39" + _FIXED64(span.start_time))
-    if span.end_time:
-        parts.append(b"\x41" + _FIXED64(span.end_time))
+    if parent is not None:
+        parts.append(_PARENT(b"\x22\x08", parent.span_id))
+    kind = span.kind
+    named = _NAMES.get((span.name, kind))
+    if named is None:
+        if len(_NAMES) >= _SEEN_MAX:
+            _NAMES.clear()
+        name = _text(b"\x2a", span.name) if span.name else b""
+        named = _NAMES[span.name, kind] = name + b"\x30" + _varint(kind.value + 1)  # from 0
+    parts.append(named)
+    start, end = span.start_time, span.end_time
+    if start and end:
+        parts.append(_TIMES(b"\x39", start, b"\x41", end))
+    else:
+        parts.append(b"\x39" + _FIXED64(start) if start else b"")
+        parts.append(b"\x41" + _FIXED64(end) if end else b"")
     parts.append(_attributes(b"\x4a", span.attributes))
     if span.dropped_attributes:
         parts.append(b"\x50" + _varint(span.dropped_attributes))
-    for event in span.events:
-        encoded = b"\x09" + _FIXED64(event.timestamp) + _text(b"\x12", event.name)
-        encoded += _attributes(b"\x1a", event.attributes)
-        if event.dropped_attributes:
-            encoded += b"\x20" + _varint(event.dropped_attributes)
-        parts.append(_field(b"\x5a", encoded))
+    parts.extend(_event(event) for event in span.events)
     if span.dropped_events:
         parts.append(b"\x60" + _varint(span.dropped_events))
-    for link in span.links:
-        encoded = b"\x0a\x10" + link.context.trace_id.to_bytes(16, "big")
-        encoded += b"\x12\x08" + link.context.span_id.to_bytes(8, "big")
-        encoded += _attributes(b"\x22", link.attributes)
-        if link.dropped_attributes:
-            encoded += b"\x28" + _varint(link.dropped_attributes)
-        encoded += b"\x35" + _FIXED32(_flags(link.context))
-        parts.append(_field(b"\x6a", encoded))
+    parts.extend(_link(link) for link in span.links)
     if span.dropped_links:
         parts.append(b"\x70" + _varint(span.dropped_links))
-    status = span.status
-    encoded = b""
-    if status.description:
-        encoded += _text(b"\x12", status.description)
-    if status.status_code.value:
-        encoded += b"\x18" + _varint(status.status_code.value)
-    parts.append(_field(b"\x7a", encoded))
-    parts.append(b"\x85\x01" + _FIXED32(_flags(span.parent)))
-    return b"".join(parts)
+    parts.append(_status(span.status))
+    parts.append(_SPAN_FLAGS[parent is not None and parent.is_remote])
+    encoded = b"".join(parts)
+    return b"\x12" + _varint(len(encoded)) + encoded
 
 
 def _scope(scope: InstrumentationScope | None) -> bytes:
@@ -170,12 +203,15 @@ def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
     """An ExportTraceServiceRequest of `spans`, grouped by resource, then scope."""
     grouped: dict[int, tuple[Resource, dict[int, tuple[InstrumentationScope | None, list[bytes]]]]]
     grouped = {}
+    last: tuple[Resource | None, InstrumentationScope | None, list[bytes]] = (None, None, [])
     for span in spans:
         # By identity: a process has one resource and one scope (hashing a Resource
-        # serialises its attributes every time).
+        # serialises its attributes every time), so most spans share the last one's.
         resource, scope = span.resource, span.instrumentation_scope
-        scopes = grouped.setdefault(id(resource), (resource, {}))[1]
-        scopes.setdefault(id(scope), (scope, []))[1].append(_field(b"\x12", _span(span)))
+        if resource is not last[0] or scope is not last[1]:
+            scopes = grouped.setdefault(id(resource), (resource, {}))[1]
+            last = (resource, scope, scopes.setdefault(id(scope), (scope, []))[1])
+        last[2].append(_span(span))
     out = []
     for resource, scopes in grouped.values():
         encoded = _field(b"\x0a", _attributes(b"\x0a", resource.attributes))

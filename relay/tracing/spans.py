@@ -6,69 +6,91 @@ the caller sent one, a newline and `tracestate`): any process rebuilds it from t
 job's later spans (the end, each attempt) join the submission's trace whichever worker makes
 them. Only the trace's ids travel: no payload, no secret, no callback URL.
 
-Every function here is called only once `relay.tracing.setup.active()` gave a tracer.
+The W3C headers are read and written here directly, as the SDK's propagator reads and writes
+them (tests/test_tracing.py checks both agree), without the carriers and contexts it builds on
+every call. Every function here is called only once `relay.tracing.setup.active()` gave a
+tracer.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from opentelemetry import trace
-from opentelemetry.context import Context
-from opentelemetry.trace import Span
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace import INVALID_SPAN_CONTEXT, Span, SpanContext, TraceFlags, TraceState
 
-_W3C = TraceContextTextMapPropagator()
-_NO_PARENT = Context()
-# The context of a span that starts a trace of its own (a sweep page's).
-ROOT = _NO_PARENT
+# The parent of a span that starts a trace of its own (a sweep page's): none.
+ROOT = INVALID_SPAN_CONTEXT
+
+# W3C trace context's traceparent: version, trace id, parent id, flags; a later version may
+# add fields after a dash (version 00 may not, and ff is no version).
+_TRACEPARENT = re.compile(
+    r"[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?[ \t]*"
+)
+_FLAGS = [TraceFlags(flags) for flags in range(256)]
 
 
-def incoming(headers: Mapping[str, str]) -> Context:
-    """The caller's context from its `traceparent`/`tracestate` (an empty one without)."""
-    carrier = {name: headers[name] for name in ("traceparent", "tracestate") if name in headers}
-    return _W3C.extract(carrier, context=_NO_PARENT) if carrier else _NO_PARENT
+def parse(traceparent: str | None, tracestate: str | None = None) -> SpanContext:
+    """The remote span context in W3C headers (`ROOT` when there is none, or it is invalid)."""
+    if not traceparent:
+        return ROOT
+    found = _TRACEPARENT.fullmatch(traceparent)
+    if found is None:
+        return ROOT
+    version, trace_id, span_id, flags, more = found.groups()
+    if version == "ff" or (version == "00" and more):
+        return ROOT
+    state = TraceState.from_header([tracestate]) if tracestate else None
+    context = SpanContext(int(trace_id, 16), int(span_id, 16), True, _FLAGS[int(flags, 16)], state)
+    return context if context.is_valid else ROOT
+
+
+def incoming(headers: Mapping[str, str]) -> SpanContext:
+    """The caller's span context from its `traceparent`/`tracestate` (`ROOT` without)."""
+    traceparent = headers.get("traceparent")
+    return parse(traceparent, headers.get("tracestate")) if traceparent else ROOT
+
+
+def _traceparent(context: SpanContext) -> str:
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
 
 
 def keep(span: Span | None = None) -> str | None:
     """`span`'s context (default: the current span's) as text to store with a job; None when
-    there is none to keep. Written directly (on every traced submission), in the form the
-    propagator reads back."""
+    there is none to keep."""
     span = span if span is not None else trace.get_current_span()
     context = span.get_span_context()
     if not context.is_valid:
         return None
-    kept = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
     if context.trace_state:
-        return f"{kept}\n{context.trace_state.to_header()}"
-    return kept
+        return f"{_traceparent(context)}\n{context.trace_state.to_header()}"
+    return _traceparent(context)
 
 
-def restore(kept: str | None) -> Context | None:
+def restore(kept: str | None) -> SpanContext | None:
     """The context `keep` wrote (None when the job has none, or it is unreadable)."""
     if not kept:
         return None
     traceparent, _, tracestate = kept.partition("\n")
-    carrier = {"traceparent": traceparent}
-    if tracestate:
-        carrier["tracestate"] = tracestate
-    context = _W3C.extract(carrier, context=_NO_PARENT)
-    return context if trace.get_current_span(context).get_span_context().is_valid else None
+    context = parse(traceparent, tracestate)
+    return context if context.is_valid else None
 
 
-def link_to(kept: str | None) -> trace.SpanContext | None:
+def link_to(kept: str | None) -> SpanContext | None:
     """The span context of a kept job context, to link a span to (None without one)."""
-    context = restore(kept)
-    if context is None:
-        return None
-    return trace.get_current_span(context).get_span_context()
+    return restore(kept)
 
 
 def headers(span: Span) -> dict[str, str]:
     """The W3C headers that continue `span`'s trace in the request it makes."""
-    carrier: dict[str, str] = {}
-    _W3C.inject(carrier, context=trace.set_span_in_context(span))
-    return carrier
+    context = span.get_span_context()
+    if not context.is_valid:
+        return {}
+    carried = {"traceparent": _traceparent(context)}
+    if context.trace_state:
+        carried["tracestate"] = context.trace_state.to_header()
+    return carried
 
 
 def client_attributes(

@@ -1,14 +1,16 @@
-"""The relay's tracer: spans sampled, named and exported by the SDK's own parts, kept as plain
-records while they run.
+"""The relay's tracer: spans sampled, named and exported as the SDK's tracer would, each a plain
+record from its start to the exporter.
 
 The SDK's `Span` guards each span with locks, checks every attribute and copies itself into a
-`ReadableSpan` when it ends; on the API's submission path (two spans a request, a thousand
-requests a second) that cost as much as the rest of the tracing together (bench/README.md).
-The relay's spans are its own, few and typed, so a `Span` here keeps its fields in a dict and
-a list, and hands one `ReadableSpan` to the SDK's batch processor at its end. What decides and
-carries the trace stays the SDK's and the API's: the sampler (`OTEL_TRACES_SAMPLER`), the id
-generator, the resource, the batch processor and the OTLP exporter; contexts and W3C headers
-through the API, so a `Span` here is current, parent and link like any other.
+`ReadableSpan` when it ends; its tracer asks the sampler through an OpenTelemetry `Context`
+built for the call. On the API's submission path (two spans a request, a thousand requests a
+second) that was most of what tracing cost (bench/README.md). The relay's spans are its own,
+few and typed: a `Span` here *is* the `ReadableSpan` the batch processor queues and the
+exporter reads, and the default samplers are decided inline. What decides and carries the trace
+stays the SDK's: the sampler (`OTEL_TRACES_SAMPLER`: any other than the default's two is asked
+as the SDK asks it), the id generator, the resource, the batch processor (`OTEL_BSP_*`) and
+the OTLP exporter; a `Span` here is current, parent and link through the OpenTelemetry API
+like any other.
 """
 
 from __future__ import annotations
@@ -18,13 +20,21 @@ from time import time_ns
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider, sampling
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util import types
 
 SCOPE = InstrumentationScope("relay")
+_UNSET = Status(StatusCode.UNSET)
+# A span's flags by (sampled, random trace id): made once, not per span.
+_FLAGS = {
+    (sampled, random): TraceFlags(
+        (TraceFlags.SAMPLED if sampled else 0) | (TraceFlags.RANDOM_TRACE_ID if random else 0)
+    )
+    for sampled in (False, True)
+    for random in (False, True)
+}
 
 
 class Tracer:
@@ -33,37 +43,47 @@ class Tracer:
         self.ids = provider.id_generator
         self.resource = provider.resource
         self.processor = processor
+        # The default sampler (`parentbased_always_on`, or unset) and `always_on` decide
+        # without being asked: sampled unless a parent says not, the parent's trace state
+        # kept (what they answer; asking costs more than the rest of a span).
+        self._by_parent = self.sampler is sampling.DEFAULT_ON
+        self._inline = self._by_parent or self.sampler is sampling.ALWAYS_ON
 
     def start_span(
         self,
         name: str,
-        context: Context | None = None,
+        context: SpanContext | None = None,
         kind: SpanKind = SpanKind.INTERNAL,
         attributes: Mapping[str, types.AttributeValue] | None = None,
         links: Sequence[Link] | None = None,
         start_time: int | None = None,
     ) -> trace.Span:
-        """A span under `context`'s span (default: the current one), as the SDK's tracer starts
-        one: the parent's trace or a new one, the sampler's decision and trace state."""
-        parent: SpanContext | None = trace.get_current_span(context).get_span_context()
-        if parent is not None and parent.is_valid:
+        """A span whose parent is the span of `context` (default: the current span; an invalid
+        context, such as `spans.ROOT`, for none): in the parent's trace or a new one, as the
+        sampler decides."""
+        parent: SpanContext | None = context
+        if parent is None:
+            parent = trace.get_current_span().get_span_context()
+        if parent.is_valid:
             trace_id, random = parent.trace_id, parent.trace_flags.random_trace_id
+            state = parent.trace_state
         else:
-            parent = None
+            parent, state = None, None
             trace_id, random = self.ids.generate_trace_id(), self.ids.is_trace_id_random()
-        sampled = self.sampler.should_sample(context, trace_id, name, kind, attributes, links)
-        decision = sampled.decision
-        flags = TraceFlags.SAMPLED if decision is Decision.RECORD_AND_SAMPLE else TraceFlags.DEFAULT
-        if random:
-            flags |= TraceFlags.RANDOM_TRACE_ID
+        if self._inline:
+            sampled = parent is None or not self._by_parent or parent.trace_flags.sampled
+            recorded = sampled
+        else:
+            asked = self.sampler.should_sample(
+                _as_context(context), trace_id, name, kind, attributes, links
+            )
+            sampled = asked.decision is sampling.Decision.RECORD_AND_SAMPLE
+            recorded = asked.decision is not sampling.Decision.DROP
+            state, attributes = asked.trace_state, asked.attributes
         span_context = SpanContext(
-            trace_id,
-            self.ids.generate_span_id(),
-            is_remote=False,
-            trace_flags=TraceFlags(flags),
-            trace_state=sampled.trace_state,
+            trace_id, self.ids.generate_span_id(), False, _FLAGS[sampled, random], state
         )
-        if decision is Decision.DROP:
+        if not recorded:
             return trace.NonRecordingSpan(span_context)
         return Span(
             self,
@@ -71,14 +91,25 @@ class Tracer:
             span_context,
             parent,
             kind,
-            dict(sampled.attributes),
-            list(links or ()),
+            dict(attributes) if attributes else {},
+            list(links) if links else [],
             start_time or time_ns(),
         )
 
 
-class Span(trace.Span):
-    """A recording span of the relay's: a record until `end` hands it to the exporter."""
+def _as_context(context: SpanContext | None) -> Context | None:
+    """`start_span`'s parent as a sampler is asked about it (None: the current context's)."""
+    if context is None:
+        return None
+    return trace.set_span_in_context(trace.NonRecordingSpan(context), Context())
+
+
+class Span(trace.Span, ReadableSpan):
+    """A recording span of the relay's, and the record the exporter reads once it ended."""
+
+    _context: SpanContext
+    _attributes: dict[str, types.AttributeValue]
+    _links: list[Link]
 
     def __init__(
         self,
@@ -91,6 +122,7 @@ class Span(trace.Span):
         links: list[Link],
         start_time: int,
     ) -> None:
+        # ReadableSpan's fields, by its names (its properties read them).
         self._tracer = tracer
         self._name = name
         self._context = context
@@ -99,37 +131,66 @@ class Span(trace.Span):
         self._attributes = attributes
         self._links = links
         self._events: list[Event] = []
-        self._status = Status(StatusCode.UNSET)
-        self._start = start_time
-        self._end: int | None = None
+        self._status = _UNSET
+        self._start_time = start_time
+        self._end_time: int | None = None
+        self._resource = tracer.resource
+        self._instrumentation_scope = SCOPE
+        self._instrumentation_info = None
+
+    # What the exporter reads, without the copies ReadableSpan makes (an ended span is not
+    # changed) and with no limits to count drops by (the relay's spans are few and small).
+    @property
+    def attributes(self) -> Mapping[str, types.AttributeValue]:
+        return self._attributes
+
+    @property
+    def events(self) -> Sequence[Event]:
+        return self._events
+
+    @property
+    def links(self) -> Sequence[Link]:
+        return self._links
+
+    @property
+    def dropped_attributes(self) -> int:
+        return 0
+
+    @property
+    def dropped_events(self) -> int:
+        return 0
+
+    @property
+    def dropped_links(self) -> int:
+        return 0
 
     def get_span_context(self) -> SpanContext:
         return self._context
 
     def is_recording(self) -> bool:
-        return self._end is None
+        return self._end_time is None
 
-    def set_attributes(self, attributes: Mapping[str, types.AnyValue]) -> None:
-        if self._end is None:
+    def set_attributes(self, attributes: Mapping[str, types.AttributeValue]) -> None:
+        if self._end_time is None:
             for key, value in attributes.items():
                 self.set_attribute(key, value)
 
-    def set_attribute(self, key: str, value: types.AnyValue) -> None:
-        if self._end is None and value is not None:
+    def set_attribute(self, key: str, value: types.AttributeValue) -> None:
+        if self._end_time is None and value is not None:
             self._attributes[key] = value
 
     def add_event(
         self, name: str, attributes: types.Attributes = None, timestamp: int | None = None
     ) -> None:
-        if self._end is None:
+        if self._end_time is None:
             self._events.append(Event(name, attributes, timestamp))
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
-        if self._end is None and context.is_valid:
+        if self._end_time is None and context.is_valid:
             self._links.append(Link(context, attributes))
 
     def update_name(self, name: str) -> None:
-        if self._end is None:
+        if self._end_time is None:
             self._name = name
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
@@ -137,7 +198,7 @@ class Span(trace.Span):
         if not isinstance(status, Status):
             status = Status(status, description)
         if (
-            self._end is None
+            self._end_time is None
             and status.status_code is not StatusCode.UNSET
             and self._status.status_code is not StatusCode.OK
         ):
@@ -154,23 +215,8 @@ class Span(trace.Span):
         self.add_event("exception", {"exception.type": type(exception).__qualname__}, timestamp)
 
     def end(self, end_time: int | None = None) -> None:
-        if self._end is not None:
+        if self._end_time is not None:
             return
-        self._end = end_time or time_ns()
-        tracer = self._tracer
-        tracer.processor.on_end(
-            ReadableSpan(
-                self._name,
-                context=self._context,
-                parent=self._parent,
-                resource=tracer.resource,
-                attributes=self._attributes,
-                events=self._events,
-                links=self._links,
-                kind=self._kind,
-                status=self._status,
-                start_time=self._start,
-                end_time=self._end,
-                instrumentation_scope=SCOPE,
-            )
-        )
+        self._end_time = end_time or time_ns()
+        # Queued as it is (the processor keeps the sampled ones), exported from its thread.
+        self._tracer.processor.on_end(self)
