@@ -49,6 +49,9 @@ BODY = {
 # What the relay forwards of BODY, which the bare forwarder passes on as it is.
 UPSTREAM_BODY = {"inputs": BODY["inputs"]}
 KEY = "bench-key-0123456789"
+# --tracing: the traced API exports at least this often (half of it: OTEL_BSP_SCHEDULE_DELAY),
+# so a round's spans are all out this long after its last request.
+BATCH_DELAY = 1.0
 
 
 def serve_bare(port: int, upstream: str) -> None:
@@ -115,6 +118,23 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time so far of a process's main thread (its event loop) and of its other threads (a
+    traced API's span exporter), to the nanosecond (the scheduler's count, where /proc/PID/stat
+    counts clock ticks of 10 ms)."""
+    loop = other = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            ran = int((task / "schedstat").read_text().split()[0]) / 1e9
+        except FileNotFoundError:  # a thread that just ended
+            continue
+        if task.name == str(pid):
+            loop += ran
+        else:
+            other += ran
+    return loop, other
 
 
 def wrk(
@@ -372,7 +392,11 @@ def main_tracing(seconds: float, rounds: int, connections: int) -> None:
             "RELAY_LOG_FORMAT": "json",
             "RELAY_UPSTREAM_RATE_LIMIT": "1000000",
         }
-        traced = {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": sink}
+        traced = {
+            **env,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": sink,
+            "OTEL_BSP_SCHEDULE_DELAY": str(round(BATCH_DELAY * 1000 / 2)),
+        }
         cli = [sys.executable, "-m", "relay.cli"]
         bench_dir = Path(__file__).parent
         procs = [
@@ -389,16 +413,23 @@ def main_tracing(seconds: float, rounds: int, connections: int) -> None:
             caller = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
             rates: dict[str, list[float]] = {"off": [], "on": []}
             cpu: dict[str, list[float]] = {"off": [], "on": []}
+            # The traced API's CPU per submission outside its event loop (the exporter's
+            # thread), and the receiver's: it shares the machine's cores with the API.
+            threads: list[float] = []
+            sink_cpu: list[float] = []
+            servers = {"off": procs[2].pid, "on": procs[3].pid, "sink": procs[1].pid}
             for n in range(1, rounds + 1):
-                for name, url, proc in (("off", off, procs[2]), ("on", on, procs[3])):
-                    used = cpu_seconds(proc.pid)
+                # Each process's CPU over the whole round pair (the traced API exports the
+                # spans of its last batch while the other is driven), per request it served.
+                before = {name: thread_cpu_seconds(pid) for name, pid in servers.items()}
+                for name, url in (("off", off), ("on", on)):
                     profiler = None
                     if os.environ.get("FORWARD_PROFILE") and n == 1:
                         # py-spy's raw stacks of this API, one file per mode.
                         out = f"{os.environ['FORWARD_PROFILE']}.{name}"
                         profiler = subprocess.Popen(
                             [
-                                *("py-spy", "record", "-p", str(proc.pid)),
+                                *("py-spy", "record", "-p", str(servers[name])),
                                 *("-d", str(round(seconds)), "-r", "250", "-f", "raw", "-o", out),
                             ],
                             stdout=subprocess.DEVNULL,
@@ -408,25 +439,46 @@ def main_tracing(seconds: float, rounds: int, connections: int) -> None:
                         url + generate, "POST", seconds, connections, Path(tmp), BODY, caller
                     )
                     rates[name].append(rate)
-                    cpu[name].append((cpu_seconds(proc.pid) - used) / (rate * seconds))
                     if profiler is not None:
                         profiler.wait()
+                # The last batch leaves within the batch delay (OTEL_BSP_SCHEDULE_DELAY).
+                time.sleep(BATCH_DELAY)
+                after = {name: thread_cpu_seconds(pid) for name, pid in servers.items()}
+                used = {
+                    name: [
+                        end - start for end, start in zip(after[name], before[name], strict=True)
+                    ]
+                    for name in servers
+                }
+                for name in ("off", "on"):
+                    cpu[name].append(sum(used[name]) / (rates[name][-1] * seconds))
+                threads.append(used["on"][1] / (rates["on"][-1] * seconds))
+                sink_cpu.append(sum(used["sink"]) / (rates["on"][-1] * seconds))
                 print(
                     f"round {n}: tracing off {rates['off'][-1]:,.0f} req/s "
                     f"({cpu['off'][-1] * 1e6:,.0f} us CPU each), on {rates['on'][-1]:,.0f} req/s "
-                    f"({cpu['on'][-1] * 1e6:,.0f} us CPU each), "
-                    f"on/off {rates['on'][-1] / rates['off'][-1]:.2f}"
+                    f"({cpu['on'][-1] * 1e6:,.0f} us CPU each, {threads[-1] * 1e6:,.0f} of them "
+                    f"outside the loop; receiver {sink_cpu[-1] * 1e6:,.0f} us), "
+                    f"on/off {rates['on'][-1] / rates['off'][-1]:.2f}",
+                    flush=True,
                 )
             rate_off, rate_on = statistics.median(rates["off"]), statistics.median(rates["on"])
             cpu_off, cpu_on = statistics.median(cpu["off"]), statistics.median(cpu["on"])
+            # Each round's pair ran back to back: their ratio is steadier than the medians'
+            # when other work comes and goes on the machine.
+            pairs = zip(rates["on"], rates["off"], strict=True)
+            paired = statistics.median(on / off for on, off in pairs)
             print(
                 f"POST generate at {connections} connections (median of {rounds}): tracing off "
                 f"{rate_off:,.0f} req/s, on {rate_on:,.0f} req/s, on/off = "
-                f"{rate_on / rate_off:.2f} (target >= 0.9)"
+                f"{rate_on / rate_off:.2f}; median of the rounds' on/off {paired:.2f} "
+                "(target >= 0.9)"
             )
             print(
                 f"API CPU per request (median): off {cpu_off * 1e6:,.0f} us, on "
-                f"{cpu_on * 1e6:,.0f} us, on/off = {cpu_on / cpu_off:.2f}"
+                f"{cpu_on * 1e6:,.0f} us ({statistics.median(threads) * 1e6:,.0f} us outside "
+                f"the event loop), on/off = {cpu_on / cpu_off:.2f}; the OTLP receiver "
+                f"{statistics.median(sink_cpu) * 1e6:,.0f} us per traced request"
             )
             # What the traced relay exported, once its last batch is out (at its exit).
             procs[3].send_signal(signal.SIGTERM)
