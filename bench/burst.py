@@ -395,12 +395,15 @@ def tracing_rounds(bench: Bench, env: dict[str, str], args: argparse.Namespace) 
                 print(f"\n-- round {n}, tracing {name} --")
                 cpu[name].append(bench.scenario(worker_env, args.jobs, 0, args.hang))
         off, on = statistics.median(cpu["off"]), statistics.median(cpu["on"])
+        # Each round's pair ran back to back: steadier than the medians' ratio when other work
+        # comes and goes on the machine.
+        paired = statistics.median(a / b for a, b in zip(cpu["on"], cpu["off"], strict=True))
         got = httpx.get(sink_url + "/count").json()
         spans = got["spans"]
         print(
             f"\nworker CPU per ended job (median of {args.rounds}): tracing off "
-            f"{off * 1000:.2f} ms, on {on * 1000:.2f} ms, on/off = {on / off:.2f} "
-            f"(target <= 1.15); per round: off "
+            f"{off * 1000:.2f} ms, on {on * 1000:.2f} ms, on/off = {on / off:.2f}, median of "
+            f"the rounds' on/off {paired:.2f} (target <= 1.15); per round: off "
             + ", ".join(f"{c * 1000:.2f}" for c in cpu["off"])
             + "; on "
             + ", ".join(f"{c * 1000:.2f}" for c in cpu["on"])
