@@ -1,11 +1,14 @@
 """Submit throughput: the relay against a bare forwarder, in one run, to the same upstream.
 
-Run: uv run python bench/forward.py [--seconds 5] [--rounds 2] [--connections 32] [--tracing]
+Run: uv run python bench/forward.py [--seconds 5] [--rounds 2] [--connections 32]
+     [--tracing [--together]]
 (needs `wrk`: apt-get install -y wrk)
 
 `--tracing`: the relay with tracing off against the relay with tracing on (OTLP/HTTP to a local
 receiver, bench/otlp_sink.py, in a process of its own), instead of against the bare forwarder;
-every request then carries a caller's `traceparent`, to both. Target: on/off >= 0.9.
+every request then carries a caller's `traceparent`, to both. Target: on/off >= 0.9. With
+`--together`, each round drives both at once (a wrk each) instead of one after the other: on a
+machine other work shares, both then bear the same load.
 
 Starts a real redis-server, the sandbox upstream (`relay sandbox`), the API (`relay api`) and a
 bare forwarder as separate processes. The bare forwarder is the floor the relay is held to: a
@@ -33,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -374,8 +378,9 @@ def compare_callers(seconds: float, rounds: int, connections: int, count: int) -
                 proc.wait(timeout=30)
 
 
-def main_tracing(seconds: float, rounds: int, connections: int) -> None:
-    """The relay with tracing off against the relay with tracing on, alternating rounds."""
+def main_tracing(seconds: float, rounds: int, connections: int, together: bool) -> None:
+    """The relay with tracing off against the relay with tracing on, in alternating rounds or
+    (`together`) driven at the same time."""
     sandbox_port, off_port, on_port, sink_port = (free_port() for _ in range(4))
     with (
         embedded_redis(avoid=(sandbox_port, off_port, on_port, sink_port)) as redis_url,
@@ -392,6 +397,8 @@ def main_tracing(seconds: float, rounds: int, connections: int) -> None:
             "RELAY_LOG_FORMAT": "json",
             "RELAY_UPSTREAM_RATE_LIMIT": "1000000",
         }
+        for name in ("off", "on"):
+            Path(tmp, name).mkdir()  # each wrk's script, when both run at once
         traced = {
             **env,
             "OTEL_EXPORTER_OTLP_ENDPOINT": sink,
@@ -422,7 +429,26 @@ def main_tracing(seconds: float, rounds: int, connections: int) -> None:
                 # Each process's CPU over the whole round pair (the traced API exports the
                 # spans of its last batch while the other is driven), per request it served.
                 before = {name: thread_cpu_seconds(pid) for name, pid in servers.items()}
-                for name, url in (("off", off), ("on", on)):
+                if together:
+                    # Both driven at once, each by its own wrk: whatever else the machine runs
+                    # weighs on both alike.
+                    with ThreadPoolExecutor(2) as pool:
+                        running = {
+                            name: pool.submit(
+                                wrk,
+                                url + generate,
+                                "POST",
+                                seconds,
+                                connections,
+                                Path(tmp, name),
+                                BODY,
+                                caller,
+                            )
+                            for name, url in (("off", off), ("on", on))
+                        }
+                    for name, done in running.items():
+                        rates[name].append(done.result())
+                for name, url in () if together else (("off", off), ("on", on)):
                     profiler = None
                     if os.environ.get("FORWARD_PROFILE") and n == 1:
                         # py-spy's raw stacks of this API, one file per mode.
@@ -511,8 +537,11 @@ if __name__ == "__main__":
         help="instead: submit CPU with RELAY_API_KEYS against a callers file of this many",
     )
     parser.add_argument("--tracing", action="store_true", help="tracing off vs on (see above)")
+    parser.add_argument(
+        "--together", action="store_true", help="with --tracing: drive both at once (see above)"
+    )
     args = parser.parse_args()
     if args.tracing:
-        main_tracing(args.seconds, args.rounds, args.connections)
+        main_tracing(args.seconds, args.rounds, args.connections, args.together)
     else:
         main(args.seconds, args.rounds, args.connections, args.callers)
