@@ -231,6 +231,13 @@ def test_only_the_delivery_stage_names_the_fields_of_a_delivery() -> None:
             continue
         named = string_constants(path) & set(DELIVERY_FIELDS)
         assert not named, f"{name} names the delivery's fields {sorted(named)}"
+    # Nor do their scripts, save the job's end, which files the delivery in the same step.
+    for script in PACKAGE.rglob("*.lua"):
+        floor = floor_of(".".join(("relay", *script.relative_to(PACKAGE).parent.parts)), FLOORS)
+        if floor is None or FLOORS[floor][0] not in below or script.name == "store.end.lua":
+            continue
+        quoted = set(re.findall(r"""['"](\w+)['"]""", script.read_text()))
+        assert not quoted & set(DELIVERY_FIELDS), f"{script.name} names the delivery's fields"
 
 
 # How the relay reaches Redis (docs/architecture.md, "How the relay reaches Redis"): through
