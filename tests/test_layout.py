@@ -243,8 +243,8 @@ def test_only_the_delivery_stage_names_the_fields_of_a_delivery() -> None:
 # How the relay reaches Redis (docs/architecture.md, "How the relay reaches Redis"): through
 # relay.redis.batch. The exceptions, each for a connection of its own, by module and method:
 OWN_CONNECTION = {
-    # WAIT counts the writes made on its own connection: the new job's script and the WAIT
-    # share a redis-py pipeline.
+    # WAIT counts the writes made on its own connection and holds it until replicas answer:
+    # the new job's script and the WAIT share a redis-py pipeline, off the batcher's line.
     ("relay.jobs.store", "pipeline"),
     ("relay.jobs.store", "wait"),
     ("relay.jobs.store", "execute"),
