@@ -239,7 +239,7 @@ class JobStore:
         if not self.wait_replicas:
             return bool(await self._create(keys=script_keys, args=args))
         # WAIT counts only the writes made on its own connection: one pipeline keeps the
-        # script and the WAIT on one.
+        # script and the WAIT on one, off the batcher's line, which WAIT would hold meanwhile.
         async with self.redis.pipeline(transaction=False) as pipe:
             await self._create(keys=script_keys, args=args, client=pipe)
             pipe.wait(self.wait_replicas, round(self.wait_timeout * 1000))
