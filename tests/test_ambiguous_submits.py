@@ -64,6 +64,8 @@ class LateAnswers:
         self.armed = False
         self.blank = False
         self.headers = 0
+        # Set once the held create's job exists upstream and its answer is being held back.
+        self.holding = threading.Event()
         self._late: set[asyncio.Task[httpx.Response]] = set()
 
     def arm(
@@ -109,7 +111,8 @@ class LateAnswers:
                 await asyncio.sleep(self.before)
             answer = await send(request, body)
             if late:
-                await asyncio.sleep(self.after)
+                self.holding.set()
+                await hold(request, self.after)
             passed = {
                 name: value
                 for name, value in answer.headers.items()
@@ -120,6 +123,16 @@ class LateAnswers:
             return Response(answer.content, answer.status_code, headers=passed)
 
         return Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST"])])
+
+
+async def hold(request: Request, seconds: float) -> None:
+    """Hold an answer back `seconds`, or until its caller has gone: an answer nobody waits
+    for is lost either way, and the hop's server then stops without waiting out the hold."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            # Its body is read: what comes next is the disconnect.
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
 
 
 @contextlib.contextmanager
@@ -415,6 +428,16 @@ def test_a_tracking_write_refused_after_the_create_is_recorded_later() -> None:
         admin.close()
 
 
+# An API process cut off mid-create: the hop holds its create's answer back until the API has
+# gone, and the API waits 8 s for it, far longer than the signal takes to come (the test sends
+# it as soon as the hop holds the answer) and the 1 s grace on SIGTERM after it. With ENV's 2 s,
+# a loaded machine's late signal found the API's own timeout fired: it had adopted the job and
+# answered, the relay right and the test raced. Not longer: the intent the API leaves is due
+# for a worker's reconcile after 3 x 8 + 8 s (relay.jobs.intents.stale_after).
+CUT_OFF_HOLD = 120.0
+CUT_OFF_ENV = {"RELAY_SHUTDOWN_TIMEOUT": "1", "RELAY_UPSTREAM_TIMEOUT": "8"}
+
+
 @pytest.fixture
 def api_process(
     redis_url: str,
@@ -423,7 +446,7 @@ def api_process(
         port = free_port()
         api = subprocess.Popen(
             [sys.executable, "-m", "relay.cli", "api", "--port", str(port)],
-            env={**stack.env, "RELAY_SHUTDOWN_TIMEOUT": "1"},
+            env={**stack.env, **CUT_OFF_ENV},
         )
         url = f"http://127.0.0.1:{port}"
         try:
@@ -442,8 +465,7 @@ def test_an_api_cut_off_mid_create_leaves_the_job_to_a_worker(
     sig: signal.Signals,
 ) -> None:
     stack, hop, api, url = api_process
-    # The create's answer takes 3 s: longer than the API's 1 s grace on SIGTERM.
-    hop.arm(after=3.0)
+    hop.arm(after=CUT_OFF_HOLD)
     outcome: list[BaseException] = []
 
     def submit() -> None:
@@ -454,7 +476,7 @@ def test_an_api_cut_off_mid_create_leaves_the_job_to_a_worker(
 
     thread = threading.Thread(target=submit)
     thread.start()
-    eventually(lambda: generate_calls(stack) == 1)
+    assert hop.holding.wait(timeout=30), "the create never reached Chamelaion"
     os.kill(api.pid, sig)
     api.wait(timeout=20)
     thread.join(timeout=60)
@@ -469,7 +491,7 @@ def test_an_idempotency_key_cut_off_mid_create_stays_held(
     api_process: tuple[Stack, LateAnswers, subprocess.Popen[bytes], str],
 ) -> None:
     stack, hop, api, url = api_process
-    hop.arm(after=3.0)  # longer than the API's 1 s grace on SIGTERM
+    hop.arm(after=CUT_OFF_HOLD)
     headers = {"Idempotency-Key": "cut-key"}
 
     def submit() -> None:
@@ -478,7 +500,7 @@ def test_an_idempotency_key_cut_off_mid_create_stays_held(
 
     thread = threading.Thread(target=submit)
     thread.start()
-    eventually(lambda: generate_calls(stack) == 1)
+    assert hop.holding.wait(timeout=30), "the create never reached Chamelaion"
     api.send_signal(signal.SIGTERM)
     api.wait(timeout=20)
     thread.join(timeout=60)
