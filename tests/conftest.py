@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from xdist.scheduler import LoadScopeScheduling
 
 from relay.devtools.embedded_redis import embedded_redis
+from tests.helpers import close_test_clients
 
 # Hypothesis's per-example deadline (200 ms) is a timed assertion: on a loaded 2-core machine an
 # example that takes 0.2 ms alone took 460 ms once, and the run failed as "flaky". What a property
@@ -92,3 +93,10 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture(autouse=True)
+def _close_test_clients() -> Iterator[None]:
+    """Clients a test made with tests.helpers.closed_after_test (the console's) close after it."""
+    yield
+    close_test_clients()

@@ -1,6 +1,7 @@
 """What many test files share, beside the stack (tests/stack.py) and the servers (tests/servers.py):
 submitting through a stack and verifying its callbacks, steering the sandbox, the relay's own API,
-a worker's parts built in the test's process, a lone API, and multipart upload bodies.
+signing in to the console, a worker's parts built in the test's process, a lone API, and
+multipart upload bodies.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from chamelaion import Chamelaion
 from standardwebhooks import Webhook
 
 from relay.api.app import create_app
+from relay.jobs.store import JobStore
 from relay.sandbox import SandboxConfig, create_sandbox_app
 from relay.serving import api_options
 from relay.settings import load_settings
@@ -183,6 +186,69 @@ def attempts(stack: Stack, request_id: str) -> list[dict[str, object]]:
     [delivery] = deliveries
     found: list[dict[str, object]] = delivery["attempts"]
     return found
+
+
+# --- Jobs in the store -------------------------------------------------------------------------
+
+# How long an ended job of these helpers is kept (a test of Retry-After counts on it).
+ENDED_RETENTION = 3600.0
+
+
+async def end_job(store: JobStore, request_id: str) -> None:
+    """End a tracked job `completed`, its callback owed, as a worker records an end it saw."""
+    job = await store.get(request_id)
+    assert job is not None, f"{request_id} is not tracked"
+    assert await store.end(
+        job,
+        status="completed",
+        body=b"{}",
+        event_id=f"msg_{request_id}",
+        event=b'{"type":"lipsync.completed"}',
+        retention=ENDED_RETENTION,
+        deliver=True,
+    )
+
+
+async def ended_job(store: JobStore, request_id: str, callback_url: str) -> None:
+    """A job tracked and already ended `completed`, its callback to `callback_url` owed."""
+    assert await store.create(
+        request_id, callback_url=callback_url, reference_id=None, first_poll_in=60
+    )
+    await end_job(store, request_id)
+
+
+# --- The console ------------------------------------------------------------------------------
+
+_OPEN_CLIENTS: list[httpx.Client] = []
+
+
+def closed_after_test(client: httpx.Client) -> httpx.Client:
+    """`client`, closed once the test ends (tests/conftest.py), so no socket is left behind."""
+    _OPEN_CLIENTS.append(client)
+    return client
+
+
+def close_test_clients() -> None:
+    while _OPEN_CLIENTS:
+        _OPEN_CLIENTS.pop().close()
+
+
+def sign_in(stack: Stack, key: str = RELAY_KEY) -> httpx.Client:
+    """A client signed in to the stack's console with `key` (closed after the test)."""
+    client = closed_after_test(httpx.Client(base_url=stack.api_url, follow_redirects=False))
+    form = client.get("/console/login")
+    token = re.search(r'name="token" value="([^"]+)"', form.text)
+    assert token is not None
+    answer = client.post("/console/login", data={"key": key, "token": token.group(1)})
+    assert answer.status_code == 303, answer.text
+    return client
+
+
+def csrf_of(page: str) -> str:
+    """The CSRF token of a console page's form."""
+    found = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert found is not None
+    return found.group(1)
 
 
 # --- A worker's parts in this process -----------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from http.cookies import SimpleCookie
 
 import httpx
@@ -11,40 +10,8 @@ import pytest
 
 from relay.errors import ConfigError
 from relay.settings import load_settings
-from tests.helpers import submit
+from tests.helpers import closed_after_test, csrf_of, sign_in, submit
 from tests.stack import RELAY_KEY, Receiver, Stack, eventually, relay_stack
-
-
-def sign_in(stack: Stack, key: str = RELAY_KEY) -> httpx.Client:
-    client = httpx.Client(base_url=stack.api_url, follow_redirects=False)
-    form = client.get("/console/login")
-    token = re.search(r'name="token" value="([^"]+)"', form.text)
-    assert token is not None
-    answer = client.post("/console/login", data={"key": key, "token": token.group(1)})
-    assert answer.status_code == 303, answer.text
-    return client
-
-
-OPEN: list[httpx.Client] = []
-
-
-def stack_client(stack: Stack, client: httpx.Client) -> httpx.Client:
-    """Closed after the test (see the autouse fixture), so no socket is left behind."""
-    OPEN.append(client)
-    return client
-
-
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[None]:
-    yield
-    while OPEN:
-        OPEN.pop().close()
-
-
-def csrf_of(page: str) -> str:
-    found = re.search(r'name="csrf" value="([^"]+)"', page)
-    assert found is not None
-    return found.group(1)
 
 
 @pytest.mark.parametrize(
@@ -66,7 +33,7 @@ def test_nothing_is_reachable_without_signing_in(redis_url: str, path: str) -> N
 
 def test_the_session_cookie_is_signed_httponly_strict_and_holds_no_key(redis_url: str) -> None:
     with relay_stack(redis_url, workers=0) as stack:
-        client = stack_client(stack, sign_in(stack))
+        client = sign_in(stack)
         [cookie] = [value for name, value in client.cookies.items() if name == "relay_console"]
         assert RELAY_KEY not in cookie
         raw = httpx.get(stack.api_url + "/console/login")
@@ -85,7 +52,7 @@ def test_the_session_cookie_is_signed_httponly_strict_and_holds_no_key(redis_url
 
 def test_a_wrong_key_is_refused(redis_url: str) -> None:
     with relay_stack(redis_url, workers=0) as stack:
-        client = stack_client(stack, httpx.Client(base_url=stack.api_url))
+        client = closed_after_test(httpx.Client(base_url=stack.api_url))
         form = client.get("/console/login")
         token = re.search(r'name="token" value="([^"]+)"', form.text)
         assert token is not None
@@ -107,7 +74,7 @@ def test_sign_in_without_the_form_token_is_refused(redis_url: str) -> None:
 
 def test_a_forged_post_without_the_csrf_token_is_refused(redis_url: str) -> None:
     with relay_stack(redis_url, workers=0) as stack:
-        client = stack_client(stack, sign_in(stack))
+        client = sign_in(stack)
         assert client.post("/console/logout", data={}).status_code == 403
         assert client.post("/console/logout", data={"csrf": "guess"}).status_code == 403
         assert client.get("/console/").status_code == 200  # still signed in
@@ -122,7 +89,7 @@ def test_find_a_job_by_reference_id_and_open_it(redis_url: str) -> None:
     with relay_stack(redis_url) as stack:
         request_id = submit(stack, reference_id="episode-42-ja")
         stack.receiver.wait_for(1)
-        client = stack_client(stack, sign_in(stack))
+        client = sign_in(stack)
         found = client.get("/console/jobs", params={"q": "episode-42-ja"})
         assert request_id in found.text
         page = client.get(f"/console/jobs/{request_id}")
@@ -145,7 +112,7 @@ def test_find_a_job_by_reference_id_and_open_it(redis_url: str) -> None:
 )
 def test_bad_requests_get_a_page_that_says_so(redis_url: str, path: str, status: int) -> None:
     with relay_stack(redis_url, workers=0) as stack:
-        client = stack_client(stack, sign_in(stack))
+        client = sign_in(stack)
         answer = client.get(path)
         assert answer.status_code == status
         assert "<h1>Something is not right</h1>" in answer.text
@@ -155,7 +122,7 @@ def test_redeliver_needs_the_csrf_token_and_a_confirmation(redis_url: str) -> No
     with relay_stack(redis_url) as stack:
         request_id = submit(stack)
         stack.receiver.wait_for(1)
-        client = stack_client(stack, sign_in(stack))
+        client = sign_in(stack)
         page = client.get(f"/console/jobs/{request_id}")
         token = csrf_of(page.text)
         url = f"/console/jobs/{request_id}/redeliver"
@@ -175,7 +142,7 @@ def test_recover_from_the_failed_deliveries_page(redis_url: str) -> None:
     ) as stack:
         request_id = submit(stack)
         receiver.wait_for(2)
-        client = stack_client(stack, sign_in(stack))
+        client = sign_in(stack)
         failed = eventually(
             lambda: request_id in (text := client.get("/console/deliveries/failed").text) and text
         )
@@ -204,7 +171,7 @@ FORWARDED = {"x-forwarded-proto": "https", "x-forwarded-for": "203.0.113.9"}
 def through_proxy(stack: Stack) -> httpx.Client:
     transport = httpx.HTTPTransport(local_address=PROXY)
     client = httpx.Client(base_url=stack.api_url, transport=transport, headers=FORWARDED)
-    return stack_client(stack, client)
+    return closed_after_test(client)
 
 
 def set_cookies(answer: httpx.Response) -> dict[str, str]:
@@ -259,7 +226,7 @@ def test_behind_a_trusted_tls_proxy_every_cookie_is_secure(redis_url: str) -> No
 
 def test_secure_cookies_can_be_required_whatever_the_scheme(redis_url: str) -> None:
     with relay_stack(redis_url, workers=0, env={"RELAY_CONSOLE_SECURE_COOKIES": "true"}) as stack:
-        form, answer = sign_in_by_hand(stack_client(stack, httpx.Client(base_url=stack.api_url)))
+        form, answer = sign_in_by_hand(closed_after_test(httpx.Client(base_url=stack.api_url)))
         assert "; secure" in set_cookies(form)["relay_console_login"].lower()
         assert "; secure" in set_cookies(answer)["relay_console"].lower()
 
@@ -267,7 +234,7 @@ def test_secure_cookies_can_be_required_whatever_the_scheme(redis_url: str) -> N
 def test_a_session_cookie_copied_before_sign_out_is_dead_after_it(redis_url: str) -> None:
     # Finding 6 of #24: a cookie copied before logout still worked for its 8 hours.
     with relay_stack(redis_url, workers=0) as stack:
-        client = stack_client(stack, sign_in(stack))
+        client = sign_in(stack)
         copied = client.cookies["relay_console"]
         elsewhere = {"relay_console": copied}
         assert httpx.get(stack.api_url + "/console/", cookies=elsewhere).status_code == 200
@@ -277,7 +244,7 @@ def test_a_session_cookie_copied_before_sign_out_is_dead_after_it(redis_url: str
         assert after.status_code == 303
         assert after.headers["location"] == "/console/login"
         # Signing in again makes a new session; the old one stays dead.
-        again = stack_client(stack, sign_in(stack))
+        again = sign_in(stack)
         assert again.cookies["relay_console"] != copied
         assert httpx.get(stack.api_url + "/console/", cookies=elsewhere).status_code == 303
 
@@ -302,7 +269,7 @@ FRAMING_HEADERS = {
 def test_no_console_answer_may_be_framed(redis_url: str, path: str) -> None:
     with relay_stack(redis_url, workers=0) as stack:
         for client in (httpx.Client(base_url=stack.api_url), sign_in(stack)):
-            answer = stack_client(stack, client).get(path)
+            answer = closed_after_test(client).get(path)
             got = {name: answer.headers.get(name) for name in FRAMING_HEADERS}
             assert got == FRAMING_HEADERS, (path, answer.status_code)
             policy = answer.headers["content-security-policy"]

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ADMIN_KEY, B_KEY, submit_as, three_callers
+from tests.helpers import ADMIN_KEY, B_KEY, csrf_of, sign_in, submit_as, three_callers
 from tests.stack import RELAY_KEY, Receiver, Stack, eventually, relay_stack
-from tests.test_console import csrf_of, sign_in, stack_client
 
 
 @pytest.fixture
@@ -37,7 +36,7 @@ def jobs_of_both(stack: Stack) -> tuple[str, str]:
 
 def test_a_callers_console_shows_and_steers_its_own_jobs_only(stack: Stack) -> None:
     a_job, b_job = jobs_of_both(stack)
-    client = stack_client(stack, sign_in(stack, RELAY_KEY))
+    client = sign_in(stack, RELAY_KEY)
     listed = client.get("/console/jobs").text
     assert a_job in listed and b_job not in listed
     assert "team-b" not in listed
@@ -70,7 +69,7 @@ def test_a_callers_console_shows_and_steers_its_own_jobs_only(stack: Stack) -> N
 
 def test_an_admins_console_shows_every_caller_with_a_filter(stack: Stack) -> None:
     a_job, b_job = jobs_of_both(stack)
-    client = stack_client(stack, sign_in(stack, ADMIN_KEY))
+    client = sign_in(stack, ADMIN_KEY)
     listed = client.get("/console/jobs").text
     assert a_job in listed and b_job in listed
     assert '<th scope="col">Caller</th>' in listed
@@ -97,8 +96,8 @@ def test_every_console_sign_in_is_logged_with_the_callers_name(
     stack: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="relay.console"):
-        stack_client(stack, sign_in(stack, RELAY_KEY))
-        stack_client(stack, sign_in(stack, ADMIN_KEY))
+        sign_in(stack, RELAY_KEY)
+        sign_in(stack, ADMIN_KEY)
     signed_in = [r for r in caplog.records if r.getMessage() == "console sign-in"]
     assert [(r.__dict__["caller"], r.__dict__["role"]) for r in signed_in] == [
         ("team-a", "caller"),

@@ -19,28 +19,10 @@ from starlette.routing import Route
 
 from relay.delivery.store import Delivery
 from relay.redis import keys
-from relay.worker.process import WorkerState
 from relay.worker.tasks import deliver
-from tests.helpers import worker_state
+from tests.helpers import ended_job, worker_state
 from tests.servers import raw_server, serve, too_many_headers
 from tests.stack import Receiver
-
-
-async def ended_job(state: WorkerState, request_id: str, callback_url: str) -> None:
-    await state.store.create(
-        request_id, callback_url=callback_url, reference_id=None, first_poll_in=60
-    )
-    job = await state.store.get(request_id)
-    assert job is not None
-    await state.store.end(
-        job,
-        status="completed",
-        body=b"{}",
-        event_id="msg_x",
-        event=b"{}",
-        retention=3600,
-        deliver=True,
-    )
 
 
 def answering(status: int, headers: dict[str, str]) -> Starlette:
@@ -54,7 +36,7 @@ async def test_an_attempt_waits_for_its_predecessor_to_record_its_outcome(redis_
     # Attempt 1 can be due before attempt 0 has recorded that it failed (a crash or a Redis
     # error between enqueueing 1 and recording): 1 must wait, not drop itself as stale.
     async with worker_state(redis_url) as state:
-        await ended_job(state, "r1", "http://127.0.0.1:9/hook")
+        await ended_job(state.store, "r1", "http://127.0.0.1:9/hook")
         # Through the arq job function too: the short retry passes through unchanged.
         with pytest.raises(Retry) as retry:
             await deliver({"relay": state}, "r1", 1)
@@ -68,7 +50,7 @@ async def test_retry_after_beyond_retention_keeps_the_job_for_the_next_attempt(
     app = answering(503, {"retry-after": "500000"})
     with serve(app) as url:
         async with worker_state(redis_url) as state:
-            await ended_job(state, "r2", url + "/hook")
+            await ended_job(state.store, "r2", url + "/hook")
             assert await state.deliverer.attempt("r2", 0) == "retry"
             # Retry-After is honoured up to a day; the job (retention 3600 s here) now
             # outlives that attempt by another day.
@@ -85,7 +67,7 @@ async def test_an_unexpected_error_ends_the_attempt_as_a_recorded_failure(redis_
     # of the attempt, and arq re-ran it again and again. Now it is an outcome like any other.
     async with worker_state(redis_url, RELAY_DELIVERY_RETRY_SCHEDULE="0,0") as state:
         raw = "http://\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54:9/hook"
-        await ended_job(state, "r3", raw)
+        await ended_job(state.store, "r3", raw)
         assert await state.deliverer.attempt("r3", 0) == "retry"
         assert await state.deliverer.attempt("r3", 1) == "failed"
         job = await state.store.get("r3")
@@ -123,7 +105,7 @@ def trickling_server() -> Iterator[str]:
 async def test_a_receiver_that_trickles_its_answer_times_out_as_a_retry(redis_url: str) -> None:
     with trickling_server() as url:
         async with worker_state(redis_url, RELAY_DELIVERY_TIMEOUT="1") as state:
-            await ended_job(state, "r3", url)
+            await ended_job(state.store, "r3", url)
             started = time.monotonic()
             assert await state.deliverer.attempt("r3", 0) == "retry"
             assert time.monotonic() - started < 3
@@ -136,7 +118,7 @@ async def test_an_answer_that_is_not_http_is_recorded_as_such(redis_url: str) ->
     # A receiver whose answer broke HTTP (here 300 headers) connected fine: the attempt log
     # must say what went wrong, not that the relay "could not connect".
     async with raw_server(too_many_headers) as url, worker_state(redis_url) as state:
-        await ended_job(state, "r4", url + "hook")
+        await ended_job(state.store, "r4", url + "hook")
         assert await state.deliverer.attempt("r4", 0) == "retry"
         job = await state.store.get("r4")
         assert job is not None

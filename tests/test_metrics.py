@@ -31,6 +31,7 @@ from relay.jobs.store import JobStore
 from relay.redis import keys
 from relay.redis.shared_state import read_shared_state
 from relay.worker.heartbeat import Heartbeat
+from tests.helpers import end_job
 from tests.stack import RELAY_KEY, Stack, eventually, relay_stack
 
 HOOK = "https://receiver.example/hook"
@@ -83,30 +84,10 @@ async def test_pending_delivery_age_counts_from_the_end_of_the_oldest_unattempte
     store = JobStore(redis)
     for request_id in ("older", "newer"):
         assert await store.create(request_id, callback_url=HOOK, reference_id=None, first_poll_in=0)
-    older = await store.get("older")
-    assert older is not None
     assert (await read_shared_state(redis)).pending_age == 0  # running jobs owe no callback
-    await store.end(
-        older,
-        status="completed",
-        body=b"{}",
-        event_id="msg_older",
-        event=b'{"type":"lipsync.completed"}',
-        retention=600,
-        deliver=True,
-    )
+    await end_job(store, "older")
     await asyncio.sleep(WAIT)
-    newer = await store.get("newer")
-    assert newer is not None
-    await store.end(
-        newer,
-        status="completed",
-        body=b"{}",
-        event_id="msg_newer",
-        event=b'{"type":"lipsync.completed"}',
-        retention=600,
-        deliver=True,
-    )
+    await end_job(store, "newer")
     assert (await read_shared_state(redis)).pending_age >= WAIT  # the older one's
 
 
