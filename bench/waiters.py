@@ -5,14 +5,15 @@ Run: uv run python bench/waiters.py [--waiters 5000] [--wait 60]
 
 Starts a real redis-server, the sandbox upstream (`relay sandbox`) and the API (`relay api`,
 no worker) as separate processes, submits one job, and opens `--waiters` connections, each a
-`GET /api/v1/lipsync/requests/{id}` with `Prefer: wait=N` (raw asyncio streams on uvloop, so
-the client's own cost stays small). Once the API reports them all waiting
-(`relay_api_waiting`), the bench ends the job itself with the relay's own end script (what a
-worker does when a poll sees the end), and times every answer from that moment to its last
-byte at the client. The API's RSS is read before the connections open (after a warm-up of
-plain reads) and while they all wait; the sandbox's call counts before and after say how many
-upstream calls the waits made. The API's connection caps are raised to hold the waiters (they
-do not count against RELAY_HTTP_MAX_CONCURRENCY, left at its default). Client, API, Redis and
+`GET /api/v1/lipsync/requests/{id}` with `Prefer: wait=N` (a bare asyncio protocol on uvloop
+that stamps each answer's last byte, so the client's own cost stays small). Once the API
+reports them all waiting (`relay_api_waiting`), the bench ends the job itself with the relay's
+own end script (what a worker does when a poll sees the end), and times every answer from
+that moment to its last byte at the client. The API's RSS is read before the connections
+open (after a warm-up of plain reads) and while they all wait; the sandbox's call counts
+before and after say how many upstream calls the waits made. The API's connection caps are
+raised to hold the waiters (they do not count against RELAY_HTTP_MAX_CONCURRENCY, left at its
+default). Client, API, Redis and
 sandbox share the machine's cores: the latency is a ceiling.
 """
 
@@ -20,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import re
 import signal
 import statistics
 import sys
 import time
+from typing import cast
 
 import httpx
 import orjson
@@ -58,23 +61,43 @@ def upstream_calls(sandbox: str) -> int:
     return sum(calls.values())
 
 
-async def wait_once(port: int, path: str, wait: int, opened: asyncio.Event) -> tuple[int, float]:
-    """One waiting request on its own connection: (status, monotonic time of its last byte)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(
-        f"GET {path} HTTP/1.1\r\nhost: bench\r\nx-api-key: {KEY}\r\n"
-        f"prefer: wait={wait}\r\n\r\n".encode()
-    )
-    opened.set()
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))  # type: ignore[union-attr]
-    body = await reader.readexactly(length)
-    done = time.monotonic()
-    writer.close()
+class Waiter(asyncio.Protocol):
+    """One waiting request on its own connection: the moment its answer's last byte arrives.
+
+    A bare protocol rather than asyncio streams: the client shares the machine's cores with the
+    API, and what it spends on each answer delays the next ones it reads."""
+
+    def __init__(self, request: bytes, answered: asyncio.Future[tuple[float, bytes]]) -> None:
+        self.request = request
+        self.answered = answered
+        self.received = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+        end = self.received.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        match = re.search(rb"content-length: (\d+)", self.received[:end], re.IGNORECASE)
+        if match is None or len(self.received) >= end + 4 + int(match.group(1)):
+            self.answered.set_result((time.monotonic(), self.received))
+            assert self.transport is not None
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answered.done():
+            self.answered.set_exception(ConnectionError("closed before the answer"))
+
+
+def checked(received: bytes) -> int:
+    """The answer's status, negative unless it is a 200 with the job completed."""
+    head, _, body = received.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
-    if status != 200 or orjson.loads(body).get("status") != "completed":
-        status = -status
-    return status, done
+    return status if status == 200 and orjson.loads(body).get("status") == "completed" else -status
 
 
 async def run(
@@ -90,15 +113,23 @@ async def run(
             await client.get(api + path, headers={"prefer": "wait=0"})
     before_rss = rss_mib(api_pid)
     before_calls = upstream_calls(sandbox)
-    tasks = []
+    loop = asyncio.get_running_loop()
+    request = (
+        f"GET {path} HTTP/1.1\r\nhost: bench\r\nx-api-key: {KEY}\r\n"
+        f"prefer: wait={args.wait}\r\n\r\n"
+    ).encode()
+    answers: list[asyncio.Future[tuple[float, bytes]]] = []
     for start_at in range(0, args.waiters, BATCH):
-        opened = []
-        for _ in range(min(BATCH, args.waiters - start_at)):
-            event = asyncio.Event()
-            opened.append(event)
-            tasks.append(asyncio.create_task(wait_once(api_port, path, args.wait, event)))
-        for event in opened:
-            await event.wait()
+        batch = [loop.create_future() for _ in range(min(BATCH, args.waiters - start_at))]
+        await asyncio.gather(
+            *(
+                loop.create_connection(
+                    functools.partial(Waiter, request, answered), "127.0.0.1", api_port
+                )
+                for answered in batch
+            )
+        )
+        answers += batch
     deadline = time.monotonic() + 60
     while (held := await asyncio.to_thread(waiting, api)) < args.waiters:
         if time.monotonic() > deadline:
@@ -125,10 +156,10 @@ async def run(
         retention=3600,
         deliver=False,
     )
-    results = await asyncio.gather(*tasks)
+    results = await asyncio.gather(*answers)
     await redis.aclose()
-    lags = sorted(done - ended_at for _, done in results)
-    bad = [status for status, _ in results if status != 200]
+    lags = sorted(done - ended_at for done, _ in results)
+    bad = [status for _, received in results if (status := checked(received)) != 200]
     extra_calls = upstream_calls(sandbox) - before_calls
     after_rss = rss_mib(api_pid)
     print(f"waiters: {args.waiters} on one job, Prefer: wait={args.wait}, one API process")

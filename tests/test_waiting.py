@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,7 +17,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay.api.app import create_app
 from relay.serving import api_options
 from relay.settings import load_settings
-from tests.helpers import AUDIO, SLOW, VIDEO, pin, running_api, submit
+from tests.helpers import (
+    ADMIN_KEY,
+    AUDIO,
+    B_KEY,
+    SLOW,
+    VIDEO,
+    pin,
+    running_api,
+    submit,
+    three_callers,
+)
 from tests.servers import serve
 from tests.stack import RELAY_KEY, Stack, eventually, job_field, relay_stack
 
@@ -103,6 +114,52 @@ def test_many_waiters_on_one_job_all_hear_its_end(redis_url: str, pool: ThreadPo
         results = [answer.result(timeout=30) for answer in answers]
         assert {job["status"] for job, _ in results} == {"failed"}
         assert {applied for _, applied in results} == {"wait=60"}
+
+
+def without_date(response: httpx.Response) -> list[tuple[bytes, bytes]]:
+    return [(name, value) for name, value in response.headers.raw if name.lower() != b"date"]
+
+
+def test_a_waiting_answer_is_the_ordinary_answer_byte_for_byte(
+    redis_url: str, pool: ThreadPoolExecutor
+) -> None:
+    with relay_stack(redis_url, sandbox=SLOW) as stack:
+        request_id = submit(stack)
+        polled(stack, request_id)
+        url = stack.api_url + WAIT_ROUTE.format(request_id)
+        wait = {"x-api-key": RELAY_KEY, "Prefer": "wait=60"}
+        with httpx.Client(timeout=60) as client:
+            waited = pool.submit(client.get, url, headers=wait)
+            eventually(lambda: waiting(stack.api_url) == 1)
+            pin(stack, request_id, status="completed", extra={"output_url": "https://cdn/o.mp4"})
+            answer = waited.result(timeout=30)
+            # The client's connection carries its next requests: answered by the route itself
+            # now that the job has ended, with and without the preference.
+            again = client.get(url, headers=wait)
+            plain = client.get(url, headers={"x-api-key": RELAY_KEY})
+        assert answer.status_code == again.status_code == plain.status_code == 200
+        assert answer.json()["status"] == "completed"
+        assert answer.content == again.content == plain.content
+        assert without_date(answer) == without_date(again)
+        assert answer.headers["preference-applied"] == "wait=60"
+
+
+def test_a_caller_waits_only_on_its_own_jobs(redis_url: str, tmp_path: Path) -> None:
+    env = three_callers(tmp_path / "callers.json")
+    with relay_stack(redis_url, sandbox=SLOW, env=env) as stack:
+        request_id = submit(stack)
+        polled(stack, request_id)
+        url = stack.api_url + WAIT_ROUTE.format(request_id)
+        # Another caller is told at once what it is told without waiting: no such job.
+        for prefer in ("wait=60", None):
+            headers = {"x-api-key": B_KEY, **({"Prefer": prefer} if prefer else {})}
+            refused = httpx.get(url, headers=headers, timeout=30)
+            assert refused.status_code == 404
+            assert "preference-applied" not in refused.headers
+        assert waiting(stack.api_url) == 0
+        # An admin may wait on anyone's job.
+        job = httpx.get(url, headers={"x-api-key": ADMIN_KEY, "Prefer": "wait=1"}, timeout=30)
+        assert job.status_code == 200 and job.headers["preference-applied"] == "wait=1"
 
 
 def test_a_submission_waits_for_its_job(redis_url: str, pool: ThreadPoolExecutor) -> None:

@@ -25,6 +25,7 @@ from relay.api.budget import ActingCaller, ApiBudget
 from relay.api.idempotency import idempotent
 from relay.api.limits import UploadSlots
 from relay.api.openapi import openapi_document
+from relay.api.parked_reads import ParkedReads
 from relay.api.protocol import PARKED, SHUTDOWN_HOOKS
 from relay.api.response_counts import ResponseCounter
 from relay.api.responses import api_error, client_disconnected, http_error, unexpected_error
@@ -126,7 +127,8 @@ def create_app(settings: Settings) -> Starlette:
         watch = RedisWatch(redis)
         stop_watching = asyncio.Event()
         watching = asyncio.create_task(watch.run(stop_watching), name="redis-watch")
-        waiters = Waiters(redis)
+        parked_reads = ParkedReads(store)
+        waiters = Waiters(redis, parked_reads)
         listening = asyncio.create_task(waiters.run(stop_watching), name="events-subscription")
         try:
             yield {
@@ -148,6 +150,7 @@ def create_app(settings: Settings) -> Starlette:
                     intents=Intents(redis, store, settings),
                     audit=audit,
                     waiters=waiters,
+                    parked_reads=parked_reads,
                     history=History(redis),
                 ),
                 # The server calls it as it starts shutting down (relay.api.protocol), while

@@ -7,6 +7,11 @@ uvicorn bounds idle time between requests (keep-alive), and nothing else a clien
 - **Size of the headers.** httptools keeps a header that is still arriving in memory, however
   long (one streamed header value took 115 MB and froze the event loop): a request whose line
   and headers pass MAX_HEAD_BYTES is answered 431 and closed.
+- **Requests that wait without a task.** A route may park its request (`PARK`): the app returns
+  without answering, and the request is held by its connection alone (no task, no stack) until
+  it is answered with bytes made once for many (`ParkedRequest.answer`) or dispatched to the
+  app again (`ParkedRequest.dispatch_again`). Thousands of `Prefer: wait` reads cost little more
+  than their sockets that way (relay.api.parked_reads).
 - **Requests and connections apart.** uvicorn's `limit_concurrency` counts connections and
   requests together, so idle connections made every real request a 503. Here requests in
   flight are limited (RELAY_HTTP_MAX_CONCURRENCY, 503 beyond) and connections separately, in
@@ -20,14 +25,21 @@ minimum rate for uploads.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ipaddress
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from relay.api.response_counts import count_response, counted
 from relay.metrics import HTTP_CONNECTIONS_CLOSED
@@ -54,6 +66,8 @@ PARKED = "relay.parked"
 # A request's state holds this key (None) under this protocol: a request that waits may put a
 # function there, called if its client hangs up before the answer (no task needs to listen).
 HANG_UP = "relay.hang_up"
+# ... and under this one its ParkedRequest, by which the app may park it.
+PARK = "relay.park"
 
 # An IPv6 client usually holds a whole /64: its addresses count as one peer.
 IPV6_PEER_PREFIX = 64
@@ -147,6 +161,16 @@ class ConnectionTable:
         return True
 
 
+class _Pipeline(list[tuple[RequestResponseCycle, ASGI3Application]]):
+    """uvicorn's queue of pipelined requests (it appends left and pops right) as a list: an
+    empty deque costs ~770 bytes, a connection each, and pipelining is rare."""
+
+    __slots__ = ()
+
+    def appendleft(self, item: tuple[RequestResponseCycle, ASGI3Application]) -> None:
+        self.insert(0, item)
+
+
 class ApiProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the limits above; one subclass per server
     (`protocol_class`) holds that server's limits and connection table."""
@@ -163,6 +187,10 @@ class ApiProtocol(HttpToolsProtocol):
     # Counted from the end of the previous request (or the connection's opening), so bytes
     # that arrive before a request begins count too.
     _head_bytes: int | None = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pipeline = _Pipeline()  # type: ignore[assignment]
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -238,7 +266,26 @@ class ApiProtocol(HttpToolsProtocol):
             app = _over_capacity
             if counted(cycle.scope):
                 count_response(503)  # no app runs to count it
-        super()._start_asgi_task(cycle, app)
+        else:
+            cycle.scope["state"][PARK] = ParkedRequest(self, cycle)
+        self._run_asgi_task(cycle, app)
+
+    def _run_asgi_task(
+        self,
+        cycle: RequestResponseCycle,
+        app: ASGI3Application,
+        context: contextvars.Context | None = None,
+    ) -> None:
+        task = self.loop.create_task(self._run_asgi(cycle, app), context=context)
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    async def _run_asgi(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        await cycle.run_asgi(app)
+        parked = cycle.scope["state"].get(PARK)
+        if isinstance(parked, ParkedRequest) and parked.parked:
+            # Answered later, by bytes or by the app again.
+            cycle.disconnected = False
 
     def _head_too_large(self) -> None:
         log.warning("request headers larger than %d bytes: answered 431", self.max_head_bytes)
@@ -273,6 +320,132 @@ class ApiProtocol(HttpToolsProtocol):
         self._header_timer = None
         if not self.transport.is_closing():
             self.transport.close()
+
+
+class Prepared:
+    """A response made once and written as the same bytes to every parked request it answers."""
+
+    __slots__ = ("_wire", "body", "headers", "status")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        # (uvicorn's default headers it was made with, keep-alive) -> the bytes on the wire.
+        self._wire: dict[bool, tuple[list[tuple[bytes, bytes]], bytes]] = {}
+
+    def wire(self, default_headers: list[tuple[bytes, bytes]], keep_alive: bool) -> bytes:
+        """The response as uvicorn would write it (its default headers first: the date, which
+        uvicorn renews each second, and the server)."""
+        made = self._wire.get(keep_alive)
+        if made is not None and made[0] is default_headers:
+            return made[1]
+        content = [STATUS_LINE[self.status]]
+        for name, value in (*default_headers, *self.headers):
+            content += (name, b": ", value, b"\r\n")
+        if not keep_alive:
+            content.append(b"connection: close\r\n")
+        content += (b"\r\n", self.body)
+        wire = b"".join(content)
+        self._wire[keep_alive] = (default_headers, wire)
+        return wire
+
+
+class _Unheard:
+    """What a parked request's cycle signals its app by (a body arriving, a hang-up) while no
+    app runs for it: nothing. A real asyncio.Event costs ~850 bytes, each parked request one."""
+
+    def set(self) -> None:
+        pass
+
+
+_UNHEARD = _Unheard()
+
+
+class ParkedRequest:
+    """A request's handle (`PARK` in its state) by which its app may park it, and the request
+    is answered once parked: held by its connection alone, with no task or stack."""
+
+    __slots__ = ("_cycle", "_on_response", "_protocol", "parked")
+
+    def __init__(self, protocol: ApiProtocol, cycle: RequestResponseCycle) -> None:
+        self._protocol = protocol
+        self._cycle = cycle
+        self._on_response = cycle.on_response
+        self.parked = False
+
+    def park(self) -> None:
+        """Leave the request unanswered: the app calls it as the last thing it does."""
+        cycle = self._cycle
+        self.parked = True
+        # uvicorn's runner answers 500 for an app that returns without answering, unless its
+        # client is gone: so it is told that until the app has returned (nothing runs between).
+        cycle.disconnected = True
+        cycle.message_event = _UNHEARD  # type: ignore[assignment]
+
+    @property
+    def state(self) -> dict[str, object]:
+        """The request's state (scope["state"]), as the app left it."""
+        state: dict[str, object] = self._cycle.scope["state"]
+        return state
+
+    def _gone(self) -> bool:
+        cycle = self._cycle
+        return cycle.disconnected or cycle.response_complete or cycle.transport.is_closing()
+
+    def _unpark(self) -> None:
+        """Back to uvicorn's cycle as a request in progress."""
+        cycle = self._cycle
+        self.parked = False
+        cycle.on_response = self._on_response
+
+    def _write(self, prepared: Prepared) -> bool:
+        """Write `prepared` as the whole answer, as uvicorn's `send` would; False if the client
+        is gone. The rest waits for `_finish`: the writes are what the clients wait for."""
+        if self._gone():
+            return False
+        cycle = self._cycle
+        cycle.response_started = True
+        cycle.transport.write(
+            prepared.wire(self._protocol.server_state.default_headers, cycle.keep_alive)
+        )
+        cycle.response_complete = True
+        return True
+
+    def _finish(self) -> None:
+        # Its event stays _UNHEARD: uvicorn waits on a cycle's event only until its answer.
+        self._unpark()
+        cycle = self._cycle
+        if not cycle.keep_alive:
+            cycle.transport.close()
+        cycle.on_response()
+
+    def dispatch_again(self) -> None:
+        """Have the app answer the request afresh, in a task of its own (in a context of its
+        own: whatever woke it was not in the request's)."""
+        if not self._gone():
+            self._unpark()
+            cycle = self._cycle
+            cycle.message_event = asyncio.Event()
+            if cycle.body or not cycle.more_body:
+                cycle.message_event.set()  # what there is of the body may be read again
+            self._protocol._run_asgi_task(
+                self._cycle, self._protocol.app, context=contextvars.Context()
+            )
+
+
+def answer_parked(answers: Iterable[tuple[ParkedRequest, Prepared]]) -> None:
+    """Answer parked requests with prepared bytes, without a task: every answer is written
+    first, then each connection is made ready for its next request (the writes are what the
+    clients wait for)."""
+    written = [(parked, prepared) for parked, prepared in answers if parked._write(prepared)]
+    for parked, _ in written:
+        parked._finish()
+    statuses = Counter(
+        prepared.status for parked, prepared in written if counted(parked._cycle.scope)
+    )
+    for status, count in statuses.items():
+        count_response(status, count)  # no app ran to count them
 
 
 async def _over_capacity(

@@ -19,10 +19,10 @@ UNCOUNTED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _CLASSES = {n: HTTP_RESPONSES.labels(f"{n}xx") for n in range(1, 6)}
 
 
-def count_response(status: int) -> None:
+def count_response(status: int, count: int = 1) -> None:
     counter = _CLASSES.get(status // 100)
     if counter is not None:
-        counter.inc()
+        counter.inc(count)
 
 
 def counted(scope: Mapping[str, object]) -> bool:

@@ -9,6 +9,7 @@ from starlette.requests import Request
 
 from relay.api.budget import ApiBudget
 from relay.api.limits import UploadSlots
+from relay.api.parked_reads import ParkedReads
 from relay.api.store_check import WriteCheck
 from relay.api.waiters import Waiters
 from relay.callers.source import CallerSource
@@ -48,6 +49,7 @@ class AppState:
     audit: Audit  # who steered each job
     # Requests waiting for jobs' events, and where the events are read.
     waiters: Waiters
+    parked_reads: ParkedReads  # status reads that wait without a task
     history: History
 
 

@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from relay.api import prefer
 from relay.api.models import MAX_ID_LENGTH, MAX_REFERENCE_ID_LENGTH
+from relay.api.parked_reads import tracked_answer, waited
 from relay.api.responses import json_bytes
 from relay.api.scoping import list_owner, not_found, request_owner
 from relay.api.state import app_state
@@ -69,12 +70,15 @@ async def get_request(request: Request) -> Response:
     if job is not None and wait is not None:
         # Only a tracked job can be waited on: its end is announced in Redis.
         headers = prefer.applied(wait)
-        if not job.ended and wait > 0:
+        if not job.ended and wait > 0 and not waited(request):
             # Held by nothing while it waits (thousands may): what it says is read afresh.
             request_id, job = job.request_id, None
+            parking = await state.parked_reads.park(request, request_id, wait)
+            if parking is not None:
+                return parking
             job = await wait_for_end(state, request, request_id, wait)
-    if job is not None and job.body is not None:
-        return json_bytes(job.body, headers=headers)
+    if job is not None and (answer := tracked_answer(job, wait)) is not None:
+        return answer
     if owner is not None:
         if job is None:
             raise not_found()

@@ -22,7 +22,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -45,6 +45,16 @@ RESYNC = 0x200
 UNKNOWN = RESYNC | EVENT | ENDS | LAST
 # Seconds between attempts to subscribe again after a break.
 RESUBSCRIBE_AFTER = 1.0
+
+
+class Listener(Protocol):
+    """What else hears announcements: requests parked without a task (relay.api.parked_reads)."""
+
+    def wake(self, request_id: str, flags: int) -> None: ...
+
+    def wake_all(self) -> None: ...
+
+    def drain(self) -> None: ...
 
 
 @dataclass(eq=False)
@@ -87,8 +97,9 @@ class _Topic:
 
 
 class Waiters:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, listener: Listener | None = None) -> None:
         self.redis = redis
+        self.listener = listener
         self._jobs: dict[str, _Topic] = {}
         self._callers: dict[str, _Topic] = {}
         self.draining = False
@@ -101,6 +112,8 @@ class Waiters:
         """The server is shutting down: wake every waiter to answer now (idempotent)."""
         if not self.draining:
             self.draining = True
+            if self.listener is not None:
+                self.listener.drain()
             self._wake_all()
 
     @contextlib.contextmanager
@@ -185,6 +198,8 @@ class Waiters:
             waiter.wake(flags)
 
     def _wake_all(self) -> None:
+        if self.listener is not None and not self.draining:
+            self.listener.wake_all()
         for table in (self._jobs, self._callers):
             for topic in table.values():
                 self._wake(topic, UNKNOWN)
@@ -194,6 +209,8 @@ class Waiters:
         announcement = Announcement.parse(raw)
         if announcement is None:
             return
+        if self.listener is not None:
+            self.listener.wake(announcement.request_id, announcement.flags)
         for table, name in (
             (self._jobs, announcement.request_id),
             (self._callers, announcement.caller),
