@@ -104,9 +104,9 @@ class ParkedReads:
     async def park(self, request: Request, request_id: str, seconds: int) -> Response | None:
         """A response whose call parks the read until the job ends or `seconds` pass; None
         when the read cannot be parked (not under the API's protocol, the server draining, the
-        job ended meanwhile): it then waits the ordinary way."""
-        if PARK not in request.scope["state"] or self.draining:
-            return None
+        job ended meanwhile, a HEAD): it then waits the ordinary way."""
+        if PARK not in request.scope["state"] or request.method != "GET" or self.draining:
+            return None  # a HEAD's answer has no body: uvicorn's own path leaves it out
         read = ParkedRead(self, request_id, seconds)
         pending = self._pending.setdefault(request_id, set())
         pending.add(read)

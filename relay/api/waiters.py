@@ -4,11 +4,12 @@ caller's feed).
 
 The process subscribes once to `relay:events`, where every job event is announced as it is
 recorded (relay.jobs.history); each announcement wakes the waiters of its job and of its caller.
-A waiter is a future and an entry in a dict, and makes no Redis call while it waits, so
-thousands of them cost little more than their sockets. A waiter registers before it reads what
-it waits for: an event between the read and the wait still wakes it. When the subscription
-breaks (Redis restarted, a failover), every waiter is woken once it is back, since what was
-announced meanwhile was not heard, and reads again.
+A waiter is a future and an entry in a dict, and makes no Redis call while it waits; a status
+read that waits is not even that, but parked with no task (relay.api.parked_reads, which hears
+the same announcements), so thousands of them cost little more than their sockets. A waiter
+registers before it reads what it waits for: an event between the read and the wait still
+wakes it. When the subscription breaks (Redis restarted, a failover), every waiter is woken
+once it is back, since what was announced meanwhile was not heard, and reads again.
 
 Each waiter also listens for its client hanging up, and lets go at once when it does. When the
 server shuts down (relay.api.protocol calls `drain`), every waiter is woken to answer with what

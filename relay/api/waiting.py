@@ -7,6 +7,9 @@ wait=N`. It comes at once when the job has ended already, when N is up (with the
 stands), or when the server shuts down (the same, and the connection is closed cleanly: the
 client may ask again). A client that hangs up lets go of its wait at once.
 
+A status read is parked rather than held by a task where it can be (relay.api.parked_reads):
+thousands may wait on one job, and are answered together with the same bytes.
+
 A submit's own answer (`{"status": "success", "request_id": ...}`, what an Idempotency-Key
 keeps and replays) gains `request`: the job as the relay knows it, once it has read it.
 """
