@@ -193,6 +193,18 @@ def test_a_submission_waits_for_its_job(redis_url: str, pool: ThreadPoolExecutor
         assert replayed.request["output_url"] == "https://cdn.example.com/o.mp4"
 
 
+def test_a_submission_that_waits_no_time_answers_with_its_new_job(redis_url: str) -> None:
+    with running_api(redis_url) as api:
+        body = {"inputs": [{"type": "video", "url": VIDEO}, {"type": "audio", "url": AUDIO}]}
+        created = api.post(body, Prefer="wait=0")
+        plain = api.post(body)
+        assert created.status_code == plain.status_code == 200
+        assert created.headers["preference-applied"] == "wait=0"
+        answer = created.json()
+        assert answer["status"] == "success" and answer.keys() == plain.json().keys()
+        assert len(api.tracked()) == 2
+
+
 def test_a_bad_wait_is_refused_before_anything_is_created(redis_url: str) -> None:
     with running_api(redis_url) as api:
         refused = api.post(

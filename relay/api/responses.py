@@ -19,6 +19,16 @@ def json_bytes(body: bytes, headers: dict[str, str] | None = None) -> Response:
     return Response(body, media_type="application/json", headers=headers)
 
 
+class JobCreated(Response):
+    """A submission's answer (JSON bytes, as json_bytes) for a job it has just started tracking:
+    not ended and not read from Chamelaion yet, so `Prefer: wait` need not read it
+    (relay.api.waiting)."""
+
+    def __init__(self, body: bytes, request_id: str) -> None:
+        super().__init__(body, media_type="application/json")
+        self.request_id = request_id
+
+
 # Entries of `details` an error answer lists at most: a body of 80,000 unknown fields is
 # 80,000 validation errors, and naming them all made a 5 MB answer from a 1 MB request.
 MAX_DETAILS = 20

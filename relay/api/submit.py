@@ -27,7 +27,7 @@ from relay.api.auth import request_caller
 from relay.api.body import read_body
 from relay.api.budget import acting_caller
 from relay.api.models import MAX_ID_LENGTH, GenerateRequest
-from relay.api.responses import json_bytes
+from relay.api.responses import JobCreated, json_bytes
 from relay.api.state import AppState, app_state
 from relay.callers.model import Caller
 from relay.delivery.netpolicy import parse_callback_url, resolve_and_check
@@ -256,6 +256,7 @@ class Submission:
             # The common case, counted in metrics: not a line each unless RELAY_LOG_LEVEL=debug
             # (at a thousand submissions a second, a line each is a sizeable share of the CPU).
             log.debug("job submitted", extra={"request_id": request_id})
+            return JobCreated(answer, request_id)
         return json_bytes(answer)
 
     def _unrecorded(self, request_id: str) -> OutcomeUnknown:

@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from relay.api import prefer
+from relay.api.responses import JobCreated
 from relay.api.state import AppState, app_state
 from relay.api.waiters import RESYNC
 from relay.jobs.history import ENDS
@@ -79,17 +80,31 @@ def waiting(endpoint: Endpoint) -> Endpoint:
         response = await endpoint(request)
         if seconds is None or response.status_code != 200:
             return response
+        if isinstance(response, JobCreated) and seconds == 0:
+            # Just created: not ended, nothing read from Chamelaion: there is nothing to add.
+            response.headers.update(prefer.applied(seconds))
+            return response
         try:
             answer = orjson.loads(bytes(response.body))
-            request_id = answer.get("request_id") if isinstance(answer, dict) else None
-            job = await state.store.get(request_id) if isinstance(request_id, str) else None
-        except (orjson.JSONDecodeError, RedisError):
+        except orjson.JSONDecodeError:
             return response
-        if job is None:
-            return response  # not tracked here (nothing to wait on): the answer as it was
-        if not job.ended and seconds > 0:
-            job = await wait_for_end(state, request, job.request_id, seconds) or job
-        if job.body is not None:
+        if not isinstance(answer, dict):
+            return response
+        job: Job | None = None
+        if isinstance(response, JobCreated):
+            request_id = response.request_id  # no need to read it: it waits at once
+        else:
+            named = answer.get("request_id")
+            try:
+                job = await state.store.get(named) if isinstance(named, str) else None
+            except RedisError:
+                return response
+            if job is None:
+                return response  # not tracked here (nothing to wait on): as it was
+            request_id = job.request_id
+        if (job is None or not job.ended) and seconds > 0:
+            job = await wait_for_end(state, request, request_id, seconds) or job
+        if job is not None and job.body is not None:
             answer["request"] = orjson.Fragment(job.body)
         headers = {
             name: value
