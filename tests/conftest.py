@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -24,12 +25,18 @@ from tests.helpers import close_test_clients
 hypothesis.settings.register_profile("relay", deadline=None)
 hypothesis.settings.load_profile("relay")
 
+
 # Set by the run that made the bytecode cache below (under xdist: the controller), which alone
 # removes it at the end.
 _OWN_PYCACHE = "_RELAY_TESTS_OWN_PYCACHE"
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "long: the test takes tens of seconds (mostly waiting); xdist hands it out early, so "
+        "it does not start last and set the length of the run",
+    )
     # Hundreds of `relay worker` and other Python subprocesses start during a run. Where
     # PYTHONDONTWRITEBYTECODE is set (as on this project's machines) each of them would compile
     # every module it imports from source again, a couple of CPU seconds apiece. Children get a
@@ -40,24 +47,54 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ[_OWN_PYCACHE] = str(os.getpid())
 
 
+# A test marked `@pytest.mark.long`, as the scheduler (which sees node ids, not marks) finds it
+# in its module's text: the name of the first function defined after the mark.
+LONG_MARK = re.compile(r"^@pytest\.mark\.long\b.*?^(?:async )?def (\w+)", re.MULTILINE | re.DOTALL)
+
+
 class ByTestScheduling(LoadScopeScheduling):  # type: ignore[misc]  # xdist is untyped
     """xdist hands tests to its processes one by one, so one long file no longer sets the
     length of the run; but the tests of a module that declares a module-scoped fixture (a
     rendered chart, a browser, a checkov run) stay together on one process, so the fixture is
     made once. (xdist's own loadgroup marks cannot do this under pytest 9: the suffix it adds
-    to a test's id no longer changes the id.)"""
+    to a test's id no longer changes the id.)
+
+    Longest first: those modules (xdist orders units by their number of tests), then the
+    tests marked `long`, then the rest in collection order. A long test handed out last would
+    run alone at the end while the other processes sit idle."""
 
     def __init__(self, config: pytest.Config, log: Any = None) -> None:
         super().__init__(config, log)
         self.root = config.rootpath
+        self.ordered = False
 
     @functools.cache  # noqa: B019 - one scheduler per run
+    def text(self, module: str) -> str:
+        return (self.root / module).read_text()
+
+    @functools.cache  # noqa: B019 - one scheduler per run
+    def long_tests(self, module: str) -> frozenset[str]:
+        return frozenset(found.group(1) for found in LONG_MARK.finditer(self.text(module)))
+
     def keeps_together(self, module: str) -> bool:
-        return 'scope="module"' in (self.root / module).read_text()
+        return 'scope="module"' in self.text(module)
 
     def _split_scope(self, nodeid: str) -> str:
         module = nodeid.split("::", 1)[0]
         return module if self.keeps_together(module) else nodeid
+
+    def rank(self, scope: str) -> int:
+        module, _, test = scope.partition("::")
+        if not test:
+            return 0
+        return 1 if test.split("[", 1)[0] in self.long_tests(module) else 2
+
+    def _assign_work_unit(self, node: Any) -> None:
+        if not self.ordered:  # the queue is complete by the first assignment
+            self.ordered = True
+            for scope in sorted(self.workqueue, key=self.rank):
+                self.workqueue.move_to_end(scope)
+        super()._assign_work_unit(node)
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:

@@ -385,6 +385,7 @@ def test_older_requests_with_the_reference_id_are_outside_the_window(redis_url: 
         called_back_once(stack, redis_url, request_id)
 
 
+@pytest.mark.long
 def test_a_tracking_write_refused_after_the_create_is_recorded_later() -> None:
     with own_redis() as (redis_url, _proc):
         admin = redis.Redis.from_url(redis_url)
@@ -458,6 +459,7 @@ def api_process(
             api.wait()
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_an_api_cut_off_mid_create_leaves_the_job_to_a_worker(
     api_process: tuple[Stack, LateAnswers, subprocess.Popen[bytes], str],

@@ -7,6 +7,7 @@ receivers on loopback; every callback is verified with `standardwebhooks`.
 from __future__ import annotations
 
 import orjson
+import pytest
 import redis
 from arq.jobs import deserialize_result
 
@@ -29,6 +30,7 @@ def delivered_once_each(stack: Stack, receiver: Receiver, request_ids: list[str]
     assert len({next(iter(ids)) for ids in by_job.values()}) == len(request_ids)
 
 
+@pytest.mark.long
 def test_hanging_receivers_do_not_hold_up_the_others(redis_url: str) -> None:
     hanging = Receiver(delay=4.0)
     env = {"RELAY_DELIVERY_TIMEOUT": "8", "RELAY_DESTINATION_CONCURRENCY": "2"}
@@ -101,6 +103,7 @@ def test_a_failing_destination_is_backed_off_and_gets_every_event_once_it_recove
         assert "relay_destinations_backed_off 0.0" in text
 
 
+@pytest.mark.long
 def test_a_burst_past_the_in_process_limit_waits_its_turn_and_all_arrive(redis_url: str) -> None:
     # One attempt in flight per worker, so at most two first attempts run in-process; the rest
     # of the burst waits as ids. Each send takes 2 s, so the later ones wait long enough that

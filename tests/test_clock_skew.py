@@ -131,6 +131,7 @@ def test_a_skewed_worker_rides_out_a_single_404(redis_url: str, offset: str) -> 
         assert calls[POLL_ROUTE] >= 2, "the 404 was seen, then the job found again"
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("offset", SKEWS.values(), ids=SKEWS.keys())
 def test_a_skewed_worker_makes_a_deferred_retry_on_time(redis_url: str, offset: str) -> None:
     """A retry deferred by 20 s (±10 %) by a worker with a right clock is made by a skewed

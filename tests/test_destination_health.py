@@ -228,6 +228,7 @@ class SharedHost:
         )
 
 
+@pytest.mark.long
 def test_one_callers_slow_callbacks_do_not_queue_another_callers_behind_them(
     redis_url: str, tmp_path: Path
 ) -> None:

@@ -8,6 +8,7 @@ import time
 
 import httpx
 import orjson
+import pytest
 import redis
 
 from relay.redis import keys
@@ -106,6 +107,7 @@ def test_retry_schedule_runs_out_and_the_delivery_is_marked_failed(redis_url: st
         assert len(receiver.received) == 4, "exactly one attempt per schedule entry"
 
 
+@pytest.mark.long
 def test_a_sigkilled_worker_loses_nothing(redis_url: str) -> None:
     """Kill a worker in the middle of polls and of a delivery; a second one finishes all."""
     receiver = Receiver(delay=5.0)  # the first delivery hangs past the kill

@@ -15,6 +15,7 @@ import socket
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 from arq.connections import ArqRedis
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
@@ -163,6 +164,7 @@ def test_api_responses_are_counted_by_status_class_without_probes(redis_url: str
         assert {c: after[c] - before[c] for c in after} == {"2xx": 1, "4xx": 1, "5xx": 1}
 
 
+@pytest.mark.long
 def test_the_503s_past_the_concurrency_limit_are_counted(redis_url: str) -> None:
     env = {"RELAY_HTTP_MAX_CONCURRENCY": "4", "RELAY_HTTP_BODY_TIMEOUT": "10"}
     with relay_stack(redis_url, workers=0, env=env) as stack:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from starlette.routing import Route
 
 from relay.api.app import create_app
@@ -39,6 +40,7 @@ def test_the_document_is_served(redis_url: str) -> None:
         assert httpx.get(api.url + "/openapi.json").json() == openapi_document()
 
 
+@pytest.mark.long
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(redis_url: str) -> None:
     # Waits (Prefer: wait, a feed's wait) capped at a second: a fuzzed wait=60 on a job no
     # worker ends would hold the run for a minute.

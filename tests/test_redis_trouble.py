@@ -14,6 +14,7 @@ import threading
 import time
 
 import httpx
+import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -70,6 +71,7 @@ class StallingReceiver(Receiver):
         return Starlette(routes=[Route("/hook", hook, methods=["POST"])])
 
 
+@pytest.mark.long
 def test_a_redis_stall_after_the_receiver_answers_does_not_strand_the_delivery() -> None:
     # Finding 1: the receiver answers just under RELAY_DELIVERY_TIMEOUT (2 s in the stack), then
     # Redis stalls past arq's job timeout. Unbounded, the attempt's write hangs until arq cancels
