@@ -6,10 +6,13 @@ import functools
 import os
 import re
 import shutil
+import ssl
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import httpx
+import httpx._transports.default
 import hypothesis
 import pytest
 from redis import Redis as SyncRedis
@@ -25,6 +28,28 @@ from tests.helpers import close_test_clients
 hypothesis.settings.register_profile("relay", deadline=None)
 hypothesis.settings.load_profile("relay")
 
+
+def _one_default_ssl_context() -> None:
+    """Every httpx client builds its SSL context, loading certifi's CA bundle: 35 ms of CPU
+    alone, 140 ms on the loaded machine, and the tests make thousands of short-lived clients
+    (httpx.get, the SDK, a stack's helpers) that only ever speak plain HTTP to loopback: 290 of
+    them took 41 s of a 173 s run. Each test process builds the default one once and shares it
+    (an SSLContext is made to be shared); any other verify or cert still gets its own."""
+    build = httpx.create_ssl_context
+    default = functools.cache(build)
+
+    def create_ssl_context(
+        verify: ssl.SSLContext | str | bool = True, cert: Any = None, trust_env: bool = True
+    ) -> ssl.SSLContext:
+        if verify is True and cert is None and trust_env:
+            return default()
+        return build(verify=verify, cert=cert, trust_env=trust_env)
+
+    # Where httpx's transports look it up (its module imported the name).
+    httpx._transports.default.create_ssl_context = create_ssl_context  # type: ignore[attr-defined]
+
+
+_one_default_ssl_context()
 
 # Set by the run that made the bytecode cache below (under xdist: the controller), which alone
 # removes it at the end.
