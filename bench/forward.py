@@ -53,9 +53,6 @@ BODY = {
 # What the relay forwards of BODY, which the bare forwarder passes on as it is.
 UPSTREAM_BODY = {"inputs": BODY["inputs"]}
 KEY = "bench-key-0123456789"
-# --tracing: the traced API exports at least this often (half of it: OTEL_BSP_SCHEDULE_DELAY),
-# so a round's spans are all out this long after its last request.
-BATCH_DELAY = 1.0
 
 
 def serve_bare(port: int, upstream: str) -> None:
@@ -399,11 +396,9 @@ def main_tracing(seconds: float, rounds: int, connections: int, together: bool) 
         }
         for name in ("off", "on"):
             Path(tmp, name).mkdir()  # each wrk's script, when both run at once
-        traced = {
-            **env,
-            "OTEL_EXPORTER_OTLP_ENDPOINT": sink,
-            "OTEL_BSP_SCHEDULE_DELAY": str(round(BATCH_DELAY * 1000 / 2)),
-        }
+        # The batch processor's defaults (OTEL_BSP_*): full batches of 512 spans, the last
+        # spans of a round in the next round's first.
+        traced = {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": sink}
         cli = [sys.executable, "-m", "relay.cli"]
         bench_dir = Path(__file__).parent
         procs = [
@@ -426,8 +421,8 @@ def main_tracing(seconds: float, rounds: int, connections: int, together: bool) 
             sink_cpu: list[float] = []
             servers = {"off": procs[2].pid, "on": procs[3].pid, "sink": procs[1].pid}
             for n in range(1, rounds + 1):
-                # Each process's CPU over the whole round pair (the traced API exports the
-                # spans of its last batch while the other is driven), per request it served.
+                # Each process's CPU over the whole round pair (the traced API exports while
+                # the other is driven too), per request it served.
                 before = {name: thread_cpu_seconds(pid) for name, pid in servers.items()}
                 if together:
                     # Both driven at once, each by its own wrk: whatever else the machine runs
@@ -467,8 +462,6 @@ def main_tracing(seconds: float, rounds: int, connections: int, together: bool) 
                     rates[name].append(rate)
                     if profiler is not None:
                         profiler.wait()
-                # The last batch leaves within the batch delay (OTEL_BSP_SCHEDULE_DELAY).
-                time.sleep(BATCH_DELAY)
                 after = {name: thread_cpu_seconds(pid) for name, pid in servers.items()}
                 used = {
                     name: [

@@ -21,7 +21,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanKind, Status
+from opentelemetry.trace import Link, Status, StatusCode
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +110,14 @@ _SPAN_FLAGS = {
 }
 _UNSET = _field(b"\x7a", b"")  # a span's status when it has none
 # A span's name and kind fields, by both: a handful of pairs.
-_NAMES: dict[tuple[str, SpanKind], bytes] = {}
+_NAMES: dict[tuple[str, int], bytes] = {}
 
 
 def _status(status: Status) -> bytes:
-    if not status.description and not status.status_code.value:
+    if status.status_code is StatusCode.UNSET and not status.description:
         return _UNSET
     encoded = _text(b"\x12", status.description) if status.description else b""
-    if status.status_code.value:
+    if status.status_code is not StatusCode.UNSET:
         encoded += b"\x18" + _varint(status.status_code.value)
     return _field(b"\x7a", encoded)
 
@@ -162,12 +162,12 @@ def _span(span: ReadableSpan) -> bytes:
     if parent is not None:
         parts.append(_PARENT(b"\x22\x08", parent.span_id))
     kind = span.kind
-    named = _NAMES.get((span.name, kind))
+    named = _NAMES.get((span.name, id(kind)))  # by id: hashing an Enum calls Python code
     if named is None:
         if len(_NAMES) >= _SEEN_MAX:
             _NAMES.clear()
         name = _text(b"\x2a", span.name) if span.name else b""
-        named = _NAMES[span.name, kind] = name + b"\x30" + _varint(kind.value + 1)  # from 0
+        named = _NAMES[span.name, id(kind)] = name + b"\x30" + _varint(kind.value + 1)  # from 0
     parts.append(named)
     start, end = span.start_time, span.end_time
     if start and end:
@@ -178,10 +178,13 @@ def _span(span: ReadableSpan) -> bytes:
     parts.append(_attributes(b"\x4a", span.attributes))
     if span.dropped_attributes:
         parts.append(b"\x50" + _varint(span.dropped_attributes))
-    parts.extend(_event(event) for event in span.events)
+    events, links = span.events, span.links
+    if events:
+        parts.extend(_event(event) for event in events)
     if span.dropped_events:
         parts.append(b"\x60" + _varint(span.dropped_events))
-    parts.extend(_link(link) for link in span.links)
+    if links:
+        parts.extend(_link(link) for link in links)
     if span.dropped_links:
         parts.append(b"\x70" + _varint(span.dropped_links))
     parts.append(_status(span.status))
