@@ -312,7 +312,11 @@ def test_past_the_connection_cap_with_every_connection_busy_a_new_one_is_closed(
     with relay_stack(redis_url, workers=0, env=env) as stack:
         with contextlib.ExitStack() as held:
             for _ in range(2):
-                stall_json_body(held.enter_context(connection(stack)))
+                # Served once first, so the server has taken it in: a connection it has yet to
+                # take in when the probe below comes is idle, and the probe evicts it instead.
+                sock = held.enter_context(connection(stack))
+                assert healthz_on(sock).startswith(b"HTTP/1.1 200")
+                stall_json_body(sock)
             eventually(lambda: refused(stack))
         eventually(lambda: httpx.get(stack.api_url + "/healthz").status_code == 200)
 
