@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
+from relay.callers.source import CHECK_EVERY
 from tests.helpers import AUDIO, SLOW, VIDEO, callers_env, pin
 from tests.stack import RELAY_KEY, Stack, eventually, new_secret, relay_stack
 
@@ -167,6 +169,9 @@ def test_callback_hosts_are_checked_again_at_delivery(redis_url: str, callers_fi
                 == 422
             )
         )
+        # The API has taken the new file up; a worker process takes it up within CHECK_EVERY of
+        # the change too (its last look may have come just before it): the delivery comes after.
+        time.sleep(CHECK_EVERY)
         pin(stack, request_id, status="completed")
 
         def attempts() -> list[dict[str, object]]:
