@@ -192,16 +192,18 @@ def test_jobs_arriving_during_sweeps_are_all_caught_once(redis_url: str, order: 
 
 
 def test_a_failing_list_leaves_every_job_to_per_id_polls(redis_url: str) -> None:
-    with relay_stack(redis_url, sandbox=sandbox()) as stack:
+    # The jobs stay queued until the list has been seen failing (a sweep runs only while jobs
+    # are outstanding; jobs ending within a second could all be polled before any sweep ran).
+    config = sandbox(queued_seconds=600, processing_seconds=600)
+    with relay_stack(redis_url, sandbox=config) as stack:
         ready(stack)
         fault(stack, status=500, count=100_000)
         ids = [submit(stack) for _ in range(5)]
+        eventually(lambda: metric(stack, 0, "relay_sweeps_total", outcome="error") >= 1)
+        finish(stack, ids)
         payloads = verified_callbacks(stack, 5)
         assert set(payloads) == set(ids)
         assert calls(stack, POLL_ROUTE) >= 5
-        # The callbacks can all arrive before a sweep has met the failing list (polls are
-        # quick here); the fault stays armed, so the next sweep fails and is counted.
-        eventually(lambda: metric(stack, 0, "relay_sweeps_total", outcome="error") >= 1)
 
 
 def test_a_429_on_a_list_page_pauses_every_upstream_call(redis_url: str) -> None:
