@@ -61,7 +61,8 @@ from aiohttp import web
 from aioserve import post_app, serve_forever
 from store_reads import ended_at
 
-from relay.devtools.embedded_redis import embedded_redis, free_port
+from relay.devtools.embedded_redis import embedded_redis
+from relay.devtools.ports import free_port
 from relay.jobs.store import JobStore
 from relay.redis import keys
 from relay.sandbox.state import ListOrder

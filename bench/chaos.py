@@ -69,7 +69,8 @@ from aiohttp import web
 from aioserve import post_app, serve_forever
 from chamelaion import APIConnectionError, APIStatusError, AsyncChamelaion
 
-from relay.devtools.embedded_redis import find_redis_server, free_port
+from relay.devtools.embedded_redis import find_redis_server
+from relay.devtools.ports import free_port
 from relay.redis import keys
 
 SANDBOX_KEY = "sandbox-key"

@@ -41,7 +41,8 @@ from pathlib import Path
 
 import httpx
 
-from relay.devtools.embedded_redis import embedded_redis, free_port
+from relay.devtools.embedded_redis import embedded_redis
+from relay.devtools.ports import free_port
 
 BODY = {
     "inputs": [

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import httpx
 from upload_memory import RssSampler, status_kib, wait_ready
 
-from relay.devtools.embedded_redis import embedded_redis, free_port
+from relay.devtools.embedded_redis import embedded_redis
+from relay.devtools.ports import free_port
 
 RELAY_KEY = "bench-relay-key-0123456789"
 FLOODS = 16

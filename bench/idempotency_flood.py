@@ -28,7 +28,8 @@ from redis import Redis
 sys.path.insert(0, str(Path(__file__).parent))
 from forward import BODY, start
 
-from relay.devtools.embedded_redis import embedded_redis, free_port
+from relay.devtools.embedded_redis import embedded_redis
+from relay.devtools.ports import free_port
 
 ATTACKER = "attacker-key-0123456789"
 VICTIM = "victim-key-0123456789"

@@ -37,7 +37,7 @@ import uvicorn
 from aiohttp import web
 from aioserve import post_app, serve_forever
 
-from relay.devtools.embedded_redis import free_port
+from relay.devtools.ports import free_port
 from relay.sandbox import SandboxConfig, create_sandbox_app
 from relay.sandbox.state import ListOrder, TimePrecision
 

@@ -25,7 +25,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from forward import BODY, start
 
-from relay.devtools.embedded_redis import embedded_redis, free_port
+from relay.devtools.embedded_redis import embedded_redis
+from relay.devtools.ports import free_port
 
 BOUNDARY = "bench-starvation"
 VICTIM = "victim-key-0123456789"

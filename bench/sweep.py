@@ -62,7 +62,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from store_reads import ended_at
 
-from relay.devtools.embedded_redis import embedded_redis, free_port
+from relay.devtools.embedded_redis import embedded_redis
+from relay.devtools.ports import free_port
 from relay.jobs.store import JobStore
 from relay.redis import keys
 from relay.sandbox import SandboxConfig, create_sandbox_app

@@ -112,7 +112,7 @@ def measure(count: int, rate: float, traced: bool) -> tuple[float, float]:
 
 
 def main(count: int, rate: float, rounds: int) -> None:
-    from relay.devtools.embedded_redis import free_port
+    from relay.devtools.ports import free_port
 
     port = free_port()
     sink = subprocess.Popen(

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import httpx
 
-from relay.devtools.embedded_redis import embedded_redis, free_port
+from relay.devtools.embedded_redis import embedded_redis
+from relay.devtools.ports import free_port
 
 SANDBOX_KEY = "sandbox-key"
 RELAY_KEY = "bench-relay-key-0123456789"  # keys are at least 16 characters

@@ -35,7 +35,8 @@ import orjson
 import uvloop
 from forward import rss_mib, start
 
-from relay.devtools.embedded_redis import embedded_redis, free_port
+from relay.devtools.embedded_redis import embedded_redis
+from relay.devtools.ports import free_port
 from relay.jobs.events import build_event, webhook_id
 from relay.jobs.store import JobStore
 from relay.redis.conn import connect

@@ -19,6 +19,7 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from xdist.scheduler import LoadScopeScheduling
 
+from relay.devtools import ports
 from relay.devtools.embedded_redis import embedded_redis
 from tests.helpers import close_test_clients
 
@@ -70,6 +71,13 @@ def pytest_configure(config: pytest.Config) -> None:
         del os.environ["PYTHONDONTWRITEBYTECODE"]
         os.environ["PYTHONPYCACHEPREFIX"] = tempfile.mkdtemp(prefix="relay-tests-pyc-")
         os.environ[_OWN_PYCACHE] = str(os.getpid())
+    # Each xdist process hands out ports from a slice of its own, so two cannot pick the same
+    # port in the moment before a server binds it.
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ...
+    if worker:
+        ports.use_slice(
+            int(worker.removeprefix("gw")), int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+        )
 
 
 # A test marked `@pytest.mark.long`, as the scheduler (which sees node ids, not marks) finds it

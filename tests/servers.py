@@ -16,7 +16,8 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp
 
-from relay.devtools.embedded_redis import find_redis_server, free_port
+from relay.devtools.embedded_redis import find_redis_server
+from relay.devtools.ports import free_port
 from relay.serving import EmbeddedServer
 
 

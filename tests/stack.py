@@ -41,7 +41,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from relay.api.app import create_app
-from relay.devtools.embedded_redis import free_port
+from relay.devtools.ports import free_port
 from relay.redis import keys
 from relay.sandbox import SandboxConfig, create_sandbox_app
 from relay.serving import api_options

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from relay.devtools.embedded_redis import free_port
+from relay.devtools.ports import free_port
 from relay.redis import keys
 from relay.sandbox import SandboxConfig
 from tests.helpers import verified

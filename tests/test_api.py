@@ -15,7 +15,7 @@ import redis
 from starlette.routing import Route
 
 from relay.api.app import create_app
-from relay.devtools.embedded_redis import free_port
+from relay.devtools.ports import free_port
 from relay.serving import api_options
 from relay.settings import DEFAULT_ALLOWED_PORTS, load_settings
 from tests.helpers import Api, running_api

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from chamelaion import Chamelaion
 
-from relay.devtools.embedded_redis import free_port
+from relay.devtools.ports import free_port
 from tests.stack import RELAY_KEY as LONG_KEY
 from tests.stack import START_TIMEOUT, eventually, new_secret, serving
 

@@ -21,7 +21,7 @@ import libfaketime
 import pytest
 import redis
 
-from relay.devtools.embedded_redis import free_port
+from relay.devtools.ports import free_port
 from relay.redis import keys
 from tests.helpers import POLL_ROUTE, submit, verified
 from tests.stack import RELAY_KEY, Stack, eventually, job_field, relay_stack, serving

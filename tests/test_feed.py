@@ -14,7 +14,8 @@ from typing import Any
 import httpx
 import redis
 
-from relay.devtools.embedded_redis import find_redis_server, free_port
+from relay.devtools.embedded_redis import find_redis_server
+from relay.devtools.ports import free_port
 from tests.helpers import AUDIO, SLOW, VIDEO, pin, two_teams
 from tests.stack import RELAY_KEY, Stack, eventually, relay_stack
 

@@ -11,7 +11,7 @@ import aiohttp.client_exceptions
 import httpx
 import pytest
 
-from relay.devtools.embedded_redis import free_port
+from relay.devtools.ports import free_port
 from relay.http_client import ERRORS, AiohttpTransport
 from tests.servers import Handler, answer, raw_server, too_many_headers
 

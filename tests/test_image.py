@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from relay.devtools.embedded_redis import free_port
+from relay.devtools.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from standardwebhooks import Webhook
 
-from relay.devtools.embedded_redis import free_port
+from relay.devtools.ports import free_port
 from relay.errors import ConfigError
 from relay.settings import load_settings
 from tests.helpers import AUDIO, VIDEO

@@ -13,7 +13,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from relay.devtools.embedded_redis import find_redis_server, free_port
+from relay.devtools.embedded_redis import find_redis_server
+from relay.devtools.ports import free_port
 from relay.redis import batch, scripts
 from relay.redis.batch import MAX_BATCH, batcher
 from tests.servers import REDIS_OPTIONS, own_redis

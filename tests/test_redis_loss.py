@@ -18,7 +18,8 @@ from redis.asyncio import Redis
 
 from relay import cli
 from relay.api.app import create_app
-from relay.devtools.embedded_redis import find_redis_server, free_port
+from relay.devtools.embedded_redis import find_redis_server
+from relay.devtools.ports import free_port
 from relay.redis import keys
 from relay.redis.watch import RedisWatch
 from relay.settings import load_settings

@@ -15,7 +15,8 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from relay.devtools.embedded_redis import find_redis_server, free_port
+from relay.devtools.embedded_redis import find_redis_server
+from relay.devtools.ports import free_port
 from relay.errors import NotReplicated
 from relay.jobs.store import JobStore
 from relay.redis import keys

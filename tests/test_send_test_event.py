@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from relay.devtools.embedded_redis import free_port
+from relay.devtools.ports import free_port
 from tests.helpers import two_teams
 from tests.servers import serve
 from tests.stack import RELAY_KEY, Receiver, Stack, relay_stack

@@ -12,7 +12,8 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from relay.devtools.embedded_redis import find_redis_server, free_port
+from relay.devtools.embedded_redis import find_redis_server
+from relay.devtools.ports import free_port
 from relay.errors import ConfigError
 from relay.redis.conn import redacted
 from relay.settings import SentinelTarget, load_settings, parse_sentinel_url

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import orjson
 
-from relay.devtools.embedded_redis import free_port
+from relay.devtools.ports import free_port
 from tests.helpers import submit
 from tests.stack import RELAY_KEY, Receiver, eventually, job_field, relay_stack, serving
 

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from relay.devtools.embedded_redis import free_port
+from relay.devtools.ports import free_port
 from relay.errors import UpstreamError
 from relay.settings import load_settings
 from relay.upstream import (

