@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +14,7 @@ import httpx
 import pytest
 from chamelaion import Chamelaion
 
-from relay.devtools.ports import free_port
+from relay.devtools.ports import free_port, free_ports
 from tests.stack import RELAY_KEY as LONG_KEY
 from tests.stack import START_TIMEOUT, eventually, new_secret, serving
 
@@ -147,19 +145,8 @@ def test_relay_dev_runs_everything_and_its_inbox_verifies_callbacks() -> None:
 
 
 def dev_port() -> int:
-    """A port for `relay dev --port`, which also listens on the next two (sandbox, inbox): all
-    three free now. free_port alone checks one: a neighbour taken by another server, or by a
-    client connection's own port, makes relay dev exit before its banner."""
-    while True:
-        port = free_port()
-        with contextlib.ExitStack() as held:
-            try:
-                for neighbour in (port + 1, port + 2):
-                    sock = held.enter_context(socket.socket())
-                    sock.bind(("127.0.0.1", neighbour))
-            except OSError:
-                continue
-        return port
+    """A port for `relay dev --port`, which also listens on the next two (sandbox, inbox)."""
+    return free_ports(3)
 
 
 def read_until(proc: subprocess.Popen[bytes], marker: str, timeout: float = START_TIMEOUT) -> str:

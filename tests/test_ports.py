@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from relay.devtools.ports import free_port
+from relay.devtools.ports import free_port, free_ports
 
 
 def ephemeral_range() -> range:
@@ -34,3 +34,13 @@ def test_a_port_in_use_or_to_be_avoided_is_skipped() -> None:
         held.listen()
         port = free_port(avoid={last + 2})
     assert port not in (last + 1, last + 2)
+
+
+def test_a_run_of_ports_is_free_and_none_of_it_is_handed_out_again() -> None:
+    first = free_ports(3)
+    run = {first, first + 1, first + 2}
+    for port in run:
+        with socket.socket() as sock:
+            sock.bind(("", port))  # each is free
+    later = {free_port() for _ in range(300)}
+    assert not run & later

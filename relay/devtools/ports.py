@@ -47,14 +47,19 @@ class _Ports:
             self._ports = ports
             self._next = random.randrange(len(ports))  # noqa: S311 - not a secret
 
-    def take(self, avoid: Collection[int]) -> int:
+    def take(self, avoid: Collection[int], count: int = 1) -> int:
+        """The first of `count` consecutive ports, all free and none in `avoid`."""
         with self._lock:
             for _ in range(len(self._ports)):
-                port = self._ports[self._next]
-                self._next = (self._next + 1) % len(self._ports)
-                if port not in avoid and _bindable(port):
-                    return port
-        raise OSError(f"no free port in {self._ports.start}-{self._ports.stop - 1}")
+                if self._next + count > len(self._ports):
+                    self._next = 0  # a run does not wrap round the end of the range
+                first = self._ports[self._next]
+                self._next += 1
+                run = range(first, first + count)
+                if all(port not in avoid and _bindable(port) for port in run):
+                    self._next += count - 1  # the rest of the run is handed out with it
+                    return first
+        raise OSError(f"no {count} free ports in {self._ports.start}-{self._ports.stop - 1}")
 
 
 def _bindable(port: int) -> bool:
@@ -75,6 +80,12 @@ def free_port(avoid: Collection[int] = ()) -> int:
     """A port free now that no outgoing connection will be given and that this process has
     not handed out before; not one of `avoid` (ports about to be taken)."""
     return _PORTS.take(avoid)
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports (a server that listens on its port and the
+    next ones, as `relay dev` does), none of which this process hands out again."""
+    return _PORTS.take((), count)
 
 
 def use_slice(index: int, count: int) -> None:
