@@ -3,8 +3,10 @@ protobuf definitions (`opentelemetry-proto`) and keeps every span it got."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -89,3 +91,11 @@ class OtlpReceiver:
     def all(self) -> list[Received]:
         with self.lock:
             return list(self.spans)
+
+
+@contextlib.contextmanager
+def stalled_collector() -> Iterator[str]:
+    """The endpoint of a collector that takes connections and never answers (the kernel
+    accepts them into the backlog; nothing reads): every export waits for its timeout."""
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as listening:
+        yield f"http://127.0.0.1:{listening.getsockname()[1]}"

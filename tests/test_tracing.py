@@ -5,17 +5,20 @@ process; and nothing traced, nothing sent, when no endpoint is set."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
+import time
 from collections.abc import Iterator
 
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from relay.devtools.ports import free_port
 from relay.tracing import setup
 from tests.helpers import AUDIO, VIDEO, verified
-from tests.otlp import OtlpReceiver, Received
+from tests.otlp import OtlpReceiver, Received, stalled_collector
 from tests.servers import serve
-from tests.stack import Receiver, job_fields, relay_stack
+from tests.stack import Receiver, Stack, job_fields, relay_stack
 
 SECRET_QUERY = "token=s3cret-in-the-query"
 
@@ -173,6 +176,140 @@ def test_a_submission_without_traceparent_starts_a_trace(
     assert callback.headers["traceparent"] == f"00-{trace_id}-{attempt.span_id}-03"
 
 
+def submit(stack: Stack, **headers: str) -> str:
+    """One submission (with `headers`, such as a traceparent); its request id."""
+    return (
+        stack.sdk()
+        .lipsync.generate(
+            inputs=[{"type": "video", "url": VIDEO}, {"type": "audio", "url": AUDIO}],
+            extra_body={"callback_url": stack.callback_url},
+            extra_headers=headers,
+        )
+        .request_id
+    )
+
+
+def sdk_records(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What the OpenTelemetry SDK and exporter logged."""
+    return [r.getMessage() for r in caplog.records if r.name.startswith("opentelemetry")]
+
+
+def test_a_collector_that_never_answers_holds_up_no_exit(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every export waits out its timeout. The SDK's processor waits at a process's exit for
+    # each queued batch in turn, up to 30 s: past the slack the chart's grace periods leave
+    # over the drains (docs/kubernetes.md), so a rollout would end in SIGKILLs.
+    callbacks = Receiver()
+    with stalled_collector() as endpoint:
+        env = {**otel_env(endpoint), "OTEL_EXPORTER_OTLP_TIMEOUT": "30"}
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        with relay_stack(redis_url, receiver=callbacks, env=env, processes=True) as stack:
+            assert setup.start("api")
+            try:
+                submit(stack)
+                callbacks.wait_for(1)
+                # The worker's first spans (the job's end) are in an export that waits, the
+                # attempt's queued behind it; the API's (the submission's) wait in one too.
+                time.sleep(0.5)
+                (worker,) = stack.workers
+                started = time.monotonic()
+                assert stack.stop_worker(worker) == 0
+                worker_exit = time.monotonic() - started
+            finally:
+                started = time.monotonic()
+                setup.stop()
+                api_stop = time.monotonic() - started
+    assert api_stop < 5
+    assert worker_exit < 8
+
+
+def test_an_unreachable_collector_is_logged_once_not_for_every_batch(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there: every export refused
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")  # each batch given up within a second
+    with (
+        caplog.at_level(logging.INFO),
+        traced_api(monkeypatch, endpoint),
+        relay_stack(redis_url) as stack,
+    ):
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            submit(stack)  # its spans a batch of their own (exports every 50 ms)
+            time.sleep(0.2)
+    logged = sdk_records(caplog)
+    assert len(logged) == 1, logged
+    assert "spans" in logged[0]
+
+
+def test_a_callers_malformed_tracestate_is_dropped_without_a_log_line(
+    redis_url: str,
+    otlp: tuple[OtlpReceiver, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Any caller could otherwise write a warning line (quoting its header) with every request.
+    receiver, endpoint = otlp
+    caller_trace, caller_span = secrets.token_hex(16), secrets.token_hex(8)
+    states = ["not a list member", ",".join(f"k{i}=v" for i in range(33)), "a=1,a=2"]
+    with (
+        caplog.at_level(logging.INFO),
+        traced_api(monkeypatch, endpoint),
+        relay_stack(redis_url) as stack,
+    ):
+        for state in states:
+            submit(stack, traceparent=f"00-{caller_trace}-{caller_span}-01", tracestate=state)
+    submissions = [
+        span
+        for span in receiver.in_trace(caller_trace)
+        if span.span.name == "POST /api/v1/lipsync/generate"
+    ]
+    assert [(span.parent_id, span.span.trace_state) for span in submissions] == [
+        (caller_span, "")
+    ] * len(states)
+    assert sdk_records(caplog) == []
+
+
+@pytest.mark.parametrize(
+    ("environ", "service_name"),
+    [
+        ({}, "chamelaion-relay"),
+        ({"OTEL_SERVICE_NAME": "named"}, "named"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=attributed,team=media"}, "attributed"),
+        (
+            {"OTEL_RESOURCE_ATTRIBUTES": "service.name=attributed", "OTEL_SERVICE_NAME": "named"},
+            "named",
+        ),
+    ],
+)
+def test_the_service_name_comes_from_the_standard_variables(
+    otlp: tuple[OtlpReceiver, str],
+    monkeypatch: pytest.MonkeyPatch,
+    environ: dict[str, str],
+    service_name: str,
+) -> None:
+    receiver, endpoint = otlp
+    for name in ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert setup.start("worker")
+    try:
+        tracer = setup.active()
+        assert tracer is not None
+        tracer.start_span("job end").end()
+    finally:
+        setup.stop()
+    (span,) = receiver.all()
+    assert span.resource["service.name"] == service_name
+    assert span.resource["relay.process"] == "worker"
+    if "team=media" in environ.get("OTEL_RESOURCE_ATTRIBUTES", ""):
+        assert span.resource["team"] == "media"
+
+
 def test_without_an_endpoint_nothing_is_traced_or_sent(redis_url: str) -> None:
     assert setup.active() is None
     callbacks = Receiver()
@@ -322,7 +459,21 @@ def test_the_relays_encoder_writes_what_the_official_one_does() -> None:
         "",
     ],
 )
-@pytest.mark.parametrize("tracestate", [None, "a=1,b=2", "bad state,,=", ""])
+@pytest.mark.parametrize(
+    "tracestate",
+    [
+        None,
+        "a=1,b=2",
+        " a=1 ,\tb=2, ,",
+        "tenant@vendor=x y",
+        "a=1,a=2",
+        ",".join(f"k{i}=v" for i in range(32)),
+        ",".join(f"k{i}=v" for i in range(33)),
+        "Upper=1",
+        "bad state,,=",
+        "",
+    ],
+)
 def test_the_w3c_headers_read_and_written_as_the_sdks_propagator_does(
     traceparent: str, tracestate: str | None
 ) -> None:
