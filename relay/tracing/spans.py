@@ -29,6 +29,15 @@ _TRACEPARENT = re.compile(
     r"[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?[ \t]*"
 )
 _FLAGS = [TraceFlags(flags) for flags in range(256)]
+# A tracestate list member: a key (a vendor's, or tenant@vendor) "=" a value of printable ASCII
+# without "," or "=", not ending in a space. A header with any other member, a key twice or
+# more than 32 members is dropped whole, as the SDK's propagator drops it, but silently: the
+# SDK logs a warning quoting the member, so any caller could write a log line per request.
+_MEMBER = re.compile(
+    r"([a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13})"
+    r"=([\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e])"
+)
+_MAX_MEMBERS = 32
 
 
 def parse(traceparent: str | None, tracestate: str | None = None) -> SpanContext:
@@ -41,9 +50,22 @@ def parse(traceparent: str | None, tracestate: str | None = None) -> SpanContext
     version, trace_id, span_id, flags, more = found.groups()
     if version == "ff" or (version == "00" and more):
         return ROOT
-    state = TraceState.from_header([tracestate]) if tracestate else None
+    state = _tracestate(tracestate) if tracestate else None
     context = SpanContext(int(trace_id, 16), int(span_id, 16), True, _FLAGS[int(flags, 16)], state)
     return context if context.is_valid else ROOT
+
+
+def _tracestate(header: str) -> TraceState:
+    members: dict[str, str] = {}
+    for member in header.split(","):
+        member = member.strip(" \t")  # optional whitespace around members (RFC 9110)
+        if not member:
+            continue
+        found = _MEMBER.fullmatch(member)
+        if found is None or found[1] in members or len(members) == _MAX_MEMBERS:
+            return TraceState()
+        members[found[1]] = found[2]
+    return TraceState(list(members.items()))
 
 
 def incoming(headers: Mapping[str, str]) -> SpanContext:
