@@ -243,3 +243,10 @@ class SpanExporter(OTLPSpanExporter):
         # The SDK's client: endpoint, headers, compression, timeout and retries.
         result = self._client.export(data)
         return SpanExportResult.SUCCESS if result.success else SpanExportResult.FAILURE
+
+    def shutdown(self) -> None:
+        # Twice when a process's exit stopped waiting for its last spans (relay.tracing.setup:
+        # once to end the retries, then by the processor), which the SDK's would warn about.
+        if not self._shutdown:
+            self._shutdown = True
+            self._client.shutdown()  # ends a retry's wait and closes the connections

@@ -10,18 +10,37 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the SDK is imported only once tracing starts
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from relay.tracing.otlp import SpanExporter
     from relay.tracing.tracer import Tracer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "chamelaion-relay"
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+# How long a process's exit waits for its last spans. The SDK's processor would wait for each
+# queued batch in turn, up to 30 s with a collector that is slow or down; the chart's grace
+# periods leave 5 s over the drains (docs/kubernetes.md), and a healthy collector takes a
+# full queue in well under a second.
+STOP_TIMEOUT = 3.0
+# While the collector cannot be reached (or refuses the exports), the exporter logs each batch
+# it gives up on and each retry before that: a line every second or two in every process, and
+# the batch processor one for a full queue every 20 s. One line a minute tells as much.
+FAILURE_LOG_INTERVAL = 60.0
+QUIETENED_LOGGERS = (
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.sdk._shared_internal",
+)
 
 _tracer: Tracer | None = None
-_provider: object | None = None  # the SDK's TracerProvider, typed loosely: imported lazily
+_provider: TracerProvider | None = None
+_exporter: SpanExporter | None = None
 
 
 def active() -> Tracer | None:
@@ -45,37 +64,78 @@ def start(process: str) -> bool:
 
     The SDK is imported only then, so a relay without an endpoint loads none of it.
     """
-    global _tracer, _provider
+    global _tracer, _provider, _exporter
     if _tracer is not None or not wanted():
         return _tracer is not None
-    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.resources import OTELResourceDetector, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     from relay.tracing.otlp import SpanExporter
     from relay.tracing.tracer import Tracer
 
-    # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over these defaults (Resource.create).
-    defaults = {"service.name": SERVICE_NAME, "relay.process": process}
-    if os.environ.get("OTEL_SERVICE_NAME"):
-        defaults.pop("service.name")
-    provider = TracerProvider(resource=Resource.create(defaults))  # sampler: OTEL_TRACES_SAMPLER
+    # Resource.create puts the attributes it is given over the environment's, so the relay's
+    # service name is given only when neither OTEL_SERVICE_NAME nor OTEL_RESOURCE_ATTRIBUTES
+    # names one.
+    attributes = {"relay.process": process}
+    if not OTELResourceDetector().detect().attributes.get("service.name"):
+        attributes["service.name"] = SERVICE_NAME
+    # Sampler: OTEL_TRACES_SAMPLER (and _ARG).
+    provider = TracerProvider(resource=Resource.create(attributes))
     # Spans are exported from the processor's own thread, in batches (OTEL_BSP_*): a span
     # costs its caller a queue append, never a network round trip.
-    processor = BatchSpanProcessor(SpanExporter())
+    exporter = SpanExporter()
+    processor = BatchSpanProcessor(exporter)
     provider.add_span_processor(processor)  # so that the provider's shutdown flushes it
-    _provider = provider
+    for name in QUIETENED_LOGGERS:
+        _quieten(logging.getLogger(name))
+    _provider, _exporter = provider, exporter
     _tracer = Tracer(provider, processor)
     log.info("tracing on: spans go to the OTLP endpoint", extra={"relay_process": process})
     return True
 
 
-def stop() -> None:
-    """Export what is queued and stop tracing (at a process's exit)."""
-    global _tracer, _provider
-    provider, _provider, _tracer = _provider, None, None
-    if provider is not None:
-        from opentelemetry.sdk.trace import TracerProvider
+def stop(timeout: float = STOP_TIMEOUT) -> None:
+    """Export what is queued and stop tracing (at a process's exit), waiting at most `timeout`
+    seconds: what is not out by then is dropped."""
+    global _tracer, _provider, _exporter
+    provider, exporter = _provider, _exporter
+    _provider, _exporter, _tracer = None, None, None
+    if provider is None or exporter is None:
+        return
+    # In a thread of its own, which a process exits without: an export to a collector that
+    # does not answer cannot be interrupted.
+    flushing = threading.Thread(target=provider.shutdown, name="tracing-stop", daemon=True)
+    flushing.start()
+    flushing.join(timeout)
+    if flushing.is_alive():
+        exporter.shutdown()  # no more retries, and what is still queued is not sent
+        log.warning(
+            "tracing: spans not exported within %s s of the exit were dropped "
+            "(the OTLP collector is slow or unreachable)",
+            timeout,
+        )
 
-        assert isinstance(provider, TracerProvider)
-        provider.shutdown()
+
+class _OnePerInterval(logging.Filter):
+    """Lets a warning or an error through when none did for `FAILURE_LOG_INTERVAL` seconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: float | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        now = time.monotonic()
+        if self._last is not None and now - self._last < FAILURE_LOG_INTERVAL:
+            return False
+        self._last = now
+        return True
+
+
+def _quieten(logger: logging.Logger) -> None:
+    """One warning a minute from `logger`, counted afresh from this start."""
+    for found in [found for found in logger.filters if isinstance(found, _OnePerInterval)]:
+        logger.removeFilter(found)
+    logger.addFilter(_OnePerInterval())
