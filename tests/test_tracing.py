@@ -333,11 +333,45 @@ def test_without_an_endpoint_nothing_is_traced_or_sent(redis_url: str) -> None:
         ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, True),
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"}, False),
         ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "none"}, False),
+        # A list, as the specification allows: OTLP among others.
+        (
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+                "OTEL_TRACES_EXPORTER": "otlp,console",
+            },
+            True,
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "console"},
+            False,
+        ),
         ({"OTEL_SERVICE_NAME": "relay"}, False),
     ],
 )
 def test_tracing_is_on_only_with_an_otlp_endpoint(environ: dict[str, str], wanted: bool) -> None:
     assert setup.wanted(environ) is wanted
+
+
+@pytest.mark.parametrize(
+    "variable", ["OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"]
+)
+def test_a_protocol_other_than_http_protobuf_is_named_at_start(
+    otlp: tuple[OtlpReceiver, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    variable: str,
+) -> None:
+    # The relay speaks OTLP/HTTP with protobuf only: pointed at a gRPC port, every export
+    # would fail with nothing saying why.
+    _, endpoint = otlp
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+    monkeypatch.setenv(variable, "grpc")
+    with caplog.at_level(logging.INFO, logger="relay.tracing.setup"):
+        assert setup.start("api")
+        setup.stop()
+    assert [r.levelno for r in caplog.records if f"{variable}=grpc" in r.getMessage()] == [
+        logging.WARNING
+    ]
 
 
 def test_the_relays_encoder_writes_what_the_official_one_does() -> None:
