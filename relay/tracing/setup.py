@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "chamelaion-relay"
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+PROTOCOL_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
 # How long a process's exit waits for its last spans. The SDK's processor would wait for each
 # queued batch in turn, up to 30 s with a collector that is slow or down; the chart's grace
 # periods leave 5 s over the drains (docs/kubernetes.md), and a healthy collector takes a
@@ -50,11 +51,13 @@ def active() -> Tracer | None:
 
 def wanted(environ: dict[str, str] | None = None) -> bool:
     """Whether the environment asks for traces: an OTLP endpoint set, the SDK not disabled and
-    no exporter other than OTLP named."""
+    OTLP among the exporters named, if any are."""
     env = os.environ if environ is None else environ
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False
-    if env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() not in ("otlp", ""):
+    # A comma-separated list (the specification's); unset or empty: OTLP.
+    exporters = {name.strip().lower() for name in env.get("OTEL_TRACES_EXPORTER", "").split(",")}
+    if "otlp" not in exporters and exporters != {""}:
         return False
     return any(env.get(name, "").strip() for name in ENDPOINT_VARIABLES)
 
@@ -91,6 +94,14 @@ def start(process: str) -> bool:
         _quieten(logging.getLogger(name))
     _provider, _exporter = provider, exporter
     _tracer = Tracer(provider, processor)
+    for variable in PROTOCOL_VARIABLES:
+        protocol = os.environ.get(variable, "").strip().lower()
+        if protocol and protocol != "http/protobuf":
+            log.warning(
+                "tracing: %s=%s is not supported; spans go over OTLP/HTTP with protobuf",
+                variable,
+                protocol,
+            )
     log.info("tracing on: spans go to the OTLP endpoint", extra={"relay_process": process})
     return True
 
