@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 _FIXED64 = struct.Struct("<Q").pack
 _FIXED32 = struct.Struct("<I").pack
 _DOUBLE = struct.Struct("<d").pack
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 # SpanFlags: the span's context says whether its parent (or a link's target) is remote.
 _HAS_IS_REMOTE = 0x100
 _IS_REMOTE = 0x200
@@ -60,6 +61,8 @@ def _value(value: Any) -> bytes:
     if isinstance(value, str):
         return _text(b"\x0a", value)
     if isinstance(value, int):
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            raise ValueError("an int past int64")
         return b"\x18" + _varint(value & 0xFFFFFFFFFFFFFFFF)  # int64: two's complement
     if isinstance(value, float):
         return b"\x21" + _DOUBLE(value)
@@ -70,7 +73,9 @@ def _value(value: Any) -> bytes:
         return _field(b"\x32", pairs)
     if isinstance(value, Sequence):
         return _field(b"\x2a", b"".join(_field(b"\x0a", _value(item)) for item in value))
-    return b""  # None: an empty AnyValue
+    if value is None:
+        return b""  # an empty AnyValue
+    raise TypeError(f"no AnyValue holds a {type(value).__name__}")
 
 
 def _key_value(key: str, value: Any) -> bytes:
@@ -90,20 +95,25 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
         return b""
     encoded = []
     for key, value in attributes.items():
-        if isinstance(value, _KEPT) and not key.endswith(".id"):
-            seen = (tag, key, type(value), value)
-            found = _SEEN.get(seen)
-            if found is None:
-                if len(_SEEN) >= _SEEN_MAX:
-                    _SEEN.clear()
-                found = _SEEN[seen] = _field(tag, _key_value(key, value))
-            encoded.append(found)
-        else:
-            encoded.append(_field(tag, _key_value(key, value)))
+        try:
+            if isinstance(value, _KEPT) and not key.endswith(".id"):
+                seen = (tag, key, type(value), value)
+                found = _SEEN.get(seen)
+                if found is None:
+                    if len(_SEEN) >= _SEEN_MAX:
+                        _SEEN.clear()
+                    found = _SEEN[seen] = _field(tag, _key_value(key, value))
+                encoded.append(found)
+            else:
+                encoded.append(_field(tag, _key_value(key, value)))
+        except (TypeError, ValueError):
+            # What no AnyValue holds is left out, as the official encoder leaves it (which
+            # logs each one: here that would be a line for every span that has it).
+            continue
     return b"".join(encoded)
 
 
-# Whether a span's parent (or a link's target) is remote: the span's field 16, a link's 7.
+# Whether a span's parent (or a link's target) is remote: the span's field 16, a link's 6.
 _SPAN_FLAGS = {
     False: b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE),
     True: b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE | _IS_REMOTE),
