@@ -18,7 +18,7 @@ from relay.tracing import setup
 from tests.helpers import AUDIO, VIDEO, verified
 from tests.otlp import OtlpReceiver, Received, stalled_collector
 from tests.servers import serve
-from tests.stack import Receiver, Stack, job_fields, relay_stack
+from tests.stack import RELAY_KEY, SANDBOX_KEY, Receiver, Stack, job_fields, relay_stack
 
 SECRET_QUERY = "token=s3cret-in-the-query"
 
@@ -145,11 +145,14 @@ def test_one_jobs_trace_runs_from_the_callers_traceparent_to_the_callbacks(
     ]
     assert all(callback.headers["tracestate"] == "caller=abc" for callback in got)
 
-    # No callback URL's path or query in any span, nor anything of the request body.
+    # No callback URL's path or query in any span, nor anything of the request body, nor a
+    # key or a signing secret: in no field (attributes, events, links, status, names).
+    never = [SECRET_QUERY, "/hook", VIDEO, RELAY_KEY, SANDBOX_KEY, *stack.webhook_secrets]
     for span in receiver.all():
         for value in span.attributes.values():
             assert "s3cret" not in str(value) and "/hook" not in str(value), span.attributes
-            assert VIDEO not in str(value)
+        encoded = span.span.SerializeToString() + repr(span.resource).encode()
+        assert [text for text in never if text.encode() in encoded] == [], span.span
 
 
 def test_a_submission_without_traceparent_starts_a_trace(
