@@ -356,6 +356,34 @@ def test_tracing_is_on_only_with_an_otlp_endpoint(environ: dict[str, str], wante
 
 
 @pytest.mark.parametrize(
+    "variable", ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"]
+)
+def test_a_malformed_collector_header_is_named_but_its_value_never_logged(
+    otlp: tuple[OtlpReceiver, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    variable: str,
+) -> None:
+    # The SDK drops an entry it cannot parse (here a ";" in the value) and quoted it whole,
+    # credential and all, in a warning.
+    receiver, endpoint = otlp
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+    monkeypatch.setenv(variable, "x-team=media,authorization=Bearer s3cr;et-token")
+    with caplog.at_level(logging.INFO):
+        assert setup.start("api")
+        try:
+            tracer = setup.active()
+            assert tracer is not None
+            tracer.start_span("job end").end()
+        finally:
+            setup.stop()
+    assert len(receiver.all()) == 1
+    assert "s3cr" not in caplog.text and "et-token" not in caplog.text
+    (named,) = [r for r in caplog.records if "authorization" in r.getMessage()]
+    assert named.levelno == logging.WARNING
+
+
+@pytest.mark.parametrize(
     "variable", ["OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"]
 )
 def test_a_protocol_other_than_http_protobuf_is_named_at_start(
