@@ -39,6 +39,9 @@ QUIETENED_LOGGERS = (
     "opentelemetry.sdk._shared_internal",
 )
 
+# Where the SDK warns of an OTEL_EXPORTER_OTLP_HEADERS entry it cannot parse (and drops).
+HEADERS_LOGGER = "opentelemetry.util.re"
+
 _tracer: Tracer | None = None
 _provider: TracerProvider | None = None
 _exporter: SpanExporter | None = None
@@ -87,6 +90,8 @@ def start(process: str) -> bool:
     provider = TracerProvider(resource=Resource.create(attributes))
     # Spans are exported from the processor's own thread, in batches (OTEL_BSP_*): a span
     # costs its caller a queue append, never a network round trip.
+    # The exporter reads OTEL_EXPORTER_OTLP_(TRACES_)HEADERS as it is made.
+    _name_headers_only(logging.getLogger(HEADERS_LOGGER))
     exporter = SpanExporter()
     processor = BatchSpanProcessor(exporter)
     provider.add_span_processor(processor)  # so that the provider's shutdown flushes it
@@ -150,3 +155,23 @@ def _quieten(logger: logging.Logger) -> None:
     for found in [found for found in logger.filters if isinstance(found, _OnePerInterval)]:
         logger.removeFilter(found)
     logger.addFilter(_OnePerInterval())
+
+
+class _HeaderNameOnly(logging.Filter):
+    """The SDK's warning of a malformed collector header quotes the whole entry: its value is
+    often a credential. Only the header's name is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Header format invalid" in str(record.msg):
+            entry = str(record.args[0]) if isinstance(record.args, tuple) and record.args else ""
+            record.msg = (
+                "tracing: the collector header %r in OTEL_EXPORTER_OTLP_(TRACES_)HEADERS is "
+                "malformed and not sent (values must be URL-encoded)"
+            )
+            record.args = (entry.partition("=")[0].strip(),)
+        return True
+
+
+def _name_headers_only(logger: logging.Logger) -> None:
+    if not any(isinstance(found, _HeaderNameOnly) for found in logger.filters):
+        logger.addFilter(_HeaderNameOnly())
