@@ -10,6 +10,7 @@ import secrets
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
@@ -273,6 +274,31 @@ def test_a_callers_malformed_tracestate_is_dropped_without_a_log_line(
         (caller_span, "")
     ] * len(states)
     assert sdk_records(caplog) == []
+
+
+def test_a_tracestate_sent_as_several_fields_is_one_list(
+    redis_url: str, otlp: tuple[OtlpReceiver, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # W3C trace context: several tracestate fields MUST be combined (RFC 9110's field order).
+    receiver, endpoint = otlp
+    caller_trace, caller_span = secrets.token_hex(16), secrets.token_hex(8)
+    with traced_api(monkeypatch, endpoint), relay_stack(redis_url) as stack:
+        response = httpx.post(
+            stack.api_url + "/api/v1/lipsync/generate",
+            json={
+                "inputs": [{"type": "video", "url": VIDEO}, {"type": "audio", "url": AUDIO}],
+                "callback_url": stack.callback_url,
+            },
+            headers=[
+                ("x-api-key", RELAY_KEY),
+                ("traceparent", f"00-{caller_trace}-{caller_span}-01"),
+                ("tracestate", "rojo=00f067aa0ba902b7"),
+                ("tracestate", "congo=t61rcWkgMzE"),
+            ],
+        )
+        assert response.status_code == 200, response.text
+    submission = one(receiver.in_trace(caller_trace), "POST /api/v1/lipsync/generate")
+    assert submission.span.trace_state == "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"
 
 
 @pytest.mark.parametrize(
