@@ -71,7 +71,13 @@ def _tracestate(header: str) -> TraceState:
 def incoming(headers: Mapping[str, str]) -> SpanContext:
     """The caller's span context from its `traceparent`/`tracestate` (`ROOT` without)."""
     traceparent = headers.get("traceparent")
-    return parse(traceparent, headers.get("tracestate")) if traceparent else ROOT
+    if not traceparent:
+        return ROOT
+    # Sent as several fields, tracestate is one list, in their order (W3C trace context): a
+    # request's headers (Starlette's) give every field, a plain mapping one.
+    getlist = getattr(headers, "getlist", None)
+    tracestate = ",".join(getlist("tracestate")) if getlist else headers.get("tracestate")
+    return parse(traceparent, tracestate)
 
 
 def _traceparent(context: SpanContext) -> str:
