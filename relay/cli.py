@@ -124,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "dev":
             from relay.devtools.dev import run_dev
 
-            run_dev(args.port)
+            tracing.start("dev")  # the API and the worker in one process: one tracer
+            try:
+                run_dev(args.port)
+            finally:
+                tracing.stop()
         else:
             _run_sandbox(args.host, args.port)
     except ConfigError as exc:

@@ -364,6 +364,14 @@ class Settings(BaseSettings):
     def _http_url(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http(s) URL")
+        # The URL goes into every create's span (url.full) and into errors that name it: a
+        # credential in it would go along. The key has CHAMELAION_API_KEY.
+        parts = urlsplit(value)
+        if "@" in parts.netloc or "?" in value or "#" in value:
+            raise ValueError(
+                "must not carry a user, a password, a query or a fragment (the key goes in "
+                "CHAMELAION_API_KEY)"
+            )
         return value.rstrip("/")
 
     @field_validator("ops_webhook_url")

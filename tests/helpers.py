@@ -10,7 +10,10 @@ import contextlib
 import json
 import os
 import re
+import selectors
+import subprocess
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +24,14 @@ from chamelaion import Chamelaion
 from standardwebhooks import Webhook
 
 from relay.api.app import create_app
+from relay.devtools.ports import free_ports
 from relay.jobs.store import JobStore
 from relay.sandbox import SandboxConfig, create_sandbox_app
 from relay.serving import api_options
 from relay.settings import load_settings
 from relay.worker.process import WorkerState, build_state
 from tests.servers import serve
-from tests.stack import RELAY_KEY, SANDBOX_KEY, Callback, Stack, new_secret
+from tests.stack import RELAY_KEY, SANDBOX_KEY, START_TIMEOUT, Callback, Stack, new_secret
 
 # --- Submitting through a stack, and its callbacks ---------------------------------------------
 
@@ -358,3 +362,32 @@ def video(size: int = 64 * 1024) -> bytes:
 
 def audio(size: int = 16 * 1024) -> bytes:
     return part("audio", os.urandom(size), filename="dub.wav", content_type="audio/wav")
+
+
+# `relay` processes of the tests' own (tests/test_cli.py, tests/test_tracing.py).
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "CHAMELAION_"))}
+    return {**env, **extra}
+
+
+def dev_port() -> int:
+    """A port for `relay dev --port`, which also listens on the next two (sandbox, inbox)."""
+    return free_ports(3)
+
+
+def read_until(proc: subprocess.Popen[bytes], marker: str, timeout: float = START_TIMEOUT) -> str:
+    # Raw reads: a buffered reader would hide lines it already pulled from the pipe.
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    selector = selectors.DefaultSelector()
+    selector.register(fd, selectors.EVENT_READ)
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while marker.encode() not in seen:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise AssertionError(f"relay dev did not print {marker!r}; got {seen!r}")
+        if selector.select(timeout=0.1):
+            seen += os.read(fd, 65536)
+    return seen.decode()

@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import re
-import selectors
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 from chamelaion import Chamelaion
 
-from relay.devtools.ports import free_port, free_ports
+from relay.devtools.ports import free_port
+from tests.helpers import clean_env, dev_port, read_until
 from tests.stack import RELAY_KEY as LONG_KEY
-from tests.stack import START_TIMEOUT, eventually, new_secret, serving
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "CHAMELAION_"))}
-    return {**env, **extra}
+from tests.stack import eventually, new_secret, serving
 
 
 def run_relay(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -103,6 +96,25 @@ def test_bad_configuration_stops_start_up_naming_the_variable(
             assert value not in result.stderr, "configuration errors never echo secrets"
 
 
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "https://relay:sekrit-upstream-key@api.example.com/api",
+        "https://api.example.com/api?key=sekrit-upstream-key",
+        "https://api.example.com/api#sekrit-upstream-key",
+    ],
+)
+def test_a_base_url_carrying_a_credential_stops_start_up_without_echoing_it(base_url: str) -> None:
+    # Its key has a variable of its own: a credential in the URL would go, with the URL, into
+    # every create's span (url.full) and any error that names the URL.
+    result = run_relay(
+        "worker", env=clean_env(CHAMELAION_API_KEY="x", CHAMELAION_BASE_URL=base_url)
+    )
+    assert result.returncode == 2
+    assert "configuration error: CHAMELAION_BASE_URL" in result.stderr
+    assert "sekrit" not in result.stderr
+
+
 def test_relay_dev_runs_everything_and_its_inbox_verifies_callbacks() -> None:
     port = dev_port()
     proc = subprocess.Popen(
@@ -142,27 +154,6 @@ def test_relay_dev_runs_everything_and_its_inbox_verifies_callbacks() -> None:
         assert proc.stdout is not None
         proc.stdout.close()
     assert code == 0
-
-
-def dev_port() -> int:
-    """A port for `relay dev --port`, which also listens on the next two (sandbox, inbox)."""
-    return free_ports(3)
-
-
-def read_until(proc: subprocess.Popen[bytes], marker: str, timeout: float = START_TIMEOUT) -> str:
-    # Raw reads: a buffered reader would hide lines it already pulled from the pipe.
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    selector = selectors.DefaultSelector()
-    selector.register(fd, selectors.EVENT_READ)
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while marker.encode() not in seen:
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise AssertionError(f"relay dev did not print {marker!r}; got {seen!r}")
-        if selector.select(timeout=0.1):
-            seen += os.read(fd, 65536)
-    return seen.decode()
 
 
 def test_worker_stops_cleanly_on_sigterm(redis_url: str) -> None:

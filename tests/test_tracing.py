@@ -6,20 +6,33 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import secrets
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from chamelaion import Chamelaion
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from relay.devtools.ports import free_port
 from relay.tracing import setup
-from tests.helpers import AUDIO, VIDEO, verified
+from tests.helpers import AUDIO, VIDEO, clean_env, dev_port, read_until, verified
 from tests.otlp import OtlpReceiver, Received, stalled_collector
 from tests.servers import serve
-from tests.stack import RELAY_KEY, SANDBOX_KEY, Receiver, Stack, job_fields, relay_stack
+from tests.stack import (
+    RELAY_KEY,
+    SANDBOX_KEY,
+    Receiver,
+    Stack,
+    eventually,
+    job_fields,
+    relay_stack,
+)
 
 SECRET_QUERY = "token=s3cret-in-the-query"
 
@@ -337,6 +350,46 @@ def test_the_service_name_comes_from_the_standard_variables(
     assert span.resource["relay.process"] == "worker"
     if "team=media" in environ.get("OTEL_RESOURCE_ATTRIBUTES", ""):
         assert span.resource["team"] == "media"
+
+
+def test_relay_dev_traces_when_an_endpoint_is_set(otlp: tuple[OtlpReceiver, str]) -> None:
+    # What a developer trying tracing out runs first.
+    receiver, endpoint = otlp
+    port = dev_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay.cli", "dev", "--port", str(port)],
+        env=clean_env(**otel_env(endpoint)),
+        stdout=subprocess.PIPE,
+    )
+    try:
+        key = re.search(r"key: (\S+)\)", read_until(proc, "Ctrl-C"))
+        assert key, "relay dev printed no key"
+        sdk = Chamelaion(api_key=key.group(1), base_url=f"http://127.0.0.1:{port}/api")
+        job = sdk.lipsync.generate(
+            inputs=[{"type": "video", "url": VIDEO}, {"type": "audio", "url": AUDIO}]
+        )
+
+        def job_end() -> list[Received]:
+            return [
+                span
+                for span in receiver.all()
+                if span.span.name == "job end"
+                and span.attributes.get("relay.job.id") == job.request_id
+            ]
+
+        (end,) = eventually(job_end, timeout=30)
+        (submission,) = [
+            span
+            for span in receiver.in_trace(end.trace_id)
+            if span.span.name == "POST /api/v1/lipsync/generate"
+        ]
+        assert submission.resource["relay.process"] == "dev"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=30)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert code == 0
 
 
 def test_without_an_endpoint_nothing_is_traced_or_sent(redis_url: str) -> None:
