@@ -234,7 +234,8 @@ def main(seconds: float, rounds: int, connections: int, callers: int = 0) -> Non
                     ("relay", api, BODY, relay_rates, procs[1], None),
                     ("wait", api, BODY, wait_rates, procs[1], prefer),
                 ]
-                # The relay's cost drifts up as Redis fills: plain and waiting take turns first.
+                # Against drift over the run (the machine's other work): plain and waiting
+                # take turns going first.
                 if n % 2 == 0:
                     relay_runs.reverse()
                 for name, url, payload, rates, proc, headers in (
@@ -292,7 +293,7 @@ def main(seconds: float, rounds: int, connections: int, callers: int = 0) -> Non
             )
             wait_rate = statistics.median(wait_rates)
             # Each round's plain and waiting runs are back to back, first one then the other
-            # in turn: their ratio cancels the drift as Redis fills and other work comes and
+            # in turn: their ratio cancels the drift as other work on the machine comes and
             # goes, which the ratio of the medians does not.
             paired = statistics.median(w / r for w, r in zip(wait_rates, relay_rates, strict=True))
             wait_cpu = statistics.median(cpu["wait"])
