@@ -17,6 +17,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import io
 import os
 import secrets
 import signal
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,9 +161,26 @@ class InProcessWorker:
                 self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout)
         if self._thread.is_alive():
-            raise AssertionError(f"the in-process worker did not stop within {timeout} s")
+            raise AssertionError(
+                f"the in-process worker did not stop within {timeout} s; where it is:\n"
+                + self._where()
+            )
         if self.error is not None:
             raise AssertionError("the in-process worker failed") from self.error
+
+    def _where(self) -> str:
+        """The loop thread's stack and each of its tasks' (what a worker that will not stop is
+        waiting on). Read from another thread while the loop runs: good enough for a failure."""
+        out = io.StringIO()
+        frame = sys._current_frames().get(self._thread.ident or 0)
+        if frame is not None:
+            out.write("-- the loop's thread\n" + "".join(traceback.format_stack(frame)))
+        if self._loop is not None:
+            for task in list(asyncio.all_tasks(self._loop)):
+                out.write(f"-- {task!r}\n")
+                with contextlib.suppress(Exception):
+                    task.print_stack(limit=8, file=out)
+        return out.getvalue()
 
 
 Worker = subprocess.Popen[bytes] | InProcessWorker
