@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
@@ -131,25 +132,38 @@ def test_a_skewed_worker_rides_out_a_single_404(redis_url: str, offset: str) -> 
         assert calls[POLL_ROUTE] >= 2, "the 404 was seen, then the job found again"
 
 
+# The deferral the next test's retry waits. The skewed worker takes over well inside it: it is
+# up (its import, under load, is the slow part) before the worker with a right clock leaves,
+# so a fast clock would show as a retry made at once, long before the deferral is up.
+DEFERRAL = 10.0
+TAKE_OVER_BY = DEFERRAL * 0.9 - 2.0
+
+
 @pytest.mark.long
 @pytest.mark.parametrize("offset", SKEWS.values(), ids=SKEWS.keys())
 def test_a_skewed_worker_makes_a_deferred_retry_on_time(redis_url: str, offset: str) -> None:
-    """A retry deferred by 20 s (±10 %) by a worker with a right clock is made by a skewed
+    """A retry deferred by DEFERRAL (±10 %) by a worker with a right clock is made by a skewed
     one: neither early (a fast clock finds it due at once) nor 10 minutes late (a slow one)."""
-    env = {"RELAY_DELIVERY_RETRY_SCHEDULE": "0,20"}
+    env = {"RELAY_DELIVERY_RETRY_SCHEDULE": f"0,{DEFERRAL:g}"}
     with relay_stack(redis_url, env=env) as stack:
         stack.receiver.script = [500]
         request_id = submit(stack)
-        stack.receiver.wait_for(1)
-        # The failure is recorded and attempt 1 queued; the worker that did it leaves.
+        [first] = stack.receiver.wait_for(1)
+        # The failure is recorded and attempt 1 queued; the skewed worker comes up, then the
+        # worker that did it leaves.
         eventually(lambda: job_field(redis_url, request_id, "attempt") == b"1")
         assert redis.Redis.from_url(redis_url).zscore(
             keys.ARQ_QUEUE, keys.delivery_job_id(request_id, 1)
         )
-        assert stack.stop_worker(stack.workers[0], signal.SIGTERM) == 0
         start_skewed_worker(stack, offset)
+        assert stack.stop_worker(stack.workers[0], signal.SIGTERM) == 0
+        took_over = time.monotonic() - first.at
+        assert took_over < TAKE_OVER_BY, (
+            f"the skewed worker took over {took_over:.1f} s after the first attempt, too late "
+            "to tell an early retry from one on time"
+        )
         first, second = stack.receiver.wait_for(2, timeout=60)
-        assert second.at - first.at >= 20 * 0.9 - 0.1, "the retry was made early"
+        assert second.at - first.at >= DEFERRAL * 0.9 - 0.1, "the retry was made early"
         assert verified(stack, second)["type"] == "lipsync.completed"
         # The receiver records a callback before it answers: the worker records the outcome after.
         eventually(lambda: job_field(redis_url, request_id, "delivery") == b"delivered")
