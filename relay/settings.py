@@ -284,6 +284,11 @@ class Settings(BaseSettings):
         10.0, gt=0, le=3600, validation_alias="RELAY_INTENT_RECONCILE_INTERVAL"
     )
     intent_window: float = Field(900.0, gt=0, validation_alias="RELAY_INTENT_WINDOW")
+    # How soon after a create's intent is written the reconcile may first look for its job
+    # (None: once the API can no longer be working on it, relay.jobs.intents.stale_after).
+    intent_first_look: float | None = Field(
+        None, gt=0, le=3600, validation_alias="RELAY_INTENT_FIRST_LOOK"
+    )
     # How long an API call may wait for a slot of the shared upstream budget before the caller
     # is answered 429 instead.
     api_budget_wait: float = Field(2.0, ge=0, le=60, validation_alias="RELAY_API_BUDGET_WAIT")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
-from relay.jobs.intents import Intent, Intents
+from relay.jobs.intents import Intent, Intents, stale_after
 from relay.jobs.store import JobStore
 from relay.redis import keys
 from relay.settings import Settings
@@ -64,3 +64,19 @@ async def test_tracking_the_job_closes_its_intent_in_the_same_step(
     assert await redis.zscore(keys.INTENTS, intent.id) is None
     if reference_id:
         assert await redis.zscore(keys.intents_by_ref(reference_id), intent.id) is None
+
+
+@pytest.mark.parametrize("first_look", [None, 3.0])
+async def test_an_intent_is_first_due_for_the_reconcile_after_its_first_look(
+    redis: Redis, first_look: float | None
+) -> None:
+    settings = Settings.model_validate(
+        {} if first_look is None else {"RELAY_INTENT_FIRST_LOOK": first_look}
+    )
+    intents = Intents(redis, JobStore(redis), settings)
+    intent = await opened(intents, "dub-44")
+    due = await redis.zscore(keys.INTENTS, intent.id)
+    # By default, once the API can no longer be working on the create.
+    assert due == pytest.approx(intent.started + (first_look or stale_after(settings)))
+    # What could still be this create's row is judged by that, not by the first look.
+    assert intents.stale_after == stale_after(settings)

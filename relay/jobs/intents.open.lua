@@ -1,5 +1,5 @@
 -- Write a submission's intent before its upstream create: what was asked, and when (Redis
--- clock). Indexed for the reconcile (due at now + stale_after) and, with a reference_id, among
+-- clock). Indexed for the reconcile (due at now + first_look) and, with a reference_id, among
 -- the open intents that could own an upstream job with it. An Idempotency-Key record this
 -- request holds is marked as this intent's, so only this intent's outcome may settle it.
 -- Returns the opening time.
@@ -13,7 +13,7 @@ local idem = ARGV[3]           -- '' when none
 local callback_url = ARGV[4]
 local events = ARGV[5]
 local metadata = ARGV[6]
-local stale_after = tonumber(ARGV[7])
+local first_look = tonumber(ARGV[7]) -- RELAY_INTENT_FIRST_LOOK, or stale_after
 local ttl = tonumber(ARGV[8])
 local caller = ARGV[9]         -- whose submission it is ('' when unknown)
 
@@ -22,7 +22,7 @@ redis.call('HSET', intent_key, 'started', started, 'reference_id', reference_id,
            'callback_url', callback_url, 'events', events, 'metadata', metadata, 'looks', 0,
            'caller', caller)
 redis.call('EXPIRE', intent_key, ttl)
-redis.call('ZADD', intents_key, now + stale_after, intent_id)
+redis.call('ZADD', intents_key, now + first_look, intent_id)
 if reference_id ~= '' then
   redis.call('ZADD', ref_key, now, intent_id)
   redis.call('EXPIRE', ref_key, ttl)

@@ -130,6 +130,7 @@ class Intents:
         self.redis = redis
         self.store = store
         self.stale_after = stale_after(settings)
+        self.first_look = settings.intent_first_look or self.stale_after
         self.window = settings.intent_window
         # How long an intent's record lives at most: a safety net only, the reconcile removes
         # every intent well before.
@@ -172,7 +173,7 @@ class Intents:
                 callback_url or "",
                 ",".join(events or ()),
                 metadata or b"",
-                self.stale_after,
+                self.first_look,
                 self.ttl,
                 caller or "",
             ],
