@@ -433,21 +433,26 @@ def test_a_tracking_write_refused_after_the_create_is_recorded_later() -> None:
 # gone, and the API waits 8 s for it, far longer than the signal takes to come (the test sends
 # it as soon as the hop holds the answer) and the 1 s grace on SIGTERM after it. With ENV's 2 s,
 # a loaded machine's late signal found the API's own timeout fired: it had adopted the job and
-# answered, the relay right and the test raced. Not longer: the intent the API leaves is due
-# for a worker's reconcile after 3 x 8 + 8 s (relay.jobs.intents.stale_after).
+# answered, the relay right and the test raced. The intent it leaves is due for a worker's
+# reconcile after 3 x 8 + 8 s (relay.jobs.intents.stale_after); a test that waits for the
+# reconcile has it first looked at 10 s after it was written instead (FIRST_LOOK_AFTER_8_S),
+# past those 8 s: the API is gone by then.
 CUT_OFF_HOLD = 120.0
 CUT_OFF_ENV = {"RELAY_SHUTDOWN_TIMEOUT": "1", "RELAY_UPSTREAM_TIMEOUT": "8"}
+FIRST_LOOK_AFTER_8_S = {"RELAY_INTENT_FIRST_LOOK": "10"}
 
 
 @pytest.fixture
 def api_process(
-    redis_url: str,
+    redis_url: str, request: pytest.FixtureRequest
 ) -> Iterator[tuple[Stack, LateAnswers, subprocess.Popen[bytes], str]]:
+    """The API cut off mid-create, as a process; `env` over CUT_OFF_ENV by indirect param."""
+    env: dict[str, str] = getattr(request, "param", {})
     with late_stack(redis_url) as (stack, hop):
         port = free_port()
         api = subprocess.Popen(
             [sys.executable, "-m", "relay.cli", "api", "--port", str(port)],
-            env={**stack.env, **CUT_OFF_ENV},
+            env={**stack.env, **CUT_OFF_ENV, **env},
         )
         url = f"http://127.0.0.1:{port}"
         try:
@@ -460,6 +465,9 @@ def api_process(
 
 
 @pytest.mark.long
+@pytest.mark.parametrize(
+    "api_process", [FIRST_LOOK_AFTER_8_S], indirect=True, ids=["first_look_10"]
+)
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_an_api_cut_off_mid_create_leaves_the_job_to_a_worker(
     api_process: tuple[Stack, LateAnswers, subprocess.Popen[bytes], str],
@@ -481,6 +489,9 @@ def test_an_api_cut_off_mid_create_leaves_the_job_to_a_worker(
     assert hop.holding.wait(timeout=30), "the create never reached Chamelaion"
     os.kill(api.pid, sig)
     api.wait(timeout=20)
+    # Gone before anyone looked for its job: what follows is a worker's doing.
+    assert tracked(redis_url) == []
+    assert open_intents(redis_url) == 1
     thread.join(timeout=60)
     [error] = outcome
     assert isinstance(error, APIConnectionError | APIStatusError)
