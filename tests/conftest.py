@@ -21,7 +21,6 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from xdist.scheduler import LoadScopeScheduling
 
-from relay.devtools import ports
 from relay.devtools.embedded_redis import embedded_redis
 from tests.helpers import close_test_clients
 
@@ -75,13 +74,6 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ[_OWN_PYCACHE] = str(os.getpid())
         if (config.getoption("numprocesses", None) or 0) > 1:
             _fill_bytecode_cache(config)
-    # Each xdist process hands out ports from a slice of its own, so two cannot pick the same
-    # port in the moment before a server binds it.
-    worker = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ...
-    if worker:
-        ports.use_slice(
-            int(worker.removeprefix("gw")), int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
-        )
 
 
 def _fill_bytecode_cache(config: pytest.Config) -> None:

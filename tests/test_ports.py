@@ -1,10 +1,13 @@
 """The ports handed to servers the tests, benches and `relay dev` start: none the kernel could
 give an outgoing connection before the server binds it (CI saw a `relay worker` fail with
-"address already in use" on such a port), and none twice."""
+"address already in use" on such a port), none twice, and none another process has just
+been handed (a suite ran beside another saw a test server's port taken)."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from relay.devtools.ports import free_port, free_ports
@@ -44,3 +47,20 @@ def test_a_run_of_ports_is_free_and_none_of_it_is_handed_out_again() -> None:
             sock.bind(("", port))  # each is free
     later = {free_port() for _ in range(300)}
     assert not run & later
+
+
+def test_a_port_another_process_was_just_handed_is_not_handed_out() -> None:
+    port = free_port()  # not bound: a server of this process is about to bind it
+    other = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from relay.devtools import ports\n"
+            f"ports.use_range(range({port}, {port + 2}))\n"
+            "print(ports.free_port())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert int(other.stdout) == port + 1
