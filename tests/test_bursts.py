@@ -103,6 +103,40 @@ def test_a_failing_destination_is_backed_off_and_gets_every_event_once_it_recove
         assert "relay_destinations_backed_off 0.0" in text
 
 
+def test_a_backed_off_destination_is_probed_by_one_attempt_at_a_time(redis_url: str) -> None:
+    # The receiver takes 0.5 s to fail: the attempts falling due as a back-off ends would all
+    # be sent (and counted) in that time, were each let through until a failure is recorded.
+    # Half-open, the destination gets one probe; the others are postponed, not counted.
+    receiver = Receiver(default=503, delay=0.5)
+    env = {
+        "RELAY_DESTINATION_FAILURES": "3",
+        "RELAY_DESTINATION_MAX_BACKOFF": "1",
+        "RELAY_DELIVERY_RETRY_SCHEDULE": "0,0.2,0.2,0.2",
+    }
+    with relay_stack(redis_url, receiver=receiver, env=env) as stack:
+        request_ids = submit_many(stack, stack.callback_url, 10)
+        client = redis.Redis.from_url(redis_url)
+        eventually(lambda: client.zcard(keys.BACKED_OFF) == 1)
+        # The attempts in flight as it opened have had their answers.
+        eventually(lambda: receiver.in_flight == 0 and len(receiver.received) >= 3)
+        with receiver.lock:
+            receiver.max_in_flight = 0
+            after_opening = len(receiver.received)
+        # Three back-offs end, each tried by a probe that fails.
+        eventually(lambda: len(receiver.received) >= after_opening + 3, timeout=20)
+        assert receiver.max_in_flight == 1, "more than one attempt tried a half-open destination"
+        receiver.default = 204
+        eventually(
+            lambda: all(
+                job_field(redis_url, rid, "delivery") == b"delivered" for rid in request_ids
+            ),
+            timeout=60,
+        )
+        for request_id in request_ids:
+            made = int(job_field(redis_url, request_id, "attempts_made") or 0)
+            assert 1 <= made <= 4
+
+
 @pytest.mark.long
 def test_a_burst_past_the_in_process_limit_waits_its_turn_and_all_arrive(redis_url: str) -> None:
     # One attempt in flight per worker, so at most two first attempts run in-process; the rest
