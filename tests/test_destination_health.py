@@ -4,13 +4,14 @@ must not hold up the others (#24 finding 7).
 A destination is backed off only for what says its host is unwell (no connection, a timeout, a
 reset, 502/503/504), never for a path's own 500 or 4xx; its slots are shared fairly among the
 owners of the attempts waiting for them; an attempt postponed for a backed-off destination is
-written in its attempt log.
+written in its attempt log; once a back-off ends, one attempt at a time probes the destination.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -23,6 +24,7 @@ from starlette.routing import Route
 
 from relay.delivery.deliverer import classify
 from relay.delivery.destinations import DestinationBusy, Destinations
+from relay.delivery.store import Breaker, DeliveryStore, Probe
 from relay.redis import keys
 from tests.helpers import B_KEY, attempts, submit, submit_as, submit_many, three_callers
 from tests.servers import serve
@@ -144,6 +146,64 @@ def test_postponed_attempts_are_in_the_attempt_log(redis_url: str) -> None:
 def test_only_gateway_statuses_say_the_host_is_unwell(status: int, unwell: bool) -> None:
     outcome = classify(httpx.Response(status))
     assert outcome.answered is not unwell
+
+
+async def test_a_half_open_destination_lets_one_probe_through_at_a_time(redis_url: str) -> None:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    deliveries = DeliveryStore(client)
+    destination = "http://receiver.example:80"
+    breaker = Breaker(threshold=1, base=1, max_backoff=1)
+
+    async def fails() -> float:
+        update = await deliveries.record_outcome(
+            "nobody", attempt=0, next_attempt=1, state="pending", result="HTTP 503",
+            destination=destination, answered=False, breaker=breaker,
+        )  # fmt: skip
+        return update.backed_off_for
+
+    async def back_off_ends() -> None:
+        (seconds, _), *_ = [await client.time()]
+        await client.zadd(keys.BACKED_OFF, {destination: seconds - 1})
+
+    async def claim() -> Probe:
+        return await deliveries.claim_probe(destination, hold=20, wait=1)
+
+    try:
+        assert await claim() == Probe(go=True, wait=0), "closed: every attempt goes"
+        assert await fails() == 1
+        backed_off = await claim()
+        assert not backed_off.go and 0 < backed_off.wait <= 1
+        await back_off_ends()
+        assert await claim() == Probe(go=True, wait=1), "half-open: the first is the probe"
+        for _ in range(3):
+            waiting = await claim()
+            assert not waiting.go and 0 < waiting.wait <= 1, "the others wait for its outcome"
+        assert await fails() == 1, "the probe failed: backed off again"
+        assert not (await claim()).go
+        await back_off_ends()
+        assert (await claim()).go
+        await deliveries.record_outcome(
+            "nobody", attempt=0, next_attempt=1, state="delivered", result="HTTP 204",
+            destination=destination, answered=True, breaker=breaker,
+        )  # fmt: skip
+        assert await claim() == Probe(go=True, wait=0), "the probe was answered: closed"
+        assert await client.zcard(keys.BACKED_OFF) == 0
+    finally:
+        await client.aclose()
+
+
+def test_a_worker_asks_redis_only_once_a_back_off_it_saw_has_ended() -> None:
+    destinations = Destinations(per_destination=1, total=1)
+    destination = "http://receiver.example:80"
+    assert not destinations.half_open(destination), "never backed off: no round trip"
+    destinations.record(destination, 0.05)
+    assert destinations.backed_off_for(destination) > 0
+    assert not destinations.half_open(destination), "backed off: postponed without asking"
+    time.sleep(0.06)
+    assert destinations.backed_off_for(destination) == 0
+    assert destinations.half_open(destination), "ended, idle: kept until Redis says closed"
+    destinations.record(destination, 0)
+    assert not destinations.half_open(destination)
 
 
 async def test_one_owner_does_not_take_every_slot_of_a_destination() -> None:

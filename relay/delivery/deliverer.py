@@ -206,6 +206,20 @@ class Deliverer:
                 return "stale"
             destination = destination_of(job.callback_url)
         backed_off_for = self.destinations.backed_off_for(destination)
+        if backed_off_for == 0 and self.destinations.half_open(destination):
+            # Its back-off has ended: one attempt of all the workers' tries it (the probe),
+            # the others wait for its outcome. Only here, never with the breaker closed, does
+            # the breaker cost a round trip.
+            probe = await self.deliveries.claim_probe(
+                destination, hold=self.timeout + SEND_MARGIN, wait=self.breaker.base
+            )
+            if not probe.go:
+                backed_off_for = probe.wait
+                self.destinations.record(destination, probe.wait)
+            elif probe.wait == 0:
+                self.destinations.record(destination, 0)  # closed: no more asking
+            # The probe leaves this worker's view half-open: its other attempts ask too, and
+            # its outcome tells of a new back-off as the first did (ops events).
         if backed_off_for > 0:
             # Not made, not counted: the event waits for the destination, however long. Its
             # log says so, or a caller would see nothing happen for minutes.

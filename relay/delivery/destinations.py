@@ -6,8 +6,11 @@ its own slots; within a destination, slots are shared fairly among the attempts'
 callers), as many services often sit behind one gateway host. Whether a destination is backed
 off (its host kept failing: circuit-breaker style) is shared state in Redis, written with each
 attempt's outcome (store.record_outcome.lua); this worker keeps what Redis last told it, so a
-breaker costs no extra round trip per attempt. Entries for idle destinations are dropped, so
-memory follows what is in flight, not history.
+breaker costs no extra round trip per attempt. Once a back-off it saw has ended, the breaker is
+half-open: it asks Redis before each attempt there, and only one attempt of all the workers'
+(the probe) is made (store.claim_probe.lua) until an outcome closes it or backs it off again.
+Entries for idle destinations are dropped, so memory follows what is in flight, not history;
+a half-open one is kept until Redis says it is closed (or for a day).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+# How long a worker remembers a destination half-open that it no longer tries.
+FORGET_HALF_OPEN = 86400.0
 
 
 class DestinationBusy(Exception):
@@ -55,6 +60,14 @@ class _Destination:
     # Slots held per owner, and the attempts waiting for one in arrival order.
     held: Counter[str] = field(default_factory=Counter)
     waiters: list[_Waiter] = field(default_factory=list)
+
+    def forgettable(self) -> bool:
+        """Idle, and nothing worth keeping: never backed off, or half-open for too long."""
+        if self.users > 0:
+            return False
+        return self.backed_off_until == 0 or (
+            time.monotonic() - self.backed_off_until > FORGET_HALF_OPEN
+        )
 
     def take(self, owner: str) -> None:
         self.free -= 1
@@ -97,7 +110,7 @@ class Destinations:
 
     def _release(self, destination: str, entry: _Destination) -> None:
         entry.users -= 1
-        if entry.users == 0 and entry.backed_off_until <= time.monotonic():
+        if entry.forgettable():
             self._known.pop(destination, None)
 
     @contextlib.asynccontextmanager
@@ -159,9 +172,15 @@ class Destinations:
         if entry is None:
             return 0.0
         left = entry.backed_off_until - time.monotonic()
-        if left <= 0 and entry.users == 0:
-            self._known.pop(destination, None)  # expired and idle: forget it
+        if left <= 0 and entry.forgettable():
+            self._known.pop(destination, None)
         return max(0.0, left)
+
+    def half_open(self, destination: str) -> bool:
+        """Did a back-off this worker saw end without Redis saying the breaker closed since?
+        Then an attempt asks Redis first (DeliveryStore.claim_probe)."""
+        entry = self._known.get(destination)
+        return entry is not None and 0 < entry.backed_off_until <= time.monotonic()
 
     def record(self, destination: str, backed_off_for: float) -> None:
         """What Redis said about the destination after an attempt's outcome was written."""

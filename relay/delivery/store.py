@@ -118,6 +118,14 @@ class DeliveryUpdate:
     backed_off_for: float  # seconds the destination is backed off for; 0 when it is not
 
 
+@dataclass(frozen=True)
+class Probe:
+    """What an attempt at a destination last seen backed off was told (`claim_probe`)."""
+
+    go: bool  # it may be made: the breaker is closed, or this attempt is the probe
+    wait: float  # seconds the destination's other attempts wait (0: the breaker is closed)
+
+
 class DeliveryStore:
     def __init__(self, redis: Redis, *, retention: float = history.DEFAULT_RETENTION) -> None:
         self.redis = redis
@@ -127,6 +135,7 @@ class DeliveryStore:
         self._record_outcome = scripts.register(redis, __name__, "record_outcome", prelude=events)
         self._emit = scripts.register(redis, __name__, "emit", prelude=events)
         self._claim_send = scripts.register(redis, __name__, "claim_send")
+        self._claim_probe = scripts.register(redis, __name__, "claim_probe")
 
     async def emit(
         self, job: Job, *, kind: str, event_id: str, event: bytes, retention: float
@@ -159,6 +168,15 @@ class DeliveryStore:
             args=[keys.DELIVERIES_PREFIX, delivery_id, int(hold * 1000)],
         )
         return bool(claimed)
+
+    async def claim_probe(self, destination: str, *, hold: float, wait: float) -> Probe:
+        """May an attempt go to this destination, last seen backed off? Half-open, only one
+        attempt (the probe) may, holding it for `hold` seconds; see store.claim_probe.lua."""
+        go, wait_for = await self._claim_probe(
+            keys=[keys.destination(destination), keys.BACKED_OFF],
+            args=[destination, hold, wait],
+        )
+        return Probe(bool(go), float(wait_for))
 
     async def owner(self, delivery: DeliveryId) -> str:
         """Whose delivery this is, for fairness among a destination's slots: its job's caller,

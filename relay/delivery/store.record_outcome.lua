@@ -4,7 +4,7 @@
 -- (the guard of an attempt made in-process) is removed: nothing is left to run for it.
 -- Whatever the job's state, the destination's breaker learns from the outcome: an answer
 -- closes it; `threshold` failures in a row back the destination off, for `base` seconds
--- doubling up to `max_backoff`.
+-- doubling up to `max_backoff` (a failure ends any probe: store.claim_probe.lua).
 -- A recorded outcome is one of the job's events (relay.jobs.history), its last when it settles
 -- the final event's delivery.
 -- Returns {1 if recorded else 0, seconds the destination is backed off for (0: it is not)}.
@@ -32,6 +32,7 @@ local backed_off_for = 0
 if answered then
   if redis.call('DEL', destination_key) == 1 then redis.call('ZREM', backed_off_key, destination) end
 else
+  redis.call('HDEL', destination_key, 'probe')
   local failures = redis.call('HINCRBY', destination_key, 'failures', 1)
   if failures >= threshold then
     backed_off_for = math.min(base * 2 ^ (failures - threshold), max_backoff)

@@ -52,7 +52,8 @@ relay:stats:{outcome}:{minute}
 relay:api:write_check       string written before each round of submissions: Redis takes writes
 relay:ready:write_check     string written by every Redis check (relay.redis.watch): readiness
                                    fails while Redis refuses it
-relay:destination:{dest}   hash   a callback destination's breaker: consecutive failures
+relay:destination:{dest}   hash   a callback destination's breaker: consecutive failures, and
+                                   `probe` while one attempt probes it half-open
                                    (dest = scheme://host:port; expires a day after the last)
 relay:destinations:backed_off zset destination -> Redis-clock time it is backed off until
 relay:attempts:{delivery id} list   a delivery's attempt log (JSON entries, oldest first; once
