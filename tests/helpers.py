@@ -11,7 +11,9 @@ import json
 import os
 import re
 import selectors
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -372,12 +374,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def dev_port() -> int:
-    """A port for `relay dev --port`, which also listens on the next two (sandbox, inbox)."""
-    return free_ports(3)
-
-
-def read_until(proc: subprocess.Popen[bytes], marker: str, timeout: float = START_TIMEOUT) -> str:
+def _read_until(proc: subprocess.Popen[bytes], marker: str, timeout: float = START_TIMEOUT) -> str:
     # Raw reads: a buffered reader would hide lines it already pulled from the pipe.
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
@@ -391,3 +388,24 @@ def read_until(proc: subprocess.Popen[bytes], marker: str, timeout: float = STAR
         if selector.select(timeout=0.1):
             seen += os.read(fd, 65536)
     return seen.decode()
+
+
+@contextlib.contextmanager
+def relay_dev(**env: str) -> Iterator[tuple[int, str]]:
+    """`relay dev` with `env` over a clean environment, on a port of its own and the next two
+    (its sandbox and inbox): yields the port and the banner it printed, up to "Ctrl-C". At the
+    block's end it gets Ctrl-C, and must exit 0."""
+    port = free_ports(3)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay.cli", "dev", "--port", str(port)],
+        env=clean_env(**env),
+        stdout=subprocess.PIPE,
+    )
+    try:
+        yield port, _read_until(proc, "Ctrl-C")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=30)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert code == 0, f"relay dev exited with {code} on Ctrl-C"

@@ -12,7 +12,7 @@ import pytest
 from chamelaion import Chamelaion
 
 from relay.devtools.ports import free_port
-from tests.helpers import clean_env, dev_port, read_until
+from tests.helpers import clean_env, relay_dev
 from tests.stack import RELAY_KEY as LONG_KEY
 from tests.stack import eventually, new_secret, serving
 
@@ -116,14 +116,7 @@ def test_a_base_url_carrying_a_credential_stops_start_up_without_echoing_it(base
 
 
 def test_relay_dev_runs_everything_and_its_inbox_verifies_callbacks() -> None:
-    port = dev_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "relay.cli", "dev", "--port", str(port)],
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-    )
-    try:
-        banner = read_until(proc, "Ctrl-C")
+    with relay_dev() as (port, banner):
         key = re.search(r"key: (\S+)\)", banner)
         inbox = re.search(r"inbox\s+(\S+)", banner)
         assert key and inbox, banner
@@ -148,12 +141,6 @@ def test_relay_dev_runs_everything_and_its_inbox_verifies_callbacks() -> None:
         assert isinstance(payload, dict)
         assert payload["type"] == "lipsync.completed"
         assert payload["data"]["id"] == job.request_id
-    finally:
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=30)
-        assert proc.stdout is not None
-        proc.stdout.close()
-    assert code == 0
 
 
 def test_worker_stops_cleanly_on_sigterm(redis_url: str) -> None:
@@ -178,18 +165,7 @@ def test_worker_stops_cleanly_on_sigterm(redis_url: str) -> None:
 
 def test_relay_dev_never_prints_a_key_from_the_environment() -> None:
     # Finding 9: the banner shows only a key `relay dev` generated itself.
-    port = dev_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "relay.cli", "dev", "--port", str(port)],
-        env=clean_env(RELAY_API_KEYS=LONG_KEY),
-        stdout=subprocess.PIPE,
-    )
-    try:
-        banner = read_until(proc, "Ctrl-C")
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
-        assert proc.stdout is not None
-        proc.stdout.close()
+    with relay_dev(RELAY_API_KEYS=LONG_KEY) as (_, banner):
+        pass
     assert "key: one of RELAY_API_KEYS" in banner
     assert LONG_KEY not in banner

@@ -8,9 +8,6 @@ import contextlib
 import logging
 import re
 import secrets
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -21,7 +18,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from relay.devtools.ports import free_port
 from relay.tracing import setup
-from tests.helpers import AUDIO, VIDEO, clean_env, dev_port, read_until, verified
+from tests.helpers import AUDIO, VIDEO, relay_dev, verified
 from tests.otlp import OtlpReceiver, Received, stalled_collector
 from tests.servers import serve
 from tests.stack import (
@@ -206,6 +203,18 @@ def submit(stack: Stack, **headers: str) -> str:
     )
 
 
+def export_one_span(process: str) -> None:
+    """Trace this process as `process` (from the environment), end one span and stop, which
+    exports it."""
+    assert setup.start(process)
+    try:
+        tracer = setup.active()
+        assert tracer is not None
+        tracer.start_span("job end").end()
+    finally:
+        setup.stop()
+
+
 def sdk_records(caplog: pytest.LogCaptureFixture) -> list[str]:
     """What the OpenTelemetry SDK and exporter logged."""
     return [r.getMessage() for r in caplog.records if r.name.startswith("opentelemetry")]
@@ -338,13 +347,7 @@ def test_the_service_name_comes_from_the_standard_variables(
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
-    assert setup.start("worker")
-    try:
-        tracer = setup.active()
-        assert tracer is not None
-        tracer.start_span("job end").end()
-    finally:
-        setup.stop()
+    export_one_span("worker")
     (span,) = receiver.all()
     assert span.resource["service.name"] == service_name
     assert span.resource["relay.process"] == "worker"
@@ -355,14 +358,8 @@ def test_the_service_name_comes_from_the_standard_variables(
 def test_relay_dev_traces_when_an_endpoint_is_set(otlp: tuple[OtlpReceiver, str]) -> None:
     # What a developer trying tracing out runs first.
     receiver, endpoint = otlp
-    port = dev_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "relay.cli", "dev", "--port", str(port)],
-        env=clean_env(**otel_env(endpoint)),
-        stdout=subprocess.PIPE,
-    )
-    try:
-        key = re.search(r"key: (\S+)\)", read_until(proc, "Ctrl-C"))
+    with relay_dev(**otel_env(endpoint)) as (port, banner):
+        key = re.search(r"key: (\S+)\)", banner)
         assert key, "relay dev printed no key"
         sdk = Chamelaion(api_key=key.group(1), base_url=f"http://127.0.0.1:{port}/api")
         job = sdk.lipsync.generate(
@@ -384,12 +381,6 @@ def test_relay_dev_traces_when_an_endpoint_is_set(otlp: tuple[OtlpReceiver, str]
             if span.span.name == "POST /api/v1/lipsync/generate"
         ]
         assert submission.resource["relay.process"] == "dev"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=30)
-        assert proc.stdout is not None
-        proc.stdout.close()
-    assert code == 0
 
 
 def test_without_an_endpoint_nothing_is_traced_or_sent(redis_url: str) -> None:
@@ -449,13 +440,7 @@ def test_a_malformed_collector_header_is_named_but_its_value_never_logged(
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
     monkeypatch.setenv(variable, "x-team=media,authorization=Bearer s3cr;et-token")
     with caplog.at_level(logging.INFO):
-        assert setup.start("api")
-        try:
-            tracer = setup.active()
-            assert tracer is not None
-            tracer.start_span("job end").end()
-        finally:
-            setup.stop()
+        export_one_span("api")
     assert len(receiver.all()) == 1
     assert "s3cr" not in caplog.text and "et-token" not in caplog.text
     (named,) = [r for r in caplog.records if "authorization" in r.getMessage()]
