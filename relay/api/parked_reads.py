@@ -19,6 +19,7 @@ import asyncio
 import contextvars
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -50,6 +51,10 @@ def tracked_answer(job: Job, wait: int | None) -> Response | None:
     if job.body is None:
         return None
     return json_bytes(job.body, headers=None if wait is None else prefer.applied(wait))
+
+
+def _nothing() -> None:
+    pass
 
 
 class ParkedRead:
@@ -100,6 +105,14 @@ class ParkedReads:
         # Reads by the tick their wait runs out at; one timer a tick, not one a read (a timer
         # costs ~500 bytes, and holds the context it was made in).
         self._due: dict[int, set[ParkedRead]] = {}
+        # Called as a read starts waiting: relay.api.waiters holds its subscription while any
+        # does (it sets this).
+        self.wanted: Callable[[], None] = _nothing
+
+    @property
+    def holding(self) -> bool:
+        """Whether any read is parked, or being parked, now."""
+        return bool(self._reads or self._pending)
 
     async def park(self, request: Request, request_id: str, seconds: int) -> Response | None:
         """A response whose call parks the read until the job ends or `seconds` pass; None
@@ -110,6 +123,7 @@ class ParkedReads:
         read = ParkedRead(self, request_id, seconds)
         pending = self._pending.setdefault(request_id, set())
         pending.add(read)
+        self.wanted()
         try:
             # Asked once registered: an end since the caller's own read would go unheard.
             ended = await self.store.has_ended(request_id)

@@ -2,14 +2,19 @@
 fanned out in memory to every request that waits (`Prefer: wait`, a job's event stream, a
 caller's feed).
 
-The process subscribes once to `relay:events`, where every job event is announced as it is
-recorded (relay.jobs.history); each announcement wakes the waiters of its job and of its caller.
-A waiter is a future and an entry in a dict, and makes no Redis call while it waits; a status
-read that waits is not even that, but parked with no task (relay.api.parked_reads, which hears
-the same announcements), so thousands of them cost little more than their sockets. A waiter
-registers before it reads what it waits for: an event between the read and the wait still
-wakes it. When the subscription breaks (Redis restarted, a failover), every waiter is woken
-once it is back, since what was announced meanwhile was not heard, and reads again.
+While anything waits, the process is subscribed to `relay:events`, where every job event is
+announced as it is recorded (relay.jobs.history); each announcement wakes the waiters of its job
+and of its caller. A waiter is a future and an entry in a dict, and makes no Redis call while it
+waits; a status read that waits is not even that, but parked with no task
+(relay.api.parked_reads, which hears the same announcements), so thousands of them cost little
+more than their sockets. A waiter registers before it reads what it waits for: an event between
+the read and the wait still wakes it. Whenever the subscription is (re)confirmed (the first
+waiter after a quiet spell, or Redis back after a break), every waiter is woken and reads again,
+since what was announced before was not heard.
+
+With nothing waiting, the process holds no subscription (it is let go LINGER seconds after the
+last waiter leaves): every API process would otherwise read and decode every job's every event
+(a submission's own included) whether or not anyone waits for it.
 
 Each waiter also listens for its client hanging up, and lets go at once when it does. When the
 server shuts down (relay.api.protocol calls `drain`), every waiter is woken to answer with what
@@ -26,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.connection import Connection
 from redis.exceptions import RedisError
 from starlette.requests import Request
 
@@ -46,13 +53,20 @@ RESYNC = 0x200
 UNKNOWN = RESYNC | EVENT | ENDS | LAST
 # Seconds between attempts to subscribe again after a break.
 RESUBSCRIBE_AFTER = 1.0
-# The longest one read of the subscription waits for a message, so also the longest a stop
-# waits for the read to end: at 1 s, every API shutdown took half a second on average.
-READ_FOR = 0.1
+# Seconds the subscription is kept with nothing waiting (between one and two of them): waits
+# that come and go a few seconds apart share one subscription.
+LINGER = 5.0
 
 
 class Listener(Protocol):
     """What else hears announcements: requests parked without a task (relay.api.parked_reads)."""
+
+    # Called when a read starts waiting (set by Waiters): the subscription is held for it.
+    wanted: Callable[[], None]
+
+    @property
+    def holding(self) -> bool:
+        """Whether any read waits now."""
 
     def wake(self, request_id: str, flags: int) -> None: ...
 
@@ -111,6 +125,20 @@ class Waiters:
         self.parked = 0
         # Set while the subscription holds: until then a waiter hears nothing, only its timeout.
         self.subscribed = asyncio.Event()
+        # Set when something starts waiting; counted, so a wait that came and went between two
+        # looks still keeps the subscription for another LINGER.
+        self._wanted = asyncio.Event()
+        self._asked = 0
+        if listener is not None:
+            listener.wanted = self.want
+
+    def want(self) -> None:
+        """Something starts waiting: subscribe, unless subscribed already."""
+        self._asked += 1
+        self._wanted.set()
+
+    def _waiting(self) -> bool:
+        return self.parked > 0 or (self.listener is not None and self.listener.holding)
 
     def drain(self) -> None:
         """The server is shutting down: wake every waiter to answer now (idempotent)."""
@@ -135,6 +163,7 @@ class Waiters:
             table.setdefault(name, _Topic()).watches.add(waiter)
         WAITING.labels(kind).inc()
         self.parked += 1
+        self.want()
         if self.draining:
             waiter.wake(UNKNOWN)
         try:
@@ -224,18 +253,17 @@ class Waiters:
                 self._wake(topic, announcement.flags | EVENT)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Hold the process's one subscription until `stop`, subscribing again after a break."""
+        """Hold the process's one subscription while anything waits, until `stop`; subscribe
+        again after a break."""
         while not stop.is_set():
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            if not self._waiting():
+                self._wanted.clear()
+                await _either(self._wanted, stop)
+                continue
+            pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(keys.EVENTS_CHANNEL)
-                # Anything announced before the subscription took hold went unheard.
-                self._wake_all()
-                self.subscribed.set()
-                while not stop.is_set():
-                    message = await pubsub.get_message(timeout=READ_FOR)
-                    if message is not None and message["type"] == "message":
-                        self.announce(message["data"])
+                await self._hear(pubsub, stop)
             except (RedisError, OSError) as exc:
                 if self.subscribed.is_set():
                     log.warning("the events subscription broke; subscribing again: %s", exc)
@@ -244,6 +272,61 @@ class Waiters:
                     async with asyncio.timeout(RESUBSCRIBE_AFTER):
                         await stop.wait()
             finally:
+                self.subscribed.clear()
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
-        self.subscribed.clear()
+
+    async def _hear(self, pubsub: PubSub, stop: asyncio.Event) -> None:
+        """Read the subscription's messages until `stop`, or until nothing has waited for a
+        LINGER (an error is raised)."""
+        connection = pubsub.connection
+        assert connection is not None, "subscribed without a connection"
+        # Every job event of every API process comes through here, whether or not anything
+        # waits: read straight off the connection, one reply a message (PubSub.get_message
+        # took ~9 µs a message, a timer and a health check each; this ~2.5). Messages are
+        # awaited without a timeout (the client's socket_timeout would break a quiet
+        # subscription); `stop` ends the read instead. A TCP connection that dies silently goes
+        # unnoticed here as it did with get_message, which had no health check either.
+        timeout, connection.socket_timeout = connection.socket_timeout, None
+        hearing = asyncio.ensure_future(self._messages(connection))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            asked = -1
+            while True:
+                done, _ = await asyncio.wait(
+                    (hearing, stopping), timeout=LINGER, return_when=asyncio.FIRST_COMPLETED
+                )
+                if done or (not self._waiting() and asked == self._asked):
+                    break
+                asked = self._asked
+        finally:
+            stopping.cancel()
+            if not hearing.done():
+                hearing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await hearing
+            connection.socket_timeout = timeout  # the connection goes back to the pool
+        if not hearing.cancelled():
+            hearing.result()  # its error, if it ended on one
+
+    async def _messages(self, connection: Connection) -> None:
+        while True:
+            reply = await connection.read_response()
+            kind = reply[0] if isinstance(reply, list) and len(reply) == 3 else None
+            if kind == b"message":
+                self.announce(reply[2])
+            elif kind == b"subscribe":
+                # Confirmed: from here on every announcement is heard. What was announced
+                # before went unheard, so every waiter reads again.
+                self._wake_all()
+                self.subscribed.set()
+
+
+async def _either(first: asyncio.Event, second: asyncio.Event) -> None:
+    """Return once either event is set."""
+    waits = [asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
