@@ -27,16 +27,18 @@ local index_ttl = tonumber(ARGV[10]) -- how long a caller's index keeps a job: i
 local created = redis.call('EXISTS', job_key) == 0
 if created then
   -- The first write: under maxmemory a full Redis refuses it, and so the whole script (it only
-  -- checks a script's first write), leaving the intent for the reconcile.
-  redis.call('HSET', job_key, 'created', now, 'interval', first_poll_in,
-             'callback_url', callback_url, 'reference_id', reference_id,
-             'timeline', string.format('submitted@%.3f', now))
-  if events ~= '' then redis.call('HSET', job_key, 'events', events) end
-  if metadata ~= '' then redis.call('HSET', job_key, 'metadata', metadata) end
-  if caller ~= '' then redis.call('HSET', job_key, 'caller', caller) end
+  -- checks a script's first write), leaving the intent for the reconcile. One HSET for every
+  -- field, the first event's sequence number (1) with them.
+  local fields = {'created', now, 'interval', first_poll_in, 'callback_url', callback_url,
+                  'reference_id', reference_id,
+                  'timeline', string.format('submitted@%.3f', now), 'sequence', 1}
+  if events ~= '' then table.insert(fields, 'events'); table.insert(fields, events) end
+  if metadata ~= '' then table.insert(fields, 'metadata'); table.insert(fields, metadata) end
+  if caller ~= '' then table.insert(fields, 'caller'); table.insert(fields, caller) end
+  if trace ~= '' then table.insert(fields, 'trace'); table.insert(fields, trace) end
+  redis.call('HSET', job_key, unpack(fields))
   -- Counted against its caller's max_outstanding until it ends (store.end.lua).
   if outstanding_key ~= job_key then redis.call('ZADD', outstanding_key, now, request_id) end
-  if trace ~= '' then redis.call('HSET', job_key, 'trace', trace) end
   redis.call('ZADD', polls_key, now + first_poll_in, request_id)
   redis.call('ZADD', created_key, now, request_id)
   if reference_id ~= '' then redis.call('SET', ref_key, request_id) end
@@ -51,7 +53,9 @@ if created then
       redis.call('EXPIRE', caller_ref_key, index_ttl)
     end
   end
-  history_append(job_key, request_id, '{"type":"status","status":"submitted"}', false, false)
+  -- Its first event: the hash was just written, with no TTL yet (store.end.lua sets one).
+  history_record(request_id, 1, caller, -1, '{"type":"status","status":"submitted"}', false,
+                 false)
 end
 if intent_id ~= '' then
   redis.call('DEL', intent_key)
