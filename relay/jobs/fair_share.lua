@@ -38,8 +38,9 @@ local function fmt(x) return string.format('%.17g', x) end
 
 -- When the shared part's next slot comes (as schedule.take did: a 429 pause's end first).
 local function next_slot()
-  local start = math.max(now, tonumber(redis.call('GET', paused_key) or '0'))
-  local tat = tonumber(redis.call('GET', tat_key) or '0')
+  local found = redis.call('MGET', paused_key, tat_key)
+  local start = math.max(now, tonumber(found[1] or '0'))
+  local tat = tonumber(found[2] or '0')
   if tat < start then tat = start end
   return math.max(start, tat + period - burst * period), tat
 end
@@ -55,12 +56,13 @@ local function deadline_of(ticket)
   return tonumber(string.match(ticket, '|(.+)$'))
 end
 
+-- Returns true when it left the queue empty.
 local function dispatch()
   while true do
     local head = redis.call('ZRANGE', queue_key, 0, 0, 'WITHSCORES')
-    if #head == 0 then return end
+    if #head == 0 then return true end
     local at, tat = next_slot()
-    if at - now > lookahead then return end
+    if at - now > lookahead then return false end
     redis.call('ZREM', queue_key, head[1])
     if deadline_of(head[1]) >= now then
       book(tat)
@@ -91,7 +93,7 @@ local function waiting(ticket)
 end
 
 local keep_ms = 3600000
-dispatch()
+local emptied = dispatch()
 -- Grants nobody came for (their waiter died after the deadline check) are forgotten.
 redis.call('ZREMRANGEBYSCORE', granted_key, '-inf', now - 60)
 
@@ -126,11 +128,12 @@ end
 local tags = redis.call('HMGET', tags_key, 'v', 'f:' .. caller)
 local start_tag = math.max(tonumber(tags[1] or '0'), tonumber(tags[2] or '0'))
 local at, tat = next_slot()
-local queued = redis.call('ZCARD', queue_key)
 local reply
-if queued == 0 and at - now <= lookahead then
+-- Nothing can have joined the queue since dispatch() found it empty: this script is atomic.
+if emptied and at - now <= lookahead then
   book(tat)
-  redis.call('HSET', tags_key, 'v', fmt(start_tag))
+  -- The virtual time moves to this call's tag, and the caller's finish tag on by 1/share.
+  redis.call('HSET', tags_key, 'v', fmt(start_tag), 'f:' .. caller, fmt(start_tag + 1 / share))
   reply = {1, fmt(at - now)}
 else
   -- Tickets with an equal tag came first: they are ahead too.
@@ -147,8 +150,8 @@ else
   redis.call('PEXPIRE', granted_key, keep_ms)
   dispatch()
   reply = granted(mine) or waiting(mine)
+  redis.call('HSET', tags_key, 'f:' .. caller, fmt(start_tag + 1 / share))
 end
-redis.call('HSET', tags_key, 'f:' .. caller, fmt(start_tag + 1 / share))
 redis.call('PEXPIRE', tags_key, 24 * keep_ms)
 if submit_rate > 0 then
   rate_tat = rate_tat + rate_period
