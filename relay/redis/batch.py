@@ -24,8 +24,7 @@ import asyncio
 import weakref
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import hiredis
 from redis.asyncio import Redis
@@ -45,18 +44,23 @@ IDLE_CHECK = 1.0
 Arg = str | bytes | int | float
 
 
-@dataclass(frozen=True)
+# Not frozen dataclasses: one of each is made for every call, and a frozen one's __init__ (an
+# object.__setattr__ per field) cost more than the rest of packing it.
 class ScriptCall:
-    script: AsyncScript
-    keys: Sequence[str | bytes]
-    args: Sequence[Arg]
+    __slots__ = ("args", "keys", "script")
+
+    def __init__(
+        self, script: AsyncScript, keys: Sequence[str | bytes], args: Sequence[Arg]
+    ) -> None:
+        self.script = script
+        self.keys = keys
+        self.args = args
 
 
 Call = ScriptCall | tuple[Arg, ...]  # a script, or a plain command and its arguments
 
 
-@dataclass(frozen=True)
-class _Packed:
+class _Packed(NamedTuple):
     call: Call
     command: bytes  # as sent
     name: str  # whose reply callback shapes the result, as redis-py's would
@@ -65,12 +69,14 @@ class _Packed:
 def _pack(call: Call) -> _Packed:
     if isinstance(call, ScriptCall):
         args: tuple[Arg, ...] = ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+        name = "EVALSHA"
     else:
         args = call
+        name = args[0] if isinstance(args[0], str) else ""
     # hiredis packs in C what redis-py packs in Python, to the same bytes; an argument it cannot
     # send raises here, to its own caller.
     command = hiredis.pack_command(args)  # type: ignore[arg-type]  # its stub says a 1-tuple
-    return _Packed(call, command, args[0] if isinstance(args[0], str) else "")
+    return _Packed(call, command, name)
 
 
 Waiting = tuple[list[_Packed], "asyncio.Future[list[Any]]"]
@@ -141,9 +147,9 @@ class Batcher:
         if atomic:
             results = _exec_results(packed, results, self.redis.response_callbacks)
         if not return_exceptions:
-            error = next((r for r in results if isinstance(r, Exception)), None)
-            if error is not None:
-                raise error
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
         return results
 
     async def script(
