@@ -558,17 +558,29 @@ def test_the_relays_encoder_writes_what_the_official_one_does() -> None:
         page = relay.start_span("linked", context=spans.ROOT, kind=SpanKind.CONSUMER)
         page.add_link(server.get_span_context(), {"relay.job.id": "j1"})
         page.end()
+        # Spans alike but for their ids and times (the second round's from the encoder's
+        # cache of what follows those), and ones that differ only by a value's type or a status.
+        for value, status in ((1, None), (True, None), (1, StatusCode.ERROR)):
+            alike = relay.start_span("alike", context=caller, attributes={"n": value, "s": "x"})
+            if status is not None:
+                alike.set_status(Status(status, "broke"))
+            alike.end()
     other = TracerProvider(resource=Resource.create({"service.name": "other"}))
     other.add_span_processor(SimpleSpanProcessor(kept))
     other.get_tracer("x").start_span("elsewhere", kind=SpanKind.PRODUCER).end()
 
-    assert len(kept.spans) == 13
+    assert len(kept.spans) == 19
     ours = ExportTraceServiceRequest.FromString(otlp.encode_spans(kept.spans))
     theirs = ExportTraceServiceRequest.FromString(official(kept.spans).SerializeToString())
     assert ours == theirs
     assert len(ours.resource_spans) == 3
     relays = ours.resource_spans[1].scope_spans[0].spans
-    assert [span.name for span in relays] == ["client", "server", "linked"] * 2
+    assert [span.name for span in relays] == ["client", "server", "linked", *["alike"] * 3] * 2
+    assert [relays[n].attributes[0].value.WhichOneof("value") for n in (3, 4, 5)] == [
+        "int_value",
+        "bool_value",
+        "int_value",
+    ]
     assert relays[1].parent_span_id == caller.span_id.to_bytes(8, "big")
     assert relays[1].trace_state == "a=1,b=2"
     assert relays[0].parent_span_id == relays[1].span_id

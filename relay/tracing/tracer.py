@@ -26,7 +26,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 from opentelemetry.util import types
 
 SCOPE = InstrumentationScope("relay")
-_UNSET = Status(StatusCode.UNSET)
+UNSET = Status(StatusCode.UNSET)  # a span's status until one is set
 # A span's flags by (sampled, random trace id): made once, not per span.
 _FLAGS = {
     (sampled, random): TraceFlags(
@@ -131,7 +131,7 @@ class Span(trace.Span, ReadableSpan):
         self._attributes = attributes
         self._links = links
         self._events: list[Event] = []
-        self._status = _UNSET
+        self._status = UNSET
         self._start_time = start_time
         self._end_time: int | None = None
         self._resource = tracer.resource
