@@ -52,7 +52,6 @@ def thread_cpu() -> tuple[float, float]:
 
 
 async def submissions(count: int, rate: float) -> None:
-    from opentelemetry import trace
     from opentelemetry.trace import SpanKind
     from starlette.requests import Request
     from starlette.responses import Response
@@ -63,7 +62,7 @@ async def submissions(count: int, rate: float) -> None:
     async def create(request: Request) -> Response:
         # relay.upstream's span around the create, and relay.api.submit's kept context.
         tracer = setup.active()
-        if tracer is not None and trace.get_current_span().is_recording():
+        if tracer is not None and spans.current_span().is_recording():
             span = tracer.start_span(
                 "POST",
                 kind=SpanKind.CLIENT,

@@ -26,7 +26,6 @@ from typing import Any, Protocol
 
 import httpx
 import orjson
-from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Counter
 
@@ -35,7 +34,7 @@ from relay.http_client import NOTHING_SENT, AiohttpTransport
 from relay.http_urls import parsed_url
 from relay.metrics import UPSTREAM_ANSWERS_CUT, UPSTREAM_CALLS
 from relay.settings import Settings
-from relay.tracing import setup
+from relay.tracing import setup, spans
 
 USER_AGENT = "chamelaion-relay/0.1"
 # The largest list page anyone asks Chamelaion for through the relay's own API (sweeps ask for
@@ -256,7 +255,7 @@ class Upstream:
         if self.budget is not None and not spent:
             await self.budget.spend()
         tracer = setup.active()
-        if tracer is None or not trace.get_current_span().is_recording():
+        if tracer is None or not spans.current_span().is_recording():
             return await self._send(method, path, json, params, content, headers, timeout, upload)
         # Within a traced submission: the call is its child span (a worker's poll or sweep
         # page makes its own span, only once it knows the call moved a job).

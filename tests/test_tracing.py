@@ -323,6 +323,26 @@ def test_a_tracestate_sent_as_several_fields_is_one_list(
     assert submission.span.trace_state == "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"
 
 
+def test_a_parent_based_sampler_keeps_the_create_with_its_submission(
+    redis_url: str, otlp: tuple[OtlpReceiver, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A sampler other than the default is asked about each span with its parent: the create's
+    # is the submission's span (current for the relay's spans only, not in OpenTelemetry's
+    # context), so at a ratio of 0 a sampled caller's create is kept with its submission.
+    receiver, endpoint = otlp
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+    sampled, unsampled = secrets.token_hex(16), secrets.token_hex(16)
+    with traced_api(monkeypatch, endpoint), relay_stack(redis_url) as stack:
+        submit(stack, traceparent=f"00-{sampled}-{secrets.token_hex(8)}-01")
+        submit(stack, traceparent=f"00-{unsampled}-{secrets.token_hex(8)}-00")
+        submit(stack)  # a trace of its own, at a ratio of 0: not sampled
+    submission = one(receiver.all(), "POST /api/v1/lipsync/generate")  # nothing of the others
+    assert submission.trace_id == sampled
+    assert one(receiver.in_trace(sampled), "POST").parent_id == submission.span_id
+    assert receiver.in_trace(unsampled) == []
+
+
 @pytest.mark.parametrize(
     ("environ", "service_name"),
     [
@@ -633,6 +653,13 @@ def test_the_w3c_headers_read_and_written_as_the_sdks_propagator_does(
     theirs = trace.get_current_span(propagator.extract(headers)).get_span_context()
     ours = spans.incoming(headers)
     assert ours.is_valid == theirs.is_valid
+    # The same from an ASGI request's raw headers (as relay.api.traced reads them).
+    raw = [
+        (b"host", b"relay"),
+        *((name.encode(), value.encode()) for name, value in headers.items()),
+    ]
+    from_scope = spans.from_scope(raw)
+    assert (from_scope, from_scope.trace_state) == (ours, ours.trace_state)
     if theirs.is_valid:
         assert ours == theirs
         assert ours.trace_state == theirs.trace_state

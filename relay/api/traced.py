@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from opentelemetry import context, trace
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.requests import Request
 from starlette.responses import Response
@@ -37,13 +37,13 @@ def traced(endpoint: Endpoint, route: str) -> Endpoint:
         }
         span = tracer.start_span(
             f"{request.method} {route}",
-            context=spans.incoming(request.headers),
+            context=spans.from_scope(request.scope["headers"]),
             kind=SpanKind.SERVER,
             attributes=attributes,
         )
-        # Current while the route runs (attached by hand: the SDK's context managers cost
-        # more than the span on this path).
-        token = context.attach(trace.set_span_in_context(span))
+        # Current for the relay's spans while the route runs (spans.SUBMISSION says why not
+        # through OpenTelemetry's context).
+        token = spans.SUBMISSION.set(span)
         try:
             response = await endpoint(request)
             _answered(span, response.status_code)
@@ -58,7 +58,7 @@ def traced(endpoint: Endpoint, route: str) -> Endpoint:
             span.set_status(Status(StatusCode.ERROR))
             raise
         finally:
-            context.detach(token)
+            spans.SUBMISSION.reset(token)
             span.end()
 
     return in_span

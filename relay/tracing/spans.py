@@ -16,9 +16,24 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from contextvars import ContextVar
 
 from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN_CONTEXT, Span, SpanContext, TraceFlags, TraceState
+
+# The submission's span while its route runs (relay.api.traced), where the relay's own code
+# (the upstream create's span, the job's kept context) looks first for the current span. On
+# that path, attaching it to OpenTelemetry's context and reading it back (three times a
+# request) cost more than a span's record; everywhere else the relay's spans are current
+# through the OpenTelemetry API (`trace.use_span`), as `current_span` falls back to.
+SUBMISSION: ContextVar[Span | None] = ContextVar("relay_submission_span", default=None)
+
+
+def current_span() -> Span:
+    """The submission's span while its route runs, else OpenTelemetry's current span."""
+    span = SUBMISSION.get()
+    return span if span is not None else trace.get_current_span()
+
 
 # The parent of a span that starts a trace of its own (a sweep page's): none.
 ROOT = INVALID_SPAN_CONTEXT
@@ -68,6 +83,23 @@ def _tracestate(header: str) -> TraceState:
     return TraceState(list(members.items()))
 
 
+def from_scope(raw: list[tuple[bytes, bytes]]) -> SpanContext:
+    """The caller's span context from an ASGI request's raw headers (`ROOT` without): as
+    `incoming` reads it, in one pass over the headers Starlette's lookups make two of."""
+    traceparent = None
+    tracestate: list[bytes] = []
+    for name, value in raw:
+        if name == b"traceparent":
+            if traceparent is None:
+                traceparent = value
+        elif name == b"tracestate":
+            tracestate.append(value)
+    if not traceparent:
+        return ROOT
+    state = b",".join(tracestate).decode("latin-1") if tracestate else None
+    return parse(traceparent.decode("latin-1"), state)
+
+
 def incoming(headers: Mapping[str, str]) -> SpanContext:
     """The caller's span context from its `traceparent`/`tracestate` (`ROOT` without)."""
     traceparent = headers.get("traceparent")
@@ -88,7 +120,7 @@ def _traceparent(context: SpanContext) -> str:
 def keep(span: Span | None = None) -> str | None:
     """`span`'s context (default: the current span's) as text to store with a job; None when
     there is none to keep."""
-    span = span if span is not None else trace.get_current_span()
+    span = span if span is not None else current_span()
     context = span.get_span_context()
     if not context.is_valid:
         return None

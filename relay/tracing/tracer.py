@@ -25,6 +25,8 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util import types
 
+from relay.tracing.spans import current_span
+
 SCOPE = InstrumentationScope("relay")
 UNSET = Status(StatusCode.UNSET)  # a span's status until one is set
 # A span's flags by (sampled, random trace id): made once, not per span.
@@ -61,12 +63,12 @@ class Tracer:
         """A span whose parent is the span of `context` (default: the current span; an invalid
         context, such as `spans.ROOT`, for none): in the parent's trace or a new one, as the
         sampler decides."""
+        if context is None:
+            context = current_span().get_span_context()
         parent: SpanContext | None = context
-        if parent is None:
-            parent = trace.get_current_span().get_span_context()
-        if parent.is_valid:
-            trace_id, random = parent.trace_id, parent.trace_flags.random_trace_id
-            state = parent.trace_state
+        if context.is_valid:
+            trace_id, random = context.trace_id, context.trace_flags.random_trace_id
+            state = context.trace_state
         else:
             parent, state = None, None
             trace_id, random = self.ids.generate_trace_id(), self.ids.is_trace_id_random()
@@ -92,15 +94,14 @@ class Tracer:
             parent,
             kind,
             dict(attributes) if attributes else {},
-            list(links) if links else [],
+            list(links) if links else None,
             start_time or time_ns(),
         )
 
 
-def _as_context(context: SpanContext | None) -> Context | None:
-    """`start_span`'s parent as a sampler is asked about it (None: the current context's)."""
-    if context is None:
-        return None
+def _as_context(context: SpanContext) -> Context:
+    """`start_span`'s parent as a sampler is asked about it (the submission's span, which
+    OpenTelemetry's context does not hold, included)."""
     return trace.set_span_in_context(trace.NonRecordingSpan(context), Context())
 
 
@@ -109,7 +110,14 @@ class Span(trace.Span, ReadableSpan):
 
     _context: SpanContext
     _attributes: dict[str, types.AttributeValue]
-    _links: list[Link]
+    # Fields most spans keep as they start, held by the class until one changes (fewer
+    # stores for each of the thousand spans a second the API makes).
+    _links: Sequence[Link] = ()
+    _events: Sequence[Event] = ()
+    _status = UNSET
+    _end_time: int | None = None
+    _instrumentation_scope = SCOPE
+    _instrumentation_info = None
 
     def __init__(
         self,
@@ -119,7 +127,7 @@ class Span(trace.Span, ReadableSpan):
         parent: SpanContext | None,
         kind: SpanKind,
         attributes: dict[str, types.AttributeValue],
-        links: list[Link],
+        links: list[Link] | None,
         start_time: int,
     ) -> None:
         # ReadableSpan's fields, by its names (its properties read them).
@@ -129,14 +137,10 @@ class Span(trace.Span, ReadableSpan):
         self._parent = parent
         self._kind = kind
         self._attributes = attributes
-        self._links = links
-        self._events: list[Event] = []
-        self._status = UNSET
+        if links:
+            self._links = links
         self._start_time = start_time
-        self._end_time: int | None = None
         self._resource = tracer.resource
-        self._instrumentation_scope = SCOPE
-        self._instrumentation_info = None
 
     # What the exporter reads, without the copies ReadableSpan makes (an ended span is not
     # changed) and with no limits to count drops by (the relay's spans are few and small).
@@ -183,11 +187,19 @@ class Span(trace.Span, ReadableSpan):
         self, name: str, attributes: types.Attributes = None, timestamp: int | None = None
     ) -> None:
         if self._end_time is None:
-            self._events.append(Event(name, attributes, timestamp))
+            event = Event(name, attributes, timestamp)
+            if isinstance(self._events, list):
+                self._events.append(event)
+            else:
+                self._events = [event]
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
         if self._end_time is None and context.is_valid:
-            self._links.append(Link(context, attributes))
+            link = Link(context, attributes)
+            if isinstance(self._links, list):
+                self._links.append(link)
+            else:
+                self._links = [link]
 
     def update_name(self, name: str) -> None:
         if self._end_time is None:
