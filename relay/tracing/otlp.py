@@ -1,24 +1,53 @@
 """OTLP/HTTP export of spans, with the protobuf written directly.
 
-The exporter is the SDK's own (`OTLPSpanExporter`: endpoint, headers, TLS, compression and
-retries from the `OTEL_EXPORTER_OTLP_*` variables); only the encoding is replaced. The
-official encoder builds a protobuf object per span, attribute and value, which costs more
-than making the span did (about 65 µs a span here, bench/README.md): in the API process, at
-a thousand submissions a second, that alone was a sixth of a core. `encode_spans` writes the
-same `ExportTraceServiceRequest` straight to bytes, field for field as the official encoder
-sets them (tests/test_tracing.py decodes both and compares).
+The official exporter (`OTLPSpanExporter`) builds a protobuf object per span, attribute and
+value, which costs more than making the span did (about 65 µs a span here, bench/README.md):
+in the API process, at a thousand submissions a second, that alone was a sixth of a core.
+`encode_spans` writes the same `ExportTraceServiceRequest` straight to bytes, field for field
+as the official encoder sets them (tests/test_tracing.py decodes both and compares).
+
+What sends them is the SDK's: its OTLP/HTTP client (retries, back-off, compression) over its
+urllib3 transport, set up from the `OTEL_EXPORTER_OTLP_*` variables by the SDK's own readers.
+Not the official exporter's requests session: in the API a POST through requests cost three
+times what urllib3's does (its session's environment, netrc and certificate look-ups each
+time), and the official exporter's module loads protobuf and requests (about 7,000 objects
+more, which every full collection of the API's heap goes through again).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.exporter.http.transport._base import BaseHTTPTransport
+from opentelemetry.exporter.http.transport._requests import RequestsHTTPTransport
+from opentelemetry.exporter.http.transport._urllib3 import Urllib3HTTPTransport
+from opentelemetry.exporter.otlp.common.http import _OTLPHTTPClient
+from opentelemetry.exporter.otlp.proto.http._common import (
+    _load_session_from_envvar,
+    _resolve_compression,
+    _resolve_endpoint,
+    _resolve_headers,
+    _resolve_timeout,
+)
+from opentelemetry.sdk.environment_variables import (
+    OTEL_EXPORTER_OTLP_CERTIFICATE,
+    OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE,
+    OTEL_EXPORTER_OTLP_CLIENT_KEY,
+    OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE,
+    OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE,
+    OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY,
+    OTEL_EXPORTER_OTLP_TRACES_COMPRESSION,
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
+    OTEL_EXPORTER_OTLP_TRACES_HEADERS,
+    OTEL_EXPORTER_OTLP_TRACES_TIMEOUT,
+)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter as BaseSpanExporter
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, Status, StatusCode
@@ -26,6 +55,9 @@ from opentelemetry.trace import Link, Status, StatusCode
 from relay.tracing.tracer import UNSET, Span
 
 log = logging.getLogger(__name__)
+# The client logs its failed exports and retries here, as the official exporter's does
+# (relay.tracing.setup quietens it).
+CLIENT_LOGGER = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
 
 _FIXED64 = struct.Struct("<Q").pack
 _FIXED32 = struct.Struct("<I").pack
@@ -321,8 +353,22 @@ def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
     return b"".join(out)
 
 
-class SpanExporter(OTLPSpanExporter):
-    """The SDK's OTLP/HTTP exporter with `encode_spans` as its encoder."""
+class SpanExporter(BaseSpanExporter):
+    """OTLP/HTTP to the collector the `OTEL_EXPORTER_OTLP_*` variables name (the official
+    exporter's defaults and readers: endpoint, headers, timeout, compression, certificates),
+    with `encode_spans` as its encoder."""
+
+    def __init__(self) -> None:
+        self._client = _OTLPHTTPClient(
+            transport=_transport(),
+            endpoint=_resolve_endpoint(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, "v1/traces"),
+            kind="spans",
+            timeout=_resolve_timeout(OTEL_EXPORTER_OTLP_TRACES_TIMEOUT),
+            compression=_resolve_compression(OTEL_EXPORTER_OTLP_TRACES_COMPRESSION),
+            headers=_resolve_headers(None, OTEL_EXPORTER_OTLP_TRACES_HEADERS),
+            logger=logging.getLogger(CLIENT_LOGGER),
+        )
+        self._shutdown = False
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self._shutdown:
@@ -338,7 +384,31 @@ class SpanExporter(OTLPSpanExporter):
 
     def shutdown(self) -> None:
         # Twice when a process's exit stopped waiting for its last spans (relay.tracing.setup:
-        # once to end the retries, then by the processor), which the SDK's would warn about.
+        # once to end the retries, then by the processor).
         if not self._shutdown:
             self._shutdown = True
             self._client.shutdown()  # ends a retry's wait and closes the connections
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True  # nothing is held here: the processor holds what is not sent
+
+
+def _transport() -> BaseHTTPTransport:
+    """The SDK's urllib3 transport, with the certificates the variables name (as the official
+    exporter reads them); its requests transport where a credential provider (a requests
+    session, `OTEL_PYTHON_EXPORTER_OTLP_HTTP_TRACES_CREDENTIAL_PROVIDER`) is named."""
+    env = os.environ
+    verify: bool | str = (
+        env.get(OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE)
+        or env.get(OTEL_EXPORTER_OTLP_CERTIFICATE)
+        or True
+    )
+    key = env.get(OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY) or env.get(OTEL_EXPORTER_OTLP_CLIENT_KEY)
+    certificate = env.get(OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE) or env.get(
+        OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE
+    )
+    cert = (certificate, key) if certificate and key else certificate
+    session = _load_session_from_envvar("OTEL_PYTHON_EXPORTER_OTLP_HTTP_TRACES_CREDENTIAL_PROVIDER")
+    if session is not None:
+        return RequestsHTTPTransport(verify=verify, cert=cert, session=session)
+    return Urllib3HTTPTransport(verify=verify, cert=cert)

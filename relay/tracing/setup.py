@@ -35,7 +35,7 @@ STOP_TIMEOUT = 3.0
 # the batch processor one for a full queue every 20 s. One line a minute tells as much.
 FAILURE_LOG_INTERVAL = 60.0
 QUIETENED_LOGGERS = (
-    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",  # relay.tracing.otlp.CLIENT_LOGGER
     "opentelemetry.sdk._shared_internal",
 )
 
