@@ -5,8 +5,10 @@ to a local OTLP receiver (bench/otlp_sink.py, its own process) by the relay's ex
 
 Run: uv run python bench/tracing_cost.py [--submissions 20000] [--rate 1000] [--rounds 3]
 
-The requests are paced (`--rate` a second, in bursts of 50, the loop idle in between as a
-server's is), so the batch processor exports as it would behind a busy API. Printed: the CPU per
+The process first loads what an API process does (the app's modules), so the garbage
+collector walks a heap of the API's size. The requests are paced (`--rate` a second, in bursts
+of 50, the loop idle in between as a server's is), so the batch processor exports as it would
+behind a busy API. Printed: the CPU per
 submission of the event loop's thread and of the exporter's thread (the scheduler's count, from
 /proc), with tracing on, less the same loop with tracing off; the median of `--rounds`. The
 forward bench (`forward.py --tracing`) measures the whole API; this one says where its tracing
@@ -111,6 +113,11 @@ def measure(count: int, rate: float, traced: bool) -> tuple[float, float]:
 
 
 def main(count: int, rate: float, rounds: int) -> None:
+    # What an API process holds (the app's modules, ~80,000 objects the collector tracks), so
+    # that a collection, which spans waiting for their export make more of, costs what it
+    # does there.
+    import relay.api.app
+    import relay.serving  # noqa: F401
     from relay.devtools.ports import free_port
 
     port = free_port()
