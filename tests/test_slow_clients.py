@@ -9,15 +9,20 @@ import contextlib
 import functools
 import re
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import orjson
 import pytest
+from starlette.types import Receive, Scope, Send
 
-from relay.api.protocol import peer_of
+from relay.api.protocol import Limits, body_received, peer_of, protocol_class
 from tests.helpers import BOUNDARY, MULTIPART, UPLOAD, audio, form, two_teams, video
+from tests.servers import serve
 from tests.stack import RELAY_KEY, Stack, eventually, relay_stack
 
 OTHER_KEY = "another-caller-key-0123456789"
@@ -189,6 +194,95 @@ def test_a_stalled_json_body_after_auth_is_answered_408_and_closed(strict: Stack
         answer = closed_by_server(sock)
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         assert b"request body not received within 1 s" in answer
+
+
+def test_a_json_body_that_comes_after_its_headers_within_the_body_timeout_is_read(
+    strict: Stack,
+) -> None:
+    # The body timeout is armed while some of the body is still to come (relay.api.body): a
+    # body sent once the route is already waiting for it is read whole, and the job created.
+    body = orjson.dumps(
+        {
+            "inputs": [
+                {"type": "video", "url": "https://cdn.example.com/v.mp4"},
+                {"type": "audio", "url": "https://cdn.example.com/a.wav"},
+            ]
+        }
+    )
+    with connection(strict) as sock:
+        sock.sendall(
+            b"POST /api/v1/lipsync/generate HTTP/1.1\r\nHost: relay\r\n"
+            + f"x-api-key: {RELAY_KEY}\r\n".encode()
+            + f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+            + body[:10]
+        )
+        time.sleep(0.3)
+        sock.sendall(body[10:])
+        answer = closed_by_server(sock)  # the keep-alive timeout (1 s) closes it after
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert b'"request_id"' in answer
+
+
+def body_received_at_start(request_head: bytes, body: bytes, *, separately: bool) -> bytes:
+    """What an app under the API's protocol sees of `body_received` as it starts, the body sent
+    with the head, or (`separately`) once the app has started; then the body it read."""
+    started = threading.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        received = body_received(scope)
+        started.set()
+        read = b""
+        more = True
+        while more:
+            message = await receive()
+            read += message.get("body", b"")
+            more = message.get("more_body", False)
+        answer = b"received " + str(received).encode() + b": " + read
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-length", str(len(answer)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": answer})
+
+    limits = Limits(
+        header_timeout=5, max_requests=10, max_connections=10, max_connections_per_peer=10
+    )
+    with serve(app, http=protocol_class(limits)) as url:
+        host, port = urlsplit(url).hostname, urlsplit(url).port
+        assert host is not None and port is not None
+        with socket.create_connection((host, port), timeout=10) as sock:
+            if separately:
+                sock.sendall(request_head)
+                assert started.wait(10)
+                sock.sendall(body)
+            else:
+                sock.sendall(request_head + body)
+            answer = b""
+            while not answer.endswith(body):
+                data = sock.recv(65536)
+                assert data, answer
+                answer += data
+    return answer.partition(b"\r\n\r\n")[2]
+
+
+@pytest.mark.parametrize(("separately", "received"), [(False, b"True"), (True, b"False")])
+def test_the_protocol_says_whether_a_body_has_all_arrived(
+    separately: bool, received: bytes
+) -> None:
+    body = b'{"hello": "world"}'
+    head = f"POST /x HTTP/1.1\r\nHost: relay\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+    answer = body_received_at_start(head, body, separately=separately)
+    assert answer == b"received " + received + b": " + body
+
+
+def test_no_body_is_taken_as_received_under_another_server() -> None:
+    scope: Scope = {"type": "http", "state": {}}
+    assert body_received(scope) is False
 
 
 def stall_json_body(sock: socket.socket) -> None:

@@ -7,6 +7,7 @@ import asyncio
 
 from starlette.requests import Request
 
+from relay.api.protocol import body_received
 from relay.api.state import app_state
 from relay.errors import CLOSE, ApiError
 
@@ -27,18 +28,26 @@ def declared_length(request: Request, limit: int) -> int | None:
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed `limit`."""
     declared_length(request, limit)
+    if body_received(request.scope):
+        # A small body usually comes with its headers: with nothing left to wait for, no timer
+        # (arming and cancelling one costs more than reading the body).
+        return await _read(request, limit)
     timeout = app_state(request).settings.http_body_timeout
-    chunks: list[bytes] = []
-    size = 0
     try:
         async with asyncio.timeout(timeout):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise too_large(limit)
-                chunks.append(chunk)
+            return await _read(request, limit)
     except TimeoutError:
         raise ApiError(
             408, f"request body not received within {timeout:g} s", headers=CLOSE
         ) from None
+
+
+async def _read(request: Request, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
     return b"".join(chunks)

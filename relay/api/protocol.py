@@ -18,8 +18,8 @@ uvicorn bounds idle time between requests (keep-alive), and nothing else a clien
   all and per peer address (`ConnectionTable`): past either cap the connection idle longest
   is closed to make room, and a new one is closed unanswered only when all are busy.
 
-Bodies are bounded by the routes: RELAY_HTTP_BODY_TIMEOUT for JSON, the stall window and
-minimum rate for uploads.
+Bodies are bounded by the routes: RELAY_HTTP_BODY_TIMEOUT for JSON (armed only while some of
+the body is still to come: `body_received`), the stall window and minimum rate for uploads.
 """
 
 from __future__ import annotations
@@ -432,6 +432,13 @@ class ParkedRequest:
             self._protocol._run_asgi_task(
                 self._cycle, self._protocol.app, context=contextvars.Context()
             )
+
+
+def body_received(scope: Scope) -> bool:
+    """Whether all of the request's body has arrived, so that reading it cannot wait: known only
+    to this protocol (False under any other server)."""
+    handle = scope.get("state", {}).get(PARK)
+    return isinstance(handle, ParkedRequest) and not handle._cycle.more_body
 
 
 def answer_parked(answers: Iterable[tuple[ParkedRequest, Prepared]]) -> None:
