@@ -175,21 +175,6 @@ def decode_object(response: httpx.Response) -> dict[str, Any]:
     return body
 
 
-_ENCODING = (b"content-encoding", b"content-length", b"transfer-encoding")
-
-
-async def _read_capped(response: httpx.Response, cap: int) -> bytes | None:
-    """The (decoded) body, or None when it runs past `cap` bytes (the rest is left unread)."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        if size > cap:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 class Upstream:
     """Two connection pools: uploads hold a connection for as long as the caller sends, so they
     get their own (sized to the upload cap), and no upload can keep a status read or a JSON
@@ -316,27 +301,15 @@ class Upstream:
             headers={**self.headers, **headers} if headers else self.headers,
             extensions={"timeout": (timeout or self.timeout).as_dict()},
         )
+        transport = self.upload_transport if upload else self.transport
         with _map_transport_errors(counter):
-            streamed = await (
-                self.upload_transport if upload else self.transport
-            ).handle_async_request(request)
-            try:
-                content = await _read_capped(streamed, self.max_answer_bytes)
-            finally:
-                await streamed.aclose()
-        UPSTREAM_CALLS.labels(endpoint_name(path), str(streamed.status_code)).inc()
-        if content is None:
+            status, response = await transport.read_answer(request, self.max_answer_bytes)
+        UPSTREAM_CALLS.labels(endpoint_name(path), str(status)).inc()
+        if response is None:
             UPSTREAM_ANSWERS_CUT.labels(endpoint_name(path)).inc()
             raise AnswerTooLarge(
                 502, f"Chamelaion sent an answer longer than {self.max_answer_bytes} bytes"
             )
-        # The body as read (decoded): the same answer, without the encoding it came in.
-        response = httpx.Response(
-            streamed.status_code,
-            headers=[(k, v) for k, v in streamed.headers.raw if k.lower() not in _ENCODING],
-            content=content,
-            request=request,
-        )
         if response.status_code == 429 and self.budget is not None:
             await self.budget.rate_limited(parse_retry_after(response.headers))
         return response

@@ -29,7 +29,7 @@ import contextvars
 import ipaddress
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -434,7 +434,7 @@ class ParkedRequest:
             )
 
 
-def body_received(scope: Scope) -> bool:
+def body_received(scope: Mapping[str, Any]) -> bool:
     """Whether all of the request's body has arrived, so that reading it cannot wait: known only
     to this protocol (False under any other server)."""
     handle = scope.get("state", {}).get(PARK)
