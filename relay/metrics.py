@@ -14,9 +14,14 @@ may count.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+Metric = TypeVar("Metric", bound=MetricWrapperBase)
 
 JOBS_SUBMITTED = Counter(
     "relay_jobs_submitted",
@@ -253,3 +258,11 @@ WAITING = Gauge(
     "a job's event stream; feed: a caller's feed read waiting for its next event)",
     ["kind"],
 )
+
+
+@functools.lru_cache(maxsize=4096)
+def labelled(metric: Metric, *values: str) -> Metric:
+    """`metric.labels(*values)`, remembered: `labels` takes the metric's lock and builds its key
+    on every call, several times a submission. For label sets no one removes (every one here
+    is bounded, see above)."""
+    return metric.labels(*values)

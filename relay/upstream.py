@@ -32,7 +32,7 @@ from prometheus_client import Counter
 from relay.errors import UpstreamError
 from relay.http_client import NOTHING_SENT, AiohttpTransport
 from relay.http_urls import parsed_url
-from relay.metrics import UPSTREAM_ANSWERS_CUT, UPSTREAM_CALLS
+from relay.metrics import UPSTREAM_ANSWERS_CUT, UPSTREAM_CALLS, labelled
 from relay.settings import Settings
 from relay.tracing import setup, spans
 
@@ -286,7 +286,8 @@ class Upstream:
         timeout: httpx.Timeout | None,
         upload: bool,
     ) -> httpx.Response:
-        counter = UPSTREAM_CALLS.labels(endpoint_name(path), "unreachable")
+        endpoint = endpoint_name(path)
+        counter = labelled(UPSTREAM_CALLS, endpoint, "unreachable")
         if json is not None:
             content = orjson.dumps(json)
             headers = {"content-type": "application/json", **(headers or {})}
@@ -304,9 +305,9 @@ class Upstream:
         transport = self.upload_transport if upload else self.transport
         with _map_transport_errors(counter):
             status, response = await transport.read_answer(request, self.max_answer_bytes)
-        UPSTREAM_CALLS.labels(endpoint_name(path), str(status)).inc()
+        labelled(UPSTREAM_CALLS, endpoint, str(status)).inc()
         if response is None:
-            UPSTREAM_ANSWERS_CUT.labels(endpoint_name(path)).inc()
+            UPSTREAM_ANSWERS_CUT.labels(endpoint).inc()
             raise AnswerTooLarge(
                 502, f"Chamelaion sent an answer longer than {self.max_answer_bytes} bytes"
             )

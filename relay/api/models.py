@@ -7,6 +7,7 @@ forwarded; `callback_url` is the relay's own.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -21,11 +22,16 @@ MAX_METADATA_BYTES = 4096
 EVENT_TYPES = ("lipsync.processing", "lipsync.completed", "lipsync.failed")
 
 
+# Whitespace (`\s` is what str.isspace() says, in a str pattern) and the C0 controls: one
+# regex search costs a fifth of a Python loop over the URL's characters.
+_INVISIBLE = re.compile(r"[\s\x00-\x1f]")
+
+
 def _http_url(value: str) -> str:
     scheme, sep, rest = value.partition("://")
     if not sep or scheme.lower() not in ("http", "https") or not rest or rest.startswith("/"):
         raise ValueError("must be an http:// or https:// URL")
-    if any(ch.isspace() or ord(ch) < 32 for ch in value):
+    if _INVISIBLE.search(value) is not None:
         raise ValueError("must not contain whitespace or control characters")
     return value
 

@@ -33,7 +33,7 @@ from relay.callers.model import Caller
 from relay.delivery.netpolicy import parse_callback_url, resolve_and_check
 from relay.errors import ApiError, CallbackUrlRejected, NotReplicated, UpstreamError
 from relay.jobs.intents import Intent, created_answer, lookup_timeout
-from relay.metrics import INTENTS, JOBS_SUBMITTED
+from relay.metrics import INTENTS, JOBS_SUBMITTED, labelled
 from relay.tracing import setup, spans
 from relay.upstream import BudgetRefused, check, json_object, may_have_arrived
 
@@ -252,7 +252,7 @@ class Submission:
             )
             raise self._unrecorded(request_id) from None
         if created:
-            JOBS_SUBMITTED.labels(acting_caller().name).inc()
+            labelled(JOBS_SUBMITTED, acting_caller().name).inc()
             # The common case, counted in metrics: not a line each unless RELAY_LOG_LEVEL=debug
             # (at a thousand submissions a second, a line each is a sizeable share of the CPU).
             log.debug("job submitted", extra={"request_id": request_id})
@@ -319,7 +319,7 @@ class Submission:
                     "a create's answer was lost; its job was found and is tracked",
                     extra={"request_id": found.adoptable, "reason": reason},
                 )
-                JOBS_SUBMITTED.labels(acting_caller().name).inc()
+                labelled(JOBS_SUBMITTED, acting_caller().name).inc()
                 return json_bytes(created_answer(found.adoptable))
             found = replace(found, rivals=found.rivals + 1)  # tracked meanwhile by another
         if len(found.candidates) > 1 or (found.candidates and not found.rivals):
