@@ -585,17 +585,32 @@ def test_the_relays_encoder_writes_what_the_official_one_does() -> None:
             if status is not None:
                 alike.set_status(Status(status, "broke"))
             alike.end()
+        # A job's spans: alike but for the job's id (encoded afresh, in its place among the
+        # attributes), with a link to the page that saw it.
+        for job in ("j1", "j2"):
+            relay.start_span(
+                "job end",
+                context=caller,
+                links=[Link(page.get_span_context())],
+                attributes={"relay.job.id": job, "relay.job.status": "completed", "n": 2},
+            ).end()
     other = TracerProvider(resource=Resource.create({"service.name": "other"}))
     other.add_span_processor(SimpleSpanProcessor(kept))
     other.get_tracer("x").start_span("elsewhere", kind=SpanKind.PRODUCER).end()
 
-    assert len(kept.spans) == 19
+    assert len(kept.spans) == 23
     ours = ExportTraceServiceRequest.FromString(otlp.encode_spans(kept.spans))
     theirs = ExportTraceServiceRequest.FromString(official(kept.spans).SerializeToString())
     assert ours == theirs
     assert len(ours.resource_spans) == 3
     relays = ours.resource_spans[1].scope_spans[0].spans
-    assert [span.name for span in relays] == ["client", "server", "linked", *["alike"] * 3] * 2
+    assert [span.name for span in relays] == [
+        *("client", "server", "linked", "alike", "alike", "alike", "job end", "job end")
+    ] * 2
+    assert [relays[n].attributes[0].value.string_value for n in (6, 7, 14, 15)] == [
+        "j1",
+        "j2",
+    ] * 2
     assert [relays[n].attributes[0].value.WhichOneof("value") for n in (3, 4, 5)] == [
         "int_value",
         "bool_value",

@@ -239,27 +239,49 @@ def _span(span: ReadableSpan) -> bytes:
 
 # What follows a relay span's ids and times (its name and kind; its attributes, status and flags)
 # by what they are made of. The submission and its create are made a thousand times a second
-# alike but for their ids and times: those are packed afresh, the rest found here. Kept only
-# for spans of str, int and bool attributes without ids (a job's id is in one span only).
-_TAILS: dict[tuple[object, ...], tuple[bytes, bytes]] = {}
-_TAIL_TYPES = frozenset((str, int, bool))
+# alike but for their ids and times, a job's end and attempts alike but for those and the job's
+# id: the ids and times are packed afresh, and so are id attributes (`*.id`, a job's in few
+# spans), events and links, in the holes and after the rest, which is found here. Kept for
+# spans whose other attributes are str, int or bool.
+_TAILS: dict[tuple[object, ...], tuple[bytes, tuple[bytes, ...], bytes]] = {}
+_TAIL_TYPES = frozenset((str, int, bool, object))  # object: an id attribute's hole
+# Where a span's id attributes sit, by its attributes' names.
+_ID_PLACES: dict[tuple[str, ...], tuple[int, ...]] = {}
+_HOLE = object()  # an id attribute's value in a `_TAILS` key
 _BOTH = struct.Struct(">2sQQ2sQ2sQ").pack  # trace id, span id and parent id
 _ROOT_IDS = struct.Struct(">2sQQ2sQ").pack
 
 
 def _relay_span(span: Span) -> bytes:
-    """A relay span as `_span` writes it, the fields it shares with its kind's last from
-    `_TAILS`."""
+    """A relay span as `_span` writes it, what it shares with spans alike from `_TAILS`.
+    Repeated fields keep `_span`'s order; some others come later (a decoder takes them in any
+    order)."""
+    start, end = span._start_time, span._end_time
+    if end is None:
+        return _span(span)
     attributes = span._attributes
+    names = tuple(attributes)
+    places = _ID_PLACES.get(names)
+    if places is None:
+        if len(_ID_PLACES) >= _SEEN_MAX:
+            _ID_PLACES.clear()
+        places = tuple(n for n, name in enumerate(names) if name.endswith(".id"))
+        _ID_PLACES[names] = places
+    values = tuple(attributes.values())
+    shared: tuple[object, ...] = values
+    if places:
+        held: list[object] = list(values)
+        for n in places:
+            held[n] = _HOLE
+        shared = tuple(held)
     parent = span._parent
     status = span._status
-    values = tuple(attributes.values())
-    types = tuple(map(type, values))
+    types = tuple(map(type, shared))
     key = (
         span._name,
         id(span._kind),  # by id: hashing an Enum calls Python code
-        tuple(attributes),
-        values,
+        names,
+        shared,
         types,  # True == 1, and they encode differently
         status if status is UNSET else (id(status.status_code), status.description),
         parent is not None and parent.is_remote,
@@ -269,15 +291,11 @@ def _relay_span(span: Span) -> bytes:
     except TypeError:  # a value no hash takes
         return _span(span)
     if tail is None:
-        if span._events or span._links:
-            return _span(span)
-        tail = _tail(span)
-        if _TAIL_TYPES.issuperset(types) and not any(name.endswith(".id") for name in attributes):
+        tail = _tail(span, places)
+        if _TAIL_TYPES.issuperset(types):
             if len(_TAILS) >= _SEEN_MAX:
                 _TAILS.clear()
             _TAILS[key] = tail
-    elif span._events or span._links:
-        return _span(span)
     context = span._context
     trace_id = context.trace_id
     if parent is None:
@@ -291,22 +309,43 @@ def _relay_span(span: Span) -> bytes:
     if state:
         # Its field (3) after the parent's (4): a decoder takes fields in any order.
         ids += _text(b"\x1a", ",".join(f"{name}={value}" for name, value in state.items()))
-    start, end = span._start_time, span._end_time
-    if end is None:
-        return _span(span)
-    encoded = b"".join((ids, tail[0], _TIMES(b"\x39", start, b"\x41", end), tail[1]))
+    segments = tail[1]
+    times = _TIMES(b"\x39", start, b"\x41", end)
+    if not places and not span._events and not span._links:  # the submission's two spans
+        encoded = b"".join((ids, tail[0], times, segments[0], tail[2]))
+        return b"\x12" + _varint(len(encoded)) + encoded
+    parts = [ids, tail[0], times, segments[0]]
+    for n, segment in zip(places, segments[1:], strict=True):
+        parts.append(_attributes(b"\x4a", {names[n]: values[n]}))
+        parts.append(segment)
+    parts.append(tail[2])
+    if span._events:
+        parts.extend(_event(event) for event in span._events)
+    if span._links:
+        parts.extend(_link(link) for link in span._links)
+    encoded = b"".join(parts)
     return b"\x12" + _varint(len(encoded)) + encoded
 
 
-def _tail(span: Span) -> tuple[bytes, bytes]:
+def _tail(span: Span, places: tuple[int, ...]) -> tuple[bytes, tuple[bytes, ...], bytes]:
+    """A span's name and kind; its attributes but those at `places`, as the segments between
+    them; its status and flags."""
     kind = span._kind
     name = _text(b"\x2a", span._name) if span._name else b""
     parent = span._parent
+    segments = []
+    segment = b""
+    for n, item in enumerate(span._attributes.items()):
+        if n in places:
+            segments.append(segment)
+            segment = b""
+        else:
+            segment += _attributes(b"\x4a", dict((item,)))
+    segments.append(segment)
     return (
         name + b"\x30" + _varint(kind.value + 1),
-        _attributes(b"\x4a", span._attributes)
-        + _status(span._status)
-        + _SPAN_FLAGS[parent is not None and parent.is_remote],
+        tuple(segments),
+        _status(span._status) + _SPAN_FLAGS[parent is not None and parent.is_remote],
     )
 
 
