@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 MIN_STOP_WAIT = 1.0
 # How often a drain looks again at what is in flight (new work may still be starting).
 DRAIN_STEP = 0.2
+# How often a task that is to end is cancelled again while it runs on (see cancel_and_wait).
+CANCEL_AGAIN = 0.1
 
 
 class Service:
@@ -95,6 +97,22 @@ async def wait_for_tasks(
         await asyncio.wait(running, timeout=min(left, DRAIN_STEP))
 
 
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel `task` and wait until it has ended, cancelling it again while it runs on; raises
+    what it failed with, if anything but the cancel.
+
+    One cancel is not always enough: on Python 3.11, `asyncio.wait_for` (redis-py writes every
+    command through it when the client has a socket timeout, so arq's loop is often inside one)
+    swallows a cancel that arrives just as the call it waits on completes, and the task carries
+    on as if never cancelled. One cancel followed by an unbounded wait then never returns.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait((task,), timeout=CANCEL_AGAIN)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def supervise(
     services: Sequence[Service],
     order: Sequence[Sequence[str]],
@@ -138,7 +156,7 @@ async def supervise(
                 # Stuck past its bound (a sweep in a page that never answers): cut off. What
                 # it held, a lease or a claim, expires by itself.
                 log.warning("%s did not stop in time and was cancelled", task.get_name())
-                task.cancel()
+            await asyncio.gather(*(cancel_and_wait(task) for task in late))
             drained = await asyncio.gather(
                 *(by_name[name].drain(deadline) for name in step), return_exceptions=True
             )

@@ -179,8 +179,20 @@ class InProcessWorker:
             for task in list(asyncio.all_tasks(self._loop)):
                 out.write(f"-- {task!r}\n")
                 with contextlib.suppress(Exception):
-                    task.print_stack(limit=8, file=out)
+                    out.write("".join(f"   {where}\n" for where in _awaiting(task.get_coro())))
         return out.getvalue()
+
+
+def _awaiting(coro: object) -> list[str]:
+    """Where a suspended coroutine waits, outermost first, through every coroutine and async
+    generator it awaits (a task's own stack shows only its outermost frame)."""
+    found = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is not None:
+            found.append(f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+    return found
 
 
 Worker = subprocess.Popen[bytes] | InProcessWorker

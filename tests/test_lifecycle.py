@@ -4,11 +4,13 @@ one deadline, and one that fails or hangs does not keep the others from stopping
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from relay.lifecycle import Service, repeat, supervise
+from relay.lifecycle import Service, cancel_and_wait, repeat, supervise
 
 
 class Recorder(Service):
@@ -107,6 +109,75 @@ async def test_a_run_that_will_not_stop_is_cut_off_and_the_next_step_goes_on(
     )
     assert "stuck stopped" not in events
     assert events[-4:] == ["stuck drained", "after stopping", "after stopped", "after drained"]
+
+
+class SwallowsOneCancel(Service):
+    """Stuck, and carries on past the first cancel, as a task inside Python 3.11's
+    asyncio.wait_for does when the cancel comes just as the call it waits on completes."""
+
+    name = "swallows"
+
+    async def run(self, stop: asyncio.Event) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        await asyncio.Event().wait()
+
+
+async def test_a_run_that_carries_on_past_one_cancel_is_cancelled_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("relay.lifecycle.MIN_STOP_WAIT", 0.1)
+    events: list[str] = []
+    after = Recorder("after", events)
+    async with asyncio.timeout(10):  # one cancel only: supervise never returns
+        await supervise(
+            [SwallowsOneCancel(), after],
+            (("swallows",), ("after",)),
+            await stopped_after(0),
+            drain_timeout=0,
+        )
+    assert events[-3:] == ["after stopping", "after stopped", "after drained"]
+
+
+async def _like_arqs_loop(calls: asyncio.Queue[asyncio.Future[None]]) -> None:
+    """Loops on calls through asyncio.wait_for, as arq's loop does through redis-py's writes."""
+    loop = asyncio.get_running_loop()
+    while True:
+        call: asyncio.Future[None] = loop.create_future()
+        calls.put_nowait(call)
+        await asyncio.wait_for(call, 5)
+
+
+async def test_cancel_and_wait_ends_a_task_whose_wait_for_swallowed_the_cancel() -> None:
+    calls: asyncio.Queue[asyncio.Future[None]] = asyncio.Queue()
+    task = asyncio.create_task(_like_arqs_loop(calls))
+    if sys.version_info < (3, 12):
+        # The premise, on this Python: a cancel that comes as the call completes is lost.
+        call = await calls.get()
+        call.set_result(None)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done() and task.cancelling() == 1
+    # The same coincidence for cancel_and_wait's first cancel (it cancels before it awaits).
+    call = await calls.get()
+    call.set_result(None)
+    # In a task of its own: a timeout around it would cancel `task` too, through the await.
+    ending = asyncio.create_task(cancel_and_wait(task))
+    await asyncio.wait((ending,), timeout=5)
+    assert ending.done() and task.cancelled()
+
+
+async def test_cancel_and_wait_raises_what_the_task_failed_with() -> None:
+    async def fails_when_cancelled() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise RuntimeError("cleanup failed") from None
+
+    task = asyncio.create_task(fails_when_cancelled())
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeError, match="cleanup failed"):
+        await cancel_and_wait(task)
 
 
 async def test_a_later_step_still_stops_cleanly_when_an_earlier_one_ran_out_the_time(

@@ -28,7 +28,7 @@ from relay.delivery.deliverer import Deliverer
 from relay.delivery.destinations import DestinationBusy
 from relay.delivery.refresh import refresh_timeout
 from relay.jitter import jittered
-from relay.lifecycle import Service, wait_for_tasks
+from relay.lifecycle import Service, cancel_and_wait, wait_for_tasks
 from relay.metrics import DELIVERIES
 from relay.redis import keys
 from relay.redis.clock import RedisClock
@@ -137,9 +137,8 @@ class ArqLoop(Service):
             log.info("draining deliveries", extra={"deliveries": len(self.worker.tasks)})
         await wait_for_tasks(lambda: self.worker.tasks.values(), deadline)
         if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+            # Cancelled until it ends: arq's loop can swallow one cancel (cancel_and_wait).
+            await cancel_and_wait(self._loop)
 
     async def _main(self) -> None:
         """arq's loop, started again after a Redis error: arq's own loop ends at the first
