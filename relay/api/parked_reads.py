@@ -125,15 +125,23 @@ class ParkedReads:
         pending.add(read)
         self.wanted()
         try:
-            # Asked once registered: an end since the caller's own read would go unheard.
-            ended = await self.store.has_ended(request_id)
+            while True:
+                # Asked once registered: an end since the caller's own read would go unheard.
+                # Woken meanwhile, it asks again rather than give up its parking: the first
+                # waiter's subscription is confirmed with a wake of everything (relay.api.
+                # waiters), and the reads arriving then would otherwise all wait the ordinary
+                # way, answered after the parked ones (the 5,000-waiter bench's 200 ms tail).
+                read.woken = False
+                ended = await self.store.has_ended(request_id)
+                if ended or self.draining or not read.woken:
+                    break
         except RedisError:
             return None
         finally:
             pending.discard(read)
             if not pending:
                 del self._pending[request_id]
-        if ended or read.woken or self.draining:
+        if ended or self.draining:
             return None
         return _Parking(read)
 
