@@ -12,10 +12,14 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 from redis.asyncio import Redis
+from starlette.requests import Request
 
 from relay.api import waiters as waiters_module
+from relay.api.parked_reads import ParkedReads
+from relay.api.protocol import PARK
 from relay.api.waiters import EVENT, RESYNC, Waiters
 from relay.jobs.history import ENDS
+from relay.jobs.store import JobStore
 from relay.redis import keys
 
 
@@ -147,3 +151,29 @@ async def test_a_quiet_subscription_outlasts_the_clients_socket_timeout(redis_ur
         stop.set()
         await asyncio.wait_for(running, 5)
         await client.aclose()
+
+
+def a_parkable_read(request_id: str) -> Request:
+    """A status read as the API's protocol hands it over: parkable (its handle in the state)."""
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": f"/api/v1/lipsync/requests/{request_id}",
+        "headers": [],
+        "state": {PARK: object()},
+    }
+    return Request(scope)
+
+
+async def test_a_read_woken_while_it_is_being_parked_stays_parked(redis: Redis) -> None:
+    # The first waiter's subscription is confirmed with a wake of everything (RESYNC): a read
+    # checking its job at that moment must check again and park, not fall back to waiting as a
+    # task (answered after every parked read: the waiters bench's 200 ms tail).
+    store = JobStore(redis)
+    assert await store.create("job-1", callback_url=None, reference_id=None, first_poll_in=60)
+    reads = ParkedReads(store)
+    parking = asyncio.create_task(reads.park(a_parkable_read("job-1"), "job-1", 30))
+    await asyncio.sleep(0)  # one turn: the read registers, and its has_ended check is sent
+    assert reads.holding
+    reads.wake_all()  # while the check is in flight
+    assert await parking is not None
