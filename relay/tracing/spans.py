@@ -15,7 +15,6 @@ tracer.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from contextvars import ContextVar
 
 from opentelemetry import trace
@@ -84,8 +83,9 @@ def _tracestate(header: str) -> TraceState:
 
 
 def from_scope(raw: list[tuple[bytes, bytes]]) -> SpanContext:
-    """The caller's span context from an ASGI request's raw headers (`ROOT` without): as
-    `incoming` reads it, in one pass over the headers Starlette's lookups make two of."""
+    """The caller's span context from an ASGI request's raw headers (`ROOT` without), in one
+    pass over them. Sent as several fields, tracestate is one list, in their order (W3C trace
+    context)."""
     traceparent = None
     tracestate: list[bytes] = []
     for name, value in raw:
@@ -98,18 +98,6 @@ def from_scope(raw: list[tuple[bytes, bytes]]) -> SpanContext:
         return ROOT
     state = b",".join(tracestate).decode("latin-1") if tracestate else None
     return parse(traceparent.decode("latin-1"), state)
-
-
-def incoming(headers: Mapping[str, str]) -> SpanContext:
-    """The caller's span context from its `traceparent`/`tracestate` (`ROOT` without)."""
-    traceparent = headers.get("traceparent")
-    if not traceparent:
-        return ROOT
-    # Sent as several fields, tracestate is one list, in their order (W3C trace context): a
-    # request's headers (Starlette's) give every field, a plain mapping one.
-    getlist = getattr(headers, "getlist", None)
-    tracestate = ",".join(getlist("tracestate")) if getlist else headers.get("tracestate")
-    return parse(traceparent, tracestate)
 
 
 def _traceparent(context: SpanContext) -> str:
