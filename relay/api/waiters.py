@@ -38,6 +38,7 @@ from starlette.requests import Request
 
 from relay.api.protocol import HANG_UP
 from relay.jobs.history import ENDS, LAST, Announcement
+from relay.lifecycle import sleep_until_stopped
 from relay.metrics import WAITING
 from relay.redis import keys
 
@@ -268,9 +269,7 @@ class Waiters:
                 if self.subscribed.is_set():
                     log.warning("the events subscription broke; subscribing again: %s", exc)
                 self.subscribed.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(RESUBSCRIBE_AFTER):
-                        await stop.wait()
+                await sleep_until_stopped(stop, RESUBSCRIBE_AFTER)
             finally:
                 self.subscribed.clear()
                 with contextlib.suppress(RedisError, OSError):
