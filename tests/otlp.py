@@ -63,6 +63,7 @@ class Received:
 class OtlpReceiver:
     spans: list[Received] = field(default_factory=list)
     content_types: set[str] = field(default_factory=set)
+    batches: list[int] = field(default_factory=list)  # the spans in each export, in order
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def app(self) -> Starlette:
@@ -77,6 +78,7 @@ class OtlpReceiver:
             with self.lock:
                 self.content_types.add(request.headers.get("content-type", ""))
                 self.spans.extend(got)
+                self.batches.append(len(got))
             return Response(
                 ExportTraceServiceResponse().SerializeToString(),
                 media_type="application/x-protobuf",

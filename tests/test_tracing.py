@@ -223,9 +223,9 @@ def sdk_records(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_a_collector_that_never_answers_holds_up_no_exit(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Every export waits out its timeout. The SDK's processor waits at a process's exit for
-    # each queued batch in turn, up to 30 s: past the slack the chart's grace periods leave
-    # over the drains (docs/kubernetes.md), so a rollout would end in SIGKILLs.
+    # Every export waits out its timeout. The batch processor exports at a process's exit each
+    # queued batch in turn, up to 30 s: past the slack the chart's grace periods leave over
+    # the drains (docs/kubernetes.md), so a rollout would end in SIGKILLs.
     callbacks = Receiver()
     with stalled_collector() as endpoint:
         env = {**otel_env(endpoint), "OTEL_EXPORTER_OTLP_TIMEOUT": "30"}

@@ -34,7 +34,7 @@ from relay.delivery.netpolicy import parse_callback_url, resolve_and_check
 from relay.errors import ApiError, CallbackUrlRejected, NotReplicated, UpstreamError
 from relay.jobs.intents import Intent, created_answer, lookup_timeout
 from relay.metrics import INTENTS, JOBS_SUBMITTED, labelled
-from relay.tracing import setup, spans
+from relay.tracing import setup
 from relay.upstream import BudgetRefused, check, json_object, may_have_arrived
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ class Submission:
                 intent_id=self.intent.id if self.intent is not None else None,
                 caller=self.caller,
                 # The submission span's context (relay.api.traced), for the job's own spans.
-                trace=spans.keep() if setup.active() is not None else None,
+                trace=tracer.keep() if (tracer := setup.active()) is not None else None,
             )
         except NotReplicated:
             raise  # recorded on the primary (its intent closed with it): tracked from there

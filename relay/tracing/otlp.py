@@ -50,7 +50,7 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter as BaseSpanExporter
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, Status, StatusCode
+from opentelemetry.trace import Link, SpanContext, Status, StatusCode
 
 from relay.tracing.tracer import UNSET, Span
 
@@ -233,8 +233,18 @@ def _span(span: ReadableSpan) -> bytes:
         parts.append(b"\x70" + _varint(span.dropped_links))
     parts.append(_status(span.status))
     parts.append(_SPAN_FLAGS[parent is not None and parent.is_remote])
-    encoded = b"".join(parts)
-    return b"\x12" + _varint(len(encoded)) + encoded
+    return _spans_field(b"".join(parts))
+
+
+# A `spans` field's tag and length, by the length, for spans of up to _HEADS bytes (most).
+_HEADS = [b"\x12" + _varint(length) for length in range(2048)]
+
+
+def _spans_field(encoded: bytes) -> bytes:
+    length = len(encoded)
+    if length < 2048:
+        return _HEADS[length] + encoded
+    return b"\x12" + _varint(length) + encoded
 
 
 # What follows a relay span's ids and times (its name and kind; its attributes, status and flags)
@@ -274,7 +284,14 @@ def _relay_span(span: Span) -> bytes:
         for n in places:
             held[n] = _HOLE
         shared = tuple(held)
-    parent = span._parent
+    parent = span._parent_span
+    # A relay span's parent is a relay span of this process (never remote), or a context.
+    if parent is None:
+        parent_id, remote = None, False
+    elif isinstance(parent, SpanContext):
+        parent_id, remote = parent.span_id, parent.is_remote
+    else:
+        parent_id, remote = parent._span_id, False
     status = span._status
     types = tuple(map(type, shared))
     key = (
@@ -284,36 +301,34 @@ def _relay_span(span: Span) -> bytes:
         shared,
         types,  # True == 1, and they encode differently
         status if status is UNSET else (id(status.status_code), status.description),
-        parent is not None and parent.is_remote,
+        remote,
     )
     try:
         tail = _TAILS.get(key)
     except TypeError:  # a value no hash takes
         return _span(span)
     if tail is None:
-        tail = _tail(span, places)
+        tail = _tail(span, places, remote)
         if _TAIL_TYPES.issuperset(types):
             if len(_TAILS) >= _SEEN_MAX:
                 _TAILS.clear()
             _TAILS[key] = tail
-    context = span._context
-    trace_id = context.trace_id
-    if parent is None:
-        ids = _ROOT_IDS(b"\x0a\x10", trace_id >> 64, trace_id & _LOW, b"\x12\x08", context.span_id)
+    trace_id = span._trace_id
+    if parent_id is None:
+        ids = _ROOT_IDS(b"\x0a\x10", trace_id >> 64, trace_id & _LOW, b"\x12\x08", span._span_id)
     else:
         ids = _BOTH(
             *(b"\x0a\x10", trace_id >> 64, trace_id & _LOW),
-            *(b"\x12\x08", context.span_id, b"\x22\x08", parent.span_id),
+            *(b"\x12\x08", span._span_id, b"\x22\x08", parent_id),
         )
-    state = context.trace_state
+    state = span._state
     if state:
         # Its field (3) after the parent's (4): a decoder takes fields in any order.
         ids += _text(b"\x1a", ",".join(f"{name}={value}" for name, value in state.items()))
     segments = tail[1]
     times = _TIMES(b"\x39", start, b"\x41", end)
     if not places and not span._events and not span._links:  # the submission's two spans
-        encoded = b"".join((ids, tail[0], times, segments[0], tail[2]))
-        return b"\x12" + _varint(len(encoded)) + encoded
+        return _spans_field(b"".join((ids, tail[0], times, segments[0], tail[2])))
     parts = [ids, tail[0], times, segments[0]]
     for n, segment in zip(places, segments[1:], strict=True):
         parts.append(_attributes(b"\x4a", {names[n]: values[n]}))
@@ -323,16 +338,16 @@ def _relay_span(span: Span) -> bytes:
         parts.extend(_event(event) for event in span._events)
     if span._links:
         parts.extend(_link(link) for link in span._links)
-    encoded = b"".join(parts)
-    return b"\x12" + _varint(len(encoded)) + encoded
+    return _spans_field(b"".join(parts))
 
 
-def _tail(span: Span, places: tuple[int, ...]) -> tuple[bytes, tuple[bytes, ...], bytes]:
+def _tail(
+    span: Span, places: tuple[int, ...], remote: bool
+) -> tuple[bytes, tuple[bytes, ...], bytes]:
     """A span's name and kind; its attributes but those at `places`, as the segments between
-    them; its status and flags."""
+    them; its status and flags (`remote`: whether its parent is)."""
     kind = span._kind
     name = _text(b"\x2a", span._name) if span._name else b""
-    parent = span._parent
     segments = []
     segment = b""
     for n, item in enumerate(span._attributes.items()):
@@ -345,7 +360,7 @@ def _tail(span: Span, places: tuple[int, ...]) -> tuple[bytes, tuple[bytes, ...]
     return (
         name + b"\x30" + _varint(kind.value + 1),
         tuple(segments),
-        _status(span._status) + _SPAN_FLAGS[parent is not None and parent.is_remote],
+        _status(span._status) + _SPAN_FLAGS[remote],
     )
 
 

@@ -25,18 +25,18 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "chamelaion-relay"
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 PROTOCOL_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
-# How long a process's exit waits for its last spans. The SDK's processor would wait for each
-# queued batch in turn, up to 30 s with a collector that is slow or down; the chart's grace
-# periods leave 5 s over the drains (docs/kubernetes.md), and a healthy collector takes a
-# full queue in well under a second.
+# How long a process's exit waits for its last spans. The batch processor exports what is
+# queued batch by batch, each up to the exporter's timeout (10 s) with a collector that is slow
+# or down; the chart's grace periods leave 5 s over the drains (docs/kubernetes.md), and a
+# healthy collector takes a full queue in well under a second.
 STOP_TIMEOUT = 3.0
 # While the collector cannot be reached (or refuses the exports), the exporter logs each batch
 # it gives up on and each retry before that: a line every second or two in every process, and
-# the batch processor one for a full queue every 20 s. One line a minute tells as much.
+# the batch processor one each time its queue fills again. One line a minute tells as much.
 FAILURE_LOG_INTERVAL = 60.0
 QUIETENED_LOGGERS = (
     "opentelemetry.exporter.otlp.proto.http.trace_exporter",  # relay.tracing.otlp.CLIENT_LOGGER
-    "opentelemetry.sdk._shared_internal",
+    "relay.tracing.batch.drops",  # relay.tracing.batch.DROPS_LOGGER
 )
 
 # Where the SDK warns of an OTEL_EXPORTER_OTLP_HEADERS entry it cannot parse (and drops).
@@ -75,8 +75,8 @@ def start(process: str) -> bool:
         return _tracer is not None
     from opentelemetry.sdk.resources import OTELResourceDetector, Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+    from relay.tracing.batch import BatchProcessor
     from relay.tracing.otlp import SpanExporter
     from relay.tracing.tracer import Tracer
 
@@ -93,7 +93,7 @@ def start(process: str) -> bool:
     # The exporter reads OTEL_EXPORTER_OTLP_(TRACES_)HEADERS as it is made.
     _name_headers_only(logging.getLogger(HEADERS_LOGGER))
     exporter = SpanExporter()
-    processor = BatchSpanProcessor(exporter)
+    processor = BatchProcessor(exporter)
     provider.add_span_processor(processor)  # so that the provider's shutdown flushes it
     for name in QUIETENED_LOGGERS:
         _quieten(logging.getLogger(name))

@@ -5,38 +5,46 @@ The SDK's `Span` guards each span with locks, checks every attribute and copies 
 `ReadableSpan` when it ends; its tracer asks the sampler through an OpenTelemetry `Context`
 built for the call. On the API's submission path (two spans a request, a thousand requests a
 second) that was most of what tracing cost (bench/README.md). The relay's spans are its own,
-few and typed: a `Span` here *is* the `ReadableSpan` the batch processor queues and the
-exporter reads, and the default samplers are decided inline. What decides and carries the trace
-stays the SDK's: the sampler (`OTEL_TRACES_SAMPLER`: any other than the default's two is asked
-as the SDK asks it), the id generator, the resource, the batch processor (`OTEL_BSP_*`) and
-the OTLP exporter; a `Span` here is current, parent and link through the OpenTelemetry API
-like any other.
+few and typed: a `Span` here *is* the `ReadableSpan` the batch processor (relay.tracing.batch)
+queues and the exporter reads, it keeps its ids as plain fields (the `SpanContext` is made only
+when something asks), and the default samplers and id generator are applied inline. What
+decides and carries the trace stays the SDK's: the sampler (`OTEL_TRACES_SAMPLER`: any other
+than the default's two is asked as the SDK asks it), the id generator (any other than the
+default's is asked), the resource and the OTLP client; a `Span` here is current, parent and
+link through the OpenTelemetry API like any other.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from random import getrandbits
 from time import time_ns
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider, sampling
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import (
+    Link,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
 from opentelemetry.util import types
 
-from relay.tracing.spans import current_span
+from relay.tracing.spans import current_span, keep, kept
 
 SCOPE = InstrumentationScope("relay")
 UNSET = Status(StatusCode.UNSET)  # a span's status until one is set
-# A span's flags by (sampled, random trace id): made once, not per span.
-_FLAGS = {
-    (sampled, random): TraceFlags(
-        (TraceFlags.SAMPLED if sampled else 0) | (TraceFlags.RANDOM_TRACE_ID if random else 0)
-    )
-    for sampled in (False, True)
-    for random in (False, True)
-}
+_SAMPLED = TraceFlags.SAMPLED
+_RANDOM = TraceFlags.RANDOM_TRACE_ID
+# A span's flags (sampled, random trace id, neither or both) by their value: made once, not
+# per span.
+_FLAGS = [TraceFlags(value) for value in range(_SAMPLED + _RANDOM + 1)]
 
 
 class Tracer:
@@ -50,6 +58,8 @@ class Tracer:
         # kept (what they answer; asking costs more than the rest of a span).
         self._by_parent = self.sampler is sampling.DEFAULT_ON
         self._inline = self._by_parent or self.sampler is sampling.ALWAYS_ON
+        # The default id generator's span ids, drawn here as it draws them.
+        self._getrandbits = getrandbits if type(self.ids) is RandomIdGenerator else None
 
     def start_span(
         self,
@@ -63,34 +73,48 @@ class Tracer:
         """A span whose parent is the span of `context` (default: the current span; an invalid
         context, such as `spans.ROOT`, for none): in the parent's trace or a new one, as the
         sampler decides."""
+        parent: SpanContext | Span | None
         if context is None:
-            context = current_span().get_span_context()
-        parent: SpanContext | None = context
-        if context.is_valid:
-            trace_id, random = context.trace_id, context.trace_flags.random_trace_id
-            state = context.trace_state
+            # A relay span is read as it is: its context is made only if something asks.
+            current = current_span()
+            parent = current if type(current) is Span else current.get_span_context()
         else:
-            parent, state = None, None
-            trace_id, random = self.ids.generate_trace_id(), self.ids.is_trace_id_random()
+            parent = context
+        # isinstance of SpanContext, a plain class: of Span, an ABC's, costs a call when false.
+        if not isinstance(parent, SpanContext):
+            trace_id, flags, state = parent._trace_id, parent._flags, parent._state
+        elif parent.is_valid:
+            trace_id, flags, state = parent.trace_id, parent.trace_flags, parent.trace_state
+        else:
+            parent, state, flags = None, None, None
+            trace_id = self.ids.generate_trace_id()
+        if flags is not None:
+            random = flags & _RANDOM
+        else:
+            random = _RANDOM if self.ids.is_trace_id_random() else 0
         if self._inline:
-            sampled = parent is None or not self._by_parent or parent.trace_flags.sampled
+            sampled = flags is None or not self._by_parent or flags & _SAMPLED
             recorded = sampled
         else:
             asked = self.sampler.should_sample(
-                _as_context(context), trace_id, name, kind, attributes, links
+                _as_context(parent), trace_id, name, kind, attributes, links
             )
             sampled = asked.decision is sampling.Decision.RECORD_AND_SAMPLE
             recorded = asked.decision is not sampling.Decision.DROP
             state, attributes = asked.trace_state, asked.attributes
-        span_context = SpanContext(
-            trace_id, self.ids.generate_span_id(), False, _FLAGS[sampled, random], state
+        span_id = (self._getrandbits(64) if self._getrandbits else 0) or (
+            self.ids.generate_span_id()  # another id generator's, or a random 0 (invalid)
         )
+        flags = _FLAGS[random | _SAMPLED if sampled else random]
         if not recorded:
-            return trace.NonRecordingSpan(span_context)
+            return trace.NonRecordingSpan(SpanContext(trace_id, span_id, False, flags, state))
         return Span(
             self,
             name,
-            span_context,
+            trace_id,
+            span_id,
+            flags,
+            state or None,
             parent,
             kind,
             dict(attributes) if attributes else {},
@@ -98,17 +122,31 @@ class Tracer:
             start_time or time_ns(),
         )
 
+    def keep(self) -> str | None:
+        """The current span's context as text to store with a job, as `spans.keep` writes it:
+        a relay span's from its own fields, without making its `SpanContext`."""
+        span = current_span()
+        if type(span) is Span:
+            return kept(span._trace_id, span._span_id, span._flags, span._state)
+        return keep(span)
 
-def _as_context(context: SpanContext) -> Context:
+
+def _as_context(parent: SpanContext | Span | None) -> Context:
     """`start_span`'s parent as a sampler is asked about it (the submission's span, which
     OpenTelemetry's context does not hold, included)."""
+    if parent is None:
+        return Context()
+    context = parent if isinstance(parent, SpanContext) else parent.get_span_context()
     return trace.set_span_in_context(trace.NonRecordingSpan(context), Context())
 
 
 class Span(trace.Span, ReadableSpan):
-    """A recording span of the relay's, and the record the exporter reads once it ended."""
+    """A recording span of the relay's, and the record the exporter reads once it ended.
 
-    _context: SpanContext
+    Its ids are plain fields: the `SpanContext` the OpenTelemetry API speaks is made the first
+    time something asks for it (a span made a thousand times a second, whose context the
+    relay's own code reads from the fields, mostly never is)."""
+
     _attributes: dict[str, types.AttributeValue]
     # Fields most spans keep as they start, held by the class until one changes (fewer
     # stores for each of the thousand spans a second the API makes).
@@ -118,23 +156,31 @@ class Span(trace.Span, ReadableSpan):
     _end_time: int | None = None
     _instrumentation_scope = SCOPE
     _instrumentation_info = None
+    _span_context: SpanContext | None = None
 
     def __init__(
         self,
         tracer: Tracer,
         name: str,
-        context: SpanContext,
-        parent: SpanContext | None,
+        trace_id: int,
+        span_id: int,
+        flags: TraceFlags,
+        state: TraceState | None,
+        parent: SpanContext | Span | None,
         kind: SpanKind,
         attributes: dict[str, types.AttributeValue],
         links: list[Link] | None,
         start_time: int,
     ) -> None:
-        # ReadableSpan's fields, by its names (its properties read them).
+        # ReadableSpan's fields, by its names (its properties read them), but for the context
+        # and the parent's, which are read through properties of their own.
         self._tracer = tracer
         self._name = name
-        self._context = context
-        self._parent = parent
+        self._trace_id = trace_id
+        self._span_id = span_id
+        self._flags = flags
+        self._state = state
+        self._parent_span = parent
         self._kind = kind
         self._attributes = attributes
         if links:
@@ -144,6 +190,19 @@ class Span(trace.Span, ReadableSpan):
 
     # What the exporter reads, without the copies ReadableSpan makes (an ended span is not
     # changed) and with no limits to count drops by (the relay's spans are few and small).
+    @property
+    def context(self) -> SpanContext:
+        return self.get_span_context()
+
+    @property
+    def parent(self) -> SpanContext | None:
+        parent = self._parent_span
+        return (
+            parent
+            if parent is None or isinstance(parent, SpanContext)
+            else parent.get_span_context()
+        )
+
     @property
     def attributes(self) -> Mapping[str, types.AttributeValue]:
         return self._attributes
@@ -169,7 +228,12 @@ class Span(trace.Span, ReadableSpan):
         return 0
 
     def get_span_context(self) -> SpanContext:
-        return self._context
+        context = self._span_context
+        if context is None:
+            context = self._span_context = SpanContext(
+                self._trace_id, self._span_id, False, self._flags, self._state
+            )
+        return context
 
     def is_recording(self) -> bool:
         return self._end_time is None
@@ -230,5 +294,6 @@ class Span(trace.Span, ReadableSpan):
         if self._end_time is not None:
             return
         self._end_time = end_time or time_ns()
-        # Queued as it is (the processor keeps the sampled ones), exported from its thread.
-        self._tracer.processor.on_end(self)
+        if self._flags & _SAMPLED:  # a span only recorded is not exported
+            # Queued as it is, exported from the processor's thread.
+            self._tracer.processor.on_end(self)
