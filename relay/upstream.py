@@ -193,7 +193,9 @@ class Upstream:
         self.budget = budget
         self.max_answer_bytes = max_answer_bytes
         self.base_url = base_url.rstrip("/") + "/"
-        self.url = httpx.URL(self.base_url)
+        url = httpx.URL(self.base_url)
+        # Where its calls go, as their spans say: read once, not from the URL on every call.
+        self.server = (url.host, url.port or (443 if url.scheme == "https" else 80))
         self.headers = {"x-api-key": api_key, "user-agent": USER_AGENT}
         self.timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
         self.transport = AiohttpTransport(limits=httpx.Limits(max_connections=200))
@@ -244,7 +246,7 @@ class Upstream:
             return await self._send(method, path, json, params, content, headers, timeout, upload)
         # Within a traced submission: the call is its child span (a worker's poll or sweep
         # page makes its own span, only once it knows the call moved a job).
-        url = self.url
+        host, port = self.server
         # No traceparent goes to Chamelaion: it keeps no traces of ours, and a third party
         # need not see the callers' trace ids.
         span = tracer.start_span(
@@ -252,8 +254,8 @@ class Upstream:
             kind=SpanKind.CLIENT,
             attributes={
                 "http.request.method": method,
-                "server.address": url.host,
-                "server.port": url.port or (443 if url.scheme == "https" else 80),
+                "server.address": host,
+                "server.port": port,
                 # The operator's base URL and Chamelaion's path: no query, no key.
                 "url.full": self.base_url + path.lstrip("/"),
             },

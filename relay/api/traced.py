@@ -28,16 +28,18 @@ def traced(endpoint: Endpoint, route: str) -> Endpoint:
         tracer = setup.active()
         if tracer is None:
             return await endpoint(request)
+        scope = request.scope
+        method = scope["method"]
         # The semantic conventions' required and recommended ones (server.address is opt-in).
         attributes = {
-            "http.request.method": request.method,
+            "http.request.method": method,
             "http.route": route,
-            "url.path": request.scope["path"],
-            "url.scheme": request.scope["scheme"],
+            "url.path": scope["path"],
+            "url.scheme": scope["scheme"],
         }
         span = tracer.start_span(
-            f"{request.method} {route}",
-            context=spans.from_scope(request.scope["headers"]),
+            f"{method} {route}",
+            context=spans.from_scope(scope["headers"]),
             kind=SpanKind.SERVER,
             attributes=attributes,
         )
