@@ -3,6 +3,7 @@ protobuf definitions (`opentelemetry-proto`) and keeps every span it got."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
@@ -64,11 +65,13 @@ class OtlpReceiver:
     spans: list[Received] = field(default_factory=list)
     content_types: set[str] = field(default_factory=set)
     batches: list[int] = field(default_factory=list)  # the spans in each export, in order
+    delay: float = 0.0  # how long each export waits for its answer (a slow collector)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def app(self) -> Starlette:
         async def traces(request: Request) -> Response:
             export = ExportTraceServiceRequest.FromString(await request.body())
+            await asyncio.sleep(self.delay)
             got = [
                 Received(span, attributes(resource_spans.resource.attributes))
                 for resource_spans in export.resource_spans

@@ -84,6 +84,26 @@ def test_what_does_not_fill_a_batch_goes_out_within_the_delay(
     assert receiver.batches == [3, 2]
 
 
+def test_a_slow_collector_gets_what_was_queued_not_a_batch_for_every_few_spans(
+    receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each export takes 0.2 s while spans keep coming: once a second, what is queued goes out
+    # (with what comes during that export waiting for the next second), not an export of the
+    # few spans that came during the last one, over and over.
+    receiver.delay = 0.2
+    tracer = traced(monkeypatch, SCHEDULE_DELAY="1000")
+    try:
+        deadline = time.monotonic() + 3.5
+        while time.monotonic() < deadline:
+            end_spans(tracer, 2)
+            time.sleep(0.02)
+        exported = len(receiver.batches)
+    finally:
+        setup.stop()
+    assert exported <= 4, receiver.batches  # at 1, 2 and 3 s (and one in flight)
+    assert sum(receiver.batches) == len(receiver.all())
+
+
 def test_a_full_queue_drops_spans_and_says_so_once(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Mapping
@@ -113,21 +114,32 @@ class BatchProcessor(SpanProcessor):
             )
 
     def _run(self) -> None:
+        due = time.monotonic() + self._delay  # when what is queued goes, full batch or not
         while not self._stopping:
-            woken = self._wake.wait(self._delay)
+            self._wake.wait(max(0.0, due - time.monotonic()))
             # Cleared before the export: a batch that fills meanwhile wakes the next round.
             self._wake.clear()
             if self._stopping:
                 break
-            self._export(everything=not woken)
+            # By the clock, not by how the wait ended: a wait may end early (seen under
+            # valgrind), and a full batch's wake does not put off the rest's delay.
+            everything = time.monotonic() >= due
+            if everything:
+                due = time.monotonic() + self._delay
+            self._export(everything)
         self._export(everything=True)
 
     def _export(self, everything: bool) -> None:
-        """Export full batches, then (`everything`) what is left; one export at a time."""
+        """Export full batches, then (`everything`) what else was queued when it began; one
+        export at a time. Not what comes meanwhile: a collector slower than the spans come
+        would otherwise be sent batches of a few spans, one after the other, for as long as
+        they do."""
         with self._exporting:
             queue, size = self._queue, self._batch
-            while queue and (everything or len(queue) >= size):
+            left = len(queue) if everything else 0
+            while queue and (left > 0 or len(queue) >= size):
                 batch = [queue.popleft() for _ in range(min(size, len(queue)))]
+                left -= len(batch)
                 self._full = False
                 try:
                     self._exporter.export(batch)
