@@ -129,22 +129,47 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
         return b""
     encoded = []
     for key, value in attributes.items():
-        try:
-            if isinstance(value, _KEPT) and not key.endswith(".id"):
-                seen = (tag, key, type(value), value)
-                found = _SEEN.get(seen)
-                if found is None:
-                    if len(_SEEN) >= _SEEN_MAX:
-                        _SEEN.clear()
-                    found = _SEEN[seen] = _field(tag, _key_value(key, value))
-                encoded.append(found)
-            else:
-                encoded.append(_field(tag, _key_value(key, value)))
-        except (TypeError, ValueError):
-            # What no AnyValue holds is left out, as the official encoder leaves it (which
-            # logs each one: here that would be a line for every span that has it).
-            continue
+        if isinstance(value, _KEPT) and not key.endswith(".id"):
+            seen = (tag, key, type(value), value)
+            found = _SEEN.get(seen)
+            if found is None:
+                if len(_SEEN) >= _SEEN_MAX:
+                    _SEEN.clear()
+                found = _SEEN[seen] = _attribute(tag, key, value)
+            encoded.append(found)
+        else:
+            encoded.append(_attribute(tag, key, value))
     return b"".join(encoded)
+
+
+# A KeyValue's key field by the key (a handful of keys).
+_KEYS: dict[str, bytes] = {}
+
+
+def _attribute(tag: bytes, key: str, value: Any) -> bytes:
+    """One attribute, as a field `tag` of a KeyValue; nothing for a value no AnyValue holds,
+    which the official encoder leaves out too (it logs each one: here that would be a line for
+    every span that has it)."""
+    if type(value) is str and len(value) < 100:  # an id's: packed with one-byte lengths
+        named = _KEYS.get(key)
+        if named is None:
+            if len(_KEYS) >= _SEEN_MAX:
+                _KEYS.clear()
+            named = _KEYS[key] = _text(b"\x0a", key)
+        text = value.encode()
+        size = len(text)
+        pair = len(named) + size + 4  # the key, then the value's tag, length, tag, length
+        if pair < 0x80 and size < 0x80:
+            return b"".join(
+                (tag, _BYTES[pair], named, b"\x12", _BYTES[size + 2], b"\x0a", _BYTES[size], text)
+            )
+    try:
+        return _field(tag, _key_value(key, value))
+    except (TypeError, ValueError):
+        return b""
+
+
+_BYTES = [bytes((n,)) for n in range(0x82)]
 
 
 # Whether a span's parent (or a link's target) is remote: the span's field 16, a link's 6.
@@ -168,8 +193,8 @@ def _status(status: Status) -> bytes:
 
 def _link(link: Link) -> bytes:
     context = link.context
-    encoded = b"\x0a\x10" + context.trace_id.to_bytes(16, "big")
-    encoded += b"\x12\x08" + context.span_id.to_bytes(8, "big")
+    trace_id = context.trace_id
+    encoded = _IDS(b"\x0a\x10", trace_id >> 64, trace_id & _LOW, b"\x12\x08", context.span_id)
     encoded += _attributes(b"\x22", link.attributes)
     if link.dropped_attributes:
         encoded += b"\x28" + _varint(link.dropped_attributes)
@@ -331,7 +356,7 @@ def _relay_span(span: Span) -> bytes:
         return _spans_field(b"".join((ids, tail[0], times, segments[0], tail[2])))
     parts = [ids, tail[0], times, segments[0]]
     for n, segment in zip(places, segments[1:], strict=True):
-        parts.append(_attributes(b"\x4a", {names[n]: values[n]}))
+        parts.append(_attribute(b"\x4a", names[n], values[n]))
         parts.append(segment)
     parts.append(tail[2])
     if span._events:

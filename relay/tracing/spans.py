@@ -14,6 +14,7 @@ tracer.
 
 from __future__ import annotations
 
+import functools
 import re
 from contextvars import ContextVar
 
@@ -122,6 +123,9 @@ def keep(span: Span | None = None) -> str | None:
     return kept(context.trace_id, context.span_id, context.trace_flags, context.trace_state)
 
 
+# A job's kept context is read for each of its spans (its page's link, its end, each attempt),
+# often by one worker in a row: read once, for the last few thousand jobs.
+@functools.lru_cache(maxsize=4096)
 def restore(kept: str | None) -> SpanContext | None:
     """The context `keep` wrote (None when the job has none, or it is unreadable)."""
     if not kept:
