@@ -148,6 +148,16 @@ def test_one_jobs_trace_runs_from_the_callers_traceparent_to_the_callbacks(
         for span in attempts
     ] == [("POST", 0, "retry", 503), ("POST", 1, "delivered", 200)]
     assert all(span.parent_id == submission.span_id for span in attempts)
+    # Where each went: the callback's scheme, host and port, never its path or query.
+    hook = httpx.URL(stack.callback_url)
+    assert {
+        (
+            span.attributes["url.scheme"],
+            span.attributes["server.address"],
+            span.attributes["server.port"],
+        )
+        for span in attempts
+    } == {(hook.scheme, hook.host, hook.port)}
     assert attempts[0].attributes["error.type"] == "503"
     assert attempts[0].span.status.code == attempts[0].span.status.STATUS_CODE_ERROR
     # Each callback continues the job's trace under its own attempt's span.

@@ -24,6 +24,7 @@ answers for it now, for a fresh output_url (relay.delivery.refresh), under the s
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -44,7 +45,6 @@ from relay.delivery.signers import CallerSigners
 from relay.delivery.store import Breaker, Delivery, DeliveryId, DeliveryState, DeliveryStore
 from relay.delivery.transport import CallbackClient
 from relay.errors import DestinationRefused
-from relay.http_urls import parsed_url
 from relay.jitter import jittered
 from relay.jobs.events import PROCESSING, event_type_of
 from relay.jobs.store import Job, JobStore
@@ -257,7 +257,11 @@ class Deliverer:
         # The Redis clock when the POST began: the record's read time plus any re-read.
         sent_at = job.read_at + (started - began)
         tracer = setup.active()
-        span = _attempt_span(tracer, job, attempt) if tracer is not None and job.trace else None
+        span = (
+            _attempt_span(tracer, job, attempt, destination, delivery.request_id)
+            if tracer is not None and job.trace
+            else None
+        )
         if delivery.early is not None:
             # An early event: sent only while its job runs, never after the final one.
             if not await self.deliveries.claim_send(delivery, hold=self.timeout + SEND_MARGIN):
@@ -498,21 +502,34 @@ class Deliverer:
             return Outcome("retry", f"unexpected error: {type(exc).__name__}", error="error")
 
 
-def _attempt_span(tracer: Tracer, job: Job, attempt: int) -> Span:
-    """One attempt's span in its job's trace: where it went (scheme, host, port: never the
-    callback URL's path or query, which may hold a receiver's token)."""
-    assert job.callback_url is not None
-    url = parsed_url(job.callback_url)
+def _attempt_span(
+    tracer: Tracer, job: Job, attempt: int, destination: str, request_id: str
+) -> Span:
+    """One attempt's span in its job's trace: where it went (scheme, host, port, read from
+    its `destination`: never the callback URL's path or query, which may hold a receiver's
+    token)."""
     return tracer.start_span(
         "POST",
         context=spans.restore(job.trace),
         kind=SpanKind.CLIENT,
         attributes={
-            **spans.client_attributes("POST", url.scheme, url.host, url.port),
-            "relay.job.id": DeliveryId.parse(job.request_id).request_id,
+            **_server_attributes(destination),
+            "relay.job.id": request_id,
             "relay.event.type": event_type_of(job.event) or "",
             "relay.delivery.attempt": attempt,
         },
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _server_attributes(destination: str) -> dict[str, str | int]:
+    """An attempt span's attributes for its destination (`scheme://host:port`, as
+    destinations.destination_of writes it): a few destinations, read again for every attempt
+    (each callback URL is a job's own, so parsing it was parsing it afresh every time)."""
+    scheme, _, rest = destination.partition("://")
+    host, _, port = rest.rpartition(":")
+    return spans.client_attributes(
+        "POST", scheme, host.removeprefix("[").removesuffix("]"), int(port)
     )
 
 
