@@ -1,14 +1,17 @@
 """Submit throughput: the relay against a bare forwarder, in one run, to the same upstream.
 
 Run: uv run python bench/forward.py [--seconds 5] [--rounds 2] [--connections 32]
-     [--tracing [--together]] [--no-pin]
+     [--tracing [--together] [--fresh]] [--no-pin]
 (needs `wrk`: apt-get install -y wrk)
 
 `--tracing`: the relay with tracing off against the relay with tracing on (OTLP/HTTP to a local
 receiver, bench/otlp_sink.py, in a process of its own), instead of against the bare forwarder;
 every request then carries a caller's `traceparent`, to both. Target: on/off >= 0.9. With
 `--together`, each round drives both at once (a wrk each) instead of one after the other: on a
-machine other work shares, both then bear the same load.
+machine other work shares, both then bear the same load. With `--fresh`, both APIs are started
+anew for every round: one process can be several per cent faster or slower than another of the
+same code for its whole life (seen as runs whose every round agreed, and disagreed with the
+next run's), so the median is over as many processes as rounds.
 
 Starts a real redis-server, the sandbox upstream (`relay sandbox`), the API (`relay api`) and a
 bare forwarder as separate processes. The bare forwarder is the floor the relay is held to: a
@@ -431,7 +434,9 @@ def compare_callers(seconds: float, rounds: int, connections: int, count: int) -
                 proc.wait(timeout=30)
 
 
-def main_tracing(seconds: float, rounds: int, connections: int, together: bool) -> None:
+def main_tracing(
+    seconds: float, rounds: int, connections: int, together: bool, fresh: bool
+) -> None:
     """The relay with tracing off against the relay with tracing on, in alternating rounds or
     (`together`) driven at the same time."""
     sandbox_port, off_port, on_port, sink_port = (free_port() for _ in range(4))
@@ -461,12 +466,20 @@ def main_tracing(seconds: float, rounds: int, connections: int, together: bool) 
             start([*cli, "sandbox", "--port", str(sandbox_port)], env, upstream + "/health"),
             start([sys.executable, str(bench_dir / "otlp_sink.py"), str(sink_port)], env, sink),
         ]
-        try:
-            off = f"http://127.0.0.1:{off_port}"
-            on = f"http://127.0.0.1:{on_port}"
-            for port, api_env, url in ((off_port, env, off), (on_port, traced, on)):
+
+        def start_apis(off_port: int, on_port: int) -> tuple[str, str]:
+            """The two APIs (procs[2] untraced, procs[3] traced), and their URLs."""
+            urls = []
+            for n, (port, api_env) in enumerate(((off_port, env), (on_port, traced)), start=2):
+                url = f"http://127.0.0.1:{port}"
                 api_cmd = [*cli, "api", "--port", str(port)]
-                procs.append(start(api_cmd, api_env, url + "/healthz", under_test=True))
+                proc = start(api_cmd, api_env, url + "/healthz", under_test=True)
+                procs[n : n + 1] = [proc]
+                urls.append(url)
+            return urls[0], urls[1]
+
+        try:
+            off, on = start_apis(off_port, on_port)
             generate = "/api/v1/lipsync/generate"
             # A caller that traces: both relays get its traceparent (the untraced one ignores it).
             caller = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
@@ -478,6 +491,14 @@ def main_tracing(seconds: float, rounds: int, connections: int, together: bool) 
             sink_cpu: list[float] = []
             servers = {"off": procs[2].pid, "on": procs[3].pid, "sink": procs[1].pid}
             for n in range(1, rounds + 1):
+                if fresh and n > 1:
+                    # New processes: one can be several per cent faster or slower than another
+                    # of the same code for its whole life, so each round draws its two anew.
+                    for proc in procs[2:]:
+                        proc.send_signal(signal.SIGTERM)
+                        proc.wait(timeout=30)
+                    off, on = start_apis(free_port(), free_port())
+                    servers.update(off=procs[2].pid, on=procs[3].pid)
                 # Each process's CPU over the whole round pair (the traced API exports while
                 # the other is driven too), per request it served.
                 before = {name: thread_cpu_seconds(pid) for name, pid in servers.items()}
@@ -591,12 +612,15 @@ if __name__ == "__main__":
         "--together", action="store_true", help="with --tracing: drive both at once (see above)"
     )
     parser.add_argument(
+        "--fresh", action="store_true", help="with --tracing: new APIs every round (see above)"
+    )
+    parser.add_argument(
         "--no-pin", action="store_true", help="servers under test share every core (see above)"
     )
     args = parser.parse_args()
     pinning = pinning and not args.no_pin
     pin_rest()
     if args.tracing:
-        main_tracing(args.seconds, args.rounds, args.connections, args.together)
+        main_tracing(args.seconds, args.rounds, args.connections, args.together, args.fresh)
     else:
         main(args.seconds, args.rounds, args.connections, args.callers)
