@@ -150,7 +150,8 @@ def _attribute(tag: bytes, key: str, value: Any) -> bytes:
     """One attribute, as a field `tag` of a KeyValue; nothing for a value no AnyValue holds,
     which the official encoder leaves out too (it logs each one: here that would be a line for
     every span that has it)."""
-    if type(value) is str and len(value) < 100:  # an id's: packed with one-byte lengths
+    # A short text (a job's id, what is least often cached): written with one-byte lengths.
+    if type(value) is str and len(value) < 100:
         named = _KEYS.get(key)
         if named is None:
             if len(_KEYS) >= _SEEN_MAX:
@@ -261,7 +262,7 @@ def _span(span: ReadableSpan) -> bytes:
     return _spans_field(b"".join(parts))
 
 
-# A `spans` field's tag and length, by the length, for spans of up to _HEADS bytes (most).
+# A `spans` field's tag and length, by the length, for spans under 2,048 bytes (nearly all).
 _HEADS = [b"\x12" + _varint(length) for length in range(2048)]
 
 
