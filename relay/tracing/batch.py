@@ -6,7 +6,7 @@ a span's end as cheap as a queue append.
 The SDK's processor reads each ended span's sampling flag through its context (a `SpanContext`
 the relay's spans make only when asked, relay.tracing.tracer) and asks the process id (a system
 call, 0.5 µs here) to notice a fork, for every span: on the API's submission path, two spans a
-request, that was a fifth of what tracing cost the event loop (bench/README.md). Here the
+request, that was 15 % of what tracing cost the event loop (bench/README.md). Here the
 relay's tracer queues only sampled spans, and a fork is noticed by `os.register_at_fork`.
 """
 
