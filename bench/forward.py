@@ -120,10 +120,11 @@ def start(
     health: str,
     *,
     within: float = 20.0,
+    answer: float = 0.5,
     under_test: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start `command` (on the servers' core when `under_test`) and wait up to `within`
-    seconds for `health` to answer."""
+    seconds for `health` to answer (each check given `answer` seconds)."""
     cpus = SERVER_CPUS if under_test and pinning else None
     proc = subprocess.Popen(
         command,
@@ -136,7 +137,7 @@ def start(
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         try:
-            httpx.get(health, timeout=0.5)
+            httpx.get(health, timeout=answer)
             return proc
         except httpx.TransportError:
             time.sleep(0.1)
@@ -434,6 +435,21 @@ def compare_callers(seconds: float, rounds: int, connections: int, count: int) -
                 proc.wait(timeout=30)
 
 
+def untraced_env(upstream: str, redis_url: str) -> dict[str, str]:
+    """An API's environment for the tracing benches (this one's and instructions.py's): the
+    sandbox upstream, one key, no upstream budget in the way, and no OTEL_ variable, so that
+    tracing is on only where a bench sets them."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "OTEL_"))},
+        "CHAMELAION_BASE_URL": upstream,
+        "CHAMELAION_API_KEY": "sandbox-key",
+        "RELAY_REDIS_URL": redis_url,
+        "RELAY_API_KEYS": KEY,
+        "RELAY_LOG_FORMAT": "json",
+        "RELAY_UPSTREAM_RATE_LIMIT": "1000000",
+    }
+
+
 def main_tracing(
     seconds: float, rounds: int, connections: int, together: bool, fresh: bool
 ) -> None:
@@ -446,15 +462,7 @@ def main_tracing(
     ):
         upstream = f"http://127.0.0.1:{sandbox_port}/api"
         sink = f"http://127.0.0.1:{sink_port}"
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "OTEL_"))},
-            "CHAMELAION_BASE_URL": upstream,
-            "CHAMELAION_API_KEY": "sandbox-key",
-            "RELAY_REDIS_URL": redis_url,
-            "RELAY_API_KEYS": KEY,
-            "RELAY_LOG_FORMAT": "json",
-            "RELAY_UPSTREAM_RATE_LIMIT": "1000000",
-        }
+        env = untraced_env(upstream, redis_url)
         for name in ("off", "on"):
             Path(tmp, name).mkdir()  # each wrk's script, when both run at once
         # The batch processor's defaults (OTEL_BSP_*): full batches of 512 spans, the last

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,7 @@ from relay.devtools.ports import free_port
 
 BENCH = Path(__file__).parent
 sys.path.insert(0, str(BENCH))
-from forward import BODY, KEY  # noqa: E402  (the same submissions as forward.py's)
+from forward import BODY, KEY, start, untraced_env  # noqa: E402  (forward.py's own)
 
 CALLER = {
     "x-api-key": KEY,
@@ -67,17 +66,6 @@ async def submit(url: str, count: int, concurrency: int = 16) -> None:
         await asyncio.gather(*(one_by_one(client) for _ in range(concurrency)))
 
 
-def wait_up(url: str, within: float) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url, timeout=5)
-            return
-        except httpx.TransportError:
-            time.sleep(0.5)
-    raise RuntimeError(f"{url} did not come up within {within} s")
-
-
 def control(*args: str) -> None:
     subprocess.run(["callgrind_control", *args], check=True, capture_output=True)
 
@@ -98,19 +86,20 @@ def measure(
 ) -> dict[str, int]:
     port = free_port()
     prefix = str(out / name)
-    api = subprocess.Popen(
+    url = f"http://127.0.0.1:{port}"
+    # Under valgrind an API takes a minute or so to start, and seconds to answer at first.
+    api = start(
         [
             *("valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes"),
             f"--callgrind-out-file={prefix}.%p",
             *(sys.executable, "-m", "relay.cli", "api", "--port", str(port)),
         ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        env,
+        url + "/healthz",
+        within=300,
+        answer=5,
     )
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_up(url + "/healthz", 300)
         asyncio.run(submit(url, warm))
         pid = str(api.pid)
         control("-i", "on", pid)
@@ -153,32 +142,15 @@ def main() -> None:
     ):
         upstream = f"http://127.0.0.1:{sandbox_port}/api"
         sink = f"http://127.0.0.1:{sink_port}"
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "OTEL_"))},
-            "CHAMELAION_BASE_URL": upstream,
-            "CHAMELAION_API_KEY": "sandbox-key",
-            "RELAY_REDIS_URL": redis_url,
-            "RELAY_API_KEYS": KEY,
-            "RELAY_LOG_FORMAT": "json",
-            "RELAY_UPSTREAM_RATE_LIMIT": "1000000",
-        }
-        helpers = [
-            subprocess.Popen(
-                [sys.executable, "-m", "relay.cli", "sandbox", "--port", str(sandbox_port)],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            ),
-            subprocess.Popen(
-                [sys.executable, str(BENCH / "otlp_sink.py"), str(sink_port)],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            ),
-        ]
+        env = untraced_env(upstream, redis_url)
+        helpers: list[subprocess.Popen[bytes]] = []
         try:
-            wait_up(upstream + "/health", 30)
-            wait_up(sink + "/count", 30)
+            cli = [sys.executable, "-m", "relay.cli"]
+            helpers.append(
+                start([*cli, "sandbox", "--port", str(sandbox_port)], env, upstream + "/health")
+            )
+            sink_command = [sys.executable, str(BENCH / "otlp_sink.py"), str(sink_port)]
+            helpers.append(start(sink_command, env, sink + "/count"))
             out = Path(tmp)
             off = measure("off", env, sink, args.submissions, args.warm, out)
             traced = {
