@@ -256,9 +256,11 @@ class Deliverer:
         started = time.monotonic()
         # The Redis clock when the POST began: the record's read time plus any re-read.
         sent_at = job.read_at + (started - began)
+        # The stored event's type, for the span, the records and the log: its JSON read once.
+        event_type = event_type_of(job.event)
         tracer = setup.active()
         span = (
-            _attempt_span(tracer, job, attempt, destination, delivery.request_id)
+            _attempt_span(tracer, job, attempt, destination, delivery.request_id, event_type)
             if tracer is not None and job.trace
             else None
         )
@@ -297,7 +299,15 @@ class Deliverer:
         counted = self.outcomes.count_call("delivered" if settled == "delivered" else "failed")
         if settled is not None:
             logged = self._entry(
-                job, attempt, outcome, duration, settled, next_in=None, sent_at=sent_at, **refreshed
+                job,
+                event_type,
+                attempt,
+                outcome,
+                duration,
+                settled,
+                next_in=None,
+                sent_at=sent_at,
+                **refreshed,
             )
             recorded = await self._record(
                 request_id,
@@ -306,14 +316,14 @@ class Deliverer:
                 settled,
                 outcome,
                 destination,
-                event_type=event_type_of(job.event) or "",
+                event_type=event_type or "",
                 then=[logged, counted],
             )
             if settled == "failed" and recorded and self.ops is not None:
                 self.ops.exhausted(
                     job_id=delivery.request_id,
                     delivery_id=request_id,
-                    event_type=event_type_of(job.event),
+                    event_type=event_type,
                     webhook_id=job.event_id,
                     destination=destination,
                     attempts=seen.attempts_made + 1,
@@ -340,11 +350,12 @@ class Deliverer:
             "pending",
             outcome,
             destination,
-            event_type=event_type_of(job.event) or "",
+            event_type=event_type or "",
             keep_for=delay + KEEP_AFTER_LAST_ATTEMPT,
             then=[
                 self._entry(
                     job,
+                    event_type,
                     attempt,
                     outcome,
                     duration,
@@ -370,6 +381,7 @@ class Deliverer:
     def _entry(
         self,
         job: Job,
+        event_type: str | None,
         attempt: int,
         outcome: Outcome,
         duration: float,
@@ -383,7 +395,7 @@ class Deliverer:
         what it says of a re-read (relay.delivery.refresh)."""
         return self.attempt_log.record_call(
             job.request_id,
-            event=event_type_of(job.event),
+            event=event_type,
             attempt=attempt,
             duration_ms=round(duration * 1000, 1),
             status=outcome.status,
@@ -503,7 +515,12 @@ class Deliverer:
 
 
 def _attempt_span(
-    tracer: Tracer, job: Job, attempt: int, destination: str, request_id: str
+    tracer: Tracer,
+    job: Job,
+    attempt: int,
+    destination: str,
+    request_id: str,
+    event_type: str | None,
 ) -> Span:
     """One attempt's span in its job's trace: where it went (scheme, host, port, read from
     its `destination`: never the callback URL's path or query, which may hold a receiver's
@@ -515,7 +532,7 @@ def _attempt_span(
         attributes={
             **_server_attributes(destination),
             "relay.job.id": request_id,
-            "relay.event.type": event_type_of(job.event) or "",
+            "relay.event.type": event_type or "",
             "relay.delivery.attempt": attempt,
         },
     )
