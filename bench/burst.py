@@ -4,9 +4,10 @@ Run: uv run python bench/burst.py [--jobs 2000] [--hanging 100] [--hang 10] [--m
      uv run python bench/burst.py --tracing [--jobs 2000] [--rounds 3]
 
 `--tracing`: the quiet case without hanging receivers, `--rounds` times with the worker's tracing
-off and on in turn (OTLP/HTTP to a local receiver, bench/otlp_sink.py, in a process of its own);
-every job carries a submission's trace context in both. Printed: the worker's CPU per ended job
-each way, and their ratio (target <= 1.15).
+off and on in turn, each way first in every other round (OTLP/HTTP to a local receiver,
+bench/otlp_sink.py, in a process of its own); every job carries a submission's trace context in
+both. Printed: the worker's CPU per ended job each way (its event loop's thread apart), their
+ratio (target <= 1.15), and the mean of the rounds' ratios with its margin.
      uv run python bench/burst.py --live [--jobs 2000] [--orders newest_first,oldest_first]
 
 `--live` is the issue #19 case (bench/live.py): the jobs are submitted through `relay api` by
@@ -59,6 +60,7 @@ import live
 import redis.asyncio as aioredis
 from aiohttp import web
 from aioserve import post_app, serve_forever
+from forward import thread_cpu_seconds
 from store_reads import ended_at
 
 from relay.devtools.embedded_redis import embedded_redis
@@ -183,11 +185,6 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def wait_http(url: str) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -233,17 +230,21 @@ class Bench:
         self.per_id = False
         self.traced = False  # jobs carry a submission's trace context, as a traced API stores
 
-    async def create_jobs(self, fast: int, hanging: int) -> dict[str, str]:
-        """Track `fast + hanging` jobs, due now; returns request id -> 'fast' | 'hang'."""
+    async def create_jobs(
+        self, fast: int, hanging: int, *, prefix: str = "", flush: bool = True
+    ) -> dict[str, str]:
+        """Track `fast + hanging` jobs, due now (ids start with `prefix`), after emptying Redis
+        unless not `flush`; returns request id -> 'fast' | 'hang'."""
         client = aioredis.Redis.from_url(self.redis_url)
-        await client.flushall()
+        if flush:
+            await client.flushall()
         store = JobStore(client)
         kinds: dict[str, str] = {}
         sem = asyncio.Semaphore(64)
 
         async def one(n: int, kind: str) -> None:
             port = self.hang_port if kind == "hang" else self.fast_ports[n % FAST_PORTS]
-            request_id = f"{kind}-{n:06d}"
+            request_id = f"{prefix}{kind}-{n:06d}"
             kinds[request_id] = kind
             async with sem:
                 await store.create(
@@ -271,8 +272,11 @@ class Bench:
         await client.aclose()
         return all(values)
 
-    def scenario(self, env: dict[str, str], fast: int, hanging: int, hang: float) -> float:
-        """Run one burst; returns the worker's CPU seconds per ended job."""
+    def scenario(
+        self, env: dict[str, str], fast: int, hanging: int, hang: float
+    ) -> tuple[float, float]:
+        """Run one burst; returns the worker's CPU seconds per ended job: its event loop's
+        thread's, and its other threads' (a traced worker's exporter)."""
         httpx.post(self.receivers + "/reset")
         httpx.post(self.upstream + "/reset")
         kinds = asyncio.run(self.create_jobs(fast, hanging))
@@ -315,7 +319,7 @@ class Bench:
                     stderr=subprocess.DEVNULL,
                 )
                 time.sleep(1)
-            cpu_before = cpu_seconds(proc.pid)
+            cpu_before = thread_cpu_seconds(proc.pid)
             finish = httpx.post(self.upstream + "/finish").json()["at"]
             deadline = time.monotonic() + 120
             while True:
@@ -327,7 +331,10 @@ class Bench:
             rss_after = rss_kib(proc.pid)
             if self.traced:
                 time.sleep(1.0)  # the last spans' export counts too (and the same idle second)
-            cpu_burst = cpu_seconds(proc.pid) - cpu_before
+            cpu_after = thread_cpu_seconds(proc.pid)
+            loop_cpu = cpu_after[0] - cpu_before[0]
+            other_cpu = cpu_after[1] - cpu_before[1]
+            cpu_burst = loop_cpu + other_cpu
             if profiler is not None:
                 profiler.wait()
         ended = asyncio.run(ended_at(self.redis_url, ids))
@@ -342,7 +349,7 @@ class Bench:
             f"upstream calls before the finish: {poll_rate:,.0f} per-id polls/s, "
             f"{list_rate:,.1f} list pages/s"
         )
-        cpu_per_job = cpu_burst / len(ids)
+        cpu_per_job = (loop_cpu / len(ids), other_cpu / len(ids))
         if not fast_times:
             return cpu_per_job
         since_finish = [t - finish for t in fast_times.values()]
@@ -365,11 +372,18 @@ class Bench:
         print(f"worker RSS: {rss_before / 1024:.1f} MiB before, {rss_after / 1024:.1f} MiB after")
         # Steadier than rates when other work shares the cores: what one ended job costs.
         print(
-            f"worker CPU from the finish to the last callback: {cpu_burst:.1f} s, "
-            f"{cpu_burst / len(ids) * 1000:.2f} ms per job (final poll + callback)"
+            f"worker CPU from the finish to the last callback: {cpu_burst:.2f} s, "
+            f"{cpu_burst / len(ids) * 1000:.3f} ms per job (final poll + callback; threads "
+            f"other than the event loop's: {other_cpu / len(ids) * 1000:.3f} ms)"
         )
         print(f"median end-to-callback: {statistics.median(since_end) * 1000:.0f} ms")
         return cpu_per_job
+
+
+def traced_env(env: dict[str, str], sink: str) -> dict[str, str]:
+    """`env` with the worker's tracing on, exporting to the OTLP receiver at `sink`."""
+    # Batches go out within 250 ms, so the burst's last one is in the CPU measured.
+    return {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": sink, "OTEL_BSP_SCHEDULE_DELAY": "250"}
 
 
 def tracing_rounds(bench: Bench, env: dict[str, str], args: argparse.Namespace) -> None:
@@ -384,21 +398,23 @@ def tracing_rounds(bench: Bench, env: dict[str, str], args: argparse.Namespace) 
         wait_http(sink_url + "/count")
         bench.traced = True
         env = {k: v for k, v in env.items() if not k.startswith("OTEL_")}
-        # Batches go out within 250 ms, so the burst's last one is in the CPU measured (below).
-        traced = {
-            **env,
-            "OTEL_EXPORTER_OTLP_ENDPOINT": sink_url,
-            "OTEL_BSP_SCHEDULE_DELAY": "250",
-        }
+        traced = traced_env(env, sink_url)
         cpu: dict[str, list[float]] = {"off": [], "on": []}
+        loop: dict[str, list[float]] = {"off": [], "on": []}
         for n in range(1, args.rounds + 1):
-            for name, worker_env in (("off", env), ("on", traced)):
+            pair = [("off", env), ("on", traced)]
+            # Each way first in every other round: whatever the first (or second) run of a
+            # pair has for it falls on both alike.
+            for name, worker_env in pair if n % 2 else pair[::-1]:
                 print(f"\n-- round {n}, tracing {name} --")
-                cpu[name].append(bench.scenario(worker_env, args.jobs, 0, args.hang))
+                on_loop, elsewhere = bench.scenario(worker_env, args.jobs, 0, args.hang)
+                cpu[name].append(on_loop + elsewhere)
+                loop[name].append(on_loop)
         off, on = statistics.median(cpu["off"]), statistics.median(cpu["on"])
         # Each round's pair ran back to back: steadier than the medians' ratio when other work
         # comes and goes on the machine.
-        paired = statistics.median(a / b for a, b in zip(cpu["on"], cpu["off"], strict=True))
+        ratios = [a / b for a, b in zip(cpu["on"], cpu["off"], strict=True)]
+        paired = statistics.median(ratios)
         got = httpx.get(sink_url + "/count").json()
         spans = got["spans"]
         print(
@@ -409,9 +425,25 @@ def tracing_rounds(bench: Bench, env: dict[str, str], args: argparse.Namespace) 
             + "; on "
             + ", ".join(f"{c * 1000:.2f}" for c in cpu["on"])
         )
+        if len(ratios) > 2:
+            mean, sd = statistics.mean(ratios), statistics.stdev(ratios)
+            # About 95 % of such means fall within two standard errors of the true ratio.
+            margin = 2 * sd / len(ratios) ** 0.5
+            print(
+                f"the rounds' on/off: mean {mean:.3f} ± {margin:.3f} (two standard errors; "
+                f"sd {sd:.3f}), from {min(ratios):.2f} to {max(ratios):.2f}"
+            )
+        # Where tracing's cost is: the spans made on the loop, and the exporter's thread.
+        loop_off, loop_on = statistics.median(loop["off"]), statistics.median(loop["on"])
+        print(
+            f"of which the event loop's thread: off {loop_off * 1000:.3f} ms, on "
+            f"{loop_on * 1000:.3f} ms ({(loop_on - loop_off) * 1e6:+.0f} µs); other threads, "
+            f"on: {(on - loop_on) * 1e6:.0f} µs (medians)"
+        )
         jobs = args.rounds * args.jobs
         print(
-            f"OTLP receiver: {spans:,} spans from the traced rounds' {jobs:,} jobs: {got['names']}"
+            f"OTLP receiver: {spans:,} spans in {got['exports']:,} exports from the traced "
+            f"rounds' {jobs:,} jobs: {got['names']}"
         )
     finally:
         sink.terminate()
@@ -502,63 +534,76 @@ def live_scenario(args: argparse.Namespace, upstream: live.Upstream) -> None:
     )
 
 
-def main(args: argparse.Namespace) -> None:
-    if args.live:
-        for name in args.orders.split(","):
-            live_scenario(args, live.Upstream(order=cast(ListOrder, name), queued=86_400.0))
-        return
+@contextmanager
+def stand_ins(hang: float) -> Iterator[Bench]:
+    """The stand-in upstream and the receivers (hanging ones: `hang` seconds), each in a process
+    of its own, and a redis-server: a Bench on them."""
     upstream_port, control_port, hang_port = free_port(), free_port(), free_port()
     fast_ports = [free_port(avoid=(upstream_port, control_port, hang_port)) for _ in range(4)]
     ctx = multiprocessing.get_context("spawn")
     procs = [
         ctx.Process(target=run_upstream, args=(upstream_port,), daemon=True),
         ctx.Process(
-            target=run_receivers,
-            args=(control_port, fast_ports, hang_port, args.hang),
-            daemon=True,
+            target=run_receivers, args=(control_port, fast_ports, hang_port, hang), daemon=True
         ),
     ]
     for proc in procs:
         proc.start()
     upstream = f"http://127.0.0.1:{upstream_port}"
     receivers = f"http://127.0.0.1:{control_port}"
-    wait_http(receivers + "/stats")
-    wait_http(upstream + "/api/v1/lipsync/requests/x")
     try:
+        wait_http(receivers + "/stats")
+        wait_http(upstream + "/api/v1/lipsync/requests/x")
         with embedded_redis(avoid=(upstream_port, control_port, hang_port, *fast_ports)) as url:
-            env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-            env.update(
-                {
-                    "CHAMELAION_BASE_URL": upstream + "/api",
-                    "CHAMELAION_API_KEY": "bench-key",
-                    "RELAY_REDIS_URL": url,
-                    "RELAY_WEBHOOK_SECRETS": "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-                    "RELAY_UPSTREAM_RATE_LIMIT": "1000000",
-                    "RELAY_POLL_MIN_INTERVAL": POLL_INTERVAL,
-                    "RELAY_POLL_MAX_INTERVAL": POLL_INTERVAL,
-                    "RELAY_CALLBACK_ALLOWED_NETWORKS": "127.0.0.0/8",
-                    # Receivers listen on free loopback ports, outside the default port list.
-                    "RELAY_CALLBACK_ALLOWED_PORTS": "1-65535",
-                    "RELAY_DELIVERY_TIMEOUT": str(args.hang + 5),
-                    "RELAY_LOG_FORMAT": "json",
-                    **dict(item.split("=", 1) for item in args.env),
-                }
-            )
-            bench = Bench(url, upstream, receivers, fast_ports, hang_port)
-            bench.profile = args.profile
-            bench.per_id = args.per_id
-            if args.tracing:
-                tracing_rounds(bench, env, args)
-                return
-            fast = args.jobs - args.hanging
-            bench.scenario(env, fast, args.hanging, args.hang)
-            bench.scenario(env, fast, 0, args.hang)
-            if args.memory:
-                bench.scenario(env, args.memory, 0, args.hang)
+            yield Bench(url, upstream, receivers, fast_ports, hang_port)
     finally:
         for proc in procs:
             proc.terminate()
             proc.join()
+
+
+def worker_env(upstream: str, redis_url: str, hang: float, extra: list[str]) -> dict[str, str]:
+    """The bench's worker settings: this machine's environment without RELAY_*, pointed at
+    the stand-in upstream (`upstream`: its root URL) with the budget out of the way, polling
+    every POLL_INTERVAL seconds, delivering to loopback receivers; `extra`: VAR=value."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update(
+        {
+            "CHAMELAION_BASE_URL": upstream + "/api",
+            "CHAMELAION_API_KEY": "bench-key",
+            "RELAY_REDIS_URL": redis_url,
+            "RELAY_WEBHOOK_SECRETS": "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "RELAY_UPSTREAM_RATE_LIMIT": "1000000",
+            "RELAY_POLL_MIN_INTERVAL": POLL_INTERVAL,
+            "RELAY_POLL_MAX_INTERVAL": POLL_INTERVAL,
+            "RELAY_CALLBACK_ALLOWED_NETWORKS": "127.0.0.0/8",
+            # Receivers listen on free loopback ports, outside the default port list.
+            "RELAY_CALLBACK_ALLOWED_PORTS": "1-65535",
+            "RELAY_DELIVERY_TIMEOUT": str(hang + 5),
+            "RELAY_LOG_FORMAT": "json",
+            **dict(item.split("=", 1) for item in extra),
+        }
+    )
+    return env
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.live:
+        for name in args.orders.split(","):
+            live_scenario(args, live.Upstream(order=cast(ListOrder, name), queued=86_400.0))
+        return
+    with stand_ins(args.hang) as bench:
+        env = worker_env(bench.upstream, bench.redis_url, args.hang, args.env)
+        bench.profile = args.profile
+        bench.per_id = args.per_id
+        if args.tracing:
+            tracing_rounds(bench, env, args)
+            return
+        fast = args.jobs - args.hanging
+        bench.scenario(env, fast, args.hanging, args.hang)
+        bench.scenario(env, fast, 0, args.hang)
+        if args.memory:
+            bench.scenario(env, args.memory, 0, args.hang)
     print(json.dumps({"note": "2-core machine shared with other work: figures are noisy"}))
 
 

@@ -2,7 +2,7 @@
 collector would (decodes the protobuf, counts the spans) and answers 200.
 
 Run on its own: uv run python bench/otlp_sink.py PORT; `GET /count` says how many spans (by
-name) and exports it got, so a bench can tell the relay really exported what it traced.
+name), links and exports it got, so a bench can tell the relay really exported what it traced.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ OK = ExportTraceServiceResponse().SerializeToString()
 
 
 def run(port: int) -> None:
-    got: dict[str, int] = {"spans": 0, "exports": 0}
+    got: dict[str, int] = {"spans": 0, "links": 0, "exports": 0}
     names: dict[str, int] = {}
 
     async def traces(request: web.Request) -> web.Response:
@@ -30,6 +30,7 @@ def run(port: int) -> None:
                 got["spans"] += len(scope.spans)
                 for span in scope.spans:
                     names[span.name] = names.get(span.name, 0) + 1
+                    got["links"] += len(span.links)
         return web.Response(body=OK, content_type="application/x-protobuf")
 
     async def count(request: web.Request) -> web.Response:
