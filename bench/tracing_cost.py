@@ -4,6 +4,15 @@ around a Starlette request carrying a caller's traceparent), the upstream create
 to a local OTLP receiver (bench/otlp_sink.py, its own process) by the relay's exporter.
 
 Run: uv run python bench/tracing_cost.py [--submissions 20000] [--rate 1000] [--rounds 3]
+     uv run python bench/tracing_cost.py --worker [--jobs 20000] [--rate 1000] [--rounds 3]
+
+`--worker`: what tracing costs an ended job in the worker, the same way: a sweep page's span
+linked to each job it ended (relay.jobs.sweep.PageSpan, a page of 1,000 as in burst.py), each
+job's end under it (relay.jobs.poller), and its callback attempt's span, headers and outcome
+(relay.delivery.deliverer), paced at `--rate` jobs a second, in a process holding what a
+worker does. Per-id polls' spans are left out (a page ends nearly every job in burst.py).
+burst.py --tracing measures the whole worker; this says what its tracing costs, with less
+noise, to set beside burst.py's CPU per ended job with tracing off.
 
 The process first loads what an API process does (the app's modules), so the garbage
 collector walks a heap of the API's size. The requests are paced (`--rate` a second, in bursts
@@ -102,15 +111,74 @@ async def submissions(count: int, rate: float) -> None:
             await asyncio.sleep(pause)
 
 
-def measure(count: int, rate: float, traced: bool) -> tuple[float, float]:
-    """CPU per submission (µs) of the loop and of the other threads."""
+PAGE = 1000  # burst.py's stand-in upstream's largest list page
+
+
+async def ended_jobs(count: int, rate: float) -> None:
+    import secrets
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from opentelemetry import trace
+    from opentelemetry.trace import SpanKind
+
+    from relay.delivery.deliverer import Outcome, _attempt_span, _end_attempt_span
+    from relay.jobs.poller import _end_span
+    from relay.jobs.sweep import PageSpan
+    from relay.tracing import setup, spans
+
+    # What the worker's tracing reads of a job: its id and its kept context.
+    jobs: list[Any] = [
+        SimpleNamespace(
+            request_id=f"fast-{n:06d}",
+            trace=f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01",
+        )
+        for n in range(count)
+    ]
+    delivered = Outcome("delivered", "204", answered=True, status=204)
+    pause = BURST / rate
+    for start in range(0, count, PAGE):
+        page_jobs = jobs[start : start + PAGE]
+        tracer = setup.active()
+        if tracer is not None:  # relay.jobs.sweep.Sweeper._read_page and _handle
+            span = tracer.start_span("GET", context=spans.ROOT, kind=SpanKind.CLIENT)
+            span.set_attributes(
+                {
+                    **spans.client_attributes("GET", "http", "127.0.0.1", 8100),
+                    "url.template": "/v1/lipsync/requests",
+                    "http.response.status_code": 200,
+                    "relay.sweep.offset": start,
+                }
+            )
+            page = PageSpan(span, time.time_ns())
+            with trace.use_span(span, end_on_exit=False):
+                for job in page_jobs:
+                    _end_span(tracer, job, "completed", "lipsync.completed")
+            page.moved(page_jobs)
+            page.close()
+        for n, job in enumerate(page_jobs):
+            tracer = setup.active()
+            if tracer is not None and job.trace:  # relay.delivery.deliverer
+                attempt = _attempt_span(
+                    tracer, job, 1, "http://127.0.0.1:9000", job.request_id, "lipsync.completed"
+                )
+                spans.headers(cast(Any, attempt))
+                _end_attempt_span(attempt, delivered, "delivered")
+                attempt.end()
+            if n % BURST == BURST - 1:
+                await asyncio.sleep(pause)
+
+
+def measure(count: int, rate: float, traced: bool, worker: bool = False) -> tuple[float, float]:
+    """CPU per submission, or per ended job (`worker`), in µs: of the loop, of the other
+    threads."""
     from relay.tracing import setup
 
     if traced:
-        assert setup.start("api")
+        assert setup.start("worker" if worker else "api")
     tracer = setup.active()
     before = thread_cpu()
-    asyncio.run(submissions(count, rate))
+    asyncio.run(ended_jobs(count, rate) if worker else submissions(count, rate))
     if tracer is not None:
         tracer.processor.force_flush()  # the last batch too, from the exporter's thread
     after = thread_cpu()
@@ -118,13 +186,18 @@ def measure(count: int, rate: float, traced: bool) -> tuple[float, float]:
     return (after[0] - before[0]) / count, (after[1] - before[1]) / count
 
 
-def main(count: int, rate: float, rounds: int) -> None:
-    # What an API process holds (the app's modules, ~80,000 objects the collector tracks), so
-    # that a collection, which spans waiting for their export make more of, costs what it
-    # does there.
-    import relay.api.app
-    import relay.serving  # noqa: F401
+def main(count: int, rate: float, rounds: int, worker: bool) -> None:
+    # What an API process (or a worker) holds (the modules, ~80,000 objects the collector
+    # tracks in the API), so that a collection, which spans waiting for their export make more
+    # of, costs what it does there.
+    if worker:
+        import relay.worker.process
+    else:
+        import relay.api.app
+        import relay.serving  # noqa: F401
     from relay.devtools.ports import free_port
+
+    unit = "ended job" if worker else "submission"
 
     port = free_port()
     sink = subprocess.Popen(
@@ -136,20 +209,20 @@ def main(count: int, rate: float, rounds: int) -> None:
         os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{port}"
         off_loop, on_loop, on_thread = [], [], []
         for n in range(1, rounds + 1):
-            loop_off, _ = measure(count, rate, traced=False)
-            loop_on, thread_on = measure(count, rate, traced=True)
+            loop_off, _ = measure(count, rate, traced=False, worker=worker)
+            loop_on, thread_on = measure(count, rate, traced=True, worker=worker)
             off_loop.append(loop_off)
             on_loop.append(loop_on)
             on_thread.append(thread_on)
             print(
                 f"round {n}: loop {loop_off:.1f} us off, {loop_on:.1f} us on; exporter thread "
-                f"{thread_on:.1f} us (per submission)",
+                f"{thread_on:.1f} us (per {unit})",
                 flush=True,
             )
         loop = statistics.median(on - off for on, off in zip(on_loop, off_loop, strict=True))
         thread = statistics.median(on_thread)
         print(
-            f"tracing per submission (median of {rounds}, {count:,} submissions at {rate:,.0f}/s): "
+            f"tracing per {unit} (median of {rounds}, {count:,} {unit}s at {rate:,.0f}/s): "
             f"{loop:.1f} us on the event loop + {thread:.1f} us in the exporter's thread = "
             f"{loop + thread:.1f} us"
         )
@@ -161,7 +234,9 @@ def main(count: int, rate: float, rounds: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--submissions", type=int, default=20000)
+    parser.add_argument("--worker", action="store_true", help="the worker's ended jobs (above)")
+    parser.add_argument("--jobs", type=int, default=20000, help="with --worker")
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    main(args.submissions, args.rate, args.rounds)
+    main(args.jobs if args.worker else args.submissions, args.rate, args.rounds, args.worker)
