@@ -1,13 +1,17 @@
 """Callback bursts: many jobs end at one instant; how fast do their callbacks go out?
 
 Run: uv run python bench/burst.py [--jobs 2000] [--hanging 100] [--hang 10] [--memory 20000]
-     uv run python bench/burst.py --tracing [--jobs 2000] [--rounds 3]
+     uv run python bench/burst.py --tracing [--together] [--jobs 2000] [--rounds 3]
 
 `--tracing`: the quiet case without hanging receivers, `--rounds` times with the worker's tracing
 off and on in turn, each way first in every other round (OTLP/HTTP to a local receiver,
 bench/otlp_sink.py, in a process of its own); every job carries a submission's trace context in
 both. Printed: the worker's CPU per ended job each way (its event loop's thread apart), their
-ratio (target <= 1.15), and the mean of the rounds' ratios with its margin.
+ratio (target <= 1.15), and the mean of the rounds' ratios with its margin. With `--together`,
+each round runs both ways at once, each on a stand-in upstream, receivers and Redis of its own,
+finishing their jobs at the same instant: one after the other, two runs of the same code on this
+shared machine differ by up to a quarter, and a pair that shares every instant also shares
+whatever else the machine was doing.
      uv run python bench/burst.py --live [--jobs 2000] [--orders newest_first,oldest_first]
 
 `--live` is the issue #19 case (bench/live.py): the jobs are submitted through `relay api` by
@@ -48,9 +52,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
@@ -227,6 +233,10 @@ class Bench:
         self.fast_ports = fast_ports
         self.hang_port = hang_port
         self.profile = ""
+        self.runs = 0  # scenarios run so far (each one's profile is a file of its own)
+        self.name = ""  # what its scenarios are called in the output (and profiles' names)
+        # Where a scenario waits before the finish for another bench's, when two run at once.
+        self.start_line: threading.Barrier | None = None
         self.per_id = False
         self.traced = False  # jobs carry a submission's trace context, as a traced API stores
 
@@ -299,6 +309,7 @@ class Bench:
             list_rate = (calls["lists"] - calls_before["lists"]) / 2
             rss_before = rss_kib(proc.pid)
             profiler = None
+            self.runs += 1
             if self.profile:
                 profiler = subprocess.Popen(
                     [
@@ -310,15 +321,18 @@ class Bench:
                         "10",
                         "-r",
                         "200",
+                        "--nonblocking",  # sampled without pausing the worker
                         "-f",
                         "raw",
                         "-o",
-                        self.profile,
+                        f"{self.profile}.{self.runs}{self.name.replace(' ', '.')}",
                     ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
                 time.sleep(1)
+            if self.start_line is not None:
+                self.start_line.wait(timeout=120)
             cpu_before = thread_cpu_seconds(proc.pid)
             finish = httpx.post(self.upstream + "/finish").json()["at"]
             deadline = time.monotonic() + 120
@@ -343,7 +357,7 @@ class Bench:
         }
         hang_done = sum(1 for eid in got if kinds[event_ids[eid]] == "hang")
         label = f"{fast} fast + {hanging} hanging ({hang:g} s)" if hanging else f"{fast} fast"
-        print(f"\n== {label}: one worker ==")
+        print(f"\n== {label}: one worker{f' ({self.name.strip()})' if self.name else ''} ==")
         print(f"fast callbacks received: {len(fast_times)}/{fast}; hanging: {hang_done}/{hanging}")
         print(
             f"upstream calls before the finish: {poll_rate:,.0f} per-id polls/s, "
@@ -386,8 +400,9 @@ def traced_env(env: dict[str, str], sink: str) -> dict[str, str]:
     return {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": sink, "OTEL_BSP_SCHEDULE_DELAY": "250"}
 
 
-def tracing_rounds(bench: Bench, env: dict[str, str], args: argparse.Namespace) -> None:
-    """The worker's CPU per ended job with tracing off and on, in turns."""
+def tracing_rounds(benches: list[Bench], args: argparse.Namespace) -> None:
+    """The worker's CPU per ended job with tracing off and on, in turns, or (with two
+    benches) at once, on a bench each."""
     sink_port = free_port()
     sink = subprocess.Popen(
         [sys.executable, str(Path(__file__).parent / "otlp_sink.py"), str(sink_port)],
@@ -396,23 +411,40 @@ def tracing_rounds(bench: Bench, env: dict[str, str], args: argparse.Namespace) 
     sink_url = f"http://127.0.0.1:{sink_port}"
     try:
         wait_http(sink_url + "/count")
-        bench.traced = True
-        env = {k: v for k, v in env.items() if not k.startswith("OTEL_")}
-        traced = traced_env(env, sink_url)
+        envs = {}
+        for bench in benches:
+            bench.traced = True
+            env = worker_env(bench.upstream, bench.redis_url, args.hang, args.env)
+            env = {k: v for k, v in env.items() if not k.startswith("OTEL_")}
+            envs[id(bench)] = {"off": env, "on": traced_env(env, sink_url)}
         cpu: dict[str, list[float]] = {"off": [], "on": []}
         loop: dict[str, list[float]] = {"off": [], "on": []}
+
+        def run(bench: Bench, name: str) -> None:
+            on_loop, elsewhere = bench.scenario(envs[id(bench)][name], args.jobs, 0, args.hang)
+            cpu[name].append(on_loop + elsewhere)
+            loop[name].append(on_loop)
+
         for n in range(1, args.rounds + 1):
-            pair = [("off", env), ("on", traced)]
-            # Each way first in every other round: whatever the first (or second) run of a
-            # pair has for it falls on both alike.
-            for name, worker_env in pair if n % 2 else pair[::-1]:
-                print(f"\n-- round {n}, tracing {name} --")
-                on_loop, elsewhere = bench.scenario(worker_env, args.jobs, 0, args.hang)
-                cpu[name].append(on_loop + elsewhere)
-                loop[name].append(on_loop)
+            # Each way first (or on the first bench) in every other round: whatever the first
+            # run of a pair (or a bench) has for it falls on both alike.
+            names = ["off", "on"] if n % 2 else ["on", "off"]
+            if len(benches) == 1:
+                for name in names:
+                    print(f"\n-- round {n}, tracing {name} --")
+                    run(benches[0], name)
+                continue
+            print(f"\n-- round {n}, tracing {names[0]} and {names[1]} at once --")
+            start_line = threading.Barrier(2)
+            for bench, name in zip(benches, names, strict=True):
+                bench.start_line = start_line
+                bench.name = f" tracing {name}"
+            with ThreadPoolExecutor(2) as pool:
+                for done in [pool.submit(run, b, m) for b, m in zip(benches, names, strict=True)]:
+                    done.result()
         off, on = statistics.median(cpu["off"]), statistics.median(cpu["on"])
-        # Each round's pair ran back to back: steadier than the medians' ratio when other work
-        # comes and goes on the machine.
+        # Each round's pair ran back to back (or at once): steadier than the medians' ratio
+        # when other work comes and goes on the machine.
         ratios = [a / b for a, b in zip(cpu["on"], cpu["off"], strict=True)]
         paired = statistics.median(ratios)
         got = httpx.get(sink_url + "/count").json()
@@ -597,7 +629,12 @@ def main(args: argparse.Namespace) -> None:
         bench.profile = args.profile
         bench.per_id = args.per_id
         if args.tracing:
-            tracing_rounds(bench, env, args)
+            with ExitStack() as more:
+                # A second bench, so that both ways run at once.
+                other = [more.enter_context(stand_ins(args.hang))] if args.together else []
+                for another in other:
+                    another.per_id, another.profile = args.per_id, args.profile
+                tracing_rounds([bench, *other], args)
             return
         fast = args.jobs - args.hanging
         bench.scenario(env, fast, args.hanging, args.hang)
@@ -613,7 +650,11 @@ if __name__ == "__main__":
     parser.add_argument("--hanging", type=int, default=100)
     parser.add_argument("--hang", type=float, default=10.0)
     parser.add_argument("--memory", type=int, default=0, help="callbacks in a memory run")
-    parser.add_argument("--profile", default="", help="py-spy the worker (raw stacks) to here")
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="py-spy the worker (raw stacks) to here.N (N: the scenario's number)",
+    )
     parser.add_argument(
         "--per-id", action="store_true", help="no list endpoint: every status from a per-id GET"
     )
@@ -621,6 +662,9 @@ if __name__ == "__main__":
     parser.add_argument("--live", action="store_true", help="the issue #19 case (see above)")
     parser.add_argument("--tracing", action="store_true", help="tracing off vs on (see above)")
     parser.add_argument("--rounds", type=int, default=3, help="with --tracing")
+    parser.add_argument(
+        "--together", action="store_true", help="with --tracing: both ways at once (see above)"
+    )
     parser.add_argument("--orders", default="newest_first,oldest_first", help="with --live")
     parser.add_argument(
         "--flood", action="store_true", help="with --live: the callers go on submitting"

@@ -29,11 +29,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 BURST = 50
 ROUTE = "/api/v1/lipsync/generate"
@@ -114,11 +117,18 @@ async def submissions(count: int, rate: float) -> None:
 PAGE = 1000  # burst.py's stand-in upstream's largest list page
 
 
-async def ended_jobs(count: int, rate: float) -> None:
-    import secrets
-    from types import SimpleNamespace
-    from typing import Any, cast
+def worker_jobs(count: int) -> list[Any]:
+    """What the worker's tracing reads of a job: its id and its kept context."""
+    return [
+        SimpleNamespace(
+            request_id=f"fast-{n:06d}",
+            trace=f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01",
+        )
+        for n in range(count)
+    ]
 
+
+async def ended_jobs(jobs: list[Any], rate: float) -> None:
     from opentelemetry import trace
     from opentelemetry.trace import SpanKind
 
@@ -127,17 +137,9 @@ async def ended_jobs(count: int, rate: float) -> None:
     from relay.jobs.sweep import PageSpan
     from relay.tracing import setup, spans
 
-    # What the worker's tracing reads of a job: its id and its kept context.
-    jobs: list[Any] = [
-        SimpleNamespace(
-            request_id=f"fast-{n:06d}",
-            trace=f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01",
-        )
-        for n in range(count)
-    ]
     delivered = Outcome("delivered", "204", answered=True, status=204)
     pause = BURST / rate
-    for start in range(0, count, PAGE):
+    for start in range(0, len(jobs), PAGE):
         page_jobs = jobs[start : start + PAGE]
         tracer = setup.active()
         if tracer is not None:  # relay.jobs.sweep.Sweeper._read_page and _handle
@@ -177,8 +179,9 @@ def measure(count: int, rate: float, traced: bool, worker: bool = False) -> tupl
     if traced:
         assert setup.start("worker" if worker else "api")
     tracer = setup.active()
+    jobs = worker_jobs(count) if worker else []
     before = thread_cpu()
-    asyncio.run(ended_jobs(count, rate) if worker else submissions(count, rate))
+    asyncio.run(ended_jobs(jobs, rate) if worker else submissions(count, rate))
     if tracer is not None:
         tracer.processor.force_flush()  # the last batch too, from the exporter's thread
     after = thread_cpu()
