@@ -164,7 +164,9 @@ async def ended_jobs(jobs: list[Any], rate: float) -> None:
                 attempt = _attempt_span(
                     tracer, job, 1, "http://127.0.0.1:9000", job.request_id, "lipsync.completed"
                 )
-                spans.headers(cast(Any, attempt))
+                # The attempt's headers (relay.tracing.tracer.Tracer.headers, or a checkout's
+                # spans.headers before it).
+                getattr(tracer, "headers", spans.headers)(cast(Any, attempt))
                 _end_attempt_span(attempt, delivered, "delivered")
                 attempt.end()
             if n % BURST == BURST - 1:

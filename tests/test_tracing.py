@@ -662,9 +662,11 @@ def test_the_w3c_headers_read_and_written_as_the_sdks_propagator_does(
     traceparent: str, tracestate: str | None
 ) -> None:
     from opentelemetry import trace
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     from relay.tracing import spans
+    from relay.tracing.tracer import Tracer
 
     propagator = TraceContextTextMapPropagator()
     headers = {"traceparent": traceparent}
@@ -686,3 +688,10 @@ def test_the_w3c_headers_read_and_written_as_the_sdks_propagator_does(
         assert spans.headers(trace.NonRecordingSpan(ours)) == written
         kept = spans.keep(trace.NonRecordingSpan(ours))
         assert spans.restore(kept) == theirs
+        # A relay span under it (an attempt's): its headers from its own fields, as the
+        # propagator writes them (not sampled, it is no relay span, and written as any other).
+        tracer = Tracer(TracerProvider(), SpanProcessor())
+        child = tracer.start_span("POST", context=ours)
+        for_child: dict[str, str] = {}
+        propagator.inject(for_child, trace.set_span_in_context(child))
+        assert tracer.headers(child) == spans.headers(child) == for_child

@@ -259,25 +259,27 @@ class Deliverer:
         # The stored event's type, for the span, the records and the log: its JSON read once.
         event_type = event_type_of(job.event)
         tracer = setup.active()
-        span = (
-            _attempt_span(tracer, job, attempt, destination, delivery.request_id, event_type)
-            if tracer is not None and job.trace
-            else None
-        )
+        span, carried = None, None
+        if tracer is not None and job.trace:
+            span = _attempt_span(tracer, job, attempt, destination, delivery.request_id, event_type)
+            # The receiver's spans continue the job's trace, under this attempt.
+            carried = tracer.headers(span)
         if delivery.early is not None:
             # An early event: sent only while its job runs, never after the final one.
             if not await self.deliveries.claim_send(delivery, hold=self.timeout + SEND_MARGIN):
                 log.info("early event dropped as stale: the job ended", extra={"id": request_id})
                 return "stale"
             try:
-                outcome = await self._post(job.callback_url, job.event_id, event, job.caller, span)
+                outcome = await self._post(
+                    job.callback_url, job.event_id, event, job.caller, carried
+                )
             finally:
                 await self.deliveries.release_send(delivery)
         else:
             if PROCESSING in job.events:
                 # Only a job whose callback asked for an early event can have one in flight.
                 await self._after_early_events(request_id)
-            outcome = await self._post(job.callback_url, job.event_id, event, job.caller, span)
+            outcome = await self._post(job.callback_url, job.event_id, event, job.caller, carried)
         duration = time.monotonic() - started
         log_extra = {"request_id": request_id, "attempt": attempt, "result": outcome.detail}
         if outcome.kind == "delivered" and job.ended_at is not None:
@@ -466,7 +468,7 @@ class Deliverer:
         event_id: str,
         event: bytes,
         caller: str | None = None,
-        span: Span | None = None,
+        carried: dict[str, str] | None = None,
     ) -> Outcome:
         # The caller's own callback_hosts, on top of the network policy: checked again here, as
         # the callers file may have changed since the job was submitted.
@@ -484,9 +486,8 @@ class Deliverer:
             "user-agent": USER_AGENT,
             **signer.headers(event_id, event),
         }
-        if span is not None:
-            # The receiver's spans continue the job's trace, under this attempt.
-            headers.update(spans.headers(span))
+        if carried:  # an attempt's trace context (W3C headers)
+            headers.update(carried)
         try:
             # One deadline for the whole attempt: the transport's timeouts are per operation,
             # and arq cancels (and records as failed) a job that outlives its own timeout.

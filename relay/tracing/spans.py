@@ -141,14 +141,20 @@ def link_to(kept: str | None) -> SpanContext | None:
 
 
 def headers(span: Span) -> dict[str, str]:
-    """The W3C headers that continue `span`'s trace in the request it makes."""
+    """The W3C headers that continue `span`'s trace in the request it makes. (The relay's
+    tracer reads its own spans' parts: `Tracer.headers`.)"""
     context = span.get_span_context()
     if not context.is_valid:
         return {}
-    carried = {"traceparent": _traceparent(context.trace_id, context.span_id, context.trace_flags)}
-    if context.trace_state:
-        carried["tracestate"] = context.trace_state.to_header()
-    return carried
+    return carried(context.trace_id, context.span_id, context.trace_flags, context.trace_state)
+
+
+def carried(trace_id: int, span_id: int, flags: int, state: TraceState | None) -> dict[str, str]:
+    """The W3C headers of a valid span context, given by its parts."""
+    written = {"traceparent": _traceparent(trace_id, span_id, flags)}
+    if state:
+        written["tracestate"] = state.to_header()
+    return written
 
 
 def client_attributes(

@@ -36,7 +36,7 @@ from opentelemetry.trace import (
 )
 from opentelemetry.util import types
 
-from relay.tracing.spans import current_span, keep, kept
+from relay.tracing.spans import carried, current_span, headers, keep, kept
 
 SCOPE = InstrumentationScope("relay")
 UNSET = Status(StatusCode.UNSET)  # a span's status until one is set
@@ -129,6 +129,13 @@ class Tracer:
         if type(span) is Span:
             return kept(span._trace_id, span._span_id, span._flags, span._state)
         return keep(span)
+
+    def headers(self, span: trace.Span) -> dict[str, str]:
+        """The W3C headers that continue `span`'s trace, as `spans.headers` writes them: a
+        relay span's from its own fields, without making its `SpanContext`."""
+        if type(span) is Span:
+            return carried(span._trace_id, span._span_id, span._flags, span._state)
+        return headers(span)
 
 
 def _as_context(parent: SpanContext | Span | None) -> Context:
