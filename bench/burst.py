@@ -625,7 +625,6 @@ def main(args: argparse.Namespace) -> None:
             live_scenario(args, live.Upstream(order=cast(ListOrder, name), queued=86_400.0))
         return
     with stand_ins(args.hang) as bench:
-        env = worker_env(bench.upstream, bench.redis_url, args.hang, args.env)
         bench.profile = args.profile
         bench.per_id = args.per_id
         if args.tracing:
@@ -636,6 +635,7 @@ def main(args: argparse.Namespace) -> None:
                     another.per_id, another.profile = args.per_id, args.profile
                 tracing_rounds([bench, *other], args)
             return
+        env = worker_env(bench.upstream, bench.redis_url, args.hang, args.env)
         fast = args.jobs - args.hanging
         bench.scenario(env, fast, args.hanging, args.hang)
         bench.scenario(env, fast, 0, args.hang)

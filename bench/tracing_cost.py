@@ -14,13 +14,13 @@ worker does. Per-id polls' spans are left out (a page ends nearly every job in b
 burst.py --tracing measures the whole worker; this says what its tracing costs, with less
 noise, to set beside burst.py's CPU per ended job with tracing off.
 
-The process first loads what an API process does (the app's modules), so the garbage
-collector walks a heap of the API's size. The requests are paced (`--rate` a second, in bursts
-of 50, the loop idle in between as a server's is), so the batch processor exports as it would
-behind a busy API. Printed: the CPU per
-submission of the event loop's thread and of the exporter's thread (the scheduler's count, from
-/proc), with tracing on, less the same loop with tracing off; the median of `--rounds`. The
-forward bench (`forward.py --tracing`) measures the whole API; this one says where its tracing
+The process first loads what an API process does (the app's modules; with `--worker`, the
+worker's), so the garbage collector walks a heap of that process's size. The requests are
+paced (`--rate` a second, in bursts of 50, the loop idle in between as a server's is), so the
+batch processor exports as it would behind a busy API. Printed: the CPU per submission of the
+event loop's thread and of the exporter's thread (the scheduler's count, from /proc), with
+tracing on, less the same loop with tracing off; the median of `--rounds`. The forward bench
+(`forward.py --tracing`) measures the whole API; this one says where its tracing
 µs go, with little of the noise a shared machine adds to a whole-API run.
 """
 
@@ -129,6 +129,8 @@ def worker_jobs(count: int) -> list[Any]:
 
 
 async def ended_jobs(jobs: list[Any], rate: float) -> None:
+    """The worker's tracing for `jobs`, a page at a time, `rate` jobs a second: nothing but
+    the pacing when tracing is off."""
     from opentelemetry import trace
     from opentelemetry.trace import SpanKind
 
@@ -185,11 +187,11 @@ def measure(count: int, rate: float, traced: bool, worker: bool = False) -> tupl
     before = thread_cpu()
     asyncio.run(ended_jobs(jobs, rate) if worker else submissions(count, rate))
     ran = thread_cpu()
-    flushed = time.thread_time()
+    flush_began = time.thread_time()
     if tracer is not None:
         # The last batch too: exported in this thread, and counted with the exporter's.
         tracer.processor.force_flush()
-    flushed = time.thread_time() - flushed
+    flushed = time.thread_time() - flush_began
     after = thread_cpu()
     setup.stop()
     return (ran[0] - before[0]) / count, (after[1] - before[1] + flushed * 1e6) / count
