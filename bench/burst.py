@@ -415,7 +415,6 @@ def tracing_rounds(benches: list[Bench], args: argparse.Namespace) -> None:
         for bench in benches:
             bench.traced = True
             env = worker_env(bench.upstream, bench.redis_url, args.hang, args.env)
-            env = {k: v for k, v in env.items() if not k.startswith("OTEL_")}
             envs[id(bench)] = {"off": env, "on": traced_env(env, sink_url)}
         cpu: dict[str, list[float]] = {"off": [], "on": []}
         loop: dict[str, list[float]] = {"off": [], "on": []}
@@ -595,10 +594,11 @@ def stand_ins(hang: float) -> Iterator[Bench]:
 
 
 def worker_env(upstream: str, redis_url: str, hang: float, extra: list[str]) -> dict[str, str]:
-    """The bench's worker settings: this machine's environment without RELAY_*, pointed at
-    the stand-in upstream (`upstream`: its root URL) with the budget out of the way, polling
-    every POLL_INTERVAL seconds, delivering to loopback receivers; `extra`: VAR=value."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    """The bench's worker settings: this machine's environment without RELAY_* and OTEL_*
+    (tracing is on only where a bench sets it), pointed at the stand-in upstream (`upstream`:
+    its root URL) with the budget out of the way, polling every POLL_INTERVAL seconds,
+    delivering to loopback receivers; `extra`: VAR=value."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "OTEL_"))}
     env.update(
         {
             "CHAMELAION_BASE_URL": upstream + "/api",

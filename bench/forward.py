@@ -230,17 +230,7 @@ def main(seconds: float, rounds: int, connections: int, callers: int = 0) -> Non
         tempfile.TemporaryDirectory() as tmp,
     ):
         upstream = f"http://127.0.0.1:{sandbox_port}/api"
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
-            "CHAMELAION_BASE_URL": upstream,
-            "CHAMELAION_API_KEY": "sandbox-key",
-            "RELAY_REDIS_URL": redis_url,
-            "RELAY_API_KEYS": KEY,
-            "RELAY_LOG_FORMAT": "json",
-            # The bare forwarder has no upstream budget: the relay's is raised out of the way
-            # (taking a slot still costs its Redis round trip, which is measured).
-            "RELAY_UPSTREAM_RATE_LIMIT": "1000000",
-        }
+        env = untraced_env(upstream, redis_url)
         cli = [sys.executable, "-m", "relay.cli"]
         procs = [start([*cli, "sandbox", "--port", str(sandbox_port)], env, upstream + "/health")]
         try:
@@ -436,9 +426,9 @@ def compare_callers(seconds: float, rounds: int, connections: int, count: int) -
 
 
 def untraced_env(upstream: str, redis_url: str) -> dict[str, str]:
-    """An API's environment for the tracing benches (this one's and instructions.py's): the
-    sandbox upstream, one key, no upstream budget in the way, and no OTEL_ variable, so that
-    tracing is on only where a bench sets them."""
+    """An API's environment for this bench's runs and instructions.py's: the sandbox upstream,
+    one key, no upstream budget in the way, and no OTEL_ variable, so that tracing is on only
+    where a bench sets them."""
     return {
         **{k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "OTEL_"))},
         "CHAMELAION_BASE_URL": upstream,
@@ -446,6 +436,8 @@ def untraced_env(upstream: str, redis_url: str) -> dict[str, str]:
         "RELAY_REDIS_URL": redis_url,
         "RELAY_API_KEYS": KEY,
         "RELAY_LOG_FORMAT": "json",
+        # The bare forwarder has no upstream budget: the relay's is raised out of the way
+        # (taking a slot still costs its Redis round trip, which is measured).
         "RELAY_UPSTREAM_RATE_LIMIT": "1000000",
     }
 

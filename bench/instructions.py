@@ -240,7 +240,6 @@ def main_worker(jobs: int, out: Path, extra: dict[str, str]) -> None:
     with stand_ins(hang=10.0) as bench:
         bench.traced = True  # every job carries a submission's context, traced worker or not
         env = worker_env(bench.upstream, bench.redis_url, 10.0, [])
-        env = {k: v for k, v in env.items() if not k.startswith("OTEL_")}
         sink_proc = start(
             [sys.executable, str(BENCH / "otlp_sink.py"), str(sink_port)], env, sink + "/count"
         )
